@@ -1,0 +1,9 @@
+"""The security-review agent: its card (cards/security-review.json), its rules, its prompt for Claude."""
+
+from pathlib import Path
+
+from agents.security_review.rules import review
+from mesh import Agent
+
+agent = Agent("security-review", prompt=Path(__file__).with_name("prompt.md"))
+agent.rules(review)

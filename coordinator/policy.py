@@ -1,0 +1,83 @@
+"""Decision policies: which skills vote on an event type, by which rule, under which clocks."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from coordinator.quorum import QuorumRule
+from mesh.errors import PolicyError
+
+DEFAULT_FILE = Path(__file__).with_name("policies.toml")
+
+
+class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    skills: list[str]
+    rule: QuorumRule
+    agent_timeout_s: float = 5.0
+    deadline_s: float = 15.0
+    retries: int = 1
+    # What an unanswered voter (timeout, nobody listening, transport error) counts as.
+    # "absent" leaves it out of the tally, so min_participation decides.
+    timeout_counts_as: Literal["approve", "reject", "abstain", "absent"] = "reject"
+    decision_type: str = ""
+    decide_early: bool = False  # publish as soon as the outcome cannot change
+
+    def check(self, event_type: str) -> None:
+        if not self.skills:
+            raise ValueError("skills must name at least one skill")
+        if len(set(self.skills)) != len(self.skills):
+            raise ValueError("skills must not repeat")
+        if self.agent_timeout_s <= 0 or self.deadline_s <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.deadline_s < self.agent_timeout_s:
+            raise ValueError("deadline_s must be at least agent_timeout_s")
+        if not 0 <= self.retries <= 10:
+            raise ValueError("retries must be between 0 and 10")
+        self.rule.validate(len(self.skills))
+        unknown = sorted(set(self.rule.vetoes) - set(self.skills))
+        if unknown:
+            raise ValueError(f"veto holders {unknown} are not among the skills")
+
+
+class Policies:
+    def __init__(self, by_type: dict[str, Policy], source: str) -> None:
+        self.by_type = by_type
+        self.source = source
+
+    def get(self, event_type: str) -> Policy | None:
+        return self.by_type.get(event_type)
+
+    def decision_type(self, event_type: str) -> str:
+        policy = self.by_type[event_type]
+        base = event_type.rsplit(".", 1)[0] if "." in event_type else event_type
+        return policy.decision_type or f"{base}.decided"
+
+
+def load(path: Path | None = None) -> Policies:
+    path = path or DEFAULT_FILE
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise PolicyError(f"policy file {path} not found", hint="set MESH_POLICY_FILE") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(f"policy file {path}: {e}", hint="fix the TOML syntax") from None
+    return parse(raw, source=str(path))
+
+
+def parse(raw: dict[str, object], *, source: str = "<policies>") -> Policies:
+    by_type: dict[str, Policy] = {}
+    for event_type, body in raw.items():
+        try:
+            policy = msgspec.convert(body, Policy)
+            policy.check(event_type)
+        except (msgspec.ValidationError, ValueError) as e:
+            raise PolicyError(
+                f"{source}: policy for {event_type!r}: {e}",
+                hint="see docs/policies.md for the fields and rules",
+            ) from None
+        by_type[event_type] = policy
+    return Policies(by_type, source)

@@ -1,0 +1,42 @@
+"""Running a coordinator process until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from coordinator import policy as policies
+from coordinator.service import Coordinator
+from mesh.bus import Bus
+from mesh.errors import MeshError
+from mesh.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+async def serve(stop: asyncio.Event | None = None) -> None:
+    settings = get_settings()
+    stop = stop or asyncio.Event()
+    loaded = policies.load(settings.policy_file)
+    async with await Bus.connect(name="coordinator", settings=settings) as bus:
+        await Coordinator(bus, loaded).run(stop)
+
+
+def main() -> None:
+    from mesh.logs import configure
+
+    configure()
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(stop)
+
+    try:
+        asyncio.run(_main())
+    except MeshError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None

@@ -1,0 +1,63 @@
+"""JSON-RPC 2.0 framing and the A2A error codes (one table, used by both transports)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+TASK_NOT_FOUND = -32001
+TASK_NOT_CANCELABLE = -32002
+PUSH_NOT_SUPPORTED = -32003
+UNSUPPORTED_OPERATION = -32004
+CONTENT_TYPE_NOT_SUPPORTED = -32005
+INVALID_AGENT_RESPONSE = -32006
+EXTENDED_CARD_NOT_CONFIGURED = -32007
+EXTENSION_SUPPORT_REQUIRED = -32008
+VERSION_NOT_SUPPORTED = -32009
+
+_enc = msgspec.json.Encoder()
+
+
+class _Envelope(msgspec.Struct, omit_defaults=True):
+    jsonrpc: str = "2.0"
+    id: str | int | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+    method: str | None = None
+
+
+_dec = msgspec.json.Decoder(_Envelope)
+
+
+def request_body(method: str, params: dict[str, Any], request_id: str | int) -> bytes:
+    return _enc.encode({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+
+
+def error_body(request_id: str | int | None, code: int, message: str) -> bytes:
+    return _enc.encode(
+        {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+    )
+
+
+def request_id(body: bytes) -> str | int | None:
+    try:
+        return _dec.decode(body).id
+    except msgspec.DecodeError:
+        return None
+
+
+def parse_response(body: bytes) -> tuple[Any, dict[str, Any] | None]:
+    """(result, error) of a JSON-RPC response; a body that is not one raises ValueError."""
+    try:
+        env = _dec.decode(body)
+    except msgspec.DecodeError as e:
+        raise ValueError(f"not a JSON-RPC response: {e}") from None
+    if env.error is None and env.result is None:
+        raise ValueError("JSON-RPC response has neither result nor error")
+    return env.result, env.error

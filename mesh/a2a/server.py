@@ -1,0 +1,124 @@
+"""Serving A2A 1.0 JSON-RPC: one dispatcher (a2a-sdk's), two thin transports (HTTP and NATS).
+
+The NATS transport hands the request body and headers to the very same dispatcher object the
+HTTP route uses, so both answer byte for byte alike: same validation, same error codes, same
+task store. (A lean fast path for the hot methods is a later, measured step — see docs.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from a2a.server.agent_execution import AgentExecutor
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.routes import create_agent_card_routes
+from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
+from a2a.server.tasks import InMemoryTaskStore, TaskStore
+from a2a.types import AgentCard
+from nats.aio.msg import Msg
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from mesh.a2a import jsonrpc
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 4 * 1024 * 1024  # larger requests get -32600 instead of being parsed
+
+
+class A2AServer:
+    def __init__(
+        self,
+        card: AgentCard,
+        executor: AgentExecutor,
+        task_store: TaskStore | None = None,
+        *,
+        max_concurrency: int = 64,
+    ) -> None:
+        self.card = card
+        self.handler = DefaultRequestHandler(executor, task_store or InMemoryTaskStore(), card)
+        self.dispatcher = JsonRpcDispatcher(self.handler)
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    def http_app(self) -> Starlette:
+        routes = [
+            *create_agent_card_routes(self.card),
+            Route("/", endpoint=self.dispatcher.handle_requests, methods=["POST"]),
+        ]
+        return Starlette(routes=routes)
+
+    # -- NATS -----------------------------------------------------------------------------------
+    async def on_nats_message(self, msg: Msg) -> None:
+        """Subscription callback: run each request in its own task, bounded in number."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._serve_nats(msg))
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slots.release()
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=timeout)
+
+    async def _serve_nats(self, msg: Msg) -> None:
+        if not msg.reply:
+            log.warning("A2A request on %s without a reply subject; dropped", msg.subject)
+            return
+        try:
+            body = await self.handle_bytes(msg.data, msg.headers or {})
+        except Exception:  # the dispatcher maps errors itself; this is a last line of defence
+            log.exception("A2A over NATS failed")
+            body = jsonrpc.error_body(None, jsonrpc.INTERNAL_ERROR, "internal error")
+        try:
+            await msg.respond(body)
+        except Exception as e:  # the caller may have gone (timeout); nothing to do
+            log.debug("could not reply on %s: %s", msg.reply, e)
+
+    async def handle_bytes(self, body: bytes, headers: dict[str, str]) -> bytes:
+        """One JSON-RPC request in, one JSON-RPC response out — through the HTTP dispatcher."""
+        if len(body) > MAX_BODY:
+            return jsonrpc.error_body(None, jsonrpc.INVALID_REQUEST, "Payload too large")
+        response = await self.dispatcher.handle_requests(_as_request(body, headers))
+        if isinstance(response, JSONResponse):
+            return bytes(response.body)
+        # Streaming methods answer with server-sent events; NATS framing for those is not built.
+        return jsonrpc.error_body(
+            jsonrpc.request_id(body),
+            jsonrpc.UNSUPPORTED_OPERATION,
+            "streaming methods are served over HTTP only",
+        )
+
+
+def _as_request(body: bytes, headers: dict[str, str]) -> Request:
+    scope: dict[str, Any] = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "nats",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), str(v).encode()) for k, v in headers.items()],
+        "client": ("nats", 0),
+        "server": ("nats", 0),
+    }
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(scope, receive)

@@ -1,0 +1,262 @@
+"""The agent runtime: an agent is its card plus one typed handler.
+
+    agent = Agent("security-review", prompt=Path(__file__).with_name("prompt.md"))
+
+    @agent.rules
+    def review(release: ReleaseProposal) -> Verdict: ...
+
+The handler's annotations are the contract: the input type decodes the A2A message's data part
+(or JSON text), the output type is the artifact. With ANTHROPIC_API_KEY set and a prompt given,
+Claude answers through the same output type (tool use); otherwise the rules run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import msgspec
+import uvicorn
+from a2a.helpers import get_data_parts, get_message_text, new_data_part, new_task_from_user_message
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events.event_queue_v2 import EventQueue
+from a2a.server.tasks import TaskUpdater
+from a2a.types import AgentCard, Part
+
+from mesh import subjects
+from mesh.a2a.server import A2AServer
+from mesh.bus import Bus
+from mesh.cards import load_card, with_interfaces
+from mesh.errors import ConfigError, MeshError
+from mesh.models import Brain, select_brain
+from mesh.registry import Registration, Registry, new_instance_id
+from mesh.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """The message did not carry what the agent's handler takes."""
+
+
+class Agent:
+    def __init__(
+        self,
+        name: str,
+        *,
+        card: str | Path | None = None,
+        prompt: str | Path | None = None,
+    ) -> None:
+        self.name = name
+        self._card_source = card or name
+        self._prompt = prompt
+        self._handler: Callable[..., Any] | None = None
+        self.input_type: Any = None
+        self.output_type: Any = None
+
+    # -- definition -----------------------------------------------------------------------------
+    def rules(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Register the deterministic handler; its annotations define input and output."""
+        hints = get_type_hints(fn)
+        params = [p for p in inspect.signature(fn).parameters if p != "return"]
+        if len(params) != 1 or params[0] not in hints or "return" not in hints:
+            raise ConfigError(
+                f"{self.name}: the handler must take one annotated argument and annotate "
+                "its return type",
+                hint="e.g. def review(release: ReleaseProposal) -> Verdict",
+            )
+        self._handler = fn
+        self.input_type = hints[params[0]]
+        self.output_type = hints["return"]
+        return fn
+
+    def card(self) -> AgentCard:
+        card = load_card(self._card_source)
+        if card.name != self.name:
+            raise ConfigError(f"card {self._card_source} is named {card.name!r}, not {self.name!r}")
+        return card
+
+    def system_prompt(self) -> str | None:
+        if self._prompt is None:
+            return None
+        path = Path(self._prompt)
+        return path.read_text() if path.suffix == ".md" and path.exists() else str(self._prompt)
+
+    def brain(self) -> Brain:
+        if self._handler is None or self.output_type is None:
+            raise ConfigError(f"agent {self.name} has no handler", hint="decorate one: @agent.rules")
+        return select_brain(
+            rules=self._handler, system_prompt=self.system_prompt(), output_type=self.output_type
+        )
+
+    def decode_input(self, data: Any) -> Any:
+        try:
+            return msgspec.convert(data, self.input_type, strict=False)
+        except msgspec.ValidationError as e:
+            raise InputError(f"input is not a {_type_name(self.input_type)}: {e}") from None
+
+    # -- running --------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def serve(
+        self, bus: Bus | None = None, *, http: bool = True, settings: Settings | None = None
+    ) -> AsyncIterator[RunningAgent]:
+        """Serve A2A over NATS (and HTTP), registered and heartbeating, until the block exits."""
+        settings = settings or (bus.settings if bus else get_settings())
+        card = self.card()
+        brain = self.brain()
+        log.info("agent %s: brain %s", self.name, brain.name)
+        async with contextlib.AsyncExitStack() as stack:
+            if bus is None:
+                bus = await Bus.connect(name=f"agent:{self.name}", settings=settings)
+                stack.push_async_callback(bus.close)
+            await bus.ensure()
+            instance = new_instance_id()
+            executor = _Executor(self, brain)
+            subject = subjects.a2a(self.name)
+            # The HTTP port is known only once bound, and the card served there must say it,
+            # so the server is started first and the live card swapped in before any request.
+            server = A2AServer(card, executor)
+            http_url = None
+            if http:
+                http_url = await stack.enter_async_context(_http(server, settings))
+            live = with_interfaces(card, http_url=http_url, nats_subject=subject)
+            server.card = live
+            server.handler.agent_card = live
+            sub = await bus.nc.subscribe(subject, queue=self.name, cb=server.on_nats_message)
+            stack.push_async_callback(server.drain)
+            stack.push_async_callback(sub.unsubscribe)
+            reg = await stack.enter_async_context(Registry(bus).registered(live, instance))
+            log.info("agent %s/%s serving on %s and %s", self.name, instance, subject, http_url)
+            yield RunningAgent(self, live, reg, http_url, subject, brain)
+
+    def main(self) -> None:
+        """Run until SIGINT/SIGTERM (what `mesh run` and `python -m agents.X` call)."""
+        from mesh.logs import configure
+
+        configure()
+        try:
+            asyncio.run(self._run_forever())
+        except MeshError as e:
+            log.error("%s", e)
+            raise SystemExit(2) from None
+
+    async def _run_forever(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with self.serve():
+            await stop.wait()
+            log.info("agent %s: stopping (draining in-flight work)", self.name)
+
+
+@dataclass
+class RunningAgent:
+    agent: Agent
+    card: AgentCard
+    registration: Registration
+    http_url: str | None
+    subject: str
+    brain: Brain
+
+
+@contextlib.asynccontextmanager
+async def _http(server: A2AServer, settings: Settings) -> AsyncIterator[str]:
+    config = uvicorn.Config(
+        server.http_app(),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        lifespan="off",
+    )
+    web = uvicorn.Server(config)
+    web.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we own signals
+    task = asyncio.create_task(web.serve())
+    for _ in range(500):  # bounded wait for the socket (≤ 5 s)
+        if web.started or task.done():
+            break
+        await asyncio.sleep(0.01)
+    if not web.started:
+        task.cancel()
+        raise ConfigError(
+            f"could not serve HTTP on {settings.http_host}:{settings.http_port}",
+            hint="is the port taken? set MESH_HTTP_PORT=0 to pick a free one",
+        )
+    port = web.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{settings.http_host}:{port}/"
+    finally:
+        web.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=5)
+
+
+class _Executor(AgentExecutor):
+    """Turns an A2A message into one handler call and a task with a typed artifact."""
+
+    def __init__(self, agent: Agent, brain: Brain) -> None:
+        self.agent = agent
+        self.brain = brain
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        message = context.message
+        assert message is not None
+        # a2a-sdk requires the Task to be enqueued before any status update.
+        task = context.current_task or new_task_from_user_message(message)
+        await event_queue.enqueue_event(task)
+        updater = TaskUpdater(event_queue, task.id, task.context_id)
+        try:
+            payload = self.agent.decode_input(_payload(message))
+        except InputError as e:
+            await updater.reject(updater.new_agent_message([Part(text=str(e))]))
+            return
+        await updater.start_work()
+        try:
+            thought = await self.brain.think(payload)
+        except MeshError as e:
+            await updater.failed(updater.new_agent_message([Part(text=f"{self.brain.name}: {e}")]))
+            return
+        await updater.add_artifact(
+            [new_data_part(msgspec.to_builtins(thought.output), media_type="application/json")],
+            name=_type_name(self.agent.output_type).lower(),
+            metadata={
+                "brain": thought.brain,
+                "inputTokens": thought.usage.input_tokens,
+                "outputTokens": thought.usage.output_tokens,
+                "pid": os.getpid(),
+            },
+        )
+        await updater.complete()
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        # Handlers run to completion quickly; cancelling marks the task so clients stop waiting.
+        if context.current_task is not None:
+            updater = TaskUpdater(
+                event_queue, context.current_task.id, context.current_task.context_id
+            )
+            await updater.cancel()
+
+
+def _payload(message: Any) -> Any:
+    data = get_data_parts(message.parts)
+    if data:
+        return data[0]
+    text = get_message_text(message).strip()
+    if not text:
+        raise InputError("the message has no data part and no text")
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        raise InputError("the message text is not JSON; send a data part or JSON text") from None
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", str(t))

@@ -1,0 +1,117 @@
+"""A2A 1.0 Agent Cards: load from `cards/`, validate with a2a-sdk's types, fill live interfaces.
+
+The JSON file is the source of truth for name, description, version and skills. The interfaces
+(where the agent listens) are only known at start, so the runtime fills them in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from a2a.types import AgentCard, AgentInterface
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
+
+from mesh import subjects
+from mesh.errors import CardError
+
+# The NATS binding of A2A JSON-RPC; the url is `nats:<subject>` (any connection on the same
+# NATS account reaches it, so the card names the subject, not a server).
+NATS_BINDING = "NATS+JSONRPC"
+JSONRPC_BINDING = "JSONRPC"
+
+_REQUIRED = ("name", "description", "version", "capabilities", "defaultInputModes",
+             "defaultOutputModes", "skills")
+_SKILL_REQUIRED = ("id", "name", "description", "tags")
+
+
+def cards_dir() -> Path:
+    """$MESH_CARDS_DIR, else ./cards, else the cards/ folder next to the installed packages."""
+    env = os.environ.get("MESH_CARDS_DIR")
+    if env:
+        return Path(env)
+    local = Path("cards")
+    if local.is_dir():
+        return local
+    return Path(__file__).resolve().parents[1] / "cards"
+
+
+def load_card(name_or_path: str | Path) -> AgentCard:
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = cards_dir() / f"{name_or_path}.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CardError(str(path), "-", "file not found") from None
+    except ValueError as e:
+        raise CardError(str(path), "-", f"not valid JSON ({e})") from None
+    return parse_card(raw, source=str(path), require_interfaces=False)
+
+
+def parse_card(raw: Any, *, source: str = "<card>", require_interfaces: bool = True) -> AgentCard:
+    """Validate a card dict against A2A 1.0 (a2a-sdk's protobuf types) and return it."""
+    if not isinstance(raw, dict):
+        raise CardError(source, "-", "a card is a JSON object")
+    for field in _REQUIRED:
+        if field not in raw or raw[field] in (None, "", []):
+            raise CardError(source, field, "required")
+    if not isinstance(raw["skills"], list):
+        raise CardError(source, "skills", "must be a list")
+    for i, skill in enumerate(raw["skills"]):
+        for field in _SKILL_REQUIRED:
+            if not isinstance(skill, dict) or not skill.get(field):
+                raise CardError(source, f"skills[{i}].{field}", "required")
+    if require_interfaces:
+        interfaces = raw.get("supportedInterfaces") or []
+        if not interfaces:
+            raise CardError(source, "supportedInterfaces", "required")
+        for i, itf in enumerate(interfaces):
+            for field in ("url", "protocolBinding", "protocolVersion"):
+                if not isinstance(itf, dict) or not itf.get(field):
+                    raise CardError(source, f"supportedInterfaces[{i}].{field}", "required")
+    if not subjects.valid_token(str(raw["name"])):
+        raise CardError(source, "name", "use letters, digits and '-' only (it names a subject)")
+    try:
+        # Unknown fields are errors here (unlike on the wire): a typo in a card is a bug.
+        return ParseDict(raw, AgentCard())
+    except ParseError as e:
+        raise CardError(source, _field_of(str(e)), str(e)) from None
+
+
+def _field_of(message: str) -> str:
+    # protobuf says e.g. 'Message type "a2a.v1.AgentCard" has no field named "skils"'
+    # or 'Failed to parse capabilities field: ...'
+    if 'field named "' in message:
+        return message.split('field named "', 1)[1].split('"', 1)[0]
+    if "Failed to parse " in message:
+        return message.split("Failed to parse ", 1)[1].split(" field", 1)[0]
+    return "-"
+
+
+def with_interfaces(card: AgentCard, *, http_url: str | None, nats_subject: str) -> AgentCard:
+    """A copy of `card` whose interfaces say where this instance listens right now."""
+    live = AgentCard()
+    live.CopyFrom(card)
+    del live.supported_interfaces[:]
+    if http_url:
+        live.supported_interfaces.append(
+            AgentInterface(url=http_url, protocol_binding=JSONRPC_BINDING,
+                           protocol_version=subjects.A2A_VERSION)
+        )
+    live.supported_interfaces.append(
+        AgentInterface(url=f"nats:{nats_subject}", protocol_binding=NATS_BINDING,
+                       protocol_version=subjects.A2A_VERSION)
+    )
+    return live
+
+
+def card_to_dict(card: AgentCard) -> dict[str, Any]:
+    result: dict[str, Any] = MessageToDict(card)
+    return result
+
+
+def skill_ids(card: AgentCard) -> list[str]:
+    return [s.id for s in card.skills]

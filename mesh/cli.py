@@ -1,0 +1,362 @@
+"""The `mesh` command. User mistakes print what to do next, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mesh.errors import ConfigError, MeshError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Quorum Mesh: A2A agents on NATS JetStream, decided by quorum.")
+dlq_app = typer.Typer(help="Dead letters: what the mesh could not decide, and why.")
+app.add_typer(dlq_app, name="dlq")
+out = Console()
+err = Console(stderr=True)
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; mesh errors become a message and exit code 2."""
+    try:
+        return asyncio.run(coro)
+    except MeshError as e:
+        err.print(f"[red]error:[/red] {e.message}")
+        if e.hint:
+            err.print(f"  → {e.hint}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return _run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def _setup_logging(quiet: bool = True) -> None:
+    from mesh.logs import configure
+
+    configure(level="WARNING" if quiet else None)
+
+
+# -- running the mesh -------------------------------------------------------------------------
+@app.command()
+def demo(
+    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+) -> None:
+    """Start NATS, a coordinator and three reviewer agents as processes; decide sample events."""
+    from mesh import demo as scenario
+
+    _setup_logging()
+    if not json_out:
+        out.print("[bold]Quorum Mesh demo[/bold]: starting nats-server, coordinator and 3 agents "
+                  "as separate processes…")
+    started = time.monotonic()
+    results, log_dir = _run(scenario.demo())
+    took = time.monotonic() - started
+    if json_out:
+        print(json.dumps(scenario.as_json(results), indent=2))
+    else:
+        table = Table(title="release decisions", show_lines=True)
+        for col in ("#", "event", "expected", "outcome", "votes / reason", "time"):
+            table.add_column(col, overflow="fold")
+        for i, r in enumerate(results, 1):
+            mark = "[green]✓[/green]" if r.ok else "[red]✗[/red]"
+            if r.decision:
+                detail = "\n".join([*scenario.votes_summary(r.decision),
+                                    f"rule {r.decision.rule}: {r.decision.reason}"])
+            elif r.dead_letter:
+                detail = f"DLQ {r.dead_letter.subject}: {r.dead_letter.error}"
+            else:
+                detail = "-"
+            table.add_row(str(i), r.case.title, r.case.expect, f"{mark} {r.outcome}", detail,
+                          f"{r.seconds * 1000:.0f}ms")
+        out.print(table)
+        good = sum(r.ok for r in results)
+        out.print(f"{good}/{len(results)} outcomes as expected · {took:.1f}s · "
+                  f"process logs in {log_dir}/logs")
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def up(
+    coordinators: Annotated[int, typer.Option(min=1, max=8)] = 1,
+    replicas: Annotated[int, typer.Option(min=1, max=8, help="Instances per agent.")] = 1,
+) -> None:
+    """Run NATS (embedded unless MESH_NATS_URL is set), the coordinator and the agents until
+    Ctrl-C."""
+    _setup_logging(quiet=False)
+    _run(_up(coordinators, replicas))
+
+
+async def _up(coordinators: int, replicas: int) -> None:
+    from mesh.bus import Bus, clear_state, write_state
+    from mesh.launcher import REVIEWERS, Topology
+    from mesh.server import EmbeddedServer
+    from mesh.settings import get_settings
+
+    settings = get_settings()
+    async with contextlib.AsyncExitStack() as stack:
+        url = settings.nats_url
+        if not url:
+            server = stack.enter_context(EmbeddedServer(settings.home / "jetstream"))
+            url = server.url
+            write_state(settings.home, url, os.getpid())
+            stack.callback(clear_state, settings.home, os.getpid())
+        topo = Topology(url, settings.home / "logs")
+        stack.callback(topo.stop)
+        topo.start_default(coordinators=coordinators, replicas=replicas)
+        bus = await Bus.connect(url, name="mesh-up")
+        stack.push_async_callback(bus.close)
+        await bus.ensure()
+        await topo.wait_ready(bus, agents=len(REVIEWERS) * replicas)
+        out.print(f"[green]mesh is up[/green] · NATS {url} · "
+                  f"{len(topo.children)} processes · logs in {settings.home / 'logs'}")
+        out.print("try: mesh agents · mesh publish release.proposed @agents/samples/"
+                  "release_clean.json · mesh decisions · Ctrl-C to stop")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        reported: set[str] = set()
+        while not stop.is_set():
+            for c in topo.children:
+                if not c.alive and c.name not in reported:
+                    reported.add(c.name)
+                    err.print(f"[yellow]{c.name} exited ({c.proc.returncode}); "
+                              f"log: {c.log_path}[/yellow]")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+        out.print("stopping…")
+
+
+@app.command("run")
+def run_agent(module: Annotated[str, typer.Argument(help="e.g. agents.security_review")]) -> None:
+    """Run one agent process (its module defines `agent = Agent(...)`)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module if module.endswith(".agent") else f"{module}.agent")
+    except ModuleNotFoundError as e:
+        err.print(f"[red]error:[/red] cannot import {module}: {e}")
+        err.print("  → give a package with an agent.py, e.g. `mesh run agents.security_review`")
+        raise typer.Exit(2) from None
+    agent = getattr(mod, "agent", None)
+    if agent is None:
+        err.print(f"[red]error:[/red] {mod.__name__} defines no `agent`")
+        raise typer.Exit(2)
+    agent.main()
+
+
+@app.command("coordinator")
+def run_coordinator() -> None:
+    """Run a coordinator process (several may run at once: they share the durable consumer)."""
+    from coordinator.run import main
+
+    main()
+
+
+# -- talking to a running mesh ----------------------------------------------------------------
+def _read_body(body: str) -> str:
+    if body.startswith("@"):
+        path = Path(body[1:])
+        try:
+            return path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}",
+                              hint="give JSON inline or @path/to/file.json") from None
+    return body
+
+
+@app.command()
+@command
+async def publish(
+    event_type: Annotated[str, typer.Argument(metavar="TYPE", help="e.g. release.proposed")],
+    body: Annotated[str, typer.Argument(metavar="JSON|@file",
+                                        help="The event data (or a whole CloudEvent).")],
+    tenant: Annotated[str, typer.Option(help="Tenant of the event.")] = "",
+    event_id: Annotated[str, typer.Option("--id", help="Event id (default: new uuid).")] = "",
+) -> None:
+    """Publish a domain event; the coordinator decides it (or dead-letters it, with a reason)."""
+    import msgspec
+
+    from mesh import envelope, subjects
+    from mesh.bus import Bus
+    from mesh.settings import get_settings
+
+    tenant = tenant or get_settings().tenant
+    if not subjects.valid_event_type(event_type):
+        raise ConfigError(f"{event_type!r} is not an event type",
+                          hint="use a dotted name such as release.proposed")
+    if not subjects.valid_token(tenant):
+        raise ConfigError(f"{tenant!r} is not a tenant name",
+                          hint="use letters, digits, '-' and '_'")
+    text = _read_body(body)
+    event_id = event_id or str(uuid.uuid4())
+    async with await Bus.connect(name="mesh-cli") as bus:
+        await bus.ensure()
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            # Published as-is on purpose: the coordinator dead-letters it with the reason, so
+            # what a producer sent is never lost, even when it is not JSON.
+            await bus.publish(subjects.event(tenant, event_type), text.encode(),
+                              msg_id=f"{tenant}:{event_id}")
+            err.print(f"[yellow]warning:[/yellow] body is not valid JSON ({e}); published as-is "
+                      f"— it will be in `mesh dlq` with the reason")
+            out.print(event_id)
+            return
+        if isinstance(data, dict) and data.get("specversion"):
+            try:
+                event = envelope.decode(text.encode())
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                raise ConfigError(f"not a valid CloudEvent: {e}",
+                                  hint="fix the envelope, or pass only the data") from None
+        else:
+            event = envelope.new_event(event_type, data, tenant=tenant, event_id=event_id)
+        ack = await bus.publish_event(event)
+        note = " (duplicate: already published)" if ack.duplicate else ""
+        out.print(f"{event.id}{note}")
+
+
+@app.command("agents")
+@command
+async def list_agents() -> None:
+    """List live agents (registered and heartbeating)."""
+    from mesh.bus import Bus
+    from mesh.registry import Registry
+
+    async with await Bus.connect(name="mesh-cli") as bus:
+        await bus.ensure()
+        regs = await Registry(bus).live()
+    table = Table(title=f"{len(regs)} live agent instance(s)")
+    for col in ("agent", "instance", "skills", "http", "seen", "pid"):
+        table.add_column(col)
+    now = time.time()
+    for r in regs:
+        http = next((i["url"] for i in r.card.get("supportedInterfaces", [])
+                     if i.get("protocolBinding") == "JSONRPC"), "-")
+        table.add_row(r.agent, r.instance, ", ".join(r.skills), http,
+                      f"{now - r.seen_at:.1f}s ago", str(r.pid))
+    out.print(table)
+
+
+@app.command()
+@command
+async def call(
+    agent: Annotated[str, typer.Argument(help="Agent name, e.g. security-review")],
+    text: Annotated[str, typer.Argument(metavar="TEXT|@file", help="Message text or JSON.")],
+    http: Annotated[bool, typer.Option("--http", help="Call over HTTP instead of NATS.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+) -> None:
+    """Send an A2A message to an agent and print the task it returns."""
+    from mesh.a2a.client import A2AClient, call_http, user_message
+    from mesh.bus import Bus
+    from mesh.registry import Registry
+
+    content = _read_body(text)
+    try:
+        message = user_message(data=json.loads(content))
+    except ValueError:
+        message = user_message(text=content)
+    async with await Bus.connect(name="mesh-cli") as bus:
+        if http:
+            regs = [r for r in await Registry(bus).live() if r.agent == agent]
+            urls = [i["url"] for r in regs for i in r.card.get("supportedInterfaces", [])
+                    if i.get("protocolBinding") == "JSONRPC"]
+            if not urls:
+                raise ConfigError(f"no live agent {agent!r} serves HTTP",
+                                  hint="see `mesh agents` for what is running")
+            result = await call_http(urls[0], "SendMessage", {"message": message},
+                                     timeout=timeout)
+        else:
+            result = await A2AClient(bus).send_message(agent, message, timeout=timeout)
+    print(json.dumps(result, indent=2))
+
+
+@app.command()
+@command
+async def decisions(
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show the latest decisions."""
+    import msgspec
+
+    from mesh import subjects
+    from mesh.bus import Bus, tail
+    from mesh.records import decision_decoder
+
+    async with await Bus.connect(name="mesh-cli") as bus:
+        rows = await tail(bus, subjects.DECISIONS_STREAM, limit)
+    ds = [decision_decoder.decode(body) for _, _, body in rows]
+    if json_out:
+        print(json.dumps([msgspec.to_builtins(d) for d in ds], indent=2))
+        return
+    table = Table(title=f"last {len(ds)} decision(s)")
+    for col in ("event", "type", "tenant", "outcome", "votes", "reason", "latency"):
+        table.add_column(col, overflow="fold")
+    for d in ds:
+        votes = ", ".join(
+            f"{v.agent}:{v.verdict.vote if v.verdict else v.outcome}" for v in d.votes)
+        table.add_row(d.event_id, d.event_type, d.tenant, d.outcome, votes, d.reason,
+                      f"{d.latency_ms:.0f}ms")
+    out.print(table)
+
+
+@dlq_app.callback(invoke_without_command=True)
+def dlq_default(ctx: typer.Context) -> None:
+    """List dead letters (same as `mesh dlq ls`)."""
+    if ctx.invoked_subcommand is None:
+        dlq_ls(limit=20, json_out=False)
+
+
+@dlq_app.command("ls")
+@command
+async def dlq_ls(
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List the latest dead letters with their reason."""
+    import msgspec
+
+    from mesh import subjects
+    from mesh.bus import Bus, tail
+    from mesh.records import dead_letter_decoder
+
+    async with await Bus.connect(name="mesh-cli") as bus:
+        rows = await tail(bus, subjects.DLQ_STREAM, limit)
+    items = [(seq, dead_letter_decoder.decode(body)) for seq, _, body in rows]
+    if json_out:
+        print(json.dumps([{"seq": s, **msgspec.to_builtins(d)} for s, d in items], indent=2))
+        return
+    table = Table(title=f"last {len(items)} dead letter(s)")
+    for col in ("id", "reason", "subject", "error", "body"):
+        table.add_column(col, overflow="fold")
+    for seq, d in items:
+        preview = d.body[:60].decode("utf-8", errors="backslashreplace")
+        table.add_row(str(seq), d.reason, d.subject, d.error, preview)
+    out.print(table)
+
+
+def main() -> None:
+    app()

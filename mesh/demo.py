@@ -1,0 +1,190 @@
+"""`mesh demo`: the whole mesh as separate processes, sample events, a table of outcomes.
+
+Each case waits for its own outcome, so the table is deterministic: the rules brain is
+deterministic, and the "too slow" case pauses the quality-review process with SIGSTOP (a real
+hung process, not a flag in the agent) so the policy's timeout rule decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+
+import agents
+from mesh import envelope, subjects
+from mesh.bus import Bus
+from mesh.launcher import REVIEWERS, Topology
+from mesh.records import DeadLetter, Decision, dead_letter_decoder, decision_decoder
+from mesh.server import EmbeddedServer
+
+SAMPLES = Path(agents.__file__).parent / "samples"
+
+
+@dataclass
+class Case:
+    title: str
+    event_type: str
+    expect: str  # approved | rejected | dlq:<reason>
+    sample: str | None = None  # file in agents/samples
+    raw: bytes | None = None  # published as-is (not an envelope)
+    pause: str | None = None  # child to SIGSTOP while this case runs
+
+
+CASES = [
+    Case("clean release", "release.proposed", "approved", sample="release_clean.json"),
+    Case("AWS key in the diff", "release.proposed", "rejected", sample="release_secret.json"),
+    Case("health data, no privacy review", "release.proposed", "rejected",
+         sample="release_phi.json"),
+    Case("code changed, tests not", "release.proposed", "rejected",
+         sample="release_untested.json"),
+    Case("clean release, quality-review hung", "release.proposed", "rejected",
+         sample="release_clean.json", pause="quality-review"),
+    Case("malformed JSON", "release.proposed", "dlq:malformed", raw=b'{"id": "rel-9", "servi'),
+    Case("unknown event type", "invoice.created", "dlq:unknown_type",
+         sample="release_clean.json"),
+]
+
+
+@dataclass
+class Result:
+    case: Case
+    event_id: str
+    outcome: str
+    decision: Decision | None = None
+    dead_letter: DeadLetter | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == self.case.expect
+
+
+class _Outcomes:
+    """Collects decisions and dead letters by event id from core subscriptions."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, Decision | DeadLetter] = {}
+        self.arrived = asyncio.Condition()
+
+    async def on_decision(self, msg: Msg) -> None:
+        d = decision_decoder.decode(msg.data)
+        await self._put(d.event_id, d)
+
+    async def on_dead_letter(self, msg: Msg) -> None:
+        d = dead_letter_decoder.decode(msg.data)
+        key = (d.event_id or "").split(":", 1)[-1]
+        await self._put(key, d)
+
+    async def _put(self, key: str, value: Decision | DeadLetter) -> None:
+        async with self.arrived:
+            self.by_id[key] = value
+            self.arrived.notify_all()
+
+    async def wait(self, event_id: str, timeout: float) -> Decision | DeadLetter | None:
+        async with self.arrived:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.arrived.wait_for(lambda: event_id in self.by_id), timeout
+                )
+            return self.by_id.get(event_id)
+
+
+async def run_cases(bus: Bus, topo: Topology, cases: list[Case]) -> list[Result]:
+    outcomes = _Outcomes()
+    await bus.nc.subscribe(f"{subjects.DECISIONS_ROOT}.>", cb=outcomes.on_decision)
+    await bus.nc.subscribe(f"{subjects.DLQ_ROOT}.>", cb=outcomes.on_dead_letter)
+    await bus.nc.flush()
+    results = []
+    for case in cases:
+        event_id = f"demo-{uuid.uuid4().hex[:8]}"
+        started = time.monotonic()
+        with _paused(topo, case.pause):
+            if case.raw is not None:
+                await bus.publish(
+                    subjects.event("default", case.event_type), case.raw,
+                    msg_id=f"default:{event_id}",
+                )
+            else:
+                assert case.sample is not None
+                data = json.loads((SAMPLES / case.sample).read_text())
+                await bus.publish_event(
+                    envelope.new_event(case.event_type, data, event_id=event_id,
+                                       source="mesh://demo")
+                )
+            got = await outcomes.wait(event_id, timeout=20)
+        seconds = time.monotonic() - started
+        if isinstance(got, Decision):
+            results.append(Result(case, event_id, got.outcome, decision=got, seconds=seconds))
+        elif isinstance(got, DeadLetter):
+            results.append(Result(case, event_id, f"dlq:{got.reason}", dead_letter=got,
+                                  seconds=seconds))
+        else:
+            results.append(Result(case, event_id, "no outcome within 20s", seconds=seconds))
+    return results
+
+
+@contextlib.contextmanager
+def _paused(topo: Topology, name: str | None) -> Iterator[None]:
+    if name is None:
+        yield
+        return
+    child = topo.child(name)
+    child.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        child.proc.send_signal(signal.SIGCONT)
+
+
+async def demo(log_dir: Path | None = None) -> tuple[list[Result], Path]:
+    """Start everything from scratch in a temp store, run the cases, stop everything."""
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="mesh-demo-"))
+    with EmbeddedServer(log_dir / "jetstream") as server:
+        topo = Topology(server.url, log_dir / "logs")
+        try:
+            topo.start_default()
+            async with await Bus.connect(server.url, name="demo") as bus:
+                await bus.ensure()
+                await topo.wait_ready(bus, agents=len(REVIEWERS))
+                results = await run_cases(bus, topo, CASES)
+        finally:
+            topo.stop()
+    return results, log_dir
+
+
+def votes_summary(decision: Decision) -> list[str]:
+    marks = {"approve": "✓", "reject": "✗", "abstain": "–"}
+    lines = []
+    for v in decision.votes:
+        name = v.agent.removesuffix("-review")
+        if v.outcome == "voted" and v.verdict:
+            reason = "; ".join(v.verdict.reasons)[:90]
+            lines.append(f"{marks[v.verdict.vote]} {name} {v.latency_ms:.0f}ms: {reason}")
+        else:
+            counted = f" → counts as {v.counted_as}" if v.counted_as else ""
+            lines.append(f"⏱ {name} {v.outcome} after {v.latency_ms:.0f}ms{counted}")
+    return lines
+
+
+def as_json(results: list[Result]) -> list[dict[str, Any]]:
+    out = []
+    for r in results:
+        record = r.decision or r.dead_letter
+        out.append({
+            "title": r.case.title, "event_id": r.event_id, "expect": r.case.expect,
+            "outcome": r.outcome, "ok": r.ok,
+            "record": msgspec.to_builtins(record) if record else None,
+        })
+    return out

@@ -1,0 +1,98 @@
+"""One error root for the whole mesh.
+
+Two branches, kept apart on purpose: `ConfigError` is a mistake the user can fix (bad card, bad
+policy, missing binary) and is shown as a one-line message with what to do next; `MeshRuntimeError`
+is something that went wrong at run time (timeouts, unreachable agents) and carries the data a
+caller needs to decide whether to retry.
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Root of every error the mesh raises on purpose."""
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        if hint:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  → {self.hint}" if self.hint else self.message
+
+
+class ConfigError(MeshError):
+    """A mistake in configuration or input that the user can fix."""
+
+
+class CardError(ConfigError):
+    """An Agent Card that is not a valid A2A 1.0 card."""
+
+    def __init__(self, path: str, field: str, problem: str) -> None:
+        super().__init__(
+            f"invalid agent card {path}: field '{field}': {problem}",
+            hint="fix the card JSON (see cards/*.json for valid examples)",
+        )
+        self.path = path
+        self.field = field
+
+
+class PolicyError(ConfigError):
+    """A decision policy file that does not validate."""
+
+
+class StreamConflictError(ConfigError):
+    """A stream or bucket exists with settings that conflict with what the mesh needs."""
+
+
+class NatsServerError(ConfigError):
+    """The embedded nats-server could not be found or started."""
+
+
+class NotConnectedError(ConfigError):
+    """No NATS server to talk to."""
+
+
+class MeshRuntimeError(MeshError):
+    """A failure at run time; `retryable` says whether trying again can help."""
+
+    retryable: bool = False
+
+
+class AgentCallError(MeshRuntimeError):
+    """An A2A call to an agent failed."""
+
+    def __init__(
+        self,
+        agent: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        attempts: int = 1,
+        code: int | None = None,
+    ) -> None:
+        super().__init__(f"{agent}: {message}")
+        self.agent = agent
+        self.retryable = retryable
+        self.attempts = attempts
+        self.code = code
+
+
+class AgentTimeoutError(AgentCallError):
+    """The agent did not answer within the per-call timeout."""
+
+    def __init__(self, agent: str, timeout_s: float, *, attempts: int = 1) -> None:
+        super().__init__(
+            agent, f"no answer within {timeout_s:.2f}s", retryable=True, attempts=attempts
+        )
+        self.timeout_s = timeout_s
+
+
+class AgentUnavailableError(AgentCallError):
+    """Nobody is listening on the agent's subject (NATS 'no responders')."""
+
+    def __init__(self, agent: str, *, attempts: int = 1) -> None:
+        super().__init__(agent, "no live instance answered", retryable=True, attempts=attempts)

@@ -1,0 +1,124 @@
+"""Starting and stopping the mesh topology as separate OS processes (demo, up, tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from mesh import subjects
+from mesh.bus import Bus
+from mesh.errors import MeshRuntimeError
+from mesh.registry import Registry
+
+log = logging.getLogger(__name__)
+
+REVIEWERS = ("agents.security_review", "agents.compliance_review", "agents.quality_review")
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class Topology:
+    """A coordinator and agent processes pointed at one NATS URL; stops what it started."""
+
+    def __init__(self, nats_url: str, log_dir: Path, *, extra_env: dict[str, str] | None = None):
+        self.nats_url = nats_url
+        self.log_dir = log_dir
+        self.extra_env = extra_env or {}
+        self.children: list[Child] = []
+
+    def spawn(self, name: str, module: str, env: dict[str, str] | None = None) -> Child:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        out = open(log_path, "ab")  # noqa: SIM115  # closed in stop()
+        full_env = {
+            **os.environ,
+            "MESH_NATS_URL": self.nats_url,
+            "MESH_LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+            **(env or {}),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C goes to us; we stop children in order
+        )
+        child = Child(name, proc, log_path, out)
+        self.children.append(child)
+        return child
+
+    def start_default(self, coordinators: int = 1, replicas: int = 1) -> None:
+        for i in range(coordinators):
+            self.spawn(f"coordinator-{i + 1}" if coordinators > 1 else "coordinator", "coordinator")
+        for module in REVIEWERS:
+            short = module.rsplit(".", 1)[1].replace("_", "-")
+            for r in range(replicas):
+                self.spawn(f"{short}-{r + 1}" if replicas > 1 else short, module)
+
+    def child(self, name: str) -> Child:
+        for c in self.children:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    async def wait_ready(self, bus: Bus, agents: int, timeout: float = 30.0) -> None:
+        """Until `agents` instances are registered and a coordinator is pulling events."""
+        registry = Registry(bus)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [c for c in self.children if not c.alive]
+            if dead:
+                c = dead[0]
+                tail = c.log_path.read_text(errors="replace")[-1500:]
+                raise MeshRuntimeError(f"{c.name} exited with code {c.proc.returncode}:\n{tail}")
+            live = await registry.live()
+            pulling = False
+            with contextlib.suppress(Exception):
+                info = await bus.js.consumer_info(
+                    subjects.EVENTS_STREAM, subjects.COORDINATOR_DURABLE
+                )
+                pulling = (info.num_waiting or 0) > 0
+            if len(live) >= agents and pulling:
+                return
+            await asyncio.sleep(0.1)
+        raise MeshRuntimeError(
+            f"the mesh did not come up within {timeout:.0f}s; logs are in {self.log_dir}"
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for c in self.children:
+            if c.alive:
+                with contextlib.suppress(ProcessLookupError):
+                    c.proc.send_signal(signal.SIGCONT)  # a paused child cannot handle TERM
+                    c.proc.terminate()
+        deadline = time.monotonic() + timeout
+        for c in self.children:
+            try:
+                c.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+            if c._log:
+                c._log.close()
+        self.children.clear()

@@ -1,0 +1,43 @@
+"""Logging for processes we start (CLI, agents, coordinator). Library code never calls this."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from mesh.settings import get_settings
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("event_id", "trace_id", "agent", "tenant"):
+            if hasattr(record, key):
+                doc[key] = getattr(record, key)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def configure(fmt: str | None = None, level: str | None = None) -> None:
+    settings = get_settings()
+    fmt = fmt or settings.log_format
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel((level or settings.log_level).upper())
+    # Third-party chatter that says nothing a mesh user acts on.
+    for noisy in ("httpx", "uvicorn.access", "a2a"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,186 @@
+"""The agent registry: live Agent Cards in a JetStream KV bucket, kept fresh by heartbeats.
+
+Key `<agent>.<instance>`; value a `Registration`. The bucket's TTL lets the server drop a dead
+agent's entry; readers also check `seen_at` so an entry is never trusted past its TTL even
+between server sweeps. A clean stop deletes the entry at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from a2a.types import AgentCard
+from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
+
+from mesh import subjects
+from mesh.bus import Bus
+from mesh.cards import card_to_dict, parse_card
+
+log = logging.getLogger(__name__)
+
+
+class Registration(msgspec.Struct, frozen=True):
+    agent: str
+    instance: str
+    card: dict[str, Any]
+    skills: list[str]
+    seen_at: float
+    ttl_s: float
+    host: str = ""
+    pid: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.agent}.{self.instance}"
+
+    def live(self, now: float | None = None) -> bool:
+        return (now or time.time()) - self.seen_at < self.ttl_s
+
+    def agent_card(self) -> AgentCard:
+        return parse_card(self.card, source=f"registry:{self.key}")
+
+
+_enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder(Registration)
+
+
+def new_instance_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class Registry:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.ttl_s = bus.settings.card_ttl_s
+        self.heartbeat_s = bus.settings.heartbeat_s
+
+    async def _kv(self) -> KeyValue:
+        return await self.bus.kv(subjects.CARDS_BUCKET, ttl_s=self.ttl_s)
+
+    @contextlib.asynccontextmanager
+    async def registered(self, card: AgentCard, instance: str) -> AsyncIterator[Registration]:
+        """Publish the card, heartbeat it while the block runs, remove it on exit."""
+        kv = await self._kv()
+
+        def current() -> Registration:
+            return Registration(
+                agent=card.name,
+                instance=instance,
+                card=card_to_dict(card),
+                skills=[s.id for s in card.skills],
+                seen_at=time.time(),
+                ttl_s=self.ttl_s,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+            )
+
+        reg = current()
+        await kv.put(reg.key, _enc.encode(reg))
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self.heartbeat_s)
+                try:
+                    await kv.put(reg.key, _enc.encode(current()))
+                except Exception as e:  # a missed beat is survivable; the next one may land
+                    log.warning("registry heartbeat failed: %s", e)
+
+        task = asyncio.create_task(beat(), name=f"heartbeat:{reg.key}")
+        try:
+            yield reg
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with contextlib.suppress(Exception):
+                await kv.delete(reg.key)
+
+    async def live(self) -> list[Registration]:
+        """Every live registration, sorted by agent then instance."""
+        kv = await self._kv()
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            return []
+        now = time.time()
+        out = []
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                continue
+            if entry.value:
+                reg = _decode(entry.value)
+                if reg is not None and reg.live(now):
+                    out.append(reg)
+        return sorted(out, key=lambda r: (r.agent, r.instance))
+
+    async def by_skill(self, skill: str) -> list[Registration]:
+        return [r for r in await self.live() if skill in r.skills]
+
+
+class RegistryView:
+    """A watched, in-memory copy of the registry for hot paths (the coordinator per event)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._entries: dict[str, Registration] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        kv = await self.registry._kv()
+        watcher = await kv.watchall()
+
+        async def run() -> None:
+            async for entry in watcher:
+                if entry is None:  # the initial values have all arrived
+                    self._ready.set()
+                    continue
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    self._entries.pop(entry.key, None)
+                    continue
+                reg = _decode(entry.value)
+                if reg is not None:
+                    self._entries[entry.key] = reg
+
+        self._task = asyncio.create_task(run(), name="registry-view")
+        self._watcher = watcher
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout=5)
+        except TimeoutError:
+            # An empty bucket may not send the end-of-initial marker on every server version.
+            self._ready.set()
+
+    async def stop(self) -> None:
+        if self._task:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    def agents_with_skill(self, skill: str) -> list[str]:
+        """Names of agents with at least one live instance that has `skill` (sorted)."""
+        now = time.time()
+        return sorted(
+            {r.agent for r in self._entries.values() if skill in r.skills and r.live(now)}
+        )
+
+
+def _decode(value: bytes) -> Registration | None:
+    try:
+        return _dec.decode(value)
+    except msgspec.DecodeError:
+        log.warning("ignoring a registry entry that does not decode")
+        return None

@@ -1,0 +1,47 @@
+"""Settings from `MESH_*` environment variables — the only place they are read."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore")
+
+    nats_url: str = Field(
+        default="",
+        description="One or more NATS URLs (comma separated). Empty: use or spawn an embedded "
+        "nats-server.",
+    )
+    home: Path = Field(
+        default=Path(".mesh"),
+        description="Working folder for the embedded server's store and state files.",
+    )
+    tenant: str = Field(default="default", description="Tenant used when none is given.")
+    http_host: str = Field(default="127.0.0.1", description="Where agents serve A2A over HTTP.")
+    http_port: int = Field(default=0, description="Agent HTTP port; 0 picks a free one.")
+    heartbeat_s: float = Field(default=2.0, gt=0, description="Agent registry heartbeat.")
+    card_ttl_s: float = Field(
+        default=6.0, gt=0, description="An agent not heard from for this long is not live."
+    )
+    policy_file: Path | None = Field(
+        default=None, description="Decision policies (TOML). Default: coordinator/policies.toml."
+    )
+    max_inflight: int = Field(default=256, gt=0, description="Events a coordinator works at once.")
+    log_format: str = Field(default="auto", description="auto | json | console")
+    log_level: str = Field(default="INFO")
+    stream_replicas: int = Field(
+        default=1, ge=1, description="Replicas for mesh streams (3 on a NATS cluster)."
+    )
+
+    def nats_servers(self) -> list[str]:
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

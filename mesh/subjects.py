@@ -1,0 +1,71 @@
+"""Every subject, stream, bucket and header name the mesh uses, in one place."""
+
+from __future__ import annotations
+
+import re
+
+# Streams and buckets
+EVENTS_STREAM = "MESH_EVENTS"
+DECISIONS_STREAM = "MESH_DECISIONS"
+DLQ_STREAM = "MESH_DLQ"
+CARDS_BUCKET = "mesh_cards"
+DECISIONS_BUCKET = "mesh_decisions"
+
+# Subject roots
+EVENTS_ROOT = "mesh.evt"
+DECISIONS_ROOT = "mesh.decision"
+DLQ_ROOT = "mesh.dlq"
+A2A_ROOT = "mesh.a2a"
+
+# Durable consumer of the coordinator (shared by every coordinator instance)
+COORDINATOR_DURABLE = "coordinator"
+
+# Headers
+H_MSG_ID = "Nats-Msg-Id"
+H_A2A_VERSION = "A2A-Version"
+H_TRACEPARENT = "traceparent"
+H_TENANT = "Mesh-Tenant"
+H_EVENT_TYPE = "Mesh-Event-Type"
+
+A2A_VERSION = "1.0"
+
+# A token is what may sit between two dots of a subject: no wildcards, no whitespace.
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
+_TYPE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+
+
+def valid_token(value: str) -> bool:
+    return bool(_TOKEN.match(value))
+
+
+def valid_event_type(value: str) -> bool:
+    return bool(_TYPE.match(value))
+
+
+def event(tenant: str, event_type: str) -> str:
+    """`mesh.evt.<tenant>.<type>`; the type keeps its dots (release.proposed)."""
+    return f"{EVENTS_ROOT}.{tenant}.{event_type}"
+
+
+def events_filter() -> str:
+    return f"{EVENTS_ROOT}.>"
+
+
+def decision(tenant: str, event_type: str) -> str:
+    return f"{DECISIONS_ROOT}.{tenant}.{event_type}"
+
+
+def dlq(tenant: str, reason: str) -> str:
+    return f"{DLQ_ROOT}.{tenant}.{reason}"
+
+
+def a2a(agent: str) -> str:
+    return f"{A2A_ROOT}.{agent}"
+
+
+def parse_event_subject(subject: str) -> tuple[str, str]:
+    """(tenant, type) from `mesh.evt.<tenant>.<type...>`; ('', '') if it is not one."""
+    parts = subject.split(".", 3)
+    if len(parts) < 4 or f"{parts[0]}.{parts[1]}" != EVENTS_ROOT:
+        return "", ""
+    return parts[2], parts[3]

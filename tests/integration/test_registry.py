@@ -1,0 +1,69 @@
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from mesh.bus import Bus
+from mesh.cards import load_card, with_interfaces
+from mesh.registry import Registry, RegistryView
+from tests.helpers import eventually, write_card
+
+pytestmark = pytest.mark.integration
+
+
+def _card(tmp_path: Path, name: str, skill: str):  # type: ignore[no-untyped-def]
+    return with_interfaces(load_card(write_card(tmp_path, name, skill)), http_url=None,
+                           nats_subject=f"mesh.a2a.{name}")
+
+
+async def test_registered_agent_is_live_and_found_by_skill(bus: Bus, tmp_path: Path) -> None:
+    reg = Registry(bus)
+    async with reg.registered(_card(tmp_path, "alpha", "s1"), "i1"):
+        async with reg.registered(_card(tmp_path, "beta", "s2"), "i2"):
+            live = await reg.live()
+            assert [(r.agent, r.instance) for r in live] == [("alpha", "i1"), ("beta", "i2")]
+            assert [r.agent for r in await reg.by_skill("s2")] == ["beta"]
+            assert await reg.by_skill("nope") == []
+    assert await reg.live() == []  # a clean stop removes the entry at once
+
+
+async def test_heartbeat_keeps_an_agent_live_past_its_ttl(bus: Bus, tmp_path: Path) -> None:
+    reg = Registry(bus)
+    async with reg.registered(_card(tmp_path, "alpha", "s1"), "i1"):
+        first = (await reg.live())[0].seen_at
+        await eventually(lambda: _seen_after(reg, first + reg.ttl_s))
+        assert len(await reg.live()) == 1
+
+
+async def _seen_after(reg: Registry, t: float) -> bool:
+    live = await reg.live()
+    return bool(live) and live[0].seen_at > t
+
+
+async def test_agent_that_stops_heartbeating_drops_out_within_ttl(
+    bus: Bus, tmp_path: Path
+) -> None:
+    reg = Registry(bus)
+    view = RegistryView(reg)
+    await view.start()
+    try:
+        # Simulate a crash: the heartbeat task dies and nobody deletes the entry.
+        cm = reg.registered(_card(tmp_path, "alpha", "s1"), "i1")
+        await cm.__aenter__()
+        await eventually(lambda: _async(view.agents_with_skill("s1") == ["alpha"]))
+        for task in asyncio.all_tasks():
+            if task.get_name().startswith("heartbeat:alpha"):
+                task.cancel()
+        # "Drops out within the TTL" is the promise; the bound adds one beat of slack.
+        await eventually(lambda: _empty(reg), timeout=reg.ttl_s + reg.heartbeat_s + 1.0)
+        assert view.agents_with_skill("s1") == []
+    finally:
+        await view.stop()
+
+
+async def _empty(reg: Registry) -> bool:
+    return await reg.live() == []
+
+
+async def _async(value: bool) -> bool:
+    return value

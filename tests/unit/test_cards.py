@@ -1,0 +1,67 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from mesh.cards import (
+    NATS_BINDING,
+    card_to_dict,
+    load_card,
+    parse_card,
+    skill_ids,
+    with_interfaces,
+)
+from mesh.errors import CardError
+
+CARDS = Path(__file__).resolve().parents[2] / "cards"
+
+
+@pytest.mark.parametrize("path", sorted(CARDS.glob("*.json")), ids=lambda p: p.stem)
+def test_shipped_cards_are_valid(path: Path) -> None:
+    card = load_card(path)
+    assert card.name == path.stem
+    assert skill_ids(card)
+
+
+def _good() -> dict[str, object]:
+    return json.loads((CARDS / "security-review.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda c: c.pop("name"), "name"),
+        (lambda c: c.__setitem__("skills", []), "skills"),
+        (lambda c: c["skills"][0].pop("tags"), "skills[0].tags"),
+        (lambda c: c.__setitem__("skils", []), "skils"),
+        (lambda c: c.__setitem__("capabilities", {"streaming": "yes"}), "capabilities"),
+        (lambda c: c.__setitem__("name", "has space"), "name"),
+    ],
+)
+def test_invalid_card_names_the_bad_field(mutate, field: str) -> None:  # type: ignore[no-untyped-def]
+    raw = _good()
+    mutate(raw)
+    with pytest.raises(CardError) as err:
+        parse_card(raw, require_interfaces=False)
+    assert err.value.field == field
+
+
+def test_runtime_card_requires_interfaces() -> None:
+    with pytest.raises(CardError) as err:
+        parse_card(_good(), require_interfaces=True)
+    assert err.value.field == "supportedInterfaces"
+
+
+def test_live_interfaces_are_filled_and_still_valid() -> None:
+    card = with_interfaces(load_card(CARDS / "security-review.json"),
+                           http_url="http://127.0.0.1:9/", nats_subject="mesh.a2a.security-review")
+    raw = card_to_dict(card)
+    bindings = [i["protocolBinding"] for i in raw["supportedInterfaces"]]
+    assert bindings == ["JSONRPC", NATS_BINDING]
+    assert all(i["protocolVersion"] == "1.0" for i in raw["supportedInterfaces"])
+    parse_card(raw, require_interfaces=True)  # what the registry stores validates again
+
+
+def test_missing_card_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CardError, match="file not found"):
+        load_card(tmp_path / "nope.json")
