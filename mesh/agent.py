@@ -66,15 +66,16 @@ class Agent:
     def rules(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Register the deterministic handler; its annotations define input and output."""
         hints = get_type_hints(fn)
-        params = [p for p in inspect.signature(fn).parameters if p != "return"]
-        if len(params) != 1 or params[0] not in hints or "return" not in hints:
+        params = list(inspect.signature(fn).parameters.values())
+        extra_required = [p.name for p in params[1:] if p.default is inspect.Parameter.empty]
+        if not params or params[0].name not in hints or "return" not in hints or extra_required:
             raise ConfigError(
-                f"{self.name}: the handler must take one annotated argument and annotate "
-                "its return type",
+                f"{self.name}: the handler must take one annotated argument (any others need "
+                "defaults) and annotate its return type",
                 hint="e.g. def review(release: ReleaseProposal) -> Verdict",
             )
         self._handler = fn
-        self.input_type = hints[params[0]]
+        self.input_type = hints[params[0].name]
         self.output_type = hints["return"]
         return fn
 

@@ -75,23 +75,19 @@ def demo(
     if json_out:
         print(json.dumps(scenario.as_json(results), indent=2))
     else:
-        table = Table(title="release decisions", show_lines=True)
-        for col in ("#", "event", "expected", "outcome", "votes / reason", "time"):
-            table.add_column(col, overflow="fold")
         for i, r in enumerate(results, 1):
-            mark = "[green]✓[/green]" if r.ok else "[red]✗[/red]"
+            mark = "[green]✓[/green]" if r.ok else "[red]✗ expected " + r.case.expect + "[/red]"
+            out.print(f"\n[bold]{i}. {r.case.title}[/bold] → [bold]{r.outcome}[/bold] {mark} "
+                      f"[dim]({r.seconds * 1000:.0f} ms, event {r.event_id})[/dim]")
             if r.decision:
-                detail = "\n".join([*scenario.votes_summary(r.decision),
-                                    f"rule {r.decision.rule}: {r.decision.reason}"])
+                for line in scenario.votes_summary(r.decision):
+                    out.print(f"   {line}", highlight=False)
+                out.print(f"   [dim]rule {r.decision.rule}: {r.decision.reason}[/dim]")
             elif r.dead_letter:
-                detail = f"DLQ {r.dead_letter.subject}: {r.dead_letter.error}"
-            else:
-                detail = "-"
-            table.add_row(str(i), r.case.title, r.case.expect, f"{mark} {r.outcome}", detail,
-                          f"{r.seconds * 1000:.0f}ms")
-        out.print(table)
+                out.print(f"   dead letter on {r.dead_letter.subject}: {r.dead_letter.error}",
+                          highlight=False)
         good = sum(r.ok for r in results)
-        out.print(f"{good}/{len(results)} outcomes as expected · {took:.1f}s · "
+        out.print(f"\n{good}/{len(results)} outcomes as expected · {took:.1f}s · "
                   f"process logs in {log_dir}/logs")
     if not all(r.ok for r in results):
         raise typer.Exit(1)

@@ -170,11 +170,13 @@ def votes_summary(decision: Decision) -> list[str]:
     for v in decision.votes:
         name = v.agent.removesuffix("-review")
         if v.outcome == "voted" and v.verdict:
-            reason = "; ".join(v.verdict.reasons)[:90]
-            lines.append(f"{marks[v.verdict.vote]} {name} {v.latency_ms:.0f}ms: {reason}")
+            reason = "; ".join(v.verdict.reasons)
+            lines.append(f"{marks[v.verdict.vote]} {name:<10} {v.verdict.vote:<7} "
+                         f"{v.latency_ms:>5.0f} ms  {reason}")
         else:
             counted = f" → counts as {v.counted_as}" if v.counted_as else ""
-            lines.append(f"⏱ {name} {v.outcome} after {v.latency_ms:.0f}ms{counted}")
+            lines.append(f"⏱ {name:<10} {v.outcome:<7} {v.latency_ms:>5.0f} ms  "
+                         f"{v.attempts} attempt(s), no vote{counted}")
     return lines
 
 
