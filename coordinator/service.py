@@ -17,7 +17,6 @@ import random
 import re
 import socket
 import time
-from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -31,7 +30,7 @@ from mesh import envelope, subjects
 from mesh.a2a.client import A2AClient, task_of, user_message, verdict_of
 from mesh.bus import Bus
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
-from mesh.records import DeadLetter, Decision, DlqReason, Vote, encoder
+from mesh.records import CallOutcome, DeadLetter, Decision, DlqReason, Vote, encoder
 from mesh.registry import Registry, RegistryView
 from mesh.verdict import Choice
 
@@ -88,8 +87,12 @@ class Coordinator:
                 max_ack_pending=self.bus.settings.max_inflight * 2,
             ),
         )
-        log.info("%s consuming %s (policies: %s)", self.name, subjects.events_filter(),
-                 ", ".join(sorted(self.policies.by_type)))
+        log.info(
+            "%s consuming %s (policies: %s)",
+            self.name,
+            subjects.events_filter(),
+            ", ".join(sorted(self.policies.by_type)),
+        )
         try:
             while not stop.is_set():
                 free = max(1, min(64, self._slots._value))  # fetch no more than we can start
@@ -137,16 +140,20 @@ class Coordinator:
             return
         if event.type != subject_type or event.tenant != tenant:
             await self.dead_letter(
-                msg, "malformed",
+                msg,
+                "malformed",
                 f"envelope says type={event.type!r} tenant={event.tenant!r} but it was "
-                f"published on {msg.subject}", event=event,
+                f"published on {msg.subject}",
+                event=event,
             )
             return
         policy = self.policies.get(event.type)
         if policy is None:
             known = ", ".join(sorted(self.policies.by_type)) or "none"
             await self.dead_letter(
-                msg, "unknown_type", f"no policy for event type {event.type!r} (known: {known})",
+                msg,
+                "unknown_type",
+                f"no policy for event type {event.type!r} (known: {known})",
                 event=event,
             )
             return
@@ -154,8 +161,12 @@ class Coordinator:
         key = state_key(tenant, event.id)
         prior = await self._get_state(key)
         if prior is not None and prior.state in ("decided", "dead_lettered"):
-            log.info("event %s already %s by %s; not deciding again", event.id, prior.state,
-                     prior.coordinator)
+            log.info(
+                "event %s already %s by %s; not deciding again",
+                event.id,
+                prior.state,
+                prior.coordinator,
+            )
             await msg.ack()
             return
 
@@ -171,8 +182,9 @@ class Coordinator:
             )
             return
 
-        await self._state.put(key, encoder.encode(
-            DecisionState("collecting", self.name, time.time())))
+        await self._state.put(
+            key, encoder.encode(DecisionState("collecting", self.name, time.time()))
+        )
         votes = await self._collect(event, policy, agents)
         decision = self._decide(event, policy, votes, started)
         await self.bus.publish(
@@ -180,8 +192,9 @@ class Coordinator:
             encoder.encode(decision),
             msg_id=f"decision:{key}",  # a second publish for the same event is deduplicated
         )
-        await self._state.put(key, encoder.encode(
-            DecisionState("decided", self.name, time.time(), decision.outcome)))
+        await self._state.put(
+            key, encoder.encode(DecisionState("decided", self.name, time.time(), decision.outcome))
+        )
         await msg.ack()
         log.info("event %s %s: %s (%s)", event.id, event.type, decision.outcome, decision.reason)
 
@@ -216,8 +229,12 @@ class Coordinator:
             for t in pending:
                 t.cancel()
                 skill = tasks[t]
-                votes[skill] = Vote(skill=skill, agent=agents[skill], outcome="cancelled",
-                                    error="not needed: the outcome could no longer change")
+                votes[skill] = Vote(
+                    skill=skill,
+                    agent=agents[skill],
+                    outcome="cancelled",
+                    error="not needed: the outcome could no longer change",
+                )
         return votes
 
     async def _ask(
@@ -248,14 +265,27 @@ class Coordinator:
                 last = e
             except (ValueError, msgspec.ValidationError) as e:
                 # The agent answered, but not with a usable vote: retrying will not change it.
-                return Vote(skill=skill, agent=agent, outcome="error",
-                            counted_as=_unanswered(policy), error=str(e),
-                            latency_ms=_ms(started), attempts=attempts)
+                return Vote(
+                    skill=skill,
+                    agent=agent,
+                    outcome="error",
+                    counted_as=_unanswered(policy),
+                    error=str(e),
+                    latency_ms=_ms(started),
+                    attempts=attempts,
+                )
             else:
                 meta = (task.get("artifacts") or [{}])[0].get("metadata", {})
-                return Vote(skill=skill, agent=agent, outcome="voted", counted_as=verdict.vote,
-                            verdict=verdict, latency_ms=_ms(started), attempts=attempts,
-                            brain=str(meta.get("brain", "")))
+                return Vote(
+                    skill=skill,
+                    agent=agent,
+                    outcome="voted",
+                    counted_as=verdict.vote,
+                    verdict=verdict,
+                    latency_ms=_ms(started),
+                    attempts=attempts,
+                    brain=str(meta.get("brain", "")),
+                )
             if not last.retryable or attempts > policy.retries:
                 break
             # Exponential backoff with full jitter, never past the deadline.
@@ -263,13 +293,22 @@ class Coordinator:
             if time.monotonic() + delay >= deadline:
                 break
             await asyncio.sleep(delay)
-        outcome = (
-            "timeout" if isinstance(last, AgentTimeoutError) or last is None
-            else "unavailable" if isinstance(last, AgentUnavailableError) else "error"
+        outcome: CallOutcome = (
+            "timeout"
+            if isinstance(last, AgentTimeoutError) or last is None
+            else "unavailable"
+            if isinstance(last, AgentUnavailableError)
+            else "error"
         )
-        return Vote(skill=skill, agent=agent, outcome=outcome, counted_as=_unanswered(policy),
-                    error=str(last) if last else "deadline passed", latency_ms=_ms(started),
-                    attempts=attempts)
+        return Vote(
+            skill=skill,
+            agent=agent,
+            outcome=outcome,
+            counted_as=_unanswered(policy),
+            error=str(last) if last else "deadline passed",
+            latency_ms=_ms(started),
+            attempts=attempts,
+        )
 
     def _decide(
         self, event: envelope.Event, policy: Policy, votes: dict[str, Vote], started: float
@@ -312,15 +351,23 @@ class Coordinator:
             at=time.time(),
         )
         await self.bus.publish(
-            subjects.dlq(tenant, reason), encoder.encode(record),
+            subjects.dlq(tenant, reason),
+            encoder.encode(record),
             msg_id=f"dlq:{subjects.EVENTS_STREAM}:{meta.sequence.stream}",
         )
         if event is not None and self._state is not None:
-            await self._state.put(state_key(tenant, event.id), encoder.encode(
-                DecisionState("dead_lettered", self.name, time.time(), reason)))
+            await self._state.put(
+                state_key(tenant, event.id),
+                encoder.encode(DecisionState("dead_lettered", self.name, time.time(), reason)),
+            )
         await msg.ack()
-        log.warning("event seq=%s on %s dead-lettered (%s): %s", meta.sequence.stream,
-                    msg.subject, reason, error)
+        log.warning(
+            "event seq=%s on %s dead-lettered (%s): %s",
+            meta.sequence.stream,
+            msg.subject,
+            reason,
+            error,
+        )
 
 
 def _counted(votes: dict[str, Vote]) -> dict[str, Choice]:
@@ -339,7 +386,3 @@ def _ms(since: float) -> float:
 def _trace_id(traceparent: str | None) -> str | None:
     parts = (traceparent or "").split("-")
     return parts[1] if len(parts) == 4 else None
-
-
-def describe(decision: Decision) -> dict[str, Any]:
-    return msgspec.to_builtins(decision)  # type: ignore[no-any-return]

@@ -18,7 +18,8 @@ import inspect
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -27,7 +28,7 @@ import msgspec
 import uvicorn
 from a2a.helpers import get_data_parts, get_message_text, new_data_part, new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
-from a2a.server.events.event_queue_v2 import EventQueue
+from a2a.server.events import EventQueue
 from a2a.server.tasks import TaskUpdater
 from a2a.types import AgentCard, Part
 
@@ -93,7 +94,9 @@ class Agent:
 
     def brain(self) -> Brain:
         if self._handler is None or self.output_type is None:
-            raise ConfigError(f"agent {self.name} has no handler", hint="decorate one: @agent.rules")
+            raise ConfigError(
+                f"agent {self.name} has no handler", hint="decorate one: @agent.rules"
+            )
         return select_brain(
             rules=self._handler, system_prompt=self.system_prompt(), output_type=self.output_type
         )
@@ -120,17 +123,15 @@ class Agent:
                 stack.push_async_callback(bus.close)
             await bus.ensure()
             instance = new_instance_id()
-            executor = _Executor(self, brain)
             subject = subjects.a2a(self.name)
-            # The HTTP port is known only once bound, and the card served there must say it,
-            # so the server is started first and the live card swapped in before any request.
-            server = A2AServer(card, executor)
-            http_url = None
-            if http:
-                http_url = await stack.enter_async_context(_http(server, settings))
+            # The card must say where this instance listens, so the HTTP socket is bound first
+            # and the server is built once, with the live card.
+            sock = _bind(settings) if http else None
+            http_url = f"http://{settings.http_host}:{sock.getsockname()[1]}/" if sock else None
             live = with_interfaces(card, http_url=http_url, nats_subject=subject)
-            server.card = live
-            server.handler.agent_card = live
+            server = A2AServer(live, _Executor(self, brain))
+            if sock is not None:
+                await stack.enter_async_context(_http(server, sock))
             sub = await bus.nc.subscribe(subject, queue=self.name, cb=server.on_nats_message)
             stack.push_async_callback(server.drain)
             stack.push_async_callback(sub.unsubscribe)
@@ -169,35 +170,48 @@ class RunningAgent:
     brain: Brain
 
 
+def _bind(settings: Settings) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.http_host, settings.http_port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(
+            f"cannot serve HTTP on {settings.http_host}:{settings.http_port}: {e.strerror}",
+            hint="is the port taken? set MESH_HTTP_PORT=0 to pick a free one",
+        ) from None
+    sock.listen(128)
+    return sock
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The process's owner (Agent.main, a test) handles signals and stops us in order.
+        yield
+
+
 @contextlib.asynccontextmanager
-async def _http(server: A2AServer, settings: Settings) -> AsyncIterator[str]:
-    config = uvicorn.Config(
-        server.http_app(),
-        host=settings.http_host,
-        port=settings.http_port,
-        log_level="warning",
-        lifespan="off",
-    )
-    web = uvicorn.Server(config)
-    web.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we own signals
-    task = asyncio.create_task(web.serve())
-    for _ in range(500):  # bounded wait for the socket (≤ 5 s)
+async def _http(server: A2AServer, sock: socket.socket) -> AsyncIterator[None]:
+    config = uvicorn.Config(server.http_app(), log_level="warning", lifespan="off")
+    web = _Uvicorn(config)
+    task = asyncio.create_task(web.serve(sockets=[sock]))
+    for _ in range(500):  # bounded wait for start-up (≤ 5 s)
         if web.started or task.done():
             break
         await asyncio.sleep(0.01)
     if not web.started:
         task.cancel()
-        raise ConfigError(
-            f"could not serve HTTP on {settings.http_host}:{settings.http_port}",
-            hint="is the port taken? set MESH_HTTP_PORT=0 to pick a free one",
-        )
-    port = web.servers[0].sockets[0].getsockname()[1]
+        sock.close()
+        raise ConfigError("the agent's HTTP server did not start", hint="see the log above")
     try:
-        yield f"http://{settings.http_host}:{port}/"
+        yield
     finally:
         web.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, timeout=5)
+        sock.close()
 
 
 class _Executor(AgentExecutor):

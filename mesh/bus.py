@@ -123,7 +123,7 @@ class Bus:
                     name=name,
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=1,
                     allow_reconnect=True,
                     error_cb=_log_error,
                     disconnected_cb=_log_disconnected,
@@ -249,8 +249,6 @@ async def _log_error(e: Exception) -> None:
 
 async def _log_disconnected() -> None:
     log.info("nats: disconnected, reconnecting")
-
-
 
 
 async def tail(bus: Bus, stream: str, limit: int) -> list[tuple[int, str, bytes]]:

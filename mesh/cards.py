@@ -22,8 +22,15 @@ from mesh.errors import CardError
 NATS_BINDING = "NATS+JSONRPC"
 JSONRPC_BINDING = "JSONRPC"
 
-_REQUIRED = ("name", "description", "version", "capabilities", "defaultInputModes",
-             "defaultOutputModes", "skills")
+_REQUIRED = (
+    "name",
+    "description",
+    "version",
+    "capabilities",
+    "defaultInputModes",
+    "defaultOutputModes",
+    "skills",
+)
 _SKILL_REQUIRED = ("id", "name", "description", "tags")
 
 
@@ -76,7 +83,8 @@ def parse_card(raw: Any, *, source: str = "<card>", require_interfaces: bool = T
         raise CardError(source, "name", "use letters, digits and '-' only (it names a subject)")
     try:
         # Unknown fields are errors here (unlike on the wire): a typo in a card is a bug.
-        return ParseDict(raw, AgentCard())
+        card: AgentCard = ParseDict(raw, AgentCard())
+        return card
     except ParseError as e:
         raise CardError(source, _field_of(str(e)), str(e)) from None
 
@@ -98,12 +106,18 @@ def with_interfaces(card: AgentCard, *, http_url: str | None, nats_subject: str)
     del live.supported_interfaces[:]
     if http_url:
         live.supported_interfaces.append(
-            AgentInterface(url=http_url, protocol_binding=JSONRPC_BINDING,
-                           protocol_version=subjects.A2A_VERSION)
+            AgentInterface(
+                url=http_url,
+                protocol_binding=JSONRPC_BINDING,
+                protocol_version=subjects.A2A_VERSION,
+            )
         )
     live.supported_interfaces.append(
-        AgentInterface(url=f"nats:{nats_subject}", protocol_binding=NATS_BINDING,
-                       protocol_version=subjects.A2A_VERSION)
+        AgentInterface(
+            url=f"nats:{nats_subject}",
+            protocol_binding=NATS_BINDING,
+            protocol_version=subjects.A2A_VERSION,
+        )
     )
     return live
 

@@ -20,8 +20,12 @@ from rich.table import Table
 
 from mesh.errors import ConfigError, MeshError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Quorum Mesh: A2A agents on NATS JetStream, decided by quorum.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Quorum Mesh: A2A agents on NATS JetStream, decided by quorum.",
+)
 dlq_app = typer.Typer(help="Dead letters: what the mesh could not decide, and why.")
 app.add_typer(dlq_app, name="dlq")
 out = Console()
@@ -67,8 +71,10 @@ def demo(
 
     _setup_logging()
     if not json_out:
-        out.print("[bold]Quorum Mesh demo[/bold]: starting nats-server, coordinator and 3 agents "
-                  "as separate processes…")
+        out.print(
+            "[bold]Quorum Mesh demo[/bold]: starting nats-server, coordinator and 3 agents "
+            "as separate processes…"
+        )
     started = time.monotonic()
     results, log_dir = _run(scenario.demo())
     took = time.monotonic() - started
@@ -77,18 +83,24 @@ def demo(
     else:
         for i, r in enumerate(results, 1):
             mark = "[green]✓[/green]" if r.ok else "[red]✗ expected " + r.case.expect + "[/red]"
-            out.print(f"\n[bold]{i}. {r.case.title}[/bold] → [bold]{r.outcome}[/bold] {mark} "
-                      f"[dim]({r.seconds * 1000:.0f} ms, event {r.event_id})[/dim]")
+            out.print(
+                f"\n[bold]{i}. {r.case.title}[/bold] → [bold]{r.outcome}[/bold] {mark} "
+                f"[dim]({r.seconds * 1000:.0f} ms, event {r.event_id})[/dim]"
+            )
             if r.decision:
                 for line in scenario.votes_summary(r.decision):
                     out.print(f"   {line}", highlight=False)
                 out.print(f"   [dim]rule {r.decision.rule}: {r.decision.reason}[/dim]")
             elif r.dead_letter:
-                out.print(f"   dead letter on {r.dead_letter.subject}: {r.dead_letter.error}",
-                          highlight=False)
+                out.print(
+                    f"   dead letter on {r.dead_letter.subject}: {r.dead_letter.error}",
+                    highlight=False,
+                )
         good = sum(r.ok for r in results)
-        out.print(f"\n{good}/{len(results)} outcomes as expected · {took:.1f}s · "
-                  f"process logs in {log_dir}/logs")
+        out.print(
+            f"\n{good}/{len(results)} outcomes as expected · {took:.1f}s · "
+            f"process logs in {log_dir}/logs"
+        )
     if not all(r.ok for r in results):
         raise typer.Exit(1)
 
@@ -125,10 +137,14 @@ async def _up(coordinators: int, replicas: int) -> None:
         stack.push_async_callback(bus.close)
         await bus.ensure()
         await topo.wait_ready(bus, agents=len(REVIEWERS) * replicas)
-        out.print(f"[green]mesh is up[/green] · NATS {url} · "
-                  f"{len(topo.children)} processes · logs in {settings.home / 'logs'}")
-        out.print("try: mesh agents · mesh publish release.proposed @agents/samples/"
-                  "release_clean.json · mesh decisions · Ctrl-C to stop")
+        out.print(
+            f"[green]mesh is up[/green] · NATS {url} · "
+            f"{len(topo.children)} processes · logs in {settings.home / 'logs'}"
+        )
+        out.print(
+            "try: mesh agents · mesh publish release.proposed @agents/samples/"
+            "release_clean.json · mesh decisions · Ctrl-C to stop"
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -138,8 +154,9 @@ async def _up(coordinators: int, replicas: int) -> None:
             for c in topo.children:
                 if not c.alive and c.name not in reported:
                     reported.add(c.name)
-                    err.print(f"[yellow]{c.name} exited ({c.proc.returncode}); "
-                              f"log: {c.log_path}[/yellow]")
+                    err.print(
+                        f"[yellow]{c.name} exited ({c.proc.returncode}); log: {c.log_path}[/yellow]"
+                    )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
         out.print("stopping…")
@@ -178,8 +195,9 @@ def _read_body(body: str) -> str:
         try:
             return path.read_text()
         except OSError as e:
-            raise ConfigError(f"cannot read {path}: {e.strerror}",
-                              hint="give JSON inline or @path/to/file.json") from None
+            raise ConfigError(
+                f"cannot read {path}: {e.strerror}", hint="give JSON inline or @path/to/file.json"
+            ) from None
     return body
 
 
@@ -187,8 +205,9 @@ def _read_body(body: str) -> str:
 @command
 async def publish(
     event_type: Annotated[str, typer.Argument(metavar="TYPE", help="e.g. release.proposed")],
-    body: Annotated[str, typer.Argument(metavar="JSON|@file",
-                                        help="The event data (or a whole CloudEvent).")],
+    body: Annotated[
+        str, typer.Argument(metavar="JSON|@file", help="The event data (or a whole CloudEvent).")
+    ],
     tenant: Annotated[str, typer.Option(help="Tenant of the event.")] = "",
     event_id: Annotated[str, typer.Option("--id", help="Event id (default: new uuid).")] = "",
 ) -> None:
@@ -201,11 +220,14 @@ async def publish(
 
     tenant = tenant or get_settings().tenant
     if not subjects.valid_event_type(event_type):
-        raise ConfigError(f"{event_type!r} is not an event type",
-                          hint="use a dotted name such as release.proposed")
+        raise ConfigError(
+            f"{event_type!r} is not an event type",
+            hint="use a dotted name such as release.proposed",
+        )
     if not subjects.valid_token(tenant):
-        raise ConfigError(f"{tenant!r} is not a tenant name",
-                          hint="use letters, digits, '-' and '_'")
+        raise ConfigError(
+            f"{tenant!r} is not a tenant name", hint="use letters, digits, '-' and '_'"
+        )
     text = _read_body(body)
     event_id = event_id or str(uuid.uuid4())
     async with await Bus.connect(name="mesh-cli") as bus:
@@ -215,18 +237,22 @@ async def publish(
         except ValueError as e:
             # Published as-is on purpose: the coordinator dead-letters it with the reason, so
             # what a producer sent is never lost, even when it is not JSON.
-            await bus.publish(subjects.event(tenant, event_type), text.encode(),
-                              msg_id=f"{tenant}:{event_id}")
-            err.print(f"[yellow]warning:[/yellow] body is not valid JSON ({e}); published as-is "
-                      f"— it will be in `mesh dlq` with the reason")
+            await bus.publish(
+                subjects.event(tenant, event_type), text.encode(), msg_id=f"{tenant}:{event_id}"
+            )
+            err.print(
+                f"[yellow]warning:[/yellow] body is not valid JSON ({e}); published as-is "
+                f"— it will be in `mesh dlq` with the reason"
+            )
             out.print(event_id)
             return
         if isinstance(data, dict) and data.get("specversion"):
             try:
                 event = envelope.decode(text.encode())
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                raise ConfigError(f"not a valid CloudEvent: {e}",
-                                  hint="fix the envelope, or pass only the data") from None
+                raise ConfigError(
+                    f"not a valid CloudEvent: {e}", hint="fix the envelope, or pass only the data"
+                ) from None
         else:
             event = envelope.new_event(event_type, data, tenant=tenant, event_id=event_id)
         ack = await bus.publish_event(event)
@@ -249,10 +275,22 @@ async def list_agents() -> None:
         table.add_column(col)
     now = time.time()
     for r in regs:
-        http = next((i["url"] for i in r.card.get("supportedInterfaces", [])
-                     if i.get("protocolBinding") == "JSONRPC"), "-")
-        table.add_row(r.agent, r.instance, ", ".join(r.skills), http,
-                      f"{now - r.seen_at:.1f}s ago", str(r.pid))
+        http = next(
+            (
+                i["url"]
+                for i in r.card.get("supportedInterfaces", [])
+                if i.get("protocolBinding") == "JSONRPC"
+            ),
+            "-",
+        )
+        table.add_row(
+            r.agent,
+            r.instance,
+            ", ".join(r.skills),
+            http,
+            f"{now - r.seen_at:.1f}s ago",
+            str(r.pid),
+        )
     out.print(table)
 
 
@@ -277,13 +315,18 @@ async def call(
     async with await Bus.connect(name="mesh-cli") as bus:
         if http:
             regs = [r for r in await Registry(bus).live() if r.agent == agent]
-            urls = [i["url"] for r in regs for i in r.card.get("supportedInterfaces", [])
-                    if i.get("protocolBinding") == "JSONRPC"]
+            urls = [
+                i["url"]
+                for r in regs
+                for i in r.card.get("supportedInterfaces", [])
+                if i.get("protocolBinding") == "JSONRPC"
+            ]
             if not urls:
-                raise ConfigError(f"no live agent {agent!r} serves HTTP",
-                                  hint="see `mesh agents` for what is running")
-            result = await call_http(urls[0], "SendMessage", {"message": message},
-                                     timeout=timeout)
+                raise ConfigError(
+                    f"no live agent {agent!r} serves HTTP",
+                    hint="see `mesh agents` for what is running",
+                )
+            result = await call_http(urls[0], "SendMessage", {"message": message}, timeout=timeout)
         else:
             result = await A2AClient(bus).send_message(agent, message, timeout=timeout)
     print(json.dumps(result, indent=2))
@@ -313,9 +356,11 @@ async def decisions(
         table.add_column(col, overflow="fold")
     for d in ds:
         votes = ", ".join(
-            f"{v.agent}:{v.verdict.vote if v.verdict else v.outcome}" for v in d.votes)
-        table.add_row(d.event_id, d.event_type, d.tenant, d.outcome, votes, d.reason,
-                      f"{d.latency_ms:.0f}ms")
+            f"{v.agent}:{v.verdict.vote if v.verdict else v.outcome}" for v in d.votes
+        )
+        table.add_row(
+            d.event_id, d.event_type, d.tenant, d.outcome, votes, d.reason, f"{d.latency_ms:.0f}ms"
+        )
     out.print(table)
 
 

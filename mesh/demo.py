@@ -45,15 +45,19 @@ class Case:
 CASES = [
     Case("clean release", "release.proposed", "approved", sample="release_clean.json"),
     Case("AWS key in the diff", "release.proposed", "rejected", sample="release_secret.json"),
-    Case("health data, no privacy review", "release.proposed", "rejected",
-         sample="release_phi.json"),
-    Case("code changed, tests not", "release.proposed", "rejected",
-         sample="release_untested.json"),
-    Case("clean release, quality-review hung", "release.proposed", "rejected",
-         sample="release_clean.json", pause="quality-review"),
+    Case(
+        "health data, no privacy review", "release.proposed", "rejected", sample="release_phi.json"
+    ),
+    Case("code changed, tests not", "release.proposed", "rejected", sample="release_untested.json"),
+    Case(
+        "clean release, quality-review hung",
+        "release.proposed",
+        "rejected",
+        sample="release_clean.json",
+        pause="quality-review",
+    ),
     Case("malformed JSON", "release.proposed", "dlq:malformed", raw=b'{"id": "rel-9", "servi'),
-    Case("unknown event type", "invoice.created", "dlq:unknown_type",
-         sample="release_clean.json"),
+    Case("unknown event type", "invoice.created", "dlq:unknown_type", sample="release_clean.json"),
 ]
 
 
@@ -113,23 +117,26 @@ async def run_cases(bus: Bus, topo: Topology, cases: list[Case]) -> list[Result]
         with _paused(topo, case.pause):
             if case.raw is not None:
                 await bus.publish(
-                    subjects.event("default", case.event_type), case.raw,
+                    subjects.event("default", case.event_type),
+                    case.raw,
                     msg_id=f"default:{event_id}",
                 )
             else:
                 assert case.sample is not None
                 data = json.loads((SAMPLES / case.sample).read_text())
                 await bus.publish_event(
-                    envelope.new_event(case.event_type, data, event_id=event_id,
-                                       source="mesh://demo")
+                    envelope.new_event(
+                        case.event_type, data, event_id=event_id, source="mesh://demo"
+                    )
                 )
             got = await outcomes.wait(event_id, timeout=20)
         seconds = time.monotonic() - started
         if isinstance(got, Decision):
             results.append(Result(case, event_id, got.outcome, decision=got, seconds=seconds))
         elif isinstance(got, DeadLetter):
-            results.append(Result(case, event_id, f"dlq:{got.reason}", dead_letter=got,
-                                  seconds=seconds))
+            results.append(
+                Result(case, event_id, f"dlq:{got.reason}", dead_letter=got, seconds=seconds)
+            )
         else:
             results.append(Result(case, event_id, "no outcome within 20s", seconds=seconds))
     return results
@@ -165,18 +172,22 @@ async def demo(log_dir: Path | None = None) -> tuple[list[Result], Path]:
 
 
 def votes_summary(decision: Decision) -> list[str]:
-    marks = {"approve": "✓", "reject": "✗", "abstain": "–"}
+    marks = {"approve": "✓", "reject": "✗", "abstain": "-"}
     lines = []
     for v in decision.votes:
         name = v.agent.removesuffix("-review")
         if v.outcome == "voted" and v.verdict:
             reason = "; ".join(v.verdict.reasons)
-            lines.append(f"{marks[v.verdict.vote]} {name:<10} {v.verdict.vote:<7} "
-                         f"{v.latency_ms:>5.0f} ms  {reason}")
+            lines.append(
+                f"{marks[v.verdict.vote]} {name:<10} {v.verdict.vote:<7} "
+                f"{v.latency_ms:>5.0f} ms  {reason}"
+            )
         else:
             counted = f" → counts as {v.counted_as}" if v.counted_as else ""
-            lines.append(f"⏱ {name:<10} {v.outcome:<7} {v.latency_ms:>5.0f} ms  "
-                         f"{v.attempts} attempt(s), no vote{counted}")
+            lines.append(
+                f"⏱ {name:<10} {v.outcome:<7} {v.latency_ms:>5.0f} ms  "
+                f"{v.attempts} attempt(s), no vote{counted}"
+            )
     return lines
 
 
@@ -184,9 +195,14 @@ def as_json(results: list[Result]) -> list[dict[str, Any]]:
     out = []
     for r in results:
         record = r.decision or r.dead_letter
-        out.append({
-            "title": r.case.title, "event_id": r.event_id, "expect": r.case.expect,
-            "outcome": r.outcome, "ok": r.ok,
-            "record": msgspec.to_builtins(record) if record else None,
-        })
+        out.append(
+            {
+                "title": r.case.title,
+                "event_id": r.event_id,
+                "expect": r.case.expect,
+                "outcome": r.outcome,
+                "ok": r.ok,
+                "record": msgspec.to_builtins(record) if record else None,
+            }
+        )
     return out

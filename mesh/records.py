@@ -1,4 +1,4 @@
-"""What the coordinator publishes: decisions and dead letters (the wire contract readers rely on)."""
+"""What the coordinator publishes: decisions and dead letters (the wire contract for readers)."""
 
 from __future__ import annotations
 

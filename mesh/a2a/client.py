@@ -74,7 +74,11 @@ class A2AClient:
         return _result(agent, reply.data)
 
     async def send_message(
-        self, agent: str, message: dict[str, Any], *, timeout: float,
+        self,
+        agent: str,
+        message: dict[str, Any],
+        *,
+        timeout: float,
         headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """SendMessage, blocking until the task ends; returns the Task (or Message) JSON."""
@@ -87,7 +91,11 @@ class A2AClient:
 
 
 async def call_http(
-    url: str, method: str, params: dict[str, Any], *, timeout: float,
+    url: str,
+    method: str,
+    params: dict[str, Any],
+    *,
+    timeout: float,
     headers: dict[str, str] | None = None,
 ) -> Any:
     """The same JSON-RPC call over HTTP POST to an agent's JSON-RPC URL."""
@@ -95,7 +103,8 @@ async def call_http(
     try:
         async with httpx.AsyncClient(timeout=timeout) as http:
             r = await http.post(
-                url, content=body,
+                url,
+                content=body,
                 headers={"Content-Type": "application/json", **a2a_headers(headers)},
             )
     except httpx.TimeoutException:
@@ -113,7 +122,8 @@ def _result(agent: str, body: bytes) -> Any:
     if error is not None:
         code = error.get("code")
         raise AgentCallError(
-            agent, f"error {code}: {error.get('message', '')}",
+            agent,
+            f"error {code}: {error.get('message', '')}",
             code=code if isinstance(code, int) else None,
         )
     return result

@@ -1,8 +1,8 @@
 """What users need to test their own agents: a real embedded NATS and a running mesh.
 
-    async with nats_server() as url, await Bus.connect(url) as bus:
-        async with my_agent.serve(bus, http=False):
-            ...
+async with nats_server() as url, await Bus.connect(url) as bus:
+    async with my_agent.serve(bus, http=False):
+        ...
 """
 
 from __future__ import annotations

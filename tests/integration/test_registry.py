@@ -12,18 +12,21 @@ pytestmark = pytest.mark.integration
 
 
 def _card(tmp_path: Path, name: str, skill: str):  # type: ignore[no-untyped-def]
-    return with_interfaces(load_card(write_card(tmp_path, name, skill)), http_url=None,
-                           nats_subject=f"mesh.a2a.{name}")
+    return with_interfaces(
+        load_card(write_card(tmp_path, name, skill)), http_url=None, nats_subject=f"mesh.a2a.{name}"
+    )
 
 
 async def test_registered_agent_is_live_and_found_by_skill(bus: Bus, tmp_path: Path) -> None:
     reg = Registry(bus)
-    async with reg.registered(_card(tmp_path, "alpha", "s1"), "i1"):
-        async with reg.registered(_card(tmp_path, "beta", "s2"), "i2"):
-            live = await reg.live()
-            assert [(r.agent, r.instance) for r in live] == [("alpha", "i1"), ("beta", "i2")]
-            assert [r.agent for r in await reg.by_skill("s2")] == ["beta"]
-            assert await reg.by_skill("nope") == []
+    async with (
+        reg.registered(_card(tmp_path, "alpha", "s1"), "i1"),
+        reg.registered(_card(tmp_path, "beta", "s2"), "i2"),
+    ):
+        live = await reg.live()
+        assert [(r.agent, r.instance) for r in live] == [("alpha", "i1"), ("beta", "i2")]
+        assert [r.agent for r in await reg.by_skill("s2")] == ["beta"]
+        assert await reg.by_skill("nope") == []
     assert await reg.live() == []  # a clean stop removes the entry at once
 
 
@@ -40,9 +43,7 @@ async def _seen_after(reg: Registry, t: float) -> bool:
     return bool(live) and live[0].seen_at > t
 
 
-async def test_agent_that_stops_heartbeating_drops_out_within_ttl(
-    bus: Bus, tmp_path: Path
-) -> None:
+async def test_agent_that_stops_heartbeating_drops_out_within_ttl(bus: Bus, tmp_path: Path) -> None:
     reg = Registry(bus)
     view = RegistryView(reg)
     await view.start()

@@ -53,8 +53,11 @@ def test_runtime_card_requires_interfaces() -> None:
 
 
 def test_live_interfaces_are_filled_and_still_valid() -> None:
-    card = with_interfaces(load_card(CARDS / "security-review.json"),
-                           http_url="http://127.0.0.1:9/", nats_subject="mesh.a2a.security-review")
+    card = with_interfaces(
+        load_card(CARDS / "security-review.json"),
+        http_url="http://127.0.0.1:9/",
+        nats_subject="mesh.a2a.security-review",
+    )
     raw = card_to_dict(card)
     bindings = [i["protocolBinding"] for i in raw["supportedInterfaces"]]
     assert bindings == ["JSONRPC", NATS_BINDING]

@@ -26,7 +26,10 @@ def test_wire_form_is_cloudevents_json() -> None:
         (b'{"id": "1", "source": "s", "type": "a.b"}', "specversion"),
         (b'{"id": "1", "source": "s", "type": "a.b", "specversion": "0.3"}', "specversion"),
         (b'{"specversion": "1.0", "id": "1", "source": "s", "type": "a b"}', "type"),
-        (b'{"specversion": "1.0", "id": "1", "source": "s", "type": "a.b", "tenant": "x.>"}', "tenant"),
+        (
+            b'{"specversion": "1.0", "id": "1", "source": "s", "type": "a.b", "tenant": "x.>"}',
+            "tenant",
+        ),
     ],
 )
 def test_invalid_envelopes_name_the_problem(body: bytes, field: str) -> None:
