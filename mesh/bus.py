@@ -257,7 +257,7 @@ async def tail(bus: Bus, stream: str, limit: int) -> list[tuple[int, str, bytes]
         info = await bus.js.stream_info(stream)
     except NotFoundError:
         return []
-    first, last = info.state.first_seq, info.state.last_seq
+    first, last = max(1, info.state.first_seq), info.state.last_seq
     out: list[tuple[int, str, bytes]] = []
     seq = last
     # Bounded walk backwards; deleted sequences are skipped.

@@ -1,0 +1,148 @@
+"""A2A 1.0 over both transports, through one handler: a2a-sdk's client on HTTP, raw NATS."""
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from a2a.client import A2ACardResolver, ClientConfig, create_client
+from a2a.helpers import new_data_part
+from a2a.types import Message, Role, SendMessageRequest, TaskState
+from google.protobuf.json_format import MessageToDict
+
+from mesh import Agent, Verdict
+from mesh.a2a.client import A2AClient, user_message, verdict_of
+from mesh.agent import RunningAgent
+from mesh.bus import Bus
+from mesh.errors import AgentCallError, AgentUnavailableError
+from mesh.settings import Settings
+from tests.helpers import Proposal, jsonrpc, voting_agent, write_card
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def running(bus: Bus, settings: Settings, tmp_path: Path) -> AsyncIterator[RunningAgent]:
+    agent = voting_agent(tmp_path, "voter", "vote-skill")
+    async with agent.serve(bus, settings=settings) as r:
+        yield r
+
+
+async def test_sdk_client_gets_card_and_completed_task(running: RunningAgent) -> None:
+    assert running.http_url is not None
+    async with httpx.AsyncClient() as http:
+        card = await A2ACardResolver(http, running.http_url).get_agent_card()
+    assert card.name == "voter"
+    assert [s.id for s in card.skills] == ["vote-skill"]
+    bindings = [i.protocol_binding for i in card.supported_interfaces]
+    assert bindings == ["JSONRPC", "NATS+JSONRPC"]
+    request = SendMessageRequest(
+        message=Message(
+            role=Role.ROLE_USER, message_id="m-1", parts=[new_data_part({"vote": "reject"})]
+        )
+    )
+    client = await create_client(running.http_url, client_config=ClientConfig(streaming=False))
+    events = [ev async for ev in client.send_message(request)]
+    await client.close()
+    task = events[-1].task
+    assert task.status.state == TaskState.TASK_STATE_COMPLETED
+    assert verdict_of(MessageToDict(task)).vote == "reject"
+
+
+async def _both(running: RunningAgent, bus: Bus, body: bytes, headers: dict[str, str]) -> Any:
+    assert running.http_url is not None
+    async with httpx.AsyncClient() as http:
+        over_http = (await http.post(running.http_url, content=body, headers=headers)).json()
+    over_nats = json.loads((await bus.nc.request(running.subject, body, 5, headers=headers)).data)
+    return over_http, over_nats
+
+
+V1 = {"A2A-Version": "1.0"}
+
+
+async def test_same_body_same_answer_over_http_and_nats(running: RunningAgent, bus: Bus) -> None:
+    body = jsonrpc("SendMessage", {"message": user_message(data={"vote": "approve"})})
+    over_http, over_nats = await _both(running, bus, body, V1)
+    for doc in (over_http, over_nats):
+        task = doc["result"]["task"]
+        assert task["status"]["state"] == "TASK_STATE_COMPLETED"
+    assert verdict_of(over_http["result"]["task"]) == verdict_of(over_nats["result"]["task"])
+
+
+@pytest.mark.parametrize(
+    "body, headers, code",
+    [
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "SendMess', V1, -32700),
+        (jsonrpc("NoSuchMethod", {}), V1, -32601),
+        (jsonrpc("SendMessage", {"message": {"role": 7}}), V1, -32602),
+        (jsonrpc("GetTask", {"id": "does-not-exist"}), V1, -32001),
+        (jsonrpc("SendMessage", {"message": user_message(data={})}), {}, -32009),
+        (b'{"id": 1, "method": "GetTask"}', V1, -32600),
+    ],
+    ids=["parse", "method", "params", "task-not-found", "version", "not-jsonrpc"],
+)
+async def test_errors_use_spec_codes_on_both_transports(
+    running: RunningAgent, bus: Bus, body: bytes, headers: dict[str, str], code: int
+) -> None:
+    over_http, over_nats = await _both(running, bus, body, headers)
+    assert over_http["error"]["code"] == code
+    assert over_nats["error"]["code"] == code
+
+
+async def test_input_that_does_not_decode_rejects_the_task(
+    running: RunningAgent, bus: Bus
+) -> None:
+    result = await A2AClient(bus).send_message(
+        "voter", user_message(text="not json at all"), timeout=5
+    )
+    assert result["task"]["status"]["state"] == "TASK_STATE_REJECTED"
+    with pytest.raises(ValueError, match="REJECTED"):
+        verdict_of(result["task"])
+
+
+async def test_wrong_input_type_names_the_field(running: RunningAgent, bus: Bus) -> None:
+    result = await A2AClient(bus).send_message(
+        "voter", user_message(data={"vote": "approve", "delay_s": "soon"}), timeout=5
+    )
+    task = result["task"]
+    assert task["status"]["state"] == "TASK_STATE_REJECTED"
+    assert "delay_s" in json.dumps(task["status"])
+
+
+async def test_nobody_listening_is_unavailable_not_a_hang(bus: Bus) -> None:
+    with pytest.raises(AgentUnavailableError):
+        await A2AClient(bus).send_message("nobody", user_message(data={}), timeout=5)
+
+
+async def test_error_reply_raises_with_code(running: RunningAgent, bus: Bus) -> None:
+    with pytest.raises(AgentCallError) as err:
+        await A2AClient(bus).call("voter", "GetTask", {"id": "missing"}, timeout=5)
+    assert err.value.code == -32001
+
+
+async def test_replicas_share_work_through_the_queue_group(
+    bus: Bus, settings: Settings, tmp_path: Path
+) -> None:
+    card = write_card(tmp_path, "twin", "twin-skill")
+    replicas = []
+    for label in ("a", "b"):
+        agent = Agent("twin", card=card)
+
+        def review(p: Proposal, label: str = label) -> Verdict:
+            return Verdict.approve(f"replica {label}")
+
+        agent.rules(review)
+        replicas.append(agent)
+    seen: dict[str, int] = {"replica a": 0, "replica b": 0}
+    async with (
+        replicas[0].serve(bus, http=False, settings=settings),
+        replicas[1].serve(bus, http=False, settings=settings),
+    ):
+        client = A2AClient(bus)
+        for _ in range(40):
+            result = await client.send_message("twin", user_message(data={}), timeout=5)
+            seen[verdict_of(result["task"]).reasons[0]] += 1
+    # Random queue-group delivery: one replica taking all 40 has probability 2^-39.
+    assert seen["replica a"] > 0 and seen["replica b"] > 0
