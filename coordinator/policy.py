@@ -25,6 +25,9 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timeout_counts_as: Literal["approve", "reject", "abstain", "absent"] = "reject"
     decision_type: str = ""
     decide_early: bool = False  # publish as soon as the outcome cannot change
+    # What to do when the votes make no quorum: publish a `no_quorum` decision (consumers
+    # see it and can escalate), or dead-letter the event so an operator replays it.
+    on_no_quorum: Literal["publish", "dead_letter"] = "publish"
 
     def check(self, event_type: str) -> None:
         if not self.skills:
@@ -44,12 +47,19 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Policies:
-    def __init__(self, by_type: dict[str, Policy], source: str) -> None:
+    def __init__(
+        self, by_type: dict[str, Policy], source: str, ignore: tuple[str, ...] = ()
+    ) -> None:
         self.by_type = by_type
         self.source = source
+        self.ignore = ignore
 
     def get(self, event_type: str) -> Policy | None:
         return self.by_type.get(event_type)
+
+    def ignored(self, event_type: str) -> bool:
+        """Types the coordinator does not decide (handled by event-driven agents)."""
+        return any(_matches(p, event_type) for p in self.ignore)
 
     def decision_type(self, event_type: str) -> str:
         policy = self.by_type[event_type]
@@ -68,7 +78,24 @@ def load(path: Path | None = None) -> Policies:
     return parse(raw, source=str(path))
 
 
+def _matches(pattern: str, event_type: str) -> bool:
+    """NATS-style wildcards over the dotted type: `*` one token, `>` the rest."""
+    p, t = pattern.split("."), event_type.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(t) > i
+        if i >= len(t) or (tok != "*" and tok != t[i]):
+            return False
+    return len(p) == len(t)
+
+
 def parse(raw: dict[str, object], *, source: str = "<policies>") -> Policies:
+    raw = dict(raw)
+    ignore = raw.pop("ignore", [])
+    if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
+        raise PolicyError(
+            f"{source}: 'ignore' must be a list of event types", hint='e.g. ignore = ["ticket.*"]'
+        )
     by_type: dict[str, Policy] = {}
     for event_type, body in raw.items():
         try:
@@ -80,4 +107,10 @@ def parse(raw: dict[str, object], *, source: str = "<policies>") -> Policies:
                 hint="see docs/policies.md for the fields and rules",
             ) from None
         by_type[event_type] = policy
-    return Policies(by_type, source)
+    overlap = [t for t in by_type if any(_matches(p, t) for p in ignore)]
+    if overlap:
+        raise PolicyError(
+            f"{source}: {overlap} both have a policy and are ignored",
+            hint="remove them from one of the two",
+        )
+    return Policies(by_type, source, tuple(ignore))

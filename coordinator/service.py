@@ -1,60 +1,47 @@
 """The supervisor: a durable consumer of domain events that turns each into one decision.
 
-Per event: parse → policy → live agents per skill → ask each (timeout, bounded retries, one
-overall deadline) → tally under the quorum rule → publish the decision → ack. Anything it
-cannot decide goes to the dead-letter stream with the reason and the original body, then is
-acked. Nothing is acked without one of those two outcomes.
+Per event: parse → policy → claim it in the ledger (KV, compare-and-set) → live agents per
+skill → ask each (timeout, bounded retries, one overall deadline; votes saved as they come) →
+tally under the quorum rule → record the decision in the ledger → publish it on the event's own
+subject with "expected last sequence 0" (so the server refuses a second one) → ack.
+
+Anything it cannot decide goes to the dead-letter stream with the reason and the original body,
+then is acked. Nothing is acked without one of those two outcomes. A coordinator that dies
+mid-event leaves a lease that expires; the redelivered event is taken over by whoever gets it,
+with the same deadline and the votes already cast.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import random
-import re
 import socket
 import time
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
+from nats.js.errors import BadRequestError
 
+from coordinator import dispatch
+from coordinator.ledger import Busy, Claim, Done, Ledger, LostClaim, event_token, state_key
 from coordinator.policy import Policies, Policy
 from coordinator.quorum import tally
 from mesh import envelope, subjects
-from mesh.a2a.client import A2AClient, task_of, user_message, verdict_of
+from mesh.a2a.client import A2AClient
 from mesh.bus import Bus
-from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
-from mesh.records import CallOutcome, DeadLetter, Decision, DlqReason, Vote, encoder
+from mesh.records import DeadLetter, Decision, DlqReason, Vote, encoder
 from mesh.registry import Registry, RegistryView
 from mesh.verdict import Choice
 
 log = logging.getLogger(__name__)
 
-_BACKOFF_BASE_S = 0.05
-_BACKOFF_CAP_S = 1.0
-_KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
-
-
-class DecisionState(msgspec.Struct, omit_defaults=True):
-    state: str  # collecting | decided | dead_lettered
-    coordinator: str
-    at: float
-    outcome: str = ""
-
-
-_state_dec = msgspec.json.Decoder(DecisionState)
-
-
-def state_key(tenant: str, event_id: str) -> str:
-    # KV keys allow a narrow alphabet; any other id is hashed (tenant keeps ids apart).
-    safe = event_id if _KEY_OK.match(event_id) else hashlib.sha256(event_id.encode()).hexdigest()
-    return f"{tenant}.{safe}"
+LEASE_S = 5.0  # how long a silent owner keeps an event before others may take it over
+ACK_WAIT_S = LEASE_S + 1.0  # redelivery comes only after the lease has lapsed
+MAX_DELIVER = 10  # bounded: crashes and busy-naks count; the last one is dead-lettered
+_WRONG_LAST_SEQUENCE = 10071
 
 
 class Coordinator:
@@ -66,14 +53,19 @@ class Coordinator:
         self.view = RegistryView(Registry(bus))
         self._slots = asyncio.Semaphore(bus.settings.max_inflight)
         self._inflight: set[asyncio.Task[None]] = set()
-        self._state: KeyValue | None = None
+        self._ledger: Ledger | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        assert self._ledger is not None, "run() sets up the ledger"
+        return self._ledger
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.ensure()
-        self._state = await self.bus.kv(subjects.DECISIONS_BUCKET)
+        kv = await self.bus.kv(subjects.DECISIONS_BUCKET)
+        self._ledger = Ledger(kv, self.name, LEASE_S)
         await self.view.start()
-        longest = max((p.deadline_s for p in self.policies.by_type.values()), default=10.0)
         psub = await self.bus.js.pull_subscribe(
             subjects.events_filter(),
             durable=subjects.COORDINATOR_DURABLE,
@@ -81,9 +73,8 @@ class Coordinator:
             config=ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
-                # An event is held for its whole deadline plus room to publish the outcome.
-                ack_wait=longest + 15.0,
-                max_deliver=5,
+                ack_wait=ACK_WAIT_S,
+                max_deliver=MAX_DELIVER,
                 max_ack_pending=self.bus.settings.max_inflight * 2,
             ),
         )
@@ -93,6 +84,7 @@ class Coordinator:
             subjects.events_filter(),
             ", ".join(sorted(self.policies.by_type)),
         )
+        longest = max((p.deadline_s for p in self.policies.by_type.values()), default=10.0)
         try:
             while not stop.is_set():
                 free = max(1, min(64, self._slots._value))  # fetch no more than we can start
@@ -123,6 +115,9 @@ class Coordinator:
     async def _guarded(self, msg: Msg) -> None:
         try:
             await self.handle(msg)
+        except LostClaim as e:
+            # Another coordinator owns the event now; it will ack. Leave this delivery be.
+            log.info("%s", e)
         except Exception:
             # Not acked: JetStream redelivers after a pause; max_deliver bounds the attempts.
             log.exception("event on %s failed; will be redelivered", msg.subject)
@@ -147,6 +142,9 @@ class Coordinator:
                 event=event,
             )
             return
+        if self.policies.ignored(event.type):
+            await msg.ack()  # decided by nobody: event-driven agents react to it
+            return
         policy = self.policies.get(event.type)
         if policy is None:
             known = ", ".join(sorted(self.policies.by_type)) or "none"
@@ -157,16 +155,19 @@ class Coordinator:
                 event=event,
             )
             return
-        assert self._state is not None
+
         key = state_key(tenant, event.id)
-        prior = await self._get_state(key)
-        if prior is not None and prior.state in ("decided", "dead_lettered"):
-            log.info(
-                "event %s already %s by %s; not deciding again",
-                event.id,
-                prior.state,
-                prior.coordinator,
-            )
+        got = await self.ledger.claim(
+            key, stream_seq=msg.metadata.sequence.stream, deadline_s=policy.deadline_s
+        )
+        if isinstance(got, Busy):
+            # Someone alive holds it; look again when its lease would have lapsed.
+            await msg.nak(delay=got.retry_in_s + 0.5)
+            return
+        if isinstance(got, Done):
+            if got.state.decision is not None:
+                await self._publish(got.state.decision)  # idempotent: finishes a crashed publish
+            log.info("event %s already %s; not deciding again", event.id, got.state.state)
             await msg.ack()
             return
 
@@ -175,52 +176,66 @@ class Coordinator:
             live = self.view.agents_with_skill(skill)
             if live:
                 agents[skill] = live[0]
-        missing = [s for s in policy.skills if s not in agents]
+        missing = [s for s in policy.skills if s not in agents and s not in got.state.votes]
         if missing:
             await self.dead_letter(
                 msg, "no_agent", f"no live agent has skill(s) {', '.join(missing)}", event=event
             )
             return
 
-        await self._state.put(
-            key, encoder.encode(DecisionState("collecting", self.name, time.time()))
-        )
-        votes = await self._collect(event, policy, agents)
-        decision = self._decide(event, policy, votes, started)
-        await self.bus.publish(
-            subjects.decision(tenant, decision.decision_type),
-            encoder.encode(decision),
-            msg_id=f"decision:{key}",  # a second publish for the same event is deduplicated
-        )
-        await self._state.put(
-            key, encoder.encode(DecisionState("decided", self.name, time.time(), decision.outcome))
-        )
+        renew = asyncio.create_task(self._keep_lease(got, msg))
+        try:
+            votes = await self._collect(got, event, policy, agents)
+        finally:
+            renew.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LostClaim):
+                await renew
+        decision = self._decide(event, policy, votes, started, got)
+        if decision.outcome == "no_quorum" and policy.on_no_quorum == "dead_letter":
+            await self.dead_letter(msg, "no_quorum", decision.reason, event=event)
+            return
+        final = msgspec.structs.replace(got.state, state="decided", decision=decision)
+        await self.ledger.save(got, final)  # LostClaim here: someone else decides, not us
+        await self._publish(decision)
         await msg.ack()
         log.info("event %s %s: %s (%s)", event.id, event.type, decision.outcome, decision.reason)
 
-    async def _get_state(self, key: str) -> DecisionState | None:
-        assert self._state is not None
-        try:
-            entry = await self._state.get(key)
-        except KeyNotFoundError:
-            return None
-        return _state_dec.decode(entry.value) if entry.value else None
+    async def _keep_lease(self, claim: Claim, msg: Msg) -> None:
+        """While collecting: renew the ledger lease and tell JetStream we are still at it."""
+        while True:
+            await asyncio.sleep(LEASE_S / 3)
+            await self.ledger.save(claim, claim.state)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
 
     async def _collect(
-        self, event: envelope.Event, policy: Policy, agents: dict[str, str]
+        self, claim: Claim, event: envelope.Event, policy: Policy, agents: dict[str, str]
     ) -> dict[str, Vote]:
-        deadline = time.monotonic() + policy.deadline_s
+        # The deadline is wall-clock in the ledger (it survives take-overs); here, monotonic.
+        deadline = time.monotonic() + max(0.0, claim.state.deadline_at - time.time())
+        votes = dict(claim.state.votes)  # cast before a take-over: not asked again
         tasks = {
-            asyncio.create_task(self._ask(skill, agent, event, policy, deadline)): skill
+            asyncio.create_task(
+                dispatch.ask(
+                    self.client,
+                    skill=skill,
+                    agent=agent,
+                    event=event,
+                    policy=policy,
+                    deadline=deadline,
+                )
+            ): skill
             for skill, agent in agents.items()
+            if skill not in votes
         }
-        votes: dict[str, Vote] = {}
         pending = set(tasks)
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
                     votes[tasks[t]] = t.result()
+                state = msgspec.structs.replace(claim.state, votes=dict(votes))
+                await self.ledger.save(claim, state)  # a vote survives our crash
                 if policy.decide_early and pending:
                     early = tally(policy.rule, policy.skills, _counted(votes), final=False)
                     if early.outcome in ("approved", "rejected"):
@@ -237,81 +252,13 @@ class Coordinator:
                 )
         return votes
 
-    async def _ask(
-        self, skill: str, agent: str, event: envelope.Event, policy: Policy, deadline: float
-    ) -> Vote:
-        """One voter's answer; never raises (failures become a Vote with the outcome)."""
-        started = time.monotonic()
-        message = user_message(
-            data=event.data,
-            # The same id on every retry, so an agent can recognise a repeat.
-            message_id=f"{event.tenant}/{event.id}/{skill}",
-            metadata={"eventId": event.id, "eventType": event.type, "tenant": event.tenant},
-        )
-        attempts = 0
-        last: AgentCallError | None = None
-        while True:
-            attempts += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0.001:
-                break
-            try:
-                result = await self.client.send_message(
-                    agent, message, timeout=min(policy.agent_timeout_s, remaining)
-                )
-                task = task_of(result)
-                verdict = verdict_of(task)
-            except AgentCallError as e:
-                last = e
-            except (ValueError, msgspec.ValidationError) as e:
-                # The agent answered, but not with a usable vote: retrying will not change it.
-                return Vote(
-                    skill=skill,
-                    agent=agent,
-                    outcome="error",
-                    counted_as=_unanswered(policy),
-                    error=str(e),
-                    latency_ms=_ms(started),
-                    attempts=attempts,
-                )
-            else:
-                meta = (task.get("artifacts") or [{}])[0].get("metadata", {})
-                return Vote(
-                    skill=skill,
-                    agent=agent,
-                    outcome="voted",
-                    counted_as=verdict.vote,
-                    verdict=verdict,
-                    latency_ms=_ms(started),
-                    attempts=attempts,
-                    brain=str(meta.get("brain", "")),
-                )
-            if not last.retryable or attempts > policy.retries:
-                break
-            # Exponential backoff with full jitter, never past the deadline.
-            delay = random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempts))
-            if time.monotonic() + delay >= deadline:
-                break
-            await asyncio.sleep(delay)
-        outcome: CallOutcome = (
-            "timeout"
-            if isinstance(last, AgentTimeoutError) or last is None
-            else "unavailable"
-            if isinstance(last, AgentUnavailableError)
-            else "error"
-        )
-        return Vote(
-            skill=skill,
-            agent=agent,
-            outcome=outcome,
-            counted_as=_unanswered(policy),
-            error=str(last) if last else "deadline passed",
-            latency_ms=_ms(started),
-            attempts=attempts,
-        )
-
     def _decide(
-        self, event: envelope.Event, policy: Policy, votes: dict[str, Vote], started: float
+        self,
+        event: envelope.Event,
+        policy: Policy,
+        votes: dict[str, Vote],
+        started: float,
+        claim: Claim,
     ) -> Decision:
         result = tally(policy.rule, policy.skills, _counted(votes), final=True)
         assert result.outcome != "pending"
@@ -325,9 +272,26 @@ class Coordinator:
             rule=policy.rule.kind,
             votes=[votes[s] for s in policy.skills],
             decided_at=time.time(),
-            latency_ms=_ms(started),
+            latency_ms=round((time.monotonic() - started) * 1000, 2),
             coordinator=self.name,
+            takeovers=claim.state.takeovers,
         )
+
+    async def _publish(self, decision: Decision) -> None:
+        token = event_token(decision.event_id)
+        try:
+            await self.bus.publish(
+                subjects.decision(decision.tenant, decision.decision_type, token),
+                encoder.encode(decision),
+                msg_id=f"decision:{decision.tenant}.{token}",
+                # The server refuses a second message on this event's subject: "decided once"
+                # holds even past the dedup window and across every coordinator.
+                headers={subjects.H_EXPECTED_LAST_SUBJECT_SEQ: "0"},
+            )
+        except BadRequestError as e:
+            if e.err_code != _WRONG_LAST_SEQUENCE:
+                raise
+            log.info("decision for %s was already published", decision.event_id)
 
     # -- dead letters ---------------------------------------------------------------------------
     async def dead_letter(
@@ -342,7 +306,7 @@ class Coordinator:
             subject=msg.subject,
             tenant=tenant,
             body_b64=DeadLetter.encode_body(msg.data),
-            headers={k: v for k, v in (msg.headers or {}).items()},
+            headers=dict(msg.headers or {}),
             event_id=event.id if event else (msg.headers or {}).get(subjects.H_MSG_ID),
             event_type=event.type if event else event_type or None,
             attempts=meta.num_delivered,
@@ -355,10 +319,9 @@ class Coordinator:
             encoder.encode(record),
             msg_id=f"dlq:{subjects.EVENTS_STREAM}:{meta.sequence.stream}",
         )
-        if event is not None and self._state is not None:
-            await self._state.put(
-                state_key(tenant, event.id),
-                encoder.encode(DecisionState("dead_lettered", self.name, time.time(), reason)),
+        if event is not None:
+            await self.ledger.mark_dead_lettered(
+                state_key(tenant, event.id), stream_seq=meta.sequence.stream, reason=reason
             )
         await msg.ack()
         log.warning(
@@ -372,15 +335,6 @@ class Coordinator:
 
 def _counted(votes: dict[str, Vote]) -> dict[str, Choice]:
     return {s: v.counted_as for s, v in votes.items() if v.counted_as is not None}
-
-
-def _unanswered(policy: Policy) -> Choice | None:
-    c = policy.timeout_counts_as
-    return None if c == "absent" else c
-
-
-def _ms(since: float) -> float:
-    return round((time.monotonic() - since) * 1000, 2)
 
 
 def _trace_id(traceparent: str | None) -> str | None:

@@ -37,10 +37,18 @@ class Decision(msgspec.Struct, omit_defaults=True):
     decided_at: float
     latency_ms: float
     coordinator: str = ""
+    takeovers: int = 0  # how many times another coordinator resumed this decision
 
 
 DlqReason = Literal[
-    "malformed", "unknown_type", "no_agent", "policy_error", "max_deliveries", "handler_error"
+    "malformed",
+    "unknown_type",
+    "no_agent",
+    "no_quorum",
+    "policy_error",
+    "max_deliveries",
+    "handler_error",
+    "terminated",  # a consumer called term() on it (JetStream MSG_TERMINATED advisory)
 ]
 
 

@@ -22,6 +22,7 @@ COORDINATOR_DURABLE = "coordinator"
 
 # Headers
 H_MSG_ID = "Nats-Msg-Id"
+H_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 H_A2A_VERSION = "A2A-Version"
 H_TRACEPARENT = "traceparent"
 H_TENANT = "Mesh-Tenant"
@@ -51,8 +52,10 @@ def events_filter() -> str:
     return f"{EVENTS_ROOT}.>"
 
 
-def decision(tenant: str, event_type: str) -> str:
-    return f"{DECISIONS_ROOT}.{tenant}.{event_type}"
+def decision(tenant: str, decision_type: str, event_token: str) -> str:
+    """`mesh.decision.<tenant>.<decision type>.<event>`: one subject per event, so the server
+    itself can refuse a second decision (Nats-Expected-Last-Subject-Sequence: 0)."""
+    return f"{DECISIONS_ROOT}.{tenant}.{decision_type}.{event_token}"
 
 
 def dlq(tenant: str, reason: str) -> str:

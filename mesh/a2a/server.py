@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from a2a.server.agent_execution import AgentExecutor
+from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.routes import create_agent_card_routes
 from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
 from a2a.server.tasks import InMemoryTaskStore, TaskStore
-from a2a.types import AgentCard
+from a2a.types import AgentCard, Message, SendMessageRequest, Task
 from nats.aio.msg import Msg
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,6 +32,52 @@ log = logging.getLogger(__name__)
 MAX_BODY = 4 * 1024 * 1024  # larger requests get -32600 instead of being parsed
 
 
+class _IdempotentHandler(DefaultRequestHandler):  # type: ignore[misc]
+    """SendMessage with a messageId already seen returns the task it made, without running the
+    agent again — so a caller's retry (or a coordinator that took over an event) is safe.
+
+    Remembered per replica, bounded (LRU); a repeat that lands on another replica runs again
+    there, which is harmless for deterministic reviewers (shared task storage: issue #4).
+    """
+
+    MAX_REMEMBERED = 10_000
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seen: OrderedDict[str, asyncio.Future[Task | Message]] = OrderedDict()
+
+    async def on_message_send(
+        self, params: SendMessageRequest, context: ServerCallContext
+    ) -> Task | Message:
+        mid = params.message.message_id
+        if not mid or params.message.task_id:  # follow-ups to a task are never repeats
+            return await super().on_message_send(params, context)  # type: ignore[no-any-return]
+        seen = self._seen.get(mid)
+        if seen is not None:
+            self._seen.move_to_end(mid)
+            first = await asyncio.shield(seen)
+            if isinstance(first, Task):
+                stored = await self.task_store.get(first.id, context)
+                # A versioned (cluster) store wraps the task with its version.
+                latest = getattr(stored, "task", stored)
+                return latest if isinstance(latest, Task) else first
+            return first
+        future: asyncio.Future[Task | Message] = asyncio.get_running_loop().create_future()
+        self._seen[mid] = future
+        while len(self._seen) > self.MAX_REMEMBERED:
+            self._seen.popitem(last=False)
+        try:
+            result: Task | Message = await super().on_message_send(params, context)
+        except BaseException as e:
+            # A failed first attempt is not remembered: the repeat may succeed.
+            self._seen.pop(mid, None)
+            future.set_exception(e)
+            future.exception()  # mark retrieved; waiters re-raise it themselves
+            raise
+        future.set_result(result)
+        return result
+
+
 class A2AServer:
     def __init__(
         self,
@@ -40,7 +88,7 @@ class A2AServer:
         max_concurrency: int = 64,
     ) -> None:
         self.card = card
-        self.handler = DefaultRequestHandler(executor, task_store or InMemoryTaskStore(), card)
+        self.handler = _IdempotentHandler(executor, task_store or InMemoryTaskStore(), card)
         self.dispatcher = JsonRpcDispatcher(self.handler)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._inflight: set[asyncio.Task[None]] = set()

@@ -91,9 +91,7 @@ async def test_errors_use_spec_codes_on_both_transports(
     assert over_nats["error"]["code"] == code
 
 
-async def test_input_that_does_not_decode_rejects_the_task(
-    running: RunningAgent, bus: Bus
-) -> None:
+async def test_input_that_does_not_decode_rejects_the_task(running: RunningAgent, bus: Bus) -> None:
     result = await A2AClient(bus).send_message(
         "voter", user_message(text="not json at all"), timeout=5
     )
@@ -146,3 +144,31 @@ async def test_replicas_share_work_through_the_queue_group(
             seen[verdict_of(result["task"]).reasons[0]] += 1
     # Random queue-group delivery: one replica taking all 40 has probability 2^-39.
     assert seen["replica a"] > 0 and seen["replica b"] > 0
+
+
+async def test_repeated_message_id_returns_the_same_task(
+    bus: Bus, settings: Settings, tmp_path: Path
+) -> None:
+    calls = 0
+    agent = Agent("counter", card=write_card(tmp_path, "counter", "count"))
+
+    def review(p: Proposal) -> Verdict:
+        nonlocal calls
+        calls += 1
+        return Verdict.approve(f"call {calls}")
+
+    agent.rules(review)
+    async with agent.serve(bus, settings=settings) as running:
+        client = A2AClient(bus)
+        msg = user_message(data={}, message_id="same-id")
+        first = await client.send_message("counter", msg, timeout=5)
+        again = await client.send_message("counter", msg, timeout=5)
+        assert running.http_url is not None
+        async with httpx.AsyncClient() as http:
+            body = jsonrpc("SendMessage", {"message": msg})
+            over_http = (await http.post(running.http_url, content=body, headers=V1)).json()
+        other = await client.send_message("counter", user_message(data={}), timeout=5)
+    assert first["task"]["id"] == again["task"]["id"] == over_http["result"]["task"]["id"]
+    assert verdict_of(again["task"]).reasons == ["call 1"]
+    assert verdict_of(other["task"]).reasons == ["call 2"]
+    assert calls == 2

@@ -1,0 +1,115 @@
+"""Asking one voter: an A2A call over NATS with a per-call timeout, bounded retries with
+exponential backoff and full jitter, all inside the decision's deadline. Never raises: every
+failure becomes a `Vote` whose outcome says what happened."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import msgspec
+
+from coordinator.policy import Policy
+from mesh import envelope
+from mesh.a2a.client import A2AClient, task_of, user_message, verdict_of
+from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
+from mesh.records import CallOutcome, Vote
+from mesh.verdict import Choice
+
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 1.0
+
+
+def backoff_s(attempt: int) -> float:
+    """Full jitter (AWS architecture blog): uniform in [0, min(cap, base·2^attempt)]."""
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+
+
+def unanswered(policy: Policy) -> Choice | None:
+    c = policy.timeout_counts_as
+    return None if c == "absent" else c
+
+
+async def ask(
+    client: A2AClient,
+    *,
+    skill: str,
+    agent: str,
+    event: envelope.Event,
+    policy: Policy,
+    deadline: float,
+) -> Vote:
+    """One voter's answer by `deadline` (a time.monotonic() value)."""
+    started = time.monotonic()
+    message = user_message(
+        data=event.data,
+        # The same id on every retry and after a coordinator take-over: the agent answers a
+        # repeat with the task it already has instead of working again.
+        message_id=f"{event.tenant}/{event.id}/{skill}",
+        metadata={"eventId": event.id, "eventType": event.type, "tenant": event.tenant},
+    )
+    attempts = 0
+    last: AgentCallError | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0.001:
+            break
+        attempts += 1
+        try:
+            result = await client.send_message(
+                agent, message, timeout=min(policy.agent_timeout_s, remaining)
+            )
+            task = task_of(result)
+            verdict = verdict_of(task)
+        except AgentCallError as e:
+            last = e
+        except (ValueError, msgspec.ValidationError) as e:
+            # The agent answered, but not with a usable vote: retrying will not change it.
+            return Vote(
+                skill=skill,
+                agent=agent,
+                outcome="error",
+                counted_as=unanswered(policy),
+                error=str(e),
+                latency_ms=_ms(started),
+                attempts=attempts,
+            )
+        else:
+            meta = (task.get("artifacts") or [{}])[0].get("metadata", {})
+            return Vote(
+                skill=skill,
+                agent=agent,
+                outcome="voted",
+                counted_as=verdict.vote,
+                verdict=verdict,
+                latency_ms=_ms(started),
+                attempts=attempts,
+                brain=str(meta.get("brain", "")),
+            )
+        if not last.retryable or attempts > policy.retries:
+            break
+        delay = backoff_s(attempts)
+        if time.monotonic() + delay >= deadline:
+            break
+        await asyncio.sleep(delay)
+    outcome: CallOutcome = (
+        "timeout"
+        if isinstance(last, AgentTimeoutError) or last is None
+        else "unavailable"
+        if isinstance(last, AgentUnavailableError)
+        else "error"
+    )
+    return Vote(
+        skill=skill,
+        agent=agent,
+        outcome=outcome,
+        counted_as=unanswered(policy),
+        error=str(last) if last else "deadline passed before it could be asked",
+        latency_ms=_ms(started),
+        attempts=attempts,
+    )
+
+
+def _ms(since: float) -> float:
+    return round((time.monotonic() - since) * 1000, 2)

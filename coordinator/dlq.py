@@ -1,0 +1,374 @@
+"""Dead letters that JetStream reports: consumers that gave up on an event, or terminated it.
+
+The coordinator dead-letters what it can judge itself (malformed, unknown type, no agent) and
+acks it. What it cannot see is an event some consumer stopped trying: the redeliveries ran out
+(`max_deliver`) or a consumer called `term()`. JetStream announces both as advisories on core
+NATS; `AdvisoryDeadLetters` turns each into a `DeadLetter` record with the original body, so
+nothing leaves the mesh without a trace.
+
+Advisories are core NATS (at most once): one missed while no coordinator is connected is not
+sent again. Every coordinator subscribes in one queue group, so each advisory is handled once,
+and the record's msg id (`dlq:<stream>:<seq>:<consumer>`) deduplicates it in MESH_DLQ anyway.
+
+The module also holds what the `mesh dlq` commands do: `latest`, `get`, `replay` and `purge`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+import typing
+import uuid
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+
+from mesh import envelope, subjects
+from mesh.bus import Bus, tail
+from mesh.errors import ConfigError, NotConnectedError
+from mesh.records import DeadLetter, DlqReason, dead_letter_decoder, encoder
+
+log = logging.getLogger(__name__)
+
+QUEUE_GROUP = "mesh-dlq"
+_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER"
+# The Bus uses the default JetStream context (no domain, no custom prefix).
+_JS_API = "$JS.API"
+_PUBLISH_ATTEMPTS = 3
+# Headers that are publish-time instructions to JetStream, not part of the event: a replay
+# must not carry them (an old Nats-Expected-Last-Sequence would make the replay fail).
+_NOT_REPLAYED = ("nats-msg-id", "nats-expected-")
+REASONS: tuple[str, ...] = typing.get_args(DlqReason)
+
+
+def advisory_subjects(stream: str = subjects.EVENTS_STREAM) -> list[str]:
+    """The advisories that mean "a consumer of `stream` stopped trying this message"."""
+    return [
+        f"{_ADVISORY}.MAX_DELIVERIES.{stream}.*",
+        f"{_ADVISORY}.MSG_TERMINATED.{stream}.*",
+    ]
+
+
+class Advisory(msgspec.Struct, forbid_unknown_fields=False):
+    """The fields we use of `io.nats.jetstream.advisory.v1.max_deliver` / `.terminated`.
+
+    Observed from nats-server 2.15: type, id, timestamp, stream, consumer, stream_seq,
+    deliveries; `terminated` adds consumer_seq and, when the consumer gave one, reason.
+    """
+
+    type: str
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int = 0
+    reason: str = ""
+
+
+_advisory_dec = msgspec.json.Decoder(Advisory)
+
+
+@dataclass
+class Stats:
+    received: int = 0  # advisories this instance took (the queue group shares them out)
+    recorded: int = 0  # DLQ records stored by this instance
+    duplicates: int = 0  # records MESH_DLQ already had (same msg id)
+    failed: int = 0  # advisories that could not become a record (logged)
+
+
+class AdvisoryDeadLetters:
+    """Subscribes to the events stream's give-up advisories and writes a DLQ record for each.
+
+    The caller owns the bus and runs `bus.ensure()` first (the coordinator does), so MESH_DLQ
+    exists when the first advisory arrives.
+    """
+
+    def __init__(
+        self, bus: Bus, *, stream: str = subjects.EVENTS_STREAM, queue: str = QUEUE_GROUP
+    ) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.queue = queue
+        self.stats = Stats()
+        self._subs: list[Subscription] = []
+        self._busy = 0
+
+    async def start(self) -> None:
+        if self._subs:
+            return
+        for subject in advisory_subjects(self.stream):
+            sub = await self.bus.nc.subscribe(subject, queue=self.queue, cb=self._on_advisory)
+            self._subs.append(sub)
+        # The round trip makes the interest known to the server before start() returns, so an
+        # advisory caused right after start() is not missed.
+        await self.bus.nc.flush()
+        log.info("dead-lettering advisories of %s (queue group %s)", self.stream, self.queue)
+
+    async def stop(self) -> None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            # Drain, not unsubscribe: an advisory already taken is finished, not dropped.
+            with contextlib.suppress(Exception):
+                # nats-py leaves drain() unannotated
+                await asyncio.wait_for(sub.drain(), timeout=10.0)  # type: ignore[no-untyped-call]
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or being handled (after a flush of the connection: nothing in flight)."""
+        return self._busy == 0 and all(s.pending_msgs == 0 for s in self._subs)
+
+    async def _on_advisory(self, msg: Msg) -> None:
+        # Never raise: nats-py would only report it, and the next advisory must still be handled.
+        self._busy += 1
+        self.stats.received += 1
+        try:
+            await self.handle(msg.subject, msg.data)
+        except Exception:
+            self.stats.failed += 1
+            log.exception("advisory on %s could not be dead-lettered", msg.subject)
+        finally:
+            self._busy -= 1
+
+    async def handle(self, advisory_subject: str, payload: bytes) -> None:
+        """One advisory → one DLQ record (deduplicated by stream, sequence and consumer)."""
+        adv = _advisory_dec.decode(payload)
+        terminated = ".MSG_TERMINATED." in advisory_subject
+        reason: DlqReason = "terminated" if terminated else "max_deliveries"
+        record = await build_record(self.bus, adv, reason)
+        msg_id = f"dlq:{adv.stream}:{adv.stream_seq}:{adv.consumer}"
+        body = encoder.encode(record)
+        for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
+            # The advisory will not come again, so a failed store is retried before giving up.
+            try:
+                ack = await self.bus.publish(
+                    subjects.dlq(record.tenant, reason), body, msg_id=msg_id
+                )
+                break
+            except (NatsTimeoutError, NoStreamResponseError, TimeoutError) as e:
+                if attempt == _PUBLISH_ATTEMPTS:
+                    raise
+                log.warning("storing dead letter %s failed (%s); retrying", msg_id, e)
+                await asyncio.sleep(0.2 * attempt)
+        if ack.duplicate:
+            self.stats.duplicates += 1
+            return
+        self.stats.recorded += 1
+        log.warning(
+            "event seq=%s on %s dead-lettered (%s): %s",
+            adv.stream_seq,
+            record.subject or adv.stream,
+            reason,
+            record.error,
+        )
+
+
+async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter:
+    """The DLQ record for an advisory, with the original message fetched from its stream."""
+    if reason == "terminated":
+        why = adv.reason or "no reason given"
+        error = f"consumer {adv.consumer!r} terminated it after {adv.deliveries} deliveries: {why}"
+    else:
+        error = (
+            f"consumer {adv.consumer!r} gave up after {adv.deliveries} deliveries "
+            "(max_deliver reached)"
+        )
+    try:
+        raw = await bus.js.get_msg(adv.stream, adv.stream_seq)
+    except NotFoundError:
+        # Still recorded: that a consumer gave up is worth knowing even without the body.
+        return DeadLetter(
+            reason=reason,
+            error=f"{error}; the original (seq {adv.stream_seq}) is no longer in "
+            f"{adv.stream} (deleted or aged out), so the body is empty",
+            subject="",
+            tenant="unknown",
+            body_b64="",
+            attempts=adv.deliveries,
+            stream_seq=adv.stream_seq,
+            at=time.time(),
+        )
+    subject: str = raw.subject or ""
+    data: bytes = raw.data or b""
+    headers = {str(k): str(v) for k, v in (raw.headers or {}).items()}
+    tenant, event_type = subjects.parse_event_subject(subject)
+    event: envelope.Event | None = None
+    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+        event = envelope.decode(data)
+    traceparent = headers.get(subjects.H_TRACEPARENT) or (event.traceparent if event else None)
+    return DeadLetter(
+        reason=reason,
+        error=error,
+        subject=subject,
+        tenant=tenant if subjects.valid_token(tenant) else "unknown",
+        body_b64=DeadLetter.encode_body(data),
+        headers=headers,
+        event_id=event.id if event else None,
+        event_type=event.type if event else (event_type or None),
+        attempts=adv.deliveries,
+        stream_seq=adv.stream_seq,
+        trace_id=_trace_id(traceparent),
+        at=time.time(),
+    )
+
+
+def _trace_id(traceparent: str | None) -> str | None:
+    parts = (traceparent or "").split("-")
+    return parts[1] if len(parts) == 4 else None
+
+
+def check_reason(reason: str) -> None:
+    if reason not in REASONS:
+        raise ConfigError(
+            f"{reason!r} is not a dead-letter reason",
+            hint=f"use one of: {', '.join(REASONS)}",
+        )
+
+
+# -- what `mesh dlq` does ---------------------------------------------------------------------
+async def latest(
+    bus: Bus, *, limit: int, reason: str | None = None
+) -> list[tuple[int, DeadLetter]]:
+    """The last `limit` dead letters (optionally of one reason) as (DLQ seq, record)."""
+    if reason is None:
+        rows = [(seq, body) for seq, _, body in await tail(bus, subjects.DLQ_STREAM, limit)]
+    else:
+        check_reason(reason)
+        rows = await _scan(bus, subjects.dlq("*", reason), limit)
+    return [(seq, dead_letter_decoder.decode(body)) for seq, body in rows]
+
+
+async def _scan(bus: Bus, subject: str, limit: int) -> list[tuple[int, bytes]]:
+    # A short-lived consumer filtered on the subject: the server does the filtering, where a
+    # backwards walk by sequence would need one request per message of every other reason.
+    name = f"mesh-dlq-scan-{uuid.uuid4().hex[:12]}"
+    try:
+        info = await bus.js.add_consumer(
+            subjects.DLQ_STREAM,
+            ConsumerConfig(
+                name=name,
+                filter_subject=subject,
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.ALL,
+                mem_storage=True,
+                num_replicas=1,
+                inactive_threshold=30.0,  # cleans up after a CLI that died mid-scan
+            ),
+        )
+    except NotFoundError:
+        return []  # no DLQ stream yet
+    rows: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=limit)
+    psub = None
+    try:
+        psub = await bus.js.pull_subscribe_bind(name, stream=subjects.DLQ_STREAM)
+        remaining = int(info.num_pending or 0)
+        while remaining > 0:
+            try:
+                msgs = await psub.fetch(min(remaining, 256), timeout=2.0)
+            except (TimeoutError, NatsTimeoutError):
+                break
+            for m in msgs:
+                rows.append((m.metadata.sequence.stream, m.data))
+                remaining = m.metadata.num_pending
+    finally:
+        if psub is not None:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await bus.js.delete_consumer(subjects.DLQ_STREAM, name)
+    return list(rows)
+
+
+async def get(bus: Bus, seq: int) -> DeadLetter:
+    """The dead letter with DLQ sequence `seq` (the id `mesh dlq ls` shows)."""
+    hint = "the ids are the numbers `mesh dlq ls` shows"
+    if seq < 1:
+        raise ConfigError(f"{seq} is not a dead-letter id", hint=hint)
+    try:
+        raw = await bus.js.get_msg(subjects.DLQ_STREAM, seq)
+    except NotFoundError:
+        raise ConfigError(f"no dead letter with id {seq}", hint=hint) from None
+    try:
+        return dead_letter_decoder.decode(raw.data or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ConfigError(
+            f"message {seq} in {subjects.DLQ_STREAM} is not a dead letter: {e}",
+            hint="something other than the mesh published to mesh.dlq.>",
+        ) from None
+
+
+async def replay(bus: Bus, seq: int) -> str:
+    """Republish dead letter `seq`'s original to its subject; returns the new Nats-Msg-Id.
+
+    The msg id is new on purpose: the original's would be swallowed by the stream's duplicate
+    window. Body and every other header are the original's.
+    """
+    record = await get(bus, seq)
+    tenant, _ = subjects.parse_event_subject(record.subject)
+    if not tenant:
+        raise ConfigError(
+            f"dead letter {seq} cannot be replayed: "
+            + (
+                f"its subject {record.subject!r} is not an events subject"
+                if record.subject
+                else "its original message was gone when it was dead-lettered"
+            ),
+            hint=f"only events ({subjects.events_filter()}) are replayed; "
+            f"see `mesh dlq show {seq}`",
+        )
+    headers = {k: v for k, v in record.headers.items() if not k.lower().startswith(_NOT_REPLAYED)}
+    msg_id = f"replay:{seq}:{uuid.uuid4().hex}"
+    try:
+        await bus.publish(record.subject, record.body, msg_id=msg_id, headers=headers)
+    except NoStreamResponseError:
+        raise NotConnectedError(
+            f"no stream takes {record.subject}",
+            hint="start the mesh (`mesh up`) so the events stream exists",
+        ) from None
+    return msg_id
+
+
+async def purge(bus: Bus, *, reason: str | None) -> int:
+    """Remove dead letters (all, or one reason's) from MESH_DLQ; returns how many went."""
+    req: dict[str, Any] = {}
+    if reason is not None:
+        check_reason(reason)
+        req["filter"] = subjects.dlq("*", reason)
+    # The raw API: nats-py's purge_stream returns only a bool, and the count is the answer.
+    try:
+        resp = await bus.nc.request(
+            f"{_JS_API}.STREAM.PURGE.{subjects.DLQ_STREAM}", json.dumps(req).encode(), timeout=5
+        )
+    except NoRespondersError:
+        raise NotConnectedError(
+            "JetStream did not answer", hint="is JetStream enabled on this server (-js)?"
+        ) from None
+    doc = json.loads(resp.data)
+    if "error" in doc:
+        try:
+            APIError.from_error(doc["error"])  # raises the matching nats error
+        except NotFoundError:
+            return 0  # no DLQ stream yet: nothing to purge
+    return int(doc.get("purged", 0))
