@@ -9,8 +9,10 @@ import random
 import time
 
 import msgspec
+from purgatory.domain.model import OpenedState
 
 from coordinator.policy import Policy
+from coordinator.routing import Router
 from mesh import envelope
 from mesh.a2a.client import A2AClient, task_of, user_message, verdict_of
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
@@ -33,6 +35,7 @@ def unanswered(policy: Policy) -> Choice | None:
 
 async def ask(
     client: A2AClient,
+    router: Router,
     *,
     skill: str,
     agent: str,
@@ -51,19 +54,29 @@ async def ask(
     )
     attempts = 0
     last: AgentCallError | None = None
+    failed: set[str] = set()  # replicas that failed this call: the next attempt goes elsewhere
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0.001:
             break
         attempts += 1
+        route = router.route(agent, avoid=frozenset(failed))
         try:
-            result = await client.send_message(
-                agent, message, timeout=min(policy.agent_timeout_s, remaining)
-            )
+            async with await router.breaker(route):
+                result = await client.send_message(
+                    agent,
+                    message,
+                    timeout=min(policy.agent_timeout_s, remaining),
+                    subject=route.subject,
+                )
             task = task_of(result)
             verdict = verdict_of(task)
+        except OpenedState:
+            last = AgentUnavailableError(agent)
+            failed.add(route.breaker_key)
         except AgentCallError as e:
             last = e
+            failed.add(route.breaker_key)
         except (ValueError, msgspec.ValidationError) as e:
             # The agent answered, but not with a usable vote: retrying will not change it.
             return Vote(

@@ -29,6 +29,7 @@ from coordinator import dispatch
 from coordinator.ledger import Busy, Claim, Done, Ledger, LostClaim, event_token, state_key
 from coordinator.policy import Policies, Policy
 from coordinator.quorum import tally
+from coordinator.routing import Router
 from mesh import envelope, subjects
 from mesh.a2a.client import A2AClient
 from mesh.bus import Bus
@@ -51,6 +52,7 @@ class Coordinator:
         self.name = name or f"coordinator-{socket.gethostname()}-{os.getpid()}"
         self.client = A2AClient(bus)
         self.view = RegistryView(Registry(bus))
+        self.router = Router(self.view)
         self._slots = asyncio.Semaphore(bus.settings.max_inflight)
         self._inflight: set[asyncio.Task[None]] = set()
         self._ledger: Ledger | None = None
@@ -78,6 +80,7 @@ class Coordinator:
                 max_ack_pending=self.bus.settings.max_inflight * 2,
             ),
         )
+        status_sub = await self.bus.nc.subscribe(subjects.COORDINATOR_STATUS, cb=self._status)
         log.info(
             "%s consuming %s (policies: %s)",
             self.name,
@@ -106,7 +109,18 @@ class Coordinator:
                 await asyncio.wait(self._inflight, timeout=longest + 5)
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
+                await status_sub.unsubscribe()
             await self.view.stop()
+
+    async def _status(self, msg: Msg) -> None:
+        """Every coordinator answers `mesh status` with what it is doing right now."""
+        status = {
+            "name": self.name,
+            "inflight": len(self._inflight),
+            "breakers": self.router.states(),
+        }
+        with contextlib.suppress(Exception):
+            await msg.respond(msgspec.json.encode(status))
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
@@ -218,6 +232,7 @@ class Coordinator:
             asyncio.create_task(
                 dispatch.ask(
                     self.client,
+                    self.router,
                     skill=skill,
                     agent=agent,
                     event=event,

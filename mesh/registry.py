@@ -38,6 +38,7 @@ class Registration(msgspec.Struct, frozen=True):
     ttl_s: float
     host: str = ""
     pid: int = 0
+    direct_subject: str = ""  # this replica's own A2A subject ("" if it has none)
 
     @property
     def key(self) -> str:
@@ -68,7 +69,9 @@ class Registry:
         return await self.bus.kv(subjects.CARDS_BUCKET, ttl_s=self.ttl_s)
 
     @contextlib.asynccontextmanager
-    async def registered(self, card: AgentCard, instance: str) -> AsyncIterator[Registration]:
+    async def registered(
+        self, card: AgentCard, instance: str, *, direct_subject: str = ""
+    ) -> AsyncIterator[Registration]:
         """Publish the card, heartbeat it while the block runs, remove it on exit."""
         kv = await self._kv()
 
@@ -82,6 +85,7 @@ class Registry:
                 ttl_s=self.ttl_s,
                 host=socket.gethostname(),
                 pid=os.getpid(),
+                direct_subject=direct_subject,
             )
 
         reg = current()
@@ -169,6 +173,10 @@ class RegistryView:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+
+    def instances(self, agent: str) -> list[Registration]:
+        now = time.time()
+        return [r for r in self._entries.values() if r.agent == agent and r.live(now)]
 
     def agents_with_skill(self, skill: str) -> list[str]:
         """Names of agents with at least one live instance that has `skill` (sorted)."""

@@ -16,6 +16,7 @@ EVENTS_ROOT = "mesh.evt"
 DECISIONS_ROOT = "mesh.decision"
 DLQ_ROOT = "mesh.dlq"
 A2A_ROOT = "mesh.a2a"
+COORDINATOR_STATUS = "mesh.status.coordinator"  # every coordinator answers (no queue group)
 
 # Durable consumer of the coordinator (shared by every coordinator instance)
 COORDINATOR_DURABLE = "coordinator"
@@ -63,7 +64,13 @@ def dlq(tenant: str, reason: str) -> str:
 
 
 def a2a(agent: str) -> str:
+    """An agent's subject; its replicas share it in a queue group named after the agent."""
     return f"{A2A_ROOT}.{agent}"
+
+
+def a2a_instance(agent: str, instance: str) -> str:
+    """One replica's own subject, so a caller can steer around a replica that is failing."""
+    return f"{A2A_ROOT}.{agent}.{instance}"
 
 
 def parse_event_subject(subject: str) -> tuple[str, str]:

@@ -61,11 +61,16 @@ class A2AClient:
         *,
         timeout: float,
         headers: dict[str, str] | None = None,
+        subject: str | None = None,
     ) -> Any:
+        """`subject` overrides the agent's shared subject (e.g. one replica's own)."""
         body = jsonrpc.request_body(method, params, next(_ids))
         try:
             reply = await self.bus.nc.request(
-                subjects.a2a(agent), body, timeout=timeout, headers=a2a_headers(headers)
+                subject or subjects.a2a(agent),
+                body,
+                timeout=timeout,
+                headers=a2a_headers(headers),
             )
         except NoRespondersError:
             raise AgentUnavailableError(agent) from None
@@ -80,10 +85,16 @@ class A2AClient:
         *,
         timeout: float,
         headers: dict[str, str] | None = None,
+        subject: str | None = None,
     ) -> dict[str, Any]:
         """SendMessage, blocking until the task ends; returns the Task (or Message) JSON."""
         result = await self.call(
-            agent, "SendMessage", {"message": message}, timeout=timeout, headers=headers
+            agent,
+            "SendMessage",
+            {"message": message},
+            timeout=timeout,
+            headers=headers,
+            subject=subject,
         )
         if not isinstance(result, dict):
             raise AgentCallError(agent, "SendMessage returned no object")
