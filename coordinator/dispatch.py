@@ -67,6 +67,7 @@ async def ask(
                     agent,
                     message,
                     timeout=min(policy.agent_timeout_s, remaining),
+                    max_timeout=min(policy.agent_timeout_max_s or 0.0, remaining) or None,
                     subject=route.subject,
                 )
             task = task_of(result)

@@ -257,7 +257,14 @@ async def latest(
     else:
         check_reason(reason)
         rows = await _scan(bus, subjects.dlq("*", reason), limit)
-    return [(seq, dead_letter_decoder.decode(body)) for seq, body in rows]
+    out: list[tuple[int, DeadLetter]] = []
+    for seq, body in rows:
+        try:
+            out.append((seq, dead_letter_decoder.decode(body)))
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            # Someone else published to mesh.dlq.>: one foreign message must not hide the rest.
+            log.warning("%s seq %s is not a dead letter, skipped: %s", subjects.DLQ_STREAM, seq, e)
+    return out
 
 
 async def _scan(bus: Bus, subject: str, limit: int) -> list[tuple[int, bytes]]:

@@ -17,7 +17,10 @@ DEFAULT_FILE = Path(__file__).with_name("policies.toml")
 class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     skills: list[str]
     rule: QuorumRule
-    agent_timeout_s: float = 5.0
+    agent_timeout_s: float = 5.0  # per call; with progress, the longest silence allowed
+    # A call to an agent that keeps reporting progress may run this long (default: no
+    # extension). Always within deadline_s.
+    agent_timeout_max_s: float | None = None
     deadline_s: float = 15.0
     retries: int = 1
     # What an unanswered voter (timeout, nobody listening, transport error) counts as.
@@ -38,6 +41,8 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("timeouts must be positive")
         if self.deadline_s < self.agent_timeout_s:
             raise ValueError("deadline_s must be at least agent_timeout_s")
+        if self.agent_timeout_max_s is not None and self.agent_timeout_max_s < self.agent_timeout_s:
+            raise ValueError("agent_timeout_max_s must be at least agent_timeout_s")
         if not 0 <= self.retries <= 10:
             raise ValueError("retries must be between 0 and 10")
         self.rule.validate(len(self.skills))

@@ -29,6 +29,12 @@ H_TRACEPARENT = "traceparent"
 H_TENANT = "Mesh-Tenant"
 H_EVENT_TYPE = "Mesh-Event-Type"
 
+# NATS binding of A2A: a caller that sends `Mesh-Progress: <seconds>` gets empty keep-alive
+# frames with `Mesh-Status: working` on its reply inbox while the agent works.
+H_PROGRESS = "Mesh-Progress"
+H_STATUS = "Mesh-Status"
+STATUS_WORKING = "working"
+
 A2A_VERSION = "1.0"
 
 # A token is what may sit between two dots of a subject: no wildcards, no whitespace.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import time
 import uuid
 from typing import Any
 
@@ -62,9 +64,23 @@ class A2AClient:
         timeout: float,
         headers: dict[str, str] | None = None,
         subject: str | None = None,
+        max_timeout: float | None = None,
     ) -> Any:
-        """`subject` overrides the agent's shared subject (e.g. one replica's own)."""
+        """`subject` overrides the agent's shared subject (e.g. one replica's own).
+
+        With `max_timeout` > `timeout`, `timeout` is the longest silence allowed: each progress
+        frame from the agent restarts it, up to `max_timeout` in all.
+        """
         body = jsonrpc.request_body(method, params, next(_ids))
+        if max_timeout is not None and max_timeout > timeout:
+            return await self._call_with_progress(
+                agent,
+                subject=subject or subjects.a2a(agent),
+                body=body,
+                silence=timeout,
+                max_timeout=max_timeout,
+                headers=headers,
+            )
         try:
             reply = await self.bus.nc.request(
                 subject or subjects.a2a(agent),
@@ -78,6 +94,42 @@ class A2AClient:
             raise AgentTimeoutError(agent, timeout) from None
         return _result(agent, reply.data)
 
+    async def _call_with_progress(
+        self,
+        agent: str,
+        *,
+        subject: str,
+        body: bytes,
+        silence: float,
+        max_timeout: float,
+        headers: dict[str, str] | None,
+    ) -> Any:
+        nc = self.bus.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        started = time.monotonic()
+        try:
+            hdrs = a2a_headers({**(headers or {}), subjects.H_PROGRESS: f"{silence / 3:.3f}"})
+            await nc.publish(subject, body, reply=inbox, headers=hdrs)
+            while True:
+                left = max_timeout - (time.monotonic() - started)
+                if left <= 0:
+                    raise AgentTimeoutError(agent, max_timeout)
+                try:
+                    reply = await sub.next_msg(timeout=min(silence, left))
+                except (NatsTimeoutError, TimeoutError):
+                    waited = time.monotonic() - started
+                    raise AgentTimeoutError(agent, min(waited, max_timeout)) from None
+                status = (reply.headers or {}).get("Status")
+                if status == "503" and not reply.data:
+                    raise AgentUnavailableError(agent)
+                if (reply.headers or {}).get(subjects.H_STATUS) == subjects.STATUS_WORKING:
+                    continue  # alive and working: the silence timer starts again
+                return _result(agent, reply.data)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
     async def send_message(
         self,
         agent: str,
@@ -86,6 +138,7 @@ class A2AClient:
         timeout: float,
         headers: dict[str, str] | None = None,
         subject: str | None = None,
+        max_timeout: float | None = None,
     ) -> dict[str, Any]:
         """SendMessage, blocking until the task ends; returns the Task (or Message) JSON."""
         result = await self.call(
@@ -95,6 +148,7 @@ class A2AClient:
             timeout=timeout,
             headers=headers,
             subject=subject,
+            max_timeout=max_timeout,
         )
         if not isinstance(result, dict):
             raise AgentCallError(agent, "SendMessage returned no object")

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from mesh import subjects
 from mesh.a2a import jsonrpc
 
 log = logging.getLogger(__name__)
@@ -121,13 +122,21 @@ class A2AServer:
         if not msg.reply:
             log.warning("A2A request on %s without a reply subject; dropped", msg.subject)
             return
+        ticker = None
+        interval = _progress_interval(msg.headers or {})
+        if interval is not None:
+            ticker = asyncio.create_task(_send_progress(msg, interval))
         try:
             body = await self.handle_bytes(msg.data, msg.headers or {})
         except Exception:  # the dispatcher maps errors itself; this is a last line of defence
             log.exception("A2A over NATS failed")
             body = jsonrpc.error_body(None, jsonrpc.INTERNAL_ERROR, "internal error")
+        finally:
+            if ticker is not None:
+                ticker.cancel()
         try:
-            await msg.respond(body)
+            # Not msg.respond(): that echoes the request's headers, progress ones included.
+            await msg._client.publish(msg.reply, body)
         except Exception as e:  # the caller may have gone (timeout); nothing to do
             log.debug("could not reply on %s: %s", msg.reply, e)
 
@@ -144,6 +153,28 @@ class A2AServer:
             jsonrpc.UNSUPPORTED_OPERATION,
             "streaming methods are served over HTTP only",
         )
+
+
+def _progress_interval(headers: dict[str, str]) -> float | None:
+    try:
+        value = float(headers[subjects.H_PROGRESS])
+    except (KeyError, ValueError):
+        return None
+    return min(60.0, max(0.05, value))
+
+
+async def _send_progress(msg: Msg, interval: float) -> None:
+    """The NATS binding's keep-alive: while the request is being worked on, an empty frame
+    with `Mesh-Status: working` goes to the reply inbox every `interval` seconds. A hung or
+    paused process sends none, so the caller can tell slow-but-working from gone."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await msg._client.publish(
+                msg.reply, b"", headers={subjects.H_STATUS: subjects.STATUS_WORKING}
+            )
+        except Exception:  # the caller's inbox is gone: it stopped waiting
+            return
 
 
 def _as_request(body: bytes, headers: dict[str, str]) -> Request:

@@ -160,3 +160,41 @@ async def test_an_event_is_never_decided_twice(mesh: Bus) -> None:
     info = await mesh.js.consumer_info(subjects.EVENTS_STREAM, subjects.COORDINATOR_DURABLE)
     assert info.num_ack_pending == 0
     assert [d.event_id for d in await decisions(mesh)].count(e.id) == 1
+
+
+async def test_progress_extends_the_call_past_its_timeout(
+    bus: Bus, settings: Settings, tmp_path: Path
+) -> None:
+    """A slow agent that is alive (progress frames) gets up to agent_timeout_max_s; a paused
+    one would not (see the fault tests)."""
+    slow = voting_agent(tmp_path, "slowpoke", "slow", honour_delay=True)
+    policies = policy.parse(
+        {
+            "vote.slow": {
+                "skills": ["slow"],
+                "rule": {"kind": "unanimous"},
+                "agent_timeout_s": 0.3,
+                "agent_timeout_max_s": 3.0,
+                "deadline_s": 4.0,
+                "retries": 0,
+            },
+            "vote.strict": {
+                "skills": ["slow"],
+                "rule": {"kind": "unanimous"},
+                "agent_timeout_s": 0.3,
+                "deadline_s": 4.0,
+                "retries": 0,
+            },
+        }
+    )
+    async with slow.serve(bus, http=False, settings=settings):
+        stop = asyncio.Event()
+        task = asyncio.create_task(Coordinator(bus, policies).run(stop))
+        try:
+            patient = await decision_for(bus, await publish(bus, "vote.slow", {"delay_s": 1.0}))
+            strict = await decision_for(bus, await publish(bus, "vote.strict", {"delay_s": 1.0}))
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    assert patient.outcome == "approved" and patient.votes[0].outcome == "voted"
+    assert strict.outcome == "rejected" and strict.votes[0].outcome == "timeout"
