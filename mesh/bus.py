@@ -45,6 +45,7 @@ class StreamSpec:
     subjects: list[str]
     max_age_s: float
     duplicate_window_s: float = 120.0
+    immutable: bool = False  # deny delete and purge: nobody rewrites history through the API
 
 
 STREAMS = (
@@ -52,6 +53,9 @@ STREAMS = (
     # Decisions and dead letters are the record of what the mesh did: kept longer.
     StreamSpec(subjects.DECISIONS_STREAM, [f"{subjects.DECISIONS_ROOT}.>"], 30 * _DAY),
     StreamSpec(subjects.DLQ_STREAM, [f"{subjects.DLQ_ROOT}.>"], 30 * _DAY),
+    # Audit: kept a year and immutable; max_age 0 would be "for ever" — a retention an
+    # operator should choose deliberately, so a year is the default.
+    StreamSpec(subjects.AUDIT_STREAM, [f"{subjects.AUDIT_ROOT}.>"], 365 * _DAY, immutable=True),
 )
 
 
@@ -181,6 +185,8 @@ class Bus:
                     max_age=spec.max_age_s,
                     duplicate_window=spec.duplicate_window_s,
                     num_replicas=self.settings.stream_replicas,
+                    deny_delete=spec.immutable,
+                    deny_purge=spec.immutable,
                 )
             )
             log.debug("created stream %s", spec.name)
@@ -193,6 +199,8 @@ class Bus:
             problems.append(f"retention is {cfg.retention}, the mesh needs limits")
         if (cfg.duplicate_window or 0) < 1:
             problems.append("duplicate window is off; event ids would not deduplicate")
+        if spec.immutable and not (cfg.deny_delete and cfg.deny_purge):
+            problems.append("it allows delete or purge; the audit trail must not")
         if problems:
             raise StreamConflictError(
                 f"stream {spec.name} exists with conflicting settings: " + "; ".join(problems),

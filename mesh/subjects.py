@@ -8,6 +8,7 @@ import re
 EVENTS_STREAM = "MESH_EVENTS"
 DECISIONS_STREAM = "MESH_DECISIONS"
 DLQ_STREAM = "MESH_DLQ"
+AUDIT_STREAM = "MESH_AUDIT"
 CARDS_BUCKET = "mesh_cards"
 DECISIONS_BUCKET = "mesh_decisions"
 
@@ -15,6 +16,7 @@ DECISIONS_BUCKET = "mesh_decisions"
 EVENTS_ROOT = "mesh.evt"
 DECISIONS_ROOT = "mesh.decision"
 DLQ_ROOT = "mesh.dlq"
+AUDIT_ROOT = "mesh.audit"
 A2A_ROOT = "mesh.a2a"
 COORDINATOR_STATUS = "mesh.status.coordinator"  # every coordinator answers (no queue group)
 
@@ -24,6 +26,7 @@ COORDINATOR_DURABLE = "coordinator"
 # Headers
 H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+H_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 H_A2A_VERSION = "A2A-Version"
 H_TRACEPARENT = "traceparent"
 H_TENANT = "Mesh-Tenant"
