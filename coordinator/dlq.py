@@ -110,8 +110,11 @@ class AdvisoryDeadLetters:
         for subject in advisory_subjects(self.stream):
             sub = await self.bus.nc.subscribe(subject, queue=self.queue, cb=self._on_advisory)
             self._subs.append(sub)
-        # The round trip makes the interest known to the server before start() returns, so an
-        # advisory caused right after start() is not missed.
+        # The interest must be known to the server before start() returns, or an advisory
+        # caused right after start() is missed. Two round trips, because nats-py writes a
+        # flush's PING straight to the socket, possibly ahead of the still-buffered SUBs; by
+        # the second PING the flusher task has written them.
+        await self.bus.nc.flush()
         await self.bus.nc.flush()
         log.info("dead-lettering advisories of %s (queue group %s)", self.stream, self.queue)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -61,6 +62,11 @@ class Policies:
 
     def get(self, event_type: str) -> Policy | None:
         return self.by_type.get(event_type)
+
+    def digest(self) -> str:
+        """SHA-256 of the effective policies (not the file's bytes: comments do not count)."""
+        doc = {"policies": self.by_type, "ignore": self.ignore}
+        return hashlib.sha256(msgspec.json.encode(doc, order="sorted")).hexdigest()
 
     def ignored(self, event_type: str) -> bool:
         """Types the coordinator does not decide (handled by event-driven agents)."""

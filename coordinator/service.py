@@ -32,6 +32,7 @@ from coordinator.quorum import tally
 from coordinator.routing import Router
 from mesh import envelope, subjects
 from mesh.a2a.client import A2AClient
+from mesh.audit import AuditLog
 from mesh.bus import Bus
 from mesh.records import DeadLetter, Decision, DlqReason, Vote, encoder
 from mesh.registry import Registry, RegistryView
@@ -43,6 +44,7 @@ LEASE_S = 5.0  # how long a silent owner keeps an event before others may take i
 ACK_WAIT_S = LEASE_S + 1.0  # redelivery comes only after the lease has lapsed
 MAX_DELIVER = 10  # bounded: crashes and busy-naks count; the last one is dead-lettered
 _WRONG_LAST_SEQUENCE = 10071
+SYSTEM_TENANT = "_mesh"  # audit chain for acts that belong to no tenant (policy changes)
 
 
 class Coordinator:
@@ -53,6 +55,7 @@ class Coordinator:
         self.client = A2AClient(bus)
         self.view = RegistryView(Registry(bus))
         self.router = Router(self.view)
+        self.audit = AuditLog(bus, self.name)
         self._slots = asyncio.Semaphore(bus.settings.max_inflight)
         self._inflight: set[asyncio.Task[None]] = set()
         self._ledger: Ledger | None = None
@@ -68,6 +71,7 @@ class Coordinator:
         kv = await self.bus.kv(subjects.DECISIONS_BUCKET)
         self._ledger = Ledger(kv, self.name, LEASE_S)
         await self.view.start()
+        await self._audit_policies()
         psub = await self.bus.js.pull_subscribe(
             subjects.events_filter(),
             durable=subjects.COORDINATOR_DURABLE,
@@ -180,7 +184,9 @@ class Coordinator:
             return
         if isinstance(got, Done):
             if got.state.decision is not None:
-                await self._publish(got.state.decision)  # idempotent: finishes a crashed publish
+                # Idempotent (per-event subject, message ids): finishes a crashed publish.
+                await self._publish(got.state.decision)
+                await self._audit_decision(got.state.decision)
             log.info("event %s already %s; not deciding again", event.id, got.state.state)
             await msg.ack()
             return
@@ -211,6 +217,7 @@ class Coordinator:
         final = msgspec.structs.replace(got.state, state="decided", decision=decision)
         await self.ledger.save(got, final)  # LostClaim here: someone else decides, not us
         await self._publish(decision)
+        await self._audit_decision(decision)
         await msg.ack()
         log.info("event %s %s: %s (%s)", event.id, event.type, decision.outcome, decision.reason)
 
@@ -307,6 +314,48 @@ class Coordinator:
             if e.err_code != _WRONG_LAST_SEQUENCE:
                 raise
             log.info("decision for %s was already published", decision.event_id)
+
+    # -- audit ----------------------------------------------------------------------------------
+    async def _audit_decision(self, d: Decision) -> None:
+        ref = f"{d.tenant}.{event_token(d.event_id)}"
+        await self.audit.append(
+            d.tenant,
+            "decision",
+            d.event_id,
+            {
+                "event_type": d.event_type,
+                "outcome": d.outcome,
+                "reason": d.reason,
+                "rule": d.rule,
+                "coordinator": d.coordinator,
+                "takeovers": d.takeovers,
+            },
+            msg_id=f"audit:decision:{ref}",
+        )
+        for v in d.votes:
+            await self.audit.append(
+                d.tenant,
+                "vote",
+                d.event_id,
+                msgspec.to_builtins(v),
+                msg_id=f"audit:vote:{ref}:{v.skill}",
+            )
+
+    async def _audit_policies(self) -> None:
+        """A policy change is an audited act: record the policy set whenever it differs."""
+        digest = self.policies.digest()
+        last = await self.audit.last(SYSTEM_TENANT, "policy_change")
+        if last is None or last.data.get("sha256") != digest:
+            await self.audit.append(
+                SYSTEM_TENANT,
+                "policy_change",
+                self.policies.source,
+                {
+                    "sha256": digest,
+                    "event_types": sorted(self.policies.by_type),
+                    "ignore": list(self.policies.ignore),
+                },
+            )
 
     # -- dead letters ---------------------------------------------------------------------------
     async def dead_letter(

@@ -62,7 +62,17 @@ class AuditLog:
         self.actor = actor
         self._tips: dict[str, tuple[int, str]] = {}  # tenant -> (stream seq, hash)
 
-    async def append(self, tenant: str, kind: Kind, ref: str, data: dict[str, Any]) -> AuditRecord:
+    async def append(
+        self,
+        tenant: str,
+        kind: Kind,
+        ref: str,
+        data: dict[str, Any],
+        *,
+        msg_id: str | None = None,
+    ) -> AuditRecord:
+        """Append one record. With `msg_id`, a repeat (say, after a crash and redelivery) within
+        the stream's dedup window is dropped by the server instead of recorded twice."""
         for _ in range(_MAX_RACES):
             seq, prev = self._tips.get(tenant) or await self._tip(tenant)
             record = AuditRecord(tenant, kind, ref, self.actor, time.time(), data, prev)
@@ -71,6 +81,7 @@ class AuditLog:
                 ack = await self.bus.publish(
                     subject(tenant, kind),
                     msgspec.json.encode(record),
+                    msg_id=msg_id,
                     headers={
                         subjects.H_EXPECTED_LAST_SUBJECT_SEQ: str(seq),
                         subjects.H_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: subject(tenant, "*"),
@@ -81,9 +92,19 @@ class AuditLog:
                     raise
                 self._tips.pop(tenant, None)  # someone else appended: re-read the tip
                 continue
-            self._tips[tenant] = (ack.seq, record.hash)
+            if ack.duplicate:
+                self._tips.pop(tenant, None)  # the ack names the earlier copy, not our tip
+            else:
+                self._tips[tenant] = (ack.seq, record.hash)
             return record
         raise RuntimeError(f"audit chain of {tenant}: lost {_MAX_RACES} races in a row")
+
+    async def last(self, tenant: str, kind: Kind) -> AuditRecord | None:
+        try:
+            msg = await self.bus.js.get_last_msg(subjects.AUDIT_STREAM, subject(tenant, kind))
+        except NotFoundError:
+            return None
+        return _dec.decode(msg.data or b"")
 
     async def _tip(self, tenant: str) -> tuple[int, str]:
         try:

@@ -198,3 +198,24 @@ async def test_progress_extends_the_call_past_its_timeout(
             await asyncio.wait_for(task, 10)
     assert patient.outcome == "approved" and patient.votes[0].outcome == "voted"
     assert strict.outcome == "rejected" and strict.votes[0].outcome == "timeout"
+
+
+async def test_decisions_dead_letters_and_policies_are_audited(mesh: Bus) -> None:
+    from mesh.audit import read, verify
+
+    eid = await publish(mesh, "vote.unanimous", {"vote": "approve"})
+    await decision_for(mesh, eid)
+    bad = await publish(mesh, "invoice.created", {})
+    await dead_letter_for(mesh, lambda d: d.event_id == bad)
+
+    async def audited() -> bool:
+        kinds = [(r.kind, r.ref) for _, r in await read(mesh)]
+        return ("dead_letter", bad) in kinds and ("decision", eid) in kinds
+
+    await eventually(audited)
+    records = await read(mesh)
+    assert verify(records).ok
+    mine = [r for _, r in records if r.ref == eid]
+    assert [r.kind for r in mine] == ["decision", "vote", "vote", "vote"]
+    assert mine[0].data["outcome"] == "approved"
+    assert any(r.kind == "policy_change" and r.tenant == "_mesh" for _, r in records)
