@@ -7,6 +7,7 @@ import logging
 import signal
 
 from coordinator import policy as policies
+from coordinator.dlq import AdvisoryDeadLetters
 from coordinator.service import Coordinator
 from mesh.bus import Bus
 from mesh.errors import MeshError
@@ -20,7 +21,11 @@ async def serve(stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     loaded = policies.load(settings.policy_file)
     async with await Bus.connect(name="coordinator", settings=settings) as bus:
-        await Coordinator(bus, loaded).run(stop)
+        await bus.ensure()
+        # Every coordinator also turns JetStream's give-up advisories (max deliveries,
+        # terminated) into dead letters; a queue group makes each advisory handled once.
+        async with AdvisoryDeadLetters(bus):
+            await Coordinator(bus, loaded).run(stop)
 
 
 def main() -> None:

@@ -387,6 +387,18 @@ class Coordinator:
             await self.ledger.mark_dead_lettered(
                 state_key(tenant, event.id), stream_seq=meta.sequence.stream, reason=reason
             )
+        await self.audit.append(
+            tenant,
+            "dead_letter",
+            record.event_id or f"seq:{meta.sequence.stream}",
+            {
+                "reason": reason,
+                "error": error,
+                "subject": msg.subject,
+                "stream_seq": meta.sequence.stream,
+            },
+            msg_id=f"audit:dlq:{subjects.EVENTS_STREAM}:{meta.sequence.stream}",
+        )
         await msg.ack()
         log.warning(
             "event seq=%s on %s dead-lettered (%s): %s",

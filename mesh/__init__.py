@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from mesh.envelope import Event, new_event
 from mesh.errors import ConfigError, MeshError, MeshRuntimeError
+from mesh.events import EventContext, Reject, Retry
 from mesh.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -22,8 +23,11 @@ __all__ = [
     "ConfigError",
     "EmbeddedServer",
     "Event",
+    "EventContext",
     "MeshError",
     "MeshRuntimeError",
+    "Reject",
+    "Retry",
     "Verdict",
     "new_event",
 ]

@@ -8,6 +8,16 @@
 The handler's annotations are the contract: the input type decodes the A2A message's data part
 (or JSON text), the output type is the artifact. With ANTHROPIC_API_KEY set and a prompt given,
 Claude answers through the same output type (tool use); otherwise the rules run.
+
+An agent may also (or only) react to domain events; see `mesh.events` for the guarantees:
+
+    @agent.on_event("ticket.created")
+    async def triage(ticket: TicketCreated, ctx: EventContext) -> None:
+        await ctx.publish("ticket.triaged", TicketTriaged(...))
+
+An agent with event handlers but no `@agent.rules` still serves its card over A2A and stays in
+the registry (registry readers need a card that says where it listens), but rejects every
+message with a status that says it only reacts to events.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -37,6 +47,16 @@ from mesh.a2a.server import A2AServer
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
 from mesh.errors import ConfigError, MeshError
+from mesh.events import (
+    DEFAULT_ACK_WAIT_S,
+    DEFAULT_BACKOFF,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_DELIVER,
+    EventHandler,
+    HandlerFn,
+    consuming,
+    event_handler,
+)
 from mesh.models import Brain, select_brain
 from mesh.registry import Registration, Registry, new_instance_id
 from mesh.settings import Settings, get_settings
@@ -62,6 +82,7 @@ class Agent:
         self._handler: Callable[..., Any] | None = None
         self.input_type: Any = None
         self.output_type: Any = None
+        self.event_handlers: list[EventHandler] = []
 
     # -- definition -----------------------------------------------------------------------------
     def rules(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,6 +101,38 @@ class Agent:
         self.output_type = hints["return"]
         return fn
 
+    def on_event(
+        self,
+        event_type: str,
+        *,
+        max_deliver: int = DEFAULT_MAX_DELIVER,
+        backoff: Sequence[float] = DEFAULT_BACKOFF,
+        ack_wait_s: float = DEFAULT_ACK_WAIT_S,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> Callable[[HandlerFn], HandlerFn]:
+        """Register an async handler for `event_type`, at least once, on a shared durable.
+
+        `backoff[i]` is the pause after the (i+1)-th failed delivery (the last value repeats);
+        `ack_wait_s` is how long a replica that stopped answering keeps an event.
+        """
+
+        def register(fn: HandlerFn) -> HandlerFn:
+            handler = event_handler(
+                self.name,
+                fn,
+                event_type,
+                max_deliver=max_deliver,
+                backoff=backoff,
+                ack_wait_s=ack_wait_s,
+                concurrency=concurrency,
+            )
+            if any(h.durable == handler.durable for h in self.event_handlers):
+                raise ConfigError(f"{self.name}: two event handlers named {handler.name}")
+            self.event_handlers.append(handler)
+            return fn
+
+        return register
+
     def card(self) -> AgentCard:
         card = load_card(self._card_source)
         if card.name != self.name:
@@ -95,7 +148,8 @@ class Agent:
     def brain(self) -> Brain:
         if self._handler is None or self.output_type is None:
             raise ConfigError(
-                f"agent {self.name} has no handler", hint="decorate one: @agent.rules"
+                f"agent {self.name} has no handler",
+                hint="decorate one: @agent.rules or @agent.on_event",
             )
         return select_brain(
             rules=self._handler, system_prompt=self.system_prompt(), output_type=self.output_type
@@ -115,8 +169,9 @@ class Agent:
         """Serve A2A over NATS (and HTTP), registered and heartbeating, until the block exits."""
         settings = settings or (bus.settings if bus else get_settings())
         card = self.card()
-        brain = self.brain()
-        log.info("agent %s: brain %s", self.name, brain.name)
+        # Events-only agents have no brain: A2A messages are answered with a rejection.
+        brain = self.brain() if self._handler or not self.event_handlers else None
+        log.info("agent %s: brain %s", self.name, brain.name if brain else "none (events only)")
         async with contextlib.AsyncExitStack() as stack:
             if bus is None:
                 bus = await Bus.connect(name=f"agent:{self.name}", settings=settings)
@@ -127,7 +182,7 @@ class Agent:
             # The card must say where this instance listens, so the HTTP socket is bound first
             # and the server is built once, with the live card.
             sock = _bind(settings) if http else None
-            http_url = f"http://{settings.http_host}:{sock.getsockname()[1]}/" if sock else None
+            http_url = _advertised_url(settings, sock.getsockname()[1]) if sock else None
             live = with_interfaces(card, http_url=http_url, nats_subject=subject)
             server = A2AServer(live, _Executor(self, brain))
             if sock is not None:
@@ -136,6 +191,9 @@ class Agent:
             stack.push_async_callback(server.drain)
             stack.push_async_callback(sub.unsubscribe)
             reg = await stack.enter_async_context(Registry(bus).registered(live, instance))
+            # Entered last so it exits first: in-flight handlers drain while the bus is still up.
+            if self.event_handlers:
+                await stack.enter_async_context(consuming(bus, self.event_handlers))
             log.info("agent %s/%s serving on %s and %s", self.name, instance, subject, http_url)
             yield RunningAgent(self, live, reg, http_url, subject, brain)
 
@@ -167,7 +225,18 @@ class RunningAgent:
     registration: Registration
     http_url: str | None
     subject: str
-    brain: Brain
+    brain: Brain | None  # None: the agent only reacts to events
+
+
+def _advertised_url(settings: Settings, port: int) -> str:
+    """The URL the card gives: MESH_HTTP_ADVERTISE if set; a wildcard bind address is not one
+    a client can reach, so the host name stands in for it."""
+    if settings.http_advertise:
+        return settings.http_advertise.rstrip("/") + "/"
+    host = settings.http_host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"http://{host}:{port}/"
 
 
 def _bind(settings: Settings) -> socket.socket:
@@ -217,7 +286,7 @@ async def _http(server: A2AServer, sock: socket.socket) -> AsyncIterator[None]:
 class _Executor(AgentExecutor):
     """Turns an A2A message into one handler call and a task with a typed artifact."""
 
-    def __init__(self, agent: Agent, brain: Brain) -> None:
+    def __init__(self, agent: Agent, brain: Brain | None) -> None:
         self.agent = agent
         self.brain = brain
 
@@ -228,6 +297,11 @@ class _Executor(AgentExecutor):
         task = context.current_task or new_task_from_user_message(message)
         await event_queue.enqueue_event(task)
         updater = TaskUpdater(event_queue, task.id, task.context_id)
+        if self.brain is None:
+            types = ", ".join(h.event_type for h in self.agent.event_handlers)
+            text = f"{self.agent.name} only reacts to events ({types}); it takes no messages"
+            await updater.reject(updater.new_agent_message([Part(text=text)]))
+            return
         try:
             payload = self.agent.decode_input(_payload(message))
         except InputError as e:

@@ -118,7 +118,7 @@ def up(
 
 async def _up(coordinators: int, replicas: int) -> None:
     from mesh.bus import Bus, clear_state, write_state
-    from mesh.launcher import REVIEWERS, Topology
+    from mesh.launcher import EVENT_AGENTS, REVIEWERS, Topology
     from mesh.server import EmbeddedServer
     from mesh.settings import get_settings
 
@@ -132,11 +132,12 @@ async def _up(coordinators: int, replicas: int) -> None:
             stack.callback(clear_state, settings.home, os.getpid())
         topo = Topology(url, settings.home / "logs")
         stack.callback(topo.stop)
-        topo.start_default(coordinators=coordinators, replicas=replicas)
+        modules = REVIEWERS + EVENT_AGENTS
+        topo.start_default(coordinators=coordinators, replicas=replicas, modules=modules)
         bus = await Bus.connect(url, name="mesh-up")
         stack.push_async_callback(bus.close)
         await bus.ensure()
-        await topo.wait_ready(bus, agents=len(REVIEWERS) * replicas)
+        await topo.wait_ready(bus, agents=len(modules) * replicas)
         out.print(
             f"[green]mesh is up[/green] · NATS {url} · "
             f"{len(topo.children)} processes · logs in {settings.home / 'logs'}"
@@ -368,7 +369,7 @@ async def decisions(
 def dlq_default(ctx: typer.Context) -> None:
     """List dead letters (same as `mesh dlq ls`)."""
     if ctx.invoked_subcommand is None:
-        dlq_ls(limit=20, json_out=False)
+        dlq_ls(limit=20, json_out=False, reason=None)
 
 
 @dlq_app.command("ls")
@@ -376,17 +377,18 @@ def dlq_default(ctx: typer.Context) -> None:
 async def dlq_ls(
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
     json_out: Annotated[bool, typer.Option("--json")] = False,
+    reason: Annotated[
+        str | None, typer.Option(help="Only this reason (e.g. max_deliveries).")
+    ] = None,
 ) -> None:
-    """List the latest dead letters with their reason."""
+    """List the latest dead letters with their reason; the id is what show/replay take."""
     import msgspec
 
-    from mesh import subjects
-    from mesh.bus import Bus, tail
-    from mesh.records import dead_letter_decoder
+    from coordinator import dlq
+    from mesh.bus import Bus
 
     async with await Bus.connect(name="mesh-cli") as bus:
-        rows = await tail(bus, subjects.DLQ_STREAM, limit)
-    items = [(seq, dead_letter_decoder.decode(body)) for seq, _, body in rows]
+        items = await dlq.latest(bus, limit=limit, reason=reason)
     if json_out:
         print(json.dumps([{"seq": s, **msgspec.to_builtins(d)} for s, d in items], indent=2))
         return
@@ -397,6 +399,94 @@ async def dlq_ls(
         preview = d.body[:60].decode("utf-8", errors="backslashreplace")
         table.add_row(str(seq), d.reason, d.subject, d.error, preview)
     out.print(table)
+
+
+@dlq_app.command("show")
+@command
+async def dlq_show(
+    dlq_id: Annotated[int, typer.Argument(metavar="ID", help="Dead-letter id from `mesh dlq ls`.")],
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show one dead letter in full: why, where from, and the original body."""
+    import msgspec
+    from rich.markup import escape
+
+    from coordinator import dlq
+    from mesh.bus import Bus
+
+    async with await Bus.connect(name="mesh-cli") as bus:
+        d = await dlq.get(bus, dlq_id)
+    if json_out:
+        print(json.dumps({"seq": dlq_id, **msgspec.to_builtins(d)}, indent=2))
+        return
+    at = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(d.at)) if d.at else "-"
+    fields = [
+        ("id", str(dlq_id)),
+        ("reason", d.reason),
+        ("error", d.error),
+        ("subject", d.subject or "-"),
+        ("tenant", d.tenant),
+        ("event id", d.event_id or "-"),
+        ("event type", d.event_type or "-"),
+        ("attempts", str(d.attempts)),
+        ("stream seq", str(d.stream_seq or "-")),
+        ("trace id", d.trace_id or "-"),
+        ("time", at),
+    ]
+    for name, value in fields:
+        # soft_wrap: long errors and ids stay on one line, whole when copied.
+        out.print(f"[bold]{name:>10}[/bold]  {escape(value)}", highlight=False, soft_wrap=True)
+    out.print(f"[bold]{'headers':>10}[/bold]", highlight=False)
+    for k, v in sorted(d.headers.items()):
+        out.print(f"            {k}: {v}", highlight=False, markup=False, soft_wrap=True)
+    body = d.body
+    out.print(f"[bold]{'body':>10}[/bold]  ({len(body)} bytes)", highlight=False)
+    try:
+        # Pretty JSON when it is JSON; otherwise the bytes as text, undecodable ones escaped.
+        text = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+    except ValueError:
+        text = body.decode("utf-8", errors="backslashreplace")
+    print(text)
+
+
+@dlq_app.command("replay")
+@command
+async def dlq_replay(
+    dlq_id: Annotated[int, typer.Argument(metavar="ID", help="Dead-letter id from `mesh dlq ls`.")],
+) -> None:
+    """Publish a dead letter's original event again, to its original subject."""
+    from coordinator import dlq
+    from mesh.bus import Bus
+
+    async with await Bus.connect(name="mesh-cli") as bus:
+        msg_id = await dlq.replay(bus, dlq_id)
+    print(msg_id)  # alone on stdout, for scripts
+    err.print(
+        f"replayed dead letter {dlq_id} as a new message: "
+        "the coordinator will decide it if it never was",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@dlq_app.command("purge")
+@command
+async def dlq_purge(
+    reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Really delete them.")] = False,
+) -> None:
+    """Delete dead letters (all, or one reason's) for good."""
+    from coordinator import dlq
+    from mesh.bus import Bus
+
+    if not yes:
+        what = f"every {reason} dead letter" if reason else "every dead letter"
+        raise ConfigError(
+            f"this deletes {what} for good", hint="add --yes to go ahead (see `mesh dlq ls` first)"
+        )
+    async with await Bus.connect(name="mesh-cli") as bus:
+        removed = await dlq.purge(bus, reason=reason)
+    out.print(f"removed {removed} dead letter(s)", highlight=False)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from mesh.registry import Registry
 log = logging.getLogger(__name__)
 
 REVIEWERS = ("agents.security_review", "agents.compliance_review", "agents.quality_review")
+EVENT_AGENTS = ("agents.triage",)  # react to events on their own (no quorum)
 
 
 @dataclass
@@ -68,10 +69,12 @@ class Topology:
         self.children.append(child)
         return child
 
-    def start_default(self, coordinators: int = 1, replicas: int = 1) -> None:
+    def start_default(
+        self, coordinators: int = 1, replicas: int = 1, modules: tuple[str, ...] = REVIEWERS
+    ) -> None:
         for i in range(coordinators):
             self.spawn(f"coordinator-{i + 1}" if coordinators > 1 else "coordinator", "coordinator")
-        for module in REVIEWERS:
+        for module in modules:
             short = module.rsplit(".", 1)[1].replace("_", "-")
             for r in range(replicas):
                 self.spawn(f"{short}-{r + 1}" if replicas > 1 else short, module)

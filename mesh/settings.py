@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     tenant: str = Field(default="default", description="Tenant used when none is given.")
     http_host: str = Field(default="127.0.0.1", description="Where agents serve A2A over HTTP.")
     http_port: int = Field(default=0, description="Agent HTTP port; 0 picks a free one.")
+    http_advertise: str = Field(
+        default="",
+        description="URL put in the agent card (behind a proxy or NAT); default: "
+        "http://<host>:<port>/ from where it binds.",
+    )
     heartbeat_s: float = Field(default=2.0, gt=0, description="Agent registry heartbeat.")
     card_ttl_s: float = Field(
         default=6.0, gt=0, description="An agent not heard from for this long is not live."

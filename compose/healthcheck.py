@@ -1,0 +1,119 @@
+"""Container healthchecks for mesh processes (copied into the image as /app/healthcheck.py).
+
+    python /app/healthcheck.py agent [NAME]   # the agent's A2A card answers on MESH_HTTP_PORT
+    python /app/healthcheck.py coordinator    # NATS and JetStream answer, the durable exists
+
+Exit 0 when healthy, 1 otherwise, with one line saying why (`docker inspect` shows it).
+Standard library plus nats-py (already in the image); configuration only from the environment,
+like every mesh process.
+
+The agent check is a real per-process check: the agent's own HTTP server must answer. The
+coordinator serves no HTTP, so its check proves what this container needs (its NATS cluster is
+reachable, JetStream answers, the shared `coordinator` durable consumer exists) — it is a
+liveness check of the coordinator's dependencies, not proof that this very process is pulling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+CARD_PATH = "/.well-known/agent-card.json"
+# Same names as mesh.subjects (EVENTS_STREAM, COORDINATOR_DURABLE); kept literal so the check
+# needs nothing of the mesh but nats-py, and tests/unit/test_compose.py pins them to mesh's.
+EVENTS_STREAM = "MESH_EVENTS"
+COORDINATOR_DURABLE = "coordinator"
+
+
+def check_agent(port: int, name: str | None = None, *, timeout: float = 3.0) -> str | None:
+    """None when the agent's card answers on 127.0.0.1:port (named `name`, if given)."""
+    url = f"http://127.0.0.1:{port}{CARD_PATH}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as e:
+        return f"{url} answered HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        return f"{url} did not answer: {e}"
+    try:
+        card = json.loads(body)
+    except ValueError:
+        return f"{url} did not return JSON"
+    if not isinstance(card, dict) or not card.get("name"):
+        return f"{url} returned no agent card"
+    if name and card["name"] != name:
+        return f"{url} serves card {card['name']!r}, expected {name!r}"
+    return None
+
+
+async def check_coordinator(servers: list[str], *, timeout: float = 4.0) -> str | None:
+    """None when NATS answers, JetStream is enabled and the coordinator durable exists."""
+    import nats
+    from nats.js.errors import NotFoundError
+
+    if not servers:
+        return "MESH_NATS_URL is not set"
+    errors: list[Exception] = []
+
+    async def remember(e: Exception) -> None:  # instead of nats-py's traceback per attempt
+        errors.append(e)
+
+    try:
+        # nats-py keeps retrying a first connect that fails, so the overall timeout bounds it.
+        nc = await asyncio.wait_for(
+            nats.connect(
+                servers=servers,
+                name="healthcheck",
+                connect_timeout=2,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                error_cb=remember,
+            ),
+            timeout=timeout,
+        )
+    except Exception as e:
+        cause = errors[-1] if errors else e
+        why = str(cause) or type(cause).__name__
+        return f"cannot connect to NATS at {','.join(servers)}: {why}"
+    try:
+        js = nc.jetstream(timeout=timeout)
+        await js.account_info()
+        await js.consumer_info(EVENTS_STREAM, COORDINATOR_DURABLE)
+    except NotFoundError:
+        return f"no {COORDINATOR_DURABLE!r} consumer on {EVENTS_STREAM} yet"
+    except Exception as e:
+        return f"JetStream did not answer: {e or type(e).__name__}"
+    finally:
+        # Closing a half-open connection must not turn a healthy answer into a sick one.
+        with contextlib.suppress(Exception):
+            await nc.close()
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in ("agent", "coordinator"):
+        sys.stderr.write("usage: healthcheck.py agent [NAME] | coordinator\n")
+        return 2
+    if args[0] == "agent":
+        port = int(os.environ.get("MESH_HTTP_PORT") or "0")
+        if port <= 0:
+            problem: str | None = "MESH_HTTP_PORT must be a fixed port for the healthcheck"
+        else:
+            problem = check_agent(port, args[1] if len(args) > 1 else None)
+    else:
+        servers = [u.strip() for u in os.environ.get("MESH_NATS_URL", "").split(",") if u.strip()]
+        problem = asyncio.run(check_coordinator(servers))
+    if problem:
+        sys.stderr.write(f"unhealthy: {problem}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
