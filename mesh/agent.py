@@ -187,10 +187,17 @@ class Agent:
             server = A2AServer(live, _Executor(self, brain))
             if sock is not None:
                 await stack.enter_async_context(_http(server, sock))
+            # Shared subject (replicas share work in a queue group) and this replica's own, so a
+            # caller can steer around a replica that is failing (coordinator/routing.py).
+            direct = subjects.a2a_instance(self.name, instance)
             sub = await bus.nc.subscribe(subject, queue=self.name, cb=server.on_nats_message)
+            own = await bus.nc.subscribe(direct, cb=server.on_nats_message)
             stack.push_async_callback(server.drain)
             stack.push_async_callback(sub.unsubscribe)
-            reg = await stack.enter_async_context(Registry(bus).registered(live, instance))
+            stack.push_async_callback(own.unsubscribe)
+            reg = await stack.enter_async_context(
+                Registry(bus).registered(live, instance, direct_subject=direct)
+            )
             # Entered last so it exits first: in-flight handlers drain while the bus is still up.
             if self.event_handlers:
                 await stack.enter_async_context(consuming(bus, self.event_handlers))

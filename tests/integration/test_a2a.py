@@ -172,3 +172,97 @@ async def test_repeated_message_id_returns_the_same_task(
     assert verdict_of(again["task"]).reasons == ["call 1"]
     assert verdict_of(other["task"]).reasons == ["call 2"]
     assert calls == 2
+
+
+async def test_coordinator_steers_around_a_hung_replica(
+    bus: Bus, settings: Settings, tmp_path: Path
+) -> None:
+    """Two replicas, one that never answers: after its breaker opens, calls go to the other."""
+    import asyncio
+
+    from coordinator import policy
+    from coordinator.routing import Router
+    from coordinator.service import Coordinator
+    from mesh.registry import Registry, RegistryView
+
+    card = write_card(tmp_path, "pair", "pair-skill")
+    healthy = Agent("pair", card=card)
+    hung = Agent("pair", card=card)
+
+    def ok(p: Proposal) -> Verdict:
+        return Verdict.approve("healthy")
+
+    hung_calls = 0
+    release = asyncio.Event()
+
+    async def never(p: Proposal) -> Verdict:
+        nonlocal hung_calls
+        hung_calls += 1
+        await release.wait()  # hangs until the test is over
+        return Verdict.reject("too late")
+
+    healthy.rules(ok)
+    hung.rules(never)
+    policies = policy.parse(
+        {
+            "pair.vote": {
+                "skills": ["pair-skill"],
+                "rule": {"kind": "unanimous"},
+                "agent_timeout_s": 0.2,
+                "deadline_s": 2.0,
+                "retries": 3,
+            },
+        }
+    )
+    async with (
+        healthy.serve(bus, http=False, settings=settings),
+        hung.serve(bus, http=False, settings=settings),
+    ):
+        view = RegistryView(Registry(bus))
+        await view.start()
+        router = Router(view, threshold=1, ttl_s=60)
+        coordinator = Coordinator(bus, policies)
+        coordinator.router = router
+        stop = asyncio.Event()
+        task = asyncio.create_task(coordinator.run(stop))
+        try:
+            outcomes = []
+            # Random routing reaches the hung replica sooner or later (bounded: 40 events).
+            while hung_calls == 0 and len(outcomes) < 40:
+                outcomes.append(await _decide(bus))
+            assert hung_calls == 1
+            outcomes += [await _decide(bus) for _ in range(6)]
+        finally:
+            release.set()
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            await view.stop()
+    # Every decision is approved: a call that hit the hung replica was retried on the other.
+    assert all(d["outcome"] == "approved" for d in outcomes)
+    assert "opened" in router.states().values()
+    # Threshold 1, TTL 60 s: once it failed, the hung replica was never asked again (with a
+    # plain queue group it would get about half of the 6+ calls).
+    assert hung_calls == 1
+
+
+async def _decide(bus: Bus) -> dict[str, Any]:
+    from mesh import envelope
+    from mesh.bus import tail
+    from tests.helpers import eventually
+
+    event = envelope.new_event("pair.vote", {})
+    await bus.publish_event(event)
+    event_id = event.id
+
+    found: dict[str, Any] = {}
+
+    async def check() -> bool:
+        for _, _, body in await tail(bus, "MESH_DECISIONS", 100):
+            doc = json.loads(body)
+            if doc["event_id"] == event_id:
+                found.update(doc)
+                return True
+        return False
+
+    await eventually(check)
+    return found
