@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 dlq_app = typer.Typer(help="Dead letters: what the mesh could not decide, and why.")
 app.add_typer(dlq_app, name="dlq")
+audit_app = typer.Typer(help="The tamper-evident audit trail (hash-chained per tenant).")
+app.add_typer(audit_app, name="audit")
 out = Console()
 err = Console(stderr=True)
 
@@ -487,6 +489,87 @@ async def dlq_purge(
     async with await Bus.connect(name="mesh-cli") as bus:
         removed = await dlq.purge(bus, reason=reason)
     out.print(f"removed {removed} dead letter(s)", highlight=False)
+
+
+@audit_app.command("ls")
+@command
+async def audit_ls(
+    tenant: Annotated[str, typer.Option(help="Only this tenant's chain.")] = "",
+    limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List the latest audit records."""
+    import msgspec
+
+    from mesh.audit import read
+    from mesh.bus import Bus
+
+    async with await Bus.connect(name="mesh-cli") as bus:
+        records = (await read(bus, tenant or None))[-limit:]
+    if json_out:
+        print(json.dumps([{"seq": s, **msgspec.to_builtins(r)} for s, r in records], indent=2))
+        return
+    table = Table(title=f"last {len(records)} audit record(s)")
+    for col in ("seq", "tenant", "kind", "ref", "actor", "at", "hash"):
+        table.add_column(col, overflow="fold")
+    for seq, r in records:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.at))
+        table.add_row(str(seq), r.tenant, r.kind, r.ref, r.actor, at, r.hash[:12])
+    out.print(table)
+
+
+@audit_app.command("verify")
+@command
+async def audit_verify(
+    tenant: Annotated[str, typer.Option(help="Only this tenant's chain.")] = "",
+) -> None:
+    """Recompute every hash link; name the first record that does not chain (exit 1)."""
+    from mesh.audit import read, verify
+    from mesh.bus import Bus
+
+    async with await Bus.connect(name="mesh-cli") as bus:
+        result = verify(await read(bus, tenant or None))
+    if result.ok:
+        out.print(f"[green]{result}[/green]")
+    else:
+        err.print(f"[red]{result}[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+@command
+async def status(
+    wait: Annotated[float, typer.Option(help="Seconds to collect answers.")] = 0.5,
+) -> None:
+    """What each running coordinator is doing: events in flight, circuit breakers."""
+    import msgspec
+
+    from mesh import subjects
+    from mesh.bus import Bus
+
+    answers: list[dict[str, Any]] = []
+    async with await Bus.connect(name="mesh-cli") as bus:
+        inbox = bus.nc.new_inbox()
+        sub = await bus.nc.subscribe(inbox)
+        await bus.nc.publish(subjects.COORDINATOR_STATUS, b"", reply=inbox)
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except Exception:  # nats' TimeoutError: no more answers
+                break
+            if msg.data:  # an empty one is the server's "no responders" notice
+                answers.append(msgspec.json.decode(msg.data))
+    if not answers:
+        raise ConfigError("no coordinator answered", hint="is one running? see `mesh up`")
+    for a in sorted(answers, key=lambda a: a["name"]):
+        breakers = a.get("breakers") or {}
+        open_ = {k: v for k, v in breakers.items() if v != "closed"}
+        out.print(
+            f"[bold]{a['name']}[/bold]: {a['inflight']} event(s) in flight; "
+            f"{len(breakers)} breaker(s), not closed: {open_ or 'none'}",
+            highlight=False,
+        )
 
 
 def main() -> None:

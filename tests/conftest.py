@@ -9,7 +9,15 @@ import pytest
 
 from mesh.bus import Bus
 from mesh.server import EmbeddedServer
-from mesh.settings import Settings
+from mesh.settings import Settings, get_settings
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    """Settings are read once per process; tests change MESH_* variables, so re-read them."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 @pytest.fixture(autouse=True)
