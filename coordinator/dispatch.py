@@ -9,11 +9,12 @@ import random
 import time
 
 import msgspec
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from purgatory.domain.model import OpenedState
 
 from coordinator.policy import Policy
 from coordinator.routing import Router
-from mesh import envelope
+from mesh import envelope, telemetry
 from mesh.a2a.client import A2AClient, task_of, user_message, verdict_of
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
 from mesh.records import CallOutcome, Vote
@@ -43,7 +44,50 @@ async def ask(
     policy: Policy,
     deadline: float,
 ) -> Vote:
-    """One voter's answer by `deadline` (a time.monotonic() value)."""
+    """One voter's answer by `deadline` (a time.monotonic() value), under an `invoke_agent`
+    client span whose context travels to the agent in the request headers."""
+    with telemetry.tracer().start_as_current_span(
+        f"invoke_agent {agent}",
+        kind=SpanKind.CLIENT,
+        attributes={
+            telemetry.GEN_AI_OPERATION: "invoke_agent",
+            telemetry.GEN_AI_AGENT_NAME: agent,
+            telemetry.GEN_AI_CONVERSATION_ID: event.id,
+            "mesh.skill": skill,
+        },
+    ) as span:
+        vote = await _ask(
+            client,
+            router,
+            skill=skill,
+            agent=agent,
+            event=event,
+            policy=policy,
+            deadline=deadline,
+        )
+        span.set_attribute("mesh.vote.outcome", vote.outcome)
+        span.set_attribute("mesh.vote.attempts", vote.attempts)
+        if vote.outcome != "voted":
+            span.set_status(Status(StatusCode.ERROR, vote.error))
+        m = telemetry.meters()
+        m.call_latency.record(vote.latency_ms / 1000, {"agent": agent, "outcome": vote.outcome})
+        if vote.outcome == "timeout":
+            m.timeouts.add(1, {"agent": agent})
+        if vote.attempts > 1:
+            m.retries.add(vote.attempts - 1, {"agent": agent})
+        return vote
+
+
+async def _ask(
+    client: A2AClient,
+    router: Router,
+    *,
+    skill: str,
+    agent: str,
+    event: envelope.Event,
+    policy: Policy,
+    deadline: float,
+) -> Vote:
     started = time.monotonic()
     message = user_message(
         data=event.data,
@@ -69,6 +113,7 @@ async def ask(
                     timeout=min(policy.agent_timeout_s, remaining),
                     max_timeout=min(policy.agent_timeout_max_s or 0.0, remaining) or None,
                     subject=route.subject,
+                    headers=telemetry.inject(),
                 )
             task = task_of(result)
             verdict = verdict_of(task)

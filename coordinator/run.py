@@ -9,6 +9,7 @@ import signal
 from coordinator import policy as policies
 from coordinator.dlq import AdvisoryDeadLetters
 from coordinator.service import Coordinator
+from mesh import telemetry
 from mesh.bus import Bus
 from mesh.errors import MeshError
 from mesh.settings import get_settings
@@ -20,8 +21,13 @@ async def serve(stop: asyncio.Event | None = None) -> None:
     settings = get_settings()
     stop = stop or asyncio.Event()
     loaded = policies.load(settings.policy_file)
+    telemetry.setup("mesh-coordinator")
+    if settings.metrics_port >= 0:
+        port = telemetry.serve_metrics(settings.metrics_port, settings.metrics_host)
+        log.info("metrics on http://%s:%s/metrics", settings.metrics_host, port)
     async with await Bus.connect(name="coordinator", settings=settings) as bus:
         await bus.ensure()
+        await telemetry.keep_spans_in_jetstream(bus)
         # Every coordinator also turns JetStream's give-up advisories (max deliveries,
         # terminated) into dead letters; a queue group makes each advisory handled once.
         async with AdvisoryDeadLetters(bus):

@@ -24,13 +24,14 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
+from opentelemetry.trace import SpanKind
 
 from coordinator import dispatch
 from coordinator.ledger import Busy, Claim, Done, Ledger, LostClaim, event_token, state_key
 from coordinator.policy import Policies, Policy
 from coordinator.quorum import tally
 from coordinator.routing import Router
-from mesh import envelope, subjects
+from mesh import envelope, subjects, telemetry
 from mesh.a2a.client import A2AClient
 from mesh.audit import AuditLog
 from mesh.bus import Bus
@@ -72,6 +73,7 @@ class Coordinator:
         self._ledger = Ledger(kv, self.name, LEASE_S)
         await self.view.start()
         await self._audit_policies()
+        telemetry.observe_breakers(self.router.states)
         psub = await self.bus.js.pull_subscribe(
             subjects.events_filter(),
             durable=subjects.COORDINATOR_DURABLE,
@@ -144,6 +146,22 @@ class Coordinator:
 
     # -- one event ------------------------------------------------------------------------------
     async def handle(self, msg: Msg) -> None:
+        """One event, under one consumer span that continues the publisher's trace."""
+        headers = msg.headers or {}
+        with telemetry.tracer().start_as_current_span(
+            f"process {msg.subject}",
+            context=telemetry.extract(headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                **telemetry.messaging_attrs(
+                    "process", "process", msg.subject, headers.get(subjects.H_MSG_ID, "")
+                ),
+                telemetry.MESSAGING_CONSUMER_GROUP: subjects.COORDINATOR_DURABLE,
+            },
+        ):
+            await self._handle(msg)
+
+    async def _handle(self, msg: Msg) -> None:
         started = time.monotonic()
         tenant, subject_type = subjects.parse_event_subject(msg.subject)
         try:
@@ -219,6 +237,7 @@ class Coordinator:
         await self._publish(decision)
         await self._audit_decision(decision)
         await msg.ack()
+        _count(decision)
         log.info("event %s %s: %s (%s)", event.id, event.type, decision.outcome, decision.reason)
 
     async def _keep_lease(self, claim: Claim, msg: Msg) -> None:
@@ -294,6 +313,7 @@ class Coordinator:
             rule=policy.rule.kind,
             votes=[votes[s] for s in policy.skills],
             decided_at=time.time(),
+            trace_id=telemetry.trace_id_of(),
             latency_ms=round((time.monotonic() - started) * 1000, 2),
             coordinator=self.name,
             takeovers=claim.state.takeovers,
@@ -400,6 +420,7 @@ class Coordinator:
             msg_id=f"audit:dlq:{subjects.EVENTS_STREAM}:{meta.sequence.stream}",
         )
         await msg.ack()
+        telemetry.meters().dead_letters.add(1, {"reason": reason, "tenant": tenant})
         log.warning(
             "event seq=%s on %s dead-lettered (%s): %s",
             meta.sequence.stream,
@@ -407,6 +428,14 @@ class Coordinator:
             reason,
             error,
         )
+
+
+def _count(d: Decision) -> None:
+    m = telemetry.meters()
+    m.decisions.add(1, {"outcome": d.outcome, "event_type": d.event_type, "tenant": d.tenant})
+    for v in d.votes:
+        verdict = v.verdict.vote if v.verdict else "none"
+        m.votes.add(1, {"agent": v.agent, "outcome": v.outcome, "verdict": verdict})
 
 
 def _counted(votes: dict[str, Vote]) -> dict[str, Choice]:

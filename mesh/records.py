@@ -38,6 +38,7 @@ class Decision(msgspec.Struct, omit_defaults=True):
     latency_ms: float
     coordinator: str = ""
     takeovers: int = 0  # how many times another coordinator resumed this decision
+    trace_id: str = ""  # W3C trace id of the decision (see `mesh trace`)
 
 
 DlqReason = Literal[

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,10 +38,48 @@ class Settings(BaseSettings):
         default=None, description="Decision policies (TOML). Default: coordinator/policies.toml."
     )
     max_inflight: int = Field(default=256, gt=0, description="Events a coordinator works at once.")
+    metrics_port: int = Field(
+        default=-1, description="Coordinator /metrics port: -1 off, 0 any free port."
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="Where /metrics listens.")
     log_format: str = Field(default="auto", description="auto | json | console")
     log_level: str = Field(default="INFO")
     stream_replicas: int = Field(
         default=1, ge=1, description="Replicas for mesh streams (3 on a NATS cluster)."
+    )
+
+    task_store: Literal["jetstream", "memory"] = Field(
+        default="jetstream",
+        description="Where agents keep A2A tasks: jetstream (KV bucket mesh_tasks, shared by "
+        "every replica, survives restarts) or memory (per process, lost on stop).",
+    )
+    task_ttl_s: float = Field(
+        default=7 * 24 * 3600.0,
+        ge=0,
+        description="A task not written for this long is dropped from mesh_tasks; 0 keeps "
+        "tasks for ever. Applies when the bucket is created.",
+    )
+    card_signing_key: str = Field(
+        default="",
+        description="Private key agents sign their card with (JWS, RFC 8785): a PEM file path "
+        "or the PEM itself. EC P-256 (ES256) recommended; RSA, P-384, P-521, Ed25519 work. "
+        "Empty: cards are not signed.",
+    )
+    card_signing_kid: str = Field(
+        default="",
+        description="Key id put in the signature; default: the key's RFC 7638 thumbprint.",
+    )
+    card_trusted_keys: str = Field(
+        default="",
+        description="Public keys registry readers trust: a PEM file, a folder of *.pem files, "
+        "or a JWKS JSON file. A PEM key is known by its thumbprint and its file name without "
+        ".pem; a JWKS key by its kid.",
+    )
+    require_signed_cards: bool = Field(
+        default=False,
+        description="Registry readers refuse cards that are unsigned or not signed by a "
+        "trusted key. Off: unsigned cards pass, but a signature by a trusted key id that does "
+        "not verify is still refused.",
     )
 
     def nats_servers(self) -> list[str]:

@@ -1,0 +1,338 @@
+"""OpenTelemetry for the mesh, in one place: set-up, context over NATS headers, span names and
+attributes by the semantic conventions, and the metric instruments.
+
+Configured by the standard variables (OTEL_SERVICE_NAME, OTEL_EXPORTER_OTLP_ENDPOINT, …): with
+an OTLP endpoint, spans go there. `MESH_TRACE_STREAM=1` also keeps recent spans in a JetStream
+stream so `mesh trace EVENT_ID` works with no extra infrastructure. `MESH_TELEMETRY=off` (or
+OTEL_SDK_DISABLED=true) turns everything off: the API then hands out no-op tracers and meters.
+
+Library code only calls `tracer()`, `meters()`, `inject()`, `extract()`; only process entry points
+call `setup()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.propagate import extract as _extract
+from opentelemetry.propagate import inject as _inject
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GA
+from opentelemetry.semconv._incubating.attributes import messaging_attributes as MA
+
+log = logging.getLogger(__name__)
+
+TRACE_STREAM = "MESH_TRACES"
+TRACE_ROOT = "mesh.trace"
+_SCOPE = "quorum-mesh"
+
+# Re-exported semconv names, so instrumented modules import attribute names from one place.
+MESSAGING_SYSTEM = MA.MESSAGING_SYSTEM
+MESSAGING_DESTINATION = MA.MESSAGING_DESTINATION_NAME
+MESSAGING_OPERATION_NAME = MA.MESSAGING_OPERATION_NAME
+MESSAGING_OPERATION_TYPE = MA.MESSAGING_OPERATION_TYPE
+MESSAGING_MESSAGE_ID = MA.MESSAGING_MESSAGE_ID
+MESSAGING_CONSUMER_GROUP = MA.MESSAGING_CONSUMER_GROUP_NAME
+GEN_AI_OPERATION = GA.GEN_AI_OPERATION_NAME
+GEN_AI_PROVIDER = GA.GEN_AI_PROVIDER_NAME
+GEN_AI_AGENT_NAME = GA.GEN_AI_AGENT_NAME
+GEN_AI_AGENT_ID = GA.GEN_AI_AGENT_ID
+GEN_AI_AGENT_VERSION = GA.GEN_AI_AGENT_VERSION
+GEN_AI_CONVERSATION_ID = GA.GEN_AI_CONVERSATION_ID
+GEN_AI_REQUEST_MODEL = GA.GEN_AI_REQUEST_MODEL
+GEN_AI_INPUT_TOKENS = GA.GEN_AI_USAGE_INPUT_TOKENS
+GEN_AI_OUTPUT_TOKENS = GA.GEN_AI_USAGE_OUTPUT_TOKENS
+GEN_AI_TOOL_NAME = GA.GEN_AI_TOOL_NAME
+
+
+def enabled() -> bool:
+    off = os.environ.get("MESH_TELEMETRY", "").lower() in ("off", "0", "false")
+    return not off and os.environ.get("OTEL_SDK_DISABLED", "").lower() != "true"
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(_SCOPE)
+
+
+# -- context over NATS headers ----------------------------------------------------------------
+def inject(headers: dict[str, str] | None = None) -> dict[str, str]:
+    """Headers with the current W3C trace context added (traceparent, tracestate)."""
+    carrier = dict(headers or {})
+    _inject(carrier)
+    return carrier
+
+
+def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
+    return _extract(dict(headers or {}))
+
+
+def messaging_attrs(
+    operation: str, op_type: str, destination: str, msg_id: str = ""
+) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        MESSAGING_SYSTEM: "nats",
+        MESSAGING_OPERATION_NAME: operation,
+        MESSAGING_OPERATION_TYPE: op_type,
+        MESSAGING_DESTINATION: destination,
+    }
+    if msg_id:
+        attrs[MESSAGING_MESSAGE_ID] = msg_id
+    return attrs
+
+
+def trace_id_of(span: trace.Span | None = None) -> str:
+    ctx = (span or trace.get_current_span()).get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+# -- metrics ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Meters:
+    decisions: metrics.Counter
+    votes: metrics.Counter
+    call_latency: metrics.Histogram
+    timeouts: metrics.Counter
+    retries: metrics.Counter
+    dead_letters: metrics.Counter
+    tokens: metrics.Counter
+    cost: metrics.Counter
+
+
+_meters: Meters | None = None
+
+
+def meters() -> Meters:
+    """The mesh's instruments (created once, on whichever MeterProvider is current)."""
+    global _meters  # noqa: PLW0603  # one set of instruments per process
+    if _meters is None:
+        m = metrics.get_meter(_SCOPE)
+        _meters = Meters(
+            decisions=m.create_counter(
+                "mesh.decisions", description="Decisions by outcome, event type and tenant"
+            ),
+            votes=m.create_counter("mesh.votes", description="Votes by agent and verdict"),
+            call_latency=m.create_histogram(
+                "mesh.agent.call.duration", unit="s", description="A2A call latency"
+            ),
+            timeouts=m.create_counter("mesh.agent.timeouts", description="Calls that timed out"),
+            retries=m.create_counter("mesh.agent.retries", description="Retried calls"),
+            dead_letters=m.create_counter("mesh.dead_letters", description="DLQ records by reason"),
+            tokens=m.create_counter(
+                "mesh.gen_ai.tokens", description="Model tokens by agent, tenant and type"
+            ),
+            cost=m.create_counter(
+                "mesh.gen_ai.cost", unit="USD", description="Model cost by agent and tenant"
+            ),
+        )
+    return _meters
+
+
+def observe_breakers(states: Any) -> None:
+    """Register an observable gauge of open circuit breakers (`states()` → {key: state})."""
+
+    def callback(_options: metrics.CallbackOptions) -> Sequence[metrics.Observation]:
+        current = states()
+        return [
+            metrics.Observation(1 if s == "opened" else 0, {"replica": k})
+            for k, s in current.items()
+        ]
+
+    metrics.get_meter(_SCOPE).create_observable_gauge(
+        "mesh.breakers.open", callbacks=[callback], description="1 while a breaker is open"
+    )
+
+
+# -- set-up (process entry points only) ---------------------------------------------------------
+_configured = False
+
+
+def setup(service_name: str) -> None:
+    """Tracer and meter providers from the environment; idempotent; a no-op when disabled."""
+    global _configured  # noqa: PLW0603  # providers are process-wide by OTel's design
+    if _configured or not enabled():
+        return
+    _configured = True
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    provider = TracerProvider(resource=resource)
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    ):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    metrics.set_meter_provider(
+        MeterProvider(resource=resource, metric_readers=[PrometheusMetricReader()])
+    )
+
+
+def add_span_exporter(exporter: SpanExporter) -> None:
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
+
+
+def metrics_asgi_app() -> Any:
+    """The Prometheus exposition of this process's metrics, as an ASGI app (/metrics)."""
+    from prometheus_client import make_asgi_app
+
+    return make_asgi_app()
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
+    """A /metrics endpoint on its own port (processes without an HTTP server); returns it."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=host)
+    return int(server.server_port)
+
+
+# -- spans kept in JetStream (opt-in) -----------------------------------------------------------
+class SpanRecord(msgspec.Struct, omit_defaults=True):
+    trace_id: str
+    span_id: str
+    name: str
+    service: str
+    start_ns: int
+    end_ns: int
+    parent_id: str = ""
+    kind: str = ""
+    status: str = "UNSET"
+    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+def to_record(span: ReadableSpan) -> SpanRecord:
+    ctx = span.get_span_context()
+    parent = span.parent
+    attrs = {
+        k: (v if isinstance(v, str | int | float | bool) else str(v))
+        for k, v in (span.attributes or {}).items()
+    }
+    service = str(span.resource.attributes.get("service.name", "")) if span.resource else ""
+    return SpanRecord(
+        trace_id=format(ctx.trace_id, "032x") if ctx else "",
+        span_id=format(ctx.span_id, "016x") if ctx else "",
+        parent_id=format(parent.span_id, "016x") if parent else "",
+        name=span.name,
+        service=service,
+        start_ns=span.start_time or 0,
+        end_ns=span.end_time or 0,
+        kind=span.kind.name if span.kind else "",
+        status=span.status.status_code.name if span.status else "UNSET",
+        attributes=attrs,
+    )
+
+
+class JetStreamSpanExporter(SpanExporter):
+    """Publishes finished spans to `mesh.trace.<trace id>` (stream MESH_TRACES, kept a day).
+
+    The SDK calls `export` from its worker thread; the publish is handed to the process's event
+    loop, where the NATS connection lives. Best effort: tracing never blocks or fails the mesh.
+    """
+
+    def __init__(self, nc: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.nc = nc
+        self.loop = loop
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        payloads = [(r.trace_id, msgspec.json.encode(r)) for r in map(to_record, spans)]
+
+        async def publish() -> None:
+            for trace_id, body in payloads:
+                await self.nc.publish(f"{TRACE_ROOT}.{trace_id}", body)
+
+        try:
+            asyncio.run_coroutine_threadsafe(publish(), self.loop)
+        except RuntimeError:  # the loop is closed: the process is stopping
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+async def keep_spans_in_jetstream(bus: Any) -> None:
+    """If MESH_TRACE_STREAM is on: make sure the stream exists and export spans into it."""
+    if not enabled() or os.environ.get("MESH_TRACE_STREAM", "").lower() not in ("1", "true", "on"):
+        return
+    from nats.js.api import StorageType, StreamConfig
+    from nats.js.errors import NotFoundError
+
+    try:
+        await bus.js.stream_info(TRACE_STREAM)
+    except NotFoundError:
+        await bus.js.add_stream(
+            StreamConfig(
+                name=TRACE_STREAM,
+                subjects=[f"{TRACE_ROOT}.>"],
+                max_age=24 * 3600.0,
+                storage=StorageType.FILE,
+            )
+        )
+    add_span_exporter(JetStreamSpanExporter(bus.nc, asyncio.get_running_loop()))
+
+
+async def read_trace(bus: Any, trace_id: str, *, wait_s: float = 1.0) -> list[SpanRecord]:
+    """Every span of one trace kept in MESH_TRACES (bounded wait for late exports)."""
+    from nats.js.api import DeliverPolicy
+
+    sub = await bus.js.subscribe(
+        f"{TRACE_ROOT}.{trace_id}", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    spans: list[SpanRecord] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=wait_s)
+            except Exception:  # nats' TimeoutError: nothing more within wait_s
+                break
+            spans.append(msgspec.json.decode(msg.data, type=SpanRecord))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return spans
+
+
+def render_tree(spans: Sequence[SpanRecord]) -> list[str]:
+    """Indented lines: span, service, duration, status, and tokens where a model was called."""
+    by_parent: dict[str, list[SpanRecord]] = {}
+    ids = {s.span_id for s in spans}
+    for s in sorted(spans, key=lambda s: s.start_ns):
+        by_parent.setdefault(s.parent_id if s.parent_id in ids else "", []).append(s)
+    lines: list[str] = []
+
+    def walk(parent: str, depth: int) -> None:
+        for s in by_parent.get(parent, []):
+            ms = (s.end_ns - s.start_ns) / 1e6
+            extra = ""
+            tin, tout = (
+                s.attributes.get(GEN_AI_INPUT_TOKENS),
+                s.attributes.get(GEN_AI_OUTPUT_TOKENS),
+            )
+            if tin is not None or tout is not None:
+                extra = f"  tokens in={tin or 0} out={tout or 0}"
+            status = "" if s.status in ("UNSET", "OK") else f"  [{s.status}]"
+            lines.append(f"{'  ' * depth}{s.name}  ({s.service}, {ms:.1f} ms){status}{extra}")
+            walk(s.span_id, depth + 1)
+
+    walk("", 0)
+    return lines
