@@ -26,7 +26,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import anthropic
 import msgspec
 from anthropic.types import MessageParam, ToolChoiceToolParam, ToolParam, ToolUseBlock
+from opentelemetry.trace import SpanKind
 
+from mesh import telemetry
 from mesh.errors import ConfigError, MeshRuntimeError
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,18 @@ class RulesBrain:
         self._fn = fn
 
     async def think(self, payload: object) -> Thought[Any]:
+        name = getattr(self._fn, "__name__", "rules")
+        with telemetry.tracer().start_as_current_span(
+            f"execute_tool {name}",
+            kind=SpanKind.INTERNAL,
+            attributes={
+                telemetry.GEN_AI_OPERATION: "execute_tool",
+                telemetry.GEN_AI_TOOL_NAME: name,
+            },
+        ):
+            return await self._think(payload)
+
+    async def _think(self, payload: object) -> Thought[Any]:
         if inspect.iscoroutinefunction(self._fn):
             output = await self._fn(payload)
         else:
@@ -196,6 +210,24 @@ class ClaudeBrain:
         )
 
     async def think(self, payload: object) -> Thought[Any]:
+        with telemetry.tracer().start_as_current_span(
+            f"chat {self.model}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                telemetry.GEN_AI_OPERATION: "chat",
+                telemetry.GEN_AI_PROVIDER: "anthropic",
+                telemetry.GEN_AI_REQUEST_MODEL: self.model,
+            },
+        ) as span:
+            thought = await self._think(payload)
+            span.set_attribute(telemetry.GEN_AI_INPUT_TOKENS, thought.usage.input_tokens)
+            span.set_attribute(telemetry.GEN_AI_OUTPUT_TOKENS, thought.usage.output_tokens)
+            telemetry.record_usage(
+                self.model, thought.usage.input_tokens, thought.usage.output_tokens
+            )
+            return thought
+
+    async def _think(self, payload: object) -> Thought[Any]:
         self._check_allowed()
         messages: list[MessageParam] = [
             {"role": "user", "content": msgspec.json.encode(payload).decode()}

@@ -13,10 +13,12 @@ call `setup()`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -139,6 +141,30 @@ def meters() -> Meters:
             ),
         )
     return _meters
+
+
+# Who a model call is for: set by the agent runtime around each task, read when usage is
+# recorded (the brain itself does not know the agent or tenant).
+call_labels: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "mesh_call_labels", default=MappingProxyType({})
+)
+
+
+def record_usage(model: str, input_tokens: int, output_tokens: int) -> None:
+    """Token and cost counters, labelled by model and the current call's agent and tenant.
+
+    Prices (USD per million tokens) come from MESH_PRICE_INPUT_PER_MTOK and
+    MESH_PRICE_OUTPUT_PER_MTOK: set them to your contract; unset, no cost is recorded."""
+    labels = {"model": model, **call_labels.get()}
+    m = meters()
+    m.tokens.add(input_tokens, {**labels, "type": "input"})
+    m.tokens.add(output_tokens, {**labels, "type": "output"})
+    try:
+        price_in = float(os.environ["MESH_PRICE_INPUT_PER_MTOK"])
+        price_out = float(os.environ["MESH_PRICE_OUTPUT_PER_MTOK"])
+    except (KeyError, ValueError):
+        return
+    m.cost.add((input_tokens * price_in + output_tokens * price_out) / 1e6, labels)
 
 
 def observe_breakers(states: Any) -> None:
