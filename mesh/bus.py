@@ -28,8 +28,9 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+from opentelemetry.trace import SpanKind
 
-from mesh import envelope, subjects
+from mesh import envelope, subjects, telemetry
 from mesh.errors import NotConnectedError, StreamConflictError
 from mesh.settings import Settings, get_settings
 
@@ -235,11 +236,18 @@ class Bus:
         headers: dict[str, str] | None = None,
         timeout: float = 5.0,
     ) -> PubAck:
-        """Publish to a stream and wait for the ack; `msg_id` makes a re-publish a no-op."""
-        hdrs = dict(headers or {})
-        if msg_id:
-            hdrs[subjects.H_MSG_ID] = msg_id
-        return await self.js.publish(subject, body, timeout=timeout, headers=hdrs or None)
+        """Publish to a stream and wait for the ack; `msg_id` makes a re-publish a no-op.
+
+        Under a `send` producer span whose context rides in the headers (W3C traceparent)."""
+        with telemetry.tracer().start_as_current_span(
+            f"send {subject}",
+            kind=SpanKind.PRODUCER,
+            attributes=telemetry.messaging_attrs("send", "send", subject, msg_id or ""),
+        ):
+            hdrs = telemetry.inject(headers)
+            if msg_id:
+                hdrs[subjects.H_MSG_ID] = msg_id
+            return await self.js.publish(subject, body, timeout=timeout, headers=hdrs or None)
 
     async def publish_event(self, event: envelope.Event) -> PubAck:
         """Publish a domain event; its id (per tenant) deduplicates re-publishes."""
@@ -247,7 +255,6 @@ class Bus:
             subjects.event(event.tenant, event.type),
             envelope.encode(event),
             msg_id=f"{event.tenant}:{event.id}",
-            headers={subjects.H_TRACEPARENT: event.traceparent} if event.traceparent else None,
         )
 
 

@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from opentelemetry import trace
+
 from mesh.settings import get_settings
 
 
@@ -20,6 +22,12 @@ class _JsonFormatter(logging.Formatter):
         for key in ("event_id", "trace_id", "agent", "tenant"):
             if hasattr(record, key):
                 doc[key] = getattr(record, key)
+        if "trace_id" not in doc:
+            # Logged inside a span: the line joins its trace (search logs by trace id).
+            ctx = trace.get_current_span().get_span_context()
+            if ctx.is_valid:
+                doc["trace_id"] = format(ctx.trace_id, "032x")
+                doc["span_id"] = format(ctx.span_id, "016x")
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
