@@ -391,7 +391,7 @@ class Coordinator:
             tenant=tenant,
             body_b64=DeadLetter.encode_body(msg.data),
             headers=dict(msg.headers or {}),
-            event_id=event.id if event else (msg.headers or {}).get(subjects.H_MSG_ID),
+            event_id=event.id if event else _published_id(msg),
             event_type=event.type if event else event_type or None,
             attempts=meta.num_delivered,
             stream_seq=meta.sequence.stream,
@@ -436,6 +436,16 @@ def _count(d: Decision) -> None:
     for v in d.votes:
         verdict = v.verdict.vote if v.verdict else "none"
         m.votes.add(1, {"agent": v.agent, "outcome": v.outcome, "verdict": verdict})
+
+
+def _published_id(msg: Msg) -> str | None:
+    """The id a producer gave an event we could not parse: its message id, without the
+    `<tenant>:` prefix the mesh adds (so `mesh publish`'s printed id finds it)."""
+    msg_id = (msg.headers or {}).get(subjects.H_MSG_ID)
+    if msg_id is None:
+        return None
+    tenant, _ = subjects.parse_event_subject(msg.subject)
+    return msg_id.removeprefix(f"{tenant}:")
 
 
 def _counted(votes: dict[str, Vote]) -> dict[str, Choice]:

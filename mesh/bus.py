@@ -119,27 +119,40 @@ class Bus:
         elif isinstance(servers, str):
             servers = [s.strip() for s in servers.split(",") if s.strip()]
         nc = NATS()
+        first_errors: list[Exception] = []
+
+        async def on_error(e: Exception) -> None:
+            # Until connected, errors are the answer to give the user, not log noise.
+            if nc.is_connected:
+                await _log_error(e)
+            else:
+                first_errors.append(e)
+
         try:
-            # Reconnects are unbounded once up, but the first connect must fail fast: nats-py
-            # would otherwise retry a server that is not there for ever.
+            # nats-py applies max_reconnect_attempts to the first connect too: try each server
+            # twice, and only once connected let reconnects go on for ever (a NATS cluster
+            # restarting under us must not kill the process).
             await asyncio.wait_for(
                 nc.connect(
                     servers=servers,
                     name=name,
                     connect_timeout=2,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=1,
+                    max_reconnect_attempts=2,
+                    reconnect_time_wait=0.2,  # type: ignore[arg-type]  # typed int, takes float
                     allow_reconnect=True,
-                    error_cb=_log_error,
+                    error_cb=on_error,
                     disconnected_cb=_log_disconnected,
                 ),
                 timeout=connect_timeout_s,
             )
+            nc.options["max_reconnect_attempts"] = -1
+            nc.options["reconnect_time_wait"] = 1
         except Exception as e:
             with contextlib.suppress(Exception):
                 await nc.close()
-            reason = str(e) or type(e).__name__
-            if isinstance(e, TimeoutError):
+            cause = first_errors[-1] if first_errors else e
+            reason = str(cause) or type(cause).__name__
+            if isinstance(cause, TimeoutError):
                 reason = f"no answer within {connect_timeout_s:.0f}s"
             raise NotConnectedError(
                 f"cannot connect to NATS at {', '.join(servers)}: {reason}",

@@ -88,8 +88,7 @@ class _Outcomes:
 
     async def on_dead_letter(self, msg: Msg) -> None:
         d = dead_letter_decoder.decode(msg.data)
-        key = (d.event_id or "").split(":", 1)[-1]
-        await self._put(key, d)
+        await self._put(d.event_id or "", d)
 
     async def _put(self, key: str, value: Decision | DeadLetter) -> None:
         async with self.arrived:

@@ -1,0 +1,83 @@
+"""User mistakes at the `mesh` command line: exit code 2, what to do next, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.procs import Ran, mesh_env, run_mesh
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def no_mesh(tmp_path: Path) -> Iterator[Path]:
+    """A fresh folder with no `mesh up` state and no MESH_NATS_URL."""
+    assert not (tmp_path / ".mesh").exists()
+    yield tmp_path
+    assert not (tmp_path / ".mesh" / "nats.json").exists()
+
+
+def _usage_error(ran: Ran) -> None:
+    assert ran.returncode == 2, str(ran)
+    assert "Traceback" not in ran.stdout + ran.stderr, str(ran)
+    assert "error" in ran.stderr, str(ran)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["agents"],
+        ["decisions"],
+        ["decisions", "--json"],
+        ["dlq"],
+        ["dlq", "ls", "--json"],
+        ["publish", "release.proposed", "{}"],
+    ],
+    ids=" ".join,
+)
+def test_no_server_says_what_to_do(no_mesh: Path, args: list[str]) -> None:
+    ran = run_mesh(args, cwd=no_mesh, env=mesh_env(no_mesh))
+    _usage_error(ran)
+    assert "no NATS server" in ran.stderr, str(ran)
+    assert "mesh up" in ran.stderr or "MESH_NATS_URL" in ran.stderr, str(ran)
+    assert ran.stdout.strip() == "", str(ran)  # no half output, no event id
+
+
+def test_publish_bad_event_type(no_mesh: Path) -> None:
+    ran = run_mesh(["publish", "bad type!", "{}"], cwd=no_mesh, env=mesh_env(no_mesh))
+    _usage_error(ran)
+    assert "'bad type!' is not an event type" in ran.stderr, str(ran)
+    assert "release.proposed" in ran.stderr, str(ran)  # an example of a valid one
+
+
+def test_publish_missing_file(no_mesh: Path) -> None:
+    ran = run_mesh(
+        ["publish", "release.proposed", "@missing.json"], cwd=no_mesh, env=mesh_env(no_mesh)
+    )
+    _usage_error(ran)
+    assert "missing.json" in ran.stderr, str(ran)
+    assert "cannot read" in ran.stderr, str(ran)
+
+
+def test_run_unknown_agent_module(no_mesh: Path) -> None:
+    ran = run_mesh(["run", "agents.nope"], cwd=no_mesh, env=mesh_env(no_mesh))
+    _usage_error(ran)
+    assert "agents.nope" in ran.stderr, str(ran)
+    assert "mesh run agents.security_review" in ran.stderr, str(ran)
+
+
+def test_nothing_listening_at_mesh_nats_url(no_mesh: Path) -> None:
+    # A port bound but never listened on, held while the command runs: nothing can accept there
+    # and no other process can take the port meanwhile.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        url = f"nats://127.0.0.1:{held.getsockname()[1]}"
+        ran = run_mesh(["agents"], cwd=no_mesh, env=mesh_env(no_mesh, MESH_NATS_URL=url))
+    _usage_error(ran)
+    assert "cannot connect" in ran.stderr, str(ran)
+    assert url in ran.stderr, str(ran)
+    assert "MESH_NATS_URL" in ran.stderr or "mesh up" in ran.stderr, str(ran)

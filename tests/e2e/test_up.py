@@ -1,0 +1,351 @@
+"""`mesh up` as a real process, driven from outside: the A2A SDK over HTTP, raw JSON-RPC over
+HTTP and NATS, and the `mesh` CLI (publish, decisions, dlq, agents) as separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.procs import (
+    CARD_TTL_S,
+    HEARTBEAT_S,
+    SAMPLES,
+    MeshUp,
+    bus_settings,
+    eventually,
+    live_registrations,
+    sample,
+    start_mesh_up,
+    wait_for,
+)
+from tests.helpers import jsonrpc
+
+pytestmark = pytest.mark.e2e
+
+# The three reviewers the release policy asks; `mesh up` may run other agents beside them.
+REVIEWERS = {"compliance-review", "quality-review", "security-review"}
+DECIDE_TIMEOUT_S = 20.0  # the policy's deadline is 4 s; this only bounds a broken run
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshUp]:
+    """One `mesh up` for the module's tests, ready once the registry lists the three agents."""
+    mesh = start_mesh_up(tmp_path_factory.mktemp("up"))
+    try:
+        seen: list[Any] = []
+
+        def three_agents() -> bool:
+            regs = asyncio.run(live_registrations(mesh.url))
+            seen[:] = [_describe(regs)]
+            return _reviewers_up(regs)
+
+        try:
+            wait_for(
+                "the 3 reviewers live",
+                three_agents,
+                timeout=30,
+                alive=mesh.assert_running,
+                detail=lambda: seen,
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{mesh.logs()}") from None
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def _reviewers_up(regs: list[Any]) -> bool:
+    """Each reviewer live, with exactly one instance (`mesh up` runs one replica)."""
+    names = [r.agent for r in regs]
+    return all(names.count(a) == 1 for a in REVIEWERS)
+
+
+def _describe(regs: list[Any]) -> list[str]:
+    now = time.time()
+    return [f"{r.agent}/{r.instance} pid={r.pid} seen {now - r.seen_at:.1f}s ago" for r in regs]
+
+
+def _jsonrpc_url(regs: list[Any], agent: str) -> str:
+    [reg] = [r for r in regs if r.agent == agent]
+    urls = [
+        i["url"]
+        for i in reg.card.get("supportedInterfaces", [])
+        if i.get("protocolBinding") == "JSONRPC"
+    ]
+    assert len(urls) == 1, reg.card
+    url: str = urls[0]
+    assert url.startswith("http://127.0.0.1:"), url
+    return url
+
+
+def _verdicts(task: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(artifact name, data) for every data part of a task's artifacts (ids left out)."""
+    return [
+        (a.get("name", ""), p["data"])
+        for a in task.get("artifacts", [])
+        for p in a.get("parts", [])
+        if "data" in p
+    ]
+
+
+# -- a. the official A2A SDK, over HTTP ---------------------------------------------------------
+async def test_a2a_sdk_client_gets_a_verdict(up: MeshUp) -> None:
+    from a2a.client import A2ACardResolver, ClientConfig, create_client
+    from a2a.helpers import new_data_part
+    from a2a.types import Message, Role, SendMessageRequest, TaskState
+    from google.protobuf.json_format import MessageToDict
+
+    url = _jsonrpc_url(await live_registrations(up.url), "security-review")
+    async with httpx.AsyncClient(timeout=10) as http:
+        card = await A2ACardResolver(http, url).get_agent_card()
+    assert card.name == "security-review"
+    assert [s.id for s in card.skills] == ["release-security-review"]
+    assert any(
+        i.url == url and i.protocol_binding == "JSONRPC" for i in card.supported_interfaces
+    ), card.supported_interfaces
+
+    client = await create_client(url, client_config=ClientConfig(streaming=False))
+    try:
+
+        async def ask(release: dict[str, Any]) -> Any:
+            request = SendMessageRequest(
+                message=Message(
+                    role=Role.ROLE_USER,
+                    message_id=str(uuid.uuid4()),
+                    parts=[new_data_part(release, media_type="application/json")],
+                )
+            )
+            async with asyncio.timeout(20):
+                events = [e async for e in client.send_message(request)]
+            tasks = [e.task for e in events if e.HasField("task")]
+            assert tasks, events
+            return tasks[-1]
+
+        clean = await ask(sample("release_clean.json"))
+        secret = await ask(sample("release_secret.json"))
+    finally:
+        await client.close()
+
+    for task, vote in ((clean, "approve"), (secret, "reject")):
+        assert task.status.state == TaskState.TASK_STATE_COMPLETED, task.status
+        data = [
+            MessageToDict(p.data) for a in task.artifacts for p in a.parts if p.HasField("data")
+        ]
+        assert len(data) == 1, task.artifacts
+        assert data[0]["vote"] == vote, data
+        assert data[0]["reasons"], data
+    assert clean.id != secret.id
+
+
+# -- b. the same JSON-RPC body over HTTP and over NATS ------------------------------------------
+async def test_same_jsonrpc_over_http_and_nats(up: MeshUp) -> None:
+    from mesh.bus import Bus
+
+    url = _jsonrpc_url(await live_registrations(up.url), "security-review")
+    release = sample("release_clean.json")
+
+    def body() -> bytes:
+        message = {
+            "role": "ROLE_USER",
+            "messageId": str(uuid.uuid4()),
+            "parts": [{"data": release}],
+        }
+        return jsonrpc("SendMessage", {"message": message})
+
+    headers = {"A2A-Version": "1.0"}
+    async with httpx.AsyncClient(timeout=20) as http:
+        r = await http.post(
+            url, content=body(), headers={**headers, "Content-Type": "application/json"}
+        )
+    assert r.status_code == 200, r.text
+    over_http = r.json()
+
+    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings()) as bus:
+        reply = await bus.nc.request(
+            "mesh.a2a.security-review", body(), timeout=20, headers=headers
+        )
+    over_nats = json.loads(reply.data)
+
+    for res in (over_http, over_nats):
+        assert res.get("jsonrpc") == "2.0" and res.get("id") == 1, res
+        assert "error" not in res, res
+    http_task, nats_task = over_http["result"]["task"], over_nats["result"]["task"]
+    assert http_task["status"]["state"] == nats_task["status"]["state"] == "TASK_STATE_COMPLETED"
+    assert http_task["id"] != nats_task["id"]
+    verdicts = _verdicts(http_task)
+    assert verdicts == _verdicts(nats_task)
+    assert [(name, data["vote"]) for name, data in verdicts] == [("verdict", "approve")]
+
+
+# -- c. CLI round trip: publish, then read the decision back ------------------------------------
+def test_cli_publish_then_decision(up: MeshUp) -> None:
+    ran = up.mesh("publish", "release.proposed", f"@{SAMPLES / 'release_secret.json'}")
+    assert ran.returncode == 0, str(ran)
+    event_id = ran.stdout.strip()
+    assert event_id and len(event_id.split()) == 1, str(ran)
+    uuid.UUID(event_id)  # the default id is a fresh uuid
+
+    def decided() -> dict[str, Any] | None:
+        listed = up.mesh("decisions", "--json", "--limit", "100")
+        assert listed.returncode == 0, str(listed)
+        return next((d for d in listed.json() if d["event_id"] == event_id), None)
+
+    decision = wait_for(
+        f"decision for {event_id}",
+        decided,
+        timeout=DECIDE_TIMEOUT_S,
+        every=0.2,
+        alive=up.assert_running,
+    )
+    assert decision["outcome"] == "rejected", decision
+    assert decision["event_type"] == "release.proposed"
+    assert decision["tenant"] == "default"
+    [security] = [v for v in decision["votes"] if v["agent"] == "security-review"]
+    assert security["verdict"]["vote"] == "reject", security
+
+
+# -- d. what cannot be decided goes to the dead-letter stream, with the reason ------------------
+def test_cli_publish_malformed_and_unknown_type_are_dead_lettered(up: MeshUp) -> None:
+    malformed = up.mesh("publish", "release.proposed", '{"id": "x", "servi')
+    assert malformed.returncode == 0, str(malformed)
+    assert "warning" in malformed.stderr and "not valid JSON" in malformed.stderr, str(malformed)
+    assert "Traceback" not in malformed.stderr
+    malformed_id = malformed.stdout.strip()
+
+    unknown = up.mesh("publish", "invoice.created", '{"a": 1}')
+    assert unknown.returncode == 0, str(unknown)
+    assert "Traceback" not in unknown.stderr
+    unknown_id = unknown.stdout.strip()
+    assert malformed_id and unknown_id and malformed_id != unknown_id
+
+    def find(items: list[dict[str, Any]], event_id: str) -> dict[str, Any] | None:
+        # A body that is not an envelope has no id of its own; the dead letter then carries the
+        # stream's dedup id, "<tenant>:<id>" (see the report: the two shapes differ).
+        return next(
+            (d for d in items if d.get("event_id") in (event_id, f"default:{event_id}")), None
+        )
+
+    def both() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        listed = up.mesh("dlq", "ls", "--json", "--limit", "100")
+        assert listed.returncode == 0, str(listed)
+        items = listed.json()
+        m, u = find(items, malformed_id), find(items, unknown_id)
+        return (m, u) if m and u else None
+
+    m, u = wait_for(
+        "both dead letters", both, timeout=DECIDE_TIMEOUT_S, every=0.2, alive=up.assert_running
+    )
+    assert m["reason"] == "malformed", m
+    assert m["subject"] == "mesh.evt.default.release.proposed", m
+    assert u["reason"] == "unknown_type", u
+    assert u["subject"] == "mesh.evt.default.invoice.created", u
+    assert u["event_type"] == "invoice.created", u
+
+
+# -- e. kill -9 an agent: the policy's timeout rule decides, the registry forgets it ------------
+async def test_kill_9_agent(mesh_up: MeshUp) -> None:
+    """Its own `mesh up` (this test breaks the mesh)."""
+    from mesh import envelope, subjects
+    from mesh.bus import Bus, tail
+    from mesh.registry import Registry
+
+    up = mesh_up
+    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings()) as bus:
+        registry = Registry(bus)
+
+        seen: list[Any] = []
+
+        async def three() -> list[Any] | None:
+            regs = await registry.live()
+            seen[:] = [_describe(regs)]
+            return regs if _reviewers_up(regs) else None
+
+        try:
+            regs = await eventually(
+                "the 3 reviewers live",
+                three,
+                timeout=30,
+                alive=up.assert_running,
+                detail=lambda: seen,
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{up.logs()}") from None
+        [quality] = [r for r in regs if r.agent == "quality-review"]
+        # Only a process this test started (a descendant of our `mesh up`) may be killed.
+        assert quality.pid in up.remember_children(), (quality.pid, up.known)
+
+        os.kill(quality.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        event = envelope.new_event(
+            "release.proposed",
+            sample("release_clean.json"),
+            event_id=f"e2e-kill-{uuid.uuid4().hex[:8]}",
+        )
+        await bus.publish_event(event)
+
+        async def decision() -> dict[str, Any] | None:
+            rows = await tail(bus, subjects.DECISIONS_STREAM, 100)
+            found = [json.loads(body) for _, _, body in rows]
+            return next((d for d in found if d["event_id"] == event.id), None)
+
+        try:
+            d = await eventually(
+                f"decision for {event.id}",
+                decision,
+                timeout=DECIDE_TIMEOUT_S,
+                alive=up.assert_running,
+            )
+        except AssertionError:
+            dlq = [json.loads(b) for _, _, b in await tail(bus, subjects.DLQ_STREAM, 20)]
+            raise AssertionError(f"no decision for {event.id}; dead letters: {dlq}") from None
+        assert d["outcome"] == "rejected", d
+        [q] = [v for v in d["votes"] if v["agent"] == "quality-review"]
+        assert q["outcome"] in ("timeout", "unavailable"), q
+        assert q["counted_as"] == "reject", q
+        assert "verdict" not in q, q
+        for v in d["votes"]:
+            if v["agent"] != "quality-review":
+                assert v["outcome"] == "voted" and v["verdict"]["vote"] == "approve", v
+
+        # The registry forgets the dead instance once its card is past its TTL.
+        bound = CARD_TTL_S + HEARTBEAT_S + 2.0
+
+        async def forgotten() -> list[Any] | None:
+            regs = await registry.live()
+            seen[:] = [_describe(regs)]
+            return regs if "quality-review" not in {r.agent for r in regs} else None
+
+        remaining = await eventually(
+            "quality-review gone from the registry",
+            forgotten,
+            timeout=max(0.0, killed_at + bound - time.monotonic()),
+            alive=up.assert_running,
+            detail=lambda: seen,
+        )
+        # Every other instance that was live before the kill still is (same instance ids).
+        others = {r.key for r in regs if r.agent != "quality-review"}
+        assert others <= {r.key for r in remaining}, (_describe(remaining), others)
+
+    listed = up.mesh("agents")
+    assert listed.returncode == 0, str(listed)
+    assert "quality-review" not in listed.stdout, str(listed)
+    for key in others:
+        agent, instance = key.split(".", 1)
+        assert agent in listed.stdout and instance in listed.stdout, (key, str(listed))
+    # `mesh up` noticed, said so, and kept running.
+    wait_for(
+        "`mesh up` reports the dead agent",
+        lambda: "quality-review exited" in up.stderr(),
+        timeout=5,
+        alive=up.assert_running,
+    )
+    up.assert_running()
