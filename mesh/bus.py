@@ -28,6 +28,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
 
 from mesh import envelope, subjects, telemetry
@@ -248,12 +249,14 @@ class Bus:
         msg_id: str | None = None,
         headers: dict[str, str] | None = None,
         timeout: float = 5.0,
+        parent: otel_context.Context | None = None,
     ) -> PubAck:
         """Publish to a stream and wait for the ack; `msg_id` makes a re-publish a no-op.
 
         Under a `send` producer span whose context rides in the headers (W3C traceparent)."""
         with telemetry.tracer().start_as_current_span(
             f"send {subject}",
+            context=parent,
             kind=SpanKind.PRODUCER,
             attributes=telemetry.messaging_attrs("send", "send", subject, msg_id or ""),
         ):
@@ -268,6 +271,10 @@ class Bus:
             subjects.event(event.tenant, event.type),
             envelope.encode(event),
             msg_id=f"{event.tenant}:{event.id}",
+            # An event that carries its producer's trace (CloudEvents `traceparent`) continues it.
+            parent=telemetry.extract({subjects.H_TRACEPARENT: event.traceparent})
+            if event.traceparent
+            else None,
         )
 
 
