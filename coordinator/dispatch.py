@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from datetime import datetime
+from typing import Any
 
 import msgspec
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -43,6 +45,8 @@ async def ask(
     event: envelope.Event,
     policy: Policy,
     deadline: float,
+    deadline_wall: float = 0.0,
+    grace_s: float = 0.0,
 ) -> Vote:
     """One voter's answer by `deadline` (a time.monotonic() value), under an `invoke_agent`
     client span whose context travels to the agent in the request headers."""
@@ -64,6 +68,8 @@ async def ask(
             event=event,
             policy=policy,
             deadline=deadline,
+            deadline_wall=deadline_wall,
+            grace_s=grace_s,
         )
         span.set_attribute("mesh.vote.outcome", vote.outcome)
         span.set_attribute("mesh.vote.attempts", vote.attempts)
@@ -87,6 +93,8 @@ async def _ask(
     event: envelope.Event,
     policy: Policy,
     deadline: float,
+    deadline_wall: float = 0.0,
+    grace_s: float = 0.0,
 ) -> Vote:
     started = time.monotonic()
     message = user_message(
@@ -102,6 +110,21 @@ async def _ask(
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0.001:
+            if attempts == 0 and grace_s > 0:
+                # A take-over found the deadline gone. The voter may well have answered in time
+                # to the coordinator that died: ask once more with the same messageId (the agent
+                # returns the task it has) and let the task's own timestamp say if it counts.
+                return await _recover(
+                    client,
+                    router,
+                    skill=skill,
+                    agent=agent,
+                    message=message,
+                    policy=policy,
+                    deadline_wall=deadline_wall,
+                    grace_s=grace_s,
+                    started=started,
+                )
             break
         attempts += 1
         route = router.route(agent, avoid=frozenset(failed))
@@ -168,6 +191,73 @@ async def _ask(
         latency_ms=_ms(started),
         attempts=attempts,
     )
+
+
+async def _recover(
+    client: A2AClient,
+    router: Router,
+    *,
+    skill: str,
+    agent: str,
+    message: dict[str, Any],
+    policy: Policy,
+    deadline_wall: float,
+    grace_s: float,
+    started: float,
+) -> Vote:
+    route = router.route(agent)
+    try:
+        result = await client.send_message(
+            agent,
+            message,
+            timeout=min(policy.agent_timeout_s, grace_s),
+            subject=route.subject,
+            headers=telemetry.inject(),
+        )
+        task = task_of(result)
+        verdict = verdict_of(task)
+    except (AgentCallError, ValueError, msgspec.ValidationError) as e:
+        return Vote(
+            skill=skill,
+            agent=agent,
+            outcome="timeout",
+            counted_as=unanswered(policy),
+            error=f"deadline passed during a take-over; no earlier answer ({e})",
+            latency_ms=_ms(started),
+            attempts=1,
+        )
+    answered_at = _timestamp(task)
+    if answered_at is not None and answered_at <= deadline_wall:
+        meta = (task.get("artifacts") or [{}])[0].get("metadata", {})
+        return Vote(
+            skill=skill,
+            agent=agent,
+            outcome="voted",
+            counted_as=verdict.vote,
+            verdict=verdict,
+            latency_ms=_ms(started),
+            attempts=1,
+            brain=str(meta.get("brain", "")),
+        )
+    # Answered, but after the deadline: recorded for the audit, not counted.
+    return Vote(
+        skill=skill,
+        agent=agent,
+        outcome="timeout",
+        counted_as=unanswered(policy),
+        verdict=verdict,
+        error="late vote: answered after the deadline; not counted",
+        latency_ms=_ms(started),
+        attempts=1,
+    )
+
+
+def _timestamp(task: dict[str, Any]) -> float | None:
+    raw = task.get("status", {}).get("timestamp")
+    try:
+        return datetime.fromisoformat(str(raw)).timestamp() if raw else None
+    except ValueError:
+        return None
 
 
 def _ms(since: float) -> float:

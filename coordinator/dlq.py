@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import getpass
 import json
 import logging
+import socket
 import time
 import typing
 import uuid
@@ -35,7 +37,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
+from coordinator.ledger import settle_for_dead_letter, state_key
 from mesh import envelope, subjects
+from mesh.audit import SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus, tail
 from mesh.errors import ConfigError, NotConnectedError
 from mesh.records import DeadLetter, DlqReason, dead_letter_decoder, encoder
@@ -103,6 +107,7 @@ class AdvisoryDeadLetters:
         self.stats = Stats()
         self._subs: list[Subscription] = []
         self._busy = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         if self._subs:
@@ -125,6 +130,8 @@ class AdvisoryDeadLetters:
             with contextlib.suppress(Exception):
                 # nats-py leaves drain() unannotated
                 await asyncio.wait_for(sub.drain(), timeout=10.0)  # type: ignore[no-untyped-call]
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=70.0)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -144,9 +151,16 @@ class AdvisoryDeadLetters:
         return self._busy == 0 and all(s.pending_msgs == 0 for s in self._subs)
 
     async def _on_advisory(self, msg: Msg) -> None:
-        # Never raise: nats-py would only report it, and the next advisory must still be handled.
+        # Its own task: handling one may wait for a coordinator's lease (settle_for_dead_letter),
+        # and the advisories behind it must not wait in line.
         self._busy += 1
         self.stats.received += 1
+        task = asyncio.create_task(self._handle_one(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle_one(self, msg: Msg) -> None:
+        # Never raise: nats-py would only report it, and the next advisory must still be handled.
         try:
             await self.handle(msg.subject, msg.data)
         except Exception:
@@ -161,6 +175,12 @@ class AdvisoryDeadLetters:
         terminated = ".MSG_TERMINATED." in advisory_subject
         reason: DlqReason = "terminated" if terminated else "max_deliveries"
         record = await build_record(self.bus, adv, reason)
+        if adv.consumer == subjects.COORDINATOR_DURABLE and record.event_id:
+            kv = await self.bus.kv(subjects.DECISIONS_BUCKET)
+            key = state_key(record.tenant, record.event_id)
+            if not await settle_for_dead_letter(kv, key, stream_seq=adv.stream_seq, reason=reason):
+                log.info("event %s was decided after all; no dead letter", record.event_id)
+                return
         msg_id = f"dlq:{adv.stream}:{adv.stream_seq}:{adv.consumer}"
         body = encoder.encode(record)
         for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
@@ -357,6 +377,12 @@ async def replay(bus: Bus, seq: int) -> str:
             f"no stream takes {record.subject}",
             hint="start the mesh (`mesh up`) so the events stream exists",
         ) from None
+    await AuditLog(bus, actor=_operator()).append(
+        tenant,
+        "replay",
+        record.event_id or f"dlq:{seq}",
+        {"dlq_seq": seq, "reason": record.reason, "subject": record.subject, "msg_id": msg_id},
+    )
     return msg_id
 
 
@@ -381,4 +407,17 @@ async def purge(bus: Bus, *, reason: str | None) -> int:
             APIError.from_error(doc["error"])  # raises the matching nats error
         except NotFoundError:
             return 0  # no DLQ stream yet: nothing to purge
-    return int(doc.get("purged", 0))
+    purged = int(doc.get("purged", 0))
+    await AuditLog(bus, actor=_operator()).append(
+        SYSTEM_TENANT, "purge", subjects.DLQ_STREAM, {"reason_filter": reason, "purged": purged}
+    )
+    return purged
+
+
+def _operator() -> str:
+    """Who did it, as far as this process can tell (the audit trail's actor)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"

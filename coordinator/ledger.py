@@ -123,7 +123,8 @@ class Ledger:
                 now + deadline_s if replay else current.deadline_at,
                 stream_seq,
                 votes={} if replay else current.votes,
-                takeovers=current.takeovers + 1,
+                # A replay is a fresh decision, not a take-over of a dead owner's work.
+                takeovers=0 if replay else current.takeovers + 1,
             )
             try:
                 rev = await self.kv.update(key, _enc.encode(taken), last=entry.revision)
@@ -169,3 +170,44 @@ class Ledger:
                 return
             except KeyWrongLastSequenceError:
                 continue
+
+
+async def settle_for_dead_letter(
+    kv: KeyValue, key: str, *, stream_seq: int, reason: str, wait_s: float = 60.0
+) -> bool:
+    """JetStream gave up delivering an event to the coordinator: may it be dead-lettered?
+
+    Not if it was decided after all (a "busy" redelivery can use up the last delivery while
+    another coordinator finishes it). While a live owner still holds it, wait (bounded) for
+    its outcome. Otherwise mark it dead-lettered by compare-and-set, so an owner that comes
+    back late fails its own CAS and never publishes: decided or dead-lettered, never both.
+    """
+    give_up_waiting = time.monotonic() + wait_s
+    while True:
+        now = time.time()
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            entry = None
+        current = _dec.decode(entry.value) if entry is not None and entry.value else None
+        if current is not None and current.state == "decided":
+            return False
+        if (
+            current is not None
+            and current.state == "collecting"
+            and current.lease_until > now
+            and time.monotonic() < give_up_waiting
+        ):
+            await asyncio.sleep(min(0.5, current.lease_until - now + 0.05))
+            continue
+        marked = DecisionState(
+            "dead_lettered", "dlq", now, now, stream_seq, dead_letter_reason=reason
+        )
+        try:
+            if entry is None:
+                await kv.create(key, _enc.encode(marked))
+            else:
+                await kv.update(key, _enc.encode(marked), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            continue  # it changed under us (maybe decided): look again
+        return True

@@ -33,7 +33,7 @@ from coordinator.quorum import tally
 from coordinator.routing import Router
 from mesh import envelope, subjects, telemetry
 from mesh.a2a.client import A2AClient
-from mesh.audit import AuditLog
+from mesh.audit import SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus
 from mesh.records import DeadLetter, Decision, DlqReason, Vote, encoder
 from mesh.registry import Registry, RegistryView
@@ -41,11 +41,10 @@ from mesh.verdict import Choice
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 5.0  # how long a silent owner keeps an event before others may take it over
+LEASE_S = 2.0  # how long a silent owner keeps an event before others may take it over
 ACK_WAIT_S = LEASE_S + 1.0  # redelivery comes only after the lease has lapsed
-MAX_DELIVER = 10  # bounded: crashes and busy-naks count; the last one is dead-lettered
+MAX_DELIVER = 20  # bounded: crashes and busy-naks count; the last one is dead-lettered
 _WRONG_LAST_SEQUENCE = 10071
-SYSTEM_TENANT = "_mesh"  # audit chain for acts that belong to no tenant (policy changes)
 
 
 class Coordinator:
@@ -254,6 +253,9 @@ class Coordinator:
         # The deadline is wall-clock in the ledger (it survives take-overs); here, monotonic.
         deadline = time.monotonic() + max(0.0, claim.state.deadline_at - time.time())
         votes = dict(claim.state.votes)  # cast before a take-over: not asked again
+        # After a take-over, votes that were in flight at the crash are fetched once more even
+        # past the deadline; they count only if the agent's task says it answered in time.
+        grace = min(policy.agent_timeout_s, 1.0) if claim.state.takeovers else 0.0
         tasks = {
             asyncio.create_task(
                 dispatch.ask(
@@ -264,6 +266,8 @@ class Coordinator:
                     event=event,
                     policy=policy,
                     deadline=deadline,
+                    deadline_wall=claim.state.deadline_at,
+                    grace_s=grace,
                 )
             ): skill
             for skill, agent in agents.items()

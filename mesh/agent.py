@@ -39,11 +39,12 @@ import uvicorn
 from a2a.helpers import get_data_parts, get_message_text, new_data_part, new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
-from a2a.server.tasks import TaskUpdater
+from a2a.server.tasks import InMemoryTaskStore, TaskStore, TaskUpdater
 from a2a.types import AgentCard, Part
 
 from mesh import subjects
 from mesh.a2a.server import A2AServer
+from mesh.a2a.taskstore import JetStreamTaskStore
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
 from mesh.errors import ConfigError, MeshError
@@ -60,6 +61,7 @@ from mesh.events import (
 from mesh.models import Brain, select_brain
 from mesh.registry import Registration, Registry, new_instance_id
 from mesh.settings import Settings, get_settings
+from mesh.signing import CardSigner
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,7 @@ class Agent:
         """Serve A2A over NATS (and HTTP), registered and heartbeating, until the block exits."""
         settings = settings or (bus.settings if bus else get_settings())
         card = self.card()
+        signer = CardSigner.from_settings(settings)  # a bad key fails here, before anything runs
         # Events-only agents have no brain: A2A messages are answered with a rejection.
         brain = self.brain() if self._handler or not self.event_handlers else None
         log.info("agent %s: brain %s", self.name, brain.name if brain else "none (events only)")
@@ -179,12 +182,15 @@ class Agent:
             await bus.ensure()
             instance = new_instance_id()
             subject = subjects.a2a(self.name)
+            store = await _task_store(bus, self.name, settings)
             # The card must say where this instance listens, so the HTTP socket is bound first
             # and the server is built once, with the live card.
             sock = _bind(settings) if http else None
             http_url = _advertised_url(settings, sock.getsockname()[1]) if sock else None
             live = with_interfaces(card, http_url=http_url, nats_subject=subject)
-            server = A2AServer(live, _Executor(self, brain))
+            if signer is not None:  # signed once: the live card does not change while we run
+                live = signer.sign(live)
+            server = A2AServer(live, _Executor(self, brain), task_store=store)
             if sock is not None:
                 await stack.enter_async_context(_http(server, sock))
             # Shared subject (replicas share work in a queue group) and this replica's own, so a
@@ -233,6 +239,18 @@ class RunningAgent:
     http_url: str | None
     subject: str
     brain: Brain | None  # None: the agent only reacts to events
+
+
+async def _task_store(bus: Bus, agent: str, settings: Settings) -> TaskStore | JetStreamTaskStore:
+    """MESH_TASK_STORE: `jetstream` (default) shares tasks between replicas and keeps them over
+    restarts; `memory` keeps them in this process only.
+
+    Not yet wired: `JetStreamTaskStore.events()` as the request handler's `event_stream` (it needs
+    A2AServer to take one). Until then SubscribeToTask follows a task only on the replica that
+    runs it, and a2a-sdk logs at start that cross-replica streaming is disabled."""
+    if settings.task_store == "memory":
+        return InMemoryTaskStore()
+    return await JetStreamTaskStore.open(bus, agent)
 
 
 def _advertised_url(settings: Settings, port: int) -> str:

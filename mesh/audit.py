@@ -10,6 +10,7 @@ the first record that does not chain.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["decision", "vote", "dead_letter", "replay", "policy_change", "purge"]
 GENESIS = "0" * 64
+SYSTEM_TENANT = "_mesh"  # the chain for acts that belong to no tenant (policy changes, purges)
 _WRONG_LAST_SEQUENCE = 10071
 _MAX_RACES = 50  # bounded: each lost race means another record landed, so progress is made
 
@@ -61,6 +63,9 @@ class AuditLog:
         self.bus = bus
         self.actor = actor
         self._tips: dict[str, tuple[int, str]] = {}  # tenant -> (stream seq, hash)
+        # One append at a time per tenant in this process: concurrent decisions would only
+        # race each other for the tip. Races with other processes are the server's to settle.
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def append(
         self,
@@ -73,6 +78,13 @@ class AuditLog:
     ) -> AuditRecord:
         """Append one record. With `msg_id`, a repeat (say, after a crash and redelivery) within
         the stream's dedup window is dropped by the server instead of recorded twice."""
+        lock = self._locks.setdefault(tenant, asyncio.Lock())
+        async with lock:
+            return await self._append(tenant, kind, ref, data, msg_id)
+
+    async def _append(
+        self, tenant: str, kind: Kind, ref: str, data: dict[str, Any], msg_id: str | None
+    ) -> AuditRecord:
         for _ in range(_MAX_RACES):
             seq, prev = self._tips.get(tenant) or await self._tip(tenant)
             record = AuditRecord(tenant, kind, ref, self.actor, time.time(), data, prev)

@@ -87,7 +87,7 @@ def resolve_servers(settings: Settings | None = None) -> list[str]:
     try:
         state = json.loads(path.read_text())
         os.kill(int(state["pid"]), 0)  # still alive?
-        return [str(state["url"])]
+        return [u.strip() for u in str(state["url"]).split(",") if u.strip()]
     except (OSError, ValueError, KeyError):
         raise NotConnectedError(
             "no NATS server to talk to",

@@ -109,40 +109,81 @@ def demo(
 
 @app.command()
 def up(
-    coordinators: Annotated[int, typer.Option(min=1, max=8)] = 1,
-    replicas: Annotated[int, typer.Option(min=1, max=8, help="Instances per agent.")] = 1,
+    coordinators: Annotated[
+        int | None,
+        typer.Option(min=1, max=8, help="Coordinator processes (default: 1; 2 with --cluster)."),
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(min=1, max=8, help="Instances per agent (default: 1; 2 with --cluster)."),
+    ] = None,
+    cluster: Annotated[
+        int | None,
+        typer.Option(
+            min=3,
+            max=5,
+            metavar="N",
+            help="Run a local N-node NATS JetStream cluster (streams replicated on 3) "
+            "instead of one embedded server.",
+        ),
+    ] = None,
 ) -> None:
     """Run NATS (embedded unless MESH_NATS_URL is set), the coordinator and the agents until
     Ctrl-C."""
     _setup_logging(quiet=False)
-    _run(_up(coordinators, replicas))
+    default = 2 if cluster else 1
+    _run(_up(coordinators or default, replicas or default, cluster))
 
 
-async def _up(coordinators: int, replicas: int) -> None:
+async def _up(coordinators: int, replicas: int, cluster: int | None = None) -> None:
     from mesh.bus import Bus, clear_state, write_state
     from mesh.launcher import EVENT_AGENTS, REVIEWERS, Topology
-    from mesh.server import EmbeddedServer
+    from mesh.server import EmbeddedServer, LocalCluster
     from mesh.settings import get_settings
 
     settings = get_settings()
+    extra_env: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as stack:
         url = settings.nats_url
-        if not url:
-            server = stack.enter_context(EmbeddedServer(settings.home / "jetstream"))
-            url = server.url
+        where = f"NATS {url}"
+        if cluster:
+            if url:
+                raise ConfigError(
+                    "--cluster starts a NATS cluster of its own, but MESH_NATS_URL is set",
+                    hint="unset MESH_NATS_URL, or drop --cluster to use that server",
+                )
+            nodes = await stack.enter_async_context(
+                LocalCluster(cluster, settings.home / "cluster")
+            )
+            url = nodes.url
+            # Streams and buckets on 3 servers, unless MESH_STREAM_REPLICAS says otherwise.
+            if "MESH_STREAM_REPLICAS" not in os.environ:
+                settings = settings.model_copy(update={"stream_replicas": min(cluster, 3)})
+            extra_env["MESH_STREAM_REPLICAS"] = str(settings.stream_replicas)
             write_state(settings.home, url, os.getpid())
             stack.callback(clear_state, settings.home, os.getpid())
-        topo = Topology(url, settings.home / "logs")
+            where = (
+                f"NATS cluster of {cluster} ({url}), streams R{settings.stream_replicas}, "
+                f"stores in {settings.home / 'cluster'}"
+            )
+        elif not url:
+            server = stack.enter_context(EmbeddedServer(settings.home / "jetstream"))
+            url = server.url
+            where = f"NATS {url}"
+            write_state(settings.home, url, os.getpid())
+            stack.callback(clear_state, settings.home, os.getpid())
+        topo = Topology(url, settings.home / "logs", extra_env=extra_env)
         stack.callback(topo.stop)
         modules = REVIEWERS + EVENT_AGENTS
         topo.start_default(coordinators=coordinators, replicas=replicas, modules=modules)
-        bus = await Bus.connect(url, name="mesh-up")
+        bus = await Bus.connect(url, name="mesh-up", settings=settings)
         stack.push_async_callback(bus.close)
         await bus.ensure()
         await topo.wait_ready(bus, agents=len(modules) * replicas)
         out.print(
-            f"[green]mesh is up[/green] · NATS {url} · "
-            f"{len(topo.children)} processes · logs in {settings.home / 'logs'}"
+            f"[green]mesh is up[/green] · {where} · "
+            f"{len(topo.children)} processes · logs in {settings.home / 'logs'}",
+            soft_wrap=True,
         )
         out.print(
             "try: mesh agents · mesh publish release.proposed @agents/samples/"

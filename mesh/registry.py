@@ -3,17 +3,25 @@
 Key `<agent>.<instance>`; value a `Registration`. The bucket's TTL lets the server drop a dead
 agent's entry; readers also check `seen_at` so an entry is never trusted past its TTL even
 between server sweeps. A clean stop deletes the entry at once.
+
+Signed cards (`mesh.signing`): readers check each entry's card against MESH_CARD_TRUSTED_KEYS
+and MESH_REQUIRE_SIGNED_CARDS (the rule is in `mesh.signing`'s docstring). A refused entry is not
+listed and not found by skill; it is logged once per key and revision (a heartbeat is a new
+revision). The signature covers the card, not the wrapper, so for a verified card the wrapper
+must agree with it: same agent name, same skills, the direct subject of its own instance.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +33,7 @@ from nats.js.kv import KeyValue
 from mesh import subjects
 from mesh.bus import Bus
 from mesh.cards import card_to_dict, parse_card
+from mesh.signing import CardCheck, CardVerifier
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +61,9 @@ class Registration(msgspec.Struct, frozen=True):
 
 
 _enc = msgspec.json.Encoder()
+_card_enc = msgspec.json.Encoder(order="sorted")
 _dec = msgspec.json.Decoder(Registration)
+_REMEMBER = 4096  # verification results and logged refusals kept (LRU)
 
 
 def new_instance_id() -> str:
@@ -64,6 +75,46 @@ class Registry:
         self.bus = bus
         self.ttl_s = bus.settings.card_ttl_s
         self.heartbeat_s = bus.settings.heartbeat_s
+        self._verifier: CardVerifier | None = None  # read side only: built on first read
+        self._checked: OrderedDict[bytes, CardCheck] = OrderedDict()  # by card digest
+        self._logged: OrderedDict[tuple[str, int], None] = OrderedDict()  # (key, revision)
+
+    @property
+    def verifier(self) -> CardVerifier:
+        if self._verifier is None:
+            self._verifier = CardVerifier.from_settings(self.bus.settings)
+        return self._verifier
+
+    def accepts(self, reg: Registration, key: str, revision: int) -> bool:
+        """Whether readers may use `reg` (stored at `key`, `revision`); logs a refusal once."""
+        reason = self._refusal(reg, key)
+        if reason is None:
+            return True
+        if (key, revision) not in self._logged:
+            _remember(self._logged, (key, revision), None)
+            log.warning(
+                "registry: refused the card of agent %s instance %s (%s revision %d): %s",
+                reg.agent,
+                reg.instance,
+                key,
+                revision,
+                reason,
+            )
+        return False
+
+    def _refusal(self, reg: Registration, key: str) -> str | None:
+        verifier = self.verifier
+        if not verifier.checks_anything:
+            return None
+        # Heartbeats repeat the same card: its signature is checked once (the wrapper each time).
+        digest = hashlib.sha256(_card_enc.encode(reg.card)).digest()
+        check = self._checked.get(digest)
+        if check is None:
+            check = verifier.check(reg.card)
+        _remember(self._checked, digest, check)
+        if check.refusal is None and check.verified:
+            return _mismatch(reg, key)
+        return check.refusal
 
     async def _kv(self) -> KeyValue:
         return await self.bus.kv(subjects.CARDS_BUCKET, ttl_s=self.ttl_s)
@@ -125,7 +176,11 @@ class Registry:
                 continue
             if entry.value:
                 reg = _decode(entry.value)
-                if reg is not None and reg.live(now):
+                if (
+                    reg is not None
+                    and reg.live(now)
+                    and self.accepts(reg, key, entry.revision or 0)
+                ):
                     out.append(reg)
         return sorted(out, key=lambda r: (r.agent, r.instance))
 
@@ -143,6 +198,7 @@ class RegistryView:
         self._ready = asyncio.Event()
 
     async def start(self) -> None:
+        self.registry.verifier  # noqa: B018 -- a signing misconfiguration fails here, not later
         kv = await self.registry._kv()
         watcher = await kv.watchall()
 
@@ -155,8 +211,10 @@ class RegistryView:
                     self._entries.pop(entry.key, None)
                     continue
                 reg = _decode(entry.value)
-                if reg is not None:
+                if reg is not None and self.registry.accepts(reg, entry.key, entry.revision or 0):
                     self._entries[entry.key] = reg
+                else:  # a refused revision also replaces the one before it
+                    self._entries.pop(entry.key, None)
 
         self._task = asyncio.create_task(run(), name="registry-view")
         self._watcher = watcher
@@ -192,3 +250,22 @@ def _decode(value: bytes) -> Registration | None:
     except msgspec.DecodeError:
         log.warning("ignoring a registry entry that does not decode")
         return None
+
+
+def _mismatch(reg: Registration, key: str) -> str | None:
+    """For a card whose signature verified: the unsigned wrapper must say what the card says."""
+    card = reg.card
+    if reg.agent != card.get("name") or key != reg.key:
+        return f"registration does not match its signed card (agent {reg.agent!r}, key {key})"
+    if reg.skills != [s.get("id") for s in card.get("skills", [])]:
+        return "registration does not match its signed card (skills)"
+    if reg.direct_subject not in ("", subjects.a2a_instance(reg.agent, reg.instance)):
+        return "registration does not match its signed card (direct subject)"
+    return None
+
+
+def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _REMEMBER:
+        cache.popitem(last=False)

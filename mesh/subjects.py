@@ -10,6 +10,7 @@ DECISIONS_STREAM = "MESH_DECISIONS"
 DLQ_STREAM = "MESH_DLQ"
 AUDIT_STREAM = "MESH_AUDIT"
 CARDS_BUCKET = "mesh_cards"
+TASKS_BUCKET = "mesh_tasks"  # A2A tasks, key <agent>.<task id> (mesh.a2a.taskstore)
 DECISIONS_BUCKET = "mesh_decisions"
 
 # Subject roots
@@ -37,6 +38,13 @@ H_EVENT_TYPE = "Mesh-Event-Type"
 H_PROGRESS = "Mesh-Progress"
 H_STATUS = "Mesh-Status"
 STATUS_WORKING = "working"
+# Streaming methods (SendStreamingMessage, SubscribeToTask) answer with several messages on the
+# reply inbox: `Mesh-Stream: frame` (one JSON-RPC response each), then an empty `Mesh-Stream: end`.
+# A caller that stops listening early publishes `Mesh-Stream: cancel` to `<reply inbox>.cancel`.
+H_STREAM = "Mesh-Stream"
+STREAM_FRAME = "frame"
+STREAM_END = "end"
+STREAM_CANCEL = "cancel"
 
 A2A_VERSION = "1.0"
 

@@ -1,16 +1,29 @@
-"""What users need to test their own agents: a real embedded NATS and a running mesh.
+"""What users need to test their own agents: a real embedded NATS, a whole mesh in one test, and
+a scripted stand-in for the model.
 
-async with nats_server() as url, await Bus.connect(url) as bus:
-    async with my_agent.serve(bus, http=False):
-        ...
+    async with MeshHarness(my_agent, policies={"release.proposed": {...}}) as mesh:
+        decision = await mesh.decision(await mesh.publish("release.proposed", release))
+
+    async with nats_server() as url, await Bus.connect(url) as bus:
+        async with my_agent.serve(bus, http=False):
+            ...
+
+pytest fixtures (`mesh_server`, `mesh_bus`, `scripted_model`): in your conftest.py,
+`pytest_plugins = ["mesh.testing.fixtures"]`. See docs/write-an-agent.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from mesh.server import EmbeddedServer
+
+if TYPE_CHECKING:
+    from mesh.a2a.client import verdict_of
+    from mesh.testing.harness import MeshHarness, artifact_data
+    from mesh.testing.model import ScriptedModel
 
 
 @contextlib.asynccontextmanager
@@ -20,4 +33,20 @@ async def nats_server() -> AsyncIterator[str]:
         yield server.url
 
 
-__all__ = ["nats_server"]
+__all__ = ["MeshHarness", "ScriptedModel", "artifact_data", "nats_server", "verdict_of"]
+
+# Imported when first used: `python -m mesh.testing.fake_anthropic` stays light.
+_LAZY = {
+    "MeshHarness": "mesh.testing.harness",
+    "artifact_data": "mesh.testing.harness",
+    "ScriptedModel": "mesh.testing.model",
+    "verdict_of": "mesh.a2a.client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mesh.testing' has no attribute {name!r}")

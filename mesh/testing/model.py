@@ -1,0 +1,65 @@
+"""`ScriptedModel`: a local Anthropic Messages API that answers with the verdict a test scripts.
+
+    async with ScriptedModel("reject", "scripted: no second approver") as model:
+        os.environ.update(model.environ())    # or the `scripted_model` fixture does it for you
+        ...                                   # agents served from now on use the Claude brain
+        model.requests[0]["system"]           # what the agent sent: its prompt.md
+
+It is a `FakeAnthropic` (real HTTP on 127.0.0.1, the real `anthropic` SDK on the other side)
+whose every answer is one call of the tool the request forces, with `answer` as its input. An
+agent picks the Claude brain when ANTHROPIC_API_KEY is set and it has a prompt, and reads
+ANTHROPIC_BASE_URL when it starts serving: set both before `agent.serve` / `MeshHarness`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+from mesh.testing.fake_anthropic import FakeAnthropic
+
+TEST_API_KEY = "test-key-for-the-local-fake"
+
+
+class ScriptedModel(FakeAnthropic):
+    """Answers every request with `answer` as the forced tool's input (a Verdict by default)."""
+
+    def __init__(
+        self,
+        vote: str = "approve",
+        *reasons: str,
+        answer: dict[str, Any] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        super().__init__(self._respond, host=host, port=port)
+        self.answer: dict[str, Any] = {}
+        if answer is not None:
+            self.answer = dict(answer)
+        else:
+            self.script(vote, *reasons)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    def script(self, vote: str = "approve", *reasons: str, **fields: Any) -> None:
+        """Answer with this verdict from now on (`fields`: e.g. confidence=0.4)."""
+        self.answer = {"vote": vote, "reasons": list(reasons) or ["scripted"], **fields}
+
+    def _respond(self, request: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.answer)
+
+    @property
+    def system_prompts(self) -> list[str]:
+        """The system prompt of every request so far, as text."""
+        out = []
+        for r in self.requests:
+            system = r.get("system", "")
+            if isinstance(system, list):  # content blocks
+                system = "".join(b.get("text", "") for b in system if isinstance(b, dict))
+            out.append(str(system))
+        return out
+
+    def environ(self) -> dict[str, str]:
+        """The variables that point the Claude brain (the anthropic SDK) at this server."""
+        return {"ANTHROPIC_BASE_URL": self.base_url, "ANTHROPIC_API_KEY": TEST_API_KEY}
