@@ -41,8 +41,9 @@ from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
 from a2a.server.tasks import InMemoryTaskStore, TaskStore, TaskUpdater
 from a2a.types import AgentCard, Part
+from opentelemetry.trace import SpanKind
 
-from mesh import subjects
+from mesh import subjects, telemetry
 from mesh.a2a.server import A2AServer
 from mesh.a2a.taskstore import JetStreamTaskStore
 from mesh.bus import Bus
@@ -180,6 +181,7 @@ class Agent:
                 bus = await Bus.connect(name=f"agent:{self.name}", settings=settings)
                 stack.push_async_callback(bus.close)
             await bus.ensure()
+            await telemetry.keep_spans_in_jetstream(bus)
             instance = new_instance_id()
             subject = subjects.a2a(self.name)
             store = await _task_store(bus, self.name, settings)
@@ -215,6 +217,7 @@ class Agent:
         from mesh.logs import configure
 
         configure()
+        telemetry.setup(f"mesh-agent-{self.name}")
         try:
             asyncio.run(self._run_forever())
         except MeshError as e:
@@ -288,7 +291,9 @@ class _Uvicorn(uvicorn.Server):
 
 @contextlib.asynccontextmanager
 async def _http(server: A2AServer, sock: socket.socket) -> AsyncIterator[None]:
-    config = uvicorn.Config(server.http_app(), log_level="warning", lifespan="off")
+    app = server.http_app()
+    app.mount("/metrics", telemetry.metrics_asgi_app())  # Prometheus, beside the A2A routes
+    config = uvicorn.Config(app, log_level="warning", lifespan="off")
     web = _Uvicorn(config)
     task = asyncio.create_task(web.serve(sockets=[sock]))
     for _ in range(500):  # bounded wait for start-up (≤ 5 s)
@@ -316,6 +321,30 @@ class _Executor(AgentExecutor):
         self.brain = brain
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        """One task, under an `invoke_agent` server span that continues the caller's trace (the
+        request headers carry it, over HTTP and over NATS alike)."""
+        call = context.call_context
+        headers = (call.state.get("headers") if call is not None else None) or {}
+        metadata = dict(context.message.metadata) if context.message is not None else {}
+        labels = {"agent": self.agent.name, "tenant": str(metadata.get("tenant", ""))}
+        token = telemetry.call_labels.set(labels)
+        try:
+            with telemetry.tracer().start_as_current_span(
+                f"invoke_agent {self.agent.name}",
+                context=telemetry.extract(headers),
+                kind=SpanKind.SERVER,
+                attributes={
+                    telemetry.GEN_AI_OPERATION: "invoke_agent",
+                    telemetry.GEN_AI_AGENT_NAME: self.agent.name,
+                    telemetry.GEN_AI_CONVERSATION_ID: context.context_id or "",
+                    "mesh.event.id": str(metadata.get("eventId", "")),
+                },
+            ):
+                await self._execute(context, event_queue)
+        finally:
+            telemetry.call_labels.reset(token)
+
+    async def _execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         message = context.message
         assert message is not None
         # a2a-sdk requires the Task to be enqueued before any status update.

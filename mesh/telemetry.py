@@ -338,8 +338,12 @@ async def read_trace(bus: Any, trace_id: str, *, wait_s: float = 1.0) -> list[Sp
     return spans
 
 
-def render_tree(spans: Sequence[SpanRecord]) -> list[str]:
-    """Indented lines: span, service, duration, status, and tokens where a model was called."""
+def render_tree(spans: Sequence[SpanRecord], *, sdk_internals: bool = False) -> list[str]:
+    """Indented lines: span, service, duration, status, and tokens where a model was called.
+
+    a2a-sdk's own internal spans (event queue plumbing) are left out unless asked for."""
+    if not sdk_internals:
+        spans = [s for s in spans if not s.name.startswith("a2a.server.events.")]
     by_parent: dict[str, list[SpanRecord]] = {}
     ids = {s.span_id for s in spans}
     for s in sorted(spans, key=lambda s: s.start_ns):

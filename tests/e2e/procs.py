@@ -279,9 +279,9 @@ def _up_ready(up: MeshUp) -> bool:
     return True
 
 
-def start_mesh_up(cwd: Path) -> MeshUp:
+def start_mesh_up(cwd: Path, **extra_env: str) -> MeshUp:
     """Start `mesh up` in `cwd` and wait until it says it is up and wrote its state file."""
-    env = mesh_env(cwd)
+    env = mesh_env(cwd, **extra_env)
     out = open(cwd / "up.stdout", "wb")  # noqa: SIM115  # closed in MeshUp.stop
     err = open(cwd / "up.stderr", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
