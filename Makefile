@@ -41,3 +41,7 @@ e2e: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mesh .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python -m bench

@@ -192,7 +192,14 @@ class Agent:
             live = with_interfaces(card, http_url=http_url, nats_subject=subject)
             if signer is not None:  # signed once: the live card does not change while we run
                 live = signer.sign(live)
-            server = A2AServer(live, _Executor(self, brain), task_store=store)
+            server = A2AServer(
+                live,
+                _Executor(self, brain),
+                task_store=store,
+                push_allow_private=settings.push_allow_private,
+                # Any replica can follow a task another replica runs (SubscribeToTask).
+                event_stream=store.events() if isinstance(store, JetStreamTaskStore) else None,
+            )
             if sock is not None:
                 await stack.enter_async_context(_http(server, sock))
             # Shared subject (replicas share work in a queue group) and this replica's own, so a
@@ -200,6 +207,7 @@ class Agent:
             direct = subjects.a2a_instance(self.name, instance)
             sub = await bus.nc.subscribe(subject, queue=self.name, cb=server.on_nats_message)
             own = await bus.nc.subscribe(direct, cb=server.on_nats_message)
+            stack.push_async_callback(server.aclose)
             stack.push_async_callback(server.drain)
             stack.push_async_callback(sub.unsubscribe)
             stack.push_async_callback(own.unsubscribe)

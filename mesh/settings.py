@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         default=None, description="Decision policies (TOML). Default: coordinator/policies.toml."
     )
     max_inflight: int = Field(default=256, gt=0, description="Events a coordinator works at once.")
+    push_allow_private: bool = Field(
+        default=False,
+        description="Allow push-notification webhooks to private, loopback and link-local "
+        "addresses (off: such targets are refused, against SSRF).",
+    )
     metrics_port: int = Field(
         default=-1, description="Coordinator /metrics port: -1 off, 0 any free port."
     )

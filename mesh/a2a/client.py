@@ -6,11 +6,12 @@ import contextlib
 import itertools
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
 import msgspec
-from nats.errors import NoRespondersError
+from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from mesh import subjects
@@ -92,6 +93,8 @@ class A2AClient:
             raise AgentUnavailableError(agent) from None
         except (NatsTimeoutError, TimeoutError):
             raise AgentTimeoutError(agent, timeout) from None
+        except MaxPayloadError:
+            raise _too_large(agent, body) from None
         return _result(agent, reply.data)
 
     async def _call_with_progress(
@@ -110,7 +113,10 @@ class A2AClient:
         started = time.monotonic()
         try:
             hdrs = a2a_headers({**(headers or {}), subjects.H_PROGRESS: f"{silence / 3:.3f}"})
-            await nc.publish(subject, body, reply=inbox, headers=hdrs)
+            try:
+                await nc.publish(subject, body, reply=inbox, headers=hdrs)
+            except MaxPayloadError:
+                raise _too_large(agent, body) from None
             while True:
                 left = max_timeout - (time.monotonic() - started)
                 if left <= 0:
@@ -127,6 +133,80 @@ class A2AClient:
                     continue  # alive and working: the silence timer starts again
                 return _result(agent, reply.data)
         finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def stream(
+        self,
+        agent: str,
+        method: str,
+        params: dict[str, Any],
+        *,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+        subject: str | None = None,
+        max_timeout: float | None = None,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """A streaming method (SendStreamingMessage, SubscribeToTask) over NATS: yields each
+        frame's `result` (a StreamResponse: {"task"|"message"|"statusUpdate"|"artifactUpdate"})
+        until the agent ends the stream; an error frame raises AgentCallError with its code.
+
+        `timeout` is the longest silence allowed between frames (the agent sends keep-alives
+        while it works); `max_timeout`, if given, bounds the whole stream. To stop early, close
+        the iterator (`contextlib.aclosing`): the agent is told to stop streaming.
+        """
+        nc = self.bus.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        started = time.monotonic()
+        ended = False
+        try:
+            body = jsonrpc.request_body(method, params, next(_ids))
+            hdrs = a2a_headers({**(headers or {}), subjects.H_PROGRESS: f"{timeout / 3:.3f}"})
+            try:
+                await nc.publish(subject or subjects.a2a(agent), body, reply=inbox, headers=hdrs)
+            except MaxPayloadError:
+                ended = True
+                raise _too_large(agent, body) from None
+            while True:
+                wait = timeout
+                if max_timeout is not None:
+                    wait = min(wait, max_timeout - (time.monotonic() - started))
+                    if wait <= 0:
+                        raise AgentTimeoutError(agent, max_timeout)
+                try:
+                    frame = await sub.next_msg(timeout=wait)
+                except (NatsTimeoutError, TimeoutError):
+                    raise AgentTimeoutError(agent, time.monotonic() - started) from None
+                fh = frame.headers or {}
+                if fh.get("Status") == "503" and not frame.data:
+                    ended = True
+                    raise AgentUnavailableError(agent)
+                if fh.get(subjects.H_STATUS) == subjects.STATUS_WORKING:
+                    continue  # keep-alive: the silence timer starts again
+                kind = fh.get(subjects.H_STREAM)
+                if kind == subjects.STREAM_END:
+                    ended = True
+                    return
+                if kind != subjects.STREAM_FRAME:
+                    # A plain reply (an agent without stream framing): one answer, the end.
+                    ended = True
+                    yield _frame(agent, frame.data)
+                    return
+                try:
+                    result = _frame(agent, frame.data)
+                except AgentCallError:
+                    ended = True  # the agent sends `end` after an error frame; not awaited
+                    raise
+                yield result
+        finally:
+            if not ended:
+                with contextlib.suppress(Exception):
+                    await nc.publish(
+                        f"{inbox}.{subjects.STREAM_CANCEL}",
+                        b"",
+                        headers={subjects.H_STREAM: subjects.STREAM_CANCEL},
+                    )
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -177,6 +257,23 @@ async def call_http(
     except httpx.HTTPError as e:
         raise AgentCallError(url, f"HTTP error: {e}", retryable=True) from None
     return _result(url, r.content)
+
+
+def _too_large(agent: str, body: bytes) -> AgentCallError:
+    return AgentCallError(
+        agent,
+        f"request of {len(body)} bytes exceeds the NATS max_payload",
+        code=jsonrpc.INVALID_REQUEST,
+    )
+
+
+def _frame(agent: str, body: bytes) -> dict[str, Any]:
+    result = _result(agent, body)
+    if not isinstance(result, dict):
+        raise AgentCallError(
+            agent, "stream frame holds no object", code=jsonrpc.INVALID_AGENT_RESPONSE
+        )
+    return result
 
 
 def _result(agent: str, body: bytes) -> Any:

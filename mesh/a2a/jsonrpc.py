@@ -21,6 +21,9 @@ EXTENDED_CARD_NOT_CONFIGURED = -32007
 EXTENSION_SUPPORT_REQUIRED = -32008
 VERSION_NOT_SUPPORTED = -32009
 
+# Methods whose answer is a stream of JSON-RPC responses (SSE over HTTP, frames over NATS).
+STREAMING_METHODS = frozenset({"SendStreamingMessage", "SubscribeToTask"})
+
 _enc = msgspec.json.Encoder()
 
 
@@ -48,7 +51,15 @@ def error_body(request_id: str | int | None, code: int, message: str) -> bytes:
 def request_id(body: bytes) -> str | int | None:
     try:
         return _dec.decode(body).id
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def request_method(body: bytes) -> str | None:
+    """The `method` of a JSON-RPC request body; None if it is not one."""
+    try:
+        return _dec.decode(body).method
+    except (msgspec.DecodeError, RecursionError):
         return None
 
 

@@ -1,0 +1,215 @@
+"""Serving the conformance agent: the mesh's pieces put together by hand.
+
+`mesh.Agent` serves one typed `@agent.rules` handler; the TCK needs raw A2A behaviour (messages
+instead of tasks, INPUT_REQUIRED, streamed chunks, long-running tasks), so this module builds
+the same stack `Agent.serve` builds, around an `AgentExecutor` of its own:
+
+    card (cards/conformance.json) → live interfaces → A2AServer (HTTP + NATS, one dispatcher)
+    → uvicorn on MESH_HTTP_HOST:MESH_HTTP_PORT → `mesh.a2a.conformance` (queue group) and its
+    own replica subject → the registry, heartbeating.
+
+Run it with `python -m agents.conformance` (MESH_HTTP_PORT=0 picks a free port; the URL is
+logged and is in the card at /.well-known/agent-card.json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import uvicorn
+from a2a.types import AgentCard, AgentExtension, AgentSkill
+
+from agents.conformance.executor import ConformanceExecutor
+from mesh import subjects
+from mesh.a2a.server import A2AServer
+from mesh.bus import Bus
+from mesh.cards import load_card, with_interfaces
+from mesh.errors import ConfigError, MeshError
+from mesh.registry import Registration, Registry, new_instance_id
+from mesh.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+NAME = "conformance"
+PROFILE_ENV = "MESH_CONFORMANCE_PROFILE"
+# Declared `required` in the minimal profile: a message without it gets -32008.
+REQUIRED_EXTENSION = "urn:a2a:tck:required-extension"
+
+
+@dataclass
+class RunningConformance:
+    server: A2AServer
+    card: AgentCard
+    http_url: str
+    subject: str
+    registration: Registration
+
+
+def extended_card(card: AgentCard) -> AgentCard:
+    """What GetExtendedAgentCard answers: the public card plus one more skill."""
+    extended = AgentCard()
+    extended.CopyFrom(card)
+    extended.description = card.description + " (extended card)"
+    extended.skills.append(
+        AgentSkill(
+            id="conformance-extended",
+            name="Extended conformance skill",
+            description="Only listed on the extended agent card.",
+            tags=["a2a", "conformance", "extended"],
+        )
+    )
+    return extended
+
+
+def profile_card(card: AgentCard, profile: str) -> AgentCard:
+    """`full` (cards/conformance.json: streaming, push, extended card) or `minimal`: none of
+    those, and one extension the caller must declare — the TCK's capability-error checks
+    (CORE-CAP-001..004) need an agent that lacks what the full one has."""
+    if profile == "full":
+        return card
+    if profile != "minimal":
+        raise ConfigError(f"unknown {PROFILE_ENV} {profile!r}", hint="use full or minimal")
+    minimal = AgentCard()
+    minimal.CopyFrom(card)
+    minimal.capabilities.streaming = False
+    minimal.capabilities.push_notifications = False
+    minimal.capabilities.extended_agent_card = False
+    minimal.capabilities.extensions.append(
+        AgentExtension(
+            uri=REQUIRED_EXTENSION,
+            description="Required by the minimal conformance profile.",
+            required=True,
+        )
+    )
+    return minimal
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    bus: Bus,
+    *,
+    settings: Settings | None = None,
+    executor: ConformanceExecutor | None = None,
+    push_allow_private: bool | None = None,
+    profile: str | None = None,
+) -> AsyncIterator[RunningConformance]:
+    """Serve the conformance agent over HTTP and NATS, registered, until the block exits.
+
+    `profile` defaults to env MESH_CONFORMANCE_PROFILE, else `full` (see `profile_card`).
+    """
+    settings = settings or bus.settings
+    card = profile_card(load_card(NAME), profile or os.environ.get(PROFILE_ENV) or "full")
+    subject = subjects.a2a(NAME)
+    instance = new_instance_id()
+    direct = subjects.a2a_instance(NAME, instance)
+    async with contextlib.AsyncExitStack() as stack:
+        await bus.ensure()
+        sock = _bind(settings.http_host, settings.http_port)
+        stack.callback(sock.close)
+        http_url = _advertised(settings, sock.getsockname()[1])
+        live = with_interfaces(card, http_url=http_url, nats_subject=subject)
+        extended = extended_card(live) if live.capabilities.extended_agent_card else None
+        server = A2AServer(
+            live,
+            executor or ConformanceExecutor(),
+            extended_card=extended,
+            push_allow_private=push_allow_private,
+            # The TCK reuses messageIds within a run (tck-input-required-<session> for every
+            # new task it needs), which the mesh's retry de-duplication would answer with the
+            # first task. Every other path is the production one.
+            idempotent=False,
+        )
+        stack.push_async_callback(server.aclose)
+        await stack.enter_async_context(_http(server, sock))
+        shared = await bus.nc.subscribe(subject, queue=NAME, cb=server.on_nats_message)
+        own = await bus.nc.subscribe(direct, cb=server.on_nats_message)
+        stack.push_async_callback(server.drain)
+        stack.push_async_callback(shared.unsubscribe)
+        stack.push_async_callback(own.unsubscribe)
+        reg = await stack.enter_async_context(
+            Registry(bus).registered(live, instance, direct_subject=direct)
+        )
+        log.info("conformance/%s serving on %s and %s", instance, subject, http_url)
+        yield RunningConformance(server, live, http_url, subject, reg)
+
+
+def main() -> None:
+    from mesh.logs import configure
+
+    configure()
+    try:
+        asyncio.run(_run_forever())
+    except MeshError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+
+
+async def _run_forever() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    settings = get_settings()
+    async with (
+        await Bus.connect(name=f"agent:{NAME}", settings=settings) as bus,
+        serve(bus, settings=settings),
+    ):
+        await stop.wait()
+        log.info("conformance: stopping")
+
+
+def _advertised(settings: Settings, port: int) -> str:
+    if settings.http_advertise:
+        return settings.http_advertise.rstrip("/") + "/"
+    host = settings.http_host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"http://{host}:{port}/"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(
+            f"cannot serve HTTP on {host}:{port}: {e.strerror}",
+            hint="is the port taken? set MESH_HTTP_PORT=0 to pick a free one",
+        ) from None
+    sock.listen(128)
+    return sock
+
+
+class _Uvicorn(uvicorn.Server):  # type: ignore[misc]
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the process's owner handles signals and stops us in order
+
+
+@contextlib.asynccontextmanager
+async def _http(server: A2AServer, sock: socket.socket) -> AsyncIterator[None]:
+    config = uvicorn.Config(server.http_app(), log_level="warning", lifespan="off")
+    web = _Uvicorn(config)
+    task = asyncio.create_task(web.serve(sockets=[sock]))
+    for _ in range(500):  # bounded wait for start-up (≤ 5 s)
+        if web.started or task.done():
+            break
+        await asyncio.sleep(0.01)
+    if not web.started:
+        task.cancel()
+        raise ConfigError("the conformance agent's HTTP server did not start")
+    try:
+        yield
+    finally:
+        web.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=5)
