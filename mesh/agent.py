@@ -59,7 +59,7 @@ from mesh.events import (
     consuming,
     event_handler,
 )
-from mesh.models import Brain, select_brain
+from mesh.models import Brain, RulesBrain, select_brain
 from mesh.registry import Registration, Registry, new_instance_id
 from mesh.settings import Settings, get_settings
 from mesh.signing import CardSigner
@@ -372,7 +372,10 @@ class _Executor(AgentExecutor):
         except InputError as e:
             await updater.reject(updater.new_agent_message([Part(text=str(e))]))
             return
-        await updater.start_work()
+        if not isinstance(self.brain, RulesBrain):
+            # A model call takes seconds: say so. Rules answer at once, and each status is a
+            # task-store write, so they go straight from submitted to completed.
+            await updater.start_work()
         try:
             thought = await self.brain.think(payload)
         except MeshError as e:

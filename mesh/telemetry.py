@@ -193,14 +193,20 @@ def setup(service_name: str) -> None:
         return
     _configured = True
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource)
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+    otlp = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-    ):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    )
+    if otlp or _trace_stream_on():
+        provider = TracerProvider(resource=resource)
+        if otlp:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(provider)
+    else:
+        # Spans nobody exports are pure cost: a no-op provider (and not the API's proxy, which
+        # a2a-sdk's per-call span decorators pay ~19% of an agent's CPU for) when none is set.
+        trace.set_tracer_provider(trace.NoOpTracerProvider())
 
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import MeterProvider
@@ -295,9 +301,13 @@ class JetStreamSpanExporter(SpanExporter):
         return None
 
 
+def _trace_stream_on() -> bool:
+    return os.environ.get("MESH_TRACE_STREAM", "").lower() in ("1", "true", "on")
+
+
 async def keep_spans_in_jetstream(bus: Any) -> None:
     """If MESH_TRACE_STREAM is on: make sure the stream exists and export spans into it."""
-    if not enabled() or os.environ.get("MESH_TRACE_STREAM", "").lower() not in ("1", "true", "on"):
+    if not enabled() or not _trace_stream_on():
         return
     from nats.js.api import StorageType, StreamConfig
     from nats.js.errors import NotFoundError
