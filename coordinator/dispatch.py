@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +21,7 @@ from mesh import envelope, telemetry
 from mesh.a2a.client import A2AClient, task_of, user_message, verdict_of
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
 from mesh.records import CallOutcome, Vote
-from mesh.verdict import Choice
+from mesh.verdict import Choice, Verdict
 
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 1.0
@@ -36,102 +37,105 @@ def unanswered(policy: Policy) -> Choice | None:
     return None if c == "absent" else c
 
 
-async def ask(
-    client: A2AClient,
-    router: Router,
-    *,
-    skill: str,
-    agent: str,
-    event: envelope.Event,
-    policy: Policy,
-    deadline: float,
-    deadline_wall: float = 0.0,
-    grace_s: float = 0.0,
-) -> Vote:
-    """One voter's answer by `deadline` (a time.monotonic() value), under an `invoke_agent`
-    client span whose context travels to the agent in the request headers."""
+@dataclass(frozen=True)
+class Ask:
+    """One voter to ask about one event, and the clocks that bound it."""
+
+    skill: str
+    agent: str
+    event: envelope.Event
+    policy: Policy
+    deadline: float  # time.monotonic()
+    deadline_wall: float = 0.0  # the same deadline on the wall clock (as the ledger keeps it)
+    grace_s: float = 0.0  # after a take-over past the deadline: one re-ask this long
+
+    def message(self) -> dict[str, Any]:
+        e = self.event
+        return user_message(
+            data=e.data,
+            # The same id on every retry and after a coordinator take-over: the agent answers
+            # a repeat with the task it already has instead of working again.
+            message_id=f"{e.tenant}/{e.id}/{self.skill}",
+            metadata={"eventId": e.id, "eventType": e.type, "tenant": e.tenant},
+        )
+
+
+async def ask(client: A2AClient, router: Router, req: Ask) -> Vote:
+    """One voter's answer by the deadline, under an `invoke_agent` client span whose context
+    travels to the agent in the request headers."""
     with telemetry.tracer().start_as_current_span(
-        f"invoke_agent {agent}",
+        f"invoke_agent {req.agent}",
         kind=SpanKind.CLIENT,
         attributes={
             telemetry.GEN_AI_OPERATION: "invoke_agent",
-            telemetry.GEN_AI_AGENT_NAME: agent,
-            telemetry.GEN_AI_CONVERSATION_ID: event.id,
-            "mesh.skill": skill,
+            telemetry.GEN_AI_AGENT_NAME: req.agent,
+            telemetry.GEN_AI_CONVERSATION_ID: req.event.id,
+            "mesh.skill": req.skill,
         },
     ) as span:
-        vote = await _ask(
-            client,
-            router,
-            skill=skill,
-            agent=agent,
-            event=event,
-            policy=policy,
-            deadline=deadline,
-            deadline_wall=deadline_wall,
-            grace_s=grace_s,
-        )
+        vote = await _ask(client, router, req)
         span.set_attribute("mesh.vote.outcome", vote.outcome)
         span.set_attribute("mesh.vote.attempts", vote.attempts)
         if vote.outcome != "voted":
             span.set_status(Status(StatusCode.ERROR, vote.error))
         m = telemetry.meters()
-        m.call_latency.record(vote.latency_ms / 1000, {"agent": agent, "outcome": vote.outcome})
+        labels = {"agent": req.agent, "outcome": vote.outcome}
+        m.call_latency.record(vote.latency_ms / 1000, labels)
         if vote.outcome == "timeout":
-            m.timeouts.add(1, {"agent": agent})
+            m.timeouts.add(1, {"agent": req.agent})
         if vote.attempts > 1:
-            m.retries.add(vote.attempts - 1, {"agent": agent})
+            m.retries.add(vote.attempts - 1, {"agent": req.agent})
         return vote
 
 
-async def _ask(
-    client: A2AClient,
-    router: Router,
+def _vote(
+    req: Ask,
+    started: float,
+    attempts: int,
+    outcome: CallOutcome,
     *,
-    skill: str,
-    agent: str,
-    event: envelope.Event,
-    policy: Policy,
-    deadline: float,
-    deadline_wall: float = 0.0,
-    grace_s: float = 0.0,
+    task: dict[str, Any] | None = None,
+    verdict: Verdict | None = None,
+    counted: bool = False,
+    error: str = "",
 ) -> Vote:
-    started = time.monotonic()
-    message = user_message(
-        data=event.data,
-        # The same id on every retry and after a coordinator take-over: the agent answers a
-        # repeat with the task it already has instead of working again.
-        message_id=f"{event.tenant}/{event.id}/{skill}",
-        metadata={"eventId": event.id, "eventType": event.type, "tenant": event.tenant},
+    """A Vote: counted as the verdict's choice, or as the policy says for no usable answer."""
+    meta = ((task or {}).get("artifacts") or [{}])[0].get("metadata", {})
+    return Vote(
+        skill=req.skill,
+        agent=req.agent,
+        outcome=outcome,
+        counted_as=verdict.vote if counted and verdict else unanswered(req.policy),
+        verdict=verdict,
+        latency_ms=_ms(started),
+        attempts=attempts,
+        brain=str(meta.get("brain", "")) if counted else "",
+        error=error,
     )
+
+
+async def _ask(client: A2AClient, router: Router, req: Ask) -> Vote:
+    started = time.monotonic()
+    message = req.message()
+    policy = req.policy
     attempts = 0
     last: AgentCallError | None = None
     failed: set[str] = set()  # replicas that failed this call: the next attempt goes elsewhere
     while True:
-        remaining = deadline - time.monotonic()
+        remaining = req.deadline - time.monotonic()
         if remaining <= 0.001:
-            if attempts == 0 and grace_s > 0:
+            if attempts == 0 and req.grace_s > 0:
                 # A take-over found the deadline gone. The voter may well have answered in time
                 # to the coordinator that died: ask once more with the same messageId (the agent
                 # returns the task it has) and let the task's own timestamp say if it counts.
-                return await _recover(
-                    client,
-                    router,
-                    skill=skill,
-                    agent=agent,
-                    message=message,
-                    policy=policy,
-                    deadline_wall=deadline_wall,
-                    grace_s=grace_s,
-                    started=started,
-                )
+                return await _recover(client, router, req, message, started)
             break
         attempts += 1
-        route = router.route(agent, avoid=frozenset(failed))
+        route = router.route(req.agent, avoid=frozenset(failed))
         try:
             async with await router.breaker(route):
                 result = await client.send_message(
-                    agent,
+                    req.agent,
                     message,
                     timeout=min(policy.agent_timeout_s, remaining),
                     max_timeout=min(policy.agent_timeout_max_s or 0.0, remaining) or None,
@@ -141,38 +145,20 @@ async def _ask(
             task = task_of(result)
             verdict = verdict_of(task)
         except OpenedState:
-            last = AgentUnavailableError(agent)
+            last = AgentUnavailableError(req.agent)
             failed.add(route.breaker_key)
         except AgentCallError as e:
             last = e
             failed.add(route.breaker_key)
         except (ValueError, msgspec.ValidationError) as e:
             # The agent answered, but not with a usable vote: retrying will not change it.
-            return Vote(
-                skill=skill,
-                agent=agent,
-                outcome="error",
-                counted_as=unanswered(policy),
-                error=str(e),
-                latency_ms=_ms(started),
-                attempts=attempts,
-            )
+            return _vote(req, started, attempts, "error", error=str(e))
         else:
-            meta = (task.get("artifacts") or [{}])[0].get("metadata", {})
-            return Vote(
-                skill=skill,
-                agent=agent,
-                outcome="voted",
-                counted_as=verdict.vote,
-                verdict=verdict,
-                latency_ms=_ms(started),
-                attempts=attempts,
-                brain=str(meta.get("brain", "")),
-            )
+            return _vote(req, started, attempts, "voted", task=task, verdict=verdict, counted=True)
         if not last.retryable or attempts > policy.retries:
             break
         delay = backoff_s(attempts)
-        if time.monotonic() + delay >= deadline:
+        if time.monotonic() + delay >= req.deadline:
             break
         await asyncio.sleep(delay)
     outcome: CallOutcome = (
@@ -182,74 +168,33 @@ async def _ask(
         if isinstance(last, AgentUnavailableError)
         else "error"
     )
-    return Vote(
-        skill=skill,
-        agent=agent,
-        outcome=outcome,
-        counted_as=unanswered(policy),
-        error=str(last) if last else "deadline passed before it could be asked",
-        latency_ms=_ms(started),
-        attempts=attempts,
-    )
+    error = str(last) if last else "deadline passed before it could be asked"
+    return _vote(req, started, attempts, outcome, error=error)
 
 
 async def _recover(
-    client: A2AClient,
-    router: Router,
-    *,
-    skill: str,
-    agent: str,
-    message: dict[str, Any],
-    policy: Policy,
-    deadline_wall: float,
-    grace_s: float,
-    started: float,
+    client: A2AClient, router: Router, req: Ask, message: dict[str, Any], started: float
 ) -> Vote:
-    route = router.route(agent)
+    route = router.route(req.agent)
     try:
         result = await client.send_message(
-            agent,
+            req.agent,
             message,
-            timeout=min(policy.agent_timeout_s, grace_s),
+            timeout=min(req.policy.agent_timeout_s, req.grace_s),
             subject=route.subject,
             headers=telemetry.inject(),
         )
         task = task_of(result)
         verdict = verdict_of(task)
     except (AgentCallError, ValueError, msgspec.ValidationError) as e:
-        return Vote(
-            skill=skill,
-            agent=agent,
-            outcome="timeout",
-            counted_as=unanswered(policy),
-            error=f"deadline passed during a take-over; no earlier answer ({e})",
-            latency_ms=_ms(started),
-            attempts=1,
-        )
+        error = f"deadline passed during a take-over; no earlier answer ({e})"
+        return _vote(req, started, 1, "timeout", error=error)
     answered_at = _timestamp(task)
-    if answered_at is not None and answered_at <= deadline_wall:
-        meta = (task.get("artifacts") or [{}])[0].get("metadata", {})
-        return Vote(
-            skill=skill,
-            agent=agent,
-            outcome="voted",
-            counted_as=verdict.vote,
-            verdict=verdict,
-            latency_ms=_ms(started),
-            attempts=1,
-            brain=str(meta.get("brain", "")),
-        )
+    if answered_at is not None and answered_at <= req.deadline_wall:
+        return _vote(req, started, 1, "voted", task=task, verdict=verdict, counted=True)
     # Answered, but after the deadline: recorded for the audit, not counted.
-    return Vote(
-        skill=skill,
-        agent=agent,
-        outcome="timeout",
-        counted_as=unanswered(policy),
-        verdict=verdict,
-        error="late vote: answered after the deadline; not counted",
-        latency_ms=_ms(started),
-        attempts=1,
-    )
+    error = "late vote: answered after the deadline; not counted"
+    return _vote(req, started, 1, "timeout", verdict=verdict, error=error)
 
 
 def _timestamp(task: dict[str, Any]) -> float | None:

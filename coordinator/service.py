@@ -261,13 +261,15 @@ class Coordinator:
                 dispatch.ask(
                     self.client,
                     self.router,
-                    skill=skill,
-                    agent=agent,
-                    event=event,
-                    policy=policy,
-                    deadline=deadline,
-                    deadline_wall=claim.state.deadline_at,
-                    grace_s=grace,
+                    dispatch.Ask(
+                        skill=skill,
+                        agent=agent,
+                        event=event,
+                        policy=policy,
+                        deadline=deadline,
+                        deadline_wall=claim.state.deadline_at,
+                        grace_s=grace,
+                    ),
                 )
             ): skill
             for skill, agent in agents.items()
