@@ -28,14 +28,12 @@ import inspect
 import logging
 import os
 import signal
-import socket
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import msgspec
-import uvicorn
 from a2a.helpers import get_data_parts, get_message_text, new_data_part, new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
@@ -44,6 +42,7 @@ from a2a.types import AgentCard, Part
 from opentelemetry.trace import SpanKind
 
 from mesh import subjects, telemetry
+from mesh.a2a import http as http_server
 from mesh.a2a.server import A2AServer
 from mesh.a2a.taskstore import JetStreamTaskStore
 from mesh.bus import Bus
@@ -187,8 +186,8 @@ class Agent:
             store = await _task_store(bus, self.name, settings)
             # The card must say where this instance listens, so the HTTP socket is bound first
             # and the server is built once, with the live card.
-            sock = _bind(settings) if http else None
-            http_url = _advertised_url(settings, sock.getsockname()[1]) if sock else None
+            sock = http_server.bind(settings) if http else None
+            http_url = http_server.advertised_url(settings, sock.getsockname()[1]) if sock else None
             live = with_interfaces(card, http_url=http_url, nats_subject=subject)
             if signer is not None:  # signed once: the live card does not change while we run
                 live = signer.sign(live)
@@ -201,7 +200,7 @@ class Agent:
                 event_stream=store.events() if isinstance(store, JetStreamTaskStore) else None,
             )
             if sock is not None:
-                await stack.enter_async_context(_http(server, sock))
+                await stack.enter_async_context(http_server.serving(server, sock))
             # Shared subject (replicas share work in a queue group) and this replica's own, so a
             # caller can steer around a replica that is failing (coordinator/routing.py).
             direct = subjects.a2a_instance(self.name, instance)
@@ -262,66 +261,6 @@ async def _task_store(bus: Bus, agent: str, settings: Settings) -> TaskStore | J
     if settings.task_store == "memory":
         return InMemoryTaskStore()
     return await JetStreamTaskStore.open(bus, agent)
-
-
-def _advertised_url(settings: Settings, port: int) -> str:
-    """The URL the card gives: MESH_HTTP_ADVERTISE if set; a wildcard bind address is not one
-    a client can reach, so the host name stands in for it."""
-    if settings.http_advertise:
-        return settings.http_advertise.rstrip("/") + "/"
-    host = settings.http_host
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.gethostname()
-    return f"http://{host}:{port}/"
-
-
-def _bind(settings: Settings) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Without an explicit IPPROTO_TCP, asyncio does not set TCP_NODELAY on accepted sockets and
-    # every response waits ~40 ms for a delayed ACK (measured: HTTP p50 56 ms → 6.7 ms).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind((settings.http_host, settings.http_port))
-    except OSError as e:
-        sock.close()
-        raise ConfigError(
-            f"cannot serve HTTP on {settings.http_host}:{settings.http_port}: {e.strerror}",
-            hint="is the port taken? set MESH_HTTP_PORT=0 to pick a free one",
-        ) from None
-    sock.listen(128)
-    return sock
-
-
-class _Uvicorn(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # The process's owner (Agent.main, a test) handles signals and stops us in order.
-        yield
-
-
-@contextlib.asynccontextmanager
-async def _http(server: A2AServer, sock: socket.socket) -> AsyncIterator[None]:
-    app = server.http_app()
-    app.mount("/metrics", telemetry.metrics_asgi_app())  # Prometheus, beside the A2A routes
-    config = uvicorn.Config(app, log_level="warning", lifespan="off")
-    web = _Uvicorn(config)
-    task = asyncio.create_task(web.serve(sockets=[sock]))
-    for _ in range(500):  # bounded wait for start-up (≤ 5 s)
-        if web.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    if not web.started:
-        task.cancel()
-        sock.close()
-        raise ConfigError("the agent's HTTP server did not start", hint="see the log above")
-    try:
-        yield
-    finally:
-        web.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, timeout=5)
-        sock.close()
 
 
 class _Executor(AgentExecutor):

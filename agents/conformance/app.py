@@ -19,15 +19,14 @@ import contextlib
 import logging
 import os
 import signal
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import uvicorn
 from a2a.types import AgentCard, AgentExtension, AgentSkill
 
 from agents.conformance.executor import ConformanceExecutor
 from mesh import subjects
+from mesh.a2a import http as http_server
 from mesh.a2a.server import A2AServer
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
@@ -111,9 +110,9 @@ async def serve(
     direct = subjects.a2a_instance(NAME, instance)
     async with contextlib.AsyncExitStack() as stack:
         await bus.ensure()
-        sock = _bind(settings.http_host, settings.http_port)
+        sock = http_server.bind(settings)
         stack.callback(sock.close)
-        http_url = _advertised(settings, sock.getsockname()[1])
+        http_url = http_server.advertised_url(settings, sock.getsockname()[1])
         live = with_interfaces(card, http_url=http_url, nats_subject=subject)
         extended = extended_card(live) if live.capabilities.extended_agent_card else None
         server = A2AServer(
@@ -127,7 +126,7 @@ async def serve(
             idempotent=False,
         )
         stack.push_async_callback(server.aclose)
-        await stack.enter_async_context(_http(server, sock))
+        await stack.enter_async_context(http_server.serving(server, sock))
         shared = await bus.nc.subscribe(subject, queue=NAME, cb=server.on_nats_message)
         own = await bus.nc.subscribe(direct, cb=server.on_nats_message)
         stack.push_async_callback(server.drain)
@@ -163,53 +162,3 @@ async def _run_forever() -> None:
     ):
         await stop.wait()
         log.info("conformance: stopping")
-
-
-def _advertised(settings: Settings, port: int) -> str:
-    if settings.http_advertise:
-        return settings.http_advertise.rstrip("/") + "/"
-    host = settings.http_host
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.gethostname()
-    return f"http://{host}:{port}/"
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ConfigError(
-            f"cannot serve HTTP on {host}:{port}: {e.strerror}",
-            hint="is the port taken? set MESH_HTTP_PORT=0 to pick a free one",
-        ) from None
-    sock.listen(128)
-    return sock
-
-
-class _Uvicorn(uvicorn.Server):  # type: ignore[misc]
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # the process's owner handles signals and stops us in order
-
-
-@contextlib.asynccontextmanager
-async def _http(server: A2AServer, sock: socket.socket) -> AsyncIterator[None]:
-    config = uvicorn.Config(server.http_app(), log_level="warning", lifespan="off")
-    web = _Uvicorn(config)
-    task = asyncio.create_task(web.serve(sockets=[sock]))
-    for _ in range(500):  # bounded wait for start-up (≤ 5 s)
-        if web.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    if not web.started:
-        task.cancel()
-        raise ConfigError("the conformance agent's HTTP server did not start")
-    try:
-        yield
-    finally:
-        web.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, timeout=5)
