@@ -45,3 +45,7 @@ clean:
 .PHONY: bench
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+.PHONY: chaos
+chaos: $(STAMP)
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m chaos tests/chaos

@@ -1,0 +1,85 @@
+"""Fixtures for the chaos suite: a 3-node nats-server cluster on 127.0.0.1 (R3 streams, fsync on
+every write), a bus on it, and coordinator and agent processes pointed at all three nodes.
+
+Not part of `make test`: every test in this folder is skipped unless the run selects the
+`chaos` marker (`make chaos`, `pytest -m chaos tests/chaos`) or MESH_CHAOS=1 is set. Teardown
+stops everything the test started: agents and coordinators, then the nodes (SIGCONT first for a
+paused one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.bus import Bus
+from tests.chaos.support import ChaosCluster, chaos_mesh, chaos_settings
+from tests.faults.support import FaultMesh
+
+HERE = Path(__file__).resolve().parent
+_SELECTS_CHAOS = re.compile(r"(?<!not )\bchaos\b")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "chaos: kill -9 / SIGSTOP nodes of a 3-node NATS cluster and agent replicas under load; "
+        "not part of make test (run `make chaos`, or set MESH_CHAOS=1)",
+    )
+
+
+def _chaos_selected(config: pytest.Config) -> bool:
+    if os.environ.get("MESH_CHAOS") == "1":
+        return True
+    markexpr = str(config.getoption("-m") or "")
+    return bool(_SELECTS_CHAOS.search(markexpr))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _chaos_selected(config):
+        return
+    skip = pytest.mark.skip(reason="chaos suite: `make chaos` (pytest -m chaos) or MESH_CHAOS=1")
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def chaos_cluster(tmp_path: Path) -> Iterator[ChaosCluster]:
+    cluster = ChaosCluster(tmp_path / "cluster")
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def chaos_bus(chaos_cluster: ChaosCluster) -> AsyncIterator[Bus]:
+    bus = await Bus.connect(chaos_cluster.url, name="chaos-test", settings=chaos_settings())
+    try:
+        await bus.ensure()  # R3 streams and buckets, before any child process
+        yield bus
+    finally:
+        chaos_cluster.resume_all()  # a drain through a paused node would wait for it
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(bus.close(), 10)
+        with contextlib.suppress(Exception):
+            await bus.nc.close()
+
+
+@pytest.fixture
+def chaos_fault_mesh(
+    chaos_cluster: ChaosCluster, chaos_bus: Bus, tmp_path: Path
+) -> Iterator[FaultMesh]:
+    mesh = chaos_mesh(chaos_cluster, tmp_path)
+    try:
+        yield mesh
+    finally:
+        chaos_cluster.resume_all()
+        mesh.stop()
