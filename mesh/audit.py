@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 Kind = Literal["decision", "vote", "dead_letter", "replay", "policy_change", "purge"]
 GENESIS = "0" * 64
 SYSTEM_TENANT = "_mesh"  # the chain for acts that belong to no tenant (policy changes, purges)
-_WRONG_LAST_SEQUENCE = 10071
+# "Wrong last sequence": 10071 for a subject, 10164 when the check names a subject filter
+# (seen during leader elections on a cluster). Either way another record won the race.
+_WRONG_LAST_SEQUENCE = (10071, 10164)
 _MAX_RACES = 50  # bounded: each lost race means another record landed, so progress is made
 
 
@@ -100,7 +102,7 @@ class AuditLog:
                     },
                 )
             except BadRequestError as e:
-                if e.err_code != _WRONG_LAST_SEQUENCE:
+                if e.err_code not in _WRONG_LAST_SEQUENCE:
                     raise
                 self._tips.pop(tenant, None)  # someone else appended: re-read the tip
                 continue
