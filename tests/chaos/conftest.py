@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mesh import subjects
 from mesh.bus import Bus
 from tests.chaos.support import ChaosCluster, chaos_mesh, chaos_settings
 from tests.faults.support import FaultMesh
@@ -64,6 +65,11 @@ async def chaos_bus(chaos_cluster: ChaosCluster) -> AsyncIterator[Bus]:
     bus = await Bus.connect(chaos_cluster.url, name="chaos-test", settings=chaos_settings())
     try:
         await bus.ensure()  # R3 streams and buckets, before any child process
+        # The agents' task bucket too (as JetStreamTaskStore.open makes it): six replicas
+        # starting at once on a fresh cluster race to create it, and one whose lookup lands
+        # before the new stream has a leader times out and exits (reported; not what this
+        # suite is about).
+        await bus.kv(subjects.TASKS_BUCKET, ttl_s=bus.settings.task_ttl_s or None, history=1)
         yield bus
     finally:
         chaos_cluster.resume_all()  # a drain through a paused node would wait for it
