@@ -80,7 +80,7 @@ async def _serve() -> None:
 
 
 def main() -> None:
-    from mesh.logs import configure
+    from mesh._internal.logs import configure
 
     configure()
     if os.environ.get("BENCH_TCP_NODELAY") == "1":

@@ -26,8 +26,7 @@ import time
 import typing
 import uuid
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -39,6 +38,7 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from coordinator.ledger import settle_for_dead_letter, state_key
 from mesh import envelope, subjects
+from mesh._internal.lifecycle import AsyncService
 from mesh.audit import SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus, tail
 from mesh.errors import ConfigError, NotConnectedError
@@ -91,7 +91,7 @@ class Stats:
     failed: int = 0  # advisories that could not become a record (logged)
 
 
-class AdvisoryDeadLetters:
+class AdvisoryDeadLetters(AsyncService):
     """Subscribes to the events stream's give-up advisories and writes a DLQ record for each.
 
     The caller owns the bus and runs `bus.ensure()` first (the coordinator does), so MESH_DLQ
@@ -132,18 +132,6 @@ class AdvisoryDeadLetters:
                 await asyncio.wait_for(sub.drain(), timeout=10.0)  # type: ignore[no-untyped-call]
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=70.0)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     @property
     def idle(self) -> bool:

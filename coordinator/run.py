@@ -35,7 +35,7 @@ async def serve(stop: asyncio.Event | None = None) -> None:
 
 
 def main() -> None:
-    from mesh.logs import configure
+    from mesh._internal.logs import configure
 
     configure()
 

@@ -42,7 +42,7 @@ from a2a.types import AgentCard, Part
 from opentelemetry.trace import SpanKind
 
 from mesh import subjects, telemetry
-from mesh.a2a import http as http_server
+from mesh._internal import http as http_server
 from mesh.a2a.server import A2AServer
 from mesh.a2a.taskstore import JetStreamTaskStore
 from mesh.bus import Bus
@@ -221,7 +221,7 @@ class Agent:
 
     def main(self) -> None:
         """Run until SIGINT/SIGTERM (what `mesh run` and `python -m agents.X` call)."""
-        from mesh.logs import configure
+        from mesh._internal.logs import configure
 
         configure()
         telemetry.setup(f"mesh-agent-{self.name}")

@@ -24,9 +24,9 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
+from mesh._internal.lifecycle import ProcessService
 from mesh.errors import ConfigError, NatsServerError
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def find_binary() -> str:
     )
 
 
-class EmbeddedServer:
+class EmbeddedServer(ProcessService):
     """One nats-server process with JetStream on, listening on 127.0.0.1."""
 
     def __init__(
@@ -176,23 +176,6 @@ class EmbeddedServer:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        return self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def _accepts(url: str) -> bool:
     hostport = url.split("://", 1)[-1]
@@ -210,7 +193,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class LocalCluster:
+class LocalCluster(ProcessService):
     """`n` embedded nats-servers forming one JetStream cluster on 127.0.0.1.
 
     Server `i` is named `n<i>` and keeps its store in `<base_dir>/n<i>` (a temp folder removed
@@ -355,12 +338,6 @@ class LocalCluster:
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     async def __aenter__(self) -> Self:
         starting = asyncio.ensure_future(asyncio.to_thread(self._start_servers))
         try:
@@ -375,11 +352,3 @@ class LocalCluster:
             raise
         log.info("local NATS cluster %s ready: %s", self.name, self.url)
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -26,7 +26,7 @@ from a2a.types import AgentCard, AgentExtension, AgentSkill
 
 from agents.conformance.executor import ConformanceExecutor
 from mesh import subjects
-from mesh.a2a import http as http_server
+from mesh._internal import http as http_server
 from mesh.a2a.server import A2AServer
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
@@ -140,7 +140,7 @@ async def serve(
 
 
 def main() -> None:
-    from mesh.logs import configure
+    from mesh._internal.logs import configure
 
     configure()
     try:

@@ -32,7 +32,6 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import uvicorn
@@ -40,6 +39,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from mesh._internal.lifecycle import AsyncService
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-class FakeAnthropic:
+class FakeAnthropic(AsyncService):
     """An Anthropic-compatible `/v1/messages` endpoint on a free local port (async context)."""
 
     def __init__(
@@ -240,18 +241,6 @@ class FakeAnthropic:
         self._server.should_exit = True
         await asyncio.wait_for(self._task, timeout=5)
         self._server = self._task = None
-
-    async def __aenter__(self) -> FakeAnthropic:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def scripted(tool_input: dict[str, Any]) -> Responder:

@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 
 from mesh import audit, envelope, subjects
 from mesh.bus import Bus
-from mesh.launcher import Child
+from mesh.dev.launcher import Child
 from mesh.records import dead_letter_decoder, decision_decoder
 from mesh.registry import Registry
 from mesh.server import EmbeddedServer, LocalCluster

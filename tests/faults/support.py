@@ -27,7 +27,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from coordinator.ledger import state_key
 from mesh import envelope, subjects
 from mesh.bus import Bus
-from mesh.launcher import Child, Topology
+from mesh.dev.launcher import Child, Topology
 from mesh.records import DeadLetter, Decision, dead_letter_decoder, decision_decoder
 from mesh.registry import Registry
 from mesh.settings import Settings

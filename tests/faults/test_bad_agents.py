@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
-from mesh.launcher import Child
+from mesh.dev.launcher import Child
 from mesh.records import Decision
 from mesh.registry import Registry, new_instance_id
 from tests.faults.support import (

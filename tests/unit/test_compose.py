@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from mesh.launcher import REVIEWERS
+from mesh.dev.launcher import REVIEWERS
 from mesh.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

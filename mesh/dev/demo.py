@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 import agents
 from mesh import envelope, subjects
 from mesh.bus import Bus
-from mesh.launcher import REVIEWERS, Topology
+from mesh.dev.launcher import REVIEWERS, Topology
 from mesh.records import DeadLetter, Decision, dead_letter_decoder, decision_decoder
 from mesh.server import EmbeddedServer
 

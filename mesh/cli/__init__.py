@@ -58,7 +58,7 @@ def command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
 
 
 def _setup_logging(quiet: bool = True) -> None:
-    from mesh.logs import configure
+    from mesh._internal.logs import configure
 
     configure(level="WARNING" if quiet else None)
 
@@ -69,7 +69,7 @@ def demo(
     json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:
     """Start NATS, a coordinator and three reviewer agents as processes; decide sample events."""
-    from mesh import demo as scenario
+    from mesh.dev import demo as scenario
 
     _setup_logging()
     if not json_out:
@@ -137,7 +137,7 @@ def up(
 
 async def _up(coordinators: int, replicas: int, cluster: int | None = None) -> None:
     from mesh.bus import Bus, clear_state, write_state
-    from mesh.launcher import EVENT_AGENTS, REVIEWERS, Topology
+    from mesh.dev.launcher import EVENT_AGENTS, REVIEWERS, Topology
     from mesh.server import EmbeddedServer, LocalCluster
     from mesh.settings import get_settings
 

@@ -1,0 +1,5 @@
+"""The developer shell: run a whole mesh as local processes (`mesh up`, `mesh demo`).
+
+Part of the application shell, like `mesh.cli`: it may import `coordinator` and `agents`;
+the library core never imports it.
+"""
