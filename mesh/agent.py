@@ -47,7 +47,7 @@ from mesh.a2a.server import A2AServer
 from mesh.a2a.taskstore import JetStreamTaskStore
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
-from mesh.errors import ConfigError, MeshError
+from mesh.errors import ConfigError, InputError, MeshError
 from mesh.events import (
     DEFAULT_ACK_WAIT_S,
     DEFAULT_BACKOFF,
@@ -64,10 +64,6 @@ from mesh.settings import Settings, get_settings
 from mesh.signing import CardSigner
 
 log = logging.getLogger(__name__)
-
-
-class InputError(ValueError):
-    """The message did not carry what the agent's handler takes."""
 
 
 class Agent:

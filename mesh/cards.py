@@ -7,7 +7,6 @@ The JSON file is the source of truth for name, description, version and skills. 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
 from mesh import subjects
 from mesh.errors import CardError
+from mesh.settings import get_settings
 
 # The NATS binding of A2A JSON-RPC; the url is `nats:<subject>` (any connection on the same
 # NATS account reaches it, so the card names the subject, not a server).
@@ -35,10 +35,10 @@ _SKILL_REQUIRED = ("id", "name", "description", "tags")
 
 
 def cards_dir() -> Path:
-    """$MESH_CARDS_DIR, else ./cards, else the cards/ folder next to the installed packages."""
-    env = os.environ.get("MESH_CARDS_DIR")
-    if env:
-        return Path(env)
+    """MESH_CARDS_DIR, else ./cards, else the cards/ folder next to the installed packages."""
+    configured = get_settings().cards_dir
+    if configured is not None:
+        return configured
     local = Path("cards")
     if local.is_dir():
         return local

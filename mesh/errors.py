@@ -56,6 +56,14 @@ class NotConnectedError(ConfigError):
     """No NATS server to talk to."""
 
 
+class InputError(ConfigError):
+    """A message did not carry what the agent's handler takes (the caller can fix it)."""
+
+
+class ModelRequestsBlockedError(ConfigError):
+    """Model requests are switched off and the client points at a non-local host."""
+
+
 class MeshRuntimeError(MeshError):
     """A failure at run time; `retryable` says whether trying again can help."""
 
@@ -96,3 +104,18 @@ class AgentUnavailableError(AgentCallError):
 
     def __init__(self, agent: str, *, attempts: int = 1) -> None:
         super().__init__(agent, "no live instance answered", retryable=True, attempts=attempts)
+
+
+class ModelCallError(MeshRuntimeError):
+    """The model API call failed (HTTP error status, connection failure or timeout)."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+class ModelOutputError(MeshRuntimeError):
+    """The model answered, but not with one valid call of the requested tool."""
+
+    retryable = False

@@ -27,7 +27,13 @@ import msgspec
 from opentelemetry.trace import SpanKind
 
 from mesh import telemetry
-from mesh.errors import ConfigError, MeshRuntimeError
+from mesh.errors import (
+    ConfigError,
+    ModelCallError,
+    ModelOutputError,
+    ModelRequestsBlockedError,
+)
+from mesh.settings import get_settings
 
 if TYPE_CHECKING:
     # Imported for real only by ClaudeBrain: the SDK costs ~40 MB of memory, which an agent on
@@ -42,30 +48,9 @@ DEFAULT_MODEL = "claude-sonnet-5-5"
 
 # Module switch for tests; the environment variable below can only turn requests off, never on.
 ALLOW_MODEL_REQUESTS = True
-_ALLOW_ENV = "MESH_ALLOW_MODEL_REQUESTS"
-_OFF_VALUES = frozenset({"0", "false", "no", "off"})
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 OutT = TypeVar("OutT")
-
-
-class ModelCallError(MeshRuntimeError):
-    """The model API call failed (HTTP error status, connection failure or timeout)."""
-
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retryable = retryable
-
-
-class ModelOutputError(MeshRuntimeError):
-    """The model answered, but not with one valid call of the requested tool."""
-
-    retryable = False
-
-
-class ModelRequestsBlockedError(ConfigError):
-    """Model requests are switched off and the client points at a non-local host."""
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -90,9 +75,8 @@ class Brain(Protocol):
 
 
 def model_requests_allowed() -> bool:
-    """Read at call time so tests can flip the module switch or the environment variable."""
-    env = os.environ.get(_ALLOW_ENV, "").strip().lower()
-    return ALLOW_MODEL_REQUESTS and env not in _OFF_VALUES
+    """Read at call time so tests can flip the module switch or the setting."""
+    return ALLOW_MODEL_REQUESTS and get_settings().allow_model_requests
 
 
 def snake_case(name: str) -> str:
@@ -211,8 +195,8 @@ class ClaudeBrain:
             return
         raise ModelRequestsBlockedError(
             f"model requests are disabled and {self.client.base_url} is not local",
-            hint=f"point ANTHROPIC_BASE_URL at a local fake, or re-enable requests: unset "
-            f"{_ALLOW_ENV} and keep mesh.models.ALLOW_MODEL_REQUESTS = True",
+            hint="point ANTHROPIC_BASE_URL at a local fake, or re-enable requests: unset "
+            "MESH_ALLOW_MODEL_REQUESTS and keep mesh.models.ALLOW_MODEL_REQUESTS = True",
         )
 
     async def think(self, payload: object) -> Thought[Any]:

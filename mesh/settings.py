@@ -47,8 +47,14 @@ class Settings(BaseSettings):
         default=-1, description="Coordinator /metrics port: -1 off, 0 any free port."
     )
     metrics_host: str = Field(default="127.0.0.1", description="Where /metrics listens.")
-    log_format: str = Field(default="auto", description="auto | json | console")
-    log_level: str = Field(default="INFO")
+    log_format: str = Field(
+        default="auto",
+        description="`auto` (console on a terminal, else JSON lines), `json` or `console`.",
+    )
+    log_level: str = Field(
+        default="INFO",
+        description="Log level of mesh processes: `DEBUG`, `INFO`, `WARNING`, `ERROR`.",
+    )
     stream_replicas: int = Field(
         default=1, ge=1, description="Replicas for mesh streams (3 on a NATS cluster)."
     )
@@ -85,6 +91,38 @@ class Settings(BaseSettings):
         description="Registry readers refuse cards that are unsigned or not signed by a "
         "trusted key. Off: unsigned cards pass, but a signature by a trusted key id that does "
         "not verify is still refused.",
+    )
+
+    cards_dir: Path | None = Field(
+        default=None,
+        description='Folder of the A2A Agent Cards (`<agent name>.json`); `Agent("four-eyes")` '
+        "loads `<folder>/four-eyes.json`. Unset: `./cards`, else the `cards/` next to the "
+        "installed packages.",
+    )
+    telemetry: bool = Field(
+        default=True,
+        description="`off` turns tracing and metrics off, as does the standard "
+        "`OTEL_SDK_DISABLED=true`.",
+    )
+    trace_stream: bool = Field(
+        default=False,
+        description="On: also keep recent spans (a day) in the JetStream stream `MESH_TRACES`, "
+        "so `mesh trace EVENT_ID` works without a tracing backend.",
+    )
+    price_input_per_mtok: float | None = Field(
+        default=None,
+        ge=0,
+        description="USD per million input tokens, for the `mesh.gen_ai.cost` metric. Set both "
+        "prices to your contract; unset, no cost is recorded (tokens still are).",
+    )
+    price_output_per_mtok: float | None = Field(
+        default=None, ge=0, description="USD per million output tokens (see above)."
+    )
+    allow_model_requests: bool = Field(
+        default=True,
+        description="Off blocks every model request to a host other than `127.0.0.1`, "
+        "`localhost` or `::1` (the Claude brain then fails with a clear error). Tests turn it "
+        "off, and so does the `mesh.testing.fixtures` plugin.",
     )
 
     def nats_servers(self) -> list[str]:

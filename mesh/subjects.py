@@ -12,6 +12,7 @@ AUDIT_STREAM = "MESH_AUDIT"
 CARDS_BUCKET = "mesh_cards"
 TASKS_BUCKET = "mesh_tasks"  # A2A tasks, key <agent>.<task id> (mesh.a2a.taskstore)
 DECISIONS_BUCKET = "mesh_decisions"
+TRACE_STREAM = "MESH_TRACES"  # spans kept for `mesh trace` when MESH_TRACE_STREAM is on
 
 # Subject roots
 EVENTS_ROOT = "mesh.evt"
@@ -19,6 +20,7 @@ DECISIONS_ROOT = "mesh.decision"
 DLQ_ROOT = "mesh.dlq"
 AUDIT_ROOT = "mesh.audit"
 A2A_ROOT = "mesh.a2a"
+TRACE_ROOT = "mesh.trace"  # mesh.trace.<trace id>
 COORDINATOR_STATUS = "mesh.status.coordinator"  # every coordinator answers (no queue group)
 
 # Durable consumer of the coordinator (shared by every coordinator instance)

@@ -36,10 +36,11 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GA
 from opentelemetry.semconv._incubating.attributes import messaging_attributes as MA
 
+from mesh.settings import get_settings
+from mesh.subjects import TRACE_ROOT, TRACE_STREAM
+
 log = logging.getLogger(__name__)
 
-TRACE_STREAM = "MESH_TRACES"
-TRACE_ROOT = "mesh.trace"
 _SCOPE = "quorum-mesh"
 
 # Re-exported semconv names, so instrumented modules import attribute names from one place.
@@ -62,8 +63,9 @@ GEN_AI_TOOL_NAME = GA.GEN_AI_TOOL_NAME
 
 
 def enabled() -> bool:
-    off = os.environ.get("MESH_TELEMETRY", "").lower() in ("off", "0", "false")
-    return not off and os.environ.get("OTEL_SDK_DISABLED", "").lower() != "true"
+    # OTEL_SDK_DISABLED is OpenTelemetry's own switch, honoured as the SDK would.
+    sdk_off = os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true"
+    return get_settings().telemetry and not sdk_off
 
 
 def tracer() -> trace.Tracer:
@@ -159,10 +161,9 @@ def record_usage(model: str, input_tokens: int, output_tokens: int) -> None:
     m = meters()
     m.tokens.add(input_tokens, {**labels, "type": "input"})
     m.tokens.add(output_tokens, {**labels, "type": "output"})
-    try:
-        price_in = float(os.environ["MESH_PRICE_INPUT_PER_MTOK"])
-        price_out = float(os.environ["MESH_PRICE_OUTPUT_PER_MTOK"])
-    except (KeyError, ValueError):
+    settings = get_settings()
+    price_in, price_out = settings.price_input_per_mtok, settings.price_output_per_mtok
+    if price_in is None or price_out is None:
         return
     m.cost.add((input_tokens * price_in + output_tokens * price_out) / 1e6, labels)
 
@@ -302,7 +303,7 @@ class JetStreamSpanExporter(SpanExporter):
 
 
 def _trace_stream_on() -> bool:
-    return os.environ.get("MESH_TRACE_STREAM", "").lower() in ("1", "true", "on")
+    return get_settings().trace_stream
 
 
 async def keep_spans_in_jetstream(bus: Any) -> None:

@@ -24,6 +24,7 @@ import pytest_asyncio
 import mesh.models
 from mesh.bus import Bus
 from mesh.server import EmbeddedServer
+from mesh.settings import get_settings
 from mesh.testing.model import ScriptedModel
 
 
@@ -34,6 +35,7 @@ def mesh_no_model_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     monkeypatch.setenv("MESH_ALLOW_MODEL_REQUESTS", "0")
     monkeypatch.setattr(mesh.models, "ALLOW_MODEL_REQUESTS", False)
+    get_settings.cache_clear()  # settings are read once per process: see the change
 
 
 @pytest.fixture

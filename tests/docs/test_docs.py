@@ -408,10 +408,12 @@ def _env_names_in_code() -> tuple[set[str], set[str]]:
     return literals - streams - settings, literals
 
 
-def test_configuration_lists_every_other_variable_the_code_reads() -> None:
-    text = (DOCS / "configuration.md").read_text()
+def test_no_mesh_variable_is_read_outside_settings() -> None:
+    """`Settings` is the one reader of MESH_* variables (mesh/settings.py's docstring)."""
     other, _ = _env_names_in_code()
-    assert other, "expected MESH_CARDS_DIR and MESH_ALLOW_MODEL_REQUESTS at least"
+    # The conformance agent is a test fixture for the A2A TCK with a switch of its own.
+    assert other <= {"MESH_CONFORMANCE_PROFILE"}, f"read outside Settings: {sorted(other)}"
+    text = (DOCS / "configuration.md").read_text()
     missing = sorted(n for n in other if f"`{n}`" not in text)
     assert not missing, f"configuration.md does not explain {missing}"
     for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "OTEL_"):

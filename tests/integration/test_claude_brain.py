@@ -33,6 +33,7 @@ from mesh.models import (
     snake_case,
     tool_schema,
 )
+from mesh.settings import get_settings
 from mesh.testing.fake_anthropic import FakeAnthropic, FakeHTTPError, text_message
 from mesh.verdict import Verdict
 
@@ -259,6 +260,7 @@ async def test_guard_blocks_remote_api_without_any_request() -> None:
 async def test_guard_by_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mesh.models, "ALLOW_MODEL_REQUESTS", True)
     monkeypatch.setenv("MESH_ALLOW_MODEL_REQUESTS", "0")
+    get_settings.cache_clear()  # settings are read once per process
     client, sent = recording_client("https://api.anthropic.com")
     brain = ClaudeBrain(system_prompt="p", output_type=Verdict, client=client)
     with pytest.raises(ModelRequestsBlockedError):
@@ -270,6 +272,7 @@ async def test_guard_off_lets_the_request_through(monkeypatch: pytest.MonkeyPatc
     # Proves the guard, not something else, stopped the requests above.
     monkeypatch.setattr(mesh.models, "ALLOW_MODEL_REQUESTS", True)
     monkeypatch.delenv("MESH_ALLOW_MODEL_REQUESTS", raising=False)
+    get_settings.cache_clear()
     client, sent = recording_client("https://api.anthropic.com")
     brain = ClaudeBrain(system_prompt="p", output_type=Verdict, client=client)
     with pytest.raises(ModelCallError):

@@ -39,13 +39,8 @@ DOCKERFILE = COMPOSE_DIR / "Dockerfile"
 HEALTHCHECK_SCRIPT = COMPOSE_DIR / "healthcheck.py"
 
 NATS_MONITOR_PORT = 8222
-# MESH_* variables read outside mesh/settings.py (each with its reader).
-MESH_VARS_READ_ELSEWHERE = frozenset(
-    {
-        "MESH_CARDS_DIR",  # mesh/cards.py: cards_dir()
-        "MESH_ALLOW_MODEL_REQUESTS",  # mesh/models.py: can only switch model requests off
-    }
-)
+# MESH_* variables read outside mesh/settings.py: none (Settings is their one reader).
+MESH_VARS_READ_ELSEWHERE: frozenset[str] = frozenset()
 BUILD_TOOLS = ("gcc", "g++", "clang", "build-essential", "make", "cmake", "python3-dev")
 
 
