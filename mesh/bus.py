@@ -264,7 +264,7 @@ class Bus:
         return await self.publish(
             subjects.event(event.tenant, event.type),
             envelope.encode(event),
-            msg_id=f"{event.tenant}:{event.id}",
+            msg_id=subjects.event_msg_id(event.tenant, event.id),
             # An event that carries its producer's trace (CloudEvents `traceparent`) continues it.
             parent=telemetry.extract({subjects.H_TRACEPARENT: event.traceparent})
             if event.traceparent

@@ -114,7 +114,7 @@ def with_interfaces(card: AgentCard, *, http_url: str | None, nats_subject: str)
         )
     live.supported_interfaces.append(
         AgentInterface(
-            url=f"nats:{nats_subject}",
+            url=subjects.nats_interface_url(nats_subject),
             protocol_binding=NATS_BINDING,
             protocol_version=subjects.A2A_VERSION,
         )

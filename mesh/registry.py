@@ -51,7 +51,7 @@ class Registration(msgspec.Struct, frozen=True):
 
     @property
     def key(self) -> str:
-        return f"{self.agent}.{self.instance}"
+        return subjects.card_key(self.agent, self.instance)
 
     def live(self, now: float | None = None) -> bool:
         return (now or time.time()) - self.seen_at < self.ttl_s

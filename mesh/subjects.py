@@ -1,4 +1,5 @@
-"""Every subject, stream, bucket and header name the mesh uses, in one place."""
+"""Every name the mesh puts on the wire, in one place: subjects, streams, buckets, keys,
+headers, durable consumers, queue groups and message-id formats."""
 
 from __future__ import annotations
 
@@ -70,6 +71,26 @@ def event(tenant: str, event_type: str) -> str:
 
 def events_filter() -> str:
     return f"{EVENTS_ROOT}.>"
+
+
+def trace(trace_id: str) -> str:
+    """`mesh.trace.<trace id>`: the spans of one trace (MESH_TRACES)."""
+    return f"{TRACE_ROOT}.{trace_id}"
+
+
+def card_key(agent: str, instance: str) -> str:
+    """Key of one agent instance's card in the `mesh_cards` bucket."""
+    return f"{agent}.{instance}"
+
+
+def nats_interface_url(subject: str) -> str:
+    """How an Agent Card names a NATS interface (docs/a2a-nats-binding.md)."""
+    return f"nats:{subject}"
+
+
+def event_msg_id(tenant: str, event_id: str) -> str:
+    """`Nats-Msg-Id` of a published event: the stream's duplicate window drops a re-publish."""
+    return f"{tenant}:{event_id}"
 
 
 def decision(tenant: str, decision_type: str, event_token: str) -> str:

@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GA
 from opentelemetry.semconv._incubating.attributes import messaging_attributes as MA
 
+from mesh import subjects
 from mesh.settings import get_settings
 from mesh.subjects import TRACE_ROOT, TRACE_STREAM
 
@@ -290,7 +291,7 @@ class JetStreamSpanExporter(SpanExporter):
 
         async def publish() -> None:
             for trace_id, body in payloads:
-                await self.nc.publish(f"{TRACE_ROOT}.{trace_id}", body)
+                await self.nc.publish(subjects.trace(trace_id), body)
 
         try:
             asyncio.run_coroutine_threadsafe(publish(), self.loop)
@@ -332,7 +333,7 @@ async def read_trace(bus: Any, trace_id: str, *, wait_s: float = 1.0) -> list[Sp
     from nats.js.api import DeliverPolicy
 
     sub = await bus.js.subscribe(
-        f"{TRACE_ROOT}.{trace_id}", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        subjects.trace(trace_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )
     spans: list[SpanRecord] = []
     try:
