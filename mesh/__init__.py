@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from mesh.envelope import Event, new_event
 from mesh.errors import ConfigError, MeshError, MeshRuntimeError
 from mesh.events import EventContext, Reject, Retry
+from mesh.settings import Settings
 from mesh.verdict import Verdict
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ __all__ = [
     "MeshRuntimeError",
     "Reject",
     "Retry",
+    "Settings",
     "Verdict",
     "new_event",
 ]

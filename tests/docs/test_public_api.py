@@ -1,0 +1,40 @@
+"""The docs teach the public API only: `mesh` (its `__all__`) and `mesh.testing`.
+
+Everything else under `mesh/` is implementation a newcomer should not need; `mesh._internal` in
+particular may change without notice (its package docstring says so).
+"""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+
+import mesh
+from tests.docs.blocks import CHECKED, blocks
+
+PUBLIC_MODULES = {"mesh", "mesh.testing", "mesh.testing.fixtures"}
+
+
+def _python_blocks() -> list[tuple[str, str]]:
+    return [(b.id, b.code) for page in CHECKED for b in blocks(page) if b.lang == "python"]
+
+
+@pytest.mark.parametrize(("where", "code"), _python_blocks(), ids=lambda v: str(v)[:40])
+def test_docs_import_only_the_public_api(where: str, code: str) -> None:
+    tree = ast.parse(code)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mesh":
+            assert node.module in PUBLIC_MODULES, f"{where}: imports {node.module}"
+            if node.module == "mesh":
+                names = {a.name for a in node.names}
+                assert names <= set(mesh.__all__), f"{where}: {names - set(mesh.__all__)}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "mesh":
+                    assert alias.name in PUBLIC_MODULES, f"{where}: imports {alias.name}"
+
+
+def test_every_public_name_resolves() -> None:
+    for name in mesh.__all__:
+        assert getattr(mesh, name) is not None, name
