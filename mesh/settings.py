@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     def nats_servers(self) -> list[str]:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
 
+    # -- topology
+    topology: Path | None = Field(
+        default=None,
+        description="The topology file `mesh up` and `mesh demo` run (which agents, replicas, "
+        "coordinators). Default: mesh.toml in the working folder or the nearest folder above.",
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
