@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mesh.errors import ConfigError, MeshError
 
@@ -27,9 +28,11 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except MeshError as e:
-        err.print(f"[red]error:[/red] {e.message}")
+        # Escaped: messages quote TOML ("[[agents]]") and JSON, which is not rich markup.
+        # Soft-wrapped: one line each, whatever the terminal's width.
+        err.print(f"[red]error:[/red] {escape(e.message)}", soft_wrap=True)
         if e.hint:
-            err.print(f"  → {e.hint}")
+            err.print(f"  → {escape(e.hint)}", soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

@@ -1,6 +1,7 @@
 """Every code block in docs/*.md and README.md is run or checked, so the docs cannot rot.
 
-- ```python: run in a fresh interpreter (cwd: the repository; a fresh nats-server's URL in
+- ```python: run in a fresh interpreter (a block the reader saves as a file: in
+  test_guide_mesh_up.py, as that file) (cwd: the repository; a fresh nats-server's URL in
   MESH_NATS_URL; no model key, model requests blocked). A block that defines `test_*` functions
   is run by pytest with the `mesh.testing.fixtures` plugin. ```python no-run is only compiled,
   and must say why in its first line (`# no-run: <reason>`).
@@ -21,7 +22,6 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -39,10 +39,21 @@ from coordinator.policy import Policy, parse
 from coordinator.quorum import QuorumRule
 from mesh.cards import parse_card
 from mesh.cli import app
+from mesh.dev import topology
 from mesh.errors import PolicyError
 from mesh.server import EmbeddedServer, find_binary
 from mesh.settings import Settings
-from tests.docs.blocks import CHECKED, DOCS, LANGUAGES, PAGES, REPO, Block, all_blocks, blocks
+from tests.docs.blocks import (
+    CHECKED,
+    DOCS,
+    LANGUAGES,
+    PAGES,
+    REPO,
+    Block,
+    all_blocks,
+    blocks,
+    commands,
+)
 
 EXAMPLE = REPO / "tests" / "docs" / "example_agent"
 # The guide's paths (docs/write-an-agent.md) → where the example really lives in this repo.
@@ -148,7 +159,10 @@ def test_file_block_is_the_file(block: Block) -> None:
 
 
 # -- python ---------------------------------------------------------------------------------------
-PYTHON = all_blocks("python")
+# A block the reader saves as a file (`<!-- file: ... as ... -->`) runs as that file, in a copy of
+# the project with the others, in tests/docs/test_guide_mesh_up.py: its `__main__.py` starts an
+# agent until stopped, which a block run here could not end.
+PYTHON = [b for b in all_blocks("python") if b.save_as is None]
 
 
 @pytest.mark.parametrize("block", PYTHON, ids=_ids(PYTHON))
@@ -204,19 +218,6 @@ _ROOT_COMMAND = get_command(app)
 _MAKE_TARGETS = set(re.findall(r"^([\w.-]+):", (REPO / "Makefile").read_text(), re.MULTILINE))
 
 
-def _commands(block: Block) -> list[list[str]]:
-    """Each command line as tokens: continuations joined, comments and VAR=value dropped."""
-    text = block.code.replace("\\\n", " ")
-    out = []
-    for line in text.splitlines():
-        tokens = shlex.split(line, comments=True)
-        while tokens and re.match(r"^[A-Z_][A-Z0-9_]*=", tokens[0]):
-            tokens.pop(0)
-        if tokens:
-            out.append(tokens)
-    return out
-
-
 def _subcommands(cmd: Any) -> dict[str, Any] | None:
     """A group's commands by name; None for a plain command (typer vendors its own click)."""
     commands = getattr(cmd, "commands", None)
@@ -255,7 +256,7 @@ def _check_mesh(args: list[str], where: str) -> str:
 
 @pytest.mark.parametrize("block", SH, ids=_ids(SH))
 def test_sh_block_names_real_commands(block: Block) -> None:
-    for tokens in _commands(block):
+    for tokens in commands(block):
         prog = Path(tokens[0]).name
         if prog == "mesh":
             _check_mesh(tokens[1:], block.id)
@@ -296,6 +297,10 @@ def _policy_like(doc: dict[str, Any]) -> bool:
     return "ignore" in doc or any(isinstance(v, dict) and "skills" in v for v in doc.values())
 
 
+def _topology_like(doc: dict[str, Any]) -> bool:
+    return bool({"agents", "coordinators", "cluster"} & set(doc))
+
+
 @pytest.mark.parametrize("block", TOML, ids=_ids(TOML))
 def test_toml_block_parses(block: Block) -> None:
     doc = tomllib.loads(block.code)
@@ -305,6 +310,20 @@ def test_toml_block_parses(block: Block) -> None:
             parse(doc, source=block.id)
     elif _policy_like(doc):
         parse(doc, source=block.id)
+    elif _topology_like(doc):
+        # A mesh.toml (or a table of one): it validates, and every module is a real one (or the
+        # guide's agent, which lives here as tests/docs/example_agent).
+        config = topology.parse(doc, source=Path(block.id), check_modules=False)
+        for agent in config.spec.agents:
+            module = ALIASES.get(agent.module, agent.module)
+            assert topology.find_module(module, [str(REPO), *sys.path]), (
+                f"{block.id}: no module {agent.module}"
+            )
+
+
+def test_the_shipped_mesh_toml_is_valid() -> None:
+    config = topology.load(REPO / topology.FILE_NAME)
+    assert config.spec.agents, "mesh.toml lists no agents"
 
 
 JSON = all_blocks("json")
@@ -508,3 +527,43 @@ def test_index_links_every_page() -> None:
     for page in [*PAGES, DOCS / "a2a-nats-binding.md"]:
         if page.name != "index.md":
             assert f"]({page.name})" in text, f"index.md does not link {page.name}"
+
+
+# -- operations.md: the topology ------------------------------------------------------------------
+def _topology_keys() -> dict[str, str]:
+    """Every mesh.toml key as operations.md names it, with its default as the page shows it."""
+    keys: dict[str, str] = {}
+    for prefix, model in (
+        ("", topology.MeshToml),
+        ("cluster.", topology.ClusterTable),
+        ("agents[].", topology.AgentTable),
+    ):
+        for name, field in model.model_fields.items():
+            if name in ("cluster", "agents"):  # the tables themselves
+                continue
+            if field.is_required():
+                shown = "required"
+            elif field.default is None:
+                shown = "the file's"  # an agent's replicas: the file's count
+            else:
+                shown = shown_setting(field.default)
+            keys[prefix + name] = shown
+    return keys
+
+
+def test_operations_lists_every_topology_key_with_its_default() -> None:
+    section = (DOCS / "operations.md").read_text().split("## The topology: mesh.toml", 1)[1]
+    rows = _rows(section.split("\n## ", 1)[0])
+    keys = _topology_keys()
+    assert set(rows) == set(keys), f"operations.md: keys {sorted(rows)}, code {sorted(keys)}"
+    for key, default in keys.items():
+        assert rows[key][0] == default, f"`{key}`: page {rows[key][0]!r}, code {default!r}"
+        assert rows[key][1].strip(), f"`{key}`: say what it does"
+
+
+def test_operations_shows_the_shipped_mesh_toml() -> None:
+    [block] = [
+        b for b in blocks(DOCS / "operations.md") if b.lang == "toml" and "[[agents]]" in b.code
+    ]
+    shipped = tomllib.loads((REPO / topology.FILE_NAME).read_text())
+    assert tomllib.loads(block.code) == shipped, f"{block.id}: not what mesh.toml says"
