@@ -98,3 +98,19 @@ def commands(block: Block) -> list[list[str]]:
         if tokens:
             out.append(tokens)
     return out
+
+
+_ROW = re.compile(
+    r"^\|\s*`(?P<name>[^`]+)`\s*\|\s*(?P<default>[^|]*?)\s*\|\s*(?P<meaning>.*?)\s*\|$"
+)
+
+
+def table_rows(text: str) -> dict[str, tuple[str, str]]:
+    """A markdown table's rows `| `name` | default | meaning |` as {name: (default, meaning)}."""
+    rows = {}
+    for line in text.splitlines():
+        m = _ROW.match(line.strip())
+        if m:
+            assert m["name"] not in rows, f"{m['name']} is listed twice"
+            rows[m["name"]] = (m["default"].replace("`", "").strip(), m["meaning"])
+    return rows

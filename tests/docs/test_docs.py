@@ -53,6 +53,7 @@ from tests.docs.blocks import (
     all_blocks,
     blocks,
     commands,
+    table_rows,
 )
 
 EXAMPLE = REPO / "tests" / "docs" / "example_agent"
@@ -321,11 +322,6 @@ def test_toml_block_parses(block: Block) -> None:
             )
 
 
-def test_the_shipped_mesh_toml_is_valid() -> None:
-    config = topology.load(REPO / topology.FILE_NAME)
-    assert config.spec.agents, "mesh.toml lists no agents"
-
-
 JSON = all_blocks("json")
 
 
@@ -355,11 +351,6 @@ def test_conf_block_is_a_valid_nats_server_config(block: Block, tmp_path: Path) 
 
 
 # -- configuration.md -----------------------------------------------------------------------------
-_ROW = re.compile(
-    r"^\|\s*`(?P<name>[^`]+)`\s*\|\s*(?P<default>[^|]*?)\s*\|\s*(?P<meaning>.*?)\s*\|$"
-)
-
-
 def shown_setting(default: Any) -> str:
     """How configuration.md shows a setting's default."""
     if default is None:
@@ -387,18 +378,8 @@ def _section(text: str, marker: str) -> str:
     return text.split(start, 1)[1].split(end, 1)[0]
 
 
-def _rows(text: str) -> dict[str, tuple[str, str]]:
-    rows = {}
-    for line in text.splitlines():
-        m = _ROW.match(line.strip())
-        if m:
-            assert m["name"] not in rows, f"{m['name']} is listed twice"
-            rows[m["name"]] = (m["default"].replace("`", "").strip(), m["meaning"])
-    return rows
-
-
 def test_configuration_lists_every_setting_with_its_default() -> None:
-    rows = _rows(_section((DOCS / "configuration.md").read_text(), "settings"))
+    rows = table_rows(_section((DOCS / "configuration.md").read_text(), "settings"))
     fields = Settings.model_fields
     expected = {f"MESH_{n.upper()}": shown_setting(f.default) for n, f in fields.items()}
     missing = sorted(set(expected) - set(rows))
@@ -464,7 +445,7 @@ def shown_policy_default(info: msgspec.structs.FieldInfo) -> str:
 
 @pytest.mark.parametrize("struct", [Policy, QuorumRule], ids=lambda s: s.__name__)
 def test_policies_lists_every_field_with_its_default(struct: type[msgspec.Struct]) -> None:
-    rows = _rows((DOCS / "policies.md").read_text())
+    rows = table_rows((DOCS / "policies.md").read_text())
     for info in msgspec.structs.fields(struct):
         assert info.name in rows, f"policies.md: no row for `{info.name}` ({struct.__name__})"
         want = shown_policy_default(info)
@@ -527,43 +508,3 @@ def test_index_links_every_page() -> None:
     for page in [*PAGES, DOCS / "a2a-nats-binding.md"]:
         if page.name != "index.md":
             assert f"]({page.name})" in text, f"index.md does not link {page.name}"
-
-
-# -- operations.md: the topology ------------------------------------------------------------------
-def _topology_keys() -> dict[str, str]:
-    """Every mesh.toml key as operations.md names it, with its default as the page shows it."""
-    keys: dict[str, str] = {}
-    for prefix, model in (
-        ("", topology.MeshToml),
-        ("cluster.", topology.ClusterTable),
-        ("agents[].", topology.AgentTable),
-    ):
-        for name, field in model.model_fields.items():
-            if name in ("cluster", "agents"):  # the tables themselves
-                continue
-            if field.is_required():
-                shown = "required"
-            elif field.default is None:
-                shown = "the file's"  # an agent's replicas: the file's count
-            else:
-                shown = shown_setting(field.default)
-            keys[prefix + name] = shown
-    return keys
-
-
-def test_operations_lists_every_topology_key_with_its_default() -> None:
-    section = (DOCS / "operations.md").read_text().split("## The topology: mesh.toml", 1)[1]
-    rows = _rows(section.split("\n## ", 1)[0])
-    keys = _topology_keys()
-    assert set(rows) == set(keys), f"operations.md: keys {sorted(rows)}, code {sorted(keys)}"
-    for key, default in keys.items():
-        assert rows[key][0] == default, f"`{key}`: page {rows[key][0]!r}, code {default!r}"
-        assert rows[key][1].strip(), f"`{key}`: say what it does"
-
-
-def test_operations_shows_the_shipped_mesh_toml() -> None:
-    [block] = [
-        b for b in blocks(DOCS / "operations.md") if b.lang == "toml" and "[[agents]]" in b.code
-    ]
-    shipped = tomllib.loads((REPO / topology.FILE_NAME).read_text())
-    assert tomllib.loads(block.code) == shipped, f"{block.id}: not what mesh.toml says"

@@ -14,11 +14,17 @@ from tests.e2e.procs import Ran, live_registrations, mesh_env, run_mesh, start_m
 
 pytestmark = pytest.mark.e2e
 
+# A project's own agent package, next to its mesh.toml (here: the security reviewer re-used).
+PROJECT_AGENT = """
+from agents.security_review.agent import agent
+
+agent.main()
+"""
 ONE_AGENT_TWICE = """
 coordinators = 1
 
 [[agents]]
-module = "agents.security_review"
+module = "my_reviewer"
 replicas = 2
 """
 
@@ -30,10 +36,18 @@ def _write(folder: Path, text: str, name: str = "mesh.toml") -> Path:
 
 
 def test_mesh_up_runs_what_mesh_toml_lists(tmp_path: Path) -> None:
-    _write(tmp_path, ONE_AGENT_TWICE)
-    up = start_mesh_up(tmp_path)
+    """From another folder, through MESH_TOPOLOGY: the project's own package is found next to
+    its mesh.toml, and runs as many times as the file says."""
+    project = tmp_path / "project"
+    (project / "my_reviewer").mkdir(parents=True)
+    (project / "my_reviewer" / "__init__.py").write_text("")
+    (project / "my_reviewer" / "__main__.py").write_text(PROJECT_AGENT)
+    path = _write(project, ONE_AGENT_TWICE)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    up = start_mesh_up(elsewhere, MESH_TOPOLOGY=str(path))
     try:
-        assert "3 processes from mesh.toml" in up.stdout(), up.stdout()
+        assert f"3 processes from {path}" in up.stdout(), up.stdout()
         seen: list[Any] = []
 
         def two_instances() -> bool:
@@ -50,7 +64,7 @@ def test_mesh_up_runs_what_mesh_toml_lists(tmp_path: Path) -> None:
         )
         assert {s.split("/")[0] for s in seen} == {"security-review"}, seen
         logs = sorted(p.name for p in (up.home / "logs").glob("*.log"))
-        assert logs == ["coordinator.log", "security-review-1.log", "security-review-2.log"], logs
+        assert logs == ["coordinator.log", "my-reviewer-1.log", "my-reviewer-2.log"], logs
     finally:
         up.stop()
 

@@ -144,7 +144,8 @@ def test_mesh_topology_setting_is_the_default_path(
 
 def test_without_any_file_the_checkouts_own_is_used(tmp_path: Path) -> None:
     # tmp_path has no mesh.toml above it; this checkout has one (as cards/ falls back to its own).
-    assert not any((p / "mesh.toml").exists() for p in (tmp_path, *tmp_path.parents))
+    if any((p / "mesh.toml").exists() for p in (tmp_path, *tmp_path.parents)):
+        pytest.skip(f"a mesh.toml above {tmp_path} on this machine")
     assert topology.find(start=tmp_path) == SHIPPED
 
 
