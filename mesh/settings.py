@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         "off, and so does the `mesh.testing.fixtures` plugin.",
     )
 
+    topology: Path | None = Field(
+        default=None,
+        description="The topology file `mesh up` and `mesh demo` run (which agents, replicas, "
+        "coordinators). Default: mesh.toml in the working folder or the nearest folder above.",
+    )
+
     def nats_servers(self) -> list[str]:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
 

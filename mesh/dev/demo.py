@@ -25,7 +25,9 @@ from nats.aio.msg import Msg
 import agents
 from mesh import envelope, subjects
 from mesh.bus import Bus
-from mesh.dev.launcher import REVIEWERS, Topology
+from mesh.dev.launcher import Topology
+from mesh.dev.topology import Plan
+from mesh.errors import ConfigError
 from mesh.records import DeadLetter, Decision, dead_letter_decoder, decision_decoder
 from mesh.server import EmbeddedServer
 
@@ -154,16 +156,30 @@ def _paused(topo: Topology, name: str | None) -> Iterator[None]:
         child.proc.send_signal(signal.SIGCONT)
 
 
-async def demo(log_dir: Path | None = None) -> tuple[list[Result], Path]:
-    """Start everything from scratch in a temp store, run the cases, stop everything."""
+def check(plan: Plan) -> None:
+    """The cases need the agents they pause to be in the plan (`demo = true` in mesh.toml)."""
+    names = {a.name for a in plan.agents}
+    for case in CASES:
+        if case.pause is not None and case.pause not in names:
+            raise ConfigError(
+                f"{plan.source}: `mesh demo` pauses {case.pause} in its case "
+                f"{case.title!r}, but no [[agents]] table for it has demo = true",
+                hint=f"mark the agent {case.pause} with demo = true (the shipped mesh.toml does)",
+            )
+
+
+async def demo(plan: Plan, log_dir: Path | None = None) -> tuple[list[Result], Path]:
+    """Start the plan's processes from scratch in a temp store, run the cases, stop
+    everything."""
+    check(plan)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="mesh-demo-"))
     with EmbeddedServer(log_dir / "jetstream") as server:
         topo = Topology(server.url, log_dir / "logs")
         try:
-            topo.start_default()
+            topo.start(plan)
             async with await Bus.connect(server.url, name="demo") as bus:
                 await bus.ensure()
-                await topo.wait_ready(bus, agents=len(REVIEWERS))
+                await topo.wait_ready(bus, agents=plan.instances)
                 results = await run_cases(bus, topo, CASES)
         finally:
             topo.stop()

@@ -1,4 +1,5 @@
-"""Starting and stopping the mesh topology as separate OS processes (demo, up, tests)."""
+"""Starting and stopping the mesh as separate OS processes (demo, up, tests); what to start
+comes from a topology plan (`mesh.dev.topology`)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,11 @@ from typing import IO, Any
 
 from mesh import subjects
 from mesh.bus import Bus
+from mesh.dev.topology import Plan
 from mesh.errors import MeshRuntimeError
 from mesh.registry import Registry
 
 log = logging.getLogger(__name__)
-
-REVIEWERS = ("agents.security_review", "agents.compliance_review", "agents.quality_review")
-EVENT_AGENTS = ("agents.triage",)  # react to events on their own (no quorum)
 
 
 @dataclass
@@ -93,15 +92,14 @@ class Topology:
         self.children.append(child)
         return child
 
-    def start_default(
-        self, coordinators: int = 1, replicas: int = 1, modules: tuple[str, ...] = REVIEWERS
-    ) -> None:
-        for i in range(coordinators):
-            self.spawn(f"coordinator-{i + 1}" if coordinators > 1 else "coordinator", "coordinator")
-        for module in modules:
-            short = module.rsplit(".", 1)[1].replace("_", "-")
-            for r in range(replicas):
-                self.spawn(f"{short}-{r + 1}" if replicas > 1 else short, module)
+    def start(self, plan: Plan) -> None:
+        """Start what a topology plan lists: its coordinators, then every agent instance."""
+        # Agent modules are found from the project folder (mesh.toml's) as well, wherever
+        # `mesh up` runs from: the check in `mesh.dev.topology` looks there too.
+        inherited = self.extra_env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+        path = os.pathsep.join(p for p in (str(plan.root.resolve()), inherited) if p)
+        for name, module in plan.processes():
+            self.spawn(name, module, {"PYTHONPATH": path})
 
     def child(self, name: str) -> Child:
         for c in self.children:

@@ -1,6 +1,7 @@
 """Every code block in docs/*.md and README.md is run or checked, so the docs cannot rot.
 
-- ```python: run in a fresh interpreter (cwd: the repository; a fresh nats-server's URL in
+- ```python: run in a fresh interpreter (a block the reader saves as a file: in
+  test_guide_mesh_up.py, as that file) (cwd: the repository; a fresh nats-server's URL in
   MESH_NATS_URL; no model key, model requests blocked). A block that defines `test_*` functions
   is run by pytest with the `mesh.testing.fixtures` plugin. ```python no-run is only compiled,
   and must say why in its first line (`# no-run: <reason>`).
@@ -21,7 +22,6 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -39,10 +39,22 @@ from coordinator.policy import Policy, parse
 from coordinator.quorum import QuorumRule
 from mesh.cards import parse_card
 from mesh.cli import app
+from mesh.dev import topology
 from mesh.errors import PolicyError
 from mesh.server import EmbeddedServer, find_binary
 from mesh.settings import Settings
-from tests.docs.blocks import CHECKED, DOCS, LANGUAGES, PAGES, REPO, Block, all_blocks, blocks
+from tests.docs.blocks import (
+    CHECKED,
+    DOCS,
+    LANGUAGES,
+    PAGES,
+    REPO,
+    Block,
+    all_blocks,
+    blocks,
+    commands,
+    table_rows,
+)
 
 EXAMPLE = REPO / "tests" / "docs" / "example_agent"
 # The guide's paths (docs/write-an-agent.md) → where the example really lives in this repo.
@@ -148,7 +160,10 @@ def test_file_block_is_the_file(block: Block) -> None:
 
 
 # -- python ---------------------------------------------------------------------------------------
-PYTHON = all_blocks("python")
+# A block the reader saves as a file (`<!-- file: ... as ... -->`) runs as that file, in a copy of
+# the project with the others, in tests/docs/test_guide_mesh_up.py: its `__main__.py` starts an
+# agent until stopped, which a block run here could not end.
+PYTHON = [b for b in all_blocks("python") if b.save_as is None]
 
 
 @pytest.mark.parametrize("block", PYTHON, ids=_ids(PYTHON))
@@ -204,19 +219,6 @@ _ROOT_COMMAND = get_command(app)
 _MAKE_TARGETS = set(re.findall(r"^([\w.-]+):", (REPO / "Makefile").read_text(), re.MULTILINE))
 
 
-def _commands(block: Block) -> list[list[str]]:
-    """Each command line as tokens: continuations joined, comments and VAR=value dropped."""
-    text = block.code.replace("\\\n", " ")
-    out = []
-    for line in text.splitlines():
-        tokens = shlex.split(line, comments=True)
-        while tokens and re.match(r"^[A-Z_][A-Z0-9_]*=", tokens[0]):
-            tokens.pop(0)
-        if tokens:
-            out.append(tokens)
-    return out
-
-
 def _subcommands(cmd: Any) -> dict[str, Any] | None:
     """A group's commands by name; None for a plain command (typer vendors its own click)."""
     commands = getattr(cmd, "commands", None)
@@ -255,7 +257,7 @@ def _check_mesh(args: list[str], where: str) -> str:
 
 @pytest.mark.parametrize("block", SH, ids=_ids(SH))
 def test_sh_block_names_real_commands(block: Block) -> None:
-    for tokens in _commands(block):
+    for tokens in commands(block):
         prog = Path(tokens[0]).name
         if prog == "mesh":
             _check_mesh(tokens[1:], block.id)
@@ -296,6 +298,10 @@ def _policy_like(doc: dict[str, Any]) -> bool:
     return "ignore" in doc or any(isinstance(v, dict) and "skills" in v for v in doc.values())
 
 
+def _topology_like(doc: dict[str, Any]) -> bool:
+    return bool({"agents", "coordinators", "cluster"} & set(doc))
+
+
 @pytest.mark.parametrize("block", TOML, ids=_ids(TOML))
 def test_toml_block_parses(block: Block) -> None:
     doc = tomllib.loads(block.code)
@@ -305,6 +311,15 @@ def test_toml_block_parses(block: Block) -> None:
             parse(doc, source=block.id)
     elif _policy_like(doc):
         parse(doc, source=block.id)
+    elif _topology_like(doc):
+        # A mesh.toml (or a table of one): it validates, and every module is a real one (or the
+        # guide's agent, which lives here as tests/docs/example_agent).
+        config = topology.parse(doc, source=Path(block.id), check_modules=False)
+        for agent in config.spec.agents:
+            module = ALIASES.get(agent.module, agent.module)
+            assert topology.find_module(module, [str(REPO), *sys.path]), (
+                f"{block.id}: no module {agent.module}"
+            )
 
 
 JSON = all_blocks("json")
@@ -336,11 +351,6 @@ def test_conf_block_is_a_valid_nats_server_config(block: Block, tmp_path: Path) 
 
 
 # -- configuration.md -----------------------------------------------------------------------------
-_ROW = re.compile(
-    r"^\|\s*`(?P<name>[^`]+)`\s*\|\s*(?P<default>[^|]*?)\s*\|\s*(?P<meaning>.*?)\s*\|$"
-)
-
-
 def shown_setting(default: Any) -> str:
     """How configuration.md shows a setting's default."""
     if default is None:
@@ -368,18 +378,8 @@ def _section(text: str, marker: str) -> str:
     return text.split(start, 1)[1].split(end, 1)[0]
 
 
-def _rows(text: str) -> dict[str, tuple[str, str]]:
-    rows = {}
-    for line in text.splitlines():
-        m = _ROW.match(line.strip())
-        if m:
-            assert m["name"] not in rows, f"{m['name']} is listed twice"
-            rows[m["name"]] = (m["default"].replace("`", "").strip(), m["meaning"])
-    return rows
-
-
 def test_configuration_lists_every_setting_with_its_default() -> None:
-    rows = _rows(_section((DOCS / "configuration.md").read_text(), "settings"))
+    rows = table_rows(_section((DOCS / "configuration.md").read_text(), "settings"))
     fields = Settings.model_fields
     expected = {f"MESH_{n.upper()}": shown_setting(f.default) for n, f in fields.items()}
     missing = sorted(set(expected) - set(rows))
@@ -447,7 +447,7 @@ def shown_policy_default(info: msgspec.structs.FieldInfo) -> str:
 
 @pytest.mark.parametrize("struct", [Policy, QuorumRule], ids=lambda s: s.__name__)
 def test_policies_lists_every_field_with_its_default(struct: type[msgspec.Struct]) -> None:
-    rows = _rows((DOCS / "policies.md").read_text())
+    rows = table_rows((DOCS / "policies.md").read_text())
     for info in msgspec.structs.fields(struct):
         assert info.name in rows, f"policies.md: no row for `{info.name}` ({struct.__name__})"
         want = shown_policy_default(info)

@@ -1,2 +1,1 @@
-"""The agent docs/write-an-agent.md builds, as real files (the guide shows them as
-`agents/four_eyes/` and `cards/four-eyes.json`; tests/docs/test_docs.py holds them equal)."""
+"""four-eyes: a release needs an approval by someone other than its author."""

@@ -1,0 +1,173 @@
+"""Talking to a running mesh: `mesh publish`, `mesh agents`, `mesh call`, `mesh decisions`."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mesh.cli._common import command, err, out, read_body
+from mesh.errors import ConfigError
+
+
+@command
+async def publish(
+    event_type: Annotated[str, typer.Argument(metavar="TYPE", help="e.g. release.proposed")],
+    body: Annotated[
+        str, typer.Argument(metavar="JSON|@file", help="The event data (or a whole CloudEvent).")
+    ],
+    tenant: Annotated[str, typer.Option(help="Tenant of the event.")] = "",
+    event_id: Annotated[str, typer.Option("--id", help="Event id (default: new uuid).")] = "",
+) -> None:
+    """Publish a domain event; the coordinator decides it (or dead-letters it, with a reason)."""
+    import msgspec
+
+    from mesh import envelope, subjects
+    from mesh.bus import Bus
+    from mesh.settings import get_settings
+
+    tenant = tenant or get_settings().tenant
+    if not subjects.valid_event_type(event_type):
+        raise ConfigError(
+            f"{event_type!r} is not an event type",
+            hint="use a dotted name such as release.proposed",
+        )
+    if not subjects.valid_token(tenant):
+        raise ConfigError(
+            f"{tenant!r} is not a tenant name", hint="use letters, digits, '-' and '_'"
+        )
+    text = read_body(body)
+    event_id = event_id or str(uuid.uuid4())
+    async with await Bus.connect(name="mesh-cli") as bus:
+        await bus.ensure()
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            # Published as-is on purpose: the coordinator dead-letters it with the reason, so
+            # what a producer sent is never lost, even when it is not JSON.
+            await bus.publish(
+                subjects.event(tenant, event_type), text.encode(), msg_id=f"{tenant}:{event_id}"
+            )
+            err.print(
+                f"[yellow]warning:[/yellow] body is not valid JSON ({e}); published as-is "
+                f"— it will be in `mesh dlq` with the reason"
+            )
+            out.print(event_id)
+            return
+        if isinstance(data, dict) and data.get("specversion"):
+            try:
+                event = envelope.decode(text.encode())
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                raise ConfigError(
+                    f"not a valid CloudEvent: {e}", hint="fix the envelope, or pass only the data"
+                ) from None
+        else:
+            event = envelope.new_event(event_type, data, tenant=tenant, event_id=event_id)
+        ack = await bus.publish_event(event)
+        note = " (duplicate: already published)" if ack.duplicate else ""
+        out.print(f"{event.id}{note}")
+
+
+@command
+async def list_agents() -> None:
+    """List live agents (registered and heartbeating)."""
+    from mesh.bus import Bus
+    from mesh.registry import Registry
+
+    async with await Bus.connect(name="mesh-cli") as bus:
+        await bus.ensure()
+        regs = await Registry(bus).live()
+    table = Table(title=f"{len(regs)} live agent instance(s)")
+    for col in ("agent", "instance", "skills", "http", "seen", "pid"):
+        table.add_column(col)
+    now = time.time()
+    for r in regs:
+        http = next(
+            (
+                i["url"]
+                for i in r.card.get("supportedInterfaces", [])
+                if i.get("protocolBinding") == "JSONRPC"
+            ),
+            "-",
+        )
+        table.add_row(
+            r.agent,
+            r.instance,
+            ", ".join(r.skills),
+            http,
+            f"{now - r.seen_at:.1f}s ago",
+            str(r.pid),
+        )
+    out.print(table)
+
+
+@command
+async def call(
+    agent: Annotated[str, typer.Argument(help="Agent name, e.g. security-review")],
+    text: Annotated[str, typer.Argument(metavar="TEXT|@file", help="Message text or JSON.")],
+    http: Annotated[bool, typer.Option("--http", help="Call over HTTP instead of NATS.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+) -> None:
+    """Send an A2A message to an agent and print the task it returns."""
+    from mesh.a2a.client import A2AClient, call_http, user_message
+    from mesh.bus import Bus
+    from mesh.registry import Registry
+
+    content = read_body(text)
+    try:
+        message = user_message(data=json.loads(content))
+    except ValueError:
+        message = user_message(text=content)
+    async with await Bus.connect(name="mesh-cli") as bus:
+        if http:
+            regs = [r for r in await Registry(bus).live() if r.agent == agent]
+            urls = [
+                i["url"]
+                for r in regs
+                for i in r.card.get("supportedInterfaces", [])
+                if i.get("protocolBinding") == "JSONRPC"
+            ]
+            if not urls:
+                raise ConfigError(
+                    f"no live agent {agent!r} serves HTTP",
+                    hint="see `mesh agents` for what is running",
+                )
+            result = await call_http(urls[0], "SendMessage", {"message": message}, timeout=timeout)
+        else:
+            result = await A2AClient(bus).send_message(agent, message, timeout=timeout)
+    print(json.dumps(result, indent=2))
+
+
+@command
+async def decisions(
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show the latest decisions."""
+    import msgspec
+
+    from mesh import subjects
+    from mesh.bus import Bus, tail
+    from mesh.records import decision_decoder
+
+    async with await Bus.connect(name="mesh-cli") as bus:
+        rows = await tail(bus, subjects.DECISIONS_STREAM, limit)
+    ds = [decision_decoder.decode(body) for _, _, body in rows]
+    if json_out:
+        print(json.dumps([msgspec.to_builtins(d) for d in ds], indent=2))
+        return
+    table = Table(title=f"last {len(ds)} decision(s)")
+    for col in ("event", "type", "tenant", "outcome", "votes", "reason", "latency"):
+        table.add_column(col, overflow="fold")
+    for d in ds:
+        votes = ", ".join(
+            f"{v.agent}:{v.verdict.vote if v.verdict else v.outcome}" for v in d.votes
+        )
+        table.add_row(
+            d.event_id, d.event_type, d.tenant, d.outcome, votes, d.reason, f"{d.latency_ms:.0f}ms"
+        )
+    out.print(table)

@@ -1,0 +1,219 @@
+"""Running the mesh: `mesh demo`, `mesh up`, `mesh run`, `mesh coordinator`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mesh.cli._common import err, out, run, setup_logging, user_errors
+from mesh.errors import ConfigError
+
+TopologyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--topology",
+        metavar="PATH",
+        help="The mesh.toml to run (default: MESH_TOPOLOGY, else mesh.toml here or above).",
+    ),
+]
+
+
+def _shown(path: Path) -> str:
+    """A path as short as it is unambiguous: relative to the working folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def demo(
+    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    topology: TopologyOption = None,
+) -> None:
+    """Start NATS, a coordinator and the reviewer agents (demo = true in mesh.toml) as
+    processes; decide sample events."""
+    from mesh.dev import demo as scenario
+    from mesh.dev import topology as topo
+
+    setup_logging()
+    with user_errors():
+        plan = topo.load(topo.find(topology)).demo_plan()
+        scenario.check(plan)
+    if not json_out:
+        out.print(
+            "[bold]Quorum Mesh demo[/bold]: starting nats-server, coordinator and "
+            f"{len(plan.agents)} agents as separate processes…"
+        )
+    started = time.monotonic()
+    results, log_dir = run(scenario.demo(plan))
+    took = time.monotonic() - started
+    if json_out:
+        print(json.dumps(scenario.as_json(results), indent=2))
+    else:
+        for i, r in enumerate(results, 1):
+            mark = "[green]✓[/green]" if r.ok else "[red]✗ expected " + r.case.expect + "[/red]"
+            out.print(
+                f"\n[bold]{i}. {r.case.title}[/bold] → [bold]{r.outcome}[/bold] {mark} "
+                f"[dim]({r.seconds * 1000:.0f} ms, event {r.event_id})[/dim]"
+            )
+            if r.decision:
+                for line in scenario.votes_summary(r.decision):
+                    out.print(f"   {line}", highlight=False)
+                out.print(f"   [dim]rule {r.decision.rule}: {r.decision.reason}[/dim]")
+            elif r.dead_letter:
+                out.print(
+                    f"   dead letter on {r.dead_letter.subject}: {r.dead_letter.error}",
+                    highlight=False,
+                )
+        good = sum(r.ok for r in results)
+        out.print(
+            f"\n{good}/{len(results)} outcomes as expected · {took:.1f}s · "
+            f"process logs in {log_dir}/logs"
+        )
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+def up(
+    coordinators: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=8,
+            help="Coordinator processes (default: from mesh.toml, 1; 2 with --cluster).",
+        ),
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=8,
+            help="Instances of every agent (default: from mesh.toml, 1; 2 with --cluster).",
+        ),
+    ] = None,
+    cluster: Annotated[
+        int | None,
+        typer.Option(
+            min=3,
+            max=5,
+            metavar="N",
+            help="Run a local N-node NATS JetStream cluster (streams replicated on 3) "
+            "instead of one embedded server.",
+        ),
+    ] = None,
+    topology: TopologyOption = None,
+) -> None:
+    """Run NATS (embedded unless MESH_NATS_URL is set), the coordinators and the agents that
+    mesh.toml lists, until Ctrl-C."""
+    setup_logging(quiet=False)
+    run(_up(coordinators, replicas, cluster, topology))
+
+
+async def _up(
+    coordinators: int | None, replicas: int | None, cluster: int | None, topology: Path | None
+) -> None:
+    from mesh.bus import Bus, clear_state, write_state
+    from mesh.dev import topology as topo
+    from mesh.dev.launcher import Topology
+    from mesh.server import EmbeddedServer, LocalCluster
+    from mesh.settings import get_settings
+
+    # Checked before anything starts: a mistake in mesh.toml leaves nothing running.
+    plan = topo.load(topo.find(topology)).plan(
+        cluster=cluster is not None, coordinators=coordinators, replicas=replicas
+    )
+    settings = get_settings()
+    extra_env: dict[str, str] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        url = settings.nats_url
+        where = f"NATS {url}"
+        if cluster:
+            if url:
+                raise ConfigError(
+                    "--cluster starts a NATS cluster of its own, but MESH_NATS_URL is set",
+                    hint="unset MESH_NATS_URL, or drop --cluster to use that server",
+                )
+            nodes = await stack.enter_async_context(
+                LocalCluster(cluster, settings.home / "cluster")
+            )
+            url = nodes.url
+            # Streams and buckets on 3 servers, unless MESH_STREAM_REPLICAS says otherwise.
+            if "MESH_STREAM_REPLICAS" not in os.environ:
+                settings = settings.model_copy(update={"stream_replicas": min(cluster, 3)})
+            extra_env["MESH_STREAM_REPLICAS"] = str(settings.stream_replicas)
+            write_state(settings.home, url, os.getpid())
+            stack.callback(clear_state, settings.home, os.getpid())
+            where = (
+                f"NATS cluster of {cluster} ({url}), streams R{settings.stream_replicas}, "
+                f"stores in {settings.home / 'cluster'}"
+            )
+        elif not url:
+            server = stack.enter_context(EmbeddedServer(settings.home / "jetstream"))
+            url = server.url
+            where = f"NATS {url}"
+            write_state(settings.home, url, os.getpid())
+            stack.callback(clear_state, settings.home, os.getpid())
+        processes = Topology(url, settings.home / "logs", extra_env=extra_env)
+        stack.callback(processes.stop)
+        processes.start(plan)
+        bus = await Bus.connect(url, name="mesh-up", settings=settings)
+        stack.push_async_callback(bus.close)
+        await bus.ensure()
+        await processes.wait_ready(bus, agents=plan.instances)
+        out.print(
+            f"[green]mesh is up[/green] · {where} · "
+            f"{len(processes.children)} processes from {_shown(plan.source)} · "
+            f"logs in {settings.home / 'logs'}",
+            soft_wrap=True,
+        )
+        out.print(
+            "try: mesh agents · mesh publish release.proposed @agents/samples/"
+            "release_clean.json · mesh decisions · Ctrl-C to stop"
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        reported: set[str] = set()
+        while not stop.is_set():
+            for c in processes.children:
+                if not c.alive and c.name not in reported:
+                    reported.add(c.name)
+                    err.print(
+                        f"[yellow]{c.name} exited ({c.proc.returncode}); log: {c.log_path}[/yellow]"
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+        out.print("stopping…")
+
+
+def run_agent(module: Annotated[str, typer.Argument(help="e.g. agents.security_review")]) -> None:
+    """Run one agent process (its module defines `agent = Agent(...)`)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module if module.endswith(".agent") else f"{module}.agent")
+    except ModuleNotFoundError as e:
+        err.print(f"[red]error:[/red] cannot import {module}: {e}")
+        err.print("  → give a package with an agent.py, e.g. `mesh run agents.security_review`")
+        raise typer.Exit(2) from None
+    agent = getattr(mod, "agent", None)
+    if agent is None:
+        err.print(f"[red]error:[/red] {mod.__name__} defines no `agent`")
+        raise typer.Exit(2)
+    agent.main()
+
+
+def run_coordinator() -> None:
+    """Run a coordinator process (several may run at once: they share the durable consumer)."""
+    from coordinator.run import main
+
+    main()

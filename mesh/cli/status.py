@@ -1,0 +1,92 @@
+"""Looking inside a running mesh: `mesh status` (coordinators), `mesh trace` (one decision)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+
+from mesh.cli._common import command, out
+from mesh.errors import ConfigError
+
+
+@command
+async def status(
+    wait: Annotated[float, typer.Option(help="Seconds to collect answers.")] = 0.5,
+) -> None:
+    """What each running coordinator is doing: events in flight, circuit breakers."""
+    import msgspec
+
+    from mesh import subjects
+    from mesh.bus import Bus
+
+    answers: list[dict[str, Any]] = []
+    async with await Bus.connect(name="mesh-cli") as bus:
+        inbox = bus.nc.new_inbox()
+        sub = await bus.nc.subscribe(inbox)
+        await bus.nc.publish(subjects.COORDINATOR_STATUS, b"", reply=inbox)
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except Exception:  # nats' TimeoutError: no more answers
+                break
+            if msg.data:  # an empty one is the server's "no responders" notice
+                answers.append(msgspec.json.decode(msg.data))
+    if not answers:
+        raise ConfigError("no coordinator answered", hint="is one running? see `mesh up`")
+    for a in sorted(answers, key=lambda a: a["name"]):
+        breakers = a.get("breakers") or {}
+        open_ = {k: v for k, v in breakers.items() if v != "closed"}
+        out.print(
+            f"[bold]{a['name']}[/bold]: {a['inflight']} event(s) in flight; "
+            f"{len(breakers)} breaker(s), not closed: {open_ or 'none'}",
+            highlight=False,
+        )
+
+
+@command
+async def trace(
+    event_id: Annotated[str, typer.Argument(help="The event whose decision to show.")],
+    tenant: Annotated[str, typer.Option(help="Tenant of the event.")] = "",
+) -> None:
+    """Print the trace of an event's decision: every hop, agent, model call, duration, tokens.
+
+    Needs spans kept in JetStream: run the mesh with MESH_TRACE_STREAM=1 (or send OTLP to
+    your collector and look there)."""
+    from coordinator.ledger import DecisionState, state_key
+    from mesh import subjects, telemetry
+    from mesh.bus import Bus
+    from mesh.settings import get_settings
+
+    tenant = tenant or get_settings().tenant
+    async with await Bus.connect(name="mesh-cli") as bus:
+        kv = await bus.kv(subjects.DECISIONS_BUCKET)
+        try:
+            entry = await kv.get(state_key(tenant, event_id))
+        except Exception:
+            raise ConfigError(
+                f"no decision state for event {event_id!r} in tenant {tenant!r}",
+                hint="check the id with `mesh decisions` (and --tenant)",
+            ) from None
+        import msgspec
+
+        state = msgspec.json.decode(entry.value or b"{}", type=DecisionState)
+        if state.decision is None or not state.decision.trace_id:
+            raise ConfigError(
+                f"event {event_id!r} has no traced decision ({state.state})",
+                hint="tracing may have been off (MESH_TELEMETRY=off)",
+            )
+        spans = await telemetry.read_trace(bus, state.decision.trace_id)
+    if not spans:
+        raise ConfigError(
+            f"no spans kept for trace {state.decision.trace_id}",
+            hint="start the mesh with MESH_TRACE_STREAM=1 to keep spans in NATS",
+        )
+    out.print(
+        f"trace {state.decision.trace_id} · event {event_id} · {state.decision.outcome}",
+        highlight=False,
+    )
+    for line in telemetry.render_tree(spans):
+        out.print(line, highlight=False)
