@@ -146,7 +146,7 @@ async def _up(
             )
             url = nodes.url
             # Streams and buckets on 3 servers, unless MESH_STREAM_REPLICAS says otherwise.
-            if "MESH_STREAM_REPLICAS" not in os.environ:
+            if "stream_replicas" not in settings.model_fields_set:
                 settings = settings.model_copy(update={"stream_replicas": min(cluster, 3)})
             extra_env["MESH_STREAM_REPLICAS"] = str(settings.stream_replicas)
             write_state(settings.home, url, os.getpid())
