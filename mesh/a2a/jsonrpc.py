@@ -31,7 +31,7 @@ def _builtins(obj: Any) -> Any:
     # a2a-sdk's typed objects (protobuf messages) travel as their proto JSON, camelCase.
     if isinstance(obj, Proto):
         return MessageToDict(obj)
-    raise NotImplementedError(f"cannot encode {type(obj).__name__} as JSON")
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
 
 
 _enc = msgspec.json.Encoder(enc_hook=_builtins)
