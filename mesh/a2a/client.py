@@ -143,8 +143,8 @@ class AgentClient:
         (its shared subject, or `subject`) — built by a `ClientFactory` that knows the NATS
         transport. `timeout`, `max_timeout` and `headers` are its defaults; a call's
         `ClientCallContext` (`mesh.a2a.transport.call_context`) overrides them. `config`
-        defaults to a2a-sdk's (streaming where the card offers it); the NATS binding is added to `config`'s bindings
-        (first) if it lacks it."""
+        defaults to a2a-sdk's (streaming where the card offers it); the NATS binding is put
+        first in its bindings if it lacks it."""
         if isinstance(agent, str):
             card = _nats_card(agent, subject or subjects.a2a(agent))
         elif subject is not None:

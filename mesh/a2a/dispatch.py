@@ -201,10 +201,12 @@ async def dispatch(handler: RequestHandler, request: Any, context: ServerCallCon
 def error_answer(
     request_id: RequestId, error: A2AError | JSONRPCError, method: str | None = None
 ) -> Answer:
+    """An error response, logged as a2a-sdk's dispatcher logs them: internal errors at ERROR,
+    the caller's mistakes at WARNING."""
     response = build_error_response(request_id, error)
     code = response.get("error", {}).get("code")
     log.log(
-        logging.ERROR if code == jsonrpc.INTERNAL_ERROR else logging.DEBUG,
+        logging.ERROR if code == jsonrpc.INTERNAL_ERROR else logging.WARNING,
         "A2A request %s answered %s: %s",
         request_id,
         code,

@@ -66,14 +66,6 @@ def request_id(body: bytes) -> str | int | None:
         return None
 
 
-def request_method(body: bytes) -> str | None:
-    """The `method` of a JSON-RPC request body; None if it is not one."""
-    try:
-        return _dec.decode(body).method
-    except (msgspec.DecodeError, RecursionError):
-        return None
-
-
 def parse_response(body: bytes) -> tuple[Any, dict[str, Any] | None]:
     """(result, error) of a JSON-RPC response; a body that is not one raises ValueError."""
     try:
