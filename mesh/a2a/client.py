@@ -28,6 +28,7 @@ from typing import Any, overload
 
 import msgspec
 from a2a.client import Client, ClientConfig
+from a2a.client.errors import A2AClientError, A2AClientTimeoutError
 from a2a.helpers import new_data_part
 from a2a.types import (
     AgentCapabilities,
@@ -42,6 +43,7 @@ from a2a.types import (
     Task,
     TaskState,
 )
+from a2a.utils.errors import JSON_RPC_ERROR_CODE_MAP, A2AError
 from a2a.utils.proto_utils import parse_lenient
 from google.protobuf.json_format import MessageToDict
 from nats.aio.client import Client as NATS
@@ -56,11 +58,13 @@ from mesh.a2a.transport import (
     client_factory,
 )
 from mesh.bus import Bus
+from mesh.errors import AgentCallError, AgentTimeoutError
 from mesh.verdict import Verdict
 
 __all__ = [
     "A2AClient",
     "AgentClient",
+    "agent_error",
     "artifact_metadata",
     "call_http",
     "status_text",
@@ -186,6 +190,18 @@ def _nats_card(name: str, subject: str, base: AgentCard | None = None) -> AgentC
         )
     )
     return card
+
+
+def agent_error(agent: str, error: A2AError, *, timeout: float = 0.0) -> AgentCallError:
+    """The mesh error for what an a2a-sdk client (over HTTP) raised: a timeout is
+    `AgentTimeoutError`, a network or HTTP failure a retryable `AgentCallError`, a JSON-RPC
+    error an `AgentCallError` with its `.code`."""
+    if isinstance(error, A2AClientTimeoutError):
+        return AgentTimeoutError(agent, timeout)
+    code = JSON_RPC_ERROR_CODE_MAP.get(type(error))
+    if code is None and isinstance(error, A2AClientError):
+        return AgentCallError(agent, f"HTTP error: {error}", retryable=True)
+    return AgentCallError(agent, f"error {code}: {error}", code=code)
 
 
 # -- building messages --------------------------------------------------------------------------

@@ -16,9 +16,8 @@ from typing import Any
 import httpx
 from a2a.client import ClientConfig, ClientFactory
 from a2a.client.client_factory import minimal_agent_card
-from a2a.client.errors import A2AClientError, A2AClientTimeoutError
 from a2a.types import Message, SendMessageRequest
-from a2a.utils.errors import JSON_RPC_ERROR_CODE_MAP, A2AError
+from a2a.utils.errors import A2AError
 from a2a.utils.proto_utils import parse_lenient
 from google.protobuf.json_format import MessageToDict
 
@@ -26,7 +25,7 @@ from mesh import subjects
 from mesh.a2a.transport import NatsTransport, call_context
 from mesh.bus import Bus
 from mesh.cards import JSONRPC_BINDING
-from mesh.errors import AgentCallError, AgentTimeoutError
+from mesh.errors import AgentCallError
 
 
 class A2AClient:
@@ -104,6 +103,8 @@ async def call_http(
 ) -> Any:
     """Transitional (see the module): SendMessage — the only method it takes — to an agent's
     JSON-RPC URL over HTTP, through a2a-sdk's client; the result as JSON ({"task": …})."""
+    from mesh.a2a.client import agent_error  # client.py re-exports this module: import late
+
     if method != "SendMessage":
         raise ValueError(f"call_http sends SendMessage only, not {method}")
     message = params["message"]
@@ -115,12 +116,7 @@ async def call_http(
         client = ClientFactory(config).create(minimal_agent_card(url, [JSONRPC_BINDING]))
         try:
             events = [event async for event in client.send_message(request)]
-        except A2AClientTimeoutError:
-            raise AgentTimeoutError(url, timeout) from None
-        except A2AClientError as e:
-            raise AgentCallError(url, f"HTTP error: {e}", retryable=True) from None
         except A2AError as e:
-            code = JSON_RPC_ERROR_CODE_MAP.get(type(e))
-            raise AgentCallError(url, f"error {code}: {e}", code=code) from None
+            raise agent_error(url, e, timeout=timeout) from None
     result: dict[str, Any] = MessageToDict(events[-1])
     return result

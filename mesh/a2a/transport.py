@@ -15,9 +15,10 @@ The binding (docs/a2a-nats-binding.md) as a caller sees it: requests carry `A2A-
 `Mesh-Progress` keep-alives, each of which restarts the silence timer, up to `max_timeout` in
 all; streams read `Mesh-Stream` frames until `end`, and closing a stream early sends `cancel`.
 
-Failures are the mesh's errors (mesh.errors), not the SDK's per-code classes: nobody listening
-is `AgentUnavailableError`, silence is `AgentTimeoutError` (both retryable), and a JSON-RPC
-error is `AgentCallError` with `.code` the spec code (-32001 task not found, …).
+What the agent answers, or fails to, is a mesh error (mesh.errors), not one of the SDK's
+per-code classes: nobody listening is `AgentUnavailableError`, silence is `AgentTimeoutError`
+(both retryable), and a JSON-RPC error is `AgentCallError` with `.code` the spec code (-32001
+task not found, …). A NATS connection that is closed or gone raises nats-py's own errors.
 Per-call options ride on a2a-sdk's `ClientCallContext`: `timeout`, `service_parameters` (extra
 headers, e.g. a W3C traceparent), and the mesh's `subject` / `max_timeout` (`call_context`).
 """

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from a2a.client.errors import A2AClientError, A2AClientTimeoutError
 from a2a.helpers import new_data_part
 from a2a.types import (
     AgentCard,
@@ -18,11 +19,13 @@ from a2a.types import (
     TaskState,
     TaskStatus,
 )
+from a2a.utils.errors import TaskNotFoundError
 from google.protobuf.json_format import MessageToDict
 
 from mesh import subjects
 from mesh.a2a import jsonrpc
 from mesh.a2a.client import (
+    agent_error,
     artifact_metadata,
     status_text,
     status_time,
@@ -32,6 +35,7 @@ from mesh.a2a.client import (
     verdict_of,
 )
 from mesh.a2a.transport import STATE_MAX_TIMEOUT, STATE_SUBJECT, call_context, producer
+from mesh.errors import AgentCallError, AgentTimeoutError
 from mesh.verdict import Verdict
 
 
@@ -138,3 +142,13 @@ def test_request_bodies_take_typed_messages() -> None:
     assert b'"role":"ROLE_USER"' in body and b'"text":"hi"' in body
     with pytest.raises(TypeError):
         jsonrpc.request_body("X", {"bad": object()}, 1)
+
+
+def test_sdk_errors_map_onto_mesh_errors() -> None:
+    timeout = agent_error("a", A2AClientTimeoutError("slow"), timeout=2.5)
+    assert isinstance(timeout, AgentTimeoutError)
+    assert (timeout.timeout_s, timeout.retryable) == (2.5, True)
+    missing = agent_error("a", TaskNotFoundError())
+    assert (type(missing), missing.code, missing.retryable) == (AgentCallError, -32001, False)
+    network = agent_error("a", A2AClientError("connection refused"))
+    assert (network.code, network.retryable) == (None, True)
