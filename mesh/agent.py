@@ -200,8 +200,9 @@ class Agent:
             # Shared subject (replicas share work in a queue group) and this replica's own, so a
             # caller can steer around a replica that is failing (coordinator/routing.py).
             direct = subjects.a2a_instance(self.name, instance)
-            sub = await bus.nc.subscribe(subject, queue=self.name, cb=server.on_nats_message)
-            own = await bus.nc.subscribe(direct, cb=server.on_nats_message)
+            serve_nats = server.nats_callback(bus.nc)
+            sub = await bus.nc.subscribe(subject, queue=self.name, cb=serve_nats)
+            own = await bus.nc.subscribe(direct, cb=serve_nats)
             stack.push_async_callback(server.aclose)
             stack.push_async_callback(server.drain)
             stack.push_async_callback(sub.unsubscribe)

@@ -119,3 +119,26 @@ def parse_event_subject(subject: str) -> tuple[str, str]:
     if len(parts) < 4 or f"{parts[0]}.{parts[1]}" != EVENTS_ROOT:
         return "", ""
     return parts[2], parts[3]
+
+
+# -- a2a
+# A card's NATS interface (binding `NATS+JSONRPC`, mesh.cards.NATS_BINDING) has the url
+# `nats:<subject>`: it names a subject, not a server.
+A2A_NATS_URL_SCHEME = "nats:"
+H_A2A_EXTENSIONS = "A2A-Extensions"  # comma-separated extension URIs a caller uses
+H_CONTENT_TYPE = "Content-Type"
+# nats-py's "no responders" answer: an empty message with `Status: 503`.
+H_NATS_STATUS = "Status"
+NATS_NO_RESPONDERS = "503"
+
+
+def a2a_nats_url(subject: str) -> str:
+    """The url of a card's NATS interface for `subject`."""
+    return f"{A2A_NATS_URL_SCHEME}{subject}"
+
+
+def a2a_subject_of_url(url: str) -> str | None:
+    """The subject a card's NATS interface url names; None if it is not a `nats:` url."""
+    if not url.startswith(A2A_NATS_URL_SCHEME):
+        return None
+    return url[len(A2A_NATS_URL_SCHEME) :] or None

@@ -4,7 +4,7 @@
 instead of tasks, INPUT_REQUIRED, streamed chunks, long-running tasks), so this module builds
 the same stack `Agent.serve` builds, around an `AgentExecutor` of its own:
 
-    card (cards/conformance.json) → live interfaces → A2AServer (HTTP + NATS, one dispatcher)
+    card (cards/conformance.json) → live interfaces → A2AServer (HTTP + NATS, one dispatch)
     → uvicorn on MESH_HTTP_HOST:MESH_HTTP_PORT → `mesh.a2a.conformance` (queue group) and its
     own replica subject → the registry, heartbeating.
 
@@ -119,7 +119,9 @@ async def serve(
             live,
             executor or ConformanceExecutor(),
             extended_card=extended,
-            push_allow_private=push_allow_private,
+            push_allow_private=(
+                settings.push_allow_private if push_allow_private is None else push_allow_private
+            ),
             # The TCK reuses messageIds within a run (tck-input-required-<session> for every
             # new task it needs), which the mesh's retry de-duplication would answer with the
             # first task. Every other path is the production one.
@@ -127,8 +129,9 @@ async def serve(
         )
         stack.push_async_callback(server.aclose)
         await stack.enter_async_context(http_server.serving(server, sock))
-        shared = await bus.nc.subscribe(subject, queue=NAME, cb=server.on_nats_message)
-        own = await bus.nc.subscribe(direct, cb=server.on_nats_message)
+        serve_nats = server.nats_callback(bus.nc)
+        shared = await bus.nc.subscribe(subject, queue=NAME, cb=serve_nats)
+        own = await bus.nc.subscribe(direct, cb=serve_nats)
         stack.push_async_callback(server.drain)
         stack.push_async_callback(shared.unsubscribe)
         stack.push_async_callback(own.unsubscribe)

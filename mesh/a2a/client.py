@@ -1,321 +1,302 @@
-"""Calling agents: A2A JSON-RPC over NATS (the mesh's own path) or over HTTP (any A2A agent)."""
+"""Calling agents over NATS with a2a-sdk's typed objects.
+
+    agents = AgentClient(bus)
+    result = await agents.send("security-review", user_message(data=release), timeout=5)
+    verdict = verdict_of(task_of(result))
+
+    async with agents.open("security-review") as client:      # any a2a-sdk Client call
+        task = await client.get_task(GetTaskRequest(id=task_id))
+
+`send` and `stream` carry the mesh's call semantics — `timeout` is the longest silence,
+`max_timeout` caps the whole call (the agent sends keep-alives while it works), `subject` picks
+one replica, `headers` go with the request (a W3C traceparent). `open` gives a2a-sdk's own
+`Client` over the same transport (mesh.a2a.transport), built by a2a-sdk's `ClientFactory`.
+Failures are mesh errors: `AgentUnavailableError` (nobody listening), `AgentTimeoutError`,
+`AgentCallError` with the JSON-RPC `.code`.
+
+The readers (`task_state`, `status_text`, `verdict_of`, `artifact_metadata`, `status_time`)
+take a `Task`, or a Task's JSON as the wire carries it (a GetTask `result`).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import time
+import dataclasses
 import uuid
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, Mapping
+from datetime import UTC
+from typing import Any, overload
 
-import httpx
 import msgspec
-from nats.errors import MaxPayloadError, NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
+from a2a.client import Client, ClientConfig
+from a2a.client.errors import A2AClientError, A2AClientTimeoutError
+from a2a.helpers import new_data_part
+from a2a.types import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    Message,
+    Part,
+    Role,
+    SendMessageConfiguration,
+    SendMessageRequest,
+    StreamResponse,
+    Task,
+    TaskState,
+)
+from a2a.utils.errors import JSON_RPC_ERROR_CODE_MAP, A2AError
+from a2a.utils.proto_utils import parse_lenient
+from google.protobuf.json_format import MessageToDict
+from nats.aio.client import Client as NATS
 
 from mesh import subjects
-from mesh.a2a import jsonrpc
+from mesh.a2a.compat import A2AClient, call_http
+from mesh.a2a.transport import (
+    DEFAULT_TIMEOUT_S,
+    NATS_BINDING,
+    NatsTransport,
+    call_context,
+    client_factory,
+)
 from mesh.bus import Bus
-from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
+from mesh.errors import AgentCallError, AgentTimeoutError
 from mesh.verdict import Verdict
 
-_ids = itertools.count(1)
+__all__ = [
+    "A2AClient",
+    "AgentClient",
+    "agent_error",
+    "artifact_metadata",
+    "call_http",
+    "status_text",
+    "status_time",
+    "task_of",
+    "task_state",
+    "user_message",
+    "verdict_of",
+]
 
 
+class AgentClient:
+    """Typed A2A calls to mesh agents by name, over NATS (`bus` or a nats-py connection)."""
+
+    def __init__(self, bus: Bus | NATS) -> None:
+        self.nc: NATS = bus.nc if isinstance(bus, Bus) else bus
+
+    def transport(self, agent: str, *, subject: str | None = None) -> NatsTransport:
+        """The a2a-sdk transport to `agent` (its shared subject, or `subject`)."""
+        return NatsTransport(self.nc, subject or subjects.a2a(agent), agent=agent)
+
+    async def send(
+        self,
+        agent: str,
+        message: Message,
+        *,
+        timeout: float,
+        max_timeout: float | None = None,
+        subject: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        configuration: SendMessageConfiguration | None = None,
+    ) -> Task | Message:
+        """SendMessage; blocks until the task ends (unless `configuration` says
+        return_immediately) and returns the Task, or the agent's Message."""
+        request = SendMessageRequest(message=message, configuration=configuration)
+        context = call_context(
+            timeout=timeout, max_timeout=max_timeout, subject=subject, headers=headers
+        )
+        response = await self.transport(agent).send_message(request, context=context)
+        if response.HasField("message"):
+            return response.message
+        return response.task
+
+    async def stream(
+        self,
+        agent: str,
+        message: Message,
+        *,
+        timeout: float,
+        max_timeout: float | None = None,
+        subject: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncGenerator[StreamResponse, None]:
+        """SendStreamingMessage: each event as it comes. `timeout` bounds each silence,
+        `max_timeout` the whole stream; close the iterator (`contextlib.aclosing`) to stop
+        early, and the agent stops streaming."""
+        context = call_context(
+            timeout=timeout, max_timeout=max_timeout, subject=subject, headers=headers
+        )
+        events = self.transport(agent).send_message_streaming(
+            SendMessageRequest(message=message), context=context
+        )
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    def open(
+        self,
+        agent: str | AgentCard,
+        *,
+        subject: str | None = None,
+        config: ClientConfig | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Client:
+        """a2a-sdk's `Client` for `agent` — a card (its NATS interface is used), or a name
+        (its shared subject, or `subject`) — built by a `ClientFactory` that knows the NATS
+        transport. `timeout`, `max_timeout` and `headers` are its defaults; a call's
+        `ClientCallContext` (`mesh.a2a.transport.call_context`) overrides them. `config`
+        defaults to a2a-sdk's (streaming where the card offers it); the NATS binding is put
+        first in its bindings if it lacks it."""
+        if isinstance(agent, str):
+            card = _nats_card(agent, subject or subjects.a2a(agent))
+        elif subject is not None:
+            card = _nats_card(agent.name, subject, agent)
+        else:
+            card = agent
+        if config is None:
+            config = ClientConfig()
+        if NATS_BINDING not in config.supported_protocol_bindings:
+            config = dataclasses.replace(
+                config,
+                supported_protocol_bindings=[NATS_BINDING, *config.supported_protocol_bindings],
+                use_client_preference=True,
+            )
+        factory = client_factory(
+            self.nc,
+            config,
+            timeout=timeout,
+            max_timeout=max_timeout,
+            headers=headers,
+        )
+        return factory.create(card)
+
+
+def _nats_card(name: str, subject: str, base: AgentCard | None = None) -> AgentCard:
+    """`base` (or a bare card named `name`) whose only interface is NATS on `subject`."""
+    card = AgentCard()
+    if base is not None:
+        card.CopyFrom(base)
+        del card.supported_interfaces[:]
+    else:
+        card.name = name
+        card.capabilities.CopyFrom(AgentCapabilities(streaming=True))
+    card.supported_interfaces.append(
+        AgentInterface(
+            url=subjects.a2a_nats_url(subject),
+            protocol_binding=NATS_BINDING,
+            protocol_version=subjects.A2A_VERSION,
+        )
+    )
+    return card
+
+
+def agent_error(agent: str, error: A2AError, *, timeout: float = 0.0) -> AgentCallError:
+    """The mesh error for what an a2a-sdk client (over HTTP) raised: a timeout is
+    `AgentTimeoutError`, a network or HTTP failure a retryable `AgentCallError`, a JSON-RPC
+    error an `AgentCallError` with its `.code`."""
+    if isinstance(error, A2AClientTimeoutError):
+        return AgentTimeoutError(agent, timeout)
+    code = JSON_RPC_ERROR_CODE_MAP.get(type(error))
+    if code is None and isinstance(error, A2AClientError):
+        return AgentCallError(agent, f"HTTP error: {error}", retryable=True)
+    return AgentCallError(agent, f"error {code}: {error}", code=code)
+
+
+# -- building messages --------------------------------------------------------------------------
 def user_message(
     *,
     data: Any = None,
     text: str | None = None,
     message_id: str | None = None,
-    metadata: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """An A2A 1.0 user Message as JSON (camelCase, enum strings)."""
-    parts: list[dict[str, Any]] = []
+    metadata: Mapping[str, Any] | None = None,
+    task_id: str = "",
+    context_id: str = "",
+) -> Message:
+    """A user Message: a JSON data part (`data`, any msgspec-encodable value) and/or a text
+    part; a fresh messageId unless given; `task_id` makes it a follow-up to that task."""
+    parts: list[Part] = []
     if data is not None:
-        parts.append({"data": msgspec.to_builtins(data), "mediaType": "application/json"})
+        parts.append(new_data_part(msgspec.to_builtins(data), media_type="application/json"))
     if text is not None:
-        parts.append({"text": text})
-    msg: dict[str, Any] = {
-        "role": "ROLE_USER",
-        "messageId": message_id or str(uuid.uuid4()),
-        "parts": parts,
-    }
-    if metadata:
-        msg["metadata"] = metadata
-    return msg
-
-
-def a2a_headers(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {subjects.H_A2A_VERSION: subjects.A2A_VERSION, **(extra or {})}
-
-
-class A2AClient:
-    """JSON-RPC calls to agents by name over NATS; every call has a timeout."""
-
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-
-    async def call(
-        self,
-        agent: str,
-        method: str,
-        params: dict[str, Any],
-        *,
-        timeout: float,
-        headers: dict[str, str] | None = None,
-        subject: str | None = None,
-        max_timeout: float | None = None,
-    ) -> Any:
-        """`subject` overrides the agent's shared subject (e.g. one replica's own).
-
-        With `max_timeout` > `timeout`, `timeout` is the longest silence allowed: each progress
-        frame from the agent restarts it, up to `max_timeout` in all.
-        """
-        body = jsonrpc.request_body(method, params, next(_ids))
-        if max_timeout is not None and max_timeout > timeout:
-            return await self._call_with_progress(
-                agent,
-                subject=subject or subjects.a2a(agent),
-                body=body,
-                silence=timeout,
-                max_timeout=max_timeout,
-                headers=headers,
-            )
-        try:
-            reply = await self.bus.nc.request(
-                subject or subjects.a2a(agent),
-                body,
-                timeout=timeout,
-                headers=a2a_headers(headers),
-            )
-        except NoRespondersError:
-            raise AgentUnavailableError(agent) from None
-        except (NatsTimeoutError, TimeoutError):
-            raise AgentTimeoutError(agent, timeout) from None
-        except MaxPayloadError:
-            raise _too_large(agent, body) from None
-        return _result(agent, reply.data)
-
-    async def _call_with_progress(
-        self,
-        agent: str,
-        *,
-        subject: str,
-        body: bytes,
-        silence: float,
-        max_timeout: float,
-        headers: dict[str, str] | None,
-    ) -> Any:
-        nc = self.bus.nc
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        started = time.monotonic()
-        try:
-            hdrs = a2a_headers({**(headers or {}), subjects.H_PROGRESS: f"{silence / 3:.3f}"})
-            try:
-                await nc.publish(subject, body, reply=inbox, headers=hdrs)
-            except MaxPayloadError:
-                raise _too_large(agent, body) from None
-            while True:
-                left = max_timeout - (time.monotonic() - started)
-                if left <= 0:
-                    raise AgentTimeoutError(agent, max_timeout)
-                try:
-                    reply = await sub.next_msg(timeout=min(silence, left))
-                except (NatsTimeoutError, TimeoutError):
-                    waited = time.monotonic() - started
-                    raise AgentTimeoutError(agent, min(waited, max_timeout)) from None
-                status = (reply.headers or {}).get("Status")
-                if status == "503" and not reply.data:
-                    raise AgentUnavailableError(agent)
-                if (reply.headers or {}).get(subjects.H_STATUS) == subjects.STATUS_WORKING:
-                    continue  # alive and working: the silence timer starts again
-                return _result(agent, reply.data)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    async def stream(
-        self,
-        agent: str,
-        method: str,
-        params: dict[str, Any],
-        *,
-        timeout: float,
-        headers: dict[str, str] | None = None,
-        subject: str | None = None,
-        max_timeout: float | None = None,
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        """A streaming method (SendStreamingMessage, SubscribeToTask) over NATS: yields each
-        frame's `result` (a StreamResponse: {"task"|"message"|"statusUpdate"|"artifactUpdate"})
-        until the agent ends the stream; an error frame raises AgentCallError with its code.
-
-        `timeout` is the longest silence allowed between frames (the agent sends keep-alives
-        while it works); `max_timeout`, if given, bounds the whole stream. To stop early, close
-        the iterator (`contextlib.aclosing`): the agent is told to stop streaming.
-        """
-        nc = self.bus.nc
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        started = time.monotonic()
-        ended = False
-        try:
-            body = jsonrpc.request_body(method, params, next(_ids))
-            hdrs = a2a_headers({**(headers or {}), subjects.H_PROGRESS: f"{timeout / 3:.3f}"})
-            try:
-                await nc.publish(subject or subjects.a2a(agent), body, reply=inbox, headers=hdrs)
-            except MaxPayloadError:
-                ended = True
-                raise _too_large(agent, body) from None
-            while True:
-                wait = timeout
-                if max_timeout is not None:
-                    wait = min(wait, max_timeout - (time.monotonic() - started))
-                    if wait <= 0:
-                        raise AgentTimeoutError(agent, max_timeout)
-                try:
-                    frame = await sub.next_msg(timeout=wait)
-                except (NatsTimeoutError, TimeoutError):
-                    raise AgentTimeoutError(agent, time.monotonic() - started) from None
-                fh = frame.headers or {}
-                if fh.get("Status") == "503" and not frame.data:
-                    ended = True
-                    raise AgentUnavailableError(agent)
-                if fh.get(subjects.H_STATUS) == subjects.STATUS_WORKING:
-                    continue  # keep-alive: the silence timer starts again
-                kind = fh.get(subjects.H_STREAM)
-                if kind == subjects.STREAM_END:
-                    ended = True
-                    return
-                if kind != subjects.STREAM_FRAME:
-                    # A plain reply (an agent without stream framing): one answer, the end.
-                    ended = True
-                    yield _frame(agent, frame.data)
-                    return
-                try:
-                    result = _frame(agent, frame.data)
-                except AgentCallError:
-                    ended = True  # the agent sends `end` after an error frame; not awaited
-                    raise
-                yield result
-        finally:
-            if not ended:
-                with contextlib.suppress(Exception):
-                    await nc.publish(
-                        f"{inbox}.{subjects.STREAM_CANCEL}",
-                        b"",
-                        headers={subjects.H_STREAM: subjects.STREAM_CANCEL},
-                    )
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    async def send_message(
-        self,
-        agent: str,
-        message: dict[str, Any],
-        *,
-        timeout: float,
-        headers: dict[str, str] | None = None,
-        subject: str | None = None,
-        max_timeout: float | None = None,
-    ) -> dict[str, Any]:
-        """SendMessage, blocking until the task ends; returns the Task (or Message) JSON."""
-        result = await self.call(
-            agent,
-            "SendMessage",
-            {"message": message},
-            timeout=timeout,
-            headers=headers,
-            subject=subject,
-            max_timeout=max_timeout,
-        )
-        if not isinstance(result, dict):
-            raise AgentCallError(agent, "SendMessage returned no object")
-        return result
-
-
-async def call_http(
-    url: str,
-    method: str,
-    params: dict[str, Any],
-    *,
-    timeout: float,
-    headers: dict[str, str] | None = None,
-) -> Any:
-    """The same JSON-RPC call over HTTP POST to an agent's JSON-RPC URL."""
-    body = jsonrpc.request_body(method, params, next(_ids))
-    try:
-        async with httpx.AsyncClient(timeout=timeout) as http:
-            r = await http.post(
-                url,
-                content=body,
-                headers={"Content-Type": "application/json", **a2a_headers(headers)},
-            )
-    except httpx.TimeoutException:
-        raise AgentTimeoutError(url, timeout) from None
-    except httpx.HTTPError as e:
-        raise AgentCallError(url, f"HTTP error: {e}", retryable=True) from None
-    return _result(url, r.content)
-
-
-def _too_large(agent: str, body: bytes) -> AgentCallError:
-    return AgentCallError(
-        agent,
-        f"request of {len(body)} bytes exceeds the NATS max_payload",
-        code=jsonrpc.INVALID_REQUEST,
+        parts.append(Part(text=text))
+    message = Message(
+        role=Role.ROLE_USER,
+        message_id=message_id or str(uuid.uuid4()),
+        parts=parts,
+        task_id=task_id,
+        context_id=context_id,
     )
+    if metadata:
+        message.metadata.update(msgspec.to_builtins(dict(metadata)))
+    return message
 
 
-def _frame(agent: str, body: bytes) -> dict[str, Any]:
-    result = _result(agent, body)
-    if not isinstance(result, dict):
-        raise AgentCallError(
-            agent, "stream frame holds no object", code=jsonrpc.INVALID_AGENT_RESPONSE
-        )
-    return result
+# -- reading results ----------------------------------------------------------------------------
+@overload
+def task_of(result: Task | Message) -> Task: ...
+@overload
+def task_of(result: Mapping[str, Any]) -> dict[str, Any]: ...
+def task_of(result: Task | Message | Mapping[str, Any]) -> Task | dict[str, Any]:
+    """The Task of a SendMessage result: a `Task` as it is (a `Message` raises ValueError).
 
-
-def _result(agent: str, body: bytes) -> Any:
-    try:
-        result, error = jsonrpc.parse_response(body)
-    except ValueError as e:
-        raise AgentCallError(agent, str(e), code=jsonrpc.INVALID_AGENT_RESPONSE) from None
-    if error is not None:
-        code = error.get("code")
-        raise AgentCallError(
-            agent,
-            f"error {code}: {error.get('message', '')}",
-            code=code if isinstance(code, int) else None,
-        )
-    return result
-
-
-# -- reading results --------------------------------------------------------------------------
-def task_of(result: dict[str, Any]) -> dict[str, Any]:
-    """The Task inside a SendMessage result ({"task": {...}})."""
-    task = result.get("task")
+    Transitional: the Task JSON inside a SendMessage result's JSON (`{"task": {...}}`, what
+    `A2AClient.send_message` returns) comes back as that JSON.
+    """
+    if isinstance(result, Task):
+        return result
+    if isinstance(result, Message):
+        raise ValueError("the agent answered with a message, not a task")
+    task = result.get("task") if isinstance(result, Mapping) else None
     if not isinstance(task, dict):
         raise ValueError("the answer holds no task")
     return task
 
 
-def task_state(task: dict[str, Any]) -> str:
-    return str(task.get("status", {}).get("state", "TASK_STATE_UNSPECIFIED"))
+def task_state(task: Task | Mapping[str, Any]) -> str:
+    """The task's state by its wire name (TASK_STATE_COMPLETED, …)."""
+    return str(TaskState.Name(_task(task).status.state))
 
 
-def status_text(task: dict[str, Any]) -> str:
-    msg = task.get("status", {}).get("message") or {}
-    return " ".join(p["text"] for p in msg.get("parts", []) if "text" in p)
+def status_text(task: Task | Mapping[str, Any]) -> str:
+    """The text parts of the task's status message, joined by spaces."""
+    return " ".join(p.text for p in _task(task).status.message.parts if p.HasField("text"))
 
 
-def verdict_of(task: dict[str, Any]) -> Verdict:
-    """The Verdict in a completed task's `verdict` artifact (data part)."""
-    if task_state(task) != "TASK_STATE_COMPLETED":
-        detail = status_text(task)
-        raise ValueError(f"task ended {task_state(task)}" + (f": {detail}" if detail else ""))
-    for artifact in task.get("artifacts", []):
-        for part in artifact.get("parts", []):
-            if "data" in part:
-                return msgspec.convert(part["data"], Verdict, strict=False)
+def verdict_of(task: Task | Mapping[str, Any]) -> Verdict:
+    """The Verdict in a completed task's artifact (its first data part); ValueError if the task
+    did not complete or carries none."""
+    t = _task(task)
+    if t.status.state != TaskState.TASK_STATE_COMPLETED:
+        detail = status_text(t)
+        raise ValueError(f"task ended {task_state(t)}" + (f": {detail}" if detail else ""))
+    for artifact in t.artifacts:
+        for part in artifact.parts:
+            if part.HasField("data"):
+                return msgspec.convert(MessageToDict(part.data), Verdict, strict=False)
     raise ValueError("completed task has no verdict data part")
+
+
+def artifact_metadata(task: Task | Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata of the task's first artifact (the mesh runtime puts `brain`, `pid` and
+    token counts there); empty if it has none."""
+    t = _task(task)
+    if not t.artifacts:
+        return {}
+    meta: dict[str, Any] = MessageToDict(t.artifacts[0].metadata)
+    return meta
+
+
+def status_time(task: Task | Mapping[str, Any]) -> float | None:
+    """When the task reached its current status (Unix time), if the agent said."""
+    status = _task(task).status
+    if not status.HasField("timestamp"):
+        return None
+    return float(status.timestamp.ToDatetime(tzinfo=UTC).timestamp())
+
+
+def _task(task: Task | Mapping[str, Any]) -> Task:
+    if isinstance(task, Task):
+        return task
+    return parse_lenient(dict(task), Task())

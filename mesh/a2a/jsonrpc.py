@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message as Proto
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -24,7 +26,15 @@ VERSION_NOT_SUPPORTED = -32009
 # Methods whose answer is a stream of JSON-RPC responses (SSE over HTTP, frames over NATS).
 STREAMING_METHODS = frozenset({"SendStreamingMessage", "SubscribeToTask"})
 
-_enc = msgspec.json.Encoder()
+
+def _builtins(obj: Any) -> Any:
+    # a2a-sdk's typed objects (protobuf messages) travel as their proto JSON, camelCase.
+    if isinstance(obj, Proto):
+        return MessageToDict(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+_enc = msgspec.json.Encoder(enc_hook=_builtins)
 
 
 class _Envelope(msgspec.Struct, omit_defaults=True):
@@ -39,6 +49,7 @@ _dec = msgspec.json.Decoder(_Envelope)
 
 
 def request_body(method: str, params: dict[str, Any], request_id: str | int) -> bytes:
+    """A JSON-RPC request; `params` may hold a2a-sdk objects (a `Message`, …)."""
     return _enc.encode({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
 
 
@@ -51,14 +62,6 @@ def error_body(request_id: str | int | None, code: int, message: str) -> bytes:
 def request_id(body: bytes) -> str | int | None:
     try:
         return _dec.decode(body).id
-    except (msgspec.DecodeError, RecursionError):
-        return None
-
-
-def request_method(body: bytes) -> str | None:
-    """The `method` of a JSON-RPC request body; None if it is not one."""
-    try:
-        return _dec.decode(body).method
     except (msgspec.DecodeError, RecursionError):
         return None
 

@@ -1,4 +1,5 @@
-"""A2A 1.0 over both transports, through one handler: a2a-sdk's client on HTTP, raw NATS."""
+"""A2A 1.0 over both transports, through one handler: a2a-sdk's client on HTTP, the mesh's
+typed client and raw requests on NATS."""
 
 import json
 from collections.abc import AsyncIterator
@@ -9,11 +10,11 @@ import httpx
 import pytest
 from a2a.client import A2ACardResolver, ClientConfig, create_client
 from a2a.helpers import new_data_part
-from a2a.types import Message, Role, SendMessageRequest, TaskState
+from a2a.types import GetTaskRequest, Message, Role, SendMessageRequest, TaskState
 from google.protobuf.json_format import MessageToDict
 
 from mesh import Agent, Verdict
-from mesh.a2a.client import A2AClient, user_message, verdict_of
+from mesh.a2a.client import AgentClient, task_of, task_state, user_message, verdict_of
 from mesh.agent import RunningAgent
 from mesh.bus import Bus
 from mesh.errors import AgentCallError, AgentUnavailableError
@@ -48,7 +49,7 @@ async def test_sdk_client_gets_card_and_completed_task(running: RunningAgent) ->
     await client.close()
     task = events[-1].task
     assert task.status.state == TaskState.TASK_STATE_COMPLETED
-    assert verdict_of(MessageToDict(task)).vote == "reject"
+    assert verdict_of(task).vote == "reject"
 
 
 async def _both(running: RunningAgent, bus: Bus, body: bytes, headers: dict[str, str]) -> Any:
@@ -63,7 +64,9 @@ V1 = {"A2A-Version": "1.0"}
 
 
 async def test_same_body_same_answer_over_http_and_nats(running: RunningAgent, bus: Bus) -> None:
-    body = jsonrpc("SendMessage", {"message": user_message(data={"vote": "approve"})})
+    body = jsonrpc(
+        "SendMessage", {"message": MessageToDict(user_message(data={"vote": "approve"}))}
+    )
     over_http, over_nats = await _both(running, bus, body, V1)
     for doc in (over_http, over_nats):
         task = doc["result"]["task"]
@@ -78,7 +81,7 @@ async def test_same_body_same_answer_over_http_and_nats(running: RunningAgent, b
         (jsonrpc("NoSuchMethod", {}), V1, -32601),
         (jsonrpc("SendMessage", {"message": {"role": 7}}), V1, -32602),
         (jsonrpc("GetTask", {"id": "does-not-exist"}), V1, -32001),
-        (jsonrpc("SendMessage", {"message": user_message(data={})}), {}, -32009),
+        (jsonrpc("SendMessage", {"message": MessageToDict(user_message(data={}))}), {}, -32009),
         (b'{"id": 1, "method": "GetTask"}', V1, -32600),
     ],
     ids=["parse", "method", "params", "task-not-found", "version", "not-jsonrpc"],
@@ -92,31 +95,30 @@ async def test_errors_use_spec_codes_on_both_transports(
 
 
 async def test_input_that_does_not_decode_rejects_the_task(running: RunningAgent, bus: Bus) -> None:
-    result = await A2AClient(bus).send_message(
-        "voter", user_message(text="not json at all"), timeout=5
-    )
-    assert result["task"]["status"]["state"] == "TASK_STATE_REJECTED"
+    result = await AgentClient(bus).send("voter", user_message(text="not json at all"), timeout=5)
+    assert task_state(task_of(result)) == "TASK_STATE_REJECTED"
     with pytest.raises(ValueError, match="REJECTED"):
-        verdict_of(result["task"])
+        verdict_of(task_of(result))
 
 
 async def test_wrong_input_type_names_the_field(running: RunningAgent, bus: Bus) -> None:
-    result = await A2AClient(bus).send_message(
+    result = await AgentClient(bus).send(
         "voter", user_message(data={"vote": "approve", "delay_s": "soon"}), timeout=5
     )
-    task = result["task"]
-    assert task["status"]["state"] == "TASK_STATE_REJECTED"
-    assert "delay_s" in json.dumps(task["status"])
+    task = task_of(result)
+    assert task_state(task) == "TASK_STATE_REJECTED"
+    assert "delay_s" in json.dumps(MessageToDict(task.status))
 
 
 async def test_nobody_listening_is_unavailable_not_a_hang(bus: Bus) -> None:
     with pytest.raises(AgentUnavailableError):
-        await A2AClient(bus).send_message("nobody", user_message(data={}), timeout=5)
+        await AgentClient(bus).send("nobody", user_message(data={}), timeout=5)
 
 
 async def test_error_reply_raises_with_code(running: RunningAgent, bus: Bus) -> None:
-    with pytest.raises(AgentCallError) as err:
-        await A2AClient(bus).call("voter", "GetTask", {"id": "missing"}, timeout=5)
+    async with AgentClient(bus).open("voter", timeout=5) as client:
+        with pytest.raises(AgentCallError) as err:
+            await client.get_task(GetTaskRequest(id="missing"))
     assert err.value.code == -32001
 
 
@@ -138,10 +140,10 @@ async def test_replicas_share_work_through_the_queue_group(
         replicas[0].serve(bus, http=False, settings=settings),
         replicas[1].serve(bus, http=False, settings=settings),
     ):
-        client = A2AClient(bus)
+        client = AgentClient(bus)
         for _ in range(40):
-            result = await client.send_message("twin", user_message(data={}), timeout=5)
-            seen[verdict_of(result["task"]).reasons[0]] += 1
+            result = await client.send("twin", user_message(data={}), timeout=5)
+            seen[verdict_of(task_of(result)).reasons[0]] += 1
     # Random queue-group delivery: one replica taking all 40 has probability 2^-39.
     assert seen["replica a"] > 0 and seen["replica b"] > 0
 
@@ -159,18 +161,18 @@ async def test_repeated_message_id_returns_the_same_task(
 
     agent.rules(review)
     async with agent.serve(bus, settings=settings) as running:
-        client = A2AClient(bus)
+        client = AgentClient(bus)
         msg = user_message(data={}, message_id="same-id")
-        first = await client.send_message("counter", msg, timeout=5)
-        again = await client.send_message("counter", msg, timeout=5)
+        first = task_of(await client.send("counter", msg, timeout=5))
+        again = task_of(await client.send("counter", msg, timeout=5))
         assert running.http_url is not None
         async with httpx.AsyncClient() as http:
-            body = jsonrpc("SendMessage", {"message": msg})
+            body = jsonrpc("SendMessage", {"message": MessageToDict(msg)})
             over_http = (await http.post(running.http_url, content=body, headers=V1)).json()
-        other = await client.send_message("counter", user_message(data={}), timeout=5)
-    assert first["task"]["id"] == again["task"]["id"] == over_http["result"]["task"]["id"]
-    assert verdict_of(again["task"]).reasons == ["call 1"]
-    assert verdict_of(other["task"]).reasons == ["call 2"]
+        other = task_of(await client.send("counter", user_message(data={}), timeout=5))
+    assert first.id == again.id == over_http["result"]["task"]["id"]
+    assert verdict_of(again).reasons == ["call 1"]
+    assert verdict_of(other).reasons == ["call 2"]
     assert calls == 2
 
 

@@ -20,12 +20,22 @@ import httpx
 import pytest
 import pytest_asyncio
 from a2a.client import A2ACardResolver, ClientConfig, create_client
-from a2a.types import AgentCard, Message, Part, Role, SendMessageRequest, TaskState
+from a2a.types import (
+    AgentCard,
+    Message,
+    Part,
+    Role,
+    SendMessageRequest,
+    StreamResponse,
+    SubscribeToTaskRequest,
+    TaskState,
+)
+from google.protobuf.json_format import MessageToDict
 
 from agents.conformance.app import REQUIRED_EXTENSION, RunningConformance, serve
 from agents.conformance.executor import ConformanceExecutor
 from mesh import subjects
-from mesh.a2a.client import A2AClient, user_message
+from mesh.a2a.client import AgentClient, user_message
 from mesh.a2a.server import MAX_BODY, A2AServer, PushUrlPolicy
 from mesh.bus import Bus
 from mesh.cards import card_to_dict, parse_card
@@ -112,7 +122,7 @@ async def bare(mod_bus: Bus) -> AsyncIterator[tuple[Endpoint, A2AServer]]:
     )
     server = A2AServer(card, ConformanceExecutor())
     subject = f"test.bare.{uuid.uuid4().hex}"
-    sub = await mod_bus.nc.subscribe(subject, cb=server.on_nats_message)
+    sub = await mod_bus.nc.subscribe(subject, cb=server.nats_callback(mod_bus.nc))
     transport = httpx.ASGITransport(app=server.http_app())
     async with httpx.AsyncClient(transport=transport, timeout=WAIT_S) as client:
         yield Endpoint(client, "http://bare/", subject), server
@@ -233,9 +243,20 @@ def _rpc(method: str, params: Any, rid: int | str | None = 1) -> bytes:
 
 
 def _msg(prefix: str, text: str = "hello", **fields: Any) -> dict[str, Any]:
-    message = user_message(text=text, message_id=f"{prefix}-{uuid.uuid4().hex}")
+    message: dict[str, Any] = MessageToDict(
+        user_message(text=text, message_id=f"{prefix}-{uuid.uuid4().hex}")
+    )
     message.update(fields)
     return message
+
+
+def _typed(prefix: str, text: str = "hello") -> Message:
+    return user_message(text=text, message_id=f"{prefix}-{uuid.uuid4().hex}")
+
+
+def _json(event: StreamResponse) -> dict[str, Any]:
+    doc: dict[str, Any] = MessageToDict(event)
+    return doc
 
 
 def _kind(result: dict[str, Any]) -> str:
@@ -510,14 +531,12 @@ async def test_http_and_nats_stream_the_same_events(mod_bus: Bus, to_full: Endpo
 
 # -- the mesh's NATS client for streams ---------------------------------------------------------
 async def test_client_stream_yields_results(mod_bus: Bus, full: RunningConformance) -> None:
-    client = A2AClient(mod_bus)
-    params = {"message": _msg("tck-stream-ordering-001")}
+    client = AgentClient(mod_bus)
     results = [
-        r
+        _json(r)
         async for r in client.stream(
             "conformance",
-            "SendStreamingMessage",
-            params,
+            _typed("tck-stream-ordering-001"),
             timeout=WAIT_S,
             subject=full.registration.direct_subject,
         )
@@ -528,34 +547,29 @@ async def test_client_stream_yields_results(mod_bus: Bus, full: RunningConforman
 async def test_client_stream_error_frame_raises_with_its_code(
     mod_bus: Bus, full: RunningConformance
 ) -> None:
-    frames = A2AClient(mod_bus).stream(
-        "conformance",
-        "SubscribeToTask",
-        {"id": "missing"},
-        timeout=WAIT_S,
-        subject=full.registration.direct_subject,
+    client = AgentClient(mod_bus).open(
+        "conformance", subject=full.registration.direct_subject, timeout=WAIT_S
     )
+    frames = client.subscribe(SubscribeToTaskRequest(id="missing"))
     with pytest.raises(AgentCallError) as err:
         await anext(frames)
     assert err.value.code == -32001
 
 
 async def test_client_stream_to_nobody_is_unavailable(mod_bus: Bus) -> None:
-    frames = A2AClient(mod_bus).stream(
-        "nobody-here", "SendStreamingMessage", {"message": _msg("x")}, timeout=WAIT_S
-    )
+    frames = AgentClient(mod_bus).stream("nobody-here", _typed("x"), timeout=WAIT_S)
     with pytest.raises(AgentUnavailableError):
         await anext(frames)
 
 
 async def test_client_request_over_max_payload_is_refused_locally(mod_bus: Bus) -> None:
-    big = {"message": _msg("x", "z" * (mod_bus.nc.max_payload + 1))}
-    client = A2AClient(mod_bus)
+    big = _typed("x", "z" * (mod_bus.nc.max_payload + 1))
+    client = AgentClient(mod_bus)
     with pytest.raises(AgentCallError) as err:
-        await client.call("conformance", "SendMessage", big, timeout=WAIT_S)
+        await client.send("conformance", big, timeout=WAIT_S)
     assert err.value.code == -32600
     with pytest.raises(AgentCallError) as err:
-        await anext(client.stream("conformance", "SendStreamingMessage", big, timeout=WAIT_S))
+        await anext(client.stream("conformance", big, timeout=WAIT_S))
     assert err.value.code == -32600
 
 
@@ -566,16 +580,11 @@ async def test_client_closing_a_stream_stops_it_on_the_agent(
     tid = (await _send(wire, to_full, _msg("tck-input-required")))["task"]["id"]
     assert full.server.inflight == 0
     # SubscribeToTask on a task waiting for input would stream for ever: only a cancel ends it.
-    async with contextlib.aclosing(
-        A2AClient(mod_bus).stream(
-            "conformance",
-            "SubscribeToTask",
-            {"id": tid},
-            timeout=WAIT_S,
-            subject=full.registration.direct_subject,
-        )
-    ) as frames:
-        first = await anext(frames)
+    client = AgentClient(mod_bus).open(
+        "conformance", subject=full.registration.direct_subject, timeout=WAIT_S
+    )
+    async with contextlib.aclosing(client.subscribe(SubscribeToTaskRequest(id=tid))) as frames:
+        first = _json(await anext(frames))
         assert first["task"]["status"]["state"] == "TASK_STATE_INPUT_REQUIRED"
         assert full.server.inflight == 1
     await _until(lambda: full.server.inflight == 0)
@@ -728,7 +737,7 @@ async def test_too_large_for_nats_reply_is_an_error_not_silence(
         settings = Settings(nats_url=small.url, http_port=0)
         async with await Bus.connect(small.url, name="small", settings=settings) as bus:
             server = A2AServer(_conformance_card(), ConformanceExecutor())
-            sub = await bus.nc.subscribe("test.small", cb=server.on_nats_message)
+            sub = await bus.nc.subscribe("test.small", cb=server.nats_callback(bus.nc))
             # The echo holds the text twice (history and status message): about 1.4 MiB.
             text = "y" * (bus.nc.max_payload * 7 // 10)
             request = _rpc("SendMessage", {"message": _msg("echo", text)})

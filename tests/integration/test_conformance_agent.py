@@ -20,12 +20,21 @@ import httpx
 import pytest
 import pytest_asyncio
 from a2a.client import ClientConfig, create_client
-from a2a.types import Message, Part, Role, SendMessageRequest, StreamResponse
+from a2a.types import (
+    CancelTaskRequest,
+    GetTaskRequest,
+    Message,
+    Part,
+    Role,
+    SendMessageConfiguration,
+    SendMessageRequest,
+    StreamResponse,
+)
 from google.protobuf.json_format import MessageToDict
 
 from agents.conformance.app import REQUIRED_EXTENSION, RunningConformance, profile_card, serve
 from agents.conformance.executor import ConformanceExecutor, streaming_timeout
-from mesh.a2a.client import A2AClient, user_message
+from mesh.a2a.client import AgentClient, task_of, task_state, user_message
 from mesh.bus import Bus
 from mesh.cards import load_card
 from mesh.errors import ConfigError
@@ -178,24 +187,24 @@ async def test_follow_ups_under_one_message_id_all_reach_the_history(
 ) -> None:
     """The TCK reuses one messageId per scenario for every follow-up; each still lands in the
     task's history, in order (the agent records what a2a-sdk would skip)."""
-    client = A2AClient(mod_bus)
+    client = AgentClient(mod_bus)
     subject = agent.registration.direct_subject
     reused = f"tck-input-required-{uuid.uuid4().hex}"
-    first = await client.send_message(
+    first = await client.send(
         "conformance",
         user_message(text="start", message_id=reused),
         timeout=WAIT_S,
         subject=subject,
     )
-    tid = first["task"]["id"]
+    tid = task_of(first).id
     for text in ("history 1", "history 2"):
-        follow = {**user_message(text=text, message_id=reused), "taskId": tid}
-        result = await client.send_message("conformance", follow, timeout=WAIT_S, subject=subject)
-        assert result["task"]["status"]["state"] == "TASK_STATE_INPUT_REQUIRED"
-    done = {**user_message(text="done", message_id=f"tck-complete-task-{tid}"), "taskId": tid}
-    final = (await client.send_message("conformance", done, timeout=WAIT_S, subject=subject))[
-        "task"
-    ]
+        follow = user_message(text=text, message_id=reused, task_id=tid)
+        result = await client.send("conformance", follow, timeout=WAIT_S, subject=subject)
+        assert task_state(task_of(result)) == "TASK_STATE_INPUT_REQUIRED"
+    done = user_message(text="done", message_id=f"tck-complete-task-{tid}", task_id=tid)
+    final = MessageToDict(
+        task_of(await client.send("conformance", done, timeout=WAIT_S, subject=subject))
+    )
     assert final["status"]["state"] == "TASK_STATE_COMPLETED"
     user_texts = [
         p["text"] for m in final["history"] if m["role"] == "ROLE_USER" for p in m["parts"]
@@ -204,23 +213,22 @@ async def test_follow_ups_under_one_message_id_all_reach_the_history(
 
 
 async def test_cancel_ends_a_long_running_task(agent: RunningConformance, mod_bus: Bus) -> None:
-    client = A2AClient(mod_bus)
+    agents = AgentClient(mod_bus)
     subject = agent.registration.direct_subject
     message = user_message(text="long", message_id=f"test-resubscribe-message-id-{uuid.uuid4()}")
-    started = await client.call(
+    started = await agents.send(
         "conformance",
-        "SendMessage",
-        {"message": message, "configuration": {"returnImmediately": True}},
+        message,
+        configuration=SendMessageConfiguration(return_immediately=True),
         timeout=WAIT_S,
         subject=subject,
     )
-    tid = started["task"]["id"]
-    canceled = await client.call(
-        "conformance", "CancelTask", {"id": tid}, timeout=WAIT_S, subject=subject
-    )
-    assert canceled["status"]["state"] == "TASK_STATE_CANCELED"
-    got = await client.call("conformance", "GetTask", {"id": tid}, timeout=WAIT_S, subject=subject)
-    assert got["status"]["state"] == "TASK_STATE_CANCELED"
+    tid = task_of(started).id
+    async with agents.open("conformance", subject=subject, timeout=WAIT_S) as client:
+        canceled = await client.cancel_task(CancelTaskRequest(id=tid))
+        assert task_state(canceled) == "TASK_STATE_CANCELED"
+        got = await client.get_task(GetTaskRequest(id=tid))
+        assert task_state(got) == "TASK_STATE_CANCELED"
 
 
 async def test_long_running_task_completes_on_its_own(mod_bus: Bus) -> None:
@@ -230,17 +238,17 @@ async def test_long_running_task_completes_on_its_own(mod_bus: Bus) -> None:
     from mesh.a2a.server import A2AServer
 
     server = A2AServer(server_card, executor)
-    sub = await mod_bus.nc.subscribe("test.conformance.long", cb=server.on_nats_message)
+    sub = await mod_bus.nc.subscribe("test.conformance.long", cb=server.nats_callback(mod_bus.nc))
     try:
         message = user_message(text="x", message_id=f"test-resubscribe-message-id-{uuid.uuid4()}")
-        result = await A2AClient(mod_bus).send_message(
+        result = await AgentClient(mod_bus).send(
             "conformance", message, timeout=WAIT_S, subject="test.conformance.long"
         )
     finally:
         await sub.unsubscribe()
         await server.drain()
         await server.aclose()
-    assert result["task"]["status"]["state"] == "TASK_STATE_COMPLETED"
+    assert task_state(task_of(result)) == "TASK_STATE_COMPLETED"
 
 
 async def test_streaming_timeout_follows_the_tck_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -314,7 +322,11 @@ async def test_runs_as_a_process(nats_url: str, tmp_path: Path) -> None:
                 "jsonrpc": "2.0",
                 "id": 1,
                 "method": "SendMessage",
-                "params": {"message": user_message(text="x", message_id="tck-complete-task-p")},
+                "params": {
+                    "message": MessageToDict(
+                        user_message(text="x", message_id="tck-complete-task-p")
+                    )
+                },
             }
             r = await http.post(url, json=body, headers={"A2A-Version": "1.0"})
         assert r.json()["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED"

@@ -32,6 +32,7 @@ from a2a.types import (
     TaskStatusUpdateEvent,
 )
 from a2a.utils.errors import InvalidParamsError
+from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mesh import subjects
@@ -365,7 +366,7 @@ async def test_a_task_made_on_one_replica_is_read_through_another_after_it_stops
                 bus,
                 a.registration.direct_subject,
                 "SendMessage",
-                {"message": user_message(data={"vote": "reject"})},
+                {"message": MessageToDict(user_message(data={"vote": "reject"}))},
             )
             task = sent["result"]["task"]
             assert task["status"]["state"] == "TASK_STATE_COMPLETED"
@@ -393,7 +394,9 @@ async def test_a_task_survives_an_agent_restart(
 ) -> None:
     agent = voting_agent(tmp_path, "phoenix", "rise")
     async with _replica(agent, bus, settings) as first:
-        sent = await _nats(bus, first.subject, "SendMessage", {"message": user_message(data={})})
+        sent = await _nats(
+            bus, first.subject, "SendMessage", {"message": MessageToDict(user_message(data={}))}
+        )
     tid = sent["result"]["task"]["id"]
     async with _replica(agent, bus, settings) as second:
         got = await _nats(bus, second.subject, "GetTask", {"id": tid})
@@ -411,7 +414,9 @@ async def test_memory_store_forgets_on_restart(
     assert settings.task_store == "memory"
     agent = voting_agent(tmp_path, "goldfish", "forget")
     async with _replica(agent, bus, settings) as first:
-        sent = await _nats(bus, first.subject, "SendMessage", {"message": user_message(data={})})
+        sent = await _nats(
+            bus, first.subject, "SendMessage", {"message": MessageToDict(user_message(data={}))}
+        )
         tid = sent["result"]["task"]["id"]
         assert "result" in await _nats(bus, first.subject, "GetTask", {"id": tid})
     async with _replica(agent, bus, settings) as second:

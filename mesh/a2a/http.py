@@ -1,0 +1,124 @@
+"""The HTTP binding of A2A JSON-RPC: Starlette routes over the shared dispatch.
+
+`POST /` takes one JSON-RPC request (at most `MAX_BODY` bytes, read in chunks so a larger body
+is refused before it is all in memory) and answers with the dispatch's JSON, or with
+server-sent events for a streaming method. JSON-RPC errors are HTTP 200, as a2a-sdk answers
+them; nothing from this endpoint is ever a 5xx. The card is served at
+/.well-known/agent-card.json by a2a-sdk's route (ETag, Cache-Control), plus a Last-Modified.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from a2a.server.request_handlers import RequestHandler
+from a2a.server.routes import create_agent_card_routes
+from a2a.server.routes.common import DefaultServerCallContextBuilder, create_event_source_response
+from a2a.types import AgentCard
+from a2a.utils.errors import InvalidRequestError
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from mesh.a2a import dispatch, jsonrpc
+
+log = logging.getLogger(__name__)
+
+_JSON = "application/json"
+_INTERNAL_BODY = jsonrpc.error_body(None, jsonrpc.INTERNAL_ERROR, "internal error")
+
+
+def http_app(
+    handler: RequestHandler, card: AgentCard, *, card_cache_control: str, since: float
+) -> Starlette:
+    """The agent's Starlette app: its card (last modified at `since`, a Unix time) and the
+    JSON-RPC endpoint at `/`."""
+    endpoint = _Endpoint(handler)
+    routes: list[BaseRoute] = [
+        *(
+            _last_modified(r, since)
+            for r in create_agent_card_routes(card, cache_control=card_cache_control)
+        ),
+        Route("/", endpoint=endpoint.handle, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+class _Endpoint:
+    def __init__(self, handler: RequestHandler) -> None:
+        self.handler = handler
+        # The SDK's own: the call context carries the request's headers, auth and user.
+        self.contexts = DefaultServerCallContextBuilder()
+
+    async def handle(self, request: Request) -> Response:
+        body = await _read(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            reply = await dispatch.respond(
+                self.handler,
+                body,
+                content_type=request.headers.get("content-type"),
+                context=self.contexts.build(request),
+            )
+        except Exception:  # the dispatch maps errors itself; never a 500 from here
+            log.exception("A2A over HTTP failed")
+            return Response(_INTERNAL_BODY, media_type=_JSON)
+        if isinstance(reply, dispatch.Answer):
+            return Response(reply.body, media_type=_JSON)
+        return create_event_source_response(_events(reply))
+
+
+async def _read(request: Request) -> bytes | Response:
+    """The body, or the answer to a body over `MAX_BODY` (or a client that went away)."""
+    try:
+        declared = int(request.headers.get("content-length", "0"))
+    except ValueError:
+        declared = 0
+    if declared > dispatch.MAX_BODY:
+        return _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > dispatch.MAX_BODY:
+                return _too_large()
+            chunks.append(chunk)
+    except ClientDisconnect:
+        return Response(status_code=400)
+    return b"".join(chunks)
+
+
+def _too_large() -> Response:
+    answer = dispatch.error_answer(None, InvalidRequestError(message="Payload too large"))
+    return Response(answer.body, media_type=_JSON)
+
+
+async def _events(stream: dispatch.Stream) -> AsyncGenerator[dict[str, str], None]:
+    """The stream as server-sent events: one `data:` per frame, `event: error` on errors."""
+    frames = stream.frames
+    try:
+        async for frame in frames:
+            yield {"data": frame.data, "event": "error"} if frame.error else {"data": frame.data}
+    finally:
+        await frames.aclose()  # a client that hung up stops the stream
+
+
+def _last_modified(route: Any, since: float) -> Any:
+    """The SDK's card route (ETag, Cache-Control) plus a Last-Modified header."""
+    endpoint = getattr(route, "endpoint", None)
+    if not isinstance(route, Route) or endpoint is None:
+        return route
+    stamp = email.utils.formatdate(since, usegmt=True)
+
+    async def card(request: Request) -> Response:
+        response: Response = await endpoint(request)
+        response.headers.setdefault("Last-Modified", stamp)
+        return response
+
+    return Route(route.path, endpoint=card, methods=list(route.methods or ["GET"]))

@@ -1,0 +1,471 @@
+"""The NATS binding of A2A JSON-RPC, client side: an a2a-sdk `ClientTransport`.
+
+Registered on an a2a-sdk `ClientFactory` under the binding name `NATS+JSONRPC`, it turns a card
+whose interface is `nats:<subject>` into a typed a2a-sdk `Client` over NATS request/reply:
+
+    factory = ClientFactory(ClientConfig(supported_protocol_bindings=[NATS_BINDING]))
+    register(factory, nc)
+    client = factory.create(card)          # a2a.client.Client, over NATS
+
+(a2a-sdk 1.3's `create_client()` builds its own factory with the built-in transports only, so
+it cannot be handed this one: use a factory, or `mesh.a2a.client.AgentClient.open`.)
+
+The binding (docs/a2a-nats-binding.md) as a caller sees it: requests carry `A2A-Version: 1.0`;
+`timeout` is the longest silence allowed — with `max_timeout` above it, the call asks for
+`Mesh-Progress` keep-alives, each of which restarts the silence timer, up to `max_timeout` in
+all; streams read `Mesh-Stream` frames until `end`, and closing a stream early sends `cancel`.
+
+What the agent answers, or fails to, is a mesh error (mesh.errors), not one of the SDK's
+per-code classes: nobody listening is `AgentUnavailableError`, silence is `AgentTimeoutError`
+(both retryable), and a JSON-RPC error is `AgentCallError` with `.code` the spec code (-32001
+task not found, …). A NATS connection that is closed or gone raises nats-py's own errors.
+Per-call options ride on a2a-sdk's `ClientCallContext`: `timeout`, `service_parameters` (extra
+headers, e.g. a W3C traceparent), and the mesh's `subject` / `max_timeout` (`call_context`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any, TypeVar
+
+from a2a.client import ClientCallContext, ClientConfig, ClientFactory
+from a2a.client.transports.base import ClientTransport
+from a2a.types import (
+    AgentCard,
+    CancelTaskRequest,
+    DeleteTaskPushNotificationConfigRequest,
+    GetExtendedAgentCardRequest,
+    GetTaskPushNotificationConfigRequest,
+    GetTaskRequest,
+    ListTaskPushNotificationConfigsRequest,
+    ListTaskPushNotificationConfigsResponse,
+    ListTasksRequest,
+    ListTasksResponse,
+    SendMessageRequest,
+    SendMessageResponse,
+    StreamResponse,
+    SubscribeToTaskRequest,
+    Task,
+    TaskPushNotificationConfig,
+)
+from a2a.utils.proto_utils import parse_lenient
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message as Proto
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import MaxPayloadError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from mesh import subjects
+from mesh.a2a import jsonrpc
+from mesh.cards import JSONRPC_BINDING, NATS_BINDING
+from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "NATS_BINDING",
+    "NatsTransport",
+    "call_context",
+    "client_factory",
+    "producer",
+    "register",
+]
+
+DEFAULT_TIMEOUT_S = 30.0
+# Keys of the mesh's per-call options in `ClientCallContext.state`.
+STATE_SUBJECT = "mesh.subject"
+STATE_MAX_TIMEOUT = "mesh.max_timeout"
+
+_ids = itertools.count(1)
+P = TypeVar("P", bound=Proto)
+
+
+def call_context(
+    *,
+    timeout: float | None = None,
+    max_timeout: float | None = None,
+    subject: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ClientCallContext:
+    """Per-call options for a NATS transport (or an a2a-sdk `Client` over one).
+
+    `timeout`: longest silence; `max_timeout`: cap on the whole call (above `timeout`, the agent
+    is asked for keep-alives); `subject`: another subject than the card's (one replica's own);
+    `headers`: extra request headers.
+    """
+    state: dict[str, Any] = {}
+    if subject is not None:
+        state[STATE_SUBJECT] = subject
+    if max_timeout is not None:
+        state[STATE_MAX_TIMEOUT] = max_timeout
+    return ClientCallContext(
+        state=state, timeout=timeout, service_parameters=dict(headers) if headers else None
+    )
+
+
+class NatsTransport(ClientTransport):
+    """A2A JSON-RPC over NATS request/reply to `subject` (an agent's, or one replica's).
+
+    `agent` names the callee in errors (default: the subject). `card`, when known, answers
+    GetExtendedAgentCard locally for an agent that declares no extended card, as a2a-sdk's own
+    transports do. `timeout`, `max_timeout` and `headers` are defaults for every call; a call's
+    `ClientCallContext` overrides them. The NATS connection is the caller's: `close` leaves it
+    open.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        subject: str,
+        *,
+        agent: str | None = None,
+        card: AgentCard | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.subject = subject
+        self.agent = agent or subject
+        self.card = card
+        self.timeout = timeout
+        self.max_timeout = max_timeout
+        self.headers = dict(headers or {})
+
+    # -- a2a-sdk's ClientTransport -------------------------------------------------------------
+    async def send_message(
+        self, request: SendMessageRequest, *, context: ClientCallContext | None = None
+    ) -> SendMessageResponse:
+        return await self._typed("SendMessage", request, SendMessageResponse(), context)
+
+    async def send_message_streaming(
+        self, request: SendMessageRequest, *, context: ClientCallContext | None = None
+    ) -> AsyncGenerator[StreamResponse, None]:
+        async with contextlib.aclosing(
+            self.stream_json("SendStreamingMessage", _params(request), context=context)
+        ) as results:
+            async for result in results:
+                yield self._parse(result, StreamResponse())
+
+    async def get_task(
+        self, request: GetTaskRequest, *, context: ClientCallContext | None = None
+    ) -> Task:
+        return await self._typed("GetTask", request, Task(), context)
+
+    async def list_tasks(
+        self, request: ListTasksRequest, *, context: ClientCallContext | None = None
+    ) -> ListTasksResponse:
+        return await self._typed("ListTasks", request, ListTasksResponse(), context)
+
+    async def cancel_task(
+        self, request: CancelTaskRequest, *, context: ClientCallContext | None = None
+    ) -> Task:
+        return await self._typed("CancelTask", request, Task(), context)
+
+    async def create_task_push_notification_config(
+        self, request: TaskPushNotificationConfig, *, context: ClientCallContext | None = None
+    ) -> TaskPushNotificationConfig:
+        return await self._typed(
+            "CreateTaskPushNotificationConfig", request, TaskPushNotificationConfig(), context
+        )
+
+    async def get_task_push_notification_config(
+        self,
+        request: GetTaskPushNotificationConfigRequest,
+        *,
+        context: ClientCallContext | None = None,
+    ) -> TaskPushNotificationConfig:
+        return await self._typed(
+            "GetTaskPushNotificationConfig", request, TaskPushNotificationConfig(), context
+        )
+
+    async def list_task_push_notification_configs(
+        self,
+        request: ListTaskPushNotificationConfigsRequest,
+        *,
+        context: ClientCallContext | None = None,
+    ) -> ListTaskPushNotificationConfigsResponse:
+        return await self._typed(
+            "ListTaskPushNotificationConfigs",
+            request,
+            ListTaskPushNotificationConfigsResponse(),
+            context,
+        )
+
+    async def delete_task_push_notification_config(
+        self,
+        request: DeleteTaskPushNotificationConfigRequest,
+        *,
+        context: ClientCallContext | None = None,
+    ) -> None:
+        await self.call_json("DeleteTaskPushNotificationConfig", _params(request), context=context)
+
+    async def subscribe(
+        self, request: SubscribeToTaskRequest, *, context: ClientCallContext | None = None
+    ) -> AsyncGenerator[StreamResponse, None]:
+        async with contextlib.aclosing(
+            self.stream_json("SubscribeToTask", _params(request), context=context)
+        ) as results:
+            async for result in results:
+                yield self._parse(result, StreamResponse())
+
+    async def get_extended_agent_card(
+        self, request: GetExtendedAgentCardRequest, *, context: ClientCallContext | None = None
+    ) -> AgentCard:
+        if self.card is not None and not self.card.capabilities.extended_agent_card:
+            return self.card
+        return await self._typed("GetExtendedAgentCard", request, AgentCard(), context)
+
+    async def close(self) -> None:
+        """Nothing to release: the NATS connection belongs to the caller."""
+
+    # -- JSON-RPC over the binding -------------------------------------------------------------
+    async def call_json(
+        self, method: str, params: Mapping[str, Any], *, context: ClientCallContext | None = None
+    ) -> Any:
+        """One unary JSON-RPC call; its `result` as JSON."""
+        subject, silence, cap, headers = self._options(context)
+        body = jsonrpc.request_body(method, dict(params), next(_ids))
+        if cap is not None and cap > silence:
+            return await self._call_with_progress(subject, body, silence, cap, headers)
+        try:
+            reply = await self.nc.request(subject, body, timeout=silence, headers=headers)
+        except NoRespondersError:
+            raise AgentUnavailableError(self.agent) from None
+        except (NatsTimeoutError, TimeoutError):
+            raise AgentTimeoutError(self.agent, silence) from None
+        except MaxPayloadError:
+            raise self._too_large(body) from None
+        return self._result(reply.data)
+
+    async def stream_json(
+        self, method: str, params: Mapping[str, Any], *, context: ClientCallContext | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """A streaming method: each frame's `result` (a StreamResponse as JSON), until the agent
+        ends the stream; an error frame raises `AgentCallError` with its code. `timeout` bounds
+        each silence (the agent sends keep-alives while it works), `max_timeout` the whole
+        stream. Closing the iterator early tells the agent to stop streaming."""
+        subject, silence, cap, headers = self._options(context)
+        nc = self.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        started = time.monotonic()
+        ended = False
+        try:
+            body = jsonrpc.request_body(method, dict(params), next(_ids))
+            headers[subjects.H_PROGRESS] = f"{silence / 3:.3f}"
+            try:
+                await nc.publish(subject, body, reply=inbox, headers=headers)
+            except MaxPayloadError:
+                ended = True
+                raise self._too_large(body) from None
+            while True:
+                frame = await self._next(sub, started, silence, cap)
+                fh = frame.headers or {}
+                if _no_responders(frame):
+                    ended = True
+                    raise AgentUnavailableError(self.agent)
+                if fh.get(subjects.H_STATUS) == subjects.STATUS_WORKING:
+                    continue  # keep-alive: the silence timer starts again
+                kind = fh.get(subjects.H_STREAM)
+                if kind == subjects.STREAM_END:
+                    ended = True
+                    return
+                if kind != subjects.STREAM_FRAME:
+                    # A plain reply (an agent without stream framing): one answer, the end.
+                    ended = True
+                    yield self._frame(frame.data)
+                    return
+                try:
+                    result = self._frame(frame.data)
+                except AgentCallError:
+                    ended = True  # the agent sends `end` after an error frame; not awaited
+                    raise
+                yield result
+        finally:
+            if not ended:
+                with contextlib.suppress(Exception):
+                    await nc.publish(
+                        f"{inbox}.{subjects.STREAM_CANCEL}",
+                        b"",
+                        headers={subjects.H_STREAM: subjects.STREAM_CANCEL},
+                    )
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # -- inside --------------------------------------------------------------------------------
+    def _options(
+        self, context: ClientCallContext | None
+    ) -> tuple[str, float, float | None, dict[str, str]]:
+        """(subject, silence timeout, overall cap, request headers) of one call."""
+        state = context.state if context is not None else {}
+        subject = state.get(STATE_SUBJECT) or self.subject
+        silence = self.timeout
+        if context is not None and context.timeout is not None:
+            silence = context.timeout
+        cap = state.get(STATE_MAX_TIMEOUT, self.max_timeout)
+        headers = {subjects.H_A2A_VERSION: subjects.A2A_VERSION, **self.headers}
+        if context is not None and context.service_parameters:
+            headers.update(context.service_parameters)
+        return str(subject), float(silence), cap, headers
+
+    async def _typed(
+        self, method: str, request: Proto, into: P, context: ClientCallContext | None
+    ) -> P:
+        return self._parse(await self.call_json(method, _params(request), context=context), into)
+
+    async def _call_with_progress(
+        self, subject: str, body: bytes, silence: float, cap: float, headers: dict[str, str]
+    ) -> Any:
+        nc = self.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        started = time.monotonic()
+        try:
+            headers[subjects.H_PROGRESS] = f"{silence / 3:.3f}"
+            try:
+                await nc.publish(subject, body, reply=inbox, headers=headers)
+            except MaxPayloadError:
+                raise self._too_large(body) from None
+            while True:
+                reply = await self._next(sub, started, silence, cap)
+                if _no_responders(reply):
+                    raise AgentUnavailableError(self.agent)
+                if (reply.headers or {}).get(subjects.H_STATUS) == subjects.STATUS_WORKING:
+                    continue  # alive and working: the silence timer starts again
+                return self._result(reply.data)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _next(self, sub: Any, started: float, silence: float, cap: float | None) -> Msg:
+        """The next message on `sub` within the silence timeout and what is left of `cap`."""
+        wait = silence
+        if cap is not None:
+            wait = min(wait, cap - (time.monotonic() - started))
+            if wait <= 0:
+                raise AgentTimeoutError(self.agent, cap)
+        try:
+            msg: Msg = await sub.next_msg(timeout=wait)
+        except (NatsTimeoutError, TimeoutError):
+            waited = time.monotonic() - started
+            raise AgentTimeoutError(self.agent, min(waited, cap) if cap else waited) from None
+        return msg
+
+    def _result(self, body: bytes) -> Any:
+        try:
+            result, error = jsonrpc.parse_response(body)
+        except ValueError as e:
+            raise AgentCallError(self.agent, str(e), code=jsonrpc.INVALID_AGENT_RESPONSE) from None
+        if error is not None:
+            code = error.get("code")
+            raise AgentCallError(
+                self.agent,
+                f"error {code}: {error.get('message', '')}",
+                code=code if isinstance(code, int) else None,
+            )
+        return result
+
+    def _frame(self, body: bytes) -> dict[str, Any]:
+        result = self._result(body)
+        if not isinstance(result, dict):
+            raise AgentCallError(
+                self.agent, "stream frame holds no object", code=jsonrpc.INVALID_AGENT_RESPONSE
+            )
+        return result
+
+    def _parse(self, result: Any, into: P) -> P:
+        if not isinstance(result, dict):
+            raise AgentCallError(
+                self.agent, "the answer holds no object", code=jsonrpc.INVALID_AGENT_RESPONSE
+            )
+        try:
+            return parse_lenient(result, into)
+        except Exception as e:  # protobuf's ParseError, or a type it cannot take
+            raise AgentCallError(
+                self.agent,
+                f"the answer is not a {type(into).__name__}: {e}",
+                code=jsonrpc.INVALID_AGENT_RESPONSE,
+            ) from None
+
+    def _too_large(self, body: bytes) -> AgentCallError:
+        return AgentCallError(
+            self.agent,
+            f"request of {len(body)} bytes exceeds the NATS max_payload",
+            code=jsonrpc.INVALID_REQUEST,
+        )
+
+
+def _params(request: Proto) -> dict[str, Any]:
+    params: dict[str, Any] = MessageToDict(request)
+    return params
+
+
+def _no_responders(msg: Msg) -> bool:
+    """nats-py hands a subscription the server's "no responders" status message as it is."""
+    status = (msg.headers or {}).get(subjects.H_NATS_STATUS)
+    return status == subjects.NATS_NO_RESPONDERS and not msg.data
+
+
+# -- the client factory -------------------------------------------------------------------------
+def producer(
+    nc: NATS,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    max_timeout: float | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Any:
+    """An a2a-sdk transport producer (card, url, config) → `NatsTransport` on `nc`."""
+
+    def produce(card: AgentCard, url: str, config: ClientConfig) -> ClientTransport:
+        subject = subjects.a2a_subject_of_url(url)
+        if subject is None:
+            raise ValueError(f"{card.name}: {url!r} is not a NATS interface url (nats:<subject>)")
+        return NatsTransport(
+            nc,
+            subject,
+            agent=card.name or None,
+            card=card,
+            timeout=timeout,
+            max_timeout=max_timeout,
+            headers=headers,
+        )
+
+    return produce
+
+
+def register(
+    factory: ClientFactory,
+    nc: NATS,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    max_timeout: float | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ClientFactory:
+    """Teach `factory` the `NATS+JSONRPC` binding, over `nc`; returns the factory."""
+    factory.register(
+        NATS_BINDING, producer(nc, timeout=timeout, max_timeout=max_timeout, headers=headers)
+    )
+    return factory
+
+
+def client_factory(
+    nc: NATS,
+    config: ClientConfig | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    max_timeout: float | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ClientFactory:
+    """An a2a-sdk `ClientFactory` that prefers a card's NATS interface (then JSON-RPC over
+    HTTP), unless `config` says otherwise."""
+    if config is None:
+        config = ClientConfig(
+            supported_protocol_bindings=[NATS_BINDING, JSONRPC_BINDING], use_client_preference=True
+        )
+    return register(
+        ClientFactory(config), nc, timeout=timeout, max_timeout=max_timeout, headers=headers
+    )
