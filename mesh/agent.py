@@ -250,11 +250,8 @@ class RunningAgent:
 
 async def _task_store(bus: Bus, agent: str, settings: Settings) -> TaskStore | JetStreamTaskStore:
     """MESH_TASK_STORE: `jetstream` (default) shares tasks between replicas and keeps them over
-    restarts; `memory` keeps them in this process only.
-
-    Not yet wired: `JetStreamTaskStore.events()` as the request handler's `event_stream` (it needs
-    A2AServer to take one). Until then SubscribeToTask follows a task only on the replica that
-    runs it, and a2a-sdk logs at start that cross-replica streaming is disabled."""
+    restarts (its event stream lets SubscribeToTask follow a task another replica runs);
+    `memory` keeps them in this process only."""
     if settings.task_store == "memory":
         return InMemoryTaskStore()
     return await JetStreamTaskStore.open(bus, agent)

@@ -114,7 +114,7 @@ def with_interfaces(card: AgentCard, *, http_url: str | None, nats_subject: str)
         )
     live.supported_interfaces.append(
         AgentInterface(
-            url=subjects.nats_interface_url(nats_subject),
+            url=subjects.a2a_nats_url(nats_subject),
             protocol_binding=NATS_BINDING,
             protocol_version=subjects.A2A_VERSION,
         )

@@ -83,11 +83,6 @@ def card_key(agent: str, instance: str) -> str:
     return f"{agent}.{instance}"
 
 
-def nats_interface_url(subject: str) -> str:
-    """How an Agent Card names a NATS interface (docs/a2a-nats-binding.md)."""
-    return f"nats:{subject}"
-
-
 def event_msg_id(tenant: str, event_id: str) -> str:
     """`Nats-Msg-Id` of a published event: the stream's duplicate window drops a re-publish."""
     return f"{tenant}:{event_id}"

@@ -37,7 +37,8 @@ from mesh.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 NAME = "conformance"
-PROFILE_ENV = "MESH_CONFORMANCE_PROFILE"
+# The conformance agent's own switch (like TCK_STREAMING_TIMEOUT), not a mesh setting.
+PROFILE_ENV = "TCK_PROFILE"
 # Declared `required` in the minimal profile: a message without it gets -32008.
 REQUIRED_EXTENSION = "urn:a2a:tck:required-extension"
 
@@ -101,7 +102,7 @@ async def serve(
 ) -> AsyncIterator[RunningConformance]:
     """Serve the conformance agent over HTTP and NATS, registered, until the block exits.
 
-    `profile` defaults to env MESH_CONFORMANCE_PROFILE, else `full` (see `profile_card`).
+    `profile` defaults to env TCK_PROFILE, else `full` (see `profile_card`).
     """
     settings = settings or bus.settings
     card = profile_card(load_card(NAME), profile or os.environ.get(PROFILE_ENV) or "full")

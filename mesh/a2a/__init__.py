@@ -1,0 +1,62 @@
+"""A2A 1.0 for the mesh: calling agents over NATS with a2a-sdk's typed objects.
+
+    from mesh.a2a import AgentClient, user_message, verdict_of
+
+    task = await AgentClient(bus).send("security-review", user_message(data=release), timeout=5)
+    verdict_of(task)
+
+`NatsTransport` is an a2a-sdk `ClientTransport` for the NATS binding (docs/a2a-nats-binding.md);
+`register(factory, nc)` teaches an a2a-sdk `ClientFactory` the `NATS+JSONRPC` binding. The names
+below are the public API of this package; its modules (handler, dispatch, bindings, task store)
+are what the agent runtime serves with.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mesh.a2a.client import (
+        AgentClient,
+        artifact_metadata,
+        status_text,
+        status_time,
+        task_of,
+        task_state,
+        user_message,
+        verdict_of,
+    )
+    from mesh.a2a.transport import (
+        NATS_BINDING,
+        NatsTransport,
+        call_context,
+        client_factory,
+        register,
+    )
+
+__all__ = [
+    "NATS_BINDING",
+    "AgentClient",
+    "NatsTransport",
+    "artifact_metadata",
+    "call_context",
+    "client_factory",
+    "register",
+    "status_text",
+    "status_time",
+    "task_of",
+    "task_state",
+    "user_message",
+    "verdict_of",
+]
+
+_TRANSPORT = {"NATS_BINDING", "NatsTransport", "call_context", "client_factory", "register"}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing mesh.a2a.<module> for serving must not pull in the client side.
+    if name in __all__:
+        module = "mesh.a2a.transport" if name in _TRANSPORT else "mesh.a2a.client"
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'mesh.a2a' has no attribute {name!r}")

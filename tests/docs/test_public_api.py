@@ -1,4 +1,4 @@
-"""The docs teach the public API only: `mesh` (its `__all__`) and `mesh.testing`.
+"""The docs teach the public API only: `mesh` (its `__all__`), `mesh.a2a` and `mesh.testing`.
 
 Everything else under `mesh/` is implementation a newcomer should not need; `mesh._internal` in
 particular may change without notice (its package docstring says so).
@@ -7,13 +7,13 @@ particular may change without notice (its package docstring says so).
 from __future__ import annotations
 
 import ast
+import importlib
 
 import pytest
 
-import mesh
 from tests.docs.blocks import CHECKED, blocks
 
-PUBLIC_MODULES = {"mesh", "mesh.testing", "mesh.testing.fixtures"}
+PUBLIC_MODULES = {"mesh", "mesh.a2a", "mesh.testing", "mesh.testing.fixtures"}
 
 
 def _python_blocks() -> list[tuple[str, str]]:
@@ -26,15 +26,18 @@ def test_docs_import_only_the_public_api(where: str, code: str) -> None:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mesh":
             assert node.module in PUBLIC_MODULES, f"{where}: imports {node.module}"
-            if node.module == "mesh":
+            if node.module in ("mesh", "mesh.a2a"):
+                public = set(importlib.import_module(node.module).__all__)
                 names = {a.name for a in node.names}
-                assert names <= set(mesh.__all__), f"{where}: {names - set(mesh.__all__)}"
+                assert names <= public, f"{where}: {names - public}"
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == "mesh":
                     assert alias.name in PUBLIC_MODULES, f"{where}: imports {alias.name}"
 
 
-def test_every_public_name_resolves() -> None:
-    for name in mesh.__all__:
-        assert getattr(mesh, name) is not None, name
+@pytest.mark.parametrize("module", ["mesh", "mesh.a2a", "mesh.testing"])
+def test_every_public_name_resolves(module: str) -> None:
+    package = importlib.import_module(module)
+    for name in package.__all__:
+        assert getattr(package, name) is not None, f"{module}.{name}"
