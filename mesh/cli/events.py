@@ -113,8 +113,14 @@ async def call(
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
 ) -> None:
     """Send an A2A message to an agent and print the task it returns."""
-    from mesh.a2a.client import A2AClient, call_http, user_message
+    from a2a.client import ClientCallContext, ClientConfig, create_client
+    from a2a.types import SendMessageRequest, SendMessageResponse, Task
+    from a2a.utils.errors import A2AError
+    from google.protobuf.json_format import MessageToDict
+
+    from mesh.a2a.client import AgentClient, agent_error, user_message
     from mesh.bus import Bus
+    from mesh.cards import parse_card
     from mesh.registry import Registry
 
     content = read_body(text)
@@ -124,21 +130,44 @@ async def call(
         message = user_message(text=content)
     async with await Bus.connect(name="mesh-cli") as bus:
         if http:
-            regs = [r for r in await Registry(bus).live() if r.agent == agent]
-            urls = [
-                i["url"]
-                for r in regs
-                for i in r.card.get("supportedInterfaces", [])
-                if i.get("protocolBinding") == "JSONRPC"
+            # Any A2A client would do the same: a2a-sdk's own, from the card the agent serves.
+            serving = [
+                r
+                for r in await Registry(bus).live()
+                if r.agent == agent
+                and any(
+                    i.get("protocolBinding") == "JSONRPC"
+                    for i in r.card.get("supportedInterfaces", [])
+                )
             ]
-            if not urls:
+            if not serving:
                 raise ConfigError(
                     f"no live agent {agent!r} serves HTTP",
                     hint="see `mesh agents` for what is running",
                 )
-            result = await call_http(urls[0], "SendMessage", {"message": message}, timeout=timeout)
+            card = parse_card(serving[0].card, source=f"registry:{serving[0].key}")
+            client = await create_client(card, client_config=ClientConfig(streaming=False))
+            try:
+                request = SendMessageRequest(message=message)
+                events = [
+                    e
+                    async for e in client.send_message(
+                        request, context=ClientCallContext(timeout=timeout)
+                    )
+                ]
+            except A2AError as e:
+                raise agent_error(agent, e, timeout=timeout) from None
+            finally:
+                await client.close()
+            result = MessageToDict(events[-1])
         else:
-            result = await A2AClient(bus).send_message(agent, message, timeout=timeout)
+            sent = await AgentClient(bus).send(agent, message, timeout=timeout)
+            response = (
+                SendMessageResponse(task=sent)
+                if isinstance(sent, Task)
+                else SendMessageResponse(message=sent)
+            )
+            result = MessageToDict(response)
     print(json.dumps(result, indent=2))
 
 

@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import msgspec
+from google.protobuf.json_format import MessageToDict
 from nats.aio.msg import Msg
 
 from coordinator import policy as policy_mod
@@ -30,7 +31,7 @@ from coordinator.dlq import AdvisoryDeadLetters
 from coordinator.policy import Policies
 from coordinator.service import Coordinator
 from mesh import envelope, subjects
-from mesh.a2a.client import A2AClient, task_of, user_message
+from mesh.a2a.client import AgentClient, task_of, user_message
 from mesh.agent import Agent, RunningAgent
 from mesh.bus import Bus
 from mesh.envelope import Event
@@ -208,10 +209,11 @@ class MeshHarness:
 
         `mesh.testing.verdict_of(task)` or `artifact_data(task)` read its answer.
         """
-        result = await A2AClient(self.bus).send_message(
+        result = await AgentClient(self.bus).send(
             agent, user_message(data=data), timeout=timeout or self.timeout
         )
-        return task_of(result)
+        task: dict[str, Any] = MessageToDict(task_of(result))
+        return task
 
     # -- waiting --------------------------------------------------------------------------------
     def _dead_letter_of(self, event_id: str) -> DeadLetter | None:
