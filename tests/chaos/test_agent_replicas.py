@@ -15,18 +15,10 @@ from pathlib import Path
 import pytest
 
 from mesh.bus import Bus
-from tests.chaos.support import (
-    ChaosCluster,
-    Publisher,
-    assert_figures,
-    chaos_policy,
-    make_events,
-    registered_pids,
-    run_chaos,
-    spawn_replica,
-    start_mesh,
-)
-from tests.faults.support import FaultMesh, assert_alive, eventually
+from tests.chaos.support import EVENTS, assert_figures, run_chaos, start_mesh
+from tests.support import samples
+from tests.support.launcher import Cluster, ProcessMesh
+from tests.support.outcomes import Publisher
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
 
@@ -35,40 +27,28 @@ REGISTER_TIMEOUT_S = 60.0
 
 
 async def test_kill_9_every_agent_replica_in_turn(
-    chaos_cluster: ChaosCluster, chaos_bus: Bus, chaos_fault_mesh: FaultMesh, tmp_path: Path
+    chaos_cluster: Cluster, chaos_bus: Bus, chaos_procs: ProcessMesh, tmp_path: Path
 ) -> None:
-    coords, agents = await start_mesh(chaos_fault_mesh, chaos_bus, chaos_policy(tmp_path))
-    running = [*coords, *agents.all()]
-
-    def alive() -> None:
-        assert_alive(*running)()
-
-    events, expected = make_events(f"ar-{time.time_ns()}")
+    running = await start_mesh(chaos_procs, chaos_bus, tmp_path)
+    events, expected = samples.release_events(f"ar-{time.time_ns()}", EVENTS)
     rounds: list[str] = []
 
     async def kill_replicas(publisher: Publisher) -> int:
         kills = 0
         await asyncio.sleep(3.0)
-        for agent, children in agents.by_agent.items():
+        for agent, children in running.agents.items():
             for slot, child in enumerate(list(children)):
                 began = time.monotonic()
                 in_flight = not publisher.finished_at
-                chaos_fault_mesh.kill9(child)
-                running.remove(child)
+                chaos_procs.kill9(child)
                 kills += 1
-                replacement = spawn_replica(chaos_fault_mesh, agent, f"{slot + 1}-r{kills}")
-                children[slot] = replacement
-                running.append(replacement)
-
-                async def registered(pid: int = replacement.proc.pid, name: str = agent) -> bool:
-                    return pid in await registered_pids(chaos_bus, name)
-
-                await eventually(
-                    f"{replacement.name} registered",
-                    registered,
+                children[slot] = replacement = chaos_procs.reviewer(agent, f"{slot + 1}-r{kills}")
+                await chaos_procs.wait_agents(
+                    chaos_bus,
+                    [agent],
+                    pids=[replacement.proc.pid],
                     timeout=REGISTER_TIMEOUT_S,
-                    every=0.2,
-                    alive=alive,
+                    alive=running.alive,
                 )
                 rounds.append(
                     f"kill {kills}: {child.name} pid={child.proc.pid} at +{began - started:.0f}s "
@@ -83,13 +63,10 @@ async def test_kill_9_every_agent_replica_in_turn(
     figures = await run_chaos(
         "agent-replicas",
         chaos_bus,
-        chaos_fault_mesh,
+        chaos_procs,
         events,
         expected,
         faults=kill_replicas,
-        alive=alive,
+        alive=running.alive,
     )
-    print("\n" + "\n".join(rounds))
-    print(figures.details())
-    print(figures.line())
-    assert_figures(figures, chaos_fault_mesh)
+    assert_figures(figures, chaos_procs, rounds)
