@@ -20,8 +20,8 @@ import pytest
 
 from mesh import subjects
 from mesh.bus import Bus
-from tests.chaos.support import NODES, chaos_mesh, chaos_settings
-from tests.support.launcher import Cluster, ProcessMesh
+from tests.chaos.support import NODES, Rig, chaos_procs, chaos_settings
+from tests.support.launcher import Cluster
 
 HERE = Path(__file__).resolve().parent
 _SELECTS_CHAOS = re.compile(r"(?<!not )\bchaos\b")
@@ -72,10 +72,10 @@ async def chaos_bus(chaos_cluster: Cluster) -> AsyncIterator[Bus]:
 
 
 @pytest.fixture
-def chaos_procs(chaos_cluster: Cluster, chaos_bus: Bus, tmp_path: Path) -> Iterator[ProcessMesh]:
-    mesh = chaos_mesh(chaos_cluster, tmp_path)
+def chaos(chaos_cluster: Cluster, chaos_bus: Bus, tmp_path: Path) -> Iterator[Rig]:
+    procs = chaos_procs(chaos_cluster, tmp_path)
     try:
-        yield mesh
+        yield Rig(chaos_cluster, chaos_bus, procs)
     finally:
         chaos_cluster.resume_all()
-        mesh.stop()
+        procs.stop()

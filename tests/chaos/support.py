@@ -26,10 +26,11 @@ from mesh import audit, envelope, subjects
 from mesh.bus import Bus
 from mesh.settings import Settings
 from tests.support import samples
-from tests.support.launcher import Cluster, ProcessMesh, Running
+from tests.support.launcher import Cluster, ProcessMesh, Running, clocks
 from tests.support.outcomes import (
     Outcomes,
     Publisher,
+    Tally,
     ledger_mismatches,
     read_all,
     settled,
@@ -84,28 +85,42 @@ def chaos_settings() -> Settings:
     )
 
 
-def chaos_mesh(cluster: Cluster, tmp_path: Path) -> ProcessMesh:
-    return ProcessMesh(
-        cluster.url,
-        tmp_path,
-        heartbeat_s=HEARTBEAT_S,
-        card_ttl_s=CARD_TTL_S,
-        stream_replicas=NODES,
-    )
+def chaos_procs(cluster: Cluster, tmp_path: Path) -> ProcessMesh:
+    env = {**clocks(HEARTBEAT_S, CARD_TTL_S), "MESH_STREAM_REPLICAS": str(NODES)}
+    return ProcessMesh(cluster.url, tmp_path, env)
 
 
-async def start_mesh(procs: ProcessMesh, bus: Bus, tmp_path: Path) -> Running:
-    """Two coordinators and two replicas of each reviewer (as `mesh up --cluster 3` runs them),
-    with the shipped release policy's clocks stretched to outlast a leader election: a vote
-    lost to a failover is asked again instead of timing out (which would count as a reject)."""
-    policy = procs.policy(
-        {
-            "release.proposed": samples.reviewer_policy(
-                agent_timeout_s=5.0, deadline_s=60.0, retries=3
-            )
-        }
-    )
-    return await procs.up(bus, policy, coordinators=2, replicas=2)
+@dataclass
+class Rig:
+    """What a chaos test works with: the cluster, a bus on it, and the process launcher."""
+
+    cluster: Cluster
+    bus: Bus
+    procs: ProcessMesh
+
+    async def start_mesh(self) -> Running:
+        """Two coordinators and two replicas of each reviewer (as `mesh up --cluster 3` runs
+        them), with the shipped release policy's clocks stretched to outlast a leader election:
+        a vote lost to a failover is asked again instead of timing out (a reject)."""
+        policy = self.procs.policy(
+            {
+                "release.proposed": samples.reviewer_policy(
+                    agent_timeout_s=5.0, deadline_s=60.0, retries=3
+                )
+            }
+        )
+        return await self.procs.up(self.bus, policy, coordinators=2, replicas=2)
+
+    async def check(
+        self, name: str, running: Running, faults: FaultLoop, rounds: list[str]
+    ) -> None:
+        """A whole chaos test: EVENTS releases through `run_chaos` while `faults` runs, then
+        the figures printed and the promises checked (`assert_figures`)."""
+        events, expected = samples.release_events(f"{name}-{time.time_ns()}", EVENTS)
+        figures = await run_chaos(
+            name, self.bus, self.procs, events, expected, faults=faults, alive=running.alive
+        )
+        assert_figures(figures, self.procs, rounds)
 
 
 # -- the cluster's health ---------------------------------------------------------------------
@@ -243,40 +258,39 @@ def leader_rounds(
 class Figures:
     name: str
     events: int
+    tally: Tally = field(default_factory=lambda: Tally([], [], [], [], []))
     faults: int = 0
+    takeovers: int = 0
+    decided: int = 0
+    # publishing
     published: int = 0
     not_published: int = 0
-    decided: int = 0
-    lost: list[str] = field(default_factory=list)
-    doubled: list[str] = field(default_factory=list)
-    dead_only: list[str] = field(default_factory=list)
-    both: list[str] = field(default_factory=list)
-    wrong: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-    dlq_reasons: Counter[str] = field(default_factory=Counter)
-    takeovers: int = 0
-    max_stall: float = 0.0
-    max_latency: float = 0.0
-    unsettled: str = ""
+    not_published_ids: list[str] = field(default_factory=list)
     publish_retried: int = 0
     duplicates: int = 0
     publish_errors: Counter[str] = field(default_factory=Counter)
-    not_published_ids: list[str] = field(default_factory=list)
+    # what was stored
+    mismatched: list[str] = field(default_factory=list)  # ledger ≠ published decision
+    dlq_reasons: Counter[str] = field(default_factory=Counter)
+    unsettled: str = ""
     audit_missing: list[str] = field(default_factory=list)  # decided, no audit record
     audit_missing_dlq: list[str] = field(default_factory=list)  # dead-lettered, no audit record
     audit_chain: str = ""
     audit_ok: bool = True
     wrong_votes: Counter[str] = field(default_factory=Counter)  # what the uncounted votes said
-    extra: dict[str, str] = field(default_factory=dict)
+    # clocks
+    max_stall: float = 0.0
+    max_latency: float = 0.0
     elapsed: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)
 
     def details(self) -> str:
         """A few examples of whatever went wrong, one per line."""
         parts = [
-            ("lost", self.lost),
-            ("doubled", self.doubled),
-            ("decided+dlq", self.both),
-            ("wrong", self.wrong),
+            ("lost", self.tally.lost),
+            ("doubled", self.tally.doubled),
+            ("decided+dlq", self.tally.both),
+            ("wrong", self.tally.wrong),
             ("not published", self.not_published_ids),
             ("decided but not audited", self.audit_missing),
             ("dead-lettered but not audited", self.audit_missing_dlq),
@@ -291,12 +305,12 @@ class Figures:
         extra = "".join(f" {k}={v}" for k, v in self.extra.items())
         return (
             f"CHAOS {self.name}: events={self.events} faults={self.faults} "
-            f"lost={len(self.lost)} doubled={len(self.doubled)} "
+            f"lost={len(self.tally.lost)} doubled={len(self.tally.doubled)} "
             f"max_stall={self.max_stall:.1f}s max_latency={self.max_latency:.1f}s | "
             f"published={self.published} not_published={self.not_published} "
-            f"decided={self.decided} dlq={len(self.dead_only)} "
-            f"dlq_reasons={dict(self.dlq_reasons)} decided+dlq={len(self.both)} "
-            f"wrong={len(self.wrong)} ledger_mismatch={len(self.mismatched)} "
+            f"decided={self.decided} dlq={len(self.tally.dead_only)} "
+            f"dlq_reasons={dict(self.dlq_reasons)} decided+dlq={len(self.tally.both)} "
+            f"wrong={len(self.tally.wrong)} ledger_mismatch={len(self.mismatched)} "
             f"takeovers={self.takeovers} publish_retried={self.publish_retried} "
             f"dup_acks={self.duplicates} publish_errors={dict(self.publish_errors)} "
             f"settled={not self.unsettled} audit_missing={len(self.audit_missing)} "
@@ -354,9 +368,9 @@ async def run_chaos(
     figures.not_published = len(publisher.not_published)
     figures.not_published_ids = sorted(publisher.not_published)
     figures.decided = sum(1 for i in expected if final.decision(i) is not None)
-    figures.lost = [i for i in tally.lost if i not in publisher.not_published]
-    figures.doubled, figures.dead_only = tally.doubled, tally.dead_only
-    figures.both, figures.wrong = tally.both, tally.wrong
+    # Lost: published (acknowledged) and neither decided nor dead-lettered.
+    tally.lost = [i for i in tally.lost if i not in publisher.not_published]
+    figures.tally = tally
     for i, want in expected.items():
         d = final.decision(i)
         if d is not None and d.outcome != want:
@@ -366,7 +380,7 @@ async def run_chaos(
                 if v.outcome != "voted"
             )
     figures.dlq_reasons = Counter(
-        d.reason for i in figures.dead_only for d in final.dead_letters(i)
+        d.reason for i in figures.tally.dead_only for d in final.dead_letters(i)
     )
     figures.takeovers = sum(1 for _, d in final.decisions if d.event_id in expected and d.takeovers)
     figures.mismatched = await ledger_mismatches(bus, final, expected)
@@ -404,7 +418,7 @@ async def _check_audit(
         i for i in expected if final.decision(i) is not None and i not in audited
     )
     dead_audited = {r.ref for _, r in records if r.kind == "dead_letter"}
-    figures.audit_missing_dlq = sorted(i for i in figures.dead_only if i not in dead_audited)
+    figures.audit_missing_dlq = sorted(i for i in figures.tally.dead_only if i not in dead_audited)
     check = audit.verify(records)
     figures.audit_chain = str(check)
     figures.audit_ok = check.ok
@@ -418,12 +432,15 @@ def assert_figures(figures: Figures, mesh: ProcessMesh, rounds: list[str]) -> No
     print(figures.details())
     print(figures.line())
     errors = f"\nerrors the processes logged:\n{mesh.error_summary()}"
-    assert not figures.lost, (
-        f"{len(figures.lost)} published events have no outcome (no decision, no dead letter), "
-        f"e.g. {figures.lost[:5]}{errors}"
+    lost = figures.tally.lost
+    assert not lost, (
+        f"{len(lost)} published events have no outcome (no decision, no dead letter), "
+        f"e.g. {lost[:5]}{errors}"
     )
-    assert not figures.doubled, f"decided more than once: {figures.doubled[:10]}{errors}"
-    assert not figures.both, f"decided and dead-lettered: {figures.both[:10]}{errors}"
+    assert not figures.tally.doubled, (
+        f"decided more than once: {figures.tally.doubled[:10]}{errors}"
+    )
+    assert not figures.tally.both, f"decided and dead-lettered: {figures.tally.both[:10]}{errors}"
     assert not figures.unsettled, f"{figures.unsettled}{errors}"
     assert not figures.mismatched, (
         f"ledger and published decision disagree: {figures.mismatched[:10]}"

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 
-from mesh.bus import Bus
-from tests.chaos.support import EVENTS, assert_figures, run_chaos, start_mesh
-from tests.support import samples
-from tests.support.launcher import Cluster, ProcessMesh
+from tests.chaos.support import Rig
 from tests.support.outcomes import Publisher
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
@@ -26,11 +22,8 @@ EVERY_S = 12.0  # one kill every ~12 s spreads the six over most of the load
 REGISTER_TIMEOUT_S = 60.0
 
 
-async def test_kill_9_every_agent_replica_in_turn(
-    chaos_cluster: Cluster, chaos_bus: Bus, chaos_procs: ProcessMesh, tmp_path: Path
-) -> None:
-    running = await start_mesh(chaos_procs, chaos_bus, tmp_path)
-    events, expected = samples.release_events(f"ar-{time.time_ns()}", EVENTS)
+async def test_kill_9_every_agent_replica_in_turn(chaos: Rig) -> None:
+    running = await chaos.start_mesh()
     rounds: list[str] = []
 
     async def kill_replicas(publisher: Publisher) -> int:
@@ -40,11 +33,11 @@ async def test_kill_9_every_agent_replica_in_turn(
             for slot, child in enumerate(list(children)):
                 began = time.monotonic()
                 in_flight = not publisher.finished_at
-                chaos_procs.kill9(child)
+                chaos.procs.kill9(child)
                 kills += 1
-                children[slot] = replacement = chaos_procs.reviewer(agent, f"{slot + 1}-r{kills}")
-                await chaos_procs.wait_agents(
-                    chaos_bus,
+                children[slot] = replacement = chaos.procs.reviewer(agent, f"{slot + 1}-r{kills}")
+                await chaos.procs.wait_agents(
+                    chaos.bus,
                     [agent],
                     pids=[replacement.proc.pid],
                     timeout=REGISTER_TIMEOUT_S,
@@ -60,13 +53,4 @@ async def test_kill_9_every_agent_replica_in_turn(
         return kills
 
     started = time.monotonic()
-    figures = await run_chaos(
-        "agent-replicas",
-        chaos_bus,
-        chaos_procs,
-        events,
-        expected,
-        faults=kill_replicas,
-        alive=running.alive,
-    )
-    assert_figures(figures, chaos_procs, rounds)
+    await chaos.check("agent-replicas", running, kill_replicas, rounds)

@@ -15,67 +15,47 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 
-from mesh.bus import Bus
-from tests.chaos.support import EVENTS, assert_figures, leader_rounds, run_chaos, start_mesh
-from tests.support import samples
-from tests.support.launcher import Cluster, ProcessMesh
+from tests.chaos.support import Rig, leader_rounds
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
 
 FIRST_AFTER_S = 2.0  # the first fault lands with events in flight
 RESTART_AFTER_S = 3.0
 PAUSE_S = 9.0  # raft heartbeats are 1 s and elections start after 4-9 s of silence
-# One round every EVERY_S at most: (kill, restart) or (pause, resume, BETWEEN_S of quiet).
+# One round every EVERY_S at most: kill and restart, or pause, resume and 3 s of quiet.
 EVERY_S = {"kill": 10.0, "pause": PAUSE_S + 3.0}
 
 
 @pytest.mark.parametrize("fault", ["kill", "pause"])
-async def test_break_the_stream_leader_over_and_over(
-    fault: str,
-    chaos_cluster: Cluster,
-    chaos_bus: Bus,
-    chaos_procs: ProcessMesh,
-    tmp_path: Path,
-) -> None:
-    running = await start_mesh(chaos_procs, chaos_bus, tmp_path)
+async def test_break_the_stream_leader_over_and_over(fault: str, chaos: Rig) -> None:
+    running = await chaos.start_mesh()
 
     async def kill(node: str) -> str:
-        chaos_cluster.kill9(node)
+        chaos.cluster.kill9(node)
         await asyncio.sleep(RESTART_AFTER_S)
-        await chaos_cluster.restart(node)
+        await chaos.cluster.restart(node)
         return "kill"
 
     async def pause(node: str) -> str:
         began = time.monotonic()
-        chaos_cluster.pause(node)
+        chaos.cluster.pause(node)
         try:
             await asyncio.sleep(PAUSE_S)
         finally:
-            chaos_cluster.resume(node)
+            chaos.cluster.resume(node)
         return f"pause ({time.monotonic() - began:.1f}s)"
 
     rounds: list[str] = []
     faults = leader_rounds(
-        chaos_bus,
-        chaos_cluster,
+        chaos.bus,
+        chaos.cluster,
         kill if fault == "kill" else pause,
         rounds,
         first_after_s=FIRST_AFTER_S,
         every_s=EVERY_S[fault],
         alive=running.alive,
     )
-    events, expected = samples.release_events(f"l{fault}-{time.time_ns()}", EVENTS)
-    figures = await run_chaos(
-        f"leader-{fault}",
-        chaos_bus,
-        chaos_procs,
-        events,
-        expected,
-        faults=faults,
-        alive=running.alive,
-    )
-    assert_figures(figures, chaos_procs, rounds)
+    await chaos.check(f"leader-{fault}", running, faults, rounds)

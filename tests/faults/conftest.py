@@ -16,7 +16,7 @@ import pytest
 from mesh.bus import Bus
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
-from tests.support.launcher import CARD_TTL_S, HEARTBEAT_S, ProcessMesh
+from tests.support.launcher import CARD_TTL_S, HEARTBEAT_S, ProcessMesh, clocks
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def settings(card_ttl_s: float) -> Settings:
 def procs(
     nats_server: EmbeddedServer, bus: Bus, tmp_path: Path, card_ttl_s: float
 ) -> Iterator[ProcessMesh]:
-    with ProcessMesh(nats_server.url, tmp_path, card_ttl_s=card_ttl_s) as mesh:
+    with ProcessMesh(nats_server.url, tmp_path, clocks(card_ttl_s=card_ttl_s)) as mesh:
         yield mesh
 
 

@@ -54,24 +54,20 @@ class Running:
         all_alive(*self.all())()
 
 
+def clocks(heartbeat_s: float = HEARTBEAT_S, card_ttl_s: float = CARD_TTL_S) -> dict[str, str]:
+    """The registry's clocks for `ProcessMesh(env=...)` (the short test ones by default)."""
+    return {"MESH_HEARTBEAT_S": str(heartbeat_s), "MESH_CARD_TTL_S": str(card_ttl_s)}
+
+
 class ProcessMesh:
     """A `Topology` of coordinator and agent processes plus what tests do to them."""
 
-    def __init__(
-        self,
-        nats_url: str,
-        work: Path,
-        *,
-        heartbeat_s: float | None = HEARTBEAT_S,
-        card_ttl_s: float | None = CARD_TTL_S,
-        stream_replicas: int | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        """`heartbeat_s`/`card_ttl_s`/`stream_replicas` None: the product's own settings."""
+    def __init__(self, nats_url: str, work: Path, env: dict[str, str] | None = None) -> None:
+        """`env`: settings every child gets (e.g. `clocks()`); the product's defaults else."""
         self.work = work
         self.log_dir = work / "logs"
         self.cards = work / "cards"
-        extra = {
+        base = {
             "MESH_HOME": str(work / ".mesh"),
             "MESH_ALLOW_MODEL_REQUESTS": "0",
             "ANTHROPIC_API_KEY": "",  # the rules answer, never a model
@@ -80,14 +76,7 @@ class ProcessMesh:
                 p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
             ),
         }
-        for key, value in (
-            ("MESH_HEARTBEAT_S", heartbeat_s),
-            ("MESH_CARD_TTL_S", card_ttl_s),
-            ("MESH_STREAM_REPLICAS", stream_replicas),
-        ):
-            if value is not None:
-                extra[key] = str(value)
-        self.topology = Topology(nats_url, self.log_dir, extra_env={**extra, **(env or {})})
+        self.topology = Topology(nats_url, self.log_dir, extra_env={**base, **(env or {})})
         self.paused: dict[int, Child] = {}
         self._ids = itertools.count(1)
 

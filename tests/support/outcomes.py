@@ -265,7 +265,7 @@ async def settled(bus: Bus, timeout: float = 60.0) -> str:
             last = f"no answer ({type(e).__name__})"
             return False
         last = f"{info.num_pending} pending and {info.num_ack_pending} unacknowledged events"
-        return info.num_pending == 0 and info.num_ack_pending == 0
+        return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
     try:
         await eventually(quiet, timeout=timeout, every=0.2)

@@ -14,37 +14,38 @@ import contextlib
 import inspect
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from mesh.dev.launcher import Child
 
 
+@dataclass
 class _Bound:
-    """One wait's deadline and its failure message (shared by the async and sync forms)."""
+    """One wait's bound, what it waits for, and how it fails (shared by both forms)."""
 
-    def __init__(
-        self,
-        what: str,
-        timeout: float,
-        alive: Callable[[], None] | None,
-        detail: Callable[[], Any] | None,
-    ) -> None:
-        self.what = what or "condition"
-        self.timeout = timeout
-        self.deadline = time.monotonic() + timeout
-        self.alive = alive
-        self.detail = detail
+    what: str
+    timeout: float
+    every: float
+    alive: Callable[[], None] | None = None
+    detail: Callable[[], Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.what = self.what or "condition"
+        self.deadline = time.monotonic() + self.timeout
 
     def check_alive(self) -> None:
         if self.alive is not None:
             self.alive()
 
-    def over(self) -> bool:
-        return time.monotonic() >= self.deadline
-
-    def failure(self) -> AssertionError:
-        seen = f"; last seen: {self.detail()}" if self.detail is not None else ""
-        return AssertionError(f"{self.what}: not within {self.timeout:.1f}s{seen}")
+    def pause(self) -> float:
+        """After a look that found nothing: how long to wait before the next one; the failure
+        (what was last seen) once the bound has passed."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            seen = f"; last seen: {self.detail()}" if self.detail is not None else ""
+            raise AssertionError(f"{self.what}: not within {self.timeout:.1f}s{seen}")
+        return min(self.every, left)
 
 
 async def eventually(
@@ -59,7 +60,7 @@ async def eventually(
 ) -> Any:
     """Call `check()` (a plain or async function) until it returns something truthy, and return
     that; an AssertionError naming `what` once `timeout` seconds pass without it."""
-    bound = _Bound(what, timeout, alive, detail)
+    bound = _Bound(what, timeout, every, alive, detail)
     while True:
         bound.check_alive()
         got = check()
@@ -67,9 +68,7 @@ async def eventually(
             got = await got
         if got:
             return got
-        if bound.over():
-            raise bound.failure()
-        pause = max(0.0, min(every, bound.deadline - time.monotonic()))
+        pause = bound.pause()
         if wake is None:
             await asyncio.sleep(pause)
             continue
@@ -78,25 +77,15 @@ async def eventually(
         wake.clear()
 
 
-def wait_for(
-    check: Callable[[], Any],
-    what: str = "",
-    *,
-    timeout: float = 10.0,
-    every: float = 0.1,
-    alive: Callable[[], None] | None = None,
-    detail: Callable[[], Any] | None = None,
-) -> Any:
-    """`eventually` for code that is not async (a sync test driving OS processes)."""
-    bound = _Bound(what, timeout, alive, detail)
+def wait_for(check: Callable[[], Any], what: str = "", **bounds: Any) -> Any:
+    """`eventually` for code that is not async (a sync test driving OS processes); the same
+    keywords but `wake`: timeout (default 10 s), every (0.1 s), alive, detail."""
+    bound = _Bound(what, **{"timeout": 10.0, "every": 0.1, **bounds})
     while True:
         bound.check_alive()
-        got = check()
-        if got:
+        if got := check():
             return got
-        if bound.over():
-            raise bound.failure()
-        time.sleep(max(0.0, min(every, bound.deadline - time.monotonic())))
+        time.sleep(bound.pause())
 
 
 def all_alive(*children: Child) -> Callable[[], None]:
