@@ -74,8 +74,8 @@ class Outcomes:
 
     # -- reading ----------------------------------------------------------------------------------
     async def refresh(self) -> bool:
-        """One pass over both streams (bounded by `pass_timeout`); never raises: a failed pass
-        is counted in `errors` and the next one resumes. Returns `complete`."""
+        """One pass over both streams (bounded by `pass_timeout`). A pass that fails does not
+        raise: it is counted in `errors` and the next one resumes. Returns `complete`."""
         async with self._lock:  # the background watcher and a waiter may both refresh
             try:
                 await asyncio.wait_for(self._pass(), self.pass_timeout)
