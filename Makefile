@@ -42,9 +42,14 @@ e2e: $(STAMP)
 clean:
 	rm -rf $(VENV) .mesh .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: bench
+.PHONY: bench bench-smoke
+# The full benchmark (~20 min on 2 cores): prints its tables, writes bench/results/latest.*.
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Every benchmark for seconds (make test runs it too: tests/bench/test_smoke.py).
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench --smoke --out .mesh/bench-smoke
 
 .PHONY: chaos
 chaos: $(STAMP)

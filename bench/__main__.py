@@ -1,9 +1,11 @@
-"""`python -m bench [transport|decisions|resources ...] [--quick] [--profile] [--events N]`.
+"""`python -m bench [transport|decisions|resources ...] [--quick|--smoke] [--profile] [--out DIR]`.
 
 Runs the chosen benchmarks (all by default), prints their tables, the issue's targets with
-met/missed, and writes `bench/results/latest.json` and `latest.md` (a `--quick` smoke run
-writes `quick.json`/`quick.md` instead, so it never replaces the figures of a full run).
-A run of only some benchmarks keeps the other benchmarks' figures from the previous file.
+met/missed, and writes `latest.json` and `latest.md` to `--out` (default bench/results). A
+`--quick` run (minutes, small N) writes `quick.*` instead and a `--smoke` run (seconds, tiny N,
+the profile step included: it only proves every benchmark still runs) writes `smoke.*`, so
+neither replaces the figures of a full run. A run of only some benchmarks keeps the other
+benchmarks' figures from the previous file in the same folder.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, fmt, loadavg, machine_info, md_table
@@ -77,9 +80,10 @@ def _load(path: Any) -> dict[str, Any]:
 
 async def _main(args: argparse.Namespace) -> int:
     chosen = args.benchmarks or list(ALL)
-    stem = "quick" if args.quick else "latest"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    previous = _load(RESULTS / f"{stem}.json")
+    size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    stem = "latest" if size == "full" else size
+    out_dir: Path = args.out
+    previous = _load(out_dir / f"{stem}.json")
     results: dict[str, Any] = dict(previous.get("results", {}))
     sections: dict[str, str] = dict(previous.get("sections", {}))
     profiles: dict[str, Any] = dict(previous.get("profiles", {}))
@@ -95,22 +99,27 @@ async def _main(args: argparse.Namespace) -> int:
         runs[name] = {
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "loadavg_at_start": loadavg(),
-            "quick": args.quick,
+            "size": size,
         }
         if name == "transport":
             from bench import transport
 
-            out = await transport.run(transport.Opts.make(args.quick, args.profile))
+            out = await transport.run(transport.Opts.make(size, profile=args.profile))
         elif name == "decisions":
             from bench import decisions
 
-            out = await decisions.run(decisions.Opts.make(args.quick, args.profile, args.real))
+            opts = decisions.Opts.make(size, profile=args.profile, real=args.real)
+            out = await decisions.run(opts)
         else:
             from bench import resources
 
-            out = await resources.run(
-                resources.Opts.make(args.quick, args.events, args.max_seconds, results)
-            )
+            # The load runs at half the rate decisions sustained, if it ran (else it calibrates).
+            chosen_opts = {"rate_hint": results.get("decisions_per_s_3_voters")}
+            if args.events is not None:
+                chosen_opts["events"] = args.events
+            if args.max_seconds is not None:
+                chosen_opts["max_seconds"] = args.max_seconds
+            out = await resources.run(resources.Opts.make(size, **chosen_opts))
         results.update(out["results"])
         heading, _, body = out["markdown"].partition("\n\n")
         when = f"_Run {runs[name]['started']}, load average {runs[name]['loadavg_at_start']}._"
@@ -119,7 +128,7 @@ async def _main(args: argparse.Namespace) -> int:
     now = datetime.now(UTC).isoformat(timespec="seconds")
     targets = targets_table(results)
     header = (
-        f"# Benchmark results ({'quick smoke run' if args.quick else 'full run'})\n\n"
+        f"# Benchmark results ({size} run)\n\n"
         f"{now}; {machine['cpu_count']} x {machine['cpu_model']}; Python {machine['python']}; "
         f"{machine['nats_server']}. A shared, loaded machine: compare ratios within a "
         "benchmark's run, not absolute figures across runs; each section says when it ran."
@@ -129,7 +138,7 @@ async def _main(args: argparse.Namespace) -> int:
         **{k: results.get(k) for k in REQUIRED},
         "machine": machine,
         "timestamp": now,
-        "quick": args.quick,
+        "size": size,
         "benchmarks_run": chosen,
         "duration_s": round(time.monotonic() - started, 1),
         "results": results,
@@ -137,10 +146,10 @@ async def _main(args: argparse.Namespace) -> int:
         "sections": sections,
         "profiles": profiles,
     }
-    (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    (RESULTS / f"{stem}.md").write_text(md)
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / f"{stem}.md").write_text(md)
     print("\n" + targets, flush=True)
-    print(f"\nwrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.md')}", flush=True)
+    print(f"\nwrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}", flush=True)
     return 0
 
 
@@ -149,9 +158,23 @@ def main() -> None:
     parser.add_argument(
         "benchmarks", nargs="*", metavar="BENCH", help=f"any of {', '.join(ALL)} (default: all)"
     )
-    parser.add_argument("--quick", action="store_true", help="small N: a fast smoke run")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small N: minutes instead of ~20")
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny N, seconds: check that every benchmark still runs (implies --profile; "
+        "its figures mean nothing)",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="sample agent/coordinator with py-spy under load"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        metavar="DIR",
+        help=f"where the JSON and Markdown results go (default {RESULTS})",
     )
     parser.add_argument(
         "--real",
@@ -169,13 +192,15 @@ def main() -> None:
     parser.add_argument(
         "--max-seconds",
         type=float,
-        default=300.0,
-        help="time bound of the resources run's load phase (default 300)",
+        default=None,
+        help="time bound of the resources run's load phase (default 300; quick 60; smoke 5)",
     )
     args = parser.parse_args()
     for b in args.benchmarks:
         if b not in ALL:
             parser.error(f"unknown benchmark {b!r}; choose from {', '.join(ALL)}")
+    args.profile = args.profile or args.smoke  # the profile step must not rot either
+    args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
     raise SystemExit(asyncio.run(_main(args)))
 

@@ -1,29 +1,42 @@
-"""Shared helpers for the benchmarks: processes, /proc readings, percentiles, tables, results.
+"""Shared helpers for the benchmarks: /proc readings, percentiles, tables, the machine.
 
-Everything here is bounded: every wait has a deadline, every process we start is stopped by pid.
+Processes, waits and payloads come from `tests.support` (the same launcher and samples the
+fault and chaos suites use): every wait there has a deadline, every process is stopped by pid.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import math
 import os
 import platform
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
-REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-SAMPLES = REPO / "agents" / "samples"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- run sizes -------------------------------------------------------------------------------
+@dataclass
+class Sized:
+    """A benchmark's options at a run size: `full` (the defaults), `quick` (minutes) or `smoke`
+    (seconds: does it still run?). A subclass lists what differs per size in SIZES."""
+
+    SIZES: ClassVar[dict[str, dict[str, Any]]] = {}
+    size: str = "full"
+
+    @classmethod
+    def make(cls, size: str, **chosen: Any) -> Self:
+        """`chosen` (from the command line) wins over the size's presets."""
+        return cls(size=size, **{**cls.SIZES.get(size, {}), **chosen})
+
+    @property
+    def short(self) -> bool:
+        return self.size != "full"
 
 
 # -- /proc ------------------------------------------------------------------------------------
@@ -64,107 +77,6 @@ class Proc:
 
 def cpu_of(procs: Iterable[Proc]) -> float:
     return sum(p.cpu_s() for p in procs)
-
-
-# -- child processes --------------------------------------------------------------------------
-def child_env(nats_url: str, **extra: str) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "MESH_NATS_URL": nats_url,
-        "MESH_LOG_FORMAT": "json",
-        "PYTHONUNBUFFERED": "1",
-        "ANTHROPIC_API_KEY": "",  # the rules answer, never a model
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
-        ),
-    }
-    env.update(extra)
-    return env
-
-
-def spawn(module: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """`python -m module` as its own OS process (own session), output to `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", module],
-            env=env,
-            cwd=str(REPO),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM this one process (by pid), then SIGKILL if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-async def wait_json_file(
-    path: Path, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0
-) -> dict[str, Any]:
-    """A ready file a child writes once it serves; the child dying or the deadline is an error."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{log_path.stem} exited with {proc.returncode}:\n{tail(log_path)}")
-        data = read_json(path)
-        if data is not None:
-            return data
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"{log_path.stem} not ready within {timeout:.0f}s (log: {log_path})")
-
-
-def tail(path: Path, chars: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in `path`; None if it is missing or half written."""
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data
-
-
-def write_json(path: Path, doc: Any) -> None:
-    """Atomically (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    tmp.replace(path)
-
-
-def write_card(folder: Path, name: str, skill: str) -> Path:
-    card = {
-        "name": name,
-        "description": f"benchmark agent {name}",
-        "version": "1.0.0",
-        "capabilities": {"streaming": False},
-        "defaultInputModes": ["application/json"],
-        "defaultOutputModes": ["application/json"],
-        "skills": [{"id": skill, "name": skill, "description": "benchmark", "tags": ["bench"]}],
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(card))
-    return path
-
-
-def sample(name: str = "clean") -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((SAMPLES / f"release_{name}.json").read_text())
-    return data
 
 
 # -- statistics and tables --------------------------------------------------------------------

@@ -22,18 +22,36 @@ import asyncio
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from bench import profile
-from bench.common import banner, fmt, md_table, note, num, sample
+from bench.common import Sized, banner, fmt, md_table, note, num
 from bench.harness import BenchMesh, Step
+from tests.support.samples import sample
 
 GROUPS = ("coordinator", "voters", "nats-server", "bench (publisher)")
 
 
 @dataclass
-class Opts:
-    quick: bool = False
+class Opts(Sized):
+    SIZES: ClassVar[dict[str, dict[str, Any]]] = {
+        "quick": {
+            "rates": [25, 50, 100, 200, 400],
+            "voter_counts": [1, 3, 5],
+            "step_s": 2.0,
+            "drain_s": 6.0,
+            "refine": 1,
+        },
+        "smoke": {
+            "rates": [20, 40],
+            "voter_counts": [1, 3],
+            "step_s": 1.0,
+            "drain_s": 3.0,
+            "refine": 0,
+            "window": 4,
+            "settle_s": 5.0,
+        },
+    }
     profile: bool = False
     real: bool = True
     rates: list[int] = field(default_factory=lambda: [50, 100, 200, 400, 800, 1600])
@@ -42,12 +60,7 @@ class Opts:
     voter_counts: list[int] = field(default_factory=lambda: [1, 3, 5, 9, 16])
     refine: int = 2  # bisection steps between the last sustained rate and the first not
     window: int = 16  # events in flight in the closed-loop runs
-
-    @classmethod
-    def make(cls, quick: bool, profile: bool, real: bool) -> Opts:
-        if quick:
-            return cls(quick, profile, real, [25, 50, 100, 200, 400], 2.0, 6.0, [1, 3, 5], 1)
-        return cls(quick, profile, real)
+    settle_s: float = 60.0  # bound of the wait for idle processes between steps
 
 
 def _step_row(s: Step) -> tuple[Any, ...]:
@@ -100,7 +113,7 @@ async def run(opts: Opts) -> dict[str, Any]:
     banner("decisions end to end: coordinator + voters as OS processes")
     work = Path(tempfile.mkdtemp(prefix="mesh-bench-decisions-"))
     note(f"work dir and child logs: {work}")
-    mesh = BenchMesh(work, voter_counts=opts.voter_counts)
+    mesh = BenchMesh(work, voter_counts=opts.voter_counts, settle_s=opts.settle_s)
     try:
         await mesh.start()
         return await _run(opts, mesh, sample("clean"))
@@ -182,9 +195,7 @@ async def _run(opts: Opts, mesh: BenchMesh, data: Any) -> dict[str, Any]:
     await mesh.offer("warm-up", "bench.v3", data, rate=opts.rates[0], seconds=1.0, drain_s=5)
 
     sweep = await _sweep(opts, mesh, data)
-    sustained = [s.offered for s in sweep if s.sustainable]
-    max_sustained = max(sustained, default=0.0)
-    saturated = any(not s.sustainable for s in sweep)
+    max_sustained = _max_sustained(sweep)
     closed3 = await mesh.closed_loop(
         f"closed loop, {opts.window} in flight",
         "bench.v3",
@@ -228,18 +239,7 @@ async def _run(opts: Opts, mesh: BenchMesh, data: Any) -> dict[str, Any]:
             opts, mesh, data, "real reviewers", event_type="bench.real", voters=3, rate=None
         )
 
-    return _report(
-        opts,
-        sweep=[*sweep, closed3],
-        half=half,
-        voters=voters,
-        real=real,
-        max_sustained=max_sustained,
-        closed3=closed3,
-        saturated=saturated,
-        profiles_md=profiles_md,
-        profiles=profiles,
-    )
+    return _report(opts, Steps(sweep, closed3, half, voters, real), (profiles_md, profiles))
 
 
 async def _profile(
@@ -248,7 +248,7 @@ async def _profile(
     if profile.py_spy() is None:
         note("py-spy not installed: no profile (pip install py-spy into .venv to get one)")
         return "", {}
-    seconds = 3.0 if opts.quick else 8.0
+    seconds = 3.0 if opts.short else 8.0
     coord_path = mesh.work / f"profile-coordinator{tag}.txt"
     voter_path = mesh.work / f"profile-voter{tag}.txt"
     voter = mesh.voter_procs()[0]
@@ -292,19 +292,34 @@ async def _profile(
     return "\n\n".join(parts), {"decisions": out}
 
 
-def _report(
-    opts: Opts,
-    *,
-    sweep: list[Step],
-    half: Step,
-    voters: list[Step],
-    real: list[Step],
-    max_sustained: float,
-    closed3: Step,
-    saturated: bool,
-    profiles_md: str,
-    profiles: dict[str, Any],
-) -> dict[str, Any]:
+def _max_sustained(steps: list[Step]) -> float:
+    """The highest offered rate among the steps that were sustained (0 if none was)."""
+    return max((s.offered for s in steps if s.sustainable), default=0.0)
+
+
+@dataclass
+class Steps:
+    """Every step a run made, by phase (see the module docstring)."""
+
+    sweep: list[Step]  # the open-loop sweep, 3 voters
+    closed3: Step  # closed loop, 3 voters
+    half: Step  # half the sustained rate
+    voters: list[Step]  # closed loop then fixed load, per number of voters
+    real: list[Step]  # the real reviewers (empty with --no-real)
+
+    @property
+    def max_sustained(self) -> float:
+        return _max_sustained(self.sweep)
+
+    @property
+    def saturated(self) -> bool:
+        return any(not s.sustainable for s in self.sweep)
+
+
+def _report(opts: Opts, steps: Steps, profiled: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    sweep, half, voters, real = [*steps.sweep, steps.closed3], steps.half, steps.voters, steps.real
+    max_sustained, closed3, saturated = steps.max_sustained, steps.closed3, steps.saturated
+    profiles_md, profiles = profiled
     sections = [
         "## Decisions end to end",
         f"Coordinator + voters as OS processes, one nats-server; event payload "

@@ -1,19 +1,19 @@
-"""A whole mesh for the decision benchmarks: nats-server, a coordinator and voters as OS processes,
-an open-loop event publisher, and a listener that matches every decision to its event.
+"""A whole mesh for the decision benchmarks: nats-server, a coordinator and voters as OS processes
+(`tests.support.launcher.ProcessMesh`), an open-loop event publisher, and a listener that
+matches every decision to its event.
 
-Voters are `bench.agent` processes named `bench-voter-<i>` with skill `bench-vote-<i>`; event type
-`bench.v<k>` is decided by voters 1..k (rule majority, agent_timeout_s 5, deadline_s 10). Event
-type `bench.real` is decided by the three real reviewer agents (`agents.*_review`).
+Voters are the test voting agent (`tests.support.voter`) named `bench-voter-<i>` with skill
+`bench-vote-<i>`; event type `bench.v<k>` is decided by voters 1..k (rule majority,
+agent_timeout_s 5, deadline_s 10). Event type `bench.real` is decided by the three real reviewer
+agents (`agents.*_review`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import secrets
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,20 +23,18 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from bench.common import REPO, Proc, child_env, note, pct, spawn, stop, tail, write_card
+from bench.common import Proc, note, pct
 from mesh import envelope, subjects
 from mesh.bus import Bus
+from mesh.dev.launcher import Child
 from mesh.records import decision_decoder
-from mesh.registry import Registry
 from mesh.server import EmbeddedServer
+from tests.support import samples
+from tests.support.launcher import ProcessMesh
+from tests.support.waits import all_alive
 
 VOTER_COUNTS_MAX = 16
-REAL_REVIEWERS = {
-    "security-review": "agents.security_review",
-    "compliance-review": "agents.compliance_review",
-    "quality-review": "agents.quality_review",
-}
-REAL_SKILLS = ["release-security-review", "release-compliance-review", "release-quality-review"]
+LEAN = "security-review-lean"  # security-review without the anthropic import (bench/agent_lean.py)
 
 
 def voter_name(i: int) -> str:
@@ -47,28 +45,23 @@ def voter_skill(i: int) -> str:
     return f"bench-vote-{i}"
 
 
-def policy_toml(counts: list[int]) -> str:
-    lines = ["ignore = []", ""]
+def policies(counts: list[int]) -> dict[str, dict[str, Any]]:
+    """`bench.v<k>` for each k in `counts` (voters 1..k), and `bench.real` (the reviewers)."""
 
-    def block(event_type: str, skills: list[str]) -> None:
-        lines.extend(
-            [
-                f'["{event_type}"]',
-                "skills = [" + ", ".join(json.dumps(s) for s in skills) + "]",
-                'rule = { kind = "majority" }',
-                "agent_timeout_s = 5.0",
-                "deadline_s = 10.0",
-                "retries = 1",
-                'timeout_counts_as = "reject"',
-                f'decision_type = "{event_type}.decided"',
-                "",
-            ]
+    def majority(event_type: str, skills: list[str]) -> dict[str, Any]:
+        return samples.policy(
+            skills,
+            rule={"kind": "majority"},
+            agent_timeout_s=5.0,
+            deadline_s=10.0,
+            decision_type=f"{event_type}.decided",
         )
 
+    out = {}
     for k in counts:
-        block(f"bench.v{k}", [voter_skill(i) for i in range(1, k + 1)])
-    block("bench.real", REAL_SKILLS)
-    return "\n".join(lines)
+        out[f"bench.v{k}"] = majority(f"bench.v{k}", [voter_skill(i) for i in range(1, k + 1)])
+    out["bench.real"] = majority("bench.real", samples.REVIEWER_SKILLS)
+    return out
 
 
 @dataclass
@@ -123,22 +116,20 @@ class Step:
 class BenchMesh:
     """Owns every process it starts; `close()` stops them (by pid) and the server."""
 
-    def __init__(self, work: Path, *, voter_counts: list[int]) -> None:
+    def __init__(self, work: Path, *, voter_counts: list[int], settle_s: float = 60.0) -> None:
         self.work = work
-        self.logs = work / "logs"
-        self.cards = work / "cards"
         self.voter_counts = voter_counts
+        self.settle_s = settle_s  # the bound of `settle` (a smoke run keeps it short)
         self.server: EmbeddedServer | None = None
         self.bus: Bus | None = None
-        self.coordinator: subprocess.Popen[bytes] | None = None
-        self.voters: dict[int, subprocess.Popen[bytes]] = {}
-        self.reviewers: dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: ProcessMesh | None = None
+        self.coordinator: Child | None = None
+        self.voters: dict[int, Child] = {}
+        self.reviewers: dict[str, Child] = {}
         self.recv: dict[str, tuple[float, str, float]] = {}  # event id → (t, outcome, latency)
         self._waiters: dict[str, asyncio.Future[float]] = {}
         self.run_id = secrets.token_hex(3)
         self._seq = 0
-        self.policy_file = work / "policies.toml"
-        self._coordinator_log = "coordinator"
 
     # -- life -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -146,34 +137,14 @@ class BenchMesh:
         self.bus = await Bus.connect(self.server.url, name="bench-decisions")
         await self.bus.ensure()
         await self.bus.nc.subscribe(f"{subjects.DECISIONS_ROOT}.>", cb=self._on_decision)
-        for i in range(1, VOTER_COUNTS_MAX + 1):
-            write_card(self.cards, voter_name(i), voter_skill(i))
-        self.policy_file.write_text(policy_toml(self.voter_counts))
-        env = child_env(
-            self.server.url,
-            MESH_POLICY_FILE=str(self.policy_file),
-            MESH_CARDS_DIR=str(self.cards),
-        )
-        self.coordinator = spawn("coordinator", env, self.logs / "coordinator.log")
-
-    async def restart_coordinator(self, module: str = "coordinator") -> None:
-        """Replace the coordinator process (e.g. with a patched module, for a what-if)."""
-        assert self.server is not None and self.coordinator is not None
-        stop(self.coordinator)
-        env = child_env(
-            self.server.url,
-            MESH_POLICY_FILE=str(self.policy_file),
-            MESH_CARDS_DIR=str(self.cards),
-        )
-        name = module.rsplit(".", 1)[-1]
-        self.coordinator = spawn(module, env, self.logs / f"{name}.log")
-        self._coordinator_log = name
+        # The product's own clocks: nothing here waits on liveness.
+        self.procs = ProcessMesh(self.server.url, self.work)
+        policy = self.procs.policy(policies(self.voter_counts))
+        self.coordinator = self.procs.coordinator(policy, name="coordinator")
 
     async def close(self) -> None:
-        for proc in [*self.voters.values(), *self.reviewers.values()]:
-            stop(proc)
-        if self.coordinator is not None:
-            stop(self.coordinator)
+        if self.procs is not None:
+            self.procs.stop()
         if self.bus is not None:
             with contextlib.suppress(Exception):
                 await self.bus.close()
@@ -188,11 +159,11 @@ class BenchMesh:
     @property
     def coord(self) -> Proc:
         assert self.coordinator is not None
-        return Proc(self.coordinator.pid, "coordinator")
+        return Proc(self.coordinator.proc.pid, "coordinator")
 
     def voter_procs(self) -> list[Proc]:
-        return [Proc(p.pid, voter_name(i)) for i, p in self.voters.items()] + [
-            Proc(p.pid, name) for name, p in self.reviewers.items()
+        return [Proc(c.proc.pid, voter_name(i)) for i, c in self.voters.items()] + [
+            Proc(c.proc.pid, name) for name, c in self.reviewers.items()
         ]
 
     def cpu_snapshot(self) -> dict[str, float]:
@@ -203,73 +174,48 @@ class BenchMesh:
             "bench (publisher)": time.process_time(),
         }
 
+    def _alive(self) -> None:
+        assert self.coordinator is not None
+        all_alive(self.coordinator, *self.voters.values(), *self.reviewers.values())()
+
+    async def _wait_registered(self, names: list[str], children: list[Child]) -> None:
+        assert self.procs is not None and self.bus is not None
+        pids = [c.proc.pid for c in children]
+        await self.procs.wait_agents(self.bus, names, pids=pids, timeout=90, alive=self._alive)
+
     # -- voters ---------------------------------------------------------------------------------
     async def ensure_voters(self, k: int) -> None:
         """Voters 1..k running and registered (others stay as they are)."""
-        assert self.server is not None
+        assert self.procs is not None
         for i in range(1, k + 1):
             if i not in self.voters:
-                env = child_env(
-                    self.server.url,
-                    MESH_CARDS_DIR=str(self.cards),
-                    BENCH_AGENT_NAME=voter_name(i),
-                )
-                self.voters[i] = spawn("bench.agent", env, self.logs / f"{voter_name(i)}.log")
-        await self._wait_registered([voter_name(i) for i in range(1, k + 1)])
+                self.voters[i] = self.procs.voter(voter_name(i), voter_skill(i))
+        wanted = range(1, k + 1)
+        names = [voter_name(i) for i in wanted]
+        await self._wait_registered(names, [self.voters[i] for i in wanted])
 
     def stop_voters(self) -> None:
-        for proc in self.voters.values():
-            stop(proc)
+        assert self.procs is not None
+        for child in self.voters.values():
+            self.procs.stop_child(child)
         self.voters.clear()
 
     async def start_reviewers(self, *, lean: bool = False) -> None:
         """The three real reviewers; `lean` adds an idle `bench.agent_lean` (security-review
         without the anthropic import) for the memory what-if."""
-        assert self.server is not None
-        modules = dict(REAL_REVIEWERS)
-        if lean:
-            modules["security-review-lean"] = "bench.agent_lean"
-        for name, module in modules.items():
-            env = child_env(self.server.url, MESH_CARDS_DIR=str(REPO / "cards"))
-            self.reviewers[name] = spawn(module, env, self.logs / f"{name}.log")
-        await self._wait_registered(list(REAL_REVIEWERS))
-        if lean:  # a second instance of security-review: wait until both are registered
-            assert self.bus is not None
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                self._check_alive()
-                live = [r for r in await Registry(self.bus).live() if r.agent == "security-review"]
-                if len(live) >= 2:
-                    break
-                await asyncio.sleep(0.2)
-
-    async def _wait_registered(self, names: list[str], timeout: float = 90.0) -> None:
-        assert self.bus is not None
-        registry = Registry(self.bus)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive()
-            live = {r.agent for r in await registry.live()}
-            if all(n in live for n in names):
-                return
-            await asyncio.sleep(0.2)
-        raise RuntimeError(f"agents {names} not all registered within {timeout:.0f}s")
-
-    def _check_alive(self) -> None:
-        named = [(self._coordinator_log, self.coordinator)]
-        named += [(voter_name(i), p) for i, p in self.voters.items()]
-        named += list(self.reviewers.items())
-        for name, proc in named:
-            if proc is not None and proc.poll() is not None:
-                log = tail(self.logs / f"{name}.log")
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log}")
+        assert self.procs is not None
+        for name in samples.REVIEWERS:
+            self.reviewers[name] = self.procs.reviewer(name, "bench")
+        if lean:  # a second instance of security-review
+            self.reviewers[LEAN] = self.procs.spawn(LEAN, "bench.agent_lean")
+        await self._wait_registered(list(samples.REVIEWERS), list(self.reviewers.values()))
 
     async def ready(self, event_type: str, data: Any, timeout: float = 60.0) -> None:
         """One event decided end to end (the coordinator sees the voters and is consuming)."""
         deadline = time.monotonic() + timeout
         loop = asyncio.get_running_loop()
         while time.monotonic() < deadline:
-            self._check_alive()
+            self._alive()
             eid = self._next_id("probe")
             waiter: asyncio.Future[float] = loop.create_future()
             self._waiters[eid] = waiter
@@ -405,10 +351,11 @@ class BenchMesh:
             elif time.monotonic() - quiet_since > 2.0:
                 return
 
-    async def settle(self, timeout: float = 60.0, idle_share: float = 0.05) -> float:
+    async def settle(self, timeout: float | None = None, idle_share: float = 0.05) -> float:
         """Wait until the coordinator and voters are idle (< `idle_share` of a core each over
         0.5 s): a step that left work behind (audit retries, in-flight events) must not bill
         the next one. Returns the seconds waited (bounded by `timeout`)."""
+        timeout = self.settle_s if timeout is None else timeout
         start = time.monotonic()
         procs = [self.coord, *self.voter_procs()]
         before = [p.cpu_s() for p in procs]

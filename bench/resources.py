@@ -19,30 +19,27 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from bench.common import Proc, banner, fmt, md_table, note, num, sample
-from bench.harness import BenchMesh, voter_name
+from bench.common import Proc, Sized, banner, fmt, md_table, note, num
+from bench.harness import BenchMesh
+from tests.support.samples import sample
 
 TARGET_EVENTS = 100_000
 AGENT_BOUND_MB = 80.0  # the idle-agent target, also applied after the run
 
 
 @dataclass
-class Opts:
-    quick: bool = False
+class Opts(Sized):
+    SIZES: ClassVar[dict[str, dict[str, Any]]] = {
+        "quick": {"events": 500, "max_seconds": 60.0},
+        "smoke": {"events": 30, "max_seconds": 5.0, "idle_s": 0.5, "settle_s": 5},
+    }
     events: int | None = None
     max_seconds: float = 300.0
     rate_hint: float | None = None  # decisions/s measured by the decisions benchmark, if it ran
-
-    @classmethod
-    def make(
-        cls, quick: bool, events: int | None, max_seconds: float, results: dict[str, Any]
-    ) -> Opts:
-        hint = results.get("decisions_per_s_3_voters")
-        if quick:
-            return cls(True, events or 500, min(max_seconds, 60.0), hint)
-        return cls(False, events, max_seconds, hint)
+    idle_s: float = 3.0  # how long the processes sit idle before their RSS is read
+    settle_s: float = 60.0  # bound of the wait for idle processes
 
 
 @dataclass
@@ -55,10 +52,7 @@ class Sample:
 
 def _procs(mesh: BenchMesh) -> dict[str, Proc]:
     procs = {"coordinator": mesh.coord, "nats-server": mesh.nats}
-    for i, p in mesh.voters.items():
-        procs[voter_name(i)] = Proc(p.pid, voter_name(i))
-    for name, p in mesh.reviewers.items():
-        procs[name] = Proc(p.pid, name)
+    procs.update({p.name: p for p in mesh.voter_procs()})
     return procs
 
 
@@ -75,7 +69,7 @@ async def run(opts: Opts) -> dict[str, Any]:
     banner("resources: idle RSS, CPU per decision, RSS after N events")
     work = Path(tempfile.mkdtemp(prefix="mesh-bench-resources-"))
     note(f"work dir and child logs: {work}")
-    mesh = BenchMesh(work, voter_counts=[3])
+    mesh = BenchMesh(work, voter_counts=[3], settle_s=opts.settle_s)
     try:
         await mesh.start()
         return await _run(opts, mesh)
@@ -90,7 +84,7 @@ async def _run(opts: Opts, mesh: BenchMesh) -> dict[str, Any]:
     procs = _procs(mesh)
     # Idle: up, registered, heartbeating, nothing asked of them yet.
     await mesh.settle()
-    await asyncio.sleep(3.0)
+    await asyncio.sleep(opts.idle_s)
     idle = _sample(0, procs)
     note(
         "idle RSS: "
@@ -105,7 +99,7 @@ async def _run(opts: Opts, mesh: BenchMesh) -> dict[str, Any]:
     if not rate:
         note("calibrating: closed loop, 4 in flight")
         cal = await mesh.closed_loop(
-            "calibration", "bench.v3", data, window=4, seconds=3.0 if opts.quick else 5.0
+            "calibration", "bench.v3", data, window=4, seconds=1.0 if opts.short else 5.0
         )
         rate = cal.offered
     rate = max(1.0, rate / 2)
@@ -143,7 +137,7 @@ async def _run(opts: Opts, mesh: BenchMesh) -> dict[str, Any]:
         watch.cancel()
     end = _sample(load.decided, procs)
     await mesh.settle()
-    await asyncio.sleep(3.0)
+    await asyncio.sleep(opts.idle_s)
     after = _sample(load.decided, procs)
     return _report(
         opts,

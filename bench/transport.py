@@ -1,14 +1,13 @@
 """Transport floor: one ~1 KiB A2A SendMessage to a trivial agent, three ways, in one run.
 
 (a) raw nats-py request/reply to a responder process that answers canned bytes (the floor);
-(b) A2A over NATS: `A2AClient.send_message` to `bench.agent` (`Agent.serve`, its own process);
+(b) A2A over NATS: `A2AClient.send_message` to the test voting agent (`tests.support.voter`:
+    `Agent.main`, as shipped, its own process), which answers at once;
 (c) A2A over HTTP: the same agent process's uvicorn endpoint, httpx keep-alive client,
-    header `A2A-Version: 1.0`.
+    header `A2A-Version: 1.0` (and a minimal client, to show what httpx itself costs).
 
-Three agent processes: `bench-echo` exactly as shipped (JetStream KV task store);
-`bench-echo-fix`, the same plus TCP_NODELAY on its HTTP socket (see `bench/agent.py`: as shipped,
-every HTTP response waits ~40 ms for a delayed ACK); `bench-echo-mem`, `MESH_TASK_STORE=memory`
-plus the same HTTP fix — what the A2A stack costs without the KV writes.
+Two agent processes: `bench-echo` exactly as shipped (JetStream KV task store), and
+`bench-echo-mem` with `MESH_TASK_STORE=memory` — what the A2A stack costs without the KV writes.
 
 Latency at concurrency 1 and throughput at concurrency 32 are measured in interleaved rounds
 (every transport gets a slice of each round), so a neighbour's burst of load hits all of them
@@ -25,41 +24,34 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
 from bench import profile
-from bench.common import (
-    Proc,
-    banner,
-    child_env,
-    fmt,
-    md_table,
-    note,
-    num,
-    pct,
-    spawn,
-    stop,
-    wait_json_file,
-    write_card,
-)
+from bench.common import Proc, Sized, banner, fmt, md_table, note, num, pct
 from mesh import subjects
 from mesh.a2a import jsonrpc
 from mesh.a2a.client import A2AClient, user_message
 from mesh.bus import Bus
+from mesh.dev.launcher import Child
+from mesh.registry import Registry
 from mesh.server import EmbeddedServer
+from tests.support.launcher import ProcessMesh
+from tests.support.waits import all_alive, eventually
 
 RAW_SUBJECT = "bench.raw"
 AGENT = "bench-echo"
-AGENT_FIX = "bench-echo-fix"
 AGENT_MEM = "bench-echo-mem"
 PAYLOAD = {"id": "bench-transport", "blob": "x" * 960}  # the data part: ~1 KiB of JSON
 
 
 @dataclass
-class Opts:
-    quick: bool = False
+class Opts(Sized):
+    SIZES: ClassVar[dict[str, dict[str, Any]]] = {
+        "quick": {"n": 200, "latency_budget_s": 4, "throughput_s": 1.0, "warmup": 50},
+        "smoke": {"n": 40, "latency_budget_s": 1, "throughput_s": 0.4, "rounds": 2, "warmup": 5},
+    }
     profile: bool = False
     n: int = 2000  # calls at concurrency 1 (after warm-up), per transport
     latency_budget_s: float = 20.0  # per transport, at concurrency 1
@@ -67,12 +59,6 @@ class Opts:
     throughput_s: float = 5.0  # per transport, at concurrency 32
     rounds: int = 4
     warmup: int = 200
-
-    @classmethod
-    def make(cls, quick: bool, profile: bool) -> Opts:
-        if quick:
-            return cls(quick, profile, n=200, latency_budget_s=4, throughput_s=1.0, warmup=50)
-        return cls(quick, profile)
 
 
 @dataclass
@@ -232,72 +218,58 @@ def _completed(result: Any) -> bool:
 async def run(opts: Opts) -> dict[str, Any]:
     banner("transport floor: raw NATS vs A2A over NATS vs A2A over HTTP")
     work = Path(tempfile.mkdtemp(prefix="mesh-bench-transport-"))
-    logs = work / "logs"
     note(f"work dir and child logs: {work}")
-    procs: list[Any] = []
-    server = EmbeddedServer(store_dir=work / "js").start()
-    try:
-        return await _run(opts, server, work, logs, procs)
-    finally:
-        for p in reversed(procs):
-            stop(p)
-        server.stop()
+    # The product's own liveness clocks: nothing here waits on them.
+    with (
+        EmbeddedServer(store_dir=work / "js") as server,
+        ProcessMesh(server.url, work) as procs,
+    ):
+        return await _run(opts, server, procs)
 
 
-async def _start_agents(
-    server: EmbeddedServer, work: Path, logs: Path, procs: list[Any]
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    cards = work / "cards"
-    for name in (AGENT, AGENT_FIX, AGENT_MEM):
-        write_card(cards, name, name)
-
-    async def start_agent(name: str, store: str, nodelay: bool) -> dict[str, Any]:
-        ready = work / f"{name}.ready"
-        env = child_env(
-            server.url,
-            MESH_CARDS_DIR=str(cards),
-            BENCH_AGENT_NAME=name,
-            BENCH_HTTP="1",
-            BENCH_READY_FILE=str(ready),
-            MESH_TASK_STORE=store,
-            BENCH_TCP_NODELAY="1" if nodelay else "0",
-        )
-        proc = spawn("bench.agent", env, logs / f"{name}.log")
-        procs.append(proc)
-        return await wait_json_file(ready, proc, logs / f"{name}.log")
-
-    # Concurrently: their start-up (imports) is the slow part.
-    a, b, c = await asyncio.gather(
-        start_agent(AGENT, "jetstream", False),
-        start_agent(AGENT_FIX, "jetstream", True),
-        start_agent(AGENT_MEM, "memory", True),
-    )
-    return a, b, c
+async def _start_agents(procs: ProcessMesh, bus: Bus) -> dict[str, tuple[int, str]]:
+    """Both agents, started together (their imports are the slow part); name → (pid, HTTP
+    URL), read from their registrations once they are live."""
+    children = [
+        procs.voter(AGENT, AGENT),
+        procs.voter(AGENT_MEM, AGENT_MEM, env={"MESH_TASK_STORE": "memory"}),
+    ]
+    pids = [c.proc.pid for c in children]
+    await procs.wait_agents(bus, [AGENT, AGENT_MEM], pids=pids, alive=all_alive(*children))
+    out = {}
+    for r in await Registry(bus).live():
+        if r.pid in pids:
+            [url] = [
+                i["url"]
+                for i in r.card.get("supportedInterfaces", [])
+                if i.get("protocolBinding") == "JSONRPC"
+            ]
+            out[r.agent] = (r.pid, str(url))
+    return out
 
 
-async def _start_raw(
-    server: EmbeddedServer, work: Path, logs: Path, procs: list[Any], reply: bytes
-) -> dict[str, Any]:
-    """The floor's responder, answering exactly the bytes the A2A agent answered."""
-    reply_file = work / "reply.json"
+async def _start_raw(procs: ProcessMesh, bus: Bus, reply: bytes, probe: bytes) -> Child:
+    """The floor's responder, answering exactly the bytes the A2A agent answered; ready once it
+    answers a request."""
+    reply_file = procs.work / "reply.json"
     reply_file.write_bytes(reply)
-    ready = work / "raw.ready"
-    env = child_env(
-        server.url,
-        BENCH_REPLY_FILE=str(reply_file),
-        BENCH_READY_FILE=str(ready),
-        BENCH_RAW_SUBJECT=RAW_SUBJECT,
+    child = procs.spawn(
+        "raw",
+        "bench.raw_responder",
+        {"BENCH_REPLY_FILE": str(reply_file), "BENCH_RAW_SUBJECT": RAW_SUBJECT},
     )
-    proc = spawn("bench.raw_responder", env, logs / "raw.log")
-    procs.append(proc)
-    return await wait_json_file(ready, proc, logs / "raw.log")
+
+    async def answers() -> bool:
+        with contextlib.suppress(Exception):  # no responders yet, or a timeout while it starts
+            return bool(await bus.nc.request(RAW_SUBJECT, probe, timeout=1))
+        return False
+
+    await eventually(answers, "the raw responder answers", timeout=60, alive=all_alive(child))
+    return child
 
 
-async def _run(
-    opts: Opts, server: EmbeddedServer, work: Path, logs: Path, procs: list[Any]
-) -> dict[str, Any]:
+async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[str, Any]:
     nats = Proc(server.pid or 0, "nats-server")
-    info, info_fix, info_mem = await _start_agents(server, work, logs, procs)
     bus = await Bus.connect(server.url, name="bench-transport")
     http = httpx.AsyncClient(
         timeout=10.0,
@@ -305,6 +277,7 @@ async def _run(
     )
     raw_clients: list[RawHttp] = []
     try:
+        agents = await _start_agents(procs, bus)
         client = A2AClient(bus)
         nc = bus.nc
         ids = itertools.count(1)
@@ -317,11 +290,11 @@ async def _run(
         result, error = jsonrpc.parse_response(reply.data)
         if error is not None or not _completed(result):
             raise RuntimeError(f"the bench agent did not complete a task: {reply.data[:400]!r}")
-        raw_info = await _start_raw(server, work, logs, procs, reply.data)
+        raw_child = await _start_raw(procs, bus, reply.data, probe)
         note(
-            f"request {len(probe)} B, reply {len(reply.data)} B; agent pid {info['pid']} "
-            f"(as shipped), {info_fix['pid']} (HTTP fix), {info_mem['pid']} (memory store), "
-            f"raw responder {raw_info['pid']}"
+            f"request {len(probe)} B, reply {len(reply.data)} B; agent pid {agents[AGENT][0]} "
+            f"(as shipped), {agents[AGENT_MEM][0]} (memory store), "
+            f"raw responder {raw_child.proc.pid}"
         )
 
         async def raw() -> bool:
@@ -362,55 +335,37 @@ async def _run(
 
             return call
 
-        agent_proc = Proc(int(info["pid"]), AGENT)
-        fix_proc = Proc(int(info_fix["pid"]), AGENT_FIX)
-        mem_proc = Proc(int(info_mem["pid"]), AGENT_MEM)
+        agent_proc = Proc(agents[AGENT][0], AGENT)
+        mem_proc = Proc(agents[AGENT_MEM][0], AGENT_MEM)
+        url, mem_url = agents[AGENT][1], agents[AGENT_MEM][1]
         plan: list[tuple[Stats, Call]] = [
-            (Stats("raw_nats", "raw nats-py request/reply (floor)", Proc(raw_info["pid"])), raw),
+            (Stats("raw_nats", "raw nats-py request/reply (floor)", Proc(raw_child.proc.pid)), raw),
             (Stats("a2a_nats", "A2A over NATS (as shipped)", agent_proc), a2a_nats(AGENT)),
+            (Stats("a2a_http", "A2A over HTTP (as shipped)", agent_proc), a2a_http(url)),
             (
-                Stats("a2a_http", "A2A over HTTP (as shipped)", agent_proc),
-                a2a_http(str(info["http_url"])),
-            ),
-            (
-                Stats("a2a_http_nodelay", "A2A over HTTP + TCP_NODELAY", fix_proc),
-                a2a_http(str(info_fix["http_url"])),
-            ),
-            (
-                Stats(
-                    "a2a_http_nodelay_rawclient",
-                    "A2A over HTTP + TCP_NODELAY, minimal client",
-                    fix_proc,
-                ),
-                a2a_rawhttp(str(info_fix["http_url"])),
+                Stats("a2a_http_rawclient", "A2A over HTTP, minimal client", agent_proc),
+                a2a_rawhttp(url),
             ),
             (
                 Stats("a2a_nats_mem", "A2A over NATS, memory task store", mem_proc),
                 a2a_nats(AGENT_MEM),
             ),
             (
-                Stats("a2a_http_mem", "A2A over HTTP + TCP_NODELAY, memory task store", mem_proc),
-                a2a_http(str(info_mem["http_url"])),
+                Stats("a2a_http_mem", "A2A over HTTP, memory task store", mem_proc),
+                a2a_http(mem_url),
             ),
         ]
-        rss_line = await _measure_rss(opts, plan, nats, [agent_proc, fix_proc, mem_proc])
+        rss_line = await _measure_rss(opts, plan, nats, [agent_proc, mem_proc])
         profiles_md, profiles = "", {}
         if opts.profile:
-            profiles_md, profiles = await _profile(opts, plan, work, nats)
+            profiles_md, profiles = await _profile(opts, plan, procs.work, nats)
     finally:
         await http.aclose()
         for conn in raw_clients:
             await conn.aclose()
         await bus.close()
-    return _report(
-        opts,
-        plan,
-        rss_line=rss_line,
-        req_bytes=len(probe),
-        reply_bytes=len(reply.data),
-        profiles_md=profiles_md,
-        profiles=profiles,
-    )
+    sizes = (len(probe), len(reply.data))
+    return _report(opts, plan, rss_line, sizes, (profiles_md, profiles))
 
 
 async def _measure_rss(
@@ -440,7 +395,7 @@ async def _measure(opts: Opts, plan: list[tuple[Stats, Call]], nats: Proc) -> No
         for _ in range(opts.warmup):
             if not await call():
                 raise RuntimeError(f"{st.name}: warm-up call failed")
-        await _throughput(call, opts.concurrency, 0.5 if opts.quick else 1.0, None, nats)
+        await _throughput(call, opts.concurrency, 0.5 if opts.short else 1.0, None, nats)
     per_round = max(1, opts.n // opts.rounds)
     budget = opts.latency_budget_s / opts.rounds
     for r in range(opts.rounds):
@@ -460,10 +415,10 @@ async def _profile(
     if profile.py_spy() is None:
         note("py-spy not installed: no profile (pip install py-spy into .venv to get one)")
         return "", {}
-    seconds = 3.0 if opts.quick else 8.0
+    seconds = 3.0 if opts.short else 8.0
     parts: list[str] = []
     out: dict[str, Any] = {}
-    wanted = {"a2a_nats", "a2a_nats_mem", "a2a_http_nodelay"}
+    wanted = {"a2a_nats", "a2a_nats_mem", "a2a_http"}
     for st, call in plan:
         if st.name not in wanted:
             continue
@@ -492,13 +447,13 @@ async def _profile(
 def _report(
     opts: Opts,
     plan: list[tuple[Stats, Call]],
-    *,
     rss_line: str,
-    req_bytes: int,
-    reply_bytes: int,
-    profiles_md: str,
-    profiles: dict[str, Any],
+    sizes: tuple[int, int],
+    profiled: tuple[str, dict[str, Any]],
 ) -> dict[str, Any]:
+    """The table, the ratios and the results; `sizes` = (request, reply) bytes."""
+    req_bytes, reply_bytes = sizes
+    profiles_md, profiles = profiled
     by = {st.name: st for st, _ in plan}
     raw, nats_st, http_st = by["raw_nats"], by["a2a_nats"], by["a2a_http"]
     rows = []
@@ -536,7 +491,6 @@ def _report(
     )
     ratio_p50 = nats_st.p(50) / raw.p(50)
     ratio_rps = nats_st.rps / http_st.rps
-    ratio_rps_fixed = nats_st.rps / by["a2a_http_nodelay"].rps
     md = "\n\n".join(
         [
             "## Transport floor",
@@ -548,11 +502,9 @@ def _report(
             "process; client = this benchmark process).",
             table,
             f"Ratios (as shipped): A2A-NATS p50 / raw p50 = **{ratio_p50:.2f}x**; "
-            f"A2A-NATS rps / A2A-HTTP rps at c={opts.concurrency} = **{ratio_rps:.2f}x** "
-            f"(against HTTP with TCP_NODELAY: {ratio_rps_fixed:.2f}x). "
-            "HTTP as shipped waits ~40 ms per response for a delayed ACK (Nagle is left on: "
-            "`mesh.agent._bind` makes its socket with proto 0, so asyncio does not set "
-            "TCP_NODELAY); the `+ TCP_NODELAY` rows set it (bench-only patch).",
+            f"A2A-NATS rps / A2A-HTTP rps at c={opts.concurrency} = **{ratio_rps:.2f}x**. "
+            "The agents serve HTTP with TCP_NODELAY (as shipped since the bench found the "
+            "delayed-ACK stall): the minimal-client row shows what httpx itself costs.",
             rss_line + ".",
         ]
     )
@@ -568,7 +520,6 @@ def _report(
         results[f"{st.name}_errors"] = st.c1_errors + st.tp_errors
     results["a2a_nats_over_raw_p50"] = num(ratio_p50, 2)
     results["a2a_nats_over_http_rps_c32"] = num(ratio_rps, 2)
-    results["a2a_nats_over_http_nodelay_rps_c32"] = num(ratio_rps_fixed, 2)
     results["transport_request_bytes"] = req_bytes
     results["transport_reply_bytes"] = reply_bytes
     print("\n" + md, flush=True)

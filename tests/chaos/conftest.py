@@ -20,19 +20,11 @@ import pytest
 
 from mesh import subjects
 from mesh.bus import Bus
-from tests.chaos.support import ChaosCluster, chaos_mesh, chaos_settings
-from tests.faults.support import FaultMesh
+from tests.chaos.support import NODES, Rig, chaos_procs, chaos_settings
+from tests.support.launcher import Cluster
 
 HERE = Path(__file__).resolve().parent
 _SELECTS_CHAOS = re.compile(r"(?<!not )\bchaos\b")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "chaos: kill -9 / SIGSTOP nodes of a 3-node NATS cluster and agent replicas under load; "
-        "not part of make test (run `make chaos`, or set MESH_CHAOS=1)",
-    )
 
 
 def _chaos_selected(config: pytest.Config) -> bool:
@@ -52,8 +44,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def chaos_cluster(tmp_path: Path) -> Iterator[ChaosCluster]:
-    cluster = ChaosCluster(tmp_path / "cluster")
+def chaos_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path / "cluster", NODES)
     try:
         yield cluster.start()
     finally:
@@ -61,7 +53,7 @@ def chaos_cluster(tmp_path: Path) -> Iterator[ChaosCluster]:
 
 
 @pytest.fixture
-async def chaos_bus(chaos_cluster: ChaosCluster) -> AsyncIterator[Bus]:
+async def chaos_bus(chaos_cluster: Cluster) -> AsyncIterator[Bus]:
     bus = await Bus.connect(chaos_cluster.url, name="chaos-test", settings=chaos_settings())
     try:
         await bus.ensure()  # R3 streams and buckets, before any child process
@@ -80,12 +72,10 @@ async def chaos_bus(chaos_cluster: ChaosCluster) -> AsyncIterator[Bus]:
 
 
 @pytest.fixture
-def chaos_fault_mesh(
-    chaos_cluster: ChaosCluster, chaos_bus: Bus, tmp_path: Path
-) -> Iterator[FaultMesh]:
-    mesh = chaos_mesh(chaos_cluster, tmp_path)
+def chaos(chaos_cluster: Cluster, chaos_bus: Bus, tmp_path: Path) -> Iterator[Rig]:
+    procs = chaos_procs(chaos_cluster, tmp_path)
     try:
-        yield mesh
+        yield Rig(chaos_cluster, chaos_bus, procs)
     finally:
         chaos_cluster.resume_all()
-        mesh.stop()
+        procs.stop()

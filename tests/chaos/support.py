@@ -1,8 +1,9 @@
-"""Helpers for the chaos suite: a 3-node cluster we can kill -9, pause and restart node by node,
-a paced publisher that retries with the same event id, and the figures every test prints.
+"""Helpers for the chaos suite: the health of a 3-node cluster we kill -9, pause and restart node
+by node (`tests.support.launcher.Cluster`), the fault rounds the tests run, and the figures every
+test prints.
 
-The mesh side (coordinator and agent processes, policies, reading every outcome) comes from
-`tests.faults.support`. Every wait is bounded; a deadline that passes is a failure that says
+The mesh side (coordinator and agent processes, policies, publishing, reading every outcome)
+comes from `tests.support`. Every wait is bounded; a deadline that passes is a failure that says
 what was still open, never a timing assertion.
 """
 
@@ -13,37 +14,28 @@ import contextlib
 import itertools
 import os
 import re
-import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from nats.js.errors import NotFoundError
 
 from mesh import audit, envelope, subjects
 from mesh.bus import Bus
-from mesh.dev.launcher import Child
-from mesh.records import dead_letter_decoder, decision_decoder
-from mesh.registry import Registry
-from mesh.server import EmbeddedServer, LocalCluster
 from mesh.settings import Settings
-from tests.faults.support import (
-    REVIEWERS,
-    SAMPLE_OUTCOME,
-    FaultMesh,
+from tests.support import samples
+from tests.support.launcher import Cluster, ProcessMesh, Running, clocks
+from tests.support.outcomes import (
     Outcomes,
-    assert_alive,
-    eventually,
+    Publisher,
+    Tally,
     ledger_mismatches,
-    release_event,
-    reviewer_policy,
-    sample,
-    wait_consuming,
-    write_policy,
+    read_all,
+    settled,
 )
+from tests.support.waits import eventually
 
 NODES = 3
 # Knobs for a longer soak. The defaults keep each test within about two minutes on 2 cores:
@@ -51,12 +43,10 @@ NODES = 3
 # with room to catch up after a fault (about 25/s without faults).
 EVENTS = int(os.environ.get("CHAOS_EVENTS", "2000"))
 PER_S = float(os.environ.get("CHAOS_PER_S", "20"))
-SAMPLES = ("clean", "secret", "phi", "clean", "untested")
 PUBLISH_BUDGET_S = 60.0  # one event is retried (same id) this long before it counts as unpublished
 HEAL_TIMEOUT_S = 45.0
 DRAIN_TIMEOUT_S = 90.0  # after the last publish, for every outcome to arrive
 SETTLE_TIMEOUT_S = 45.0  # then for the durable to have nothing pending or unacknowledged
-PASS_TIMEOUT_S = 30.0  # one pass of the outcome reader
 
 # Every replicated asset of the mesh: streams, the KV buckets' streams, and the coordinators'
 # durable consumer. "Healthy" means each has a leader and every peer is current.
@@ -72,6 +62,15 @@ ALL_STREAMS = (
     subjects.AUDIT_STREAM,
     *KV_STREAMS,
 )
+# What the leader rounds target, in turn: the events stream, the meta group, the decision
+# ledger (KV), the decisions stream.
+META = "$meta"  # the JetStream meta group (streams and consumers), as a kill target
+TARGETS = (
+    subjects.EVENTS_STREAM,
+    META,
+    f"KV_{subjects.DECISIONS_BUCKET}",
+    subjects.DECISIONS_STREAM,
+)
 
 
 # The registry's shipped clocks (not the fault tests' short ones): how long an agent may go
@@ -86,79 +85,45 @@ def chaos_settings() -> Settings:
     )
 
 
-# -- the cluster ------------------------------------------------------------------------------
-class ChaosCluster:
-    """`LocalCluster(3)` plus what chaos does to its nodes. A node killed with SIGKILL comes back
-    with the same name, store folder, client port, cluster port and routes."""
-
-    def __init__(self, base_dir: Path) -> None:
-        self.cluster = LocalCluster(NODES, base_dir)
-        self.paused: set[str] = set()
-        self._client_ports: dict[str, int] = {}
-
-    def start(self) -> ChaosCluster:
-        self.cluster.start()
-        for s in self.cluster.servers:
-            assert s.name is not None
-            self._client_ports[s.name] = int(urlsplit(s.url).port or 0)
-        return self
-
-    @property
-    def url(self) -> str:
-        return self.cluster.url
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name or "" for s in self.cluster.servers]
-
-    def server(self, name: str) -> EmbeddedServer:
-        for s in self.cluster.servers:
-            if s.name == name:
-                return s
-        raise KeyError(f"no node {name!r} (nodes: {self.names})")
-
-    def kill9(self, name: str) -> None:
-        s = self.server(name)
-        assert s.proc is not None and s.proc.poll() is None, f"{name} is not running"
-        s.proc.send_signal(signal.SIGKILL)
-        s.proc.wait(10)
-
-    async def restart(self, name: str, attempts: int = 5) -> None:
-        """Start a killed node again on its own ports (the port may linger a moment)."""
-        s = self.server(name)
-        s.port = self._client_ports[name]
-        for attempt in range(1, attempts + 1):
-            try:
-                await asyncio.to_thread(s.start)
-                return
-            except Exception:
-                if attempt == attempts:
-                    raise
-                await asyncio.sleep(1.0)
-
-    def pause(self, name: str) -> None:
-        s = self.server(name)
-        assert s.proc is not None and s.proc.poll() is None, f"{name} is not running"
-        self.paused.add(name)
-        s.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self, name: str) -> None:
-        s = self.server(name)
-        self.paused.discard(name)
-        if s.proc is not None and s.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                s.proc.send_signal(signal.SIGCONT)
-
-    def resume_all(self) -> None:
-        for name in list(self.paused):
-            self.resume(name)
-
-    def stop(self) -> None:
-        self.resume_all()  # a stopped process cannot handle SIGTERM
-        self.cluster.stop()
+def chaos_procs(cluster: Cluster, tmp_path: Path) -> ProcessMesh:
+    env = {**clocks(HEARTBEAT_S, CARD_TTL_S), "MESH_STREAM_REPLICAS": str(NODES)}
+    return ProcessMesh(cluster.url, tmp_path, env)
 
 
-META = "$meta"  # the JetStream meta group (streams and consumers), as a kill target
+@dataclass
+class Rig:
+    """What a chaos test works with: the cluster, a bus on it, and the process launcher."""
+
+    cluster: Cluster
+    bus: Bus
+    procs: ProcessMesh
+
+    async def start_mesh(self) -> Running:
+        """Two coordinators and two replicas of each reviewer (as `mesh up --cluster 3` runs
+        them), with the shipped release policy's clocks stretched to outlast a leader election:
+        a vote lost to a failover is asked again instead of timing out (a reject)."""
+        policy = self.procs.policy(
+            {
+                "release.proposed": samples.reviewer_policy(
+                    agent_timeout_s=5.0, deadline_s=60.0, retries=3
+                )
+            }
+        )
+        return await self.procs.up(self.bus, policy, coordinators=2, replicas=2)
+
+    async def check(
+        self, name: str, running: Running, faults: FaultLoop, rounds: list[str]
+    ) -> None:
+        """A whole chaos test: EVENTS releases through `run_chaos` while `faults` runs, then
+        the figures printed and the promises checked (`assert_figures`)."""
+        events, expected = samples.release_events(f"{name}-{time.time_ns()}", EVENTS)
+        figures = await run_chaos(
+            name, self.bus, self.procs, events, expected, faults=faults, alive=running.alive
+        )
+        assert_figures(figures, self.procs, rounds)
+
+
+# -- the cluster's health ---------------------------------------------------------------------
 _META_LINE = re.compile(
     r"^\[\d+\] (\S+ \S+) \[INF\] (?:JetStream cluster new metadata leader: (\w+)/"
     r"|(Self) is new JetStream cluster metadata leader|JetStream cluster (no) metadata leader)",
@@ -166,12 +131,12 @@ _META_LINE = re.compile(
 )
 
 
-def meta_leader(cluster: ChaosCluster) -> str:
+def meta_leader(cluster: Cluster) -> str:
     """The meta leader by the newest statement in any running node's log ("" if none). The
     client API does not name it without a system account; every node logs each election."""
     newest: tuple[str, str] = ("", "")
-    for s in cluster.cluster.servers:
-        if s.proc is None or s.proc.poll() is not None or s.name in cluster.paused:
+    for s in cluster.servers:
+        if not cluster.running(s.name or "") or s.name in cluster.paused:
             continue
         text = (s.store_dir / "nats-server.log").read_text(errors="replace")
         for m in _META_LINE.finditer(text):
@@ -180,15 +145,12 @@ def meta_leader(cluster: ChaosCluster) -> str:
     return newest[1]
 
 
-async def leader_of(
-    bus: Bus, target: str, cluster: ChaosCluster | None = None, timeout: float = 30.0
-) -> str:
+async def leader_of(bus: Bus, target: str, cluster: Cluster, timeout: float = 30.0) -> str:
     """The node that leads stream `target` (or the meta group, META) now; waits out an
     election (bounded)."""
 
     async def leader() -> str:
         if target == META:
-            assert cluster is not None, "the meta leader is read from the nodes' logs"
             return meta_leader(cluster)
         with contextlib.suppress(Exception):
             info = await bus.js.stream_info(target)
@@ -196,7 +158,7 @@ async def leader_of(
                 return info.cluster.leader
         return ""
 
-    got: str = await eventually(f"a leader for {target}", leader, timeout=timeout, every=0.2)
+    got: str = await eventually(leader, f"a leader for {target}", timeout=timeout, every=0.2)
     return got
 
 
@@ -243,229 +205,52 @@ async def wait_healthy(bus: Bus, timeout: float = HEAL_TIMEOUT_S) -> float:
         last[:] = await unhealthy(bus)
         return not last
 
-    try:
-        await eventually("the cluster healed", whole, timeout=timeout, every=0.25)
-    except AssertionError:
-        raise AssertionError(
-            f"the cluster was not whole again within {timeout:.0f}s: {last}"
-        ) from None
+    await eventually(
+        whole, "the cluster was whole again", timeout=timeout, every=0.25, detail=lambda: last
+    )
     return time.monotonic() - started
 
 
-# -- the mesh ---------------------------------------------------------------------------------
-def chaos_mesh(cluster: ChaosCluster, tmp_path: Path) -> FaultMesh:
-    mesh = FaultMesh(cluster.url, tmp_path, card_ttl_s=CARD_TTL_S)
-    mesh.topology.extra_env["MESH_HEARTBEAT_S"] = str(HEARTBEAT_S)
-    mesh.topology.extra_env["MESH_STREAM_REPLICAS"] = str(NODES)
-    return mesh
+# -- fault rounds -----------------------------------------------------------------------------
+Fault = Callable[[str], Awaitable[str]]  # breaks a node; returns what it did, for the log
 
 
-def chaos_policy(tmp_path: Path) -> Path:
-    """The shipped release policy with clocks that outlast a leader election: a vote lost to a
-    failover is asked again instead of timing out (which would count as a reject)."""
-    return write_policy(
-        tmp_path / "policies.toml",
-        {"release.proposed": reviewer_policy(agent_timeout_s=5.0, deadline_s=60.0, retries=3)},
-    )
+def leader_rounds(
+    bus: Bus,
+    cluster: Cluster,
+    fault: Fault,
+    rounds: list[str],
+    *,
+    first_after_s: float,
+    every_s: float,
+    alive: Callable[[], None],
+) -> FaultLoop:
+    """A fault loop for `run_chaos`: while events are published, wait until the cluster is
+    whole, then `fault(node)` the node that leads, in turn, each of TARGETS; one round every
+    `every_s` at most. Each round is described in `rounds`."""
 
-
-@dataclass
-class Replicas:
-    """The reviewer processes, by agent name (2 replicas each, as `mesh up --cluster 3`)."""
-
-    by_agent: dict[str, list[Child]] = field(default_factory=dict)
-
-    def all(self) -> list[Child]:
-        return [c for children in self.by_agent.values() for c in children]
-
-
-def spawn_replica(mesh: FaultMesh, agent: str, tag: str) -> Child:
-    return mesh.topology.spawn(f"{agent}-{tag}", REVIEWERS[agent])
-
-
-async def registered_pids(bus: Bus, agent: str) -> set[int]:
-    return {r.pid for r in await Registry(bus).live() if r.agent == agent}
-
-
-async def start_mesh(
-    mesh: FaultMesh, bus: Bus, policy: Path, *, coordinators: int = 2, replicas: int = 2
-) -> tuple[list[Child], Replicas]:
-    agents = Replicas(
-        {
-            agent: [spawn_replica(mesh, agent, str(r + 1)) for r in range(replicas)]
-            for agent in REVIEWERS
-        }
-    )
-    coords = [mesh.coordinator(policy) for _ in range(coordinators)]
-    alive = assert_alive(*agents.all(), *coords)
-
-    async def all_registered() -> bool:
-        for agent, children in agents.by_agent.items():
-            if {c.proc.pid for c in children} - await registered_pids(bus, agent):
-                return False
-        return True
-
-    await eventually("every replica registered", all_registered, timeout=60, alive=alive)
-    for c in coords:
-        await wait_consuming(mesh, c, timeout=60)
-    return coords, agents
-
-
-def make_events(run: str, count: int = EVENTS) -> tuple[list[envelope.Event], dict[str, str]]:
-    events, expected = [], {}
-    for i in range(count):
-        kind = SAMPLES[i % len(SAMPLES)]
-        event = release_event(f"{run}-{i:05d}-{kind}", sample(kind))
-        expected[event.id] = SAMPLE_OUTCOME[kind]
-        events.append(event)
-    return events, expected
-
-
-# -- publishing -------------------------------------------------------------------------------
-@dataclass
-class Publisher:
-    """Publishes at a steady pace; a publish that fails is retried with the same event id (the
-    stream's duplicate window makes a retry of a stored event a no-op). An event still not
-    acknowledged after `budget_s` counts as not published (it is not expected to be decided)."""
-
-    bus: Bus
-    events: list[envelope.Event]
-    per_s: float
-    budget_s: float = PUBLISH_BUDGET_S
-    first_try: dict[str, float] = field(default_factory=dict)
-    acked: dict[str, float] = field(default_factory=dict)
-    not_published: dict[str, str] = field(default_factory=dict)
-    duplicates: int = 0  # retries the server recognised as already stored
-    retried: int = 0  # events that needed more than one attempt
-    errors: Counter[str] = field(default_factory=Counter)
-    finished_at: float = 0.0
-
-    async def run(self) -> None:
-        start = time.monotonic()
-        try:
-            for i, event in enumerate(self.events):
-                pause = start + i / self.per_s - time.monotonic()
-                if pause > 0:
-                    await asyncio.sleep(pause)
-                await self._one(event)
-        finally:
-            self.finished_at = time.monotonic()
-
-    async def _one(self, event: envelope.Event) -> None:
-        now = time.monotonic()
-        self.first_try[event.id] = now
-        give_up = now + self.budget_s
-        for attempt in itertools.count(1):
-            try:
-                ack = await self.bus.publish_event(event)
-            except Exception as e:  # timeout, no responders, reconnecting, leader change...
-                self.errors[type(e).__name__] += 1
-                if time.monotonic() >= give_up:
-                    self.not_published[event.id] = f"{type(e).__name__}: {e}"
-                    return
-                await asyncio.sleep(0.25)
-                continue
-            self.acked[event.id] = time.monotonic()
-            self.retried += attempt > 1
-            self.duplicates += bool(ack.duplicate)
-            return
-
-
-# -- reading outcomes -------------------------------------------------------------------------
-class ChaosOutcomes(Outcomes):
-    """`Outcomes` that keeps its place message by message and rides out failovers. (The shared
-    reader advances its cursor only after a whole pass, so a get_msg that times out mid-pass,
-    which failovers cause, makes the next pass read the same messages again and count them
-    twice; and it skips a sequence that a leader in transition answers "not found" for.)
-
-    A pass that fails (timeout, no leader) or takes longer than PASS_TIMEOUT_S is counted in
-    `errors`, and the next pass resumes where it stopped; `complete` says whether the last pass
-    read up to the end."""
-
-    def __init__(self, bus: Bus, *, skip_gaps: bool = False) -> None:
-        super().__init__(bus)
-        self.skip_gaps = skip_gaps  # a final read, after settling: a gap is really a gap
-        self.errors: Counter[str] = Counter()
-        self.complete = False
-
-    async def refresh(self) -> None:
-        try:
-            await asyncio.wait_for(super().refresh(), PASS_TIMEOUT_S)
-        except Exception as e:
-            self.errors[type(e).__name__] += 1
-            self.complete = False
-        else:
-            self.complete = True
-
-    async def _refresh(self) -> None:
-        for stream in (subjects.DECISIONS_STREAM, subjects.DLQ_STREAM):
-            try:
-                info = await self.bus.js.stream_info(stream)
-            except NotFoundError:
-                continue
-            last = info.state.last_seq
-            seq = max(self._next[stream], info.state.first_seq or 1)
-            while seq <= last:
-                try:
-                    raw = await self.bus.js.get_msg(stream, seq)
-                except NotFoundError:
-                    if not self.skip_gaps:
-                        break  # look again on the next pass
-                    seq += 1
-                    self._next[stream] = seq
-                    continue
-                now = time.monotonic()
-                if stream == subjects.DECISIONS_STREAM:
-                    self.decisions.append((now, decision_decoder.decode(raw.data or b"")))
-                else:
-                    record = dead_letter_decoder.decode(raw.data or b"")
-                    self.dead.append((now, record))
-                    self.dead_by_seq[seq] = record
-                seq += 1
-                self._next[stream] = seq
-
-    def first_arrival(self) -> dict[str, float]:
-        first: dict[str, float] = {}
-        for t, d in self.decisions:
-            first[d.event_id] = min(t, first.get(d.event_id, t))
-        for t, dl in self.dead:
-            if dl.event_id:
-                first[dl.event_id] = min(t, first.get(dl.event_id, t))
-        return first
-
-
-async def settled(bus: Bus, timeout: float) -> str:
-    """Until the coordinators' durable has nothing pending and nothing unacknowledged (as
-    `tests.faults.support.wait_settled`, riding out a failed request); "" once settled."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            info = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.COORDINATOR_DURABLE)
-            if info.num_pending == 0 and info.num_ack_pending == 0:
-                return ""
-            last = f"{info.num_pending} pending and {info.num_ack_pending} unacknowledged events"
-        except Exception as e:
-            last = f"no answer ({type(e).__name__})"
-        if time.monotonic() >= deadline:
-            return f"after {timeout:.0f}s the coordinator durable still has {last}"
-        await asyncio.sleep(0.2)
-
-
-async def read_all(bus: Bus, timeout: float = 60.0) -> ChaosOutcomes:
-    """Every decision and dead letter, read once more from the start (bounded)."""
-    final = ChaosOutcomes(bus, skip_gaps=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        await final.refresh()
-        if final.complete:
-            return final
-        if time.monotonic() >= deadline:
-            raise AssertionError(
-                f"could not read MESH_DECISIONS and MESH_DLQ to the end within {timeout:.0f}s "
-                f"(errors: {dict(final.errors)}; read {len(final.decisions)} decisions, "
-                f"{len(final.dead)} dead letters)"
+    async def loop(publisher: Publisher) -> int:
+        done = 0
+        began_all = time.monotonic()
+        await asyncio.sleep(first_after_s)
+        while not publisher.finished_at:
+            healed = await wait_healthy(bus)
+            if publisher.finished_at:
+                break
+            target = TARGETS[done % len(TARGETS)]
+            node = await leader_of(bus, target, cluster)
+            began = time.monotonic()
+            what = await fault(node)
+            done += 1
+            rounds.append(
+                f"{what} {done}: {node} (leader of {target}) at +{began - began_all:.0f}s, "
+                f"healed {healed:.1f}s before, published {len(publisher.acked)}"
             )
-        await asyncio.sleep(0.5)
+            alive()
+            await asyncio.sleep(max(0.0, began + every_s - time.monotonic()))
+        return done
+
+    return loop
 
 
 # -- a run and its figures --------------------------------------------------------------------
@@ -473,40 +258,39 @@ async def read_all(bus: Bus, timeout: float = 60.0) -> ChaosOutcomes:
 class Figures:
     name: str
     events: int
+    tally: Tally = field(default_factory=lambda: Tally([], [], [], [], []))
     faults: int = 0
+    takeovers: int = 0
+    decided: int = 0
+    # publishing
     published: int = 0
     not_published: int = 0
-    decided: int = 0
-    lost: list[str] = field(default_factory=list)
-    doubled: list[str] = field(default_factory=list)
-    dead_only: list[str] = field(default_factory=list)
-    both: list[str] = field(default_factory=list)
-    wrong: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-    dlq_reasons: Counter[str] = field(default_factory=Counter)
-    takeovers: int = 0
-    max_stall: float = 0.0
-    max_latency: float = 0.0
-    unsettled: str = ""
+    not_published_ids: list[str] = field(default_factory=list)
     publish_retried: int = 0
     duplicates: int = 0
     publish_errors: Counter[str] = field(default_factory=Counter)
-    not_published_ids: list[str] = field(default_factory=list)
+    # what was stored
+    mismatched: list[str] = field(default_factory=list)  # ledger ≠ published decision
+    dlq_reasons: Counter[str] = field(default_factory=Counter)
+    unsettled: str = ""
     audit_missing: list[str] = field(default_factory=list)  # decided, no audit record
     audit_missing_dlq: list[str] = field(default_factory=list)  # dead-lettered, no audit record
     audit_chain: str = ""
     audit_ok: bool = True
     wrong_votes: Counter[str] = field(default_factory=Counter)  # what the uncounted votes said
-    extra: dict[str, str] = field(default_factory=dict)
+    # clocks
+    max_stall: float = 0.0
+    max_latency: float = 0.0
     elapsed: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)
 
     def details(self) -> str:
         """A few examples of whatever went wrong, one per line."""
         parts = [
-            ("lost", self.lost),
-            ("doubled", self.doubled),
-            ("decided+dlq", self.both),
-            ("wrong", self.wrong),
+            ("lost", self.tally.lost),
+            ("doubled", self.tally.doubled),
+            ("decided+dlq", self.tally.both),
+            ("wrong", self.tally.wrong),
             ("not published", self.not_published_ids),
             ("decided but not audited", self.audit_missing),
             ("dead-lettered but not audited", self.audit_missing_dlq),
@@ -521,12 +305,12 @@ class Figures:
         extra = "".join(f" {k}={v}" for k, v in self.extra.items())
         return (
             f"CHAOS {self.name}: events={self.events} faults={self.faults} "
-            f"lost={len(self.lost)} doubled={len(self.doubled)} "
+            f"lost={len(self.tally.lost)} doubled={len(self.tally.doubled)} "
             f"max_stall={self.max_stall:.1f}s max_latency={self.max_latency:.1f}s | "
             f"published={self.published} not_published={self.not_published} "
-            f"decided={self.decided} dlq={len(self.dead_only)} "
-            f"dlq_reasons={dict(self.dlq_reasons)} decided+dlq={len(self.both)} "
-            f"wrong={len(self.wrong)} ledger_mismatch={len(self.mismatched)} "
+            f"decided={self.decided} dlq={len(self.tally.dead_only)} "
+            f"dlq_reasons={dict(self.dlq_reasons)} decided+dlq={len(self.tally.both)} "
+            f"wrong={len(self.tally.wrong)} ledger_mismatch={len(self.mismatched)} "
             f"takeovers={self.takeovers} publish_retried={self.publish_retried} "
             f"dup_acks={self.duplicates} publish_errors={dict(self.publish_errors)} "
             f"settled={not self.unsettled} audit_missing={len(self.audit_missing)} "
@@ -541,7 +325,7 @@ FaultLoop = Callable[[Publisher], Awaitable[int]]
 async def run_chaos(
     name: str,
     bus: Bus,
-    mesh: FaultMesh,
+    mesh: ProcessMesh,
     events: list[envelope.Event],
     expected: dict[str, str],
     *,
@@ -561,20 +345,13 @@ async def run_chaos(
         phases.append(f"{what}@{time.monotonic() - began:.0f}s")
         print(f"[chaos {name}] +{time.monotonic() - began:.0f}s {what}", flush=True)
 
-    watcher = ChaosOutcomes(bus)
-    publisher = Publisher(bus, events, per_s)
+    watcher = Outcomes(bus)
+    publisher = Publisher(bus, events, per_s, budget_s=PUBLISH_BUDGET_S)
     async with watcher.watching():
         started = time.monotonic()
         phase(f"publishing {len(events)} events at {per_s:g}/s")
-        publishing = asyncio.create_task(publisher.run())
-        try:
+        async with publisher.running():
             figures.faults = await faults(publisher)
-            await publishing
-        finally:
-            if not publishing.done():
-                publishing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await publishing
         phase(f"{figures.faults} faults injected; waiting for every outcome")
         published = [i for i in expected if i not in publisher.not_published]
         missing = await watcher.wait_all(published, timeout=DRAIN_TIMEOUT_S, alive=alive)
@@ -586,20 +363,14 @@ async def run_chaos(
     final = await read_all(bus)
     phase("checking the ledger and the audit trail")
 
-    decided, dead = final.decided_ids(), final.dead_ids()
+    tally = final.tally(expected)
     figures.published = len(publisher.acked)
     figures.not_published = len(publisher.not_published)
     figures.not_published_ids = sorted(publisher.not_published)
-    figures.decided = sum(1 for i in expected if decided[i])
-    figures.lost = sorted(i for i in published if not decided[i] and not dead[i])
-    figures.doubled = sorted(i for i in expected if decided[i] > 1)
-    figures.dead_only = sorted(i for i in expected if dead[i] and not decided[i])
-    figures.both = sorted(i for i in expected if decided[i] and dead[i])
-    figures.wrong = sorted(
-        f"{i}: {d.outcome} ({d.reason})"
-        for i in expected
-        if (d := final.decision(i)) is not None and d.outcome != expected[i]
-    )
+    figures.decided = sum(1 for i in expected if final.decision(i) is not None)
+    # Lost: published (acknowledged) and neither decided nor dead-lettered.
+    tally.lost = [i for i in tally.lost if i not in publisher.not_published]
+    figures.tally = tally
     for i, want in expected.items():
         d = final.decision(i)
         if d is not None and d.outcome != want:
@@ -609,7 +380,7 @@ async def run_chaos(
                 if v.outcome != "voted"
             )
     figures.dlq_reasons = Counter(
-        d.reason for i in figures.dead_only for d in final.dead_letters(i)
+        d.reason for i in figures.tally.dead_only for d in final.dead_letters(i)
     )
     figures.takeovers = sum(1 for _, d in final.decisions if d.event_id in expected and d.takeovers)
     figures.mismatched = await ledger_mismatches(bus, final, expected)
@@ -628,6 +399,8 @@ async def run_chaos(
     figures.publish_errors = publisher.errors
     if watcher.errors:
         figures.extra["reader_errors"] = str(dict(watcher.errors))
+    if any(final.gaps.values()):
+        figures.extra["gaps"] = str({s: sorted(g)[:5] for s, g in final.gaps.items() if g})
     figures.extra["publish_window"] = f"{publisher.finished_at - started:.0f}s"
     phase("done")
     figures.extra["phases"] = ",".join(phases)
@@ -636,7 +409,7 @@ async def run_chaos(
 
 
 async def _check_audit(
-    bus: Bus, figures: Figures, final: ChaosOutcomes, expected: dict[str, str]
+    bus: Bus, figures: Figures, final: Outcomes, expected: dict[str, str]
 ) -> None:
     """Every decision has its audit record, and the tenant's hash chain verifies."""
     records = await audit.read(bus, "default")
@@ -645,22 +418,29 @@ async def _check_audit(
         i for i in expected if final.decision(i) is not None and i not in audited
     )
     dead_audited = {r.ref for _, r in records if r.kind == "dead_letter"}
-    figures.audit_missing_dlq = sorted(i for i in figures.dead_only if i not in dead_audited)
+    figures.audit_missing_dlq = sorted(i for i in figures.tally.dead_only if i not in dead_audited)
     check = audit.verify(records)
     figures.audit_chain = str(check)
     figures.audit_ok = check.ok
 
 
-def assert_figures(figures: Figures, mesh: FaultMesh) -> None:
-    """The promises: never lose an event, never decide one twice, never both decide and
+def assert_figures(figures: Figures, mesh: ProcessMesh, rounds: list[str]) -> None:
+    """Print what happened (each fault round, examples of what went wrong, the figures), then
+    check the promises: never lose an event, never decide one twice, never both decide and
     dead-letter it; the ledger agrees with what was published; the audit trail has it all."""
+    print("\n" + "\n".join(rounds))
+    print(figures.details())
+    print(figures.line())
     errors = f"\nerrors the processes logged:\n{mesh.error_summary()}"
-    assert not figures.lost, (
-        f"{len(figures.lost)} published events have no outcome (no decision, no dead letter), "
-        f"e.g. {figures.lost[:5]}{errors}"
+    lost = figures.tally.lost
+    assert not lost, (
+        f"{len(lost)} published events have no outcome (no decision, no dead letter), "
+        f"e.g. {lost[:5]}{errors}"
     )
-    assert not figures.doubled, f"decided more than once: {figures.doubled[:10]}{errors}"
-    assert not figures.both, f"decided and dead-lettered: {figures.both[:10]}{errors}"
+    assert not figures.tally.doubled, (
+        f"decided more than once: {figures.tally.doubled[:10]}{errors}"
+    )
+    assert not figures.tally.both, f"decided and dead-lettered: {figures.tally.both[:10]}{errors}"
     assert not figures.unsettled, f"{figures.unsettled}{errors}"
     assert not figures.mismatched, (
         f"ledger and published decision disagree: {figures.mismatched[:10]}"

@@ -9,7 +9,6 @@ is never touched), and killed on teardown if they outlived their parent.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -17,14 +16,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tests.support.waits import eventually, wait_for
+
 MESH = Path(sys.executable).parent / "mesh"
-REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO / "agents" / "samples"
 
 HEARTBEAT_S = 0.5
 CARD_TTL_S = 3.0
@@ -170,30 +169,6 @@ def run_mesh(
     return Ran(args, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
-def wait_for(
-    what: str,
-    check: Callable[[], Any],
-    *,
-    timeout: float,
-    every: float = 0.1,
-    alive: Callable[[], None] | None = None,
-    detail: Callable[[], Any] | None = None,
-) -> Any:
-    """Poll `check` until it returns something truthy (returned); bounded. `alive` may raise to
-    end the wait early (e.g. the process under test died); `detail()` is shown on failure."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if alive is not None:
-            alive()
-        got = check()
-        if got:
-            return got
-        if time.monotonic() >= deadline:
-            seen = f"; last seen: {detail()}" if detail is not None else ""
-            raise AssertionError(f"{what}: not within {timeout:.1f}s{seen}")
-        time.sleep(every)
-
-
 # -- `mesh up` ------------------------------------------------------------------------------------
 @dataclass
 class MeshUp:
@@ -236,6 +211,34 @@ class MeshUp:
             parts.append(f"--- {log.name} ---\n{log.read_text(errors='replace')[-1500:]}")
         return "\n".join(parts)
 
+    async def wait_agents(
+        self, ready: Callable[[list[Any]], bool], what: str, *, timeout: float = 30.0
+    ) -> list[Any]:
+        """Until the live registrations (read as the product reads them) satisfy `ready`;
+        returns them. On failure: what was live at the end, and every log."""
+        seen: list[str] = []
+
+        async def check() -> list[Any] | None:
+            regs = await live_registrations(self.url)
+            now = time.time()
+            seen[:] = [
+                f"{r.agent}/{r.instance} pid={r.pid} seen {now - r.seen_at:.1f}s ago" for r in regs
+            ]
+            return regs if ready(regs) else None
+
+        try:
+            got: list[Any] = await eventually(
+                check,
+                what,
+                timeout=timeout,
+                every=0.2,
+                alive=self.assert_running,
+                detail=lambda: seen,
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.logs()}") from None
+        return got
+
     def mesh(self, *args: str, timeout: float = CLI_TIMEOUT_S) -> Ran:
         """Run another `mesh` command in the same folder (it finds the server via MESH_HOME)."""
         return run_mesh(list(args), cwd=self.cwd, env=self.env, timeout=timeout)
@@ -256,7 +259,7 @@ class MeshUp:
                 else:
                     # A clean stop waits for its children; give stragglers a bounded moment.
                     with contextlib.suppress(AssertionError):
-                        wait_for("children gone", lambda: not still_running(self.known), timeout=5)
+                        wait_for(lambda: not still_running(self.known), "children gone", timeout=5)
                     leftovers = still_running(self.known)
         finally:
             _kill_group(self.proc)
@@ -279,13 +282,14 @@ def _up_ready(up: MeshUp) -> bool:
     return True
 
 
-def start_mesh_up(cwd: Path, **extra_env: str) -> MeshUp:
-    """Start `mesh up` in `cwd` and wait until it says it is up and wrote its state file."""
+def start_mesh_up(cwd: Path, *args: str, **extra_env: str) -> MeshUp:
+    """Start `mesh up ARGS` in `cwd` and wait until it says it is up and wrote its state file
+    (on failure: its output and every process log in the error)."""
     env = mesh_env(cwd, **extra_env)
     out = open(cwd / "up.stdout", "wb")  # noqa: SIM115  # closed in MeshUp.stop
     err = open(cwd / "up.stderr", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [str(MESH), "up"],
+        [str(MESH), "up", *args],
         cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -295,7 +299,8 @@ def start_mesh_up(cwd: Path, **extra_env: str) -> MeshUp:
     )
     up = MeshUp(cwd, env, proc, cwd / "up.stdout", cwd / "up.stderr", _files=[out, err])
     try:
-        wait_for("`mesh up` ready", lambda: _up_ready(up), timeout=UP_READY_TIMEOUT_S, every=0.1)
+        what = " ".join(["`mesh up", *args]) + "` ready"
+        wait_for(lambda: _up_ready(up), what, timeout=UP_READY_TIMEOUT_S)
         up.remember_children()
     except BaseException as e:
         logs = up.logs()
@@ -328,31 +333,3 @@ async def live_registrations(url: str) -> list[Any]:
 
     async with await Bus.connect(url, name="e2e-test", settings=bus_settings()) as bus:
         return await Registry(bus).live()
-
-
-def sample(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((SAMPLES / name).read_text())
-    return data
-
-
-async def eventually(
-    what: str,
-    check: Callable[[], Awaitable[Any]],
-    *,
-    timeout: float,
-    every: float = 0.1,
-    alive: Callable[[], None] | None = None,
-    detail: Callable[[], Any] | None = None,
-) -> Any:
-    """`wait_for` for coroutines: poll until `check()` returns something truthy; bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if alive is not None:
-            alive()
-        got = await check()
-        if got:
-            return got
-        if time.monotonic() >= deadline:
-            seen = f"; last seen: {detail()}" if detail is not None else ""
-            raise AssertionError(f"{what}: not within {timeout:.1f}s{seen}")
-        await asyncio.sleep(every)

@@ -5,8 +5,6 @@ through it; Ctrl-C stops every process it started."""
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,16 +13,15 @@ from typing import Any
 import pytest
 
 from tests.e2e.procs import (
-    MESH,
-    UP_READY_TIMEOUT_S,
     MeshUp,
     bus_settings,
     live_registrations,
     mesh_env,
-    sample,
+    run_mesh,
+    start_mesh_up,
     still_running,
-    wait_for,
 )
+from tests.support.samples import sample
 
 pytestmark = pytest.mark.e2e
 
@@ -33,63 +30,18 @@ NODES = 3
 DECIDE_TIMEOUT_S = 20.0  # the release policy's deadline is 4 s; this only bounds a broken run
 
 
-def _ready(up: MeshUp) -> bool:
-    up.assert_running()
-    if "mesh is up" not in up.stdout():
-        return False
-    try:
-        up.url = str(json.loads((up.home / "nats.json").read_text())["url"])
-    except (OSError, ValueError, KeyError):
-        return False
-    return True
-
-
-def _reviewer_instances(regs: list[Any]) -> list[Any]:
-    return [r for r in regs if r.agent in REVIEWERS]
+def _six_reviewers(regs: list[Any]) -> bool:
+    return len([r for r in regs if r.agent in REVIEWERS]) == 2 * len(REVIEWERS)
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshUp]:
-    cwd = tmp_path_factory.mktemp("cluster")
-    env = mesh_env(cwd)  # no MESH_NATS_URL; MESH_HOME in cwd; heartbeat 0.5 s, card TTL 3 s
-    assert "MESH_NATS_URL" not in env
-    out = open(cwd / "up.stdout", "wb")  # noqa: SIM115  # closed in MeshUp.stop
-    err = open(cwd / "up.stderr", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [str(MESH), "up", "--cluster", str(NODES)],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=err,
-        start_new_session=True,
-    )
-    mesh = MeshUp(cwd, env, proc, cwd / "up.stdout", cwd / "up.stderr", _files=[out, err])
+    # No MESH_NATS_URL; MESH_HOME in its folder; heartbeat 0.5 s, card TTL 3 s (`mesh_env`).
+    mesh = start_mesh_up(tmp_path_factory.mktemp("cluster"), "--cluster", str(NODES))
     try:
-        wait_for("`mesh up --cluster 3` ready", lambda: _ready(mesh), timeout=UP_READY_TIMEOUT_S)
-        seen: list[str] = []
-
-        def six_reviewers() -> bool:
-            regs = _reviewer_instances(asyncio.run(live_registrations(mesh.url)))
-            seen[:] = [f"{r.agent}/{r.instance} pid={r.pid}" for r in regs]
-            return len(regs) == 2 * len(REVIEWERS)
-
-        wait_for(
-            "6 reviewer instances registered",
-            six_reviewers,
-            timeout=30,
-            every=0.2,
-            alive=mesh.assert_running,
-            detail=lambda: seen,
-        )
+        assert "MESH_NATS_URL" not in mesh.env
+        asyncio.run(mesh.wait_agents(_six_reviewers, "6 reviewer instances registered"))
         mesh.remember_children()
-    except BaseException as e:
-        logs = mesh.logs()
-        mesh.stop()
-        if isinstance(e, AssertionError):
-            raise AssertionError(f"{e}\n{logs}") from None
-        raise
-    try:
         yield mesh
     finally:
         mesh.stop()
@@ -127,7 +79,7 @@ async def test_a_release_is_decided_through_the_cluster(up: MeshUp) -> None:
     from mesh.records import Decision, decision_decoder
 
     event = envelope.new_event(
-        "release.proposed", sample("release_secret.json"), event_id=f"e2e-{uuid.uuid4().hex[:8]}"
+        "release.proposed", sample("secret"), event_id=f"e2e-{uuid.uuid4().hex[:8]}"
     )
     async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings()) as bus:
         got: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
@@ -184,8 +136,6 @@ def test_ctrl_c_stops_every_process(up: MeshUp) -> None:
 
 
 def test_cluster_refuses_what_cannot_work(tmp_path: Path) -> None:
-    from tests.e2e.procs import run_mesh
-
     two = run_mesh(["up", "--cluster", "2"], cwd=tmp_path, env=mesh_env(tmp_path))
     assert two.returncode == 2, str(two)
     assert "--cluster" in two.stderr and "Traceback" not in two.stderr, str(two)

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.procs import bus_settings, eventually, sample
+from tests.e2e.procs import bus_settings
+from tests.support.samples import sample
+from tests.support.waits import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
@@ -74,7 +76,7 @@ async def publish_decide_dedup(url: str) -> None:
         await bus.ensure()
 
         release = envelope.new_event(
-            "release.proposed", sample("release_clean.json"), event_id=f"dk-{uuid.uuid4().hex}"
+            "release.proposed", sample("clean"), event_id=f"dk-{uuid.uuid4().hex}"
         )
         first = await bus.publish_event(release)
         again = await bus.publish_event(release)
@@ -102,7 +104,7 @@ async def publish_decide_dedup(url: str) -> None:
                         got[d.get("event_id")] = d
                     return got if release.id in got and invoice.id in got else None
 
-                got = await eventually("dead letters for both events", dead_letters, timeout=20)
+                got = await eventually(dead_letters, "dead letters for both events", timeout=20)
             finally:
                 stop.set()
                 await asyncio.wait_for(task, timeout=15)

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from mesh.server import free_port
-from tests.e2e.procs import SAMPLES, start_mesh_up, wait_for
+from tests.e2e.procs import start_mesh_up
+from tests.support.samples import sample_path
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -20,8 +22,8 @@ def test_trace_metrics_audit_and_status_of_a_running_mesh(tmp_path: Path) -> Non
     up = start_mesh_up(tmp_path, MESH_TRACE_STREAM="1", MESH_METRICS_PORT=str(port))
     try:
         ids = []
-        for name in ("release_clean.json", "release_secret.json"):
-            ran = up.mesh("publish", "release.proposed", f"@{SAMPLES / name}")
+        for kind in ("clean", "secret"):
+            ran = up.mesh("publish", "release.proposed", f"@{sample_path(kind)}")
             assert ran.returncode == 0, ran
             ids.append(ran.stdout.strip())
 
@@ -29,14 +31,14 @@ def test_trace_metrics_audit_and_status_of_a_running_mesh(tmp_path: Path) -> Non
             ran = up.mesh("decisions", "--json")
             return ran.returncode == 0 and all(i in ran.stdout for i in ids)
 
-        wait_for("both decisions", decided, timeout=30)
+        wait_for(decided, "both decisions", timeout=30)
 
         # The spans of all processes reach the stream within the exporters' batch delay.
         def traced() -> bool:
             ran = up.mesh("trace", ids[1])
             return ran.returncode == 0 and ran.stdout.count("invoke_agent") >= 6
 
-        wait_for("a full trace", traced, timeout=30)
+        wait_for(traced, "a full trace", timeout=30)
         tree = up.mesh("trace", ids[1]).stdout
         print(tree)
         assert "rejected" in tree.splitlines()[0]

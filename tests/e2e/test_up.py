@@ -15,19 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.procs import (
-    CARD_TTL_S,
-    HEARTBEAT_S,
-    SAMPLES,
-    MeshUp,
-    bus_settings,
-    eventually,
-    live_registrations,
-    sample,
-    start_mesh_up,
-    wait_for,
-)
-from tests.helpers import jsonrpc
+from tests.e2e.procs import CARD_TTL_S, HEARTBEAT_S, MeshUp, bus_settings, start_mesh_up
+from tests.support.samples import jsonrpc, sample, sample_path
+from tests.support.waits import eventually, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -41,23 +31,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshUp]:
     """One `mesh up` for the module's tests, ready once the registry lists the three agents."""
     mesh = start_mesh_up(tmp_path_factory.mktemp("up"))
     try:
-        seen: list[Any] = []
-
-        def three_agents() -> bool:
-            regs = asyncio.run(live_registrations(mesh.url))
-            seen[:] = [_describe(regs)]
-            return _reviewers_up(regs)
-
-        try:
-            wait_for(
-                "the 3 reviewers live",
-                three_agents,
-                timeout=30,
-                alive=mesh.assert_running,
-                detail=lambda: seen,
-            )
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n{mesh.logs()}") from None
+        asyncio.run(mesh.wait_agents(_reviewers_up, "the 3 reviewers live"))
         yield mesh
     finally:
         mesh.stop()
@@ -67,11 +41,6 @@ def _reviewers_up(regs: list[Any]) -> bool:
     """Each reviewer live, with exactly one instance (`mesh up` runs one replica)."""
     names = [r.agent for r in regs]
     return all(names.count(a) == 1 for a in REVIEWERS)
-
-
-def _describe(regs: list[Any]) -> list[str]:
-    now = time.time()
-    return [f"{r.agent}/{r.instance} pid={r.pid} seen {now - r.seen_at:.1f}s ago" for r in regs]
 
 
 def _jsonrpc_url(regs: list[Any], agent: str) -> str:
@@ -104,7 +73,7 @@ async def test_a2a_sdk_client_gets_a_verdict(up: MeshUp) -> None:
     from a2a.types import Message, Role, SendMessageRequest, TaskState
     from google.protobuf.json_format import MessageToDict
 
-    url = _jsonrpc_url(await live_registrations(up.url), "security-review")
+    url = _jsonrpc_url(await up.wait_agents(_reviewers_up, "reviewers"), "security-review")
     async with httpx.AsyncClient(timeout=10) as http:
         card = await A2ACardResolver(http, url).get_agent_card()
     assert card.name == "security-review"
@@ -130,8 +99,8 @@ async def test_a2a_sdk_client_gets_a_verdict(up: MeshUp) -> None:
             assert tasks, events
             return tasks[-1]
 
-        clean = await ask(sample("release_clean.json"))
-        secret = await ask(sample("release_secret.json"))
+        clean = await ask(sample("clean"))
+        secret = await ask(sample("secret"))
     finally:
         await client.close()
 
@@ -150,8 +119,8 @@ async def test_a2a_sdk_client_gets_a_verdict(up: MeshUp) -> None:
 async def test_same_jsonrpc_over_http_and_nats(up: MeshUp) -> None:
     from mesh.bus import Bus
 
-    url = _jsonrpc_url(await live_registrations(up.url), "security-review")
-    release = sample("release_clean.json")
+    url = _jsonrpc_url(await up.wait_agents(_reviewers_up, "reviewers"), "security-review")
+    release = sample("clean")
 
     def body() -> bytes:
         message = {
@@ -188,7 +157,7 @@ async def test_same_jsonrpc_over_http_and_nats(up: MeshUp) -> None:
 
 # -- c. CLI round trip: publish, then read the decision back ------------------------------------
 def test_cli_publish_then_decision(up: MeshUp) -> None:
-    ran = up.mesh("publish", "release.proposed", f"@{SAMPLES / 'release_secret.json'}")
+    ran = up.mesh("publish", "release.proposed", f"@{sample_path('secret')}")
     assert ran.returncode == 0, str(ran)
     event_id = ran.stdout.strip()
     assert event_id and len(event_id.split()) == 1, str(ran)
@@ -200,8 +169,8 @@ def test_cli_publish_then_decision(up: MeshUp) -> None:
         return next((d for d in listed.json() if d["event_id"] == event_id), None)
 
     decision = wait_for(
-        f"decision for {event_id}",
         decided,
+        f"decision for {event_id}",
         timeout=DECIDE_TIMEOUT_S,
         every=0.2,
         alive=up.assert_running,
@@ -242,7 +211,7 @@ def test_cli_publish_malformed_and_unknown_type_are_dead_lettered(up: MeshUp) ->
         return (m, u) if m and u else None
 
     m, u = wait_for(
-        "both dead letters", both, timeout=DECIDE_TIMEOUT_S, every=0.2, alive=up.assert_running
+        both, "both dead letters", timeout=DECIDE_TIMEOUT_S, every=0.2, alive=up.assert_running
     )
     assert m["reason"] == "malformed", m
     assert m["subject"] == "mesh.evt.default.release.proposed", m
@@ -256,29 +225,10 @@ async def test_kill_9_agent(mesh_up: MeshUp) -> None:
     """Its own `mesh up` (this test breaks the mesh)."""
     from mesh import envelope, subjects
     from mesh.bus import Bus, tail
-    from mesh.registry import Registry
 
     up = mesh_up
+    regs = await up.wait_agents(_reviewers_up, "the 3 reviewers live")
     async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings()) as bus:
-        registry = Registry(bus)
-
-        seen: list[Any] = []
-
-        async def three() -> list[Any] | None:
-            regs = await registry.live()
-            seen[:] = [_describe(regs)]
-            return regs if _reviewers_up(regs) else None
-
-        try:
-            regs = await eventually(
-                "the 3 reviewers live",
-                three,
-                timeout=30,
-                alive=up.assert_running,
-                detail=lambda: seen,
-            )
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n{up.logs()}") from None
         [quality] = [r for r in regs if r.agent == "quality-review"]
         # Only a process this test started (a descendant of our `mesh up`) may be killed.
         assert quality.pid in up.remember_children(), (quality.pid, up.known)
@@ -287,7 +237,7 @@ async def test_kill_9_agent(mesh_up: MeshUp) -> None:
         killed_at = time.monotonic()
         event = envelope.new_event(
             "release.proposed",
-            sample("release_clean.json"),
+            sample("clean"),
             event_id=f"e2e-kill-{uuid.uuid4().hex[:8]}",
         )
         await bus.publish_event(event)
@@ -299,8 +249,8 @@ async def test_kill_9_agent(mesh_up: MeshUp) -> None:
 
         try:
             d = await eventually(
-                f"decision for {event.id}",
                 decision,
+                f"decision for {event.id}",
                 timeout=DECIDE_TIMEOUT_S,
                 alive=up.assert_running,
             )
@@ -319,21 +269,14 @@ async def test_kill_9_agent(mesh_up: MeshUp) -> None:
         # The registry forgets the dead instance once its card is past its TTL.
         bound = CARD_TTL_S + HEARTBEAT_S + 2.0
 
-        async def forgotten() -> list[Any] | None:
-            regs = await registry.live()
-            seen[:] = [_describe(regs)]
-            return regs if "quality-review" not in {r.agent for r in regs} else None
-
-        remaining = await eventually(
+        remaining = await up.wait_agents(
+            lambda regs: "quality-review" not in {r.agent for r in regs},
             "quality-review gone from the registry",
-            forgotten,
             timeout=max(0.0, killed_at + bound - time.monotonic()),
-            alive=up.assert_running,
-            detail=lambda: seen,
         )
         # Every other instance that was live before the kill still is (same instance ids).
         others = {r.key for r in regs if r.agent != "quality-review"}
-        assert others <= {r.key for r in remaining}, (_describe(remaining), others)
+        assert others <= {r.key for r in remaining}, (remaining, others)
 
     listed = up.mesh("agents")
     assert listed.returncode == 0, str(listed)
@@ -343,8 +286,8 @@ async def test_kill_9_agent(mesh_up: MeshUp) -> None:
         assert agent in listed.stdout and instance in listed.stdout, (key, str(listed))
     # `mesh up` noticed, said so, and kept running.
     wait_for(
-        "`mesh up` reports the dead agent",
         lambda: "quality-review exited" in up.stderr(),
+        "`mesh up` reports the dead agent",
         timeout=5,
         alive=up.assert_running,
     )

@@ -1,11 +1,13 @@
-"""Fixtures for the fault tests: a real nats-server, real coordinator and agent processes.
+"""Fixtures for the fault tests: a real nats-server (the root `nats_server` and `bus` fixtures,
+with this folder's liveness clocks), and real coordinator and agent processes (`procs`).
 
 Everything a test starts is stopped in teardown (processes SIGCONT'ed first, then terminated,
-then killed if they linger); every wait is a poll with a deadline.
+then killed if they linger); every wait is bounded.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,48 +15,43 @@ import pytest
 
 from mesh.bus import Bus
 from mesh.server import EmbeddedServer
-from tests.faults.support import CARD_TTL_S, FaultMesh, fault_settings
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "faults: fault injection against real processes (kill -9, SIGSTOP, garbage agents, "
-        "poison events); part of make test",
-    )
-
-
-@pytest.fixture
-def fault_server() -> Iterator[EmbeddedServer]:
-    server = EmbeddedServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+from mesh.settings import Settings
+from tests.support.launcher import CARD_TTL_S, HEARTBEAT_S, ProcessMesh, clocks
 
 
 @pytest.fixture
 def card_ttl_s() -> float:
-    """Overridden per test module/test with `@pytest.mark.parametrize` or a local fixture."""
+    """Overridden by a test module that needs another TTL."""
     return CARD_TTL_S
 
 
 @pytest.fixture
-async def fault_bus(fault_server: EmbeddedServer, card_ttl_s: float) -> AsyncIterator[Bus]:
-    # Created before any child process, so the buckets get this test's TTLs.
-    async with await Bus.connect(
-        fault_server.url, name="fault-test", settings=fault_settings(card_ttl_s)
-    ) as bus:
-        await bus.ensure()
-        yield bus
+def settings(card_ttl_s: float) -> Settings:
+    # The test's bus is connected (and the buckets made) before any child process starts, so
+    # the buckets get these TTLs.
+    return Settings(heartbeat_s=HEARTBEAT_S, card_ttl_s=card_ttl_s, http_port=0)
 
 
 @pytest.fixture
-def fault_mesh(
-    fault_server: EmbeddedServer, fault_bus: Bus, tmp_path: Path, card_ttl_s: float
-) -> Iterator[FaultMesh]:
-    mesh = FaultMesh(fault_server.url, tmp_path, card_ttl_s=card_ttl_s)
-    try:
+def procs(
+    nats_server: EmbeddedServer, bus: Bus, tmp_path: Path, card_ttl_s: float
+) -> Iterator[ProcessMesh]:
+    with ProcessMesh(nats_server.url, tmp_path, clocks(card_ttl_s=card_ttl_s)) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
+
+
+@pytest.fixture
+async def advisories(bus: Bus) -> AsyncIterator[str]:
+    """Events whose redeliveries run out must still end in the DLQ. If the coordinator process
+    does not listen for JetStream's give-up advisories itself, the test process does; yields
+    who handles them."""
+    import coordinator.run
+    import coordinator.service
+    from coordinator.dlq import AdvisoryDeadLetters
+
+    sources = inspect.getsource(coordinator.run) + inspect.getsource(coordinator.service)
+    if "AdvisoryDeadLetters" in sources:
+        yield "coordinator"
+        return
+    async with AdvisoryDeadLetters(bus):
+        yield "test process"

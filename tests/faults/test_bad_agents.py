@@ -18,20 +18,10 @@ from mesh.cards import load_card, with_interfaces
 from mesh.dev.launcher import Child
 from mesh.records import Decision
 from mesh.registry import Registry, new_instance_id
-from tests.faults.support import (
-    REVIEWER_SKILLS,
-    REVIEWERS,
-    FaultMesh,
-    Outcomes,
-    assert_alive,
-    release_event,
-    reviewer_policy,
-    sample,
-    wait_agents,
-    wait_consuming,
-    write_policy,
-    write_slow_card,
-)
+from tests.support import samples
+from tests.support.launcher import ProcessMesh
+from tests.support.outcomes import Outcomes
+from tests.support.waits import all_alive
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -72,7 +62,7 @@ def garbage_answer(request: bytes) -> bytes:
 async def garbage_agent(bus: Bus, cards: Path) -> AsyncIterator[list[bytes]]:
     """A raw NATS responder in this process, registered with a card that has GARBAGE_SKILL."""
     card = with_interfaces(
-        load_card(write_slow_card(cards, GARBAGE_SKILL, name=GARBAGE)),
+        load_card(samples.write_card(cards, GARBAGE, GARBAGE_SKILL)),
         http_url=None,
         nats_subject=GARBAGE_SUBJECT,
     )
@@ -93,7 +83,7 @@ async def garbage_agent(bus: Bus, cards: Path) -> AsyncIterator[list[bytes]]:
 async def decision_of(
     outcomes: Outcomes, event_id: str, coordinator: Child, timeout: float = 30.0
 ) -> Decision:
-    missing = await outcomes.wait_all([event_id], timeout=timeout, alive=assert_alive(coordinator))
+    missing = await outcomes.wait_all([event_id], timeout=timeout, alive=all_alive(coordinator))
     assert not missing, f"no outcome for {event_id}"
     assert not outcomes.dead_letters(event_id), outcomes.dead_letters(event_id)
     d = outcomes.decision(event_id)
@@ -103,14 +93,15 @@ async def decision_of(
 
 
 async def test_garbage_answers_and_a_hung_agent_never_crash_the_coordinator(
-    fault_bus: Bus, fault_mesh: FaultMesh, tmp_path: Path
+    bus: Bus, procs: ProcessMesh
 ) -> None:
-    policy = write_policy(
-        tmp_path / "policies.toml",
+    policy = procs.policy(
         {
-            "release.proposed": reviewer_policy(agent_timeout_s=1.0, deadline_s=3.0, retries=1),
-            "fault.garbage": reviewer_policy(
-                skills=["release-security-review", GARBAGE_SKILL],
+            "release.proposed": samples.reviewer_policy(
+                agent_timeout_s=1.0, deadline_s=3.0, retries=1
+            ),
+            "fault.garbage": samples.policy(
+                ["release-security-review", GARBAGE_SKILL],
                 agent_timeout_s=2.0,
                 deadline_s=5.0,
                 retries=1,
@@ -118,23 +109,19 @@ async def test_garbage_answers_and_a_hung_agent_never_crash_the_coordinator(
             ),
         },
     )
-    reviewers = fault_mesh.reviewers()
-    by_name = dict(zip(REVIEWERS, reviewers, strict=True))
-    coordinator = fault_mesh.coordinator(policy)
     run = f"bad-{time.time_ns()}"
-    outcomes = Outcomes(fault_bus)
-    started = time.monotonic()
-    async with garbage_agent(fault_bus, tmp_path / "cards") as requests, outcomes.watching():
-        await wait_agents(
-            fault_bus, [*REVIEWERS, GARBAGE], alive=assert_alive(*reviewers, coordinator)
-        )
-        await wait_consuming(fault_mesh, coordinator)
+    outcomes = Outcomes(bus)
+    clean = samples.sample("clean")
+    async with garbage_agent(bus, procs.cards) as requests, outcomes.watching():
+        running = await procs.up(bus, policy, also=[GARBAGE])
+        [coordinator] = running.coordinators
+        started = time.monotonic()
 
         # (a) garbage: one event per kind of garbage, each decided before the next goes out.
         garbage_votes = []
         for kind in GARBAGE_KINDS:
-            event = release_event(f"{run}-garbage-{kind}", sample("clean"), "fault.garbage")
-            await fault_bus.publish_event(event)
+            event = samples.release_event(f"{run}-garbage-{kind}", clean, "fault.garbage")
+            await bus.publish_event(event)
             d = await decision_of(outcomes, event.id, coordinator)
             votes = {v.skill: v for v in d.votes}
             garbage_votes.append(votes[GARBAGE_SKILL])
@@ -147,38 +134,36 @@ async def test_garbage_answers_and_a_hung_agent_never_crash_the_coordinator(
         assert len(requests) >= len(GARBAGE_KINDS)  # it really was asked
 
         # (b) a hung agent: the process is stopped, its subscription still there.
-        quality = by_name["quality-review"]
-        fault_mesh.pause(quality)
+        [quality] = running.agents["quality-review"]
+        procs.pause(quality)
         hung_id = f"{run}-hung"
-        await fault_bus.publish_event(release_event(hung_id, sample("clean")))
+        await bus.publish_event(samples.release_event(hung_id, clean))
         d = await decision_of(outcomes, hung_id, coordinator)
         hung_vote = next(v for v in d.votes if v.skill == "release-quality-review")
         assert hung_vote.outcome == "timeout", hung_vote
         assert hung_vote.counted_as == "reject"
         assert d.outcome == "rejected"
-        fault_mesh.resume(quality)
+        procs.resume(quality)
 
         # Still alive, and the next ordinary event is decided as usual.
-        assert coordinator.alive, fault_mesh.log(coordinator)[-2000:]
+        assert coordinator.alive, procs.log(coordinator)[-2000:]
         normal_id = f"{run}-normal"
-        await fault_bus.publish_event(release_event(normal_id, sample("clean")))
+        await bus.publish_event(samples.release_event(normal_id, clean))
         normal = await decision_of(outcomes, normal_id, coordinator)
         ids = [f"{run}-garbage-{k}" for k in GARBAGE_KINDS] + [hung_id, normal_id]
         stall = outcomes.max_stall(ids, started)
         await outcomes.refresh()
-    decided, dead = outcomes.decided_ids(), outcomes.dead_ids()
-    lost = [i for i in ids if not decided[i] and not dead[i]]
-    doubled = [i for i in ids if decided[i] > 1]
+    tally = outcomes.tally(ids)
 
     print(
         f"\nFAULTS bad-agents: events={len(ids)} faults=4 (garbage answers=3, hung agents=1) "
-        f"lost={len(lost)} doubled={len(doubled)} max_stall={stall:.1f}s "
+        f"lost={len(tally.lost)} doubled={len(tally.doubled)} max_stall={stall:.1f}s "
         f"garbage-votes={[(v.outcome, v.attempts) for v in garbage_votes]} "
         f"hung-vote=({hung_vote.outcome}, attempts={hung_vote.attempts}) "
         f"next-event={normal.outcome} coordinator-alive={coordinator.alive}"
     )
-    assert not lost and not doubled
+    assert not tally.lost and not tally.doubled
     assert normal.outcome == "approved", normal
     assert all(v.outcome == "voted" and v.counted_as == "approve" for v in normal.votes)
-    assert [v.skill for v in normal.votes] == REVIEWER_SKILLS
+    assert [v.skill for v in normal.votes] == samples.REVIEWER_SKILLS
     assert coordinator.alive

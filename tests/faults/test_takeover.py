@@ -4,75 +4,64 @@ takes the event over must still hear from the (healthy) voter, not count it as a
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
 from coordinator import policy as policies
 from coordinator.service import ACK_WAIT_S, LEASE_S
 from mesh.bus import Bus
-from tests.faults.support import (
-    SLOW_AGENT,
-    FaultMesh,
-    Outcomes,
-    assert_alive,
-    eventually,
-    release_event,
-    wait_agents,
-    wait_consuming,
-    write_policy,
-    write_slow_card,
-)
+from tests.support import samples
+from tests.support.launcher import ProcessMesh
+from tests.support.outcomes import Outcomes
+from tests.support.waits import all_alive, eventually
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(120)]
 
+VOTER = "slow-review"
 SKILL = "fault-takeover-review"
 
 
 async def test_a_take_over_with_the_shipped_clocks_asks_the_voter_again(
-    fault_bus: Bus, fault_mesh: FaultMesh, tmp_path: Path
+    bus: Bus, procs: ProcessMesh
 ) -> None:
     shipped = policies.load().get("release.proposed")
     assert shipped is not None
     # The shipped clocks of release.proposed, one voter: the slow agent, which answers well
     # within agent_timeout_s (and remembers its answer by message id, so a repeat is instant).
     delay_s = shipped.agent_timeout_s / 2
-    policy = write_policy(
-        tmp_path / "policies.toml",
+    policy = procs.policy(
         {
-            "fault.takeover": {
-                "skills": [SKILL],
-                "rule": {"kind": "unanimous"},
-                "agent_timeout_s": shipped.agent_timeout_s,
-                "deadline_s": shipped.deadline_s,
-                "retries": shipped.retries,
-                "timeout_counts_as": shipped.timeout_counts_as,
-                "decision_type": "fault.takeover.decided",
-            }
-        },
+            "fault.takeover": samples.policy(
+                [SKILL],
+                agent_timeout_s=shipped.agent_timeout_s,
+                deadline_s=shipped.deadline_s,
+                retries=shipped.retries,
+                timeout_counts_as=shipped.timeout_counts_as,
+                decision_type="fault.takeover.decided",
+            )
+        }
     )
-    cards = tmp_path / "cards"
-    write_slow_card(cards, SKILL)
-    agent = fault_mesh.slow_agent(cards)
-    first = fault_mesh.coordinator(policy)
-    await wait_agents(fault_bus, [SLOW_AGENT], alive=assert_alive(agent, first))
-    await wait_consuming(fault_mesh, first)
+    running = await procs.up(bus, policy, reviewers=(), voters={VOTER: SKILL})
+    [agent] = running.agents[VOTER]
+    [first] = running.coordinators
 
     event_id = f"takeover-{time.time_ns()}"
-    event = release_event(event_id, {"delay_s": delay_s, "fault_tag": event_id}, "fault.takeover")
+    data = {"delay_s": delay_s, "fault_tag": event_id}
     started = time.monotonic()
-    await fault_bus.publish_event(event)
+    await bus.publish_event(samples.release_event(event_id, data, "fault.takeover"))
 
-    async def asked() -> bool:
-        return f"slow agent received {event_id}" in fault_mesh.log(agent)
+    await eventually(
+        lambda: f"voter {VOTER} received {event_id}" in procs.log(agent),
+        "the voter was asked",
+        timeout=20,
+        alive=running.alive,
+    )
+    procs.kill9(first)  # mid-collection: the vote is on its way to a dead coordinator
+    second = procs.coordinator(policy)
 
-    await eventually("the voter was asked", asked, timeout=20, alive=assert_alive(agent, first))
-    fault_mesh.kill9(first)  # mid-collection: the vote is on its way to a dead coordinator
-    second = fault_mesh.coordinator(policy)
-
-    outcomes = Outcomes(fault_bus)
+    outcomes = Outcomes(bus)
     async with outcomes.watching():
-        missing = await outcomes.wait_all([event_id], timeout=60, alive=assert_alive(agent, second))
+        missing = await outcomes.wait_all([event_id], timeout=60, alive=all_alive(agent, second))
     await outcomes.refresh()
     d = outcomes.decision(event_id)
     vote = d.votes[0] if d else None
@@ -86,7 +75,7 @@ async def test_a_take_over_with_the_shipped_clocks_asks_the_voter_again(
         f"{vote.error if vote else ''!r})"
     )
 
-    assert not missing, fault_mesh.logs_tail()
+    assert not missing, procs.logs_tail()
     assert d is not None and outcomes.decided_ids()[event_id] == 1
     assert d.takeovers == 1, d
     # The voter was alive and answered within its timeout the whole time: only the crash of the
