@@ -1,8 +1,9 @@
 """Transport floor: one ~1 KiB A2A SendMessage to a trivial agent, three ways, in one run.
 
 (a) raw nats-py request/reply to a responder process that answers canned bytes (the floor);
-(b) A2A over NATS: `A2AClient.send_message` to the test voting agent (`tests.support.voter`:
-    `Agent.main`, as shipped, its own process), which answers at once;
+(b) A2A over NATS: `mesh.a2a.AgentClient.send` (a2a-sdk's typed objects) to the test voting
+    agent (`tests.support.voter`: `Agent.main`, as shipped, its own process), which answers at
+    once;
 (c) A2A over HTTP: the same agent process's uvicorn endpoint, httpx keep-alive client,
     header `A2A-Version: 1.0` (and a minimal client, to show what httpx itself costs).
 
@@ -31,8 +32,7 @@ import httpx
 from bench import profile
 from bench.common import Proc, Sized, banner, fmt, md_table, note, num, pct
 from mesh import subjects
-from mesh.a2a import jsonrpc
-from mesh.a2a.client import A2AClient, user_message
+from mesh.a2a import AgentClient, jsonrpc, task_of, task_state, user_message
 from mesh.bus import Bus
 from mesh.dev.launcher import Child
 from mesh.registry import Registry
@@ -278,7 +278,7 @@ async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[s
     raw_clients: list[RawHttp] = []
     try:
         agents = await _start_agents(procs, bus)
-        client = A2AClient(bus)
+        client = AgentClient(bus)
         nc = bus.nc
         ids = itertools.count(1)
         probe = jsonrpc.request_body(
@@ -303,8 +303,8 @@ async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[s
 
         def a2a_nats(agent: str) -> Call:
             async def call() -> bool:
-                res = await client.send_message(agent, user_message(data=PAYLOAD), timeout=5)
-                return _completed(res)
+                sent = await client.send(agent, user_message(data=PAYLOAD), timeout=5)
+                return task_state(task_of(sent)) == "TASK_STATE_COMPLETED"
 
             return call
 

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from tests.docs.blocks import REPO, Block, commands, page_blocks
-from tests.e2e.procs import MeshUp, start_mesh_up, wait_for
+from tests.e2e.procs import MeshUp, start_mesh_up
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -150,8 +151,8 @@ def test_the_guides_agent_votes_in_mesh_up(up: MeshUp) -> None:
 
     try:
         decision = wait_for(
-            f"decision for {event_id}",
             decided,
+            f"decision for {event_id}",
             timeout=DECIDE_TIMEOUT_S,
             every=0.2,
             alive=up.assert_running,

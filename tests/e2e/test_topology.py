@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.procs import Ran, live_registrations, mesh_env, run_mesh, start_mesh_up, wait_for
+from tests.e2e.procs import Ran, live_registrations, mesh_env, run_mesh, start_mesh_up
+from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -56,8 +57,8 @@ def test_mesh_up_runs_what_mesh_toml_lists(tmp_path: Path) -> None:
             return len(regs) == 2
 
         wait_for(
-            "two security-review instances",
             two_instances,
+            "two security-review instances",
             timeout=30,
             alive=up.assert_running,
             detail=lambda: seen,
