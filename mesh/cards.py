@@ -112,14 +112,17 @@ def with_interfaces(card: AgentCard, *, http_url: str | None, nats_subject: str)
                 protocol_version=subjects.A2A_VERSION,
             )
         )
-    live.supported_interfaces.append(
-        AgentInterface(
-            url=subjects.a2a_nats_url(nats_subject),
-            protocol_binding=NATS_BINDING,
-            protocol_version=subjects.A2A_VERSION,
-        )
-    )
+    live.supported_interfaces.append(nats_interface(nats_subject))
     return live
+
+
+def nats_interface(subject: str) -> AgentInterface:
+    """A card's interface for A2A over NATS on `subject` (docs/a2a-nats-binding.md)."""
+    return AgentInterface(
+        url=subjects.a2a_nats_url(subject),
+        protocol_binding=NATS_BINDING,
+        protocol_version=subjects.A2A_VERSION,
+    )
 
 
 def card_to_dict(card: AgentCard) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import dataclasses
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC
-from typing import Any, overload
+from typing import Any, Unpack, overload
 
 import msgspec
 from a2a.client import Client, ClientConfig
@@ -33,7 +33,6 @@ from a2a.helpers import new_data_part
 from a2a.types import (
     AgentCapabilities,
     AgentCard,
-    AgentInterface,
     Message,
     Part,
     Role,
@@ -53,11 +52,13 @@ from mesh.a2a.compat import A2AClient, call_http
 from mesh.a2a.transport import (
     DEFAULT_TIMEOUT_S,
     NATS_BINDING,
+    CallOptions,
     NatsTransport,
     call_context,
     client_factory,
 )
 from mesh.bus import Bus
+from mesh.cards import nats_interface
 from mesh.errors import AgentCallError, AgentTimeoutError
 from mesh.verdict import Verdict
 
@@ -92,38 +93,26 @@ class AgentClient:
         message: Message,
         *,
         timeout: float,
-        max_timeout: float | None = None,
-        subject: str | None = None,
-        headers: Mapping[str, str] | None = None,
         configuration: SendMessageConfiguration | None = None,
+        **options: Unpack[CallOptions],
     ) -> Task | Message:
         """SendMessage; blocks until the task ends (unless `configuration` says
-        return_immediately) and returns the Task, or the agent's Message."""
+        return_immediately) and returns the Task, or the agent's Message. `options`:
+        `max_timeout`, `subject`, `headers` (`mesh.a2a.call_context`)."""
         request = SendMessageRequest(message=message, configuration=configuration)
-        context = call_context(
-            timeout=timeout, max_timeout=max_timeout, subject=subject, headers=headers
-        )
+        context = call_context(timeout=timeout, **options)
         response = await self.transport(agent).send_message(request, context=context)
         if response.HasField("message"):
             return response.message
         return response.task
 
     async def stream(
-        self,
-        agent: str,
-        message: Message,
-        *,
-        timeout: float,
-        max_timeout: float | None = None,
-        subject: str | None = None,
-        headers: Mapping[str, str] | None = None,
+        self, agent: str, message: Message, *, timeout: float, **options: Unpack[CallOptions]
     ) -> AsyncGenerator[StreamResponse, None]:
         """SendStreamingMessage: each event as it comes. `timeout` bounds each silence,
         `max_timeout` the whole stream; close the iterator (`contextlib.aclosing`) to stop
         early, and the agent stops streaming."""
-        context = call_context(
-            timeout=timeout, max_timeout=max_timeout, subject=subject, headers=headers
-        )
+        context = call_context(timeout=timeout, **options)
         events = self.transport(agent).send_message_streaming(
             SendMessageRequest(message=message), context=context
         )
@@ -137,11 +126,9 @@ class AgentClient:
         self,
         agent: str | AgentCard,
         *,
-        subject: str | None = None,
         config: ClientConfig | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
-        max_timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        **options: Unpack[CallOptions],
     ) -> Client:
         """a2a-sdk's `Client` for `agent` — a card (its NATS interface is used), or a name
         (its shared subject, or `subject`) — built by a `ClientFactory` that knows the NATS
@@ -149,6 +136,7 @@ class AgentClient:
         `ClientCallContext` (`mesh.a2a.transport.call_context`) overrides them. `config`
         defaults to a2a-sdk's (streaming where the card offers it); the NATS binding is put
         first in its bindings if it lacks it."""
+        subject = options.get("subject")
         if isinstance(agent, str):
             card = _nats_card(agent, subject or subjects.a2a(agent))
         elif subject is not None:
@@ -167,8 +155,8 @@ class AgentClient:
             self.nc,
             config,
             timeout=timeout,
-            max_timeout=max_timeout,
-            headers=headers,
+            max_timeout=options.get("max_timeout"),
+            headers=options.get("headers"),
         )
         return factory.create(card)
 
@@ -182,13 +170,7 @@ def _nats_card(name: str, subject: str, base: AgentCard | None = None) -> AgentC
     else:
         card.name = name
         card.capabilities.CopyFrom(AgentCapabilities(streaming=True))
-    card.supported_interfaces.append(
-        AgentInterface(
-            url=subjects.a2a_nats_url(subject),
-            protocol_binding=NATS_BINDING,
-            protocol_version=subjects.A2A_VERSION,
-        )
-    )
+    card.supported_interfaces.append(nats_interface(subject))
     return card
 
 

@@ -29,7 +29,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncGenerator, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from a2a.client import ClientCallContext, ClientConfig, ClientFactory
 from a2a.client.transports.base import ClientTransport
@@ -67,6 +67,7 @@ from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "NATS_BINDING",
+    "CallOptions",
     "NatsTransport",
     "call_context",
     "client_factory",
@@ -81,6 +82,14 @@ STATE_MAX_TIMEOUT = "mesh.max_timeout"
 
 _ids = itertools.count(1)
 P = TypeVar("P", bound=Proto)
+
+
+class CallOptions(TypedDict, total=False):
+    """Options of one call over the NATS binding, beside its `timeout` (see `call_context`)."""
+
+    max_timeout: float | None
+    subject: str | None
+    headers: Mapping[str, str] | None
 
 
 def call_context(
@@ -141,14 +150,10 @@ class NatsTransport(ClientTransport):
     ) -> SendMessageResponse:
         return await self._typed("SendMessage", request, SendMessageResponse(), context)
 
-    async def send_message_streaming(
+    def send_message_streaming(
         self, request: SendMessageRequest, *, context: ClientCallContext | None = None
     ) -> AsyncGenerator[StreamResponse, None]:
-        async with contextlib.aclosing(
-            self.stream_json("SendStreamingMessage", _params(request), context=context)
-        ) as results:
-            async for result in results:
-                yield self._parse(result, StreamResponse())
+        return self._typed_stream("SendStreamingMessage", request, context)
 
     async def get_task(
         self, request: GetTaskRequest, *, context: ClientCallContext | None = None
@@ -203,14 +208,10 @@ class NatsTransport(ClientTransport):
     ) -> None:
         await self.call_json("DeleteTaskPushNotificationConfig", _params(request), context=context)
 
-    async def subscribe(
+    def subscribe(
         self, request: SubscribeToTaskRequest, *, context: ClientCallContext | None = None
     ) -> AsyncGenerator[StreamResponse, None]:
-        async with contextlib.aclosing(
-            self.stream_json("SubscribeToTask", _params(request), context=context)
-        ) as results:
-            async for result in results:
-                yield self._parse(result, StreamResponse())
+        return self._typed_stream("SubscribeToTask", request, context)
 
     async def get_extended_agent_card(
         self, request: GetExtendedAgentCardRequest, *, context: ClientCallContext | None = None
@@ -316,6 +317,15 @@ class NatsTransport(ClientTransport):
         self, method: str, request: Proto, into: P, context: ClientCallContext | None
     ) -> P:
         return self._parse(await self.call_json(method, _params(request), context=context), into)
+
+    async def _typed_stream(
+        self, method: str, request: Proto, context: ClientCallContext | None
+    ) -> AsyncGenerator[StreamResponse, None]:
+        async with contextlib.aclosing(
+            self.stream_json(method, _params(request), context=context)
+        ) as results:
+            async for result in results:
+                yield self._parse(result, StreamResponse())
 
     async def _call_with_progress(
         self, subject: str, body: bytes, silence: float, cap: float, headers: dict[str, str]
