@@ -6,6 +6,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_asyncio
 
 from mesh.bus import Bus
 from mesh.server import EmbeddedServer
@@ -48,6 +49,32 @@ def settings() -> Settings:
 @pytest.fixture
 async def bus(nats_server: EmbeddedServer, settings: Settings) -> AsyncIterator[Bus]:
     async with await Bus.connect(nats_server.url, name="test", settings=settings) as b:
+        await b.ensure()
+        yield b
+
+
+@pytest.fixture(scope="module")
+def nats_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One nats-server shared by a module's tests. A module that sets `NATS_MAX_PAYLOAD` (e.g.
+    "8MB", so a > 4 MiB request reaches an agent over NATS) gets a server configured so."""
+    folder = tmp_path_factory.mktemp("nats")
+    args: list[str] = []
+    max_payload = getattr(request.module, "NATS_MAX_PAYLOAD", None)
+    if max_payload:
+        conf = folder / "nats.conf"
+        conf.write_text(f"max_payload: {max_payload}\n")
+        args = ["-c", str(conf)]
+    with EmbeddedServer(folder / "js", extra_args=args) as server:
+        yield server.url
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mod_bus(nats_url: str) -> AsyncIterator[Bus]:
+    """A connection to the module's server, streams in place, with the short test clocks."""
+    settings = Settings(heartbeat_s=0.3, card_ttl_s=1.5, http_port=0, nats_url=nats_url)
+    async with await Bus.connect(nats_url, name="module-test", settings=settings) as b:
         await b.ensure()
         yield b
 

@@ -48,28 +48,12 @@ from mesh.a2a.transport import NATS_BINDING, NatsTransport, call_context, client
 from mesh.agent import RunningAgent
 from mesh.bus import Bus
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
-from mesh.server import EmbeddedServer
-from mesh.settings import Settings
 from tests.helpers import voting_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 V1 = {"A2A-Version": "1.0"}
 WAIT_S = 10.0  # an upper bound on any one wait, never a measurement
-
-
-@pytest.fixture(scope="module")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with EmbeddedServer(tmp_path_factory.mktemp("client-nats")) as server:
-        yield server.url
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def mod_bus(nats_url: str) -> AsyncIterator[Bus]:
-    settings = Settings(heartbeat_s=0.3, card_ttl_s=1.5, http_port=0, nats_url=nats_url)
-    async with await Bus.connect(nats_url, name="client-test", settings=settings) as bus:
-        await bus.ensure()
-        yield bus
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

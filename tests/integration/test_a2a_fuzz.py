@@ -24,8 +24,9 @@ from agents.conformance.app import RunningConformance, serve
 from mesh import subjects
 from mesh.a2a.server import MAX_BODY
 from mesh.bus import Bus
-from mesh.server import EmbeddedServer
 from mesh.settings import Settings
+
+NATS_MAX_PAYLOAD = "8MB"  # so a > 4 MiB request reaches the agent over NATS
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -50,15 +51,6 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-@pytest.fixture(scope="module")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    folder = tmp_path_factory.mktemp("fuzz-nats")
-    conf = folder / "nats.conf"
-    conf.write_text("max_payload: 8MB\n")  # huge bodies reach the agent over NATS too
-    with EmbeddedServer(folder / "js", extra_args=["-c", str(conf)]) as server:
-        yield server.url
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

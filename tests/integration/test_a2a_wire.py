@@ -43,6 +43,8 @@ from mesh.errors import AgentCallError, AgentUnavailableError
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
 
+NATS_MAX_PAYLOAD = "8MB"  # so a > 4 MiB request reaches the agent over NATS
+
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 V1 = {"A2A-Version": "1.0"}
@@ -50,21 +52,6 @@ WAIT_S = 10.0  # an upper bound on any one wait, never a measurement
 
 
 # -- the module's servers -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    folder = tmp_path_factory.mktemp("wire-nats")
-    conf = folder / "nats.conf"
-    conf.write_text("max_payload: 8MB\n")  # so a > 4 MiB request reaches the agent over NATS
-    with EmbeddedServer(folder / "js", extra_args=["-c", str(conf)]) as server:
-        yield server.url
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def mod_bus(nats_url: str) -> AsyncIterator[Bus]:
-    settings = Settings(heartbeat_s=0.3, card_ttl_s=1.5, http_port=0, nats_url=nats_url)
-    async with await Bus.connect(nats_url, name="wire-test", settings=settings) as bus:
-        await bus.ensure()
-        yield bus
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -39,27 +39,11 @@ from mesh.bus import Bus
 from mesh.cards import load_card
 from mesh.errors import ConfigError
 from mesh.registry import Registry
-from mesh.server import EmbeddedServer
-from mesh.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 WAIT_S = 10.0  # bound on a wait, not a measurement
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with EmbeddedServer(tmp_path_factory.mktemp("conformance-nats")) as server:
-        yield server.url
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def mod_bus(nats_url: str) -> AsyncIterator[Bus]:
-    settings = Settings(heartbeat_s=0.3, card_ttl_s=1.5, http_port=0, nats_url=nats_url)
-    async with await Bus.connect(nats_url, name="conformance-test", settings=settings) as bus:
-        await bus.ensure()
-        yield bus
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
