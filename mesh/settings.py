@@ -120,9 +120,8 @@ class Settings(BaseSettings):
     )
     allow_model_requests: bool = Field(
         default=True,
-        description="Off blocks every model request to a host other than `127.0.0.1`, "
-        "`localhost` or `::1` (the Claude brain then fails with a clear error). Tests turn it "
-        "off, and so does the `mesh.testing.fixtures` plugin.",
+        description="Off: model requests go only to 127.0.0.1, localhost or ::1 (else the "
+        "Claude brain fails clearly). Tests and the mesh.testing.fixtures plugin turn it off.",
     )
 
     topology: Path | None = Field(

@@ -9,7 +9,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -82,22 +82,19 @@ def demo(
         raise typer.Exit(1)
 
 
+def _count(help_text: str) -> Any:
+    """A process-count option of `mesh up` (bounded: this is one machine)."""
+    return typer.Option(min=1, max=8, help=help_text)
+
+
 def up(
     coordinators: Annotated[
         int | None,
-        typer.Option(
-            min=1,
-            max=8,
-            help="Coordinator processes (default: from mesh.toml, 1; 2 with --cluster).",
-        ),
+        _count("Coordinator processes (default: from mesh.toml, 1; 2 with --cluster)."),
     ] = None,
     replicas: Annotated[
         int | None,
-        typer.Option(
-            min=1,
-            max=8,
-            help="Instances of every agent (default: from mesh.toml, 1; 2 with --cluster).",
-        ),
+        _count("Instances of every agent (default: from mesh.toml, 1; 2 with --cluster)."),
     ] = None,
     cluster: Annotated[
         int | None,
