@@ -96,3 +96,100 @@ def parse_event_subject(subject: str) -> tuple[str, str]:
     if len(parts) < 4 or f"{parts[0]}.{parts[1]}" != EVENTS_ROOT:
         return "", ""
     return parts[2], parts[3]
+
+
+# -- coordinator
+# Message ids (Nats-Msg-Id): what makes a re-publish after a crash or redelivery a no-op.
+
+
+def event_msg_id(tenant: str, event_id: str) -> str:
+    """A domain event's message id, `<tenant>:<event id>` (the same id in two tenants is two
+    events)."""
+    return f"{tenant}:{event_id}"
+
+
+def event_id_of_msg_id(tenant: str, msg_id: str) -> str:
+    """The producer's event id inside an event's message id (the inverse of `event_msg_id`)."""
+    return msg_id.removeprefix(f"{tenant}:")
+
+
+def decision_key(tenant: str, event_token: str) -> str:
+    """`<tenant>.<event token>`: an event's key in DECISIONS_BUCKET, and the reference its
+    decision, dead letter and audit records share."""
+    return f"{tenant}.{event_token}"
+
+
+def decision_msg_id(tenant: str, event_token: str) -> str:
+    return f"decision:{decision_key(tenant, event_token)}"
+
+
+def dlq_msg_id(stream: str, stream_seq: int, consumer: str | None = None) -> str:
+    """`dlq:<stream>:<seq>` for what the coordinator dead-letters itself; with `:<consumer>`
+    for a consumer's give-up advisory (another consumer's give-up is another record)."""
+    base = f"dlq:{stream}:{stream_seq}"
+    return f"{base}:{consumer}" if consumer else base
+
+
+def replay_msg_id(dlq_seq: int, nonce: str) -> str:
+    """A replay's message id: new every time, so the stream's duplicate window keeps none."""
+    return f"replay:{dlq_seq}:{nonce}"
+
+
+def audit(tenant: str, kind: str) -> str:
+    """`mesh.audit.<tenant>.<kind>`; `audit(tenant, "*")` is the tenant's whole chain."""
+    return f"{AUDIT_ROOT}.{tenant}.{kind}"
+
+
+def audit_decision_msg_id(ref: str) -> str:
+    return f"audit:decision:{ref}"
+
+
+def audit_vote_msg_id(ref: str, skill: str) -> str:
+    return f"audit:vote:{ref}:{skill}"
+
+
+def audit_dlq_msg_id(stream: str, stream_seq: int) -> str:
+    return f"audit:dlq:{stream}:{stream_seq}"
+
+
+# Output events of an event handler get uuid5 ids in this namespace, so the same inputs always
+# give the same id (and a redelivery's re-publish is deduplicated).
+OUTPUT_EVENT_NAMESPACE = "6f1d6c0e-8a63-4d2b-9a6c-3f0e6b1f5a10"
+
+
+def output_event_key(
+    tenant: str, event_id: str, handler_key: str, event_type: str, index: int
+) -> str:
+    """What an output event's uuid5 is computed from (`EventContext.output_id`)."""
+    return f"{tenant}/{event_id}/{handler_key}/{event_type}/{index}"
+
+
+def agent_event_durable(agent: str, handler: str) -> str:
+    """The durable pull consumer an event handler shares with its agent's replicas."""
+    return f"agent-{agent}-{handler}"
+
+
+# JetStream's own subjects (default JetStream context: no domain, no custom API prefix).
+JS_API = "$JS.API"
+JS_CONSUMER_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER"
+DLQ_QUEUE_GROUP = "mesh-dlq"  # every coordinator's advisory listener; each advisory goes to one
+DLQ_SCAN_PREFIX = "mesh-dlq-scan-"  # short-lived consumers of `mesh dlq ls --reason`
+# Headers that are publish-time instructions to JetStream, not part of a message: a replay of a
+# dead letter must not carry them (lower-case prefixes; an old expected-sequence would fail it).
+JS_PUBLISH_HEADER_PREFIXES = ("nats-msg-id", "nats-expected-")
+
+
+def max_deliveries_advisory(stream: str, consumer: str = "*") -> str:
+    return f"{JS_CONSUMER_ADVISORY}.MAX_DELIVERIES.{stream}.{consumer}"
+
+
+def terminated_advisory(stream: str, consumer: str = "*") -> str:
+    return f"{JS_CONSUMER_ADVISORY}.MSG_TERMINATED.{stream}.{consumer}"
+
+
+def is_terminated_advisory(subject: str) -> bool:
+    return subject.startswith(f"{JS_CONSUMER_ADVISORY}.MSG_TERMINATED.")
+
+
+def stream_purge_api(stream: str) -> str:
+    return f"{JS_API}.STREAM.PURGE.{stream}"
