@@ -14,7 +14,8 @@ fails its CAS and stands down. A dead-lettered event comes back to `collecting` 
 replayed (a new stream sequence).
 
 The storage is a protocol (`Store`: get / create / update-by-revision with JetStream KV's
-semantics); `KvStore` is JetStream KV itself, and unit tests use an in-memory one.
+semantics); `KvStore` is JetStream KV itself, `MemoryStore` the same semantics in memory (the
+unit tests drive races on it; an integration test holds the two to the same contract).
 """
 
 from __future__ import annotations
@@ -132,6 +133,42 @@ class KvStore:
             return int(await self.kv.update(key, value, last=last))
         except KeyWrongLastSequenceError:
             raise StateConflict(f"{key}: revision {last} is no longer the latest") from None
+
+
+class MemoryStore:
+    """`Store` in memory with JetStream KV's semantics, for tests and single-process use.
+
+    Revisions are one sequence for the whole store (as a bucket's stream sequence is); an update
+    expecting revision 0 succeeds only on a key that does not exist (as nats-py's `create`
+    does); every call yields to the event loop first, so concurrent callers interleave the way
+    they would over the network.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._revision = 0
+
+    async def get(self, key: str) -> Entry | None:
+        await asyncio.sleep(0)
+        return self._entries.get(key)
+
+    async def create(self, key: str, value: bytes) -> int:
+        await asyncio.sleep(0)
+        if key in self._entries:
+            raise StateConflict(f"{key}: already exists")
+        return self._put(key, value)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        await asyncio.sleep(0)
+        current = self._entries.get(key)
+        if (current.revision if current else 0) != last:
+            raise StateConflict(f"{key}: revision {last} is no longer the latest")
+        return self._put(key, value)
+
+    def _put(self, key: str, value: bytes) -> int:
+        self._revision += 1
+        self._entries[key] = Entry(value, self._revision)
+        return self._revision
 
 
 # -- what a transition returns ----------------------------------------------------------------
