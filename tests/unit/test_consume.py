@@ -129,3 +129,14 @@ async def test_what_outlives_the_drain_is_handed_back_to_the_caller() -> None:
     assert len(late) == 1
     await loop.pool.cancel()
     assert handler.finished == []
+
+
+def test_an_event_handlers_backoff_is_its_redelivery_policy() -> None:
+    """`@agent.on_event(backoff=...)` stays a list of explicit pauses; the policy object turns an
+    attempt into a pause, and says when there is no next delivery."""
+    from mesh.events import Redelivery
+
+    policy = Redelivery(attempts=5, pauses=(0.5, 2.0))
+    assert [policy.pause(n) for n in (1, 2, 3, 4)] == [0.5, 2.0, 2.0, 2.0]  # the last repeats
+    assert policy.pause(5) is None  # the last delivery failed: nak at once, JetStream gives up
+    assert Redelivery(attempts=3).pause(1) == 0.0  # no pauses: redeliver at once
