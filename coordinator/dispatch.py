@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from coordinator.decide import Ask, unanswered
 from coordinator.policy import Policy
 from coordinator.routing import BreakerOpen, Router
-from mesh import telemetry
+from mesh import subjects, telemetry
 from mesh._internal.retry import RetryPolicy
 from mesh.a2a.client import A2AClient, task_of, user_message, verdict_of
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
@@ -34,9 +34,7 @@ def message(req: Ask) -> dict[str, Any]:
     e = req.event
     return user_message(
         data=e.data,
-        # The same id on every retry and after a coordinator take-over: the agent answers
-        # a repeat with the task it already has instead of working again.
-        message_id=f"{e.tenant}/{e.id}/{req.skill}",
+        message_id=subjects.vote_message_id(e.tenant, e.id, req.skill),
         metadata={"eventId": e.id, "eventType": e.type, "tenant": e.tenant},
     )
 

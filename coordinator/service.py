@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 LEASE_S = 2.0  # how long a silent owner keeps an event before others may take it over
 ACK_WAIT_S = LEASE_S + 1.0  # redelivery comes only after the lease has lapsed
 MAX_DELIVER = 20  # bounded: crashes and busy-naks count; the last one is dead-lettered
-_WRONG_LAST_SEQUENCE = 10071
 _REASONS: tuple[str, ...] = typing.get_args(DlqReason)
 
 
@@ -268,7 +267,7 @@ class Coordinator:
                 headers={subjects.H_EXPECTED_LAST_SUBJECT_SEQ: "0"},
             )
         except BadRequestError as e:
-            if e.err_code != _WRONG_LAST_SEQUENCE:
+            if e.err_code not in subjects.JS_WRONG_LAST_SEQUENCE:
                 raise
             log.info("decision for %s was already published", decision.event_id)
 

@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 Kind = Literal["decision", "vote", "dead_letter", "replay", "policy_change", "purge"]
 GENESIS = "0" * 64
 SYSTEM_TENANT = "_mesh"  # the chain for acts that belong to no tenant (policy changes, purges)
-# "Wrong last sequence": 10071 for a subject, 10164 when the check names a subject filter
-# (seen during leader elections on a cluster). Either way another record won the race.
-_WRONG_LAST_SEQUENCE = (10071, 10164)
 # A lost race means another record landed (progress), so the loser re-reads the tip and tries
 # again at once; bounded all the same.
 RACE_RETRY = RetryPolicy(attempts=50, base_s=0.0, max_s=0.0, jitter=False)
@@ -108,8 +105,8 @@ class AuditLog:
                     },
                 )
             except BadRequestError as e:
-                if e.err_code not in _WRONG_LAST_SEQUENCE:
-                    raise
+                if e.err_code not in subjects.JS_WRONG_LAST_SEQUENCE:
+                    raise  # anything but "another record won the race"
                 self._tips.pop(tenant, None)  # someone else appended: re-read the tip
                 if RACE_RETRY.pause(attempt) is None:
                     raise AuditContentionError(tenant, attempt) from None

@@ -164,6 +164,12 @@ def output_event_key(
     return f"{tenant}/{event_id}/{handler_key}/{event_type}/{index}"
 
 
+def vote_message_id(tenant: str, event_id: str, skill: str) -> str:
+    """The A2A `messageId` of the coordinator's question to a voter: the same on every retry and
+    after a take-over, so the agent answers a repeat with the task it already has."""
+    return f"{tenant}/{event_id}/{skill}"
+
+
 def agent_event_durable(agent: str, handler: str) -> str:
     """The durable pull consumer an event handler shares with its agent's replicas."""
     return f"agent-{agent}-{handler}"
@@ -171,6 +177,9 @@ def agent_event_durable(agent: str, handler: str) -> str:
 
 # JetStream's own subjects (default JetStream context: no domain, no custom API prefix).
 JS_API = "$JS.API"
+# The error codes of a publish whose "expected last subject sequence" did not hold: 10071 for a
+# subject, 10164 when the check names a subject filter (seen in leader elections on a cluster).
+JS_WRONG_LAST_SEQUENCE = (10071, 10164)
 JS_CONSUMER_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER"
 DLQ_QUEUE_GROUP = "mesh-dlq"  # every coordinator's advisory listener; each advisory goes to one
 DLQ_SCAN_PREFIX = "mesh-dlq-scan-"  # short-lived consumers of `mesh dlq ls --reason`
