@@ -286,7 +286,7 @@ class Coordinator:
                 "coordinator": d.coordinator,
                 "takeovers": d.takeovers,
             },
-            msg_id=subjects.audit_decision_msg_id(ref),
+            msg_id=subjects.audit_msg_id("decision", ref),
         )
         for v in d.votes:
             await self.audit.append(
@@ -294,7 +294,7 @@ class Coordinator:
                 "vote",
                 d.event_id,
                 msgspec.to_builtins(v),
-                msg_id=subjects.audit_vote_msg_id(ref, v.skill),
+                msg_id=subjects.audit_msg_id("vote", ref, v.skill),
             )
 
     async def _audit_policies(self) -> None:
@@ -396,7 +396,7 @@ class Coordinator:
                 "subject": record.subject,
                 "stream_seq": seq,
             },
-            msg_id=subjects.audit_dlq_msg_id(subjects.EVENTS_STREAM, seq),
+            msg_id=subjects.audit_msg_id("dlq", subjects.EVENTS_STREAM, seq),
         )
 
 

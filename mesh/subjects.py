@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 # Streams and buckets
 EVENTS_STREAM = "MESH_EVENTS"
@@ -135,21 +136,15 @@ def replay_msg_id(dlq_seq: int, nonce: str) -> str:
     return f"replay:{dlq_seq}:{nonce}"
 
 
+def audit_msg_id(record: Literal["decision", "vote", "dlq"], *parts: str | int) -> str:
+    """An audit record's message id, so auditing again after a crash is a no-op:
+    `audit:decision:<ref>`, `audit:vote:<ref>:<skill>`, `audit:dlq:<stream>:<seq>`."""
+    return ":".join(["audit", record, *map(str, parts)])
+
+
 def audit(tenant: str, kind: str) -> str:
     """`mesh.audit.<tenant>.<kind>`; `audit(tenant, "*")` is the tenant's whole chain."""
     return f"{AUDIT_ROOT}.{tenant}.{kind}"
-
-
-def audit_decision_msg_id(ref: str) -> str:
-    return f"audit:decision:{ref}"
-
-
-def audit_vote_msg_id(ref: str, skill: str) -> str:
-    return f"audit:vote:{ref}:{skill}"
-
-
-def audit_dlq_msg_id(stream: str, stream_seq: int) -> str:
-    return f"audit:dlq:{stream}:{stream_seq}"
 
 
 # Output events of an event handler get uuid5 ids in this namespace, so the same inputs always

@@ -48,6 +48,12 @@ def ledger(store: MemoryStore, owner: str, clock: ManualClock) -> Ledger:
     return Ledger(store, owner, LEASE_S, clock=clock)
 
 
+def apart(store: MemoryStore, owner: str) -> tuple[Ledger, ManualClock]:
+    """A coordinator with a clock of its own (a test can stall one and not the other)."""
+    clock = ManualClock()
+    return ledger(store, owner, clock), clock
+
+
 def vote(skill: str) -> Vote:
     return Vote(skill=skill, agent=f"agent-{skill}", outcome="voted", counted_as="approve")
 
@@ -68,8 +74,7 @@ async def test_two_claimants_racing_for_one_event_one_wins() -> None:
 
 async def test_a_take_over_after_the_lease_lapses_keeps_deadline_and_votes() -> None:
     store = MemoryStore()
-    clock_a, clock_b = ManualClock(), ManualClock()
-    a, b = ledger(store, "a", clock_a), ledger(store, "b", clock_b)
+    (a, _stalled), (b, clock_b) = apart(store, "a"), apart(store, "b")
     claim = await a.claim(KEY, stream_seq=7, deadline_s=10)
     assert isinstance(claim, Claim)
     await a.save(claim, msgspec.structs.replace(claim.state, votes={"s1": vote("s1")}))
@@ -124,8 +129,7 @@ async def test_a_dead_lettered_event_cannot_be_decided_by_its_late_owner() -> No
 
 async def test_dead_lettering_under_a_claim_needs_the_claim_to_be_current() -> None:
     store = MemoryStore()
-    clock_a, clock_b = ManualClock(), ManualClock()
-    a, b = ledger(store, "a", clock_a), ledger(store, "b", clock_b)
+    (a, _stalled), (b, clock_b) = apart(store, "a"), apart(store, "b")
     claim = await a.claim(KEY, stream_seq=1, deadline_s=10)
     assert isinstance(claim, Claim)
     await clock_b.advance(LEASE_S + 1)
@@ -218,16 +222,3 @@ async def test_cas_rounds_are_bounded() -> None:
     with pytest.raises(LostClaim):
         await a.mark_dead_lettered(KEY, stream_seq=1, reason="max_deliveries")
     assert store.updates == 2 * CAS_RETRY.attempts
-
-
-async def test_memory_store_follows_kv_compare_and_set() -> None:
-    store = MemoryStore()
-    assert await store.get("k") is None
-    r1 = await store.create("k", b"1")
-    with pytest.raises(StateConflict):
-        await store.create("k", b"2")
-    with pytest.raises(StateConflict):
-        await store.update("k", b"2", r1 + 1)
-    r2 = await store.update("k", b"2", r1)
-    assert r2 > r1 and await store.get("k") == Entry(b"2", r2)
-    assert await store.update("new", b"x", 0) > r2  # revision 0: "must not exist yet"
