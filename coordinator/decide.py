@@ -14,10 +14,10 @@ Rules this module owns:
 - Every vote is saved (CAS) as it comes, which also proves the claim is still ours; a lost
   claim (the save fails, or the lease renewal does) stops the collection at once, and the loser
   neither decides nor dead-letters.
-- No collection outlives its deadline: pending asks are cut off `CUTOFF_SLACK_S` after it (the
-  asker is expected to stop itself at the deadline; this is the backstop) and count as
-  unanswered. A vote that arrives after the deadline (and the take-over grace) is recorded with
-  what the voter said, but counts as unanswered too.
+- No collection outlives its deadline: asks still pending `CUTOFF_SLACK_S` after it (plus the
+  take-over grace) are cancelled and count as unanswered (the asker is expected to stop itself
+  at the deadline; this is the backstop). A vote that arrives after the deadline and the grace
+  is recorded with what the voter said, but counts as unanswered too.
 - With `decide_early`, collection stops as soon as no missing vote could change the outcome.
 """
 
