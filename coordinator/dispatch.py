@@ -1,66 +1,51 @@
-"""Asking one voter: an A2A call over NATS with a per-call timeout, bounded retries with
-exponential backoff and full jitter, all inside the decision's deadline. Never raises: every
-failure becomes a `Vote` whose outcome says what happened."""
+"""Asking one voter (the service's `Asker`): an A2A call over NATS with a per-call timeout,
+bounded retries (the policy's `retries`, full-jitter backoff) on another replica each time, all
+inside the decision's deadline. Never raises: every failure becomes a `Vote` whose outcome says
+what happened."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
 import msgspec
+from a2a.types import Message, Task
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from purgatory.domain.model import OpenedState
 
+from coordinator.decide import Ask, unanswered
 from coordinator.policy import Policy
-from coordinator.routing import Router
-from mesh import envelope, telemetry
-from mesh.a2a.client import A2AClient, task_of, user_message, verdict_of
+from coordinator.routing import BreakerOpen, Router
+from mesh import subjects, telemetry
+from mesh._internal.retry import RetryPolicy
+from mesh.a2a.client import (
+    AgentClient,
+    artifact_metadata,
+    status_time,
+    task_of,
+    user_message,
+    verdict_of,
+)
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
 from mesh.records import CallOutcome, Vote
-from mesh.verdict import Choice, Verdict
-
-BACKOFF_BASE_S = 0.05
-BACKOFF_CAP_S = 1.0
+from mesh.verdict import Verdict
 
 
-def backoff_s(attempt: int) -> float:
-    """Full jitter (AWS architecture blog): uniform in [0, min(cap, base·2^attempt)]."""
-    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+def retry_policy(policy: Policy) -> RetryPolicy:
+    """`retries` more attempts after the first; the pause after the n-th failure is uniform in
+    [0, min(1 s, 0.1 s·2^(n-1))] and never reaches past the decision's deadline."""
+    return RetryPolicy(attempts=policy.retries + 1, base_s=0.1, max_s=1.0)
 
 
-def unanswered(policy: Policy) -> Choice | None:
-    c = policy.timeout_counts_as
-    return None if c == "absent" else c
+def message(req: Ask) -> Message:
+    e = req.event
+    return user_message(
+        data=e.data,
+        message_id=subjects.vote_message_id(e.tenant, e.id, req.skill),
+        metadata={"eventId": e.id, "eventType": e.type, "tenant": e.tenant},
+    )
 
 
-@dataclass(frozen=True)
-class Ask:
-    """One voter to ask about one event, and the clocks that bound it."""
-
-    skill: str
-    agent: str
-    event: envelope.Event
-    policy: Policy
-    deadline: float  # time.monotonic()
-    deadline_wall: float = 0.0  # the same deadline on the wall clock (as the ledger keeps it)
-    grace_s: float = 0.0  # after a take-over past the deadline: one re-ask this long
-
-    def message(self) -> dict[str, Any]:
-        e = self.event
-        return user_message(
-            data=e.data,
-            # The same id on every retry and after a coordinator take-over: the agent answers
-            # a repeat with the task it already has instead of working again.
-            message_id=f"{e.tenant}/{e.id}/{self.skill}",
-            metadata={"eventId": e.id, "eventType": e.type, "tenant": e.tenant},
-        )
-
-
-async def ask(client: A2AClient, router: Router, req: Ask) -> Vote:
+async def ask(client: AgentClient, router: Router, req: Ask) -> Vote:
     """One voter's answer by the deadline, under an `invoke_agent` client span whose context
     travels to the agent in the request headers."""
     with telemetry.tracer().start_as_current_span(
@@ -94,13 +79,13 @@ def _vote(
     attempts: int,
     outcome: CallOutcome,
     *,
-    task: dict[str, Any] | None = None,
+    task: Task | None = None,
     verdict: Verdict | None = None,
     counted: bool = False,
     error: str = "",
 ) -> Vote:
     """A Vote: counted as the verdict's choice, or as the policy says for no usable answer."""
-    meta = ((task or {}).get("artifacts") or [{}])[0].get("metadata", {})
+    meta = artifact_metadata(task) if task is not None else {}
     return Vote(
         skill=req.skill,
         agent=req.agent,
@@ -114,10 +99,11 @@ def _vote(
     )
 
 
-async def _ask(client: A2AClient, router: Router, req: Ask) -> Vote:
+async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
     started = time.monotonic()
-    message = req.message()
+    msg = message(req)
     policy = req.policy
+    retry = retry_policy(policy)
     attempts = 0
     last: AgentCallError | None = None
     failed: set[str] = set()  # replicas that failed this call: the next attempt goes elsewhere
@@ -128,15 +114,15 @@ async def _ask(client: A2AClient, router: Router, req: Ask) -> Vote:
                 # A take-over found the deadline gone. The voter may well have answered in time
                 # to the coordinator that died: ask once more with the same messageId (the agent
                 # returns the task it has) and let the task's own timestamp say if it counts.
-                return await _recover(client, router, req, message, started)
+                return await _recover(client, router, req, msg, started)
             break
         attempts += 1
         route = router.route(req.agent, avoid=frozenset(failed))
         try:
             async with await router.breaker(route):
-                result = await client.send_message(
+                result = await client.send(
                     req.agent,
-                    message,
+                    msg,
                     timeout=min(policy.agent_timeout_s, remaining),
                     max_timeout=min(policy.agent_timeout_max_s or 0.0, remaining) or None,
                     subject=route.subject,
@@ -144,7 +130,7 @@ async def _ask(client: A2AClient, router: Router, req: Ask) -> Vote:
                 )
             task = task_of(result)
             verdict = verdict_of(task)
-        except OpenedState:
+        except BreakerOpen:
             last = AgentUnavailableError(req.agent)
             failed.add(route.breaker_key)
         except AgentCallError as e:
@@ -155,10 +141,10 @@ async def _ask(client: A2AClient, router: Router, req: Ask) -> Vote:
             return _vote(req, started, attempts, "error", error=str(e))
         else:
             return _vote(req, started, attempts, "voted", task=task, verdict=verdict, counted=True)
-        if not last.retryable or attempts > policy.retries:
+        if not last.retryable:
             break
-        delay = backoff_s(attempts)
-        if time.monotonic() + delay >= req.deadline:
+        delay = retry.pause(attempts, deadline=req.deadline)  # None: attempts or time used up
+        if delay is None:
             break
         await asyncio.sleep(delay)
     outcome: CallOutcome = (
@@ -173,13 +159,13 @@ async def _ask(client: A2AClient, router: Router, req: Ask) -> Vote:
 
 
 async def _recover(
-    client: A2AClient, router: Router, req: Ask, message: dict[str, Any], started: float
+    client: AgentClient, router: Router, req: Ask, msg: Message, started: float
 ) -> Vote:
     route = router.route(req.agent)
     try:
-        result = await client.send_message(
+        result = await client.send(
             req.agent,
-            message,
+            msg,
             timeout=min(req.policy.agent_timeout_s, req.grace_s),
             subject=route.subject,
             headers=telemetry.inject(),
@@ -189,20 +175,12 @@ async def _recover(
     except (AgentCallError, ValueError, msgspec.ValidationError) as e:
         error = f"deadline passed during a take-over; no earlier answer ({e})"
         return _vote(req, started, 1, "timeout", error=error)
-    answered_at = _timestamp(task)
+    answered_at = status_time(task)
     if answered_at is not None and answered_at <= req.deadline_wall:
         return _vote(req, started, 1, "voted", task=task, verdict=verdict, counted=True)
     # Answered, but after the deadline: recorded for the audit, not counted.
     error = "late vote: answered after the deadline; not counted"
     return _vote(req, started, 1, "timeout", verdict=verdict, error=error)
-
-
-def _timestamp(task: dict[str, Any]) -> float | None:
-    raw = task.get("status", {}).get("timestamp")
-    try:
-        return datetime.fromisoformat(str(raw)).timestamp() if raw else None
-    except ValueError:
-        return None
 
 
 def _ms(since: float) -> float:

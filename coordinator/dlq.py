@@ -9,6 +9,8 @@ nothing leaves the mesh without a trace.
 Advisories are core NATS (at most once): one missed while no coordinator is connected is not
 sent again. Every coordinator subscribes in one queue group, so each advisory is handled once,
 and the record's msg id (`dlq:<stream>:<seq>:<consumer>`) deduplicates it in MESH_DLQ anyway.
+An event the coordinator's own consumer gave up on is first marked in the decision ledger (the
+same transition the coordinator uses), so it is never both decided and dead-lettered.
 
 The module also holds what the `mesh dlq` commands do: `latest`, `get`, `replay` and `purge`.
 """
@@ -19,10 +21,10 @@ import asyncio
 import collections
 import contextlib
 import getpass
+import itertools
 import json
 import logging
 import socket
-import time
 import typing
 import uuid
 from dataclasses import dataclass
@@ -36,9 +38,11 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from coordinator.ledger import settle_for_dead_letter, state_key
-from mesh import envelope, subjects
+from coordinator.ledger import Done, KvStore, Ledger, state_key
+from mesh import envelope, records, subjects
 from mesh._internal.lifecycle import AsyncService
+from mesh._internal.retry import RetryPolicy
+from mesh._internal.tasks import TaskPool
 from mesh.audit import SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus, tail
 from mesh.errors import ConfigError, NotConnectedError
@@ -46,23 +50,16 @@ from mesh.records import DeadLetter, DlqReason, dead_letter_decoder, encoder
 
 log = logging.getLogger(__name__)
 
-QUEUE_GROUP = "mesh-dlq"
-_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER"
-# The Bus uses the default JetStream context (no domain, no custom prefix).
-_JS_API = "$JS.API"
-_PUBLISH_ATTEMPTS = 3
-# Headers that are publish-time instructions to JetStream, not part of the event: a replay
-# must not carry them (an old Nats-Expected-Last-Sequence would make the replay fail).
-_NOT_REPLAYED = ("nats-msg-id", "nats-expected-")
+# The advisory will not come again, so a failed store is retried (pauses 0.2 s, then 0.4 s).
+PUBLISH_RETRY = RetryPolicy(attempts=3, base_s=0.2, max_s=0.4, jitter=False)
+# How long an advisory waits for a live coordinator that still holds the event to finish it.
+SETTLE_WAIT_S = 60.0
 REASONS: tuple[str, ...] = typing.get_args(DlqReason)
 
 
 def advisory_subjects(stream: str = subjects.EVENTS_STREAM) -> list[str]:
     """The advisories that mean "a consumer of `stream` stopped trying this message"."""
-    return [
-        f"{_ADVISORY}.MAX_DELIVERIES.{stream}.*",
-        f"{_ADVISORY}.MSG_TERMINATED.{stream}.*",
-    ]
+    return [subjects.max_deliveries_advisory(stream), subjects.terminated_advisory(stream)]
 
 
 class Advisory(msgspec.Struct, forbid_unknown_fields=False):
@@ -99,15 +96,21 @@ class AdvisoryDeadLetters(AsyncService):
     """
 
     def __init__(
-        self, bus: Bus, *, stream: str = subjects.EVENTS_STREAM, queue: str = QUEUE_GROUP
+        self,
+        bus: Bus,
+        *,
+        stream: str = subjects.EVENTS_STREAM,
+        queue: str = subjects.DLQ_QUEUE_GROUP,
     ) -> None:
         self.bus = bus
         self.stream = stream
         self.queue = queue
         self.stats = Stats()
         self._subs: list[Subscription] = []
-        self._busy = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Each advisory is handled in its own slot: one may wait for a coordinator's lease, and
+        # the advisories behind it must not wait in line (up to the pool's size).
+        self._pool = TaskPool(bus.settings.max_inflight, name="advisory dead letters")
+        self._ledger: Ledger | None = None
 
     async def start(self) -> None:
         if self._subs:
@@ -130,59 +133,69 @@ class AdvisoryDeadLetters(AsyncService):
             with contextlib.suppress(Exception):
                 # nats-py leaves drain() unannotated
                 await asyncio.wait_for(sub.drain(), timeout=10.0)  # type: ignore[no-untyped-call]
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=70.0)
+        await self._pool.drain(SETTLE_WAIT_S + 10.0)
 
     @property
     def idle(self) -> bool:
         """Nothing queued or being handled (after a flush of the connection: nothing in flight)."""
-        return self._busy == 0 and all(s.pending_msgs == 0 for s in self._subs)
+        return len(self._pool) == 0 and all(s.pending_msgs == 0 for s in self._subs)
 
     async def _on_advisory(self, msg: Msg) -> None:
-        # Its own task: handling one may wait for a coordinator's lease (settle_for_dead_letter),
-        # and the advisories behind it must not wait in line.
-        self._busy += 1
         self.stats.received += 1
-        task = asyncio.create_task(self._handle_one(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # With a slot free this starts the task before returning (no await that suspends), so
+        # `idle` never sees an advisory that is neither queued nor in the pool.
+        await self._pool.spawn(self._handle_one(msg))
 
     async def _handle_one(self, msg: Msg) -> None:
-        # Never raise: nats-py would only report it, and the next advisory must still be handled.
+        # Never raise: the pool would only log it, and the count of failures is the signal.
         try:
             await self.handle(msg.subject, msg.data)
         except Exception:
             self.stats.failed += 1
             log.exception("advisory on %s could not be dead-lettered", msg.subject)
-        finally:
-            self._busy -= 1
+
+    async def _ledger_for_settling(self) -> Ledger:
+        if self._ledger is None:
+            kv = await self.bus.kv(subjects.DECISIONS_BUCKET)
+            # It never claims an event, so it holds no lease of its own.
+            self._ledger = Ledger(KvStore(kv), owner="dlq", lease_s=0.0)
+        return self._ledger
 
     async def handle(self, advisory_subject: str, payload: bytes) -> None:
         """One advisory → one DLQ record (deduplicated by stream, sequence and consumer)."""
         adv = _advisory_dec.decode(payload)
-        terminated = ".MSG_TERMINATED." in advisory_subject
+        terminated = subjects.is_terminated_advisory(advisory_subject)
         reason: DlqReason = "terminated" if terminated else "max_deliveries"
         record = await build_record(self.bus, adv, reason)
         if adv.consumer == subjects.COORDINATOR_DURABLE and record.event_id:
-            kv = await self.bus.kv(subjects.DECISIONS_BUCKET)
-            key = state_key(record.tenant, record.event_id)
-            if not await settle_for_dead_letter(kv, key, stream_seq=adv.stream_seq, reason=reason):
+            # JetStream gave up delivering it to the coordinator. Not if it was decided after
+            # all (a "busy" redelivery can use up the last delivery while another coordinator
+            # finishes it); while a live owner still holds it, wait (bounded) for its outcome.
+            ledger = await self._ledger_for_settling()
+            marked = await ledger.mark_dead_lettered(
+                state_key(record.tenant, record.event_id),
+                stream_seq=adv.stream_seq,
+                reason=reason,
+                error=record.error,
+                patience_s=SETTLE_WAIT_S,
+            )
+            if isinstance(marked, Done):
                 log.info("event %s was decided after all; no dead letter", record.event_id)
                 return
-        msg_id = f"dlq:{adv.stream}:{adv.stream_seq}:{adv.consumer}"
+        msg_id = subjects.dlq_msg_id(adv.stream, adv.stream_seq, adv.consumer)
         body = encoder.encode(record)
-        for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
-            # The advisory will not come again, so a failed store is retried before giving up.
+        for attempt in itertools.count(1):
             try:
                 ack = await self.bus.publish(
                     subjects.dlq(record.tenant, reason), body, msg_id=msg_id
                 )
                 break
             except (NatsTimeoutError, NoStreamResponseError, TimeoutError) as e:
-                if attempt == _PUBLISH_ATTEMPTS:
+                pause = PUBLISH_RETRY.pause(attempt)
+                if pause is None:
                     raise
                 log.warning("storing dead letter %s failed (%s); retrying", msg_id, e)
-                await asyncio.sleep(0.2 * attempt)
+                await asyncio.sleep(pause)
         if ack.duplicate:
             self.stats.duplicates += 1
             return
@@ -210,44 +223,29 @@ async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter
         raw = await bus.js.get_msg(adv.stream, adv.stream_seq)
     except NotFoundError:
         # Still recorded: that a consumer gave up is worth knowing even without the body.
-        return DeadLetter(
+        return records.dead_letter(
             reason=reason,
             error=f"{error}; the original (seq {adv.stream_seq}) is no longer in "
             f"{adv.stream} (deleted or aged out), so the body is empty",
             subject="",
-            tenant="unknown",
-            body_b64="",
+            body=b"",
             attempts=adv.deliveries,
             stream_seq=adv.stream_seq,
-            at=time.time(),
         )
-    subject: str = raw.subject or ""
     data: bytes = raw.data or b""
-    headers = {str(k): str(v) for k, v in (raw.headers or {}).items()}
-    tenant, event_type = subjects.parse_event_subject(subject)
     event: envelope.Event | None = None
     with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
         event = envelope.decode(data)
-    traceparent = headers.get(subjects.H_TRACEPARENT) or (event.traceparent if event else None)
-    return DeadLetter(
+    return records.dead_letter(
         reason=reason,
         error=error,
-        subject=subject,
-        tenant=tenant if subjects.valid_token(tenant) else "unknown",
-        body_b64=DeadLetter.encode_body(data),
-        headers=headers,
-        event_id=event.id if event else None,
-        event_type=event.type if event else (event_type or None),
+        subject=raw.subject or "",
+        body=data,
+        headers={str(k): str(v) for k, v in (raw.headers or {}).items()},
         attempts=adv.deliveries,
         stream_seq=adv.stream_seq,
-        trace_id=_trace_id(traceparent),
-        at=time.time(),
+        event=event,
     )
-
-
-def _trace_id(traceparent: str | None) -> str | None:
-    parts = (traceparent or "").split("-")
-    return parts[1] if len(parts) == 4 else None
 
 
 def check_reason(reason: str) -> None:
@@ -281,7 +279,7 @@ async def latest(
 async def _scan(bus: Bus, subject: str, limit: int) -> list[tuple[int, bytes]]:
     # A short-lived consumer filtered on the subject: the server does the filtering, where a
     # backwards walk by sequence would need one request per message of every other reason.
-    name = f"mesh-dlq-scan-{uuid.uuid4().hex[:12]}"
+    name = f"{subjects.DLQ_SCAN_PREFIX}{uuid.uuid4().hex[:12]}"
     try:
         info = await bus.js.add_consumer(
             subjects.DLQ_STREAM,
@@ -356,8 +354,12 @@ async def replay(bus: Bus, seq: int) -> str:
             hint=f"only events ({subjects.events_filter()}) are replayed; "
             f"see `mesh dlq show {seq}`",
         )
-    headers = {k: v for k, v in record.headers.items() if not k.lower().startswith(_NOT_REPLAYED)}
-    msg_id = f"replay:{seq}:{uuid.uuid4().hex}"
+    headers = {
+        k: v
+        for k, v in record.headers.items()
+        if not k.lower().startswith(subjects.JS_PUBLISH_HEADER_PREFIXES)
+    }
+    msg_id = subjects.replay_msg_id(seq, uuid.uuid4().hex)
     try:
         await bus.publish(record.subject, record.body, msg_id=msg_id, headers=headers)
     except NoStreamResponseError:
@@ -383,7 +385,7 @@ async def purge(bus: Bus, *, reason: str | None) -> int:
     # The raw API: nats-py's purge_stream returns only a bool, and the count is the answer.
     try:
         resp = await bus.nc.request(
-            f"{_JS_API}.STREAM.PURGE.{subjects.DLQ_STREAM}", json.dumps(req).encode(), timeout=5
+            subjects.stream_purge_api(subjects.DLQ_STREAM), json.dumps(req).encode(), timeout=5
         )
     except NoRespondersError:
         raise NotConnectedError(

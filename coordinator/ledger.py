@@ -1,33 +1,50 @@
-"""Durable decision state in JetStream KV: who works on an event, until when, and what came of it.
+"""Durable decision state: who works on an event, until when, and what came of it. Every write
+to the decision state goes through `Ledger`, by compare-and-set on the key's revision.
 
-One key per event (`<tenant>.<event id>`), updated only by compare-and-set on the revision, so
-of any number of coordinators exactly one holds an event at a time:
+One key per event (`<tenant>.<event token>`), so of any number of coordinators exactly one
+holds an event at a time:
 
     (absent) ──create──▶ collecting(owner, lease) ──CAS──▶ decided(decision) | dead_lettered
                               ▲       │ lease expired (owner died)
                               └─CAS───┘ another coordinator takes over, same deadline, votes kept
 
-The lease is renewed while the owner works; a coordinator that finds a live lease held by
-someone else leaves the event alone (it will come back if that owner dies).
+`decided` and `dead_lettered` exclude each other: each is reached only by a compare-and-set
+from a state that is neither (or, for a dead letter, from absent), so whoever writes second
+fails its CAS and stands down. A dead-lettered event comes back to `collecting` only when it is
+replayed (a new stream sequence).
+
+The storage is a protocol (`Store`: get / create / update-by-revision with JetStream KV's
+semantics); `KvStore` is JetStream KV itself, `MemoryStore` the same semantics in memory (the
+unit tests drive races on it; an integration test holds the two to the same contract).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import re
-import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from coordinator.clock import SYSTEM_CLOCK, Clock
+from mesh import subjects
+from mesh._internal.retry import RetryPolicy
+from mesh.errors import MeshRuntimeError
 from mesh.records import Decision, Vote
 
 State = Literal["collecting", "decided", "dead_lettered"]
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+# A lost compare-and-set means someone else's write landed: re-read at once (no pause) and
+# look again, a bounded number of times.
+CAS_RETRY = RetryPolicy(attempts=5, base_s=0.0, max_s=0.0, jitter=False)
+# While a live owner holds an event that the dead-letterer wants to settle: how often to look.
+_POLL_S = 0.5
 
 
 class DecisionState(msgspec.Struct, omit_defaults=True):
@@ -39,6 +56,7 @@ class DecisionState(msgspec.Struct, omit_defaults=True):
     votes: dict[str, Vote] = msgspec.field(default_factory=dict)
     decision: Decision | None = None
     dead_letter_reason: str = ""
+    dead_letter_error: str = ""  # kept so a redelivery can re-publish the same dead letter
     takeovers: int = 0
 
 
@@ -52,13 +70,108 @@ def event_token(event_id: str) -> str:
 
 
 def state_key(tenant: str, event_id: str) -> str:
-    return f"{tenant}.{event_token(event_id)}"
+    return subjects.decision_key(tenant, event_token(event_id))
 
 
-class LostClaim(Exception):
-    """Another coordinator changed the state under us: stop working on this event."""
+class LostClaim(MeshRuntimeError):
+    """Another coordinator (or the dead-letterer) changed the state under us: stop working on
+    this event; whoever changed it finishes it."""
 
 
+class StateConflict(MeshRuntimeError):
+    """A compare-and-set found another revision (update), or an existing key (create)."""
+
+    retryable = True
+
+
+# -- storage ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    value: bytes
+    revision: int
+
+
+class Store(Protocol):
+    """Key/value with revisions, exactly as JetStream KV behaves."""
+
+    async def get(self, key: str) -> Entry | None:
+        """The current value and its revision; None if the key does not exist."""
+        ...
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Write a key that does not exist; StateConflict if it does. Returns the revision."""
+        ...
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        """Write if the key's revision is still `last`; StateConflict if not."""
+        ...
+
+
+class KvStore:
+    """`Store` over a JetStream KV bucket."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def get(self, key: str) -> Entry | None:
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:  # deleted and purged keys too (subclasses)
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return Entry(entry.value, entry.revision)
+
+    async def create(self, key: str, value: bytes) -> int:
+        try:
+            return int(await self.kv.create(key, value))
+        except KeyWrongLastSequenceError:
+            raise StateConflict(f"{key}: already exists") from None
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        try:
+            return int(await self.kv.update(key, value, last=last))
+        except KeyWrongLastSequenceError:
+            raise StateConflict(f"{key}: revision {last} is no longer the latest") from None
+
+
+class MemoryStore:
+    """`Store` in memory with JetStream KV's semantics, for tests and single-process use.
+
+    Revisions are one sequence for the whole store (as a bucket's stream sequence is); an update
+    expecting revision 0 succeeds only on a key that does not exist (as nats-py's `create`
+    does); every call yields to the event loop first, so concurrent callers interleave the way
+    they would over the network.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._revision = 0
+
+    async def get(self, key: str) -> Entry | None:
+        await asyncio.sleep(0)
+        return self._entries.get(key)
+
+    async def create(self, key: str, value: bytes) -> int:
+        await asyncio.sleep(0)
+        if key in self._entries:
+            raise StateConflict(f"{key}: already exists")
+        return self._put(key, value)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        await asyncio.sleep(0)
+        current = self._entries.get(key)
+        if (current.revision if current else 0) != last:
+            raise StateConflict(f"{key}: revision {last} is no longer the latest")
+        return self._put(key, value)
+
+    def _put(self, key: str, value: bytes) -> int:
+        self._revision += 1
+        self._entries[key] = Entry(value, self._revision)
+        return self._revision
+
+
+# -- what a transition returns ----------------------------------------------------------------
 @dataclass
 class Claim:
     key: str
@@ -84,130 +197,152 @@ class Done:
     state: DecisionState
 
 
+@dataclass
+class DeadLettered:
+    """The event is dead-lettered; `fresh` if this call made it so, False if it already was
+    (a redelivery of the same message: re-publish its record, idempotently)."""
+
+    state: DecisionState
+    fresh: bool
+
+
 class Ledger:
-    def __init__(self, kv: KeyValue, owner: str, lease_s: float) -> None:
-        self.kv = kv
+    def __init__(
+        self, store: Store, owner: str, lease_s: float, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self.store = store
         self.owner = owner
         self.lease_s = lease_s
+        self.clock = clock
+
+    async def read(self, key: str) -> DecisionState | None:
+        entry = await self.store.get(key)
+        return _dec.decode(entry.value) if entry is not None else None
 
     async def claim(self, key: str, *, stream_seq: int, deadline_s: float) -> Claim | Busy | Done:
-        """Take the event for this coordinator, or say why not. Bounded: a few CAS rounds."""
-        for _ in range(5):
-            now = time.time()
+        """Take the event for this coordinator, or say why not. Bounded: CAS_RETRY rounds."""
+        for attempt in itertools.count(1):
+            now = self.clock.time()
+            entry = await self.store.get(key)
             try:
-                entry = await self.kv.get(key)
-            except KeyNotFoundError:
-                fresh = DecisionState(
-                    "collecting", self.owner, now + self.lease_s, now + deadline_s, stream_seq
+                if entry is None:
+                    fresh = DecisionState(
+                        "collecting", self.owner, now + self.lease_s, now + deadline_s, stream_seq
+                    )
+                    return Claim(key, await self.store.create(key, _enc.encode(fresh)), fresh)
+                current = _dec.decode(entry.value)
+                if current.state == "decided":
+                    return Done(current)
+                if current.state == "dead_lettered" and current.stream_seq == stream_seq:
+                    return Done(current)  # the same delivery came back (crash before the ack)
+                if current.state == "collecting" and current.lease_until > now:
+                    # Held by a live owner (possibly us, on a concurrent redelivery): leave it.
+                    return Busy(current.owner, current.lease_until - now)
+                # Expired lease (owner died), or a replay of a dead-lettered event: take it over.
+                replay = current.state == "dead_lettered"
+                taken = DecisionState(
+                    "collecting",
+                    self.owner,
+                    now + self.lease_s,
+                    now + deadline_s if replay else current.deadline_at,
+                    stream_seq,
+                    votes={} if replay else current.votes,
+                    # A replay is a fresh decision, not a take-over of a dead owner's work.
+                    takeovers=0 if replay else current.takeovers + 1,
                 )
-                try:
-                    rev = await self.kv.create(key, _enc.encode(fresh))
-                except KeyWrongLastSequenceError:
-                    continue  # someone created it first: look again
-                return Claim(key, rev, fresh)
-            assert entry.value is not None and entry.revision is not None
-            current = _dec.decode(entry.value)
-            if current.state == "decided":
-                return Done(current)
-            if current.state == "dead_lettered" and current.stream_seq == stream_seq:
-                return Done(current)  # the same delivery came back (crash before the ack)
-            if current.state == "collecting" and current.lease_until > now:
-                # Held by a live owner (possibly us, on a concurrent redelivery): leave it.
-                return Busy(current.owner, current.lease_until - now)
-            # Expired lease (owner died), or a replay of a dead-lettered event: take it over.
-            replay = current.state == "dead_lettered"
-            taken = DecisionState(
-                "collecting",
-                self.owner,
-                now + self.lease_s,
-                now + deadline_s if replay else current.deadline_at,
-                stream_seq,
-                votes={} if replay else current.votes,
-                # A replay is a fresh decision, not a take-over of a dead owner's work.
-                takeovers=0 if replay else current.takeovers + 1,
-            )
-            try:
-                rev = await self.kv.update(key, _enc.encode(taken), last=entry.revision)
-            except KeyWrongLastSequenceError:
-                continue
-            return Claim(key, rev, taken)
-        raise LostClaim(f"{key}: state kept changing under us")
+                revision = await self.store.update(key, _enc.encode(taken), entry.revision)
+                return Claim(key, revision, taken)
+            except StateConflict:
+                if CAS_RETRY.pause(attempt) is None:
+                    raise LostClaim(f"{key}: state kept changing under us") from None
+        raise AssertionError("unreachable")  # itertools.count never ends
 
     async def save(self, claim: Claim, state: DecisionState) -> None:
-        """CAS write; renews the lease unless the state is final."""
+        """CAS write of the claimed event's state; renews the lease unless the state is final.
+        LostClaim if someone else wrote in between."""
         async with claim.lock:
             if state.state == "collecting":
-                state.lease_until = time.time() + self.lease_s
+                state.lease_until = self.clock.time() + self.lease_s
             try:
-                claim.revision = await self.kv.update(
-                    claim.key, _enc.encode(state), last=claim.revision
+                claim.revision = await self.store.update(
+                    claim.key, _enc.encode(state), claim.revision
                 )
-            except KeyWrongLastSequenceError:
+            except StateConflict:
                 raise LostClaim(f"{claim.key}: taken over by another coordinator") from None
             claim.state = state
 
-    async def mark_dead_lettered(self, key: str, *, stream_seq: int, reason: str) -> None:
-        """Record a dead letter for an event nobody decided (no claim needed: last write wins
-        only over states that are not `decided`)."""
-        for _ in range(5):
-            now = time.time()
-            state = DecisionState(
-                "dead_lettered", self.owner, now, now, stream_seq, dead_letter_reason=reason
-            )
-            try:
-                entry = await self.kv.get(key)
-            except KeyNotFoundError:
+    async def mark_dead_lettered(
+        self,
+        key: str,
+        *,
+        stream_seq: int,
+        reason: str,
+        error: str = "",
+        claim: Claim | None = None,
+        patience_s: float | None = None,
+    ) -> DeadLettered | Busy | Done:
+        """The one transition to `dead_lettered`; a dead letter is published only after it.
+
+        With `claim` (the caller holds the event): one CAS from the claimed revision, LostClaim
+        if someone else wrote since. Without: refused (`Done`) if the event is decided; `Busy`
+        if a live owner holds it, unless `patience_s` is given, then wait that long (bounded)
+        for its outcome and take it over if there is none, so an owner that comes back late
+        fails its own CAS and never publishes: decided or dead-lettered, never both.
+        """
+        if claim is not None:
+            marked = self._dead_letter_state(stream_seq, reason, error)
+            async with claim.lock:
                 try:
-                    await self.kv.create(key, _enc.encode(state))
-                    return
-                except KeyWrongLastSequenceError:
-                    continue
-            assert entry.value is not None
-            if _dec.decode(entry.value).state == "decided":
-                return  # a decision stands; the dead letter is only a record
-            try:
-                await self.kv.update(key, _enc.encode(state), last=entry.revision)
-                return
-            except KeyWrongLastSequenceError:
-                continue
-
-
-async def settle_for_dead_letter(
-    kv: KeyValue, key: str, *, stream_seq: int, reason: str, wait_s: float = 60.0
-) -> bool:
-    """JetStream gave up delivering an event to the coordinator: may it be dead-lettered?
-
-    Not if it was decided after all (a "busy" redelivery can use up the last delivery while
-    another coordinator finishes it). While a live owner still holds it, wait (bounded) for
-    its outcome. Otherwise mark it dead-lettered by compare-and-set, so an owner that comes
-    back late fails its own CAS and never publishes: decided or dead-lettered, never both.
-    """
-    give_up_waiting = time.monotonic() + wait_s
-    while True:
-        now = time.time()
-        try:
-            entry = await kv.get(key)
-        except KeyNotFoundError:
-            entry = None
-        current = _dec.decode(entry.value) if entry is not None and entry.value else None
-        if current is not None and current.state == "decided":
-            return False
-        if (
-            current is not None
-            and current.state == "collecting"
-            and current.lease_until > now
-            and time.monotonic() < give_up_waiting
-        ):
-            await asyncio.sleep(min(0.5, current.lease_until - now + 0.05))
-            continue
-        marked = DecisionState(
-            "dead_lettered", "dlq", now, now, stream_seq, dead_letter_reason=reason
+                    claim.revision = await self.store.update(
+                        claim.key, _enc.encode(marked), claim.revision
+                    )
+                except StateConflict:
+                    raise LostClaim(
+                        f"{claim.key}: taken over before it was dead-lettered"
+                    ) from None
+                claim.state = marked
+            return DeadLettered(marked, fresh=True)
+        give_up_waiting = (
+            self.clock.monotonic() + patience_s if patience_s is not None else float("-inf")
         )
-        try:
-            if entry is None:
-                await kv.create(key, _enc.encode(marked))
-            else:
-                await kv.update(key, _enc.encode(marked), last=entry.revision)
-        except KeyWrongLastSequenceError:
-            continue  # it changed under us (maybe decided): look again
-        return True
+        attempt = 0
+        while True:
+            entry = await self.store.get(key)
+            current = _dec.decode(entry.value) if entry is not None else None
+            if current is not None:
+                if current.state == "decided":
+                    return Done(current)
+                if current.state == "dead_lettered" and current.stream_seq == stream_seq:
+                    return DeadLettered(current, fresh=False)
+                now = self.clock.time()
+                if current.state == "collecting" and current.lease_until > now:
+                    if self.clock.monotonic() >= give_up_waiting:
+                        if patience_s is None:
+                            return Busy(current.owner, current.lease_until - now)
+                    else:
+                        await self.clock.sleep(min(_POLL_S, current.lease_until - now + 0.05))
+                        continue
+            marked = self._dead_letter_state(stream_seq, reason, error)
+            try:
+                if entry is None:
+                    await self.store.create(key, _enc.encode(marked))
+                else:
+                    await self.store.update(key, _enc.encode(marked), entry.revision)
+            except StateConflict:  # it changed under us (maybe decided): look again
+                attempt += 1
+                if CAS_RETRY.pause(attempt) is None:
+                    raise LostClaim(f"{key}: state kept changing under us") from None
+                continue
+            return DeadLettered(marked, fresh=True)
+
+    def _dead_letter_state(self, stream_seq: int, reason: str, error: str) -> DecisionState:
+        now = self.clock.time()
+        return DecisionState(
+            "dead_lettered",
+            self.owner,
+            now,
+            now,
+            stream_seq,
+            dead_letter_reason=reason,
+            dead_letter_error=error,
+        )

@@ -35,7 +35,8 @@ from typing import Literal, get_args
 
 import msgspec
 
-Choice = Literal["approve", "reject", "abstain"]
+from mesh.verdict import Choice
+
 Outcome = Literal["approved", "rejected", "no_quorum", "pending"]
 
 _CHOICES: frozenset[str] = frozenset(get_args(Choice))

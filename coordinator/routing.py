@@ -5,7 +5,8 @@ breaker is not open (at random, avoiding ones that already failed this call), so
 broken replica is stepped around instead of timing out a share of every decision. A replica
 without its own subject is reached through the agent's shared queue-group subject, with one
 breaker for the agent as a whole. Breakers: purgatory (closed → open after `threshold`
-consecutive failures → half-open after `ttl_s`, where the next call decides).
+consecutive failures → half-open after `ttl_s`, where the next call decides). This module is the
+only one that talks to purgatory; callers see `Breaker` and `BreakerOpen`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,36 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol, runtime_checkable
 
 from purgatory import AsyncCircuitBreakerFactory
-from purgatory.service._async.circuitbreaker import AsyncCircuitBreaker
+from purgatory.domain.model import Context, OpenedState
 
 from mesh import subjects
 from mesh.registry import RegistryView
 
 log = logging.getLogger(__name__)
+
+# Raised on entering a breaker that is open (purgatory's documented domain model).
+BreakerOpen = OpenedState
+
+
+@runtime_checkable
+class Breaker(Protocol):
+    """What `AsyncCircuitBreakerFactory.get_breaker` returns, typed by the parts we use: the
+    class itself lives in purgatory's private `service._async` package, which we do not import."""
+
+    context: Context
+
+    async def __aenter__(self) -> object: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -37,7 +59,7 @@ class Router:
         self.view = view
         self._factory = AsyncCircuitBreakerFactory(default_threshold=threshold, default_ttl=ttl_s)
         self._factory.add_listener(self._on_change)
-        self._breakers: dict[str, AsyncCircuitBreaker] = {}
+        self._breakers: dict[str, Breaker] = {}
 
     def route(self, agent: str, *, avoid: frozenset[str] = frozenset()) -> Route:
         direct = [r for r in self.view.instances(agent) if r.direct_subject]
@@ -50,7 +72,7 @@ class Router:
             return Route(agent, subjects.a2a(agent), agent)
         return Route(agent, pick.direct_subject, pick.key)
 
-    async def breaker(self, route: Route) -> AsyncCircuitBreaker:
+    async def breaker(self, route: Route) -> Breaker:
         brk = self._breakers.get(route.breaker_key)
         if brk is None:
             brk = await self._factory.get_breaker(route.breaker_key)

@@ -1,12 +1,14 @@
 """The supervisor: a durable consumer of domain events that turns each into one decision.
 
-Per event: parse → policy → claim it in the ledger (KV, compare-and-set) → live agents per
-skill → ask each (timeout, bounded retries, one overall deadline; votes saved as they come) →
-tally under the quorum rule → record the decision in the ledger → publish it on the event's own
-subject with "expected last sequence 0" (so the server refuses a second one) → ack.
+Per event: parse → policy → live agents per skill → the decision core (`coordinator.decide`:
+claim the event in the ledger, ask each voter within one deadline, save votes as they come,
+tally, record the decision) → publish it on the event's own subject with "expected last
+sequence 0" (so the server refuses a second one) → audit → ack. This module is the wiring: the
+consume loop, spans, publishing, audit, acks.
 
-Anything it cannot decide goes to the dead-letter stream with the reason and the original body,
-then is acked. Nothing is acked without one of those two outcomes. A coordinator that dies
+Anything it cannot decide goes to the dead-letter stream with the reason and the original body
+(ledger first, then the record: see `dead_letter`), then is acked. An event is acked only once
+it is decided, dead-lettered, or of a type the policies ignore. A coordinator that dies
 mid-event leaves a lease that expires; the redelivered event is taken over by whoever gets it,
 with the same deadline and the votes already cast.
 """
@@ -19,6 +21,7 @@ import logging
 import os
 import socket
 import time
+import typing
 
 import msgspec
 from nats.aio.msg import Msg
@@ -27,24 +30,35 @@ from nats.js.errors import BadRequestError
 from opentelemetry.trace import SpanKind
 
 from coordinator import dispatch
-from coordinator.ledger import Busy, Claim, Done, Ledger, LostClaim, event_token, state_key
-from coordinator.policy import Policies, Policy
-from coordinator.quorum import tally
+from coordinator.clock import SYSTEM_CLOCK
+from coordinator.decide import Ask, Decided, Decider, Job, Undecidable
+from coordinator.ledger import (
+    Busy,
+    Claim,
+    DecisionState,
+    Done,
+    KvStore,
+    Ledger,
+    LostClaim,
+    event_token,
+    state_key,
+)
+from coordinator.policy import Policies
 from coordinator.routing import Router
-from mesh import envelope, subjects, telemetry
-from mesh.a2a.client import A2AClient
+from mesh import envelope, records, subjects, telemetry
+from mesh._internal.consume import PullLoop
+from mesh.a2a.client import AgentClient
 from mesh.audit import SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus
 from mesh.records import DeadLetter, Decision, DlqReason, Vote, encoder
 from mesh.registry import Registry, RegistryView
-from mesh.verdict import Choice
 
 log = logging.getLogger(__name__)
 
 LEASE_S = 2.0  # how long a silent owner keeps an event before others may take it over
 ACK_WAIT_S = LEASE_S + 1.0  # redelivery comes only after the lease has lapsed
 MAX_DELIVER = 20  # bounded: crashes and busy-naks count; the last one is dead-lettered
-_WRONG_LAST_SEQUENCE = 10071
+_REASONS: tuple[str, ...] = typing.get_args(DlqReason)
 
 
 class Coordinator:
@@ -52,13 +66,13 @@ class Coordinator:
         self.bus = bus
         self.policies = policies
         self.name = name or f"coordinator-{socket.gethostname()}-{os.getpid()}"
-        self.client = A2AClient(bus)
+        self.client = AgentClient(bus)
         self.view = RegistryView(Registry(bus))
         self.router = Router(self.view)
         self.audit = AuditLog(bus, self.name)
-        self._slots = asyncio.Semaphore(bus.settings.max_inflight)
-        self._inflight: set[asyncio.Task[None]] = set()
         self._ledger: Ledger | None = None
+        self._decider: Decider | None = None
+        self._loop: PullLoop[Msg] | None = None
 
     @property
     def ledger(self) -> Ledger:
@@ -69,10 +83,12 @@ class Coordinator:
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.ensure()
         kv = await self.bus.kv(subjects.DECISIONS_BUCKET)
-        self._ledger = Ledger(kv, self.name, LEASE_S)
+        self._ledger = Ledger(KvStore(kv), self.name, LEASE_S)
+        self._decider = Decider(self._ledger, self._ask, SYSTEM_CLOCK, name=self.name)
         await self.view.start()
         await self._audit_policies()
         telemetry.observe_breakers(self.router.states)
+        max_inflight = self.bus.settings.max_inflight
         psub = await self.bus.js.pull_subscribe(
             subjects.events_filter(),
             durable=subjects.COORDINATOR_DURABLE,
@@ -82,7 +98,7 @@ class Coordinator:
                 deliver_policy=DeliverPolicy.ALL,
                 ack_wait=ACK_WAIT_S,
                 max_deliver=MAX_DELIVER,
-                max_ack_pending=self.bus.settings.max_inflight * 2,
+                max_ack_pending=max_inflight * 2,
             ),
         )
         status_sub = await self.bus.nc.subscribe(subjects.COORDINATOR_STATUS, cb=self._status)
@@ -93,25 +109,16 @@ class Coordinator:
             ", ".join(sorted(self.policies.by_type)),
         )
         longest = max((p.deadline_s for p in self.policies.by_type.values()), default=10.0)
+        self._loop = PullLoop(
+            lambda batch, timeout: psub.fetch(batch, timeout=timeout),
+            self._guarded,
+            concurrency=max_inflight,
+            name=self.name,
+            drain_s=longest + 5,  # on stop, finish what was started (each is deadline-bounded)
+        )
         try:
-            while not stop.is_set():
-                free = max(1, min(64, self._slots._value))  # fetch no more than we can start
-                try:
-                    msgs = await psub.fetch(free, timeout=0.5)
-                except TimeoutError:
-                    continue
-                except Exception as e:  # reconnecting, leader change: try again shortly
-                    log.warning("fetch failed: %s", e)
-                    await asyncio.sleep(0.2)
-                    continue
-                for msg in msgs:
-                    await self._slots.acquire()
-                    task = asyncio.create_task(self._guarded(msg))
-                    self._inflight.add(task)
-                    task.add_done_callback(self._done)
+            await self._loop.run(stop)
         finally:
-            if self._inflight:  # drain: finish what we started (each is deadline-bounded)
-                await asyncio.wait(self._inflight, timeout=longest + 5)
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
                 await status_sub.unsubscribe()
@@ -121,15 +128,11 @@ class Coordinator:
         """Every coordinator answers `mesh status` with what it is doing right now."""
         status = {
             "name": self.name,
-            "inflight": len(self._inflight),
+            "inflight": self._loop.inflight if self._loop else 0,
             "breakers": self.router.states(),
         }
         with contextlib.suppress(Exception):
             await msg.respond(msgspec.json.encode(status))
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._slots.release()
 
     async def _guarded(self, msg: Msg) -> None:
         try:
@@ -142,6 +145,11 @@ class Coordinator:
             log.exception("event on %s failed; will be redelivered", msg.subject)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=1.0)
+
+    async def _ask(self, ask: Ask) -> Vote:
+        """The decision core's asker: one voter, over A2A on NATS (read at call time, so a
+        router swapped in after construction is the one used)."""
+        return await dispatch.ask(self.client, self.router, ask)
 
     # -- one event ------------------------------------------------------------------------------
     async def handle(self, msg: Msg) -> None:
@@ -191,139 +199,61 @@ class Coordinator:
             )
             return
 
-        key = state_key(tenant, event.id)
-        got = await self.ledger.claim(
-            key, stream_seq=msg.metadata.sequence.stream, deadline_s=policy.deadline_s
-        )
-        if isinstance(got, Busy):
-            # Someone alive holds it; look again when its lease would have lapsed.
-            await msg.nak(delay=got.retry_in_s + 0.5)
-            return
-        if isinstance(got, Done):
-            if got.state.decision is not None:
-                # Idempotent (per-event subject, message ids): finishes a crashed publish.
-                await self._publish(got.state.decision)
-                await self._audit_decision(got.state.decision)
-            log.info("event %s already %s; not deciding again", event.id, got.state.state)
-            await msg.ack()
-            return
-
         agents: dict[str, str] = {}
         for skill in policy.skills:
             live = self.view.agents_with_skill(skill)
             if live:
                 agents[skill] = live[0]
-        missing = [s for s in policy.skills if s not in agents and s not in got.state.votes]
-        if missing:
+        job = Job(
+            key=state_key(tenant, event.id),
+            event=event,
+            policy=policy,
+            decision_type=self.policies.decision_type(event.type),
+            stream_seq=msg.metadata.sequence.stream,
+            agents=agents,
+            started=started,
+            trace_id=telemetry.trace_id_of(),
+        )
+        assert self._decider is not None, "run() sets up the decider"
+        outcome = await self._decider.run(job, on_renew=msg.in_progress)
+        if isinstance(outcome, Busy):
+            # Someone alive holds it; look again when its lease would have lapsed.
+            await msg.nak(delay=outcome.retry_in_s + 0.5)
+        elif isinstance(outcome, Done):
+            await self._finish_again(msg, event, outcome.state)
+        elif isinstance(outcome, Undecidable):
             await self.dead_letter(
-                msg, "no_agent", f"no live agent has skill(s) {', '.join(missing)}", event=event
+                msg, outcome.reason, outcome.error, event=event, claim=outcome.claim
             )
-            return
+        else:
+            await self._record(outcome)
+            await msg.ack()
 
-        renew = asyncio.create_task(self._keep_lease(got, msg))
-        try:
-            votes = await self._collect(got, event, policy, agents)
-        finally:
-            renew.cancel()
-            with contextlib.suppress(asyncio.CancelledError, LostClaim):
-                await renew
-        decision = self._decide(event, policy, votes, started, got)
-        if decision.outcome == "no_quorum" and policy.on_no_quorum == "dead_letter":
-            await self.dead_letter(msg, "no_quorum", decision.reason, event=event)
-            return
-        final = msgspec.structs.replace(got.state, state="decided", decision=decision)
-        await self.ledger.save(got, final)  # LostClaim here: someone else decides, not us
+    async def _record(self, outcome: Decided) -> None:
+        decision = outcome.decision
         await self._publish(decision)
         await self._audit_decision(decision)
-        await msg.ack()
         _count(decision)
-        log.info("event %s %s: %s (%s)", event.id, event.type, decision.outcome, decision.reason)
-
-    async def _keep_lease(self, claim: Claim, msg: Msg) -> None:
-        """While collecting: renew the ledger lease and tell JetStream we are still at it."""
-        while True:
-            await asyncio.sleep(LEASE_S / 3)
-            await self.ledger.save(claim, claim.state)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
-
-    async def _collect(
-        self, claim: Claim, event: envelope.Event, policy: Policy, agents: dict[str, str]
-    ) -> dict[str, Vote]:
-        # The deadline is wall-clock in the ledger (it survives take-overs); here, monotonic.
-        deadline = time.monotonic() + max(0.0, claim.state.deadline_at - time.time())
-        votes = dict(claim.state.votes)  # cast before a take-over: not asked again
-        # After a take-over, votes that were in flight at the crash are fetched once more even
-        # past the deadline; they count only if the agent's task says it answered in time.
-        grace = min(policy.agent_timeout_s, 1.0) if claim.state.takeovers else 0.0
-        tasks = {
-            asyncio.create_task(
-                dispatch.ask(
-                    self.client,
-                    self.router,
-                    dispatch.Ask(
-                        skill=skill,
-                        agent=agent,
-                        event=event,
-                        policy=policy,
-                        deadline=deadline,
-                        deadline_wall=claim.state.deadline_at,
-                        grace_s=grace,
-                    ),
-                )
-            ): skill
-            for skill, agent in agents.items()
-            if skill not in votes
-        }
-        pending = set(tasks)
-        try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for t in done:
-                    votes[tasks[t]] = t.result()
-                state = msgspec.structs.replace(claim.state, votes=dict(votes))
-                await self.ledger.save(claim, state)  # a vote survives our crash
-                if policy.decide_early and pending:
-                    early = tally(policy.rule, policy.skills, _counted(votes), final=False)
-                    if early.outcome in ("approved", "rejected"):
-                        break
-        finally:
-            for t in pending:
-                t.cancel()
-                skill = tasks[t]
-                votes[skill] = Vote(
-                    skill=skill,
-                    agent=agents[skill],
-                    outcome="cancelled",
-                    error="not needed: the outcome could no longer change",
-                )
-        return votes
-
-    def _decide(
-        self,
-        event: envelope.Event,
-        policy: Policy,
-        votes: dict[str, Vote],
-        started: float,
-        claim: Claim,
-    ) -> Decision:
-        result = tally(policy.rule, policy.skills, _counted(votes), final=True)
-        assert result.outcome != "pending"
-        return Decision(
-            event_id=event.id,
-            event_type=event.type,
-            tenant=event.tenant,
-            decision_type=self.policies.decision_type(event.type),
-            outcome=result.outcome,
-            reason=result.reason,
-            rule=policy.rule.kind,
-            votes=[votes[s] for s in policy.skills],
-            decided_at=time.time(),
-            trace_id=telemetry.trace_id_of(),
-            latency_ms=round((time.monotonic() - started) * 1000, 2),
-            coordinator=self.name,
-            takeovers=claim.state.takeovers,
+        log.info(
+            "event %s %s: %s (%s)",
+            decision.event_id,
+            decision.event_type,
+            decision.outcome,
+            decision.reason,
         )
+
+    async def _finish_again(self, msg: Msg, event: envelope.Event, state: DecisionState) -> None:
+        """A redelivery of an event that already has its outcome: publish what may not have
+        been published before a crash (idempotent: per-event subject, message ids), then ack."""
+        if state.decision is not None:
+            await self._publish(state.decision)
+            await self._audit_decision(state.decision)
+        elif state.state == "dead_lettered":
+            await self._publish_dead_letter(
+                self._dead_letter_record(msg, _reason(state), state.dead_letter_error, event=event)
+            )
+        log.info("event %s already %s; not deciding again", event.id, state.state)
+        await msg.ack()
 
     async def _publish(self, decision: Decision) -> None:
         token = event_token(decision.event_id)
@@ -331,19 +261,19 @@ class Coordinator:
             await self.bus.publish(
                 subjects.decision(decision.tenant, decision.decision_type, token),
                 encoder.encode(decision),
-                msg_id=f"decision:{decision.tenant}.{token}",
+                msg_id=subjects.decision_msg_id(decision.tenant, token),
                 # The server refuses a second message on this event's subject: "decided once"
                 # holds even past the dedup window and across every coordinator.
                 headers={subjects.H_EXPECTED_LAST_SUBJECT_SEQ: "0"},
             )
         except BadRequestError as e:
-            if e.err_code != _WRONG_LAST_SEQUENCE:
+            if e.err_code not in subjects.JS_WRONG_LAST_SEQUENCE:
                 raise
             log.info("decision for %s was already published", decision.event_id)
 
     # -- audit ----------------------------------------------------------------------------------
     async def _audit_decision(self, d: Decision) -> None:
-        ref = f"{d.tenant}.{event_token(d.event_id)}"
+        ref = subjects.decision_key(d.tenant, event_token(d.event_id))
         await self.audit.append(
             d.tenant,
             "decision",
@@ -356,7 +286,7 @@ class Coordinator:
                 "coordinator": d.coordinator,
                 "takeovers": d.takeovers,
             },
-            msg_id=f"audit:decision:{ref}",
+            msg_id=subjects.audit_msg_id("decision", ref),
         )
         for v in d.votes:
             await self.audit.append(
@@ -364,7 +294,7 @@ class Coordinator:
                 "vote",
                 d.event_id,
                 msgspec.to_builtins(v),
-                msg_id=f"audit:vote:{ref}:{v.skill}",
+                msg_id=subjects.audit_msg_id("vote", ref, v.skill),
             )
 
     async def _audit_policies(self) -> None:
@@ -385,55 +315,95 @@ class Coordinator:
 
     # -- dead letters ---------------------------------------------------------------------------
     async def dead_letter(
-        self, msg: Msg, reason: DlqReason, error: str, *, event: envelope.Event | None = None
+        self,
+        msg: Msg,
+        reason: DlqReason,
+        error: str,
+        *,
+        event: envelope.Event | None = None,
+        claim: Claim | None = None,
     ) -> None:
-        tenant, event_type = subjects.parse_event_subject(msg.subject)
-        tenant = tenant if subjects.valid_token(tenant) else "unknown"
-        meta = msg.metadata
-        record = DeadLetter(
-            reason=reason,
-            error=error,
-            subject=msg.subject,
-            tenant=tenant,
-            body_b64=DeadLetter.encode_body(msg.data),
-            headers=dict(msg.headers or {}),
-            event_id=event.id if event else _published_id(msg),
-            event_type=event.type if event else event_type or None,
-            attempts=meta.num_delivered,
-            stream_seq=meta.sequence.stream,
-            trace_id=_trace_id(event.traceparent if event else None),
-            at=time.time(),
-        )
-        await self.bus.publish(
-            subjects.dlq(tenant, reason),
-            encoder.encode(record),
-            msg_id=f"dlq:{subjects.EVENTS_STREAM}:{meta.sequence.stream}",
-        )
+        """What the coordinator cannot decide goes to the DLQ, in this order: the ledger first
+        (compare-and-set: refused if the event was decided, LostClaim if someone else holds
+        it), then the record and its audit entry (idempotent by message id), then the ack.
+        A body that is not an event has no ledger entry: it is only recorded."""
+        record = self._dead_letter_record(msg, reason, error, event=event)
         if event is not None:
-            await self.ledger.mark_dead_lettered(
-                state_key(tenant, event.id), stream_seq=meta.sequence.stream, reason=reason
+            marked = await self.ledger.mark_dead_lettered(
+                state_key(record.tenant, event.id),
+                stream_seq=record.stream_seq,
+                reason=reason,
+                error=error,
+                claim=claim,
             )
-        await self.audit.append(
-            tenant,
-            "dead_letter",
-            record.event_id or f"seq:{meta.sequence.stream}",
-            {
-                "reason": reason,
-                "error": error,
-                "subject": msg.subject,
-                "stream_seq": meta.sequence.stream,
-            },
-            msg_id=f"audit:dlq:{subjects.EVENTS_STREAM}:{meta.sequence.stream}",
-        )
+            if isinstance(marked, Busy):
+                await msg.nak(delay=marked.retry_in_s + 0.5)  # its owner may still decide it
+                return
+            if isinstance(marked, Done):
+                log.warning(
+                    "event %s is decided; not dead-lettering it (%s: %s)", event.id, reason, error
+                )
+                await msg.ack()
+                return
+            if not marked.fresh:  # a redelivery: publish the record it already has
+                await self._finish_again(msg, event, marked.state)
+                return
+        await self._publish_dead_letter(record)
         await msg.ack()
-        telemetry.meters().dead_letters.add(1, {"reason": reason, "tenant": tenant})
+        telemetry.meters().dead_letters.add(1, {"reason": reason, "tenant": record.tenant})
         log.warning(
             "event seq=%s on %s dead-lettered (%s): %s",
-            meta.sequence.stream,
+            record.stream_seq,
             msg.subject,
             reason,
             error,
         )
+
+    def _dead_letter_record(
+        self, msg: Msg, reason: DlqReason, error: str, *, event: envelope.Event | None
+    ) -> DeadLetter:
+        meta = msg.metadata
+        tenant, _ = subjects.parse_event_subject(msg.subject)
+        msg_id = (msg.headers or {}).get(subjects.H_MSG_ID)
+        return records.dead_letter(
+            reason=reason,
+            error=error,
+            subject=msg.subject,
+            body=msg.data,
+            headers=msg.headers,
+            attempts=meta.num_delivered,
+            stream_seq=meta.sequence.stream,
+            event=event,
+            # A body that is not an event has no id of its own: its producer's message id,
+            # without the tenant prefix, is what `mesh publish` printed.
+            event_id=subjects.event_id_of_msg_id(tenant, msg_id) if msg_id else None,
+        )
+
+    async def _publish_dead_letter(self, record: DeadLetter) -> None:
+        seq = record.stream_seq
+        await self.bus.publish(
+            subjects.dlq(record.tenant, record.reason),
+            encoder.encode(record),
+            msg_id=subjects.dlq_msg_id(subjects.EVENTS_STREAM, seq),
+        )
+        await self.audit.append(
+            record.tenant,
+            "dead_letter",
+            record.event_id or f"seq:{seq}",
+            {
+                "reason": record.reason,
+                "error": record.error,
+                "subject": record.subject,
+                "stream_seq": seq,
+            },
+            msg_id=subjects.audit_msg_id("dlq", subjects.EVENTS_STREAM, seq),
+        )
+
+
+def _reason(state: DecisionState) -> DlqReason:
+    reason = state.dead_letter_reason
+    # Written by this module from a DlqReason; anything else is a state from elsewhere.
+    return typing.cast(DlqReason, reason) if reason in _REASONS else "policy_error"
 
 
 def _count(d: Decision) -> None:
@@ -442,22 +412,3 @@ def _count(d: Decision) -> None:
     for v in d.votes:
         verdict = v.verdict.vote if v.verdict else "none"
         m.votes.add(1, {"agent": v.agent, "outcome": v.outcome, "verdict": verdict})
-
-
-def _published_id(msg: Msg) -> str | None:
-    """The id a producer gave an event we could not parse: its message id, without the
-    `<tenant>:` prefix the mesh adds (so `mesh publish`'s printed id finds it)."""
-    msg_id = (msg.headers or {}).get(subjects.H_MSG_ID)
-    if msg_id is None:
-        return None
-    tenant, _ = subjects.parse_event_subject(msg.subject)
-    return msg_id.removeprefix(f"{tenant}:")
-
-
-def _counted(votes: dict[str, Vote]) -> dict[str, Choice]:
-    return {s: v.counted_as for s, v in votes.items() if v.counted_as is not None}
-
-
-def _trace_id(traceparent: str | None) -> str | None:
-    parts = (traceparent or "").split("-")
-    return parts[1] if len(parts) == 4 else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import time
 from collections.abc import Iterable
@@ -22,17 +23,18 @@ import msgspec
 from nats.js.errors import BadRequestError, NotFoundError
 
 from mesh import subjects
+from mesh._internal.retry import RetryPolicy
 from mesh.bus import Bus
+from mesh.errors import AuditContentionError
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["decision", "vote", "dead_letter", "replay", "policy_change", "purge"]
 GENESIS = "0" * 64
 SYSTEM_TENANT = "_mesh"  # the chain for acts that belong to no tenant (policy changes, purges)
-# "Wrong last sequence": 10071 for a subject, 10164 when the check names a subject filter
-# (seen during leader elections on a cluster). Either way another record won the race.
-_WRONG_LAST_SEQUENCE = (10071, 10164)
-_MAX_RACES = 50  # bounded: each lost race means another record landed, so progress is made
+# A lost race means another record landed (progress), so the loser re-reads the tip and tries
+# again at once; bounded all the same.
+RACE_RETRY = RetryPolicy(attempts=50, base_s=0.0, max_s=0.0, jitter=False)
 
 
 class AuditRecord(msgspec.Struct, omit_defaults=True):
@@ -54,7 +56,8 @@ _dec = msgspec.json.Decoder(AuditRecord)
 
 
 def subject(tenant: str, kind: str) -> str:
-    return f"{subjects.AUDIT_ROOT}.{tenant}.{kind}"
+    """`mesh.audit.<tenant>.<kind>` (see `subjects.audit`)."""
+    return subjects.audit(tenant, kind)
 
 
 class AuditLog:
@@ -87,7 +90,7 @@ class AuditLog:
     async def _append(
         self, tenant: str, kind: Kind, ref: str, data: dict[str, Any], msg_id: str | None
     ) -> AuditRecord:
-        for _ in range(_MAX_RACES):
+        for attempt in itertools.count(1):
             seq, prev = self._tips.get(tenant) or await self._tip(tenant)
             record = AuditRecord(tenant, kind, ref, self.actor, time.time(), data, prev)
             record.hash = record.digest()
@@ -102,16 +105,18 @@ class AuditLog:
                     },
                 )
             except BadRequestError as e:
-                if e.err_code not in _WRONG_LAST_SEQUENCE:
-                    raise
+                if e.err_code not in subjects.JS_WRONG_LAST_SEQUENCE:
+                    raise  # anything but "another record won the race"
                 self._tips.pop(tenant, None)  # someone else appended: re-read the tip
+                if RACE_RETRY.pause(attempt) is None:
+                    raise AuditContentionError(tenant, attempt) from None
                 continue
             if ack.duplicate:
                 self._tips.pop(tenant, None)  # the ack names the earlier copy, not our tip
             else:
                 self._tips[tenant] = (ack.seq, record.hash)
             return record
-        raise RuntimeError(f"audit chain of {tenant}: lost {_MAX_RACES} races in a row")
+        raise AssertionError("unreachable")  # itertools.count never ends
 
     async def last(self, tenant: str, kind: Kind) -> AuditRecord | None:
         try:

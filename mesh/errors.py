@@ -119,3 +119,16 @@ class ModelOutputError(MeshRuntimeError):
     """The model answered, but not with one valid call of the requested tool."""
 
     retryable = False
+
+
+# -- coordinator
+class AuditContentionError(MeshRuntimeError):
+    """An audit append lost the race for its chain's tip more often than its retry policy
+    allows (every lost race means another record landed, so this takes a storm of writers)."""
+
+    retryable = True
+
+    def __init__(self, tenant: str, attempts: int) -> None:
+        super().__init__(f"audit chain of {tenant}: lost {attempts} races in a row")
+        self.tenant = tenant
+        self.attempts = attempts

@@ -12,8 +12,9 @@ replica at a time. Per delivery:
 - it raises `Retry(delay_s)` → `nak(delay_s)`;
 - it raises `Reject(reason)` → `term` (JetStream publishes MSG_TERMINATED; the DLQ listener
   records it);
-- it raises anything else → logged with the traceback, `nak(backoff[attempt - 1])`; after
-  `max_deliver` deliveries JetStream stops and publishes MAX_DELIVERIES (the DLQ listener again);
+- it raises anything else → logged with the traceback, `nak(backoff[attempt - 1])` (the last
+  pause repeats); after `max_deliver` deliveries JetStream stops and publishes MAX_DELIVERIES
+  (the DLQ listener again);
 - the event is not a CloudEvent, or its data does not decode into the handler's type → `term` at
   once: the bytes will not change, so retrying cannot help.
 
@@ -24,7 +25,11 @@ Why the backoff is not JetStream's `ConsumerConfig.backoff`: JetStream uses that
 deadline of each delivery, so a first attempt would get only `backoff[0]` (0.5 s) before being
 redelivered to another replica. Here `ack_wait` is how long a silent worker is presumed alive
 (running handlers refresh it with `in_progress` every `ack_wait / 3`) and `backoff` is only the
-pause after a failure, sent with the nak.
+pause after a failure, sent with the nak. The pauses are a `RetryPolicy` (`Redelivery`) whose
+schedule is that explicit list rather than exponential: `backoff=` is the public contract.
+
+Fetching is the mesh's one pull loop (`mesh._internal.consume.PullLoop`): no more events than
+free handler slots, so none waits locally while its ack deadline runs.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
 from mesh import envelope, subjects
+from mesh._internal.consume import PullLoop
+from mesh._internal.retry import RetryPolicy
 from mesh.bus import Bus
 from mesh.errors import ConfigError, MeshRuntimeError
 
@@ -55,10 +62,22 @@ DEFAULT_BACKOFF: tuple[float, ...] = (0.5, 2.0, 5.0, 10.0)
 DEFAULT_ACK_WAIT_S = 30.0
 DEFAULT_CONCURRENCY = 16
 DRAIN_S = 10.0  # how long shutdown waits for in-flight handlers before handing them back
-_FETCH_S = 0.5  # one pull's lifetime: also how long shutdown waits for the fetch loop to notice
 
-# Namespace of output event ids (uuid5), so the same inputs always give the same id.
-_ID_NAMESPACE = uuid.UUID("6f1d6c0e-8a63-4d2b-9a6c-3f0e6b1f5a10")
+_ID_NAMESPACE = uuid.UUID(subjects.OUTPUT_EVENT_NAMESPACE)
+
+
+@dataclass(frozen=True)
+class Redelivery(RetryPolicy):
+    """The retry policy of an event handler: `attempts` = max_deliver, and the pause after the
+    n-th failed delivery is `pauses[n - 1]`, the last one repeating (no pauses: redeliver at
+    once). `pause(n)` is None after the last delivery: there is no next one to wait for."""
+
+    pauses: tuple[float, ...] = ()
+
+    def delay(self, failed_attempt: int) -> float:
+        if not self.pauses:
+            return 0.0
+        return self.pauses[min(max(failed_attempt, 1), len(self.pauses)) - 1]
 
 
 class Retry(MeshRuntimeError):
@@ -103,7 +122,9 @@ class EventContext:
 
     def output_id(self, event_type: str, index: int) -> str:
         """The id of this handling's `index`-th publish of `event_type` (same on redelivery)."""
-        key = f"{self.event.tenant}/{self.event.id}/{self._handler_key}/{event_type}/{index}"
+        key = subjects.output_event_key(
+            self.event.tenant, self.event.id, self._handler_key, event_type, index
+        )
         return str(uuid.uuid5(_ID_NAMESPACE, key))
 
     async def publish(self, event_type: str, data: Any) -> envelope.Event:
@@ -150,17 +171,15 @@ class EventHandler:
 
     @property
     def durable(self) -> str:
-        return f"agent-{self.agent}-{self.name}"
+        return subjects.agent_event_durable(self.agent, self.name)
 
     @property
     def filter_subject(self) -> str:
         return subjects.event("*", self.event_type)
 
-    def delay(self, attempt: int) -> float:
-        """The pause before the next delivery after `attempt` failed."""
-        if not self.backoff:
-            return 0.0
-        return self.backoff[min(attempt, len(self.backoff)) - 1]
+    @property
+    def redelivery(self) -> Redelivery:
+        return Redelivery(attempts=self.max_deliver, pauses=self.backoff)
 
     def consumer_config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -206,7 +225,7 @@ def event_handler(
             f"{where}: the handler takes the annotated event data and, optionally, the context",
             hint="e.g. async def triage(ticket: TicketCreated, ctx: EventContext) -> None",
         )
-    if not subjects.valid_token(f"agent-{agent}-{fn.__name__}"):
+    if not subjects.valid_token(subjects.agent_event_durable(agent, fn.__name__)):
         raise ConfigError(f"{where}: the handler's name cannot be part of a consumer name")
     if max_deliver < 1 or ack_wait_s <= 0 or concurrency < 1 or any(b < 0 for b in backoff):
         raise ConfigError(
@@ -225,8 +244,10 @@ def event_handler(
     )
 
 
-class _Poison(Exception):
+class _Poison(MeshRuntimeError):
     """The delivery can never be handled as it is (bad envelope or data)."""
+
+    retryable = False
 
 
 class EventConsumer:
@@ -235,10 +256,9 @@ class EventConsumer:
     def __init__(self, bus: Bus, handler: EventHandler) -> None:
         self.bus = bus
         self.handler = handler
-        self._slots = asyncio.Semaphore(handler.concurrency)
-        self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
-        self._loop: asyncio.Task[None] | None = None
+        self._loop: asyncio.Task[set[asyncio.Task[Any]]] | None = None
+        self._pull: PullLoop[Msg] | None = None
         self._psub: JetStreamContext.PullSubscription | None = None
 
     async def start(self) -> None:
@@ -253,26 +273,31 @@ class EventConsumer:
                 hint=f"a setting that cannot change was changed; remove the durable "
                 f"(nats consumer rm {subjects.EVENTS_STREAM} {h.durable}) to recreate it",
             ) from None
-        self._psub = await self.bus.js.pull_subscribe_bind(
+        psub = await self.bus.js.pull_subscribe_bind(
             durable=h.durable, stream=subjects.EVENTS_STREAM
         )
-        self._loop = asyncio.create_task(self._fetch_loop(), name=f"events:{h.durable}")
+        self._psub = psub
+        self._pull = PullLoop(
+            lambda batch, timeout: psub.fetch(batch, timeout=timeout),
+            self._deliver,
+            concurrency=h.concurrency,
+            name=self.name,
+            drain_s=DRAIN_S,
+        )
+        self._loop = asyncio.create_task(self._pull.run(self._stop), name=f"events:{h.durable}")
         log.info("agent %s: %s consuming %s as %s", h.agent, h.name, h.filter_subject, h.durable)
 
     async def stop(self, drain_s: float = DRAIN_S) -> None:
         """Stop fetching, let in-flight handlers finish (bounded), hand back the rest."""
+        if self._pull is not None:
+            self._pull.drain_s = drain_s
         self._stop.set()
         if self._loop is not None:
-            await self._loop
-        if self._inflight:
-            _, late = await asyncio.wait(self._inflight, timeout=drain_s)
+            late = await self._loop
             for task in late:  # each naks its event on cancel, so another replica takes it now
                 task.cancel()
             if late:
                 await asyncio.wait(late)
-                log.warning(
-                    "%s: %d handler(s) did not finish in %.0fs", self.name, len(late), drain_s
-                )
         if self._psub is not None:
             with contextlib.suppress(Exception):
                 await self._psub.unsubscribe()  # the durable stays: other replicas share it
@@ -280,36 +305,6 @@ class EventConsumer:
     @property
     def name(self) -> str:
         return self.handler.durable
-
-    async def _fetch_loop(self) -> None:
-        assert self._psub is not None
-        while not self._stop.is_set():
-            # Ask for work only when a slot is free: a fetched event's ack_wait is already
-            # running, and one left waiting here could be redelivered to another replica.
-            try:
-                await asyncio.wait_for(self._slots.acquire(), timeout=_FETCH_S)
-            except TimeoutError:
-                continue  # all busy: look at the stop flag again
-            self._slots.release()
-            # Only this loop takes slots, so the acquires below never wait.
-            free = min(64, self._slots._value)
-            try:
-                msgs = await self._psub.fetch(free, timeout=_FETCH_S)
-            except TimeoutError:
-                continue
-            except Exception as e:  # reconnecting, leader change: try again shortly
-                log.warning("%s: fetch failed: %s", self.name, e)
-                await asyncio.sleep(0.2)
-                continue
-            for msg in msgs:  # started even when stopping: they were already delivered to us
-                await self._slots.acquire()
-                task = asyncio.create_task(self._deliver(msg))
-                self._inflight.add(task)
-                task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._slots.release()
 
     async def _deliver(self, msg: Msg) -> None:
         h = self.handler
@@ -345,7 +340,8 @@ class EventConsumer:
             await _settle(msg.nak())
             raise
         except Exception:
-            if attempt >= h.max_deliver:
+            delay = h.redelivery.pause(attempt)
+            if delay is None:
                 # No delay: there is no next delivery, and JetStream should declare it now.
                 log.exception(
                     "%s: event %s failed on its last attempt (%d/%d); giving up",
@@ -357,7 +353,6 @@ class EventConsumer:
                 )
                 await _settle(msg.nak())
             else:
-                delay = h.delay(attempt)
                 log.exception(
                     "%s: event %s failed (attempt %d/%d); redelivery in %gs",
                     self.name,

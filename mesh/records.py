@@ -1,12 +1,17 @@
-"""What the coordinator publishes: decisions and dead letters (the wire contract for readers)."""
+"""What the coordinator publishes: decisions and dead letters (the wire contract for readers),
+and the one builder of a dead letter."""
 
 from __future__ import annotations
 
 import base64
+import time
+from collections.abc import Mapping
 from typing import Literal
 
 import msgspec
 
+from mesh import subjects
+from mesh.envelope import Event
 from mesh.verdict import Choice, Verdict
 
 CallOutcome = Literal["voted", "timeout", "unavailable", "error", "cancelled"]
@@ -74,6 +79,51 @@ class DeadLetter(msgspec.Struct, omit_defaults=True):
     @staticmethod
     def encode_body(body: bytes) -> str:
         return base64.b64encode(body).decode()
+
+
+def dead_letter(
+    *,
+    reason: DlqReason,
+    error: str,
+    subject: str,
+    body: bytes,
+    headers: Mapping[str, str] | None = None,
+    attempts: int = 1,
+    stream_seq: int = 0,
+    event: Event | None = None,
+    event_id: str | None = None,
+    at: float | None = None,
+) -> DeadLetter:
+    """The one way a `DeadLetter` is built, by the coordinator and by the advisory listener.
+
+    `subject`, `body` and `headers` are the original message's, kept as they were. The tenant
+    and event type come from the subject (tenant `unknown` when it names none); id, type and
+    trace from `event` when the body parsed as one. `event_id` is the id to record when it did
+    not (the coordinator passes the producer's message id; see `subjects.event_id_of_msg_id`).
+    """
+    hdrs = {str(k): str(v) for k, v in (headers or {}).items()}
+    tenant, event_type = subjects.parse_event_subject(subject)
+    traceparent = (event.traceparent if event else None) or hdrs.get(subjects.H_TRACEPARENT)
+    return DeadLetter(
+        reason=reason,
+        error=error,
+        subject=subject,
+        tenant=tenant if subjects.valid_token(tenant) else "unknown",
+        body_b64=DeadLetter.encode_body(body),
+        headers=hdrs,
+        event_id=event.id if event else event_id,
+        event_type=event.type if event else (event_type or None),
+        attempts=attempts,
+        stream_seq=stream_seq,
+        trace_id=trace_id_of(traceparent),
+        at=time.time() if at is None else at,
+    )
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id of a W3C traceparent (`00-<trace id>-<span id>-<flags>`), if it is one."""
+    parts = (traceparent or "").split("-")
+    return parts[1] if len(parts) == 4 else None
 
 
 encoder = msgspec.json.Encoder()

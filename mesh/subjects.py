@@ -4,6 +4,7 @@ headers, durable consumers, queue groups and message-id formats."""
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 # Streams and buckets
 EVENTS_STREAM = "MESH_EVENTS"
@@ -84,7 +85,8 @@ def card_key(agent: str, instance: str) -> str:
 
 
 def event_msg_id(tenant: str, event_id: str) -> str:
-    """`Nats-Msg-Id` of a published event: the stream's duplicate window drops a re-publish."""
+    """`Nats-Msg-Id` of a published event, `<tenant>:<event id>`: the stream's duplicate window
+    drops a re-publish (the same id in two tenants is two events)."""
     return f"{tenant}:{event_id}"
 
 
@@ -116,7 +118,7 @@ def parse_event_subject(subject: str) -> tuple[str, str]:
     return parts[2], parts[3]
 
 
-# -- a2a
+# -- A2A over NATS: how a card names a NATS interface; headers of the binding
 # A card's NATS interface (binding `NATS+JSONRPC`, mesh.cards.NATS_BINDING) has the url
 # `nats:<subject>`: it names a subject, not a server.
 A2A_NATS_URL_SCHEME = "nats:"
@@ -137,3 +139,97 @@ def a2a_subject_of_url(url: str) -> str | None:
     if not url.startswith(A2A_NATS_URL_SCHEME):
         return None
     return url[len(A2A_NATS_URL_SCHEME) :] or None
+
+
+# -- message ids (Nats-Msg-Id: a re-publish after a crash or redelivery is a no-op), keys,
+# durable consumers and queue groups
+
+
+def event_id_of_msg_id(tenant: str, msg_id: str) -> str:
+    """The producer's event id inside an event's message id (the inverse of `event_msg_id`)."""
+    return msg_id.removeprefix(f"{tenant}:")
+
+
+def decision_key(tenant: str, event_token: str) -> str:
+    """`<tenant>.<event token>`: an event's key in DECISIONS_BUCKET, and the reference its
+    decision, dead letter and audit records share."""
+    return f"{tenant}.{event_token}"
+
+
+def decision_msg_id(tenant: str, event_token: str) -> str:
+    return f"decision:{decision_key(tenant, event_token)}"
+
+
+def dlq_msg_id(stream: str, stream_seq: int, consumer: str | None = None) -> str:
+    """`dlq:<stream>:<seq>` for what the coordinator dead-letters itself; with `:<consumer>`
+    for a consumer's give-up advisory (another consumer's give-up is another record)."""
+    base = f"dlq:{stream}:{stream_seq}"
+    return f"{base}:{consumer}" if consumer else base
+
+
+def replay_msg_id(dlq_seq: int, nonce: str) -> str:
+    """A replay's message id: new every time, so the stream's duplicate window keeps none."""
+    return f"replay:{dlq_seq}:{nonce}"
+
+
+def audit_msg_id(record: Literal["decision", "vote", "dlq"], *parts: str | int) -> str:
+    """An audit record's message id, so auditing again after a crash is a no-op:
+    `audit:decision:<ref>`, `audit:vote:<ref>:<skill>`, `audit:dlq:<stream>:<seq>`."""
+    return ":".join(["audit", record, *map(str, parts)])
+
+
+def audit(tenant: str, kind: str) -> str:
+    """`mesh.audit.<tenant>.<kind>`; `audit(tenant, "*")` is the tenant's whole chain."""
+    return f"{AUDIT_ROOT}.{tenant}.{kind}"
+
+
+# Output events of an event handler get uuid5 ids in this namespace, so the same inputs always
+# give the same id (and a redelivery's re-publish is deduplicated).
+OUTPUT_EVENT_NAMESPACE = "6f1d6c0e-8a63-4d2b-9a6c-3f0e6b1f5a10"
+
+
+def output_event_key(
+    tenant: str, event_id: str, handler_key: str, event_type: str, index: int
+) -> str:
+    """What an output event's uuid5 is computed from (`EventContext.output_id`)."""
+    return f"{tenant}/{event_id}/{handler_key}/{event_type}/{index}"
+
+
+def vote_message_id(tenant: str, event_id: str, skill: str) -> str:
+    """The A2A `messageId` of the coordinator's question to a voter: the same on every retry and
+    after a take-over, so the agent answers a repeat with the task it already has."""
+    return f"{tenant}/{event_id}/{skill}"
+
+
+def agent_event_durable(agent: str, handler: str) -> str:
+    """The durable pull consumer an event handler shares with its agent's replicas."""
+    return f"agent-{agent}-{handler}"
+
+
+# JetStream's own subjects (default JetStream context: no domain, no custom API prefix).
+JS_API = "$JS.API"
+# The error codes of a publish whose "expected last subject sequence" did not hold: 10071 for a
+# subject, 10164 when the check names a subject filter (seen in leader elections on a cluster).
+JS_WRONG_LAST_SEQUENCE = (10071, 10164)
+JS_CONSUMER_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER"
+DLQ_QUEUE_GROUP = "mesh-dlq"  # every coordinator's advisory listener; each advisory goes to one
+DLQ_SCAN_PREFIX = "mesh-dlq-scan-"  # short-lived consumers of `mesh dlq ls --reason`
+# Headers that are publish-time instructions to JetStream, not part of a message: a replay of a
+# dead letter must not carry them (lower-case prefixes; an old expected-sequence would fail it).
+JS_PUBLISH_HEADER_PREFIXES = ("nats-msg-id", "nats-expected-")
+
+
+def max_deliveries_advisory(stream: str, consumer: str = "*") -> str:
+    return f"{JS_CONSUMER_ADVISORY}.MAX_DELIVERIES.{stream}.{consumer}"
+
+
+def terminated_advisory(stream: str, consumer: str = "*") -> str:
+    return f"{JS_CONSUMER_ADVISORY}.MSG_TERMINATED.{stream}.{consumer}"
+
+
+def is_terminated_advisory(subject: str) -> bool:
+    return subject.startswith(f"{JS_CONSUMER_ADVISORY}.MSG_TERMINATED.")
+
+
+def stream_purge_api(stream: str) -> str:
+    return f"{JS_API}.STREAM.PURGE.{stream}"

@@ -14,30 +14,12 @@ are what the agent runtime serves with.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from mesh.a2a.client import (
-        AgentClient,
-        artifact_metadata,
-        status_text,
-        status_time,
-        task_of,
-        task_state,
-        user_message,
-        verdict_of,
-    )
-    from mesh.a2a.transport import (
-        NATS_BINDING,
-        NatsTransport,
-        call_context,
-        client_factory,
-        register,
-    )
+from typing import Any
 
 __all__ = [
     "NATS_BINDING",
     "AgentClient",
+    "CallOptions",
     "NatsTransport",
     "artifact_metadata",
     "call_context",
@@ -50,12 +32,13 @@ __all__ = [
     "user_message",
     "verdict_of",
 ]
-
-_TRANSPORT = {"NATS_BINDING", "NatsTransport", "call_context", "client_factory", "register"}
+# Where each lives, imported on first use: serving an agent imports mesh.a2a's server modules,
+# which must not pull in the client side.
+_TRANSPORT = {"NATS_BINDING", "CallOptions", "NatsTransport", "call_context", "client_factory"}
+_TRANSPORT.add("register")
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: importing mesh.a2a.<module> for serving must not pull in the client side.
     if name in __all__:
         module = "mesh.a2a.transport" if name in _TRANSPORT else "mesh.a2a.client"
         return getattr(importlib.import_module(module), name)

@@ -24,7 +24,7 @@ import dataclasses
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC
-from typing import Any, Unpack, overload
+from typing import Any, Unpack
 
 import msgspec
 from a2a.client import Client, ClientConfig
@@ -48,7 +48,6 @@ from google.protobuf.json_format import MessageToDict
 from nats.aio.client import Client as NATS
 
 from mesh import subjects
-from mesh.a2a.compat import A2AClient, call_http
 from mesh.a2a.transport import (
     DEFAULT_TIMEOUT_S,
     NATS_BINDING,
@@ -61,20 +60,6 @@ from mesh.bus import Bus
 from mesh.cards import nats_interface
 from mesh.errors import AgentCallError, AgentTimeoutError
 from mesh.verdict import Verdict
-
-__all__ = [
-    "A2AClient",
-    "AgentClient",
-    "agent_error",
-    "artifact_metadata",
-    "call_http",
-    "status_text",
-    "status_time",
-    "task_of",
-    "task_state",
-    "user_message",
-    "verdict_of",
-]
 
 
 class AgentClient:
@@ -216,24 +201,11 @@ def user_message(
 
 
 # -- reading results ----------------------------------------------------------------------------
-@overload
-def task_of(result: Task | Message) -> Task: ...
-@overload
-def task_of(result: Mapping[str, Any]) -> dict[str, Any]: ...
-def task_of(result: Task | Message | Mapping[str, Any]) -> Task | dict[str, Any]:
-    """The Task of a SendMessage result: a `Task` as it is (a `Message` raises ValueError).
-
-    Transitional: the Task JSON inside a SendMessage result's JSON (`{"task": {...}}`, what
-    `A2AClient.send_message` returns) comes back as that JSON.
-    """
-    if isinstance(result, Task):
-        return result
+def task_of(result: Task | Message) -> Task:
+    """The Task of a SendMessage result; ValueError if the agent answered with a Message."""
     if isinstance(result, Message):
         raise ValueError("the agent answered with a message, not a task")
-    task = result.get("task") if isinstance(result, Mapping) else None
-    if not isinstance(task, dict):
-        raise ValueError("the answer holds no task")
-    return task
+    return result
 
 
 def task_state(task: Task | Mapping[str, Any]) -> str:

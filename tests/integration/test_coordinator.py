@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,16 @@ import msgspec
 import pytest
 
 from coordinator import policy
+from coordinator.ledger import (
+    DeadLettered,
+    Entry,
+    KvStore,
+    Ledger,
+    MemoryStore,
+    StateConflict,
+    Store,
+    state_key,
+)
 from coordinator.service import Coordinator
 from mesh import envelope, subjects
 from mesh.bus import Bus, tail
@@ -219,3 +230,93 @@ async def test_decisions_dead_letters_and_policies_are_audited(mesh: Bus) -> Non
     assert [r.kind for r in mine] == ["decision", "vote", "vote", "vote"]
     assert mine[0].data["outcome"] == "approved"
     assert any(r.kind == "policy_change" and r.tenant == "_mesh" for _, r in records)
+
+
+# -- the ledger and dead letters ----------------------------------------------------------------
+@pytest.fixture(params=["jetstream-kv", "memory"])
+async def store(request: pytest.FixtureRequest, bus: Bus) -> Store:
+    if request.param == "memory":
+        return MemoryStore()
+    return KvStore(await bus.kv(f"contract_{uuid.uuid4().hex[:8]}"))
+
+
+async def test_the_memory_store_keeps_the_kv_contract(store: Store) -> None:
+    """The unit tests of the decision core run on MemoryStore: it must behave as JetStream KV."""
+    assert await store.get("k") is None
+    r1 = await store.create("k", b"1")
+    with pytest.raises(StateConflict):
+        await store.create("k", b"again")
+    with pytest.raises(StateConflict):
+        await store.update("k", b"2", r1 + 100)
+    r2 = await store.update("k", b"2", r1)
+    assert r2 > r1
+    assert await store.get("k") == Entry(b"2", r2)
+    with pytest.raises(StateConflict):
+        await store.update("k", b"3", r1)  # a stale revision
+    r3 = await store.update("other", b"x", 0)  # revision 0: only if it does not exist yet
+    assert r3 > r2
+    with pytest.raises(StateConflict):
+        await store.update("other", b"y", 0)
+
+
+async def test_a_redelivery_of_a_dead_lettered_event_publishes_its_record(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """A coordinator that marked the ledger and died before publishing the dead letter: the
+    redelivery finds the mark and publishes the record and its audit entry (once)."""
+    from mesh.audit import read
+
+    e = envelope.new_event("vote.orphan", {})
+    ack = await bus.publish_event(e)
+    kv = await bus.kv(subjects.DECISIONS_BUCKET)
+    ledger = Ledger(KvStore(kv), "crashed-coordinator", 2.0)
+    marked = await ledger.mark_dead_lettered(
+        state_key("default", e.id), stream_seq=ack.seq, reason="no_agent", error="from before"
+    )
+    assert isinstance(marked, DeadLettered)
+
+    async with running_coordinator(bus, policy.parse(POLICIES)):
+        dl = await dead_letter_for(bus, lambda d: d.event_id == e.id)
+
+        async def acked() -> bool:
+            info = await bus.js.consumer_info(subjects.EVENTS_STREAM, subjects.COORDINATOR_DURABLE)
+            return info.num_ack_pending == 0 and info.num_pending == 0
+
+        await eventually(acked)
+    assert (dl.reason, dl.error, dl.stream_seq) == ("no_agent", "from before", ack.seq)
+    assert [d.event_id for d in await dead_letters(bus)].count(e.id) == 1
+    audited = [r for _, r in await read(bus) if r.kind == "dead_letter" and r.ref == e.id]
+    assert len(audited) == 1 and audited[0].data["reason"] == "no_agent"
+
+
+async def test_a_decided_event_is_never_dead_lettered_too(mesh: Bus) -> None:
+    """The same event id again, now of a type nobody decides: its decision stands, and the
+    ledger refuses the dead letter (decided or dead-lettered, never both)."""
+    e = envelope.new_event("vote.unanimous", {"vote": "approve"})
+    await mesh.publish_event(e)
+    await decision_for(mesh, e.id)
+    again = envelope.new_event("invoice.created", {}, event_id=e.id)
+    await mesh.publish_event(again)
+    marker = await publish(mesh, "invoice.created", {})
+    await dead_letter_for(mesh, lambda d: d.event_id == marker)  # handled after the repeat
+
+    async def acked() -> bool:
+        info = await mesh.js.consumer_info(subjects.EVENTS_STREAM, subjects.COORDINATOR_DURABLE)
+        return info.num_ack_pending == 0
+
+    await eventually(acked)
+    assert all(d.event_id != e.id for d in await dead_letters(mesh))
+    kv = await mesh.kv(subjects.DECISIONS_BUCKET)
+    state = await Ledger(KvStore(kv), "reader", 2.0).read(state_key("default", e.id))
+    assert state is not None and state.state == "decided"
+
+
+@contextlib.asynccontextmanager
+async def running_coordinator(bus: Bus, policies: policy.Policies) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(Coordinator(bus, policies).run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

@@ -13,12 +13,13 @@ from typing import Any
 
 import msgspec
 import pytest
+from google.protobuf.json_format import MessageToDict
 from nats.aio.msg import Msg
 
 from agents.tickets import TicketTriaged
 from agents.triage.agent import agent as triage_agent
 from mesh import Agent, envelope, subjects
-from mesh.a2a.client import A2AClient, status_text, task_of, task_state, user_message
+from mesh.a2a.client import AgentClient, status_text, task_of, task_state, user_message
 from mesh.agent import RunningAgent
 from mesh.bus import Bus, tail
 from mesh.events import EventContext, Reject, Retry
@@ -118,10 +119,10 @@ async def test_ticket_created_yields_one_triaged_in_the_same_tenant(bus: Bus) ->
 async def test_triage_also_answers_over_a2a(bus: Bus) -> None:
     ticket = {"id": "T-2", "title": "Invoice charged twice", "body": "", "reporter": "bob"}
     async with serving(triage_agent, bus):
-        result = await A2AClient(bus).send_message("triage", user_message(data=ticket), timeout=5)
+        result = await AgentClient(bus).send("triage", user_message(data=ticket), timeout=5)
     task = task_of(result)
     assert task_state(task) == "TASK_STATE_COMPLETED"
-    data = task["artifacts"][0]["parts"][0]["data"]
+    data = MessageToDict(task)["artifacts"][0]["parts"][0]["data"]
     assert (data["priority"], data["team"]) == ("p2", "payments")
 
 
@@ -136,7 +137,7 @@ async def test_events_only_agent_rejects_messages_but_is_registered(
 
     async with serving(agent, bus) as [running]:
         assert running.brain is None
-        result = await A2AClient(bus).send_message("pinger", user_message(data={}), timeout=5)
+        result = await AgentClient(bus).send("pinger", user_message(data={}), timeout=5)
     task = task_of(result)
     assert task_state(task) == "TASK_STATE_REJECTED"
     assert "only reacts to events (test.ping)" in status_text(task)

@@ -107,10 +107,6 @@ def test_task_of() -> None:
     assert task_of(task) is task
     with pytest.raises(ValueError, match="message, not a task"):
         task_of(Message(message_id="m"))
-    # The transitional JSON form: a SendMessage result's JSON.
-    assert task_of({"task": {"id": "t1"}}) == {"id": "t1"}
-    with pytest.raises(ValueError, match="no task"):
-        task_of({"message": {}})
 
 
 def test_call_context_holds_the_mesh_options() -> None:

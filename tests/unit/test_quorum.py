@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.quorum import Choice, Outcome, QuorumRule, Tally, tally
+from coordinator.quorum import Outcome, QuorumRule, Tally, tally
+from mesh.verdict import Choice
 
 CHOICES: tuple[Choice, ...] = get_args(Choice)
 ABC = ["a", "b", "c"]

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from coordinator.routing import Router
+from coordinator.routing import Route, Router
 from mesh.registry import Registration
 
 
@@ -77,3 +77,18 @@ async def test_open_breaker_turns_half_open_after_ttl_and_a_success_closes_it() 
     async with await router.breaker(route):
         pass  # the probe succeeds
     assert router.states()["rev.a"] == "closed"
+
+
+async def test_the_factorys_breaker_is_what_router_types_it_as() -> None:
+    """Router types purgatory's breaker by its public shape (`Breaker`) instead of importing
+    the class from purgatory's private package; this pins that shape."""
+    from coordinator.routing import Breaker, BreakerOpen
+
+    router = Router(_View(_reg("a")), threshold=1, ttl_s=60)  # type: ignore[arg-type]
+    brk = await router.breaker(router.route("rev"))
+    assert isinstance(brk, Breaker)
+    assert brk.context.state == "closed" and brk.context.ttl == 60
+    await _fail(router, "mesh.a2a.rev.a", 1)
+    with pytest.raises(BreakerOpen):
+        async with await router.breaker(Route("rev", "mesh.a2a.rev.a", "rev.a")):
+            pass

@@ -1,0 +1,262 @@
+"""The decision core: claim → collect → tally → decide, over three small protocols.
+
+- the ledger (`coordinator.ledger.Ledger` over a `Store`: get / create / update-by-revision),
+- the asker (`Asker`: one voter's answer about one event, by a deadline, as a `Vote`),
+- the clock (`coordinator.clock.Clock`: wall time, monotonic time, sleep).
+
+No NATS, no spans, no publishing here: `coordinator.service` wires this to the bus and says
+what each `Outcome` means for the message (ack, nak, dead letter), and unit tests drive it with
+an in-memory store, a scripted asker and a fake clock.
+
+Rules this module owns:
+- The deadline is fixed at the first claim (wall clock, in the ledger) and kept by a take-over,
+  as are the votes already cast: a voter who answered is not asked again.
+- Every vote is saved (CAS) as it comes, which also proves the claim is still ours; a lost
+  claim (the save fails, or the lease renewal does) stops the collection at once, and the loser
+  neither decides nor dead-letters.
+- No collection outlives its deadline: asks still pending `CUTOFF_SLACK_S` after it (plus the
+  take-over grace) are cancelled and count as unanswered (the asker is expected to stop itself
+  at the deadline; this is the backstop). A vote that arrives after the deadline and the grace
+  is recorded with what the voter said, but counts as unanswered too.
+- With `decide_early`, collection stops as soon as no missing vote could change the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+
+from coordinator.clock import Clock
+from coordinator.ledger import Busy, Claim, Done, Ledger
+from coordinator.policy import Policy
+from coordinator.quorum import tally
+from mesh import envelope
+from mesh.records import Decision, DlqReason, Vote
+from mesh.verdict import Choice
+
+CUTOFF_SLACK_S = 1.0  # how long past the deadline the core waits for an asker to stop itself
+TAKEOVER_GRACE_MAX_S = 1.0  # after a take-over: how long votes in flight at the crash may take
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One voter to ask about one event, and the clocks that bound it."""
+
+    skill: str
+    agent: str
+    event: envelope.Event
+    policy: Policy
+    deadline: float  # on the clock's monotonic time
+    deadline_wall: float = 0.0  # the same deadline on the wall clock (as the ledger keeps it)
+    grace_s: float = 0.0  # after a take-over past the deadline: one re-ask this long
+
+
+class Asker(Protocol):
+    """One voter's answer by `ask.deadline`. Never raises: every failure is a `Vote` whose
+    outcome says what happened."""
+
+    def __call__(self, ask: Ask, /) -> Awaitable[Vote]: ...
+
+
+@dataclass(frozen=True)
+class Job:
+    """One event to decide, as the service hands it over."""
+
+    key: str  # its key in the ledger
+    event: envelope.Event
+    policy: Policy
+    decision_type: str
+    stream_seq: int
+    agents: Mapping[str, str]  # skill → a live agent with it (skills nobody has are absent)
+    started: float  # clock.monotonic() when the event arrived
+    trace_id: str = ""
+
+
+@dataclass
+class Decided:
+    """Decided and recorded in the ledger: publish it."""
+
+    decision: Decision
+
+
+@dataclass
+class Undecidable:
+    """Cannot be decided; the caller dead-letters it under `claim` (which it still holds)."""
+
+    reason: DlqReason
+    error: str
+    claim: Claim
+
+
+Outcome = Busy | Done | Decided | Undecidable
+
+
+def unanswered(policy: Policy) -> Choice | None:
+    """What a voter who gave no usable answer counts as (None: left out of the tally)."""
+    c = policy.timeout_counts_as
+    return None if c == "absent" else c
+
+
+def counted(votes: Mapping[str, Vote]) -> dict[str, Choice]:
+    return {s: v.counted_as for s, v in votes.items() if v.counted_as is not None}
+
+
+class Decider:
+    def __init__(self, ledger: Ledger, ask: Asker, clock: Clock, *, name: str) -> None:
+        self.ledger = ledger
+        self.ask = ask
+        self.clock = clock
+        self.name = name
+
+    async def run(
+        self, job: Job, *, on_renew: Callable[[], Awaitable[None]] | None = None
+    ) -> Outcome:
+        """Claim, collect, tally and record one event. `on_renew` runs after each lease renewal
+        (the service tells JetStream it is still at it). LostClaim: someone else owns it now."""
+        policy = job.policy
+        got = await self.ledger.claim(
+            job.key, stream_seq=job.stream_seq, deadline_s=policy.deadline_s
+        )
+        if not isinstance(got, Claim):
+            return got
+        missing = [s for s in policy.skills if s not in job.agents and s not in got.state.votes]
+        if missing:
+            return Undecidable("no_agent", f"no live agent has skill(s) {', '.join(missing)}", got)
+
+        votes = await self.collect(got, job, on_renew=on_renew)
+        decision = self.decide(job, votes, got)
+        if decision.outcome == "no_quorum" and policy.on_no_quorum == "dead_letter":
+            return Undecidable("no_quorum", decision.reason, got)
+        final = msgspec.structs.replace(got.state, state="decided", decision=decision)
+        await self.ledger.save(got, final)  # LostClaim here: someone else decides, not us
+        return Decided(decision)
+
+    async def collect(
+        self, claim: Claim, job: Job, *, on_renew: Callable[[], Awaitable[None]] | None = None
+    ) -> dict[str, Vote]:
+        """Every voter's vote, by the deadline; saved to the ledger as they come."""
+        policy = job.policy
+        # The deadline is wall-clock in the ledger (it survives take-overs); here, monotonic.
+        now = self.clock.monotonic()
+        deadline = now + max(0.0, claim.state.deadline_at - self.clock.time())
+        votes = dict(claim.state.votes)  # cast before a take-over: not asked again
+        # After a take-over, votes that were in flight at the crash are fetched once more even
+        # past the deadline; they count only if the voter says it answered in time.
+        grace = min(policy.agent_timeout_s, TAKEOVER_GRACE_MAX_S) if claim.state.takeovers else 0.0
+        late_after = deadline + grace
+        asks: dict[asyncio.Future[Vote], str] = {
+            asyncio.ensure_future(
+                self.ask(
+                    Ask(
+                        skill=skill,
+                        agent=agent,
+                        event=job.event,
+                        policy=policy,
+                        deadline=deadline,
+                        deadline_wall=claim.state.deadline_at,
+                        grace_s=grace,
+                    )
+                )
+            ): skill
+            for skill, agent in job.agents.items()
+            if skill in policy.skills and skill not in votes
+        }
+        cutoff = asyncio.ensure_future(self.clock.sleep(late_after + CUTOFF_SLACK_S - now))
+        renew = asyncio.ensure_future(self._keep_lease(claim, on_renew))
+        pending = set(asks)
+        stopped_early = False
+        try:
+            while pending and not cutoff.done():
+                watched: set[asyncio.Future[Any]] = {*pending, cutoff, renew}
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                if renew in done:
+                    renew.result()  # raises what stopped it: LostClaim
+                arrived = self.clock.monotonic()
+                answered = [task for task in pending if task in done]
+                for task in answered:
+                    vote = task.result()
+                    votes[asks[task]] = _late(vote, policy) if arrived > late_after else vote
+                pending.difference_update(answered)
+                if not answered:
+                    continue  # only the cutoff: nothing new to save
+                state = msgspec.structs.replace(claim.state, votes=dict(votes))
+                await self.ledger.save(claim, state)  # a vote survives our crash
+                if policy.decide_early and pending:
+                    early = tally(policy.rule, policy.skills, counted(votes), final=False)
+                    if early.outcome in ("approved", "rejected"):
+                        stopped_early = True
+                        break
+        finally:
+            stopping: set[asyncio.Future[Any]] = {cutoff, renew, *pending}
+            for task in stopping:
+                task.cancel()
+            await asyncio.wait(stopping)  # they unwind; their errors are not ours to raise
+        for task in pending:
+            skill = asks[task]
+            votes[skill] = (
+                Vote(
+                    skill=skill,
+                    agent=job.agents[skill],
+                    outcome="cancelled",
+                    error="not needed: the outcome could no longer change",
+                )
+                if stopped_early
+                else Vote(
+                    skill=skill,
+                    agent=job.agents[skill],
+                    outcome="timeout",
+                    counted_as=unanswered(policy),
+                    error="no answer by the deadline",
+                )
+            )
+        return votes
+
+    def decide(self, job: Job, votes: Mapping[str, Vote], claim: Claim) -> Decision:
+        """The decision the votes make under the policy's rule (missing voters did not vote)."""
+        policy = job.policy
+        result = tally(policy.rule, policy.skills, counted(votes), final=True)
+        assert result.outcome != "pending"
+        return Decision(
+            event_id=job.event.id,
+            event_type=job.event.type,
+            tenant=job.event.tenant,
+            decision_type=job.decision_type,
+            outcome=result.outcome,
+            reason=result.reason,
+            rule=policy.rule.kind,
+            votes=[votes[s] for s in policy.skills],
+            decided_at=self.clock.time(),
+            trace_id=job.trace_id,
+            latency_ms=round((self.clock.monotonic() - job.started) * 1000, 2),
+            coordinator=self.name,
+            takeovers=claim.state.takeovers,
+        )
+
+    async def _keep_lease(
+        self, claim: Claim, on_renew: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        """While collecting: renew the ledger lease (LostClaim ends it, and the collection)."""
+        while True:
+            await self.clock.sleep(self.ledger.lease_s / 3)
+            await self.ledger.save(claim, claim.state)
+            if on_renew is not None:
+                with contextlib.suppress(Exception):
+                    await on_renew()
+
+
+def _late(vote: Vote, policy: Policy) -> Vote:
+    """A vote that arrived after the deadline: what the voter said is kept, not counted."""
+    if vote.outcome != "voted":
+        return vote  # not an answer to count anyway
+    return msgspec.structs.replace(
+        vote,
+        outcome="timeout",
+        counted_as=unanswered(policy),
+        brain="",
+        error="late vote: answered after the deadline; not counted",
+    )

@@ -1,0 +1,379 @@
+"""The decision core (claim → collect → tally → decide) on an in-memory ledger, a scripted asker
+and manual clocks: races, take-overs and deadlines, driven step by step, with no server and no
+sleeping. The real-server suites (integration, faults, chaos) prove the wiring."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from coordinator.clock import ManualClock, settle
+from coordinator.decide import (
+    CUTOFF_SLACK_S,
+    Ask,
+    Decided,
+    Decider,
+    Job,
+    Undecidable,
+)
+from coordinator.ledger import Busy, Claim, DeadLettered, Done, Ledger, LostClaim, MemoryStore
+from coordinator.policy import Policy
+from coordinator.quorum import QuorumRule
+from mesh import envelope
+from mesh.records import Vote
+from mesh.verdict import Choice, Verdict
+
+LEASE_S = 2.0
+SKILLS = ["s1", "s2", "s3"]
+EVENT = envelope.new_event("vote.test", {}, tenant="acme", event_id="e1")
+KEY = "acme.e1"
+
+
+def policy(**overrides: Any) -> Policy:
+    fields: dict[str, Any] = {
+        "skills": SKILLS,
+        "rule": QuorumRule(kind="unanimous"),
+        "agent_timeout_s": 1.0,
+        "deadline_s": 5.0,
+        "timeout_counts_as": "reject",
+    }
+    return Policy(**(fields | overrides))
+
+
+def job(pol: Policy, clock: ManualClock, *, seq: int = 1) -> Job:
+    return Job(
+        key=KEY,
+        event=EVENT,
+        policy=pol,
+        decision_type="vote.decided",
+        stream_seq=seq,
+        agents={s: f"agent-{s}" for s in pol.skills},
+        started=clock.monotonic(),
+    )
+
+
+def voted(ask: Ask, choice: Choice) -> Vote:
+    return Vote(
+        skill=ask.skill,
+        agent=ask.agent,
+        outcome="voted",
+        counted_as=choice,
+        verdict=Verdict(choice, [f"{ask.skill} says {choice}"]),
+    )
+
+
+class Voters:
+    """The asker: each skill answers `choice` after `after_s` on the clock, or never (None).
+    Every ask is remembered; `hold(skill)` makes that skill wait until `release(skill)`."""
+
+    def __init__(self, clock: ManualClock, script: dict[str, tuple[float | None, Choice]]) -> None:
+        self.clock = clock
+        self.script = script
+        self.asked: list[Ask] = []
+        self.cancelled: list[str] = []
+        self._gates: dict[str, asyncio.Event] = {}
+
+    def hold(self, skill: str) -> None:
+        self._gates[skill] = asyncio.Event()
+
+    def release(self, skill: str) -> None:
+        self._gates.pop(skill).set()
+
+    async def __call__(self, ask: Ask) -> Vote:
+        self.asked.append(ask)
+        after, choice = self.script[ask.skill]
+        try:
+            if ask.skill in self._gates:
+                await self._gates[ask.skill].wait()
+            elif after is None:
+                await asyncio.Event().wait()  # never answers
+            else:
+                await self.clock.sleep(after)
+        except asyncio.CancelledError:
+            self.cancelled.append(ask.skill)
+            raise
+        return voted(ask, choice)
+
+
+def coordinator(
+    store: MemoryStore, name: str, clock: ManualClock, asker: Callable[[Ask], Awaitable[Vote]]
+) -> Decider:
+    return Decider(Ledger(store, name, LEASE_S, clock=clock), asker, clock, name=name)
+
+
+def done(task: asyncio.Task[Any]) -> Any:
+    """The result of a run that must have finished by now (the clocks moved far enough)."""
+    assert task.done(), "still running: the test did not move the clock far enough"
+    return task.result()
+
+
+async def state_of(store: MemoryStore) -> Any:
+    return await Ledger(store, "reader", LEASE_S).read(KEY)
+
+
+# -- the happy path, and what the clock does to it ---------------------------------------------
+async def test_all_approve_is_decided_and_recorded() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(clock, {"s1": (0.1, "approve"), "s2": (0.2, "approve"), "s3": (0.3, "approve")})
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(policy(), clock)))
+    await clock.advance(0.3)
+    outcome = done(run)
+    assert isinstance(outcome, Decided)
+    d = outcome.decision
+    assert (d.outcome, d.coordinator, d.takeovers) == ("approved", "c1", 0)
+    assert [v.skill for v in d.votes] == SKILLS
+    assert d.latency_ms == pytest.approx(300.0)
+    state = await state_of(store)
+    assert state.state == "decided" and state.decision == d
+
+
+async def test_two_coordinators_racing_for_one_event_decide_it_once() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(clock, {s: (0.5, "approve") for s in SKILLS})
+    c1 = coordinator(store, "c1", clock, voters)
+    c2 = coordinator(store, "c2", clock, voters)
+    pol = policy()
+    runs = [asyncio.create_task(c.run(job(pol, clock))) for c in (c1, c2)]
+    await clock.advance(1.0)
+    first, second = (done(r) for r in runs)
+    assert isinstance(first, Decided) and isinstance(second, Busy)
+    assert second.owner == "c1"
+    assert len(voters.asked) == 3  # each voter was asked once, by the winner
+    # The loser's redelivery finds the outcome.
+    again = await c2.run(job(pol, clock))
+    assert isinstance(again, Done) and again.state.decision == first.decision
+
+
+async def test_a_voter_that_never_answers_is_cut_off_and_counts_as_unanswered() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(
+        clock, {"s1": (0.1, "approve"), "s2": (None, "approve"), "s3": (0.1, "approve")}
+    )
+    pol = policy(deadline_s=5.0)
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(pol, clock)))
+    await clock.advance(5.0 + CUTOFF_SLACK_S - 0.01)
+    assert not run.done()  # the asker is trusted to stop itself until the backstop
+    await clock.advance(0.02)
+    outcome = done(run)
+    assert isinstance(outcome, Decided)
+    silent = outcome.decision.votes[1]
+    assert (silent.outcome, silent.counted_as) == ("timeout", "reject")
+    assert outcome.decision.outcome == "rejected"
+    assert voters.cancelled == ["s2"]
+
+
+async def test_a_late_vote_is_recorded_but_not_counted() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    late_by = CUTOFF_SLACK_S / 2  # after the deadline, before the backstop
+    voters = Voters(
+        clock, {"s1": (0.1, "approve"), "s2": (5.0 + late_by, "approve"), "s3": (0.1, "approve")}
+    )
+    pol = policy(deadline_s=5.0, timeout_counts_as="abstain")
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(pol, clock)))
+    await clock.advance(5.0 + late_by)
+    outcome = done(run)
+    assert isinstance(outcome, Decided)
+    late = outcome.decision.votes[1]
+    assert late.outcome == "timeout" and "late vote" in late.error
+    assert late.verdict is not None and late.verdict.vote == "approve"  # what it said: kept
+    assert late.counted_as == "abstain"  # what it counts as: the policy's unanswered
+    # unanimous over the two that answered in time, the late one abstaining
+    assert outcome.decision.outcome == "approved"
+    assert "all 2 non-abstaining voters approved" in outcome.decision.reason
+
+
+async def test_decide_early_stops_asking_once_the_outcome_cannot_change() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(clock, {"s1": (0.1, "reject"), "s2": (3.0, "approve"), "s3": (3.0, "approve")})
+    pol = policy(decide_early=True)
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(pol, clock)))
+    await clock.advance(0.1)
+    outcome = done(run)
+    assert isinstance(outcome, Decided)
+    d = outcome.decision
+    assert d.outcome == "rejected"
+    assert [(v.outcome, v.counted_as) for v in d.votes] == [
+        ("voted", "reject"),
+        ("cancelled", None),
+        ("cancelled", None),
+    ]
+    assert sorted(voters.cancelled) == ["s2", "s3"]
+
+
+async def test_without_decide_early_every_vote_is_waited_for() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(clock, {"s1": (0.1, "reject"), "s2": (3.0, "approve"), "s3": (3.0, "approve")})
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(policy(), clock)))
+    await clock.advance(0.1)
+    assert not run.done()
+    await clock.advance(2.9)
+    outcome = done(run)
+    assert isinstance(outcome, Decided)
+    assert [v.outcome for v in outcome.decision.votes] == ["voted"] * 3
+
+
+# -- take-overs and lost claims -----------------------------------------------------------------
+async def test_a_take_over_keeps_the_deadline_and_the_votes_already_cast() -> None:
+    store = MemoryStore()
+    clock_a, clock_b = ManualClock(), ManualClock()
+    voters_a = Voters(clock_a, {"s1": (0.1, "approve"), "s2": (None, "x"), "s3": (None, "x")})
+    a = coordinator(store, "a", clock_a, voters_a)
+    pol = policy(deadline_s=5.0)
+    run_a = asyncio.create_task(a.run(job(pol, clock_a)))
+    await clock_a.advance(0.1)  # s1 answered and was saved
+    assert (await state_of(store)).votes.keys() == {"s1"}
+    deadline_at = (await state_of(store)).deadline_at
+    run_a.cancel()  # a dies (kill -9: nothing more of it runs)
+    await settle()
+    with pytest.raises(asyncio.CancelledError):
+        done(run_a)
+
+    voters_b = Voters(clock_b, {s: (0.2, "approve") for s in SKILLS})
+    b = coordinator(store, "b", clock_b, voters_b)
+    await clock_b.advance(1.0)
+    assert isinstance(await b.run(job(pol, clock_b)), Busy)  # a's lease still runs
+    await clock_b.advance(1.5)  # past a's lease
+    run_b = asyncio.create_task(b.run(job(pol, clock_b)))
+    await clock_b.advance(0.2)
+    outcome = done(run_b)
+    assert isinstance(outcome, Decided)
+    assert sorted(ask.skill for ask in voters_b.asked) == ["s2", "s3"]  # s1 not asked again
+    assert {ask.deadline_wall for ask in voters_b.asked} == {deadline_at}
+    # The deadline is the first claim's: 5 s after it, 2.5 s into b's work.
+    assert voters_b.asked[0].deadline == pytest.approx(clock_b.monotonic() - 0.2 + 2.5)
+    d = outcome.decision
+    assert d.takeovers == 1 and d.coordinator == "b" and d.outcome == "approved"
+    assert d.votes[0].agent == "agent-s1" and d.votes[0].latency_ms == 0.0  # a's vote, kept
+
+
+async def test_a_take_over_past_the_deadline_gives_votes_in_flight_a_grace() -> None:
+    store = MemoryStore()
+    clock_a, clock_b = ManualClock(), ManualClock()
+    a = coordinator(store, "a", clock_a, Voters(clock_a, {s: (None, "x") for s in SKILLS}))
+    pol = policy(deadline_s=1.0, agent_timeout_s=1.0)
+    run_a = asyncio.create_task(a.run(job(pol, clock_a)))
+    await settle()
+    run_a.cancel()
+    await settle()
+    with pytest.raises(asyncio.CancelledError):
+        done(run_a)
+
+    voters_b = Voters(clock_b, {s: (0.5, "approve") for s in SKILLS})
+    b = coordinator(store, "b", clock_b, voters_b)
+    await clock_b.advance(3.0)  # past both a's lease and the deadline
+    run_b = asyncio.create_task(b.run(job(pol, clock_b)))
+    await clock_b.advance(0.5)
+    outcome = done(run_b)
+    assert isinstance(outcome, Decided)
+    assert {ask.grace_s for ask in voters_b.asked} == {1.0}
+    assert outcome.decision.outcome == "approved"  # answers within the grace count
+
+
+async def test_a_lost_claim_mid_collect_stops_the_loser_from_deciding() -> None:
+    store = MemoryStore()
+    clock_a, clock_b = ManualClock(), ManualClock()
+    voters_a = Voters(clock_a, {s: (0.1, "reject") for s in SKILLS})
+    voters_a.hold("s3")
+    a = coordinator(store, "a", clock_a, voters_a)
+    pol = policy(deadline_s=10.0)
+    run_a = asyncio.create_task(a.run(job(pol, clock_a)))
+    await clock_a.advance(0.1)  # s1, s2 saved; s3 held. Then a stalls: its clock stops.
+
+    voters_b = Voters(clock_b, {s: (0.1, "approve") for s in SKILLS})
+    b = coordinator(store, "b", clock_b, voters_b)
+    await clock_b.advance(LEASE_S + 0.5)
+    run_b = asyncio.create_task(b.run(job(pol, clock_b)))
+    await clock_b.advance(0.1)
+    won = done(run_b)
+    assert isinstance(won, Decided) and won.decision.coordinator == "b"
+    assert [ask.skill for ask in voters_b.asked] == ["s3"]
+
+    voters_a.release("s3")  # a wakes up with its last vote and tries to save it
+    await settle()
+    with pytest.raises(LostClaim):
+        done(run_a)
+    state = await state_of(store)
+    assert state.state == "decided" and state.decision == won.decision
+
+
+async def test_a_lost_lease_renewal_stops_the_collection_at_once() -> None:
+    store = MemoryStore()
+    clock_a, clock_b = ManualClock(), ManualClock()
+    voters_a = Voters(clock_a, {s: (None, "x") for s in SKILLS})
+    a = coordinator(store, "a", clock_a, voters_a)
+    run_a = asyncio.create_task(a.run(job(policy(deadline_s=10.0), clock_a)))
+    await settle()
+    await clock_b.advance(LEASE_S + 0.5)  # a's renewals are late (its clock has not moved)
+    b_claim = await Ledger(store, "b", LEASE_S, clock=clock_b).claim(
+        KEY, stream_seq=1, deadline_s=10
+    )
+    assert isinstance(b_claim, Claim)
+    await clock_a.advance(LEASE_S / 3)  # a's next renewal finds the claim gone
+    with pytest.raises(LostClaim):
+        done(run_a)
+    assert sorted(voters_a.cancelled) == SKILLS  # nobody is left waiting for
+
+
+# -- the outcomes that are not decisions --------------------------------------------------------
+async def test_a_skill_nobody_has_is_undecidable_under_the_claim() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(clock, {s: (0.1, "approve") for s in SKILLS})
+    j = job(policy(), clock)
+    j = Job(**{**j.__dict__, "agents": {"s1": "agent-s1", "s2": "agent-s2"}})
+    outcome = await coordinator(store, "c1", clock, voters).run(j)
+    assert isinstance(outcome, Undecidable)
+    assert outcome.reason == "no_agent" and "s3" in outcome.error
+    assert voters.asked == []
+    ledger = Ledger(store, "c1", LEASE_S, clock=clock)
+    marked = await ledger.mark_dead_lettered(
+        KEY, stream_seq=1, reason=outcome.reason, claim=outcome.claim
+    )
+    assert isinstance(marked, DeadLettered)
+    # The redelivery (same stream sequence) finds it dead-lettered: publish again, not decide.
+    again = await coordinator(store, "c2", clock, voters).run(job(policy(), clock))
+    assert isinstance(again, Done) and again.state.state == "dead_lettered"
+
+
+async def test_no_quorum_goes_to_the_dead_letters_when_the_policy_says_so() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(clock, {s: (0.1, "abstain") for s in SKILLS})
+    pol = policy(on_no_quorum="dead_letter")
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(pol, clock)))
+    await clock.advance(0.1)
+    outcome = done(run)
+    assert isinstance(outcome, Undecidable) and outcome.reason == "no_quorum"
+    assert (await state_of(store)).state == "collecting"  # not decided: the caller marks it
+
+
+async def test_dead_lettering_is_refused_once_decided_and_deciding_once_dead_lettered() -> None:
+    # Decided first: the dead-letterer (JetStream gave up on a delivery) is refused.
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(clock, {s: (0.1, "approve") for s in SKILLS})
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(policy(), clock)))
+    await clock.advance(0.1)
+    assert isinstance(done(run), Decided)
+    dlq = Ledger(store, "dlq", LEASE_S, clock=clock)
+    assert isinstance(await dlq.mark_dead_lettered(KEY, stream_seq=1, reason="terminated"), Done)
+
+    # Dead-lettered first (the owner stalled past the dead-letterer's patience): the owner's
+    # decision is refused, and the event stays dead-lettered.
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(clock, {s: (0.1, "approve") for s in SKILLS})
+    voters.hold("s3")
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(policy(), clock)))
+    await clock.advance(0.1)
+    dlq = Ledger(store, "dlq", LEASE_S, clock=ManualClock(wall=clock.time()))
+    marked = await dlq.mark_dead_lettered(KEY, stream_seq=1, reason="max_deliveries")
+    assert isinstance(marked, Busy)  # a live owner: not without patience
+    stalled = ManualClock(wall=clock.time() + LEASE_S + 1)
+    dlq = Ledger(store, "dlq", LEASE_S, clock=stalled)
+    marked = await dlq.mark_dead_lettered(KEY, stream_seq=1, reason="max_deliveries")
+    assert isinstance(marked, DeadLettered)
+    voters.release("s3")
+    await settle()
+    with pytest.raises(LostClaim):
+        done(run)
+    assert (await state_of(store)).state == "dead_lettered"

@@ -1,0 +1,224 @@
+"""The decision ledger's transitions on an in-memory store and a manual clock: claims, lease
+take-overs, and the one transition to `dead_lettered` (never together with `decided`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from coordinator.clock import ManualClock
+from coordinator.ledger import (
+    CAS_RETRY,
+    Busy,
+    Claim,
+    DeadLettered,
+    DecisionState,
+    Done,
+    Entry,
+    Ledger,
+    LostClaim,
+    MemoryStore,
+    StateConflict,
+)
+from mesh.records import Vote
+
+KEY = "acme.e1"
+LEASE_S = 2.0
+
+
+class RecordingStore(MemoryStore):
+    """Remembers the order of calls, to show that racers really interleave."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def get(self, key: str) -> Entry | None:
+        self.calls.append("get")
+        return await super().get(key)
+
+    async def create(self, key: str, value: bytes) -> int:
+        self.calls.append("create")
+        return await super().create(key, value)
+
+
+def ledger(store: MemoryStore, owner: str, clock: ManualClock) -> Ledger:
+    return Ledger(store, owner, LEASE_S, clock=clock)
+
+
+def apart(store: MemoryStore, owner: str) -> tuple[Ledger, ManualClock]:
+    """A coordinator with a clock of its own (a test can stall one and not the other)."""
+    clock = ManualClock()
+    return ledger(store, owner, clock), clock
+
+
+def vote(skill: str) -> Vote:
+    return Vote(skill=skill, agent=f"agent-{skill}", outcome="voted", counted_as="approve")
+
+
+async def test_two_claimants_racing_for_one_event_one_wins() -> None:
+    store, clock = RecordingStore(), ManualClock()
+    a, b = ledger(store, "a", clock), ledger(store, "b", clock)
+    got = await asyncio.gather(
+        a.claim(KEY, stream_seq=1, deadline_s=10), b.claim(KEY, stream_seq=1, deadline_s=10)
+    )
+    assert store.calls[:2] == ["get", "get"]  # both saw no state before either wrote
+    claims = [g for g in got if isinstance(g, Claim)]
+    busy = [g for g in got if isinstance(g, Busy)]
+    assert len(claims) == 1 and len(busy) == 1
+    assert busy[0].owner == claims[0].state.owner == "a"
+    assert busy[0].retry_in_s == pytest.approx(LEASE_S)
+
+
+async def test_a_take_over_after_the_lease_lapses_keeps_deadline_and_votes() -> None:
+    store = MemoryStore()
+    (a, _stalled), (b, clock_b) = apart(store, "a"), apart(store, "b")
+    claim = await a.claim(KEY, stream_seq=7, deadline_s=10)
+    assert isinstance(claim, Claim)
+    await a.save(claim, msgspec.structs.replace(claim.state, votes={"s1": vote("s1")}))
+
+    await clock_b.advance(LEASE_S - 0.1)
+    assert isinstance(await b.claim(KEY, stream_seq=7, deadline_s=10), Busy)  # a is alive
+    await clock_b.advance(0.2)  # a said nothing for longer than its lease: presumed dead
+    taken = await b.claim(KEY, stream_seq=7, deadline_s=99)
+    assert isinstance(taken, Claim)
+    assert taken.state.owner == "b" and taken.state.takeovers == 1
+    assert taken.state.deadline_at == claim.state.deadline_at  # not the new deadline_s
+    assert taken.state.votes == {"s1": vote("s1")}
+    # The old owner's next write fails: it stops, and b alone finishes the event.
+    with pytest.raises(LostClaim):
+        await a.save(claim, claim.state)
+
+
+async def test_a_decided_event_is_done_and_cannot_be_dead_lettered() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    owner, dlq = ledger(store, "a", clock), ledger(store, "dlq", clock)
+    claim = await owner.claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(claim, Claim)
+    await owner.save(claim, msgspec.structs.replace(claim.state, state="decided"))
+
+    refused = await dlq.mark_dead_lettered(KEY, stream_seq=1, reason="max_deliveries")
+    assert isinstance(refused, Done) and refused.state.state == "decided"
+    again = await owner.claim(KEY, stream_seq=2, deadline_s=10)  # even a replay
+    assert isinstance(again, Done)
+    state = await owner.read(KEY)
+    assert state is not None and state.state == "decided"
+
+
+async def test_a_dead_lettered_event_cannot_be_decided_by_its_late_owner() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    owner, dlq = ledger(store, "a", clock), ledger(store, "dlq", clock)
+    claim = await owner.claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(claim, Claim)
+    await clock.advance(LEASE_S + 1)  # the owner stalled past its lease
+    marked = await dlq.mark_dead_lettered(KEY, stream_seq=1, reason="max_deliveries", error="e")
+    assert isinstance(marked, DeadLettered) and marked.fresh
+
+    with pytest.raises(LostClaim):
+        await owner.save(claim, msgspec.structs.replace(claim.state, state="decided"))
+    state = await owner.read(KEY)
+    assert state is not None
+    assert (state.state, state.dead_letter_reason, state.dead_letter_error) == (
+        "dead_lettered",
+        "max_deliveries",
+        "e",
+    )
+
+
+async def test_dead_lettering_under_a_claim_needs_the_claim_to_be_current() -> None:
+    store = MemoryStore()
+    (a, _stalled), (b, clock_b) = apart(store, "a"), apart(store, "b")
+    claim = await a.claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(claim, Claim)
+    await clock_b.advance(LEASE_S + 1)
+    taken = await b.claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(taken, Claim)
+
+    with pytest.raises(LostClaim):
+        await a.mark_dead_lettered(KEY, stream_seq=1, reason="no_quorum", claim=claim)
+    state = await b.read(KEY)
+    assert state is not None and (state.state, state.owner) == ("collecting", "b")
+
+    marked = await b.mark_dead_lettered(KEY, stream_seq=1, reason="no_quorum", claim=taken)
+    assert isinstance(marked, DeadLettered) and taken.state.state == "dead_lettered"
+
+
+async def test_a_live_owner_is_waited_for_then_overruled() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    owner, dlq = ledger(store, "a", clock), ledger(store, "dlq", clock)
+    claim = await owner.claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(claim, Claim)
+
+    busy = await dlq.mark_dead_lettered(KEY, stream_seq=1, reason="max_deliveries")
+    assert isinstance(busy, Busy) and busy.owner == "a"  # no patience: say so at once
+
+    patient = asyncio.create_task(
+        dlq.mark_dead_lettered(KEY, stream_seq=1, reason="max_deliveries", patience_s=5)
+    )
+    for _ in range(8):  # the owner keeps renewing its lease for 4 s...
+        await clock.advance(0.5)
+        await owner.save(claim, claim.state)
+    assert not patient.done()
+    await clock.advance(1.5)  # ...and the patience runs out
+    marked = await patient
+    assert isinstance(marked, DeadLettered) and marked.fresh
+    with pytest.raises(LostClaim):
+        await owner.save(claim, msgspec.structs.replace(claim.state, state="decided"))
+
+
+async def test_a_live_owner_that_decides_while_waited_for_wins() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    owner, dlq = ledger(store, "a", clock), ledger(store, "dlq", clock)
+    claim = await owner.claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(claim, Claim)
+    patient = asyncio.create_task(
+        dlq.mark_dead_lettered(KEY, stream_seq=1, reason="max_deliveries", patience_s=60)
+    )
+    await clock.advance(0.5)
+    await owner.save(claim, msgspec.structs.replace(claim.state, state="decided"))
+    await clock.advance(1.0)
+    assert isinstance(await patient, Done)
+
+
+async def test_the_same_delivery_finds_its_dead_letter_and_a_replay_starts_afresh() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    a = ledger(store, "a", clock)
+    first = await a.mark_dead_lettered(KEY, stream_seq=3, reason="unknown_type", error="why")
+    assert isinstance(first, DeadLettered) and first.fresh
+    again = await a.mark_dead_lettered(KEY, stream_seq=3, reason="unknown_type", error="why")
+    assert isinstance(again, DeadLettered) and not again.fresh  # re-publish, do not re-mark
+    redelivered = await a.claim(KEY, stream_seq=3, deadline_s=10)
+    assert isinstance(redelivered, Done) and redelivered.state.dead_letter_error == "why"
+
+    await clock.advance(100)
+    replay = await a.claim(KEY, stream_seq=9, deadline_s=10)  # `mesh dlq replay`: new seq
+    assert isinstance(replay, Claim)
+    assert replay.state.takeovers == 0 and replay.state.votes == {}
+    assert replay.state.deadline_at == clock.time() + 10
+
+
+class AlwaysConflicting(MemoryStore):
+    """A key that changes between every read and write (a storm of writers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates = 0
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        self.updates += 1
+        raise StateConflict("someone else wrote")
+
+
+async def test_cas_rounds_are_bounded() -> None:
+    store, clock = AlwaysConflicting(), ManualClock()
+    seeded = DecisionState("collecting", "x", 0.0, 0.0, 1)
+    await store.create(KEY, msgspec.json.encode(seeded))  # lease long expired
+    a = ledger(store, "a", clock)
+    with pytest.raises(LostClaim):
+        await a.claim(KEY, stream_seq=1, deadline_s=10)
+    assert store.updates == CAS_RETRY.attempts
+    with pytest.raises(LostClaim):
+        await a.mark_dead_lettered(KEY, stream_seq=1, reason="max_deliveries")
+    assert store.updates == 2 * CAS_RETRY.attempts
