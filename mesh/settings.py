@@ -120,8 +120,7 @@ class Settings(BaseSettings):
     )
     allow_model_requests: bool = Field(
         default=True,
-        description="Off: model requests go only to 127.0.0.1, localhost or ::1 (else the "
-        "Claude brain fails clearly). Tests and the mesh.testing.fixtures plugin turn it off.",
+        description="Off: model requests go to local hosts only (127.0.0.1, localhost, ::1).",
     )
 
     topology: Path | None = Field(

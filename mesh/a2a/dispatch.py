@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from a2a import types as pb  # the A2A protobuf messages
 from a2a.auth.user import UnauthenticatedUser
 from a2a.extensions.common import get_requested_extensions
 from a2a.server.context import ServerCallContext
@@ -31,20 +32,6 @@ from a2a.server.jsonrpc_models import MethodNotFoundError as UnknownMethod
 from a2a.server.request_handlers import RequestHandler
 from a2a.server.request_handlers.response_helpers import build_error_response
 from a2a.server.routes.common import serialize_list_tasks_response
-from a2a.types import (
-    CancelTaskRequest,
-    DeleteTaskPushNotificationConfigRequest,
-    GetExtendedAgentCardRequest,
-    GetTaskPushNotificationConfigRequest,
-    GetTaskRequest,
-    ListTaskPushNotificationConfigsRequest,
-    ListTasksRequest,
-    SendMessageRequest,
-    SendMessageResponse,
-    SubscribeToTaskRequest,
-    Task,
-    TaskPushNotificationConfig,
-)
 from a2a.utils import constants, json_utils, proto_utils
 from a2a.utils.errors import (
     A2AError,
@@ -67,17 +54,17 @@ MAX_BODY = 4 * 1024 * 1024  # larger requests get -32600 instead of being parsed
 
 # The request message of every method (the A2A 1.0 JSON-RPC names).
 METHODS: dict[str, type[Proto]] = {
-    "SendMessage": SendMessageRequest,
-    "SendStreamingMessage": SendMessageRequest,
-    "GetTask": GetTaskRequest,
-    "ListTasks": ListTasksRequest,
-    "CancelTask": CancelTaskRequest,
-    "CreateTaskPushNotificationConfig": TaskPushNotificationConfig,
-    "GetTaskPushNotificationConfig": GetTaskPushNotificationConfigRequest,
-    "ListTaskPushNotificationConfigs": ListTaskPushNotificationConfigsRequest,
-    "DeleteTaskPushNotificationConfig": DeleteTaskPushNotificationConfigRequest,
-    "SubscribeToTask": SubscribeToTaskRequest,
-    "GetExtendedAgentCard": GetExtendedAgentCardRequest,
+    "SendMessage": pb.SendMessageRequest,
+    "SendStreamingMessage": pb.SendMessageRequest,
+    "GetTask": pb.GetTaskRequest,
+    "ListTasks": pb.ListTasksRequest,
+    "CancelTask": pb.CancelTaskRequest,
+    "CreateTaskPushNotificationConfig": pb.TaskPushNotificationConfig,
+    "GetTaskPushNotificationConfig": pb.GetTaskPushNotificationConfigRequest,
+    "ListTaskPushNotificationConfigs": pb.ListTaskPushNotificationConfigsRequest,
+    "DeleteTaskPushNotificationConfig": pb.DeleteTaskPushNotificationConfigRequest,
+    "SubscribeToTask": pb.SubscribeToTaskRequest,
+    "GetExtendedAgentCard": pb.GetExtendedAgentCardRequest,
 }
 
 # What a JSON-RPC 2.0 request object may and must hold.
@@ -229,9 +216,9 @@ async def _unary(
     match method:
         case "SendMessage":
             sent = await handler.on_message_send(params, context)
-            if isinstance(sent, Task):
-                return MessageToDict(SendMessageResponse(task=sent))
-            return MessageToDict(SendMessageResponse(message=sent))
+            if isinstance(sent, pb.Task):
+                return MessageToDict(pb.SendMessageResponse(task=sent))
+            return MessageToDict(pb.SendMessageResponse(message=sent))
         case "GetTask":
             return _task(await handler.on_get_task(params, context))
         case "CancelTask":
@@ -253,7 +240,7 @@ async def _unary(
     raise UnsupportedOperationError(message=f"Method {method} is not supported.")
 
 
-def _task(task: Task | None) -> dict[str, Any]:
+def _task(task: pb.Task | None) -> dict[str, Any]:
     if task is None:
         raise TaskNotFoundError
     return _json(task)

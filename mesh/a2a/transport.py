@@ -28,21 +28,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from typing import Any, TypedDict, TypeVar
 
 from a2a.client import ClientCallContext, ClientConfig, ClientFactory
 from a2a.client.transports.base import ClientTransport
 from a2a.types import (
     AgentCard,
-    CancelTaskRequest,
     DeleteTaskPushNotificationConfigRequest,
     GetExtendedAgentCardRequest,
-    GetTaskPushNotificationConfigRequest,
-    GetTaskRequest,
-    ListTaskPushNotificationConfigsRequest,
     ListTaskPushNotificationConfigsResponse,
-    ListTasksRequest,
     ListTasksResponse,
     SendMessageRequest,
     SendMessageResponse,
@@ -115,6 +110,18 @@ def call_context(
     )
 
 
+def _unary(method: str, response: type[P]) -> Callable[..., Coroutine[Any, Any, P]]:
+    """A transport method that sends `method` and parses the result into `response`."""
+
+    async def call(
+        self: NatsTransport, request: Proto, *, context: ClientCallContext | None = None
+    ) -> P:
+        return await self._typed(method, request, response(), context)
+
+    call.__name__ = call.__qualname__ = method
+    return call
+
+
 class NatsTransport(ClientTransport):
     """A2A JSON-RPC over NATS request/reply to `subject` (an agent's, or one replica's).
 
@@ -145,60 +152,25 @@ class NatsTransport(ClientTransport):
         self.headers = dict(headers or {})
 
     # -- a2a-sdk's ClientTransport -------------------------------------------------------------
-    async def send_message(
-        self, request: SendMessageRequest, *, context: ClientCallContext | None = None
-    ) -> SendMessageResponse:
-        return await self._typed("SendMessage", request, SendMessageResponse(), context)
+    # The request/response methods of a2a-sdk's ClientTransport: one JSON-RPC call each.
+    send_message = _unary("SendMessage", SendMessageResponse)
+    get_task = _unary("GetTask", Task)
+    list_tasks = _unary("ListTasks", ListTasksResponse)
+    cancel_task = _unary("CancelTask", Task)
+    create_task_push_notification_config = _unary(
+        "CreateTaskPushNotificationConfig", TaskPushNotificationConfig
+    )
+    get_task_push_notification_config = _unary(
+        "GetTaskPushNotificationConfig", TaskPushNotificationConfig
+    )
+    list_task_push_notification_configs = _unary(
+        "ListTaskPushNotificationConfigs", ListTaskPushNotificationConfigsResponse
+    )
 
     def send_message_streaming(
         self, request: SendMessageRequest, *, context: ClientCallContext | None = None
     ) -> AsyncGenerator[StreamResponse, None]:
         return self._typed_stream("SendStreamingMessage", request, context)
-
-    async def get_task(
-        self, request: GetTaskRequest, *, context: ClientCallContext | None = None
-    ) -> Task:
-        return await self._typed("GetTask", request, Task(), context)
-
-    async def list_tasks(
-        self, request: ListTasksRequest, *, context: ClientCallContext | None = None
-    ) -> ListTasksResponse:
-        return await self._typed("ListTasks", request, ListTasksResponse(), context)
-
-    async def cancel_task(
-        self, request: CancelTaskRequest, *, context: ClientCallContext | None = None
-    ) -> Task:
-        return await self._typed("CancelTask", request, Task(), context)
-
-    async def create_task_push_notification_config(
-        self, request: TaskPushNotificationConfig, *, context: ClientCallContext | None = None
-    ) -> TaskPushNotificationConfig:
-        return await self._typed(
-            "CreateTaskPushNotificationConfig", request, TaskPushNotificationConfig(), context
-        )
-
-    async def get_task_push_notification_config(
-        self,
-        request: GetTaskPushNotificationConfigRequest,
-        *,
-        context: ClientCallContext | None = None,
-    ) -> TaskPushNotificationConfig:
-        return await self._typed(
-            "GetTaskPushNotificationConfig", request, TaskPushNotificationConfig(), context
-        )
-
-    async def list_task_push_notification_configs(
-        self,
-        request: ListTaskPushNotificationConfigsRequest,
-        *,
-        context: ClientCallContext | None = None,
-    ) -> ListTaskPushNotificationConfigsResponse:
-        return await self._typed(
-            "ListTaskPushNotificationConfigs",
-            request,
-            ListTaskPushNotificationConfigsResponse(),
-            context,
-        )
 
     async def delete_task_push_notification_config(
         self,

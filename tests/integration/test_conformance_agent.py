@@ -19,17 +19,8 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from a2a import types as pb
 from a2a.client import ClientConfig, create_client
-from a2a.types import (
-    CancelTaskRequest,
-    GetTaskRequest,
-    Message,
-    Part,
-    Role,
-    SendMessageConfiguration,
-    SendMessageRequest,
-    StreamResponse,
-)
 from google.protobuf.json_format import MessageToDict
 
 from agents.conformance.app import REQUIRED_EXTENSION, RunningConformance, profile_card, serve
@@ -53,22 +44,24 @@ async def agent(mod_bus: Bus) -> AsyncIterator[RunningConformance]:
         yield running
 
 
-def _request(prefix: str, text: str = "hi", task_id: str = "") -> SendMessageRequest:
-    return SendMessageRequest(
-        message=Message(
-            role=Role.ROLE_USER,
+def _request(prefix: str, text: str = "hi", task_id: str = "") -> pb.SendMessageRequest:
+    return pb.SendMessageRequest(
+        message=pb.Message(
+            role=pb.Role.ROLE_USER,
             message_id=f"{prefix}-{uuid.uuid4().hex}",
             task_id=task_id,
-            parts=[Part(text=text)],
+            parts=[pb.Part(text=text)],
         )
     )
 
 
-async def _sdk(url: str, request: SendMessageRequest, *, streaming: bool) -> list[dict[str, Any]]:
+async def _sdk(
+    url: str, request: pb.SendMessageRequest, *, streaming: bool
+) -> list[dict[str, Any]]:
     """What a2a-sdk's client hands back, as JSON (one StreamResponse per event)."""
     client = await create_client(url, client_config=ClientConfig(streaming=streaming))
     try:
-        events: list[StreamResponse] = [e async for e in client.send_message(request)]
+        events: list[pb.StreamResponse] = [e async for e in client.send_message(request)]
     finally:
         await client.close()
     return [MessageToDict(e) for e in events]
@@ -203,15 +196,15 @@ async def test_cancel_ends_a_long_running_task(agent: RunningConformance, mod_bu
     started = await agents.send(
         "conformance",
         message,
-        configuration=SendMessageConfiguration(return_immediately=True),
+        configuration=pb.SendMessageConfiguration(return_immediately=True),
         timeout=WAIT_S,
         subject=subject,
     )
     tid = task_of(started).id
     async with agents.open("conformance", subject=subject, timeout=WAIT_S) as client:
-        canceled = await client.cancel_task(CancelTaskRequest(id=tid))
+        canceled = await client.cancel_task(pb.CancelTaskRequest(id=tid))
         assert task_state(canceled) == "TASK_STATE_CANCELED"
-        got = await client.get_task(GetTaskRequest(id=tid))
+        got = await client.get_task(pb.GetTaskRequest(id=tid))
         assert task_state(got) == "TASK_STATE_CANCELED"
 
 
