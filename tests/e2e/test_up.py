@@ -182,6 +182,31 @@ def test_cli_publish_then_decision(up: MeshUp) -> None:
     assert security["verdict"]["vote"] == "reject", security
 
 
+# -- c2. `mesh call`: one A2A message, over NATS (the mesh's transport) and over HTTP ----------
+@pytest.mark.parametrize("transport", [[], ["--http"]], ids=["nats", "http"])
+def test_cli_call_prints_the_task(up: MeshUp, transport: list[str]) -> None:
+    ran = up.mesh("call", "security-review", f"@{sample_path('secret')}", *transport)
+    assert ran.returncode == 0, str(ran)
+    task = ran.json()["task"]
+    assert task["status"]["state"] == "TASK_STATE_COMPLETED", task
+    [verdict] = [
+        part["data"]
+        for artifact in task["artifacts"]
+        for part in artifact["parts"]
+        if "data" in part
+    ]
+    assert verdict["vote"] == "reject", verdict
+    assert any("AWS access key" in reason for reason in verdict["reasons"]), verdict
+
+
+def test_cli_call_to_an_agent_nobody_serves_is_one_line(up: MeshUp) -> None:
+    for transport in ([], ["--http"]):
+        ran = up.mesh("call", "nobody-here", "{}", *transport)
+        assert ran.returncode == 2, str(ran)
+        assert "Traceback" not in ran.stderr, str(ran)
+        assert "nobody-here" in ran.stderr, str(ran)
+
+
 # -- d. what cannot be decided goes to the dead-letter stream, with the reason ------------------
 def test_cli_publish_malformed_and_unknown_type_are_dead_lettered(up: MeshUp) -> None:
     malformed = up.mesh("publish", "release.proposed", '{"id": "x", "servi')

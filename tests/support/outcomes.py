@@ -216,8 +216,13 @@ class Outcomes:
             for root in (subjects.DECISIONS_ROOT, subjects.DLQ_ROOT)
         ]
 
+        # Stopped by a flag, not by cancel alone: on Python 3.11 an `asyncio.wait_for` deep in
+        # nats-py's request can swallow a cancel whose reply already arrived, and a loop that
+        # never sees it would keep the test waiting for ever.
+        stop = asyncio.Event()
+
         async def loop() -> None:
-            while True:
+            while not stop.is_set():
                 await self.refresh()
                 self._arrived.set()  # a waiter looks again at what this pass read
                 with contextlib.suppress(TimeoutError):
@@ -228,9 +233,12 @@ class Outcomes:
         try:
             yield self
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            stop.set()
+            notified.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=30)
+            except TimeoutError:
+                task.cancel()
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
