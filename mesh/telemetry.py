@@ -33,8 +33,6 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as GA
-from opentelemetry.semconv._incubating.attributes import messaging_attributes as MA
 
 from mesh import subjects
 from mesh.settings import get_settings
@@ -44,23 +42,25 @@ log = logging.getLogger(__name__)
 
 _SCOPE = "quorum-mesh"
 
-# Re-exported semconv names, so instrumented modules import attribute names from one place.
-MESSAGING_SYSTEM = MA.MESSAGING_SYSTEM
-MESSAGING_DESTINATION = MA.MESSAGING_DESTINATION_NAME
-MESSAGING_OPERATION_NAME = MA.MESSAGING_OPERATION_NAME
-MESSAGING_OPERATION_TYPE = MA.MESSAGING_OPERATION_TYPE
-MESSAGING_MESSAGE_ID = MA.MESSAGING_MESSAGE_ID
-MESSAGING_CONSUMER_GROUP = MA.MESSAGING_CONSUMER_GROUP_NAME
-GEN_AI_OPERATION = GA.GEN_AI_OPERATION_NAME
-GEN_AI_PROVIDER = GA.GEN_AI_PROVIDER_NAME
-GEN_AI_AGENT_NAME = GA.GEN_AI_AGENT_NAME
-GEN_AI_AGENT_ID = GA.GEN_AI_AGENT_ID
-GEN_AI_AGENT_VERSION = GA.GEN_AI_AGENT_VERSION
-GEN_AI_CONVERSATION_ID = GA.GEN_AI_CONVERSATION_ID
-GEN_AI_REQUEST_MODEL = GA.GEN_AI_REQUEST_MODEL
-GEN_AI_INPUT_TOKENS = GA.GEN_AI_USAGE_INPUT_TOKENS
-GEN_AI_OUTPUT_TOKENS = GA.GEN_AI_USAGE_OUTPUT_TOKENS
-GEN_AI_TOOL_NAME = GA.GEN_AI_TOOL_NAME
+# Semantic-convention attribute names (messaging, GenAI), so instrumented modules import them
+# from one place. Written out because OpenTelemetry keeps them in a private `_incubating`
+# package; tests/unit/test_telemetry_names.py holds them equal to the installed semconv.
+MESSAGING_SYSTEM = "messaging.system"
+MESSAGING_DESTINATION = "messaging.destination.name"
+MESSAGING_OPERATION_NAME = "messaging.operation.name"
+MESSAGING_OPERATION_TYPE = "messaging.operation.type"
+MESSAGING_MESSAGE_ID = "messaging.message.id"
+MESSAGING_CONSUMER_GROUP = "messaging.consumer.group.name"
+GEN_AI_OPERATION = "gen_ai.operation.name"
+GEN_AI_PROVIDER = "gen_ai.provider.name"
+GEN_AI_AGENT_NAME = "gen_ai.agent.name"
+GEN_AI_AGENT_ID = "gen_ai.agent.id"
+GEN_AI_AGENT_VERSION = "gen_ai.agent.version"
+GEN_AI_CONVERSATION_ID = "gen_ai.conversation.id"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+GEN_AI_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+GEN_AI_TOOL_NAME = "gen_ai.tool.name"
 
 
 def enabled() -> bool:

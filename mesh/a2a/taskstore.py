@@ -89,11 +89,21 @@ def _key_token(task_id: str) -> str:
     return f"_{encoded}"
 
 
+class KvRevision(TaskVersion):  # type: ignore[misc]
+    """A task version that is a KV revision. a2a-sdk's `TaskVersion` keeps its value private;
+    the store reads back only versions it made itself, so it keeps the revision in the open."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(revision)
+        self.revision = revision
+
+
 def _revision(version: TaskVersion) -> int:
-    value = version._value
-    if not isinstance(value, int):
-        raise TypeError(f"JetStreamTaskStore versions are KV revisions, not {type(value).__name__}")
-    return value
+    if isinstance(version, KvRevision):
+        return version.revision
+    if version.is_missing:
+        return 0
+    raise TypeError(f"JetStreamTaskStore versions are KV revisions, not {version!r}")
 
 
 class _Record:
@@ -186,13 +196,13 @@ class JetStreamTaskStore(VersionedTaskStore):  # type: ignore[misc]
         if prev_version.is_missing:
             value = _Record(task, owner, 0, event).encode()
             try:
-                return TaskVersion(await self.kv.create(key, value))
+                return KvRevision(await self.kv.create(key, value))
             except KeyWrongLastSequenceError:
                 raise ConcurrentTaskModificationError(task.id) from None
         last = _revision(prev_version)
         value = _Record(task, owner, last, event).encode()
         try:
-            return TaskVersion(await self.kv.update(key, value, last=last))
+            return KvRevision(await self.kv.update(key, value, last=last))
         except KeyWrongLastSequenceError:
             raise ConcurrentTaskModificationError(task.id) from None
 
@@ -208,7 +218,7 @@ class JetStreamTaskStore(VersionedTaskStore):  # type: ignore[misc]
                 break
             value = _Record(task, owner, revision, event).encode()
             try:
-                return TaskVersion(await self.kv.update(key, value, last=revision))
+                return KvRevision(await self.kv.update(key, value, last=revision))
             except KeyWrongLastSequenceError:
                 continue
         raise ConcurrentTaskModificationError(task.id)
@@ -217,7 +227,7 @@ class JetStreamTaskStore(VersionedTaskStore):  # type: ignore[misc]
         current = await self._read(self.key(task_id))
         if current is None or current[0].owner != self.owner_resolver(context):
             return None  # another owner's task is not found, as in the SDK's stores
-        return StoredTask(current[0].task, TaskVersion(current[1]))
+        return StoredTask(current[0].task, KvRevision(current[1]))
 
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
         key = self.key(task_id)
@@ -346,7 +356,7 @@ class JetStreamTaskEventStream(TaskEventStream):  # type: ignore[misc]
                 in_order = record.prev == last and record.event is not None
                 event = record.event if in_order else record.task
                 last = revision
-                yield VersionedEvent(event=event, version=TaskVersion(revision))
+                yield VersionedEvent(event=event, version=KvRevision(revision))
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
