@@ -19,7 +19,7 @@ from mesh.agent import RunningAgent
 from mesh.bus import Bus
 from mesh.errors import AgentCallError, AgentUnavailableError
 from mesh.settings import Settings
-from tests.helpers import Proposal, jsonrpc, voting_agent, write_card
+from tests.support.samples import Proposal, jsonrpc, voting_agent, write_card
 
 pytestmark = pytest.mark.integration
 
@@ -248,9 +248,10 @@ async def test_coordinator_steers_around_a_hung_replica(
 
 
 async def _decide(bus: Bus) -> dict[str, Any]:
+    from tests.support.waits import eventually
+
     from mesh import envelope
     from mesh.bus import tail
-    from tests.helpers import eventually
 
     event = envelope.new_event("pair.vote", {})
     await bus.publish_event(event)

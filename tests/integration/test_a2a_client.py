@@ -48,7 +48,7 @@ from mesh.a2a.transport import NATS_BINDING, NatsTransport, call_context, client
 from mesh.agent import RunningAgent
 from mesh.bus import Bus
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
-from tests.helpers import voting_agent
+from tests.support.samples import voting_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

@@ -26,7 +26,8 @@ from mesh import envelope, subjects
 from mesh.bus import Bus, tail
 from mesh.records import DeadLetter, Decision, dead_letter_decoder, decision_decoder
 from mesh.settings import Settings
-from tests.helpers import eventually, voting_agent
+from tests.support.samples import voting_agent
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
 

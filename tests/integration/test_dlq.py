@@ -24,7 +24,7 @@ from mesh.errors import ConfigError
 from mesh.records import DeadLetter, encoder
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings, get_settings
-from tests.helpers import eventually
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,8 @@ from mesh.a2a.client import AgentClient, status_text, task_of, task_state, user_
 from mesh.agent import RunningAgent
 from mesh.bus import Bus, tail
 from mesh.events import EventContext, Reject, Retry
-from tests.helpers import eventually, write_card
+from tests.support.samples import write_card
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
 

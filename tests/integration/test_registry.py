@@ -6,7 +6,8 @@ import pytest
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
 from mesh.registry import Registry, RegistryView
-from tests.helpers import eventually, write_card
+from tests.support.samples import write_card
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,7 @@ from mesh import Agent, Verdict
 from mesh.a2a.client import verdict_of
 from mesh.bus import Bus
 from mesh.settings import Settings
-from tests.helpers import Proposal, write_card
+from tests.support.samples import Proposal, write_card
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,8 @@ from mesh.registry import Registration, Registry, RegistryView
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
 from mesh.signing import KeyPair, TrustedKeys, generate_keypair
-from tests.helpers import eventually, voting_agent
+from tests.support.samples import voting_agent
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
 

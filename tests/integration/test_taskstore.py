@@ -42,7 +42,8 @@ from mesh.agent import Agent, RunningAgent
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
 from mesh.settings import Settings
-from tests.helpers import eventually, jsonrpc, voting_agent, write_card
+from tests.support.samples import jsonrpc, voting_agent, write_card
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,8 @@ from mesh import Agent, Verdict, envelope
 from mesh.bus import Bus, tail
 from mesh.settings import Settings
 from mesh.testing.fake_anthropic import FakeAnthropic
-from tests.helpers import Proposal, eventually, write_card
+from tests.support.samples import Proposal, write_card
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
 
