@@ -248,10 +248,9 @@ async def test_coordinator_steers_around_a_hung_replica(
 
 
 async def _decide(bus: Bus) -> dict[str, Any]:
-    from tests.support.waits import eventually
-
     from mesh import envelope
     from mesh.bus import tail
+    from tests.support.waits import eventually
 
     event = envelope.new_event("pair.vote", {})
     await bus.publish_event(event)
