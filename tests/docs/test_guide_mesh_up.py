@@ -12,13 +12,11 @@ import shutil
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.docs.blocks import REPO, Block, commands, page_blocks
 from tests.e2e.procs import MeshUp, start_mesh_up
-from tests.support.waits import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -144,21 +142,7 @@ def test_the_guides_agent_votes_in_mesh_up(up: MeshUp) -> None:
     assert ran.returncode == 0, str(ran)
     event_id = ran.stdout.strip()
 
-    def decided() -> dict[str, Any] | None:
-        listed = up.mesh("decisions", "--json", "--limit", "100")
-        assert listed.returncode == 0, str(listed)
-        return next((d for d in listed.json() if d["event_id"] == event_id), None)
-
-    try:
-        decision = wait_for(
-            decided,
-            f"decision for {event_id}",
-            timeout=DECIDE_TIMEOUT_S,
-            every=0.2,
-            alive=up.assert_running,
-        )
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{up.logs()}") from None
+    decision = up.wait_decision(event_id, timeout=DECIDE_TIMEOUT_S)
     assert [v["agent"] for v in decision["votes"]] == [
         "security-review",
         "compliance-review",

@@ -202,6 +202,27 @@ class MeshUp:
         if self.proc.poll() is not None:
             raise AssertionError(f"`mesh up` exited with {self.proc.returncode}\n{self.logs()}")
 
+    def wait_decision(self, event_id: str, *, timeout: float = 20.0) -> dict[str, Any]:
+        """The decision `mesh decisions --json` lists for `event_id`, once there (bounded; the
+        bound only ends a broken run); a failure carries the processes' logs."""
+
+        def decided() -> dict[str, Any] | None:
+            listed = self.mesh("decisions", "--json", "--limit", "100")
+            assert listed.returncode == 0, str(listed)
+            return next((d for d in listed.json() if d["event_id"] == event_id), None)
+
+        try:
+            found: dict[str, Any] = wait_for(
+                decided,
+                f"decision for {event_id}",
+                timeout=timeout,
+                every=0.2,
+                alive=self.assert_running,
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.logs()}") from None
+        return found
+
     def logs(self) -> str:
         parts = [
             f"--- mesh up stdout ---\n{self.stdout()[-2000:]}",

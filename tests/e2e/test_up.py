@@ -163,18 +163,7 @@ def test_cli_publish_then_decision(up: MeshUp) -> None:
     assert event_id and len(event_id.split()) == 1, str(ran)
     uuid.UUID(event_id)  # the default id is a fresh uuid
 
-    def decided() -> dict[str, Any] | None:
-        listed = up.mesh("decisions", "--json", "--limit", "100")
-        assert listed.returncode == 0, str(listed)
-        return next((d for d in listed.json() if d["event_id"] == event_id), None)
-
-    decision = wait_for(
-        decided,
-        f"decision for {event_id}",
-        timeout=DECIDE_TIMEOUT_S,
-        every=0.2,
-        alive=up.assert_running,
-    )
+    decision = up.wait_decision(event_id, timeout=DECIDE_TIMEOUT_S)
     assert decision["outcome"] == "rejected", decision
     assert decision["event_type"] == "release.proposed"
     assert decision["tenant"] == "default"

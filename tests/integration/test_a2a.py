@@ -19,7 +19,7 @@ from mesh.agent import RunningAgent
 from mesh.bus import Bus
 from mesh.errors import AgentCallError, AgentUnavailableError
 from mesh.settings import Settings
-from tests.support.samples import Proposal, jsonrpc, voting_agent, write_card
+from tests.support.samples import V1, Proposal, jsonrpc, voting_agent, write_card
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +58,6 @@ async def _both(running: RunningAgent, bus: Bus, body: bytes, headers: dict[str,
         over_http = (await http.post(running.http_url, content=body, headers=headers)).json()
     over_nats = json.loads((await bus.nc.request(running.subject, body, 5, headers=headers)).data)
     return over_http, over_nats
-
-
-V1 = {"A2A-Version": "1.0"}
 
 
 async def test_same_body_same_answer_over_http_and_nats(running: RunningAgent, bus: Bus) -> None:

@@ -48,12 +48,9 @@ from mesh.a2a.transport import NATS_BINDING, NatsTransport, call_context, client
 from mesh.agent import RunningAgent
 from mesh.bus import Bus
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
-from tests.support.samples import voting_agent
+from tests.support.samples import V1, WAIT_S, voting_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
-
-V1 = {"A2A-Version": "1.0"}
-WAIT_S = 10.0  # an upper bound on any one wait, never a measurement
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

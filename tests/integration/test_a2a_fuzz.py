@@ -25,13 +25,13 @@ from mesh import subjects
 from mesh.a2a.server import MAX_BODY
 from mesh.bus import Bus
 from mesh.settings import Settings
+from tests.support import strategies
+from tests.support.samples import V1, WAIT_S
 
 NATS_MAX_PAYLOAD = "8MB"  # so a > 4 MiB request reaches the agent over NATS
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
-V1 = {"A2A-Version": "1.0"}
-WAIT_S = 10.0  # bound on one answer, not a measurement
 SPEC_CODES = {-32700, -32600, -32601, -32602, -32603, *range(-32009, -32000)}
 METHODS = [
     "SendMessage",
@@ -136,20 +136,8 @@ async def both(
 
 
 # -- strategies ---------------------------------------------------------------------------------
-json_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=40),
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)
-    ),
-    max_leaves=20,
-)
+json_scalars = strategies.json_scalars(int_bits=70, text=40)
+json_values = strategies.json_values(json_scalars, key=10, width=4, leaves=20)
 ids = st.one_of(
     st.none(), st.integers(), st.text(max_size=20), st.booleans(), st.floats(allow_nan=False)
 )

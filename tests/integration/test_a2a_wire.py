@@ -42,13 +42,11 @@ from mesh.cards import card_to_dict, parse_card
 from mesh.errors import AgentCallError, AgentUnavailableError
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
+from tests.support.samples import V1, WAIT_S
 
 NATS_MAX_PAYLOAD = "8MB"  # so a > 4 MiB request reaches the agent over NATS
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
-
-V1 = {"A2A-Version": "1.0"}
-WAIT_S = 10.0  # an upper bound on any one wait, never a measurement
 
 
 # -- the module's servers -----------------------------------------------------------------------

@@ -30,10 +30,10 @@ from mesh.bus import Bus
 from mesh.cards import load_card
 from mesh.errors import ConfigError
 from mesh.registry import Registry
+from tests.support.samples import WAIT_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
-WAIT_S = 10.0  # bound on a wait, not a measurement
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -42,12 +42,11 @@ from mesh.agent import Agent, RunningAgent
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
 from mesh.settings import Settings
-from tests.support.samples import jsonrpc, voting_agent, write_card
+from tests.support.samples import V1, jsonrpc, voting_agent, write_card
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
 
-V1 = {"A2A-Version": "1.0"}
 ANON = ServerCallContext()
 MISSING = TaskVersion.MISSING
 

@@ -15,6 +15,8 @@ import msgspec
 from mesh import Agent, Verdict, envelope
 
 REPO = Path(__file__).resolve().parents[2]
+V1 = {"A2A-Version": "1.0"}  # the header an A2A 1.0 request carries
+WAIT_S = 10.0  # an upper bound on any one wait in a test, never a measurement
 SAMPLES = REPO / "agents" / "samples"
 
 # The reviewer agents as shipped, by name, and the skills the release policy asks of them.

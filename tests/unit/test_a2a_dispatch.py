@@ -21,8 +21,8 @@ from agents.conformance.executor import ConformanceExecutor
 from mesh.a2a import dispatch
 from mesh.a2a.server import A2AServer
 from mesh.cards import load_card, with_interfaces
-
-V1 = {"A2A-Version": "1.0"}
+from tests.support import strategies
+from tests.support.samples import V1
 
 
 def _rpc(method: Any, params: Any = None, rid: Any = 1, **extra: Any) -> bytes:
@@ -115,20 +115,8 @@ async def test_the_corpus_is_answered_as_a2a_sdk_answers_it() -> None:
     await _compare(CORPUS)
 
 
-json_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**53), max_value=2**53),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=20),
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=10,
-)
+json_scalars = strategies.json_scalars(int_bits=53, text=20)
+json_values = strategies.json_values(json_scalars, key=8, width=3, leaves=10)
 METHODS = sorted(dispatch.METHODS)
 
 
