@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Self
 
+from mesh import subjects
 from mesh._internal.lifecycle import ProcessService
 from mesh.errors import ConfigError, NatsServerError
 
@@ -299,7 +300,7 @@ class LocalCluster(ProcessService):
         try:
             while time.monotonic() < deadline:
                 try:
-                    reply = await nc.request("$JS.API.INFO", b"", timeout=1.0)
+                    reply = await nc.request(f"{subjects.JS_API}.INFO", b"", timeout=1.0)
                     doc = json.loads(reply.data)
                     if "error" not in doc:
                         return
