@@ -31,11 +31,14 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from mesh import subjects
+from mesh._internal.retry import RetryPolicy
 from mesh.bus import Bus
 from mesh.cards import card_to_dict, parse_card
 from mesh.signing import CardCheck, CardVerifier
 
 log = logging.getLogger(__name__)
+
+_KEYS_RETRY = RetryPolicy(attempts=4, base_s=0.1, max_s=0.4, jitter=False)
 
 
 class Registration(msgspec.Struct, frozen=True):
@@ -116,6 +119,23 @@ class Registry:
             return _mismatch(reg, key)
         return check.refusal
 
+    async def _keys(self, kv: KeyValue) -> list[str]:
+        """The bucket's keys. nats-py lists them through an ephemeral consumer, and on a
+        clustered bucket under load that consumer can report nothing pending although cards
+        are there (seen as "0 live agents" in the cluster tests). "No keys" is believed only
+        when the stream's leader also holds no message; otherwise the listing is tried again
+        (bounded: a bucket of only deleted cards still ends as no keys)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                keys: list[str] = await kv.keys()
+                return keys
+            except NoKeysError:
+                info = await self.bus.js.stream_info(subjects.kv_stream(subjects.CARDS_BUCKET))
+                if not info.state.messages or not await _KEYS_RETRY.sleep(attempt):
+                    return []
+
     async def _kv(self) -> KeyValue:
         return await self.bus.kv(subjects.CARDS_BUCKET, ttl_s=self.ttl_s)
 
@@ -163,10 +183,7 @@ class Registry:
     async def live(self) -> list[Registration]:
         """Every live registration, sorted by agent then instance."""
         kv = await self._kv()
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
+        keys = await self._keys(kv)
         now = time.time()
         out = []
         for key in keys:

@@ -79,6 +79,11 @@ def trace(trace_id: str) -> str:
     return f"{TRACE_ROOT}.{trace_id}"
 
 
+def kv_stream(bucket: str) -> str:
+    """The stream behind a JetStream KV bucket (JetStream's own naming)."""
+    return f"KV_{bucket}"
+
+
 def card_key(agent: str, instance: str) -> str:
     """Key of one agent instance's card in the `mesh_cards` bucket."""
     return f"{agent}.{instance}"
