@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanKind
 
 from mesh import envelope, subjects, telemetry
 from mesh.errors import NotConnectedError, StreamConflictError
+from mesh.identity import Identity, resolve_identity
 from mesh.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,10 @@ def resolve_servers(settings: Settings | None = None) -> list[str]:
 class Bus:
     """One NATS connection plus the JetStream handles the mesh uses."""
 
-    def __init__(self, nc: NATS, settings: Settings) -> None:
+    def __init__(self, nc: NATS, settings: Settings, identity: Identity | None = None) -> None:
         self.nc = nc
+        # Who this connection is (None only with MESH_INSECURE=bus): signs what it publishes.
+        self.identity = identity
         self.js: JetStreamContext = nc.jetstream()
         self.settings = settings
         self._kv: dict[str, KeyValue] = {}
@@ -114,6 +117,7 @@ class Bus:
         connect_timeout_s: float = 5.0,
     ) -> Bus:
         settings = settings or get_settings()
+        identity = resolve_identity(settings)
         if servers is None:
             servers = resolve_servers(settings)
         elif isinstance(servers, str):
@@ -158,7 +162,7 @@ class Bus:
                 f"cannot connect to NATS at {', '.join(servers)}: {reason}",
                 hint="is the server running? check MESH_NATS_URL, or start one with `mesh up`",
             ) from None
-        return cls(nc, settings)
+        return cls(nc, settings, identity)
 
     async def close(self) -> None:
         if not self.nc.is_closed:

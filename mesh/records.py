@@ -14,7 +14,9 @@ from mesh import subjects
 from mesh.envelope import Event
 from mesh.verdict import Choice, Verdict
 
-CallOutcome = Literal["voted", "timeout", "unavailable", "error", "cancelled"]
+# `invalid`: an answer that did not prove it came from the agent asked (unsigned, wrongly signed,
+# or signed for another event, skill or question); counted as the policy counts failures.
+CallOutcome = Literal["voted", "timeout", "unavailable", "error", "cancelled", "invalid"]
 DecisionOutcome = Literal["approved", "rejected", "no_quorum"]
 
 
@@ -28,6 +30,9 @@ class Vote(msgspec.Struct, omit_defaults=True):
     attempts: int = 1
     brain: str = ""
     error: str = ""
+    instance: str = ""  # the agent instance that answered (its card binds the key it signed with)
+    signed_at: float = 0.0  # when the instance signed the verdict (its clock)
+    signature: str = ""  # the instance's Ed25519 signature over the vote (see mesh.votes)
 
 
 class Decision(msgspec.Struct, omit_defaults=True):
@@ -44,6 +49,9 @@ class Decision(msgspec.Struct, omit_defaults=True):
     coordinator: str = ""
     takeovers: int = 0  # how many times another coordinator resumed this decision
     trace_id: str = ""  # W3C trace id of the decision (see `mesh trace`)
+    principal: str = ""  # who published the event, from its verified NATS credentials
+    signer: str = ""  # key id of the coordinator key that signed this decision
+    signature: str = ""  # Ed25519 over the decision without `signature` (purpose "decision")
 
 
 DlqReason = Literal[

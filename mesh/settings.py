@@ -129,6 +129,39 @@ class Settings(BaseSettings):
         "coordinators). Default: mesh.toml in the working folder or the nearest folder above.",
     )
 
+    identity: Path | None = Field(
+        default=None,
+        description="This process's identity file (mode 0600: NATS nkey, signing key, A2A "
+        "token; `mesh creds` writes one). Unset: `<home>/identity/operator.json` when it exists "
+        "(the operator's, for the CLI next to a `mesh up`).",
+    )
+    trust: Path | None = Field(
+        default=None,
+        description="The trust file: signing keys the mesh believes and what each may sign. "
+        "Unset: `<home>/identity/trust.json` when it exists.",
+    )
+    nats_creds: Path | None = Field(
+        default=None,
+        description="NATS credentials to join an existing server or cluster: a `.creds` file "
+        "(JWT) or an nkey seed file; overrides the identity's own nkey.",
+    )
+    tls_ca: Path | None = Field(
+        default=None, description="CA bundle that signs the NATS servers' certificates."
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="Client certificate for NATS servers that require mTLS."
+    )
+    tls_key: Path | None = Field(default=None, description="Private key of MESH_TLS_CERT.")
+    insecure: str = Field(
+        default="",
+        description="Switch protections off by name, for local experiments only: `a2a` (agents "
+        "answer A2A calls without a token), `bus` (anonymous NATS, nothing signed), or "
+        "`a2a,bus`. Every process says so loudly at start.",
+    )
+
+    def insecure_parts(self) -> set[str]:
+        return {p.strip() for p in self.insecure.split(",") if p.strip()}
+
     def nats_servers(self) -> list[str]:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
 

@@ -9,8 +9,33 @@ import pytest
 import pytest_asyncio
 
 from mesh.bus import Bus
+from mesh.identity import IdentityDir
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings, get_settings
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One identity folder for the whole run (as `mesh up` makes one): in-process code runs as
+    its operator (MESH_IDENTITY), and every process believes its trust file (MESH_TRUST).
+    Tests that need other roles issue them from the `identities` fixture."""
+    if os.environ.get("MESH_TEST_IDENTITY_DIR"):
+        return  # a worker process of this run (or a nested pytest) reuses the folder
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="mesh-test-ids-")) / "identity"
+    ids = IdentityDir.init(folder)
+    os.environ["MESH_TEST_IDENTITY_DIR"] = str(folder)
+    os.environ["MESH_IDENTITY"] = str(ids.operator_path)
+    os.environ["MESH_TRUST"] = str(ids.trust_path)
+
+
+@pytest.fixture(scope="session")
+def identities() -> IdentityDir:
+    """The run's identity folder: `identities.issue("publisher", "p", tenant="acme")`."""
+    from pathlib import Path
+
+    return IdentityDir(Path(os.environ["MESH_TEST_IDENTITY_DIR"]))
 
 
 @pytest.fixture(autouse=True)
