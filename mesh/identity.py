@@ -117,7 +117,7 @@ def verify_with(public: bytes, purpose: Purpose, payload: bytes, signature: str)
         return False
 
 
-# -- identities -----------------------------------------------------------------------------------
+# -- identities ------------------------------------------------------------------------------------
 class Identity(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One process's identity: the file `MESH_IDENTITY` names (mode 0600: it holds secrets)."""
 
@@ -198,7 +198,7 @@ def load_identity(path: Path) -> Identity:
         raise ConfigError(f"{path} is not an identity file: {e}") from None
 
 
-# -- trust ------------------------------------------------------------------------------------------
+# -- trust -----------------------------------------------------------------------------------------
 class TrustedKey(msgspec.Struct, kw_only=True, omit_defaults=True):
     public: str  # raw Ed25519 public key, base64url
     role: Role
@@ -222,8 +222,10 @@ class Trust(msgspec.Struct, kw_only=True, omit_defaults=True):
         if kid not in self.revoked:
             self.revoked.append(kid)
 
-    def signer_of(self, kid: str, purpose: Purpose, *, name: str | None = None) -> TrustedKey | None:
-        """The trusted key `kid` if it may sign for `purpose` (and, for cards, for agent `name`)."""
+    def signer_of(
+        self, kid: str, purpose: Purpose, *, name: str | None = None
+    ) -> TrustedKey | None:
+        """The trusted key `kid` if it may sign for `purpose` (for cards: for agent `name`)."""
         entry = self.keys.get(kid)
         if entry is None or kid in self.revoked or entry.role not in SIGNERS[purpose]:
             return None
@@ -283,7 +285,7 @@ def save_trust(trust: Trust, path: Path) -> Path:
     return path
 
 
-# -- A2A bearer tokens ------------------------------------------------------------------------------
+# -- A2A bearer tokens -----------------------------------------------------------------------------
 TOKEN_AUDIENCE = "quorum-mesh/a2a"
 TOKEN_ISSUER = "quorum-mesh"
 
@@ -355,7 +357,7 @@ def verify_token(trust: Trust, token: str) -> Principal:
     return Principal(str(claims["sub"]), role, str(claims.get("tenant") or ALL_TENANTS))
 
 
-# -- the folder `mesh up` keeps identities in -------------------------------------------------------
+# -- the folder `mesh up` keeps identities in ------------------------------------------------------
 class NatsUser(msgspec.Struct, kw_only=True, frozen=True):
     """A NATS user the server knows: a public nkey and the role its permissions follow."""
 
@@ -487,7 +489,7 @@ def _new_nats_seed() -> str:
     return seed.decode()
 
 
-# -- what this process runs as ----------------------------------------------------------------------
+# -- what this process runs as ---------------------------------------------------------------------
 def identity_dir(home: Path) -> Path:
     return home / "identity"
 
