@@ -14,6 +14,7 @@ AUDIT_STREAM = "MESH_AUDIT"
 CARDS_BUCKET = "mesh_cards"
 TASKS_BUCKET = "mesh_tasks"  # A2A tasks, key <agent>.<task id> (mesh.a2a.taskstore)
 DECISIONS_BUCKET = "mesh_decisions"
+CHECKPOINTS_STREAM = "MESH_CHECKPOINTS"  # signed audit checkpoints, kept apart from MESH_AUDIT
 TRACE_STREAM = "MESH_TRACES"  # spans kept for `mesh trace` when MESH_TRACE_STREAM is on
 
 # Subject roots
@@ -21,6 +22,7 @@ EVENTS_ROOT = "mesh.evt"
 DECISIONS_ROOT = "mesh.decision"
 DLQ_ROOT = "mesh.dlq"
 AUDIT_ROOT = "mesh.audit"
+CHECKPOINT_ROOT = "mesh.checkpoint"  # mesh.checkpoint.<tenant>
 A2A_ROOT = "mesh.a2a"
 TRACE_ROOT = "mesh.trace"  # mesh.trace.<trace id>
 COORDINATOR_STATUS = "mesh.status.coordinator"  # every coordinator answers (no queue group)
@@ -36,6 +38,12 @@ H_A2A_VERSION = "A2A-Version"
 H_TRACEPARENT = "traceparent"
 H_TENANT = "Mesh-Tenant"
 H_EVENT_TYPE = "Mesh-Event-Type"
+# `<key id>:<signature>`: the publisher's Ed25519 signature (purpose "event") over
+# `<subject>\0<body>`; the principal a decision records is the trusted key that made it.
+H_SIGNATURE = "Mesh-Signature"
+# A2A over NATS carries the caller's bearer token as HTTP does (`Bearer <token>`): NATS headers
+# are not identity by themselves, the token's signature is.
+H_AUTHORIZATION = "Authorization"
 
 # NATS binding of A2A: a caller that sends `Mesh-Progress: <seconds>` gets empty keep-alive
 # frames with `Mesh-Status: working` on its reply inbox while the agent works.
@@ -181,6 +189,11 @@ def audit_msg_id(record: Literal["decision", "vote", "dlq"], *parts: str | int) 
     """An audit record's message id, so auditing again after a crash is a no-op:
     `audit:decision:<ref>`, `audit:vote:<ref>:<skill>`, `audit:dlq:<stream>:<seq>`."""
     return ":".join(["audit", record, *map(str, parts)])
+
+
+def checkpoint(tenant: str) -> str:
+    """`mesh.checkpoint.<tenant>`: the signed checkpoints of one tenant's audit chain."""
+    return f"{CHECKPOINT_ROOT}.{tenant}"
 
 
 def audit(tenant: str, kind: str) -> str:
