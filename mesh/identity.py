@@ -204,6 +204,10 @@ class TrustedKey(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: Role
     name: str
     added_at: float = 0.0
+    # Rotated out at this time: what it signed before still verifies (old audit records,
+    # decisions), nothing it signs later does. Revocation (`Trust.revoked`) is for a key that
+    # leaked: then nothing it ever signed is believed.
+    retired_at: float = 0.0
 
 
 class Trust(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -221,6 +225,11 @@ class Trust(msgspec.Struct, kw_only=True, omit_defaults=True):
     def revoke(self, kid: str) -> None:
         if kid not in self.revoked:
             self.revoked.append(kid)
+
+    def retire(self, kid: str, at: float | None = None) -> None:
+        entry = self.keys.get(kid)
+        if entry is not None and not entry.retired_at:
+            entry.retired_at = time.time() if at is None else at
 
     def signer_of(
         self, kid: str, purpose: Purpose, *, name: str | None = None
@@ -241,9 +250,12 @@ class Trust(msgspec.Struct, kw_only=True, omit_defaults=True):
         signature: str,
         *,
         name: str | None = None,
+        at: float | None = None,
     ) -> str | None:
         """Why a signature is not believed ("unsigned", "untrusted key …", "does not verify"),
-        or None when it verifies under a key trusted for `purpose`."""
+        or None when it verifies under a key trusted for `purpose`. `at` is when the signed
+        thing says it was made: a retired key's signatures count only from before it retired
+        (without `at`, a retired key counts for nothing new)."""
         if not signature or not kid:
             return "unsigned"
         if kid in self.revoked:
@@ -253,6 +265,8 @@ class Trust(msgspec.Struct, kw_only=True, omit_defaults=True):
             return f"key {kid} is not trusted to sign {purpose}s" + (
                 f" for {name}" if name and purpose == "card" else ""
             )
+        if entry.retired_at and (at is None or at > entry.retired_at):
+            return f"key {kid} was retired"
         if not verify_with(unb64(entry.public), purpose, payload, signature):
             return "signature does not verify"
         return None
@@ -468,14 +482,20 @@ class IdentityDir:
             save_trust(trust, self.trust_path)
         return target
 
-    def revoke(self, identity_file: Path) -> Identity:
-        """Forget an identity: its NATS user goes (after a server reload) and its key is revoked."""
+    def revoke(self, identity_file: Path, *, leaked: bool = True) -> Identity:
+        """Forget an identity: its NATS user goes (after a server reload) and its signing key
+        is revoked (`leaked`: nothing it ever signed is believed) or retired (rotation: what it
+        signed until now still verifies)."""
         identity = load_identity(identity_file)
         nkey = identity.nats_public_key()
         self._write_users([u for u in self.users() if u.nkey != nkey])
         if identity.signing_seed:
             trust = self.trust()
-            trust.revoke(identity.signer().kid)
+            kid = identity.signer().kid
+            if leaked:
+                trust.revoke(kid)
+            else:
+                trust.retire(kid)
             save_trust(trust, self.trust_path)
         return identity
 
