@@ -365,6 +365,8 @@ def verify_token(trust: Trust, token: str) -> Principal:
         raise TokenError("the bearer token has expired") from None
     except jwt.PyJWTError as e:
         raise TokenError(f"the bearer token does not verify: {e}") from None
+    if entry.retired_at and float(claims.get("iat", 0)) > entry.retired_at:
+        raise TokenError("the bearer token was issued by a retired key")
     role = claims.get("role")
     if role not in ROLES:
         raise TokenError("the bearer token names no mesh role")
