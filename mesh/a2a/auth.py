@@ -34,7 +34,7 @@ from mesh.identity import (
     Trust,
     identity_dir,
     load_trust,
-    require_trust,
+    resolve_trust,
     verify_token,
 )
 from mesh.settings import Settings
@@ -168,16 +168,17 @@ class Authenticator:
     @classmethod
     def from_settings(cls, settings: Settings, *, agent: str) -> Authenticator:
         """On unless MESH_INSECURE names `a2a`; tokens are checked against the trust file
-        (MESH_TRUST), which must then exist."""
+        (MESH_TRUST, else the one a `mesh up` here wrote), which must then exist."""
         if "a2a" in settings.insecure_parts():
             return cls.off(agent)
-        what = f"agent {agent or '(unnamed)'} (A2A authentication)"
-        trust = require_trust(settings, what=what)
-        if trust is None:  # MESH_INSECURE=bus without a trust file: no token can verify
+        # Not `require_trust`: its way out is MESH_INSECURE=bus, which leaves A2A checked.
+        trust = resolve_trust(settings)
+        if trust is None:
             raise ConfigError(
-                f"{what} needs the trust file (which issuer signs bearer tokens)",
-                hint="set MESH_TRUST, or also switch A2A authentication off with "
-                "MESH_INSECURE=a2a,bus (local experiments only)",
+                f"agent {agent or '(unnamed)'} needs the trust file to authenticate A2A callers "
+                "(which issuer signs bearer tokens)",
+                hint="set MESH_TRUST (`mesh up` writes .mesh/identity/trust.json), or run with "
+                "MESH_INSECURE=a2a to answer A2A calls from anyone (local experiments only)",
             )
         path = settings.trust or identity_dir(settings.home) / IdentityDir.TRUST
         return cls(_TrustFile(path, trust), agent=agent)

@@ -9,6 +9,7 @@ INPUT_REQUIRED, so cancel and subscribe have something to attack).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import uuid
@@ -144,7 +145,9 @@ async def voter(
     mod_bus: Bus, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningAgent]:
     """A mesh agent as the runtime serves it (JetStream tasks, de-duplication on)."""
-    agent = voting_agent(tmp_path_factory.mktemp("voter"), "guarded-voter", "vote")
+    agent = voting_agent(
+        tmp_path_factory.mktemp("voter"), "guarded-voter", "vote", honour_delay=True
+    )
     async with agent.serve(mod_bus, settings=mod_bus.settings) as running:
         yield running
 
@@ -414,3 +417,19 @@ async def test_a_second_caller_reusing_a_message_id_gets_its_own_task(
     # And beta still cannot read alpha's.
     got = await wire.rpc(to, beta, "GetTask", {"id": first["id"]})
     assert got["error"]["code"] == NOT_FOUND
+
+    # At the same time, while the first is still being worked on (the agent takes a moment):
+    # beta is not handed the task alpha's request is making, nor alpha beta's.
+    racing = f"racing-{uuid.uuid4().hex}"
+
+    def slow(vote: str) -> dict[str, Any]:
+        data = {"vote": vote, "delay_s": 0.3}
+        return {"message": MessageToDict(user_message(data=data, message_id=racing))}
+
+    a, b = await asyncio.gather(
+        wire.rpc(to, alpha, "SendMessage", slow("reject")),
+        wire.rpc(to, beta, "SendMessage", slow("approve")),
+    )
+    a_task, b_task = a["result"]["task"], b["result"]["task"]
+    assert a_task["id"] != b_task["id"]
+    assert (verdict_of(a_task).vote, verdict_of(b_task).vote) == ("reject", "approve")

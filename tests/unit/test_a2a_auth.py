@@ -146,7 +146,7 @@ def test_no_trust_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="trust file"):
         Authenticator.from_settings(nowhere, agent="a")
     # MESH_INSECURE=bus does not switch A2A authentication off: still an error, not a pass.
-    with pytest.raises(ConfigError, match="MESH_INSECURE=a2a"):
+    with pytest.raises(ConfigError, match="MESH_INSECURE=a2a to answer"):
         Authenticator.from_settings(nowhere.model_copy(update={"insecure": "bus"}), agent="a")
 
 
