@@ -250,7 +250,9 @@ async def test_deep_nesting(
         ),
         st.one_of(
             st.text(alphabet=string.printable.strip(), max_size=30),
-            st.text(alphabet=string.printable.strip(), max_size=60).map("Bearer ".__add__),
+            st.text(alphabet=string.printable.strip(), min_size=1, max_size=60).map(
+                "Bearer ".__add__
+            ),
         ),
         max_size=3,
     ),
