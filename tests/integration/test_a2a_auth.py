@@ -1,7 +1,7 @@
 """Every A2A call is authenticated, and a caller sees only its own tasks (issue 11, §5).
 
 Each attack is tried as an outside client would: raw HTTP to the agent's port and raw NATS
-requests from another connection (tenant beta's identity), against a real nats-server and
+requests from another connection, carrying tenant beta's token, against a real nats-server and
 agents serving on 127.0.0.1 — a `mesh.Agent` as the runtime serves it (JetStream task store),
 and the conformance executor behind `A2AServer` with either task store (it can park a task in
 INPUT_REQUIRED, so cancel and subscribe have something to attack).
@@ -80,10 +80,11 @@ def beta(identities: IdentityDir) -> Caller:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def outsider(nats_url: str, beta: Caller) -> AsyncIterator[Bus]:
-    """Another process's NATS connection, running as tenant beta's publisher."""
-    settings = Settings(nats_url=nats_url, identity=beta.path)
-    async with await Bus.connect(nats_url, name="outsider", settings=settings) as bus:
+async def outsider(nats_url: str) -> AsyncIterator[Bus]:
+    """Another process's NATS connection, one the server lets publish A2A requests: who may
+    publish on an agent's subject is for NATS permissions to say; whose tasks a request
+    reaches is for the token it carries, which is what these tests vary."""
+    async with await Bus.connect(nats_url, name="outsider", settings=Settings()) as bus:
         yield bus
 
 
