@@ -26,7 +26,7 @@ from pathlib import Path
 
 from a2a.auth.user import UnauthenticatedUser, User
 
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, MeshRuntimeError
 from mesh.identity import (
     IdentityDir,
     Principal,
@@ -61,8 +61,9 @@ def bearer(token: str) -> str:
     return f"Bearer {token}"
 
 
-class Unauthenticated(Exception):
-    """A request that does not authenticate anyone; `reason` says why (never the token).
+class Unauthenticated(MeshRuntimeError):
+    """A request that does not authenticate anyone; `reason` says why (never the token). The
+    transports answer it (it never leaves the agent); the same request again fails again.
 
     `missing`: the request carried no bearer token at all — its HTTP challenge then names no
     error (RFC 6750 §3.1); a token that does not verify is `invalid_token`."""
