@@ -1,7 +1,11 @@
 """A2A 1.0 Agent Cards: load from `cards/`, validate with a2a-sdk's types, fill live interfaces.
 
 The JSON file is the source of truth for name, description, version and skills. The interfaces
-(where the agent listens) are only known at start, so the runtime fills them in.
+(where the agent listens) and how callers authenticate are only known at start, so the runtime
+fills them in (`with_interfaces`): the live card — the one served at
+/.well-known/agent-card.json, signed and registered — declares the mesh's bearer scheme
+(`securitySchemes`, `securityRequirements`) whenever the agent checks tokens, and not when it
+runs with MESH_INSECURE=a2a, so the card never claims what the agent does not do.
 """
 
 from __future__ import annotations
@@ -10,7 +14,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from a2a.types import AgentCard, AgentInterface
+from a2a.types import (
+    AgentCard,
+    AgentInterface,
+    HTTPAuthSecurityScheme,
+    SecurityRequirement,
+    SecurityScheme,
+    StringList,
+)
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
 from mesh import subjects
@@ -21,6 +32,15 @@ from mesh.settings import get_settings
 # NATS account reaches it, so the card names the subject, not a server).
 NATS_BINDING = "NATS+JSONRPC"
 JSONRPC_BINDING = "JSONRPC"
+# The name a live card gives the mesh's A2A bearer token in `securitySchemes`: an HTTP bearer
+# JWT (EdDSA) signed by the mesh's issuer key, sent as `Authorization: Bearer …` over HTTP and
+# over NATS alike (mesh.a2a.auth). No mTLS scheme is declared: agents do not serve TLS.
+BEARER_SCHEME = "bearer"
+BEARER_DESCRIPTION = (
+    "Quorum Mesh A2A token: a JWT (EdDSA) signed by the mesh's issuer key, naming the caller's "
+    "principal and tenant (`mesh creds` issues one with every identity). Send it as "
+    "`Authorization: Bearer <token>`, over HTTP and in the NATS header of the same name."
+)
 
 _REQUIRED = (
     "name",
@@ -99,10 +119,22 @@ def _field_of(message: str) -> str:
     return "-"
 
 
-def with_interfaces(card: AgentCard, *, http_url: str | None, nats_subject: str) -> AgentCard:
-    """A copy of `card` whose interfaces say where this instance listens right now."""
+def with_interfaces(
+    card: AgentCard,
+    *,
+    http_url: str | None,
+    nats_subject: str,
+    authenticated: bool | None = None,
+) -> AgentCard:
+    """A copy of `card` whose interfaces say where this instance listens right now, and which
+    declares the mesh's bearer scheme as required when `authenticated` (default: unless
+    MESH_INSECURE names `a2a`, as `mesh.a2a.auth.Authenticator.from_settings` decides)."""
+    if authenticated is None:
+        authenticated = "a2a" not in get_settings().insecure_parts()
     live = AgentCard()
     live.CopyFrom(card)
+    if authenticated:
+        require_bearer(live)
     del live.supported_interfaces[:]
     if http_url:
         live.supported_interfaces.append(
@@ -114,6 +146,24 @@ def with_interfaces(card: AgentCard, *, http_url: str | None, nats_subject: str)
         )
     live.supported_interfaces.append(nats_interface(nats_subject))
     return live
+
+
+def require_bearer(card: AgentCard) -> AgentCard:
+    """Declare (in place) the mesh's bearer scheme and a security requirement naming it; what
+    the card already declares is kept. Returns the card."""
+    if BEARER_SCHEME not in card.security_schemes:
+        card.security_schemes[BEARER_SCHEME].CopyFrom(
+            SecurityScheme(
+                http_auth_security_scheme=HTTPAuthSecurityScheme(
+                    scheme="Bearer", bearer_format="JWT", description=BEARER_DESCRIPTION
+                )
+            )
+        )
+    if not any(BEARER_SCHEME in r.schemes for r in card.security_requirements):
+        card.security_requirements.append(
+            SecurityRequirement(schemes={BEARER_SCHEME: StringList()})
+        )
+    return card
 
 
 def nats_interface(subject: str) -> AgentInterface:

@@ -10,6 +10,12 @@ the same stack `Agent.serve` builds, around an `AgentExecutor` of its own:
 
 Run it with `python -m agents.conformance` (MESH_HTTP_PORT=0 picks a free port; the URL is
 logged and is in the card at /.well-known/agent-card.json).
+
+Authentication: `serve` authenticates callers as every agent does (bearer tokens, from its
+settings). Its launcher, `python -m agents.conformance`, switches A2A authentication off
+(`MESH_INSECURE` gains `a2a`, said loudly at start, and the card then declares no security
+scheme): the A2A TCK it exists for has no way to send a token. Nothing else in the mesh does so
+by default.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from a2a.types import AgentCard, AgentExtension, AgentSkill
 from agents.conformance.executor import ConformanceExecutor
 from mesh import subjects
 from mesh._internal import http as http_server
+from mesh.a2a.auth import Authenticator
 from mesh.a2a.server import A2AServer
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
@@ -114,11 +121,15 @@ async def serve(
         sock = http_server.bind(settings)
         stack.callback(sock.close)
         http_url = http_server.advertised_url(settings, sock.getsockname()[1])
-        live = with_interfaces(card, http_url=http_url, nats_subject=subject)
+        auth = Authenticator.from_settings(settings, agent=NAME)
+        live = with_interfaces(
+            card, http_url=http_url, nats_subject=subject, authenticated=auth.required
+        )
         extended = extended_card(live) if live.capabilities.extended_agent_card else None
         server = A2AServer(
             live,
             executor or ConformanceExecutor(),
+            auth=auth,
             extended_card=extended,
             push_allow_private=(
                 settings.push_allow_private if push_allow_private is None else push_allow_private
@@ -143,23 +154,29 @@ async def serve(
         yield RunningConformance(server, live, http_url, subject, reg)
 
 
+def without_a2a_auth(settings: Settings) -> Settings:
+    """`settings` with A2A authentication switched off (MESH_INSECURE gains `a2a`): what the
+    conformance launcher runs with, because the A2A TCK cannot send a bearer token."""
+    parts = settings.insecure_parts() | {"a2a"}
+    return settings.model_copy(update={"insecure": ",".join(sorted(parts))})
+
+
 def main() -> None:
     from mesh._internal.logs import configure
 
     configure()
     try:
-        asyncio.run(_run_forever())
+        asyncio.run(_run_forever(without_a2a_auth(get_settings())))
     except MeshError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
 
 
-async def _run_forever() -> None:
+async def _run_forever(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    settings = get_settings()
     async with (
         await Bus.connect(name=f"agent:{NAME}", settings=settings) as bus,
         serve(bus, settings=settings),

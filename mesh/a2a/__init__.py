@@ -6,7 +6,9 @@
     verdict_of(task)
 
 `NatsTransport` is an a2a-sdk `ClientTransport` for the NATS binding (docs/a2a-nats-binding.md);
-`register(factory, nc)` teaches an a2a-sdk `ClientFactory` the `NATS+JSONRPC` binding. The names
+`register(factory, nc, token=…)` teaches an a2a-sdk `ClientFactory` the `NATS+JSONRPC` binding.
+Agents authenticate every call: `AgentClient(bus)` sends the Bus identity's bearer token, and
+`bearer_interceptor(token)` makes a2a-sdk's own clients (HTTP too) send one. The names
 below are the public API of this package; its modules (handler, dispatch, bindings, task store)
 are what the agent runtime serves with.
 """
@@ -19,9 +21,11 @@ from typing import Any
 __all__ = [
     "NATS_BINDING",
     "AgentClient",
+    "BearerCredentials",
     "CallOptions",
     "NatsTransport",
     "artifact_metadata",
+    "bearer_interceptor",
     "call_context",
     "client_factory",
     "register",
@@ -35,7 +39,7 @@ __all__ = [
 # Where each lives, imported on first use: serving an agent imports mesh.a2a's server modules,
 # which must not pull in the client side.
 _TRANSPORT = {"NATS_BINDING", "CallOptions", "NatsTransport", "call_context", "client_factory"}
-_TRANSPORT.add("register")
+_TRANSPORT |= {"register", "BearerCredentials", "bearer_interceptor"}
 
 
 def __getattr__(name: str) -> Any:

@@ -29,6 +29,7 @@ from typing import Any, Unpack
 import msgspec
 from a2a.client import Client, ClientConfig
 from a2a.client.errors import A2AClientError, A2AClientTimeoutError
+from a2a.client.interceptors import ClientCallInterceptor
 from a2a.helpers import new_data_part
 from a2a.types import (
     AgentCapabilities,
@@ -53,24 +54,47 @@ from mesh.a2a.transport import (
     NATS_BINDING,
     CallOptions,
     NatsTransport,
+    bearer_interceptor,
     call_context,
     client_factory,
 )
 from mesh.bus import Bus
 from mesh.cards import nats_interface
-from mesh.errors import AgentCallError, AgentTimeoutError
+from mesh.errors import AgentCallError, AgentTimeoutError, ConfigError
 from mesh.verdict import Verdict
 
 
 class AgentClient:
-    """Typed A2A calls to mesh agents by name, over NATS (`bus` or a nats-py connection)."""
+    """Typed A2A calls to mesh agents by name, over NATS (`bus` or a nats-py connection).
 
-    def __init__(self, bus: Bus | NATS) -> None:
+    Every call carries a bearer token (agents refuse calls without one): `token`, else the
+    identity the Bus runs as (`bus.identity.token`). A Bus without one may call only under
+    MESH_INSECURE=a2a (agents that check nobody); otherwise the first call raises ConfigError,
+    rather than every call being refused.
+    """
+
+    def __init__(self, bus: Bus | NATS, *, token: str | None = None) -> None:
         self.nc: NATS = bus.nc if isinstance(bus, Bus) else bus
+        self._missing: ConfigError | None = None
+        if token is None and isinstance(bus, Bus):
+            token = bus.identity.token if bus.identity is not None else None
+            if not token and "a2a" not in bus.settings.insecure_parts():
+                who = bus.identity.principal if bus.identity is not None else "no identity"
+                self._missing = ConfigError(
+                    f"cannot call agents: this process ({who}) has no A2A token",
+                    hint="set MESH_IDENTITY to an identity file `mesh creds` wrote (it holds "
+                    "a token), or MESH_INSECURE=a2a to call agents that check nobody",
+                )
+        self.token = token or None
 
     def transport(self, agent: str, *, subject: str | None = None) -> NatsTransport:
         """The a2a-sdk transport to `agent` (its shared subject, or `subject`)."""
-        return NatsTransport(self.nc, subject or subjects.a2a(agent), agent=agent)
+        self._check()
+        return NatsTransport(self.nc, subject or subjects.a2a(agent), agent=agent, token=self.token)
+
+    def _check(self) -> None:
+        if self._missing is not None:
+            raise self._missing
 
     async def send(
         self,
@@ -121,6 +145,7 @@ class AgentClient:
         `ClientCallContext` (`mesh.a2a.transport.call_context`) overrides them. `config`
         defaults to a2a-sdk's (streaming where the card offers it); the NATS binding is put
         first in its bindings if it lacks it."""
+        self._check()
         subject = options.get("subject")
         if isinstance(agent, str):
             card = _nats_card(agent, subject or subjects.a2a(agent))
@@ -142,8 +167,14 @@ class AgentClient:
             timeout=timeout,
             max_timeout=options.get("max_timeout"),
             headers=options.get("headers"),
+            token=self.token,
         )
-        return factory.create(card)
+        # Over NATS the transport sends the token; over HTTP, a2a-sdk's interceptor does (for
+        # a card that declares the mesh's bearer scheme).
+        interceptors: list[ClientCallInterceptor] | None = (
+            [bearer_interceptor(self.token)] if self.token else None
+        )
+        return factory.create(card, interceptors=interceptors)
 
 
 def _nats_card(name: str, subject: str, base: AgentCard | None = None) -> AgentCard:

@@ -12,6 +12,10 @@ The answer of a unary method is one JSON-RPC response object (`Answer.body`, enc
 Starlette's JSONResponse encodes it); a streaming method that gets past its first event is a
 `Stream` of frames, each one JSON-RPC response object (the `data:` of one server-sent event).
 A streaming method that fails before its first event is an `Answer` with the error.
+
+Before any of that, `authenticate` decides who the caller is (mesh.a2a.auth): a request
+without a bearer token that verifies is answered with `refusal` and never reaches the handler;
+the caller it names becomes the call context's user, so the handler's stores scope tasks to it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 import msgspec
 from a2a import types as pb  # the A2A protobuf messages
-from a2a.auth.user import UnauthenticatedUser
+from a2a.auth.user import UnauthenticatedUser, User
 from a2a.extensions.common import get_requested_extensions
 from a2a.server.context import ServerCallContext
 from a2a.server.jsonrpc_models import InternalError, JSONParseError, JSONRPCError
@@ -47,6 +51,7 @@ from google.protobuf.message import Message as Proto
 
 from mesh import subjects
 from mesh.a2a import jsonrpc
+from mesh.a2a.auth import Authenticator, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,8 @@ class Answer:
     body: bytes
     method: str | None = None  # the request's method, once the request was read that far
     request_id: RequestId = None
+    # Set on a refusal for want of credentials: the `WWW-Authenticate` of HTTP's 401 answer.
+    challenge: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,20 +111,51 @@ class Stream:
 Reply = Answer | Stream
 
 
-# -- the call context ---------------------------------------------------------------------------
-def call_context(headers: Mapping[str, str]) -> ServerCallContext:
-    """The call context of a request that carries only headers (a NATS message): what
-    a2a-sdk's `DefaultServerCallContextBuilder` makes of an HTTP request without auth — the
-    headers under lowercase names, the extensions the caller declares, no user."""
+# -- the caller and the call context ------------------------------------------------------------
+def authenticate(auth: Authenticator, authorization: str | None) -> User | Answer:
+    """The user a request calls as (from its `Authorization` value), or the refusal to answer
+    instead of serving it."""
+    try:
+        return auth.authenticate(authorization)
+    except Unauthenticated as e:
+        return refusal(e)
+
+
+def refusal(error: Unauthenticated) -> Answer:
+    """The answer to a request that does not authenticate: the same bytes on both transports
+    (id null: the body of a caller we do not know is not read), plus HTTP's challenge."""
+    log.warning("A2A request refused: %s", error.reason)  # never the token itself
+    body = jsonrpc.error_body(None, jsonrpc.UNAUTHENTICATED, f"Unauthenticated: {error.reason}")
+    return Answer(body, challenge=error.challenge)
+
+
+def call_context(
+    headers: Mapping[str, str],
+    *,
+    user: User | None = None,
+    extensions: list[str] | None = None,
+) -> ServerCallContext:
+    """The call context of a request: what a2a-sdk's `DefaultServerCallContextBuilder` makes
+    of an HTTP request — the headers under lowercase names, the extensions the caller declares
+    (`extensions`: every `A2A-Extensions` value, when a transport can repeat the header) — with
+    `user` the authenticated caller. The `Authorization` header is left out: the token has done
+    its work, and nothing downstream (executor, task metadata, logs) should hold it."""
     # `validate_version` reads A2A-Version from state["headers"]; the executor reads
     # traceparent there.
     lowered = {str(k).lower(): str(v) for k, v in headers.items()}
-    extensions = lowered.get(subjects.H_A2A_EXTENSIONS.lower())
+    lowered.pop(_AUTHORIZATION, None)
+    if extensions is None:
+        declared = lowered.get(_EXTENSIONS)
+        extensions = [declared] if declared else []
     return ServerCallContext(
-        user=UnauthenticatedUser(),
+        user=user if user is not None else UnauthenticatedUser(),
         state={"headers": lowered},
-        requested_extensions=get_requested_extensions([extensions] if extensions else []),
+        requested_extensions=get_requested_extensions(extensions),
     )
+
+
+_AUTHORIZATION = subjects.H_AUTHORIZATION.lower()
+_EXTENSIONS = subjects.H_A2A_EXTENSIONS.lower()
 
 
 # -- the entry point ----------------------------------------------------------------------------

@@ -10,12 +10,15 @@ from typing import Any
 from a2a.server.agent_execution import AgentExecutor
 from a2a.server.cluster import VersionedTaskStore
 from a2a.server.context import ServerCallContext
+from a2a.server.owner_resolver import resolve_user_scope
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.tasks import TaskStore
 from a2a.types import AgentCard, Message, SendMessageRequest, Task
 from a2a.utils.errors import ExtensionSupportRequiredError
 
 from mesh import subjects
+
+_Key = tuple[str, str, str]  # (owner, messageId, contextId)
 
 
 class MeshRequestHandler(DefaultRequestHandler):  # type: ignore[misc]
@@ -31,8 +34,10 @@ class MeshRequestHandler(DefaultRequestHandler):  # type: ignore[misc]
     running the agent again — so a caller's retry (or a coordinator that took over an event)
     is safe. Remembered per replica, bounded (LRU); a repeat that lands on another replica
     runs again there, which is harmless for deterministic reviewers. The key is
-    (messageId, contextId): the same message sent into another conversation is a new message
-    there, not a repeat. `idempotent=False` turns it off.
+    (owner, messageId, contextId): the same message sent into another conversation is a new
+    message there, not a repeat; and a repeat is one only from the caller who sent it first —
+    another caller re-using a messageId (by chance or to fish for someone's task) gets a task
+    of its own and never sees the first one. `idempotent=False` turns it off.
     """
 
     MAX_REMEMBERED = 10_000
@@ -51,8 +56,8 @@ class MeshRequestHandler(DefaultRequestHandler):  # type: ignore[misc]
         self.idempotent = idempotent
         # Repeats of a request still running wait for it; a finished one is remembered by task
         # id only (a Task can be kilobytes, and ten thousand of them add up).
-        self._running: dict[tuple[str, str], asyncio.Future[Task | Message]] = {}
-        self._seen: OrderedDict[tuple[str, str], str | Message] = OrderedDict()
+        self._running: dict[_Key, asyncio.Future[Task | Message]] = {}
+        self._seen: OrderedDict[_Key, str | Message] = OrderedDict()
         self.required_extensions = [
             e.uri for e in card.capabilities.extensions if e.required and e.uri
         ]
@@ -86,7 +91,8 @@ class MeshRequestHandler(DefaultRequestHandler):  # type: ignore[misc]
         # Follow-ups to a task are never repeats.
         if not self.idempotent or not mid or params.message.task_id:
             return await super().on_message_send(params, context)  # type: ignore[no-any-return]
-        key = (mid, params.message.context_id)
+        # The owner, as the task stores see it (a2a-sdk's owner resolver).
+        key = (resolve_user_scope(context), mid, params.message.context_id)
         running = self._running.get(key)
         if running is not None:
             return await asyncio.shield(running)

@@ -3,8 +3,11 @@
 `POST /` takes one JSON-RPC request (at most `MAX_BODY` bytes, read in chunks so a larger body
 is refused before it is all in memory) and answers with the dispatch's JSON, or with
 server-sent events for a streaming method. JSON-RPC errors are HTTP 200, as a2a-sdk answers
-them; nothing from this endpoint is ever a 5xx. The card is served at
-/.well-known/agent-card.json by a2a-sdk's route (ETag, Cache-Control), plus a Last-Modified.
+them; nothing from this endpoint is ever a 5xx. A request without a bearer token that verifies
+is answered 401 with `WWW-Authenticate` (RFC 6750) before its body is read — whatever the
+method, GetExtendedAgentCard included. The public card is served at
+/.well-known/agent-card.json, to anyone, by a2a-sdk's route (ETag, Cache-Control), plus a
+Last-Modified.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from a2a.extensions.common import HTTP_EXTENSION_HEADER
 from a2a.server.request_handlers import RequestHandler
 from a2a.server.routes import create_agent_card_routes
-from a2a.server.routes.common import DefaultServerCallContextBuilder, create_event_source_response
+from a2a.server.routes.common import create_event_source_response
 from a2a.types import AgentCard
 from a2a.utils.errors import InvalidRequestError
 from starlette.applications import Starlette
@@ -24,7 +28,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from mesh import subjects
 from mesh.a2a import dispatch, jsonrpc
+from mesh.a2a.auth import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +39,16 @@ _INTERNAL_BODY = jsonrpc.error_body(None, jsonrpc.INTERNAL_ERROR, "internal erro
 
 
 def http_app(
-    handler: RequestHandler, card: AgentCard, *, card_cache_control: str, since: float
+    handler: RequestHandler,
+    card: AgentCard,
+    auth: Authenticator,
+    *,
+    card_cache_control: str,
+    since: float,
 ) -> Starlette:
     """The agent's Starlette app: its card (last modified at `since`, a Unix time) and the
-    JSON-RPC endpoint at `/`."""
-    endpoint = _Endpoint(handler)
+    JSON-RPC endpoint at `/`, for the callers `auth` lets in."""
+    endpoint = _Endpoint(handler, auth)
     routes: list[BaseRoute] = [
         *(
             _last_modified(r, since)
@@ -49,21 +60,27 @@ def http_app(
 
 
 class _Endpoint:
-    def __init__(self, handler: RequestHandler) -> None:
+    def __init__(self, handler: RequestHandler, auth: Authenticator) -> None:
         self.handler = handler
-        # The SDK's own: the call context carries the request's headers, auth and user.
-        self.contexts = DefaultServerCallContextBuilder()
+        self.auth = auth
 
     async def handle(self, request: Request) -> Response:
+        user = dispatch.authenticate(self.auth, request.headers.get(subjects.H_AUTHORIZATION))
+        if isinstance(user, dispatch.Answer):
+            challenge = {"WWW-Authenticate": user.challenge or "Bearer"}
+            return Response(user.body, status_code=401, media_type=_JSON, headers=challenge)
         body = await _read(request)
         if isinstance(body, Response):
             return body
+        context = dispatch.call_context(
+            request.headers, user=user, extensions=request.headers.getlist(HTTP_EXTENSION_HEADER)
+        )
         try:
             reply = await dispatch.respond(
                 self.handler,
                 body,
                 content_type=request.headers.get("content-type"),
-                context=self.contexts.build(request),
+                context=context,
             )
         except Exception:  # the dispatch maps errors itself; never a 500 from here
             log.exception("A2A over HTTP failed")

@@ -22,6 +22,11 @@ INVALID_AGENT_RESPONSE = -32006
 EXTENDED_CARD_NOT_CONFIGURED = -32007
 EXTENSION_SUPPORT_REQUIRED = -32008
 VERSION_NOT_SUPPORTED = -32009
+# The mesh's own: a request without a bearer token that verifies (docs/a2a-nats-binding.md).
+# A2A 1.0 leaves authentication to the transport and names no code for it; this one sits
+# outside JSON-RPC's reserved block (-32768..-32000, where A2A's own codes live and new ones
+# will come), so it can never collide with a spec code, and ends in 401 like the HTTP status.
+UNAUTHENTICATED = -31401
 
 # Methods whose answer is a stream of JSON-RPC responses (SSE over HTTP, frames over NATS).
 STREAMING_METHODS = frozenset({"SendStreamingMessage", "SubscribeToTask"})
@@ -62,6 +67,14 @@ def error_body(request_id: str | int | None, code: int, message: str) -> bytes:
 def request_id(body: bytes) -> str | int | None:
     try:
         return _dec.decode(body).id
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def request_method(body: bytes) -> str | None:
+    """The `method` of a request body, if it has a readable one (nothing else is looked at)."""
+    try:
+        return _dec.decode(body).method
     except (msgspec.DecodeError, RecursionError):
         return None
 

@@ -1,7 +1,9 @@
 """The NATS binding of A2A JSON-RPC (`NATS+JSONRPC`, docs/a2a-nats-binding.md), server side.
 
 A request is one NATS message whose body is a JSON-RPC request; it goes to the shared dispatch
-with a call context built from its headers, and the answer goes back to its reply subject:
+with a call context built from its headers (the caller: the bearer token in `Authorization`,
+as over HTTP; a request without one that verifies is refused and never reaches the handler),
+and the answer goes back to its reply subject:
 one message for a unary method, `Mesh-Stream: frame` messages then an empty `Mesh-Stream: end`
 for a streaming one. The agent publishes replies itself rather than `msg.respond()`, which
 would echo the request's headers. With `Mesh-Progress: <s>` the caller also gets an empty
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -22,6 +25,7 @@ from nats.aio.msg import Msg
 from mesh import subjects
 from mesh._internal.tasks import TaskPool
 from mesh.a2a import dispatch, jsonrpc
+from mesh.a2a.auth import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,11 @@ class NatsBinding:
     piling up tasks.
     """
 
-    def __init__(self, handler: RequestHandler, *, max_concurrency: int) -> None:
+    def __init__(
+        self, handler: RequestHandler, auth: Authenticator, *, max_concurrency: int
+    ) -> None:
         self.handler = handler
+        self.auth = auth
         self.pool = TaskPool(max_concurrency, name="a2a-nats")
 
     def callback(self, nc: NATS) -> Callable[[Msg], Awaitable[None]]:
@@ -72,12 +79,19 @@ class NatsBinding:
                 ticker.cancel()
 
     async def _answer(self, nc: NATS, msg: Msg, headers: Mapping[str, str]) -> None:
-        reply = await dispatch.respond(
-            self.handler,
-            msg.data,
-            content_type=_header(headers, subjects.H_CONTENT_TYPE),
-            context=dispatch.call_context(headers),
-        )
+        reply: dispatch.Reply
+        user = dispatch.authenticate(self.auth, _header(headers, subjects.H_AUTHORIZATION))
+        if isinstance(user, dispatch.Answer):
+            # Refused: the handler never sees it. The method only says how to frame the refusal
+            # (a stream's caller waits for frames).
+            reply = dataclasses.replace(user, method=jsonrpc.request_method(msg.data))
+        else:
+            reply = await dispatch.respond(
+                self.handler,
+                msg.data,
+                content_type=_header(headers, subjects.H_CONTENT_TYPE),
+                context=dispatch.call_context(headers, user=user),
+            )
         if isinstance(reply, dispatch.Stream):
             await _stream(nc, msg.reply, reply)
         elif reply.method in jsonrpc.STREAMING_METHODS:

@@ -4,10 +4,12 @@
     app = server.http_app()                                        # HTTP (Starlette)
     await nc.subscribe(subject, queue=name, cb=server.nats_callback(nc))   # NATS
 
-Every request, whichever way it came, goes through `mesh.a2a.dispatch` to the same
-`MeshRequestHandler` (mesh.a2a.handler), so both transports answer byte for byte alike: same
-validation, same error codes, same task store. What sits where:
+Every request, whichever way it came, is authenticated by the same `Authenticator`
+(mesh.a2a.auth: a bearer token, on HTTP and NATS alike) and goes through `mesh.a2a.dispatch` to
+the same `MeshRequestHandler` (mesh.a2a.handler), so both transports answer byte for byte
+alike: same callers, same validation, same error codes, same task store. What sits where:
 
+    auth.py      who the caller is: bearer tokens against the trust file (or MESH_INSECURE=a2a)
     handler.py   a2a-sdk's request handler + required extensions + SendMessage idempotency
     dispatch.py  JSON-RPC: size, Content-Type, parse, validate, route to the handler, encode
     push.py      push notifications and the webhook URL policy (SSRF guard)
@@ -29,14 +31,15 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from starlette.applications import Starlette
 
+from mesh.a2a.auth import Authenticator
 from mesh.a2a.dispatch import MAX_BODY
 from mesh.a2a.handler import MeshRequestHandler
 from mesh.a2a.http import http_app
 from mesh.a2a.nats import NatsBinding
 from mesh.a2a.push import Push, PushUrlPolicy
-from mesh.settings import get_settings
+from mesh.settings import Settings, get_settings
 
-__all__ = ["MAX_BODY", "A2AServer", "PushUrlPolicy"]
+__all__ = ["MAX_BODY", "A2AServer", "Authenticator", "PushUrlPolicy"]
 
 
 class A2AServer:
@@ -51,6 +54,11 @@ class A2AServer:
     de-duplication of SendMessage (see `MeshRequestHandler`). `card_cache_control` is the
     Cache-Control of the card served at /.well-known/agent-card.json. At most
     `max_concurrency` NATS requests (open streams included) are worked on at once.
+
+    `auth` decides who may call (every method, on both transports; the public card stays
+    public). Default: `Authenticator.from_settings(settings)` — bearer tokens checked against
+    the trust file, or nobody checked (and a loud warning) under MESH_INSECURE=a2a. `settings`
+    defaults to the process's (`get_settings()`).
     """
 
     def __init__(
@@ -65,10 +73,14 @@ class A2AServer:
         event_stream: TaskEventStream | None = None,
         card_cache_control: str = "public, max-age=60",
         idempotent: bool = True,
+        auth: Authenticator | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self.card = card
+        settings = settings or get_settings()
+        self.auth = auth or Authenticator.from_settings(settings, agent=card.name)
         if push_allow_private is None:
-            push_allow_private = get_settings().push_allow_private
+            push_allow_private = settings.push_allow_private
         self.push_policy = PushUrlPolicy(allow_private=push_allow_private)
         self.push = Push(card, self.push_policy)
         self.handler = MeshRequestHandler(
@@ -84,12 +96,16 @@ class A2AServer:
         )
         self.card_cache_control = card_cache_control
         self._started = time.time()  # the card served over HTTP is as old as the server
-        self._nats = NatsBinding(self.handler, max_concurrency=max_concurrency)
+        self._nats = NatsBinding(self.handler, self.auth, max_concurrency=max_concurrency)
 
     def http_app(self) -> Starlette:
         """The Starlette app: the card at /.well-known/agent-card.json, JSON-RPC at `/`."""
         return http_app(
-            self.handler, self.card, card_cache_control=self.card_cache_control, since=self._started
+            self.handler,
+            self.card,
+            self.auth,
+            card_cache_control=self.card_cache_control,
+            since=self._started,
         )
 
     def nats_callback(self, nc: NATS) -> Callable[[Msg], Awaitable[None]]:

@@ -3,18 +3,24 @@
 `JetStreamTaskStore` implements a2a-sdk's cluster contract (`VersionedTaskStore`) on the KV
 bucket `mesh_tasks`:
 
-* key `<agent>.<task id>`: replicas of one agent share their tasks, different agents never
-  collide. Task ids are UUIDs and are used as they are; any other id is encoded (`_key_token`).
+* key `<agent>.<owner>.<task id>`: replicas of one agent share their tasks, different agents
+  never collide, and every read is pinned to the agent's own keys (`<agent>.>`, the only ones
+  the agent's NATS identity may touch). `<owner>` is the caller the SDK's stores scope tasks
+  by (`context.user.user_name`, via an `OwnerResolver`: `<tenant>/<role>:<name>` for an
+  authenticated caller, mesh.a2a.auth), base64url-encoded (`_` for the anonymous caller of an
+  agent without authentication): GetTask reads the caller's own key only and ListTasks lists
+  the caller's own keys only, so another's task is not there to find. Task ids are UUIDs and
+  are used as they are; any other id is encoded (`_key_token`).
 * value: one JSON record `{"owner", "prev", "task", "event"}` — the task and the event that
-  produced it as protobuf JSON (readable with `nats kv get mesh_tasks <key>`), the owner the
-  SDK's stores scope tasks by (`context.user.user_name`, via an `OwnerResolver`), and the
-  revision this write replaced.
+  produced it as protobuf JSON (readable with `nats kv get mesh_tasks <key>`), the owner (again,
+  checked on every read) and the revision this write replaced.
 * version: the KV revision. `save` is a compare-and-swap (`kv.create` for a first write,
   `kv.update(last=revision)` after), so a write from a stale version raises
   `ConcurrentTaskModificationError`; a write to CANCELED overwrites any non-terminal task, as
   the contract asks.
-* `list` reads the agent's keys (one ordered consumer, last value per key), then filters,
-  sorts and pages exactly like the SDK's `InMemoryTaskStore` (same cursor tokens).
+* `list` reads the caller's keys (one ordered consumer on `<agent>.<owner>.*`, last value per
+  key), then filters, sorts and pages exactly like the SDK's `InMemoryTaskStore` (same cursor
+  tokens).
 
 `JetStreamTaskEventStream` is the matching `TaskEventStream` (cross-replica SubscribeToTask):
 each write already carries its event, so subscribing is a KV watch on the task's key and
@@ -22,8 +28,8 @@ publishing is a no-op (as in the SDK's `DatabaseTaskEventStream`). When the watc
 revision (the bucket keeps one per key), the task itself is sent in place of the lost events.
 
 Limits: a task record must fit in one NATS message (max_payload, 1 MiB by default); the bucket
-TTL (`MESH_TASK_TTL_S`) drops tasks not written for that long; `list` reads every task of the
-agent (fine for thousands, not for millions).
+TTL (`MESH_TASK_TTL_S`) drops tasks not written for that long; `list` reads every task the
+caller has at the agent (fine for thousands, not for millions).
 """
 
 from __future__ import annotations
@@ -78,6 +84,14 @@ _PLAIN_ID = re.compile(r"^[A-Za-z0-9-]+$")
 _CANCEL_ATTEMPTS = 10
 _LIST_WAIT_S = 10.0  # the longest pause between two entries while listing
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
+
+
+def _owner_token(owner: str) -> str:
+    """A KV key token for an owner: base64url, or `_` for the empty (anonymous) owner — which no
+    encoding of a non-empty owner can be (those are 2 characters or more)."""
+    if not owner:
+        return "_"
+    return base64.urlsafe_b64encode(owner.encode()).decode().rstrip("=")
 
 
 def _key_token(task_id: str) -> str:
@@ -171,8 +185,14 @@ class JetStreamTaskStore(VersionedTaskStore):  # type: ignore[misc]
         kv = await bus.kv(subjects.TASKS_BUCKET, ttl_s=ttl, history=1)
         return cls(kv, agent, owner_resolver=owner_resolver)
 
-    def key(self, task_id: str) -> str:
-        return f"{self.agent}.{_key_token(task_id)}"
+    def key(self, task_id: str, owner: str) -> str:
+        """`<agent>.<owner>.<task id>`, each token encoded for a key."""
+        return f"{self.agent}.{_owner_token(owner)}.{_key_token(task_id)}"
+
+    def _owned(self, task_id: str, context: ServerCallContext) -> tuple[str, str]:
+        """(owner, key) of `task_id` for the caller of `context`."""
+        owner = self.owner_resolver(context)
+        return owner, self.key(task_id, owner)
 
     def events(self) -> JetStreamTaskEventStream:
         """The cross-replica event stream over this store (for SubscribeToTask)."""
@@ -189,8 +209,7 @@ class JetStreamTaskStore(VersionedTaskStore):  # type: ignore[misc]
         context: ServerCallContext,
     ) -> TaskVersion:
         del prev
-        owner = self.owner_resolver(context)
-        key = self.key(task.id)
+        owner, key = self._owned(task.id, context)
         if task.status.state == TaskState.TASK_STATE_CANCELED:
             return await self._save_cancel(key, task, event, owner)
         if prev_version.is_missing:
@@ -224,15 +243,16 @@ class JetStreamTaskStore(VersionedTaskStore):  # type: ignore[misc]
         raise ConcurrentTaskModificationError(task.id)
 
     async def get(self, task_id: str, context: ServerCallContext) -> StoredTask | None:
-        current = await self._read(self.key(task_id))
-        if current is None or current[0].owner != self.owner_resolver(context):
+        owner, key = self._owned(task_id, context)
+        current = await self._read(key)
+        if current is None or current[0].owner != owner:
             return None  # another owner's task is not found, as in the SDK's stores
         return StoredTask(current[0].task, KvRevision(current[1]))
 
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
-        key = self.key(task_id)
+        owner, key = self._owned(task_id, context)
         current = await self._read(key)
-        if current is None or current[0].owner != self.owner_resolver(context):
+        if current is None or current[0].owner != owner:
             log.debug("task store: no task %s to delete", key)
             return
         try:
@@ -244,7 +264,7 @@ class JetStreamTaskStore(VersionedTaskStore):  # type: ignore[misc]
 
     async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
         owner = self.owner_resolver(context)
-        tasks = [r.task for r in await self._records() if r.owner == owner]
+        tasks = [r.task for r in await self._records(owner) if r.owner == owner]
         if params.context_id:
             tasks = [t for t in tasks if t.context_id == params.context_id]
         if params.status:
@@ -280,9 +300,10 @@ class JetStreamTaskStore(VersionedTaskStore):  # type: ignore[misc]
         record = _Record.decode(entry.value, key=key)
         return None if record is None else (record, entry.revision)
 
-    async def _records(self) -> _Records:
-        """The latest record of every task of this agent (one ordered consumer)."""
-        watcher = await self.kv.watch(f"{self.agent}.*", ignore_deletes=True)
+    async def _records(self, owner: str) -> _Records:
+        """The latest record of every task `owner` has at this agent (one ordered consumer,
+        filtered to the owner's keys)."""
+        watcher = await self.kv.watch(f"{self.agent}.{_owner_token(owner)}.*", ignore_deletes=True)
         out: _Records = []
         try:
             while True:
@@ -336,14 +357,23 @@ class JetStreamTaskEventStream(TaskEventStream):  # type: ignore[misc]
     async def subscribe(  # type: ignore[override]
         self, task_id: str, *, after: TaskVersion
     ) -> AsyncGenerator[VersionedEvent, None]:
-        """Events of `task_id` written after `after`, until the task is deleted."""
-        key = self.store.key(task_id)
+        """Events of `task_id` written after `after`, until the task is deleted.
+
+        The SDK asks only after reading the task as its caller (so the caller owns it), but
+        does not say who that is: the watch is on the task id under any owner of this agent,
+        and keeps to the first key it sees (task ids are the agent's UUIDs: one key per id)."""
+        store = self.store
+        pattern = f"{store.agent}.*.{_key_token(task_id)}"
+        key: str | None = None
         last = 0 if after.is_missing else _revision(after)
-        watcher = await self.store.kv.watch(key)
+        watcher = await store.kv.watch(pattern)
         try:
             async for entry in watcher:
                 if entry is None or entry.revision is None:
                     continue  # the end-of-initial-values marker
+                key = key or entry.key
+                if entry.key != key:
+                    continue
                 if entry.operation is not None or not entry.value:
                     return  # deleted or purged: nothing more will come
                 revision = entry.revision

@@ -10,7 +10,8 @@ whose interface is `nats:<subject>` into a typed a2a-sdk `Client` over NATS requ
 (a2a-sdk 1.3's `create_client()` builds its own factory with the built-in transports only, so
 it cannot be handed this one: use a factory, or `mesh.a2a.client.AgentClient.open`.)
 
-The binding (docs/a2a-nats-binding.md) as a caller sees it: requests carry `A2A-Version: 1.0`;
+The binding (docs/a2a-nats-binding.md) as a caller sees it: requests carry `A2A-Version: 1.0`
+and, given a `token`, `Authorization: Bearer <token>` (agents refuse calls without one);
 `timeout` is the longest silence allowed — with `max_timeout` above it, the call asks for
 `Mesh-Progress` keep-alives, each of which restarts the silence timer, up to `max_timeout` in
 all; streams read `Mesh-Stream` frames until `end`, and closing a stream early sends `cancel`.
@@ -32,6 +33,7 @@ from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from typing import Any, TypedDict, TypeVar
 
 from a2a.client import ClientCallContext, ClientConfig, ClientFactory
+from a2a.client.auth import AuthInterceptor, CredentialService
 from a2a.client.transports.base import ClientTransport
 from a2a.types import (
     AgentCard,
@@ -56,14 +58,16 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from mesh import subjects
 from mesh.a2a import jsonrpc
-from mesh.cards import JSONRPC_BINDING, NATS_BINDING
+from mesh.cards import BEARER_SCHEME, JSONRPC_BINDING, NATS_BINDING
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "NATS_BINDING",
+    "BearerCredentials",
     "CallOptions",
     "NatsTransport",
+    "bearer_interceptor",
     "call_context",
     "client_factory",
     "producer",
@@ -127,9 +131,10 @@ class NatsTransport(ClientTransport):
 
     `agent` names the callee in errors (default: the subject). `card`, when known, answers
     GetExtendedAgentCard locally for an agent that declares no extended card, as a2a-sdk's own
-    transports do. `timeout`, `max_timeout` and `headers` are defaults for every call; a call's
-    `ClientCallContext` overrides them. The NATS connection is the caller's: `close` leaves it
-    open.
+    transports do. `token` is the bearer token every call carries (`Authorization: Bearer …`;
+    the caller's identity token, `mesh.identity.Identity.token`). `timeout`, `max_timeout` and
+    `headers` are defaults for every call; a call's `ClientCallContext` overrides them. The NATS
+    connection is the caller's: `close` leaves it open.
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class NatsTransport(ClientTransport):
         timeout: float = DEFAULT_TIMEOUT_S,
         max_timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
+        token: str | None = None,
     ) -> None:
         self.nc = nc
         self.subject = subject
@@ -150,6 +156,8 @@ class NatsTransport(ClientTransport):
         self.timeout = timeout
         self.max_timeout = max_timeout
         self.headers = dict(headers or {})
+        if token:
+            self.headers.setdefault(subjects.H_AUTHORIZATION, f"Bearer {token}")
 
     # -- a2a-sdk's ClientTransport -------------------------------------------------------------
     # The request/response methods of a2a-sdk's ClientTransport: one JSON-RPC call each.
@@ -399,6 +407,7 @@ def producer(
     timeout: float = DEFAULT_TIMEOUT_S,
     max_timeout: float | None = None,
     headers: Mapping[str, str] | None = None,
+    token: str | None = None,
 ) -> Any:
     """An a2a-sdk transport producer (card, url, config) → `NatsTransport` on `nc`."""
 
@@ -414,6 +423,7 @@ def producer(
             timeout=timeout,
             max_timeout=max_timeout,
             headers=headers,
+            token=token,
         )
 
     return produce
@@ -426,10 +436,13 @@ def register(
     timeout: float = DEFAULT_TIMEOUT_S,
     max_timeout: float | None = None,
     headers: Mapping[str, str] | None = None,
+    token: str | None = None,
 ) -> ClientFactory:
-    """Teach `factory` the `NATS+JSONRPC` binding, over `nc`; returns the factory."""
+    """Teach `factory` the `NATS+JSONRPC` binding, over `nc` (every call carrying `token`);
+    returns the factory."""
     factory.register(
-        NATS_BINDING, producer(nc, timeout=timeout, max_timeout=max_timeout, headers=headers)
+        NATS_BINDING,
+        producer(nc, timeout=timeout, max_timeout=max_timeout, headers=headers, token=token),
     )
     return factory
 
@@ -441,13 +454,46 @@ def client_factory(
     timeout: float = DEFAULT_TIMEOUT_S,
     max_timeout: float | None = None,
     headers: Mapping[str, str] | None = None,
+    token: str | None = None,
 ) -> ClientFactory:
     """An a2a-sdk `ClientFactory` that prefers a card's NATS interface (then JSON-RPC over
-    HTTP), unless `config` says otherwise."""
+    HTTP), unless `config` says otherwise. Its NATS transports send `token`; for HTTP, pass
+    `bearer_interceptor(token)` among the interceptors of `factory.create`."""
     if config is None:
         config = ClientConfig(
             supported_protocol_bindings=[NATS_BINDING, JSONRPC_BINDING], use_client_preference=True
         )
     return register(
-        ClientFactory(config), nc, timeout=timeout, max_timeout=max_timeout, headers=headers
+        ClientFactory(config),
+        nc,
+        timeout=timeout,
+        max_timeout=max_timeout,
+        headers=headers,
+        token=token,
     )
+
+
+# -- bearer tokens for a2a-sdk's own transports (HTTP) --------------------------------------------
+class BearerCredentials(CredentialService):  # type: ignore[misc]
+    """The mesh's bearer token, for a2a-sdk's `AuthInterceptor`: it answers for the card's
+    `bearer` security scheme (mesh.cards.BEARER_SCHEME) only, so the token goes to agents that
+    declare the mesh's scheme and to no other."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def get_credentials(
+        self, security_scheme_name: str, context: ClientCallContext | None
+    ) -> str | None:
+        return self._token if security_scheme_name == BEARER_SCHEME else None
+
+    def __repr__(self) -> str:  # never the token
+        return "BearerCredentials(***)"
+
+
+def bearer_interceptor(token: str) -> AuthInterceptor:
+    """An a2a-sdk client interceptor that sends `token` to mesh agents, over any transport:
+
+    client = await create_client(url, interceptors=[bearer_interceptor(identity.token)])
+    """
+    return AuthInterceptor(BearerCredentials(token))

@@ -15,13 +15,23 @@ from google.protobuf.json_format import MessageToDict
 
 from mesh import Agent, Verdict
 from mesh.a2a.client import AgentClient, task_of, task_state, user_message, verdict_of
+from mesh.a2a.transport import bearer_interceptor
 from mesh.agent import RunningAgent
 from mesh.bus import Bus
 from mesh.errors import AgentCallError, AgentUnavailableError
+from mesh.identity import resolve_identity
 from mesh.settings import Settings
-from tests.support.samples import V1, Proposal, jsonrpc, voting_agent, write_card
+from tests.support.samples import V1 as VERSION_ONLY
+from tests.support.samples import Proposal, jsonrpc, voting_agent, write_card
 
 pytestmark = pytest.mark.integration
+
+# Every call carries a bearer token: the run's operator's (tests/conftest.py), as AgentClient
+# sends it for in-process code.
+_OPERATOR = resolve_identity(Settings())
+assert _OPERATOR is not None
+TOKEN = {"Authorization": f"Bearer {_OPERATOR.token}"}
+V1 = {**VERSION_ONLY, **TOKEN}
 
 
 @pytest.fixture
@@ -44,7 +54,11 @@ async def test_sdk_client_gets_card_and_completed_task(running: RunningAgent) ->
             role=Role.ROLE_USER, message_id="m-1", parts=[new_data_part({"vote": "reject"})]
         )
     )
-    client = await create_client(running.http_url, client_config=ClientConfig(streaming=False))
+    client = await create_client(
+        running.http_url,
+        client_config=ClientConfig(streaming=False),
+        interceptors=[bearer_interceptor(_OPERATOR.token)],
+    )
     events = [ev async for ev in client.send_message(request)]
     await client.close()
     task = events[-1].task
@@ -78,7 +92,7 @@ async def test_same_body_same_answer_over_http_and_nats(running: RunningAgent, b
         (jsonrpc("NoSuchMethod", {}), V1, -32601),
         (jsonrpc("SendMessage", {"message": {"role": 7}}), V1, -32602),
         (jsonrpc("GetTask", {"id": "does-not-exist"}), V1, -32001),
-        (jsonrpc("SendMessage", {"message": MessageToDict(user_message(data={}))}), {}, -32009),
+        (jsonrpc("SendMessage", {"message": MessageToDict(user_message(data={}))}), TOKEN, -32009),
         (b'{"id": 1, "method": "GetTask"}', V1, -32600),
     ],
     ids=["parse", "method", "params", "task-not-found", "version", "not-jsonrpc"],

@@ -44,13 +44,28 @@ from mesh.a2a.client import (
     user_message,
     verdict_of,
 )
-from mesh.a2a.transport import NATS_BINDING, NatsTransport, call_context, client_factory, register
+from mesh.a2a.transport import (
+    NATS_BINDING,
+    NatsTransport,
+    bearer_interceptor,
+    call_context,
+    client_factory,
+    register,
+)
 from mesh.agent import RunningAgent
 from mesh.bus import Bus
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
-from tests.support.samples import V1, WAIT_S, voting_agent
+from mesh.identity import resolve_identity
+from mesh.settings import Settings
+from tests.support.samples import V1 as VERSION_ONLY
+from tests.support.samples import WAIT_S, voting_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+# Raw calls carry the run's operator's token (tests/conftest.py), as AgentClient's do.
+_OPERATOR = resolve_identity(Settings())
+assert _OPERATOR is not None
+V1 = {**VERSION_ONLY, "Authorization": f"Bearer {_OPERATOR.token}"}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -248,7 +263,9 @@ async def test_the_client_factory_picks_the_nats_transport(
         ClientFactory(config).create(nats_only)
     factory = register(ClientFactory(config), mod_bus.nc, timeout=WAIT_S)
     request = SendMessageRequest(message=user_message(data={"vote": "abstain"}))
-    async with factory.create(nats_only) as client:
+    # The token through a2a-sdk's own AuthInterceptor: the card declares the bearer scheme.
+    interceptors = [bearer_interceptor(_OPERATOR.token)]
+    async with factory.create(nats_only, interceptors=interceptors) as client:
         (event,) = [e async for e in client.send_message(request)]
     assert verdict_of(event.task).vote == "abstain"
 
@@ -263,7 +280,9 @@ async def test_the_client_factory_picks_the_nats_transport(
         supported_protocol_bindings=[NATS_BINDING, "JSONRPC"],
         use_client_preference=True,
     )
-    async with client_factory(mod_bus.nc, prefer_nats, timeout=WAIT_S).create(dead_http) as client:
+    # The token given to the factory: every NATS transport it makes sends it.
+    factory = client_factory(mod_bus.nc, prefer_nats, timeout=WAIT_S, token=_OPERATOR.token)
+    async with factory.create(dead_http) as client:
         (event,) = [e async for e in client.send_message(request)]
     assert verdict_of(event.task).vote == "abstain"
 
@@ -272,7 +291,9 @@ async def test_call_context_overrides_the_transport_defaults(
     mod_bus: Bus, voter: RunningAgent
 ) -> None:
     # The transport's default subject has nobody on it; the call's subject does.
-    transport = NatsTransport(mod_bus.nc, "mesh.a2a.nobody-here", agent="x", timeout=0.1)
+    transport = NatsTransport(
+        mod_bus.nc, "mesh.a2a.nobody-here", agent="x", timeout=0.1, token=_OPERATOR.token
+    )
     request = SendMessageRequest(message=user_message(data={"vote": "approve"}))
     with pytest.raises(AgentUnavailableError):
         await transport.send_message(request)

@@ -22,17 +22,28 @@ from hypothesis import strategies as st
 
 from agents.conformance.app import RunningConformance, serve
 from mesh import subjects
+from mesh.a2a import jsonrpc
 from mesh.a2a.server import MAX_BODY
 from mesh.bus import Bus
+from mesh.identity import resolve_identity
 from mesh.settings import Settings
 from tests.support import strategies
-from tests.support.samples import V1, WAIT_S
+from tests.support.samples import V1 as VERSION_ONLY
+from tests.support.samples import WAIT_S
 
 NATS_MAX_PAYLOAD = "8MB"  # so a > 4 MiB request reaches the agent over NATS
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
+# The spec's codes, and the mesh's refusal of a caller without a valid bearer token.
 SPEC_CODES = {-32700, -32600, -32601, -32602, -32603, *range(-32009, -32000)}
+SPEC_CODES.add(jsonrpc.UNAUTHENTICATED)
+# The fuzzer calls as the run's operator (tests/conftest.py), unless a case sends its own
+# Authorization header.
+_OPERATOR = resolve_identity(Settings())
+assert _OPERATOR is not None
+TOKEN = {"Authorization": f"Bearer {_OPERATOR.token}"}
+V1 = {**VERSION_ONLY, **TOKEN}
 METHODS = [
     "SendMessage",
     "SendStreamingMessage",
@@ -130,7 +141,7 @@ async def both(
     headers: dict[str, str] | None = None,
 ) -> None:
     bus, running = agent
-    hdrs = V1 if headers is None else headers
+    hdrs = V1 if headers is None else {**TOKEN, **headers}
     assert await over_http(http, running.http_url, body, hdrs) >= 1
     assert await over_nats(bus, running.registration.direct_subject, body, hdrs) >= 1
 
@@ -234,8 +245,15 @@ async def test_deep_nesting(
 @given(
     doc=requests(),
     headers=st.dictionaries(
-        st.sampled_from(["A2A-Version", "Content-Type", "A2A-Extensions", "traceparent"]),
-        st.text(alphabet=string.printable.strip(), max_size=30),
+        st.sampled_from(
+            ["A2A-Version", "Content-Type", "A2A-Extensions", "traceparent", "Authorization"]
+        ),
+        st.one_of(
+            st.text(alphabet=string.printable.strip(), max_size=30),
+            st.text(alphabet=string.printable.strip(), min_size=1, max_size=60).map(
+                "Bearer ".__add__
+            ),
+        ),
         max_size=3,
     ),
 )

@@ -37,16 +37,26 @@ from agents.conformance.executor import ConformanceExecutor
 from mesh import subjects
 from mesh.a2a.client import AgentClient, user_message
 from mesh.a2a.server import MAX_BODY, A2AServer, PushUrlPolicy
+from mesh.a2a.transport import bearer_interceptor
 from mesh.bus import Bus
 from mesh.cards import card_to_dict, parse_card
 from mesh.errors import AgentCallError, AgentUnavailableError
+from mesh.identity import resolve_identity
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
-from tests.support.samples import V1, WAIT_S
+from tests.support.samples import V1 as VERSION_ONLY
+from tests.support.samples import WAIT_S
 
 NATS_MAX_PAYLOAD = "8MB"  # so a > 4 MiB request reaches the agent over NATS
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+# Every request carries a bearer token, the run's operator's (tests/conftest.py), unless a case
+# says otherwise: the agents here authenticate their callers, as every agent does.
+_OPERATOR = resolve_identity(Settings())
+assert _OPERATOR is not None
+TOKEN = {"Authorization": f"Bearer {_OPERATOR.token}"}
+V1 = {**VERSION_ONLY, **TOKEN}
 
 
 # -- the module's servers -----------------------------------------------------------------------
@@ -138,7 +148,7 @@ class Wire:
         self, to: Endpoint, body: bytes, headers: dict[str, str] | None = None
     ) -> dict[str, Any]:
         """One JSON-RPC answer (the first frame, for a streaming method that fails at once)."""
-        hdrs = V1 if headers is None else headers
+        hdrs = V1 if headers is None else {**TOKEN, **headers}
         if self.kind == "http":
             r = await to.http.post(to.url, content=body, headers=hdrs)
             assert r.status_code < 500, r.text
@@ -158,7 +168,7 @@ class Wire:
         self, to: Endpoint, body: bytes, headers: dict[str, str] | None = None
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Each JSON-RPC response of a streaming method, as the transport frames it."""
-        hdrs = V1 if headers is None else headers
+        hdrs = V1 if headers is None else {**TOKEN, **headers}
         if self.kind == "http":
             async with to.http.stream("POST", to.url, content=body, headers=hdrs) as r:
                 assert r.status_code < 500
@@ -764,7 +774,11 @@ async def test_sdk_client_reads_a_card_with_the_nats_interface(
         )
     )
     for source in (parsed, full.http_url):
-        client = await create_client(source, client_config=ClientConfig(streaming=False))
+        client = await create_client(
+            source,
+            client_config=ClientConfig(streaming=False),
+            interceptors=[bearer_interceptor(_OPERATOR.token)],
+        )
         try:
             events = [event async for event in client.send_message(request)]
         finally:

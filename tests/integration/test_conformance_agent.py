@@ -1,6 +1,10 @@
 """The conformance agent (`agents.conformance`): the A2A TCK's scenarios, read back through
 a2a-sdk's own client over HTTP and through the mesh's client over NATS; its registration, its
-profiles, and `python -m agents.conformance` as a process."""
+profiles, and `python -m agents.conformance` as a process.
+
+It runs here as the TCK meets it: with A2A authentication switched off (`without_a2a_auth`,
+what its launcher does: the TCK cannot send a bearer token), said loudly at start, and with a
+card that then declares no security scheme."""
 
 from __future__ import annotations
 
@@ -23,13 +27,20 @@ from a2a import types as pb
 from a2a.client import ClientConfig, create_client
 from google.protobuf.json_format import MessageToDict
 
-from agents.conformance.app import REQUIRED_EXTENSION, RunningConformance, profile_card, serve
+from agents.conformance.app import (
+    REQUIRED_EXTENSION,
+    RunningConformance,
+    profile_card,
+    serve,
+    without_a2a_auth,
+)
 from agents.conformance.executor import ConformanceExecutor, streaming_timeout
 from mesh.a2a.client import AgentClient, task_of, task_state, user_message
 from mesh.bus import Bus
 from mesh.cards import load_card
 from mesh.errors import ConfigError
 from mesh.registry import Registry
+from mesh.settings import Settings
 from tests.support.samples import WAIT_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -40,8 +51,18 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def agent(mod_bus: Bus) -> AsyncIterator[RunningConformance]:
     executor = ConformanceExecutor(long_task_s=120)  # ended by cancel in the tests
-    async with serve(mod_bus, executor=executor, profile="full") as running:
+    unauthenticated = without_a2a_auth(mod_bus.settings)  # MESH_INSECURE=a2a, as for the TCK
+    async with serve(
+        mod_bus, settings=unauthenticated, executor=executor, profile="full"
+    ) as running:
         yield running
+
+
+async def test_runs_without_authentication_and_says_so(agent: RunningConformance) -> None:
+    assert not agent.server.auth.required
+    assert not agent.card.security_schemes and not agent.card.security_requirements
+    # Anything else in the mesh authenticates by default.
+    assert "a2a" not in Settings().insecure_parts()
 
 
 def _request(prefix: str, text: str = "hi", task_id: str = "") -> pb.SendMessageRequest:
@@ -214,7 +235,7 @@ async def test_long_running_task_completes_on_its_own(mod_bus: Bus) -> None:
     server_card = load_card("conformance")
     from mesh.a2a.server import A2AServer
 
-    server = A2AServer(server_card, executor)
+    server = A2AServer(server_card, executor, settings=without_a2a_auth(mod_bus.settings))
     sub = await mod_bus.nc.subscribe("test.conformance.long", cb=server.nats_callback(mod_bus.nc))
     try:
         message = user_message(text="x", message_id=f"test-resubscribe-message-id-{uuid.uuid4()}")
@@ -294,6 +315,7 @@ async def test_runs_as_a_process(nats_url: str, tmp_path: Path) -> None:
         card = await asyncio.wait_for(_card_when_up(url, proc), WAIT_S)
         assert card["name"] == "conformance"
         assert card["supportedInterfaces"][0]["url"] == url
+        assert "securitySchemes" not in card  # its launcher switched authentication off
         async with httpx.AsyncClient(timeout=WAIT_S) as http:
             body = {
                 "jsonrpc": "2.0",
@@ -305,11 +327,21 @@ async def test_runs_as_a_process(nats_url: str, tmp_path: Path) -> None:
                     )
                 },
             }
+            # No token: the TCK's way.
             r = await http.post(url, json=body, headers={"A2A-Version": "1.0"})
         assert r.json()["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED"
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
         assert proc.returncode == 0, err.decode()
+        # ... and it said so, loudly and by name, at start.
+        warnings = [
+            json.loads(line)
+            for line in err.decode().splitlines()
+            if "WITHOUT AUTHENTICATION" in line
+        ]
+        assert len(warnings) == 1, err.decode()
+        assert "conformance" in json.dumps(warnings[0])
+        assert "WARN" in json.dumps(warnings[0]).upper()
     finally:
         if proc.returncode is None:
             proc.kill()

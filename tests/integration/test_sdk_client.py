@@ -22,6 +22,7 @@ from google.protobuf.json_format import MessageToDict
 from agents.security_review.agent import agent as security_review
 from mesh import Agent, Verdict
 from mesh.a2a.client import verdict_of
+from mesh.a2a.transport import bearer_interceptor
 from mesh.bus import Bus
 from mesh.settings import Settings
 from tests.support.samples import Proposal, write_card
@@ -29,6 +30,12 @@ from tests.support.samples import Proposal, write_card
 pytestmark = pytest.mark.integration
 
 SAMPLES = Path(__file__).resolve().parents[2] / "agents" / "samples"
+
+
+def _token(bus: Bus) -> str:
+    """The bearer token this process calls agents with (the identity its Bus runs as)."""
+    assert bus.identity is not None and bus.identity.token
+    return bus.identity.token
 
 
 def _request(data: dict[str, object], message_id: str, **config: object) -> SendMessageRequest:
@@ -42,7 +49,11 @@ async def test_stream_from_a_reviewer_then_list_its_tasks(bus: Bus, settings: Se
     release = json.loads((SAMPLES / "release_secret.json").read_text())
     async with security_review.serve(bus, settings=settings) as running:
         assert running.http_url is not None
-        client = await create_client(running.http_url, client_config=ClientConfig(streaming=True))
+        client = await create_client(
+            running.http_url,
+            client_config=ClientConfig(streaming=True),
+            interceptors=[bearer_interceptor(_token(bus))],
+        )
         try:
             events = [ev async for ev in client.send_message(_request(release, "stream-1"))]
             assert len(events) >= 2  # a stream, not one answer: the task, then its updates
@@ -78,7 +89,11 @@ async def test_cancel_a_running_task(bus: Bus, settings: Settings, tmp_path: Pat
     slow.rules(review)
     async with slow.serve(bus, settings=settings) as running:
         assert running.http_url is not None
-        client = await create_client(running.http_url, client_config=ClientConfig(streaming=False))
+        client = await create_client(
+            running.http_url,
+            client_config=ClientConfig(streaming=False),
+            interceptors=[bearer_interceptor(_token(bus))],
+        )
         try:
             first = [
                 ev

@@ -41,14 +41,20 @@ from mesh.a2a.taskstore import JetStreamTaskStore
 from mesh.agent import Agent, RunningAgent
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
+from mesh.identity import resolve_identity
 from mesh.settings import Settings
-from tests.support.samples import V1, jsonrpc, voting_agent, write_card
+from tests.support.samples import V1 as VERSION_ONLY
+from tests.support.samples import jsonrpc, voting_agent, write_card
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
 
 ANON = ServerCallContext()
 MISSING = TaskVersion.MISSING
+# Calls to agents carry the run's operator's token (tests/conftest.py).
+_OPERATOR = resolve_identity(Settings())
+assert _OPERATOR is not None
+V1 = {**VERSION_ONLY, "Authorization": f"Bearer {_OPERATOR.token}"}
 
 
 def _task(
@@ -137,6 +143,40 @@ async def test_agents_and_owners_do_not_see_each_others_tasks(bus: Bus) -> None:
     assert await ours.get("alices", alice) is not None
 
 
+async def test_keys_are_per_owner_under_the_agent(bus: Bus) -> None:
+    """`<agent>.<owner>.<task>`: an owner's reads and listings touch its own keys only."""
+    import base64
+
+    store = await _store(bus, "keyed")
+    alice, bob = (
+        ServerCallContext(user=_User("acme/publisher:alice")),
+        ServerCallContext(user=_User("beta/publisher:bob")),
+    )
+    await store.save(_task("t-a", ctx="alice"), prev_version=MISSING, context=alice)
+    await store.save(_task("t-b", ctx="bob"), prev_version=MISSING, context=bob)
+    await store.save(_task("t-anon"), prev_version=MISSING, context=ANON)
+    token = base64.urlsafe_b64encode(b"acme/publisher:alice").decode().rstrip("=")
+    keys = {k for k in await store.kv.keys() if k.startswith("keyed.")}
+    assert {f"keyed.{token}.t-a", "keyed._.t-anon"} <= keys
+    assert [k for k in keys if k.endswith(".t-b")] == [store.key("t-b", "beta/publisher:bob")]
+    assert await store.get("t-a", bob) is None and await store.get("t-b", alice) is None
+    assert [t.id for t in (await store.list(ListTasksRequest(), bob)).tasks] == ["t-b"]
+    # The event stream finds the task under its owner's key.
+    v1 = (await store.get("t-a", alice)).version  # type: ignore[union-attr]
+    done = TaskStatusUpdateEvent(
+        task_id="t-a", context_id="alice", status=TaskStatus(state=TaskState.TASK_STATE_COMPLETED)
+    )
+    await store.save(
+        _task("t-a", ctx="alice", state=TaskState.TASK_STATE_COMPLETED),
+        event=done,
+        prev_version=v1,
+        context=alice,
+    )
+    async with contextlib.aclosing(store.events().subscribe("t-a", after=v1)) as stream:
+        first = await asyncio.wait_for(anext(stream), 10)
+    assert isinstance(first.event, TaskStatusUpdateEvent)
+
+
 class _User(User):  # type: ignore[misc]
     def __init__(self, name: str) -> None:
         self._name = name
@@ -179,7 +219,7 @@ async def test_delete_keeps_a_task_rewritten_since_it_was_read(
 ) -> None:
     store = await _store(bus)
     v1 = await store.save(_task("busy"), prev_version=MISSING, context=ANON)
-    stale = await store._read(store.key("busy"))
+    stale = await store._read(store.key("busy", ""))
     await store.save(
         _task("busy", state=TaskState.TASK_STATE_COMPLETED), prev_version=v1, context=ANON
     )

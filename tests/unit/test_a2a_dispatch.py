@@ -21,8 +21,16 @@ from agents.conformance.executor import ConformanceExecutor
 from mesh.a2a import dispatch
 from mesh.a2a.server import A2AServer
 from mesh.cards import load_card, with_interfaces
+from mesh.identity import resolve_identity
+from mesh.settings import Settings
 from tests.support import strategies
-from tests.support.samples import V1
+from tests.support.samples import V1 as VERSION_ONLY
+
+# In-process code runs as the run's operator (tests/conftest.py): its token authenticates.
+_OPERATOR = resolve_identity(Settings())
+assert _OPERATOR is not None and _OPERATOR.token
+TOKEN = {"Authorization": f"Bearer {_OPERATOR.token}"}
+V1 = {**VERSION_ONLY, **TOKEN}
 
 
 def _rpc(method: Any, params: Any = None, rid: Any = 1, **extra: Any) -> bytes:
@@ -35,12 +43,12 @@ def _rpc(method: Any, params: Any = None, rid: Any = 1, **extra: Any) -> bytes:
 MESSAGE = {"role": "ROLE_USER", "messageId": "tck-complete-task-1", "parts": [{"text": "hi"}]}
 CORPUS: list[tuple[bytes, dict[str, str]]] = [
     (_rpc("SendMessage", {"message": MESSAGE}), V1),
-    (_rpc("SendMessage", {"message": MESSAGE}), {}),  # no A2A-Version
-    (_rpc("SendMessage", {"message": MESSAGE}), {"A2A-Version": "99.0"}),
+    (_rpc("SendMessage", {"message": MESSAGE}), TOKEN),  # no A2A-Version
+    (_rpc("SendMessage", {"message": MESSAGE}), {**V1, "A2A-Version": "99.0"}),
     (_rpc("SendMessage", {"message": {"role": 7}}), V1),
     (_rpc("SendMessage", {"message": {**MESSAGE, "messageId": "mesh-internal-error-1"}}), V1),
     (_rpc("SendStreamingMessage", {"message": {**MESSAGE, "messageId": "tck-stream-001"}}), V1),
-    (_rpc("SendStreamingMessage", {"message": MESSAGE}), {}),
+    (_rpc("SendStreamingMessage", {"message": MESSAGE}), TOKEN),
     (_rpc("GetTask", {"id": "missing"}), V1),
     (_rpc("GetTask", {"id": 5, "historyLength": "all"}), V1),
     (_rpc("GetTask", "not-an-object"), V1),
@@ -152,7 +160,12 @@ def test_random_requests_are_answered_as_a2a_sdk_answers_them(batch: list[bytes]
 
 async def test_a_nats_call_context_reads_like_the_http_one() -> None:
     context = dispatch.call_context(
-        {"A2A-Version": "1.0", "A2A-Extensions": "urn:a, urn:b", "traceparent": "00-x"}
+        {
+            "A2A-Version": "1.0",
+            "A2A-Extensions": "urn:a, urn:b",
+            "traceparent": "00-x",
+            "Authorization": "Bearer secret",  # used up by authentication, never passed on
+        }
     )
     assert context.state["headers"] == {
         "a2a-version": "1.0",

@@ -68,3 +68,27 @@ def test_live_interfaces_are_filled_and_still_valid() -> None:
 def test_missing_card_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CardError, match="file not found"):
         load_card(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("path", sorted(CARDS.glob("*.json")), ids=lambda p: p.stem)
+async def test_every_live_card_declares_the_bearer_scheme(path: Path) -> None:
+    """Each shipped agent's card, as the runtime fills it in, asks for the mesh's bearer token in
+    A2A 1.0 terms — and a2a-sdk's own client reads it so: its AuthInterceptor sends the token."""
+    from a2a.client.interceptors import BeforeArgs
+
+    from mesh.a2a.transport import bearer_interceptor
+    from mesh.cards import BEARER_SCHEME
+
+    live = with_interfaces(
+        load_card(path), http_url="http://127.0.0.1:9/", nats_subject="mesh.a2a.x"
+    )  # authenticated: the default (no MESH_INSECURE=a2a)
+    raw = card_to_dict(live)
+    parse_card(raw, require_interfaces=True)
+    scheme = raw["securitySchemes"][BEARER_SCHEME]["httpAuthSecurityScheme"]
+    assert (scheme["scheme"], scheme["bearerFormat"]) == ("Bearer", "JWT")
+    assert raw["securityRequirements"] == [{"schemes": {BEARER_SCHEME: {}}}]
+    args = BeforeArgs(input=None, method="send_message", agent_card=live)
+    await bearer_interceptor("t0ken").before(args)
+    assert args.context is not None and args.context.service_parameters == {
+        "Authorization": "Bearer t0ken"
+    }
