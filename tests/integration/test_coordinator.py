@@ -269,8 +269,8 @@ async def test_a_redelivery_of_a_dead_lettered_event_publishes_its_record(
 
     e = envelope.new_event("vote.orphan", {})
     ack = await bus.publish_event(e)
-    kv = await bus.kv(subjects.DECISIONS_BUCKET)
-    ledger = Ledger(KvStore(kv), "crashed-coordinator", 2.0)
+    # A real coordinator's mark: signed with a trusted key (an unsigned one would be ignored).
+    ledger = await Ledger.on_bus(bus, "crashed-coordinator", 2.0)
     marked = await ledger.mark_dead_lettered(
         state_key("default", e.id), stream_seq=ack.seq, reason="no_agent", error="from before"
     )
