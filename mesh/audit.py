@@ -44,7 +44,7 @@ from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 
 from mesh import subjects
 from mesh._internal.retry import RetryPolicy
-from mesh.bus import STREAMS, Bus
+from mesh.bus import STREAMS, Bus, StreamSpec
 from mesh.errors import AuditContentionError
 from mesh.identity import Signer, Trust, require_trust
 from mesh.records import trusted_signer
@@ -454,10 +454,17 @@ def _when(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
+def _audit_spec() -> StreamSpec:
+    return next(s for s in STREAMS if s.name == subjects.AUDIT_STREAM)
+
+
 def _expired(at: float, max_age_s: float, now: float | None = None) -> bool:
-    """Could something written at `at` have aged out of a stream with this max_age?"""
+    """Could something written at `at` have aged out of a stream with this max_age? Only by
+    the retention the mesh set: a shorter max_age is itself the problem, never an excuse."""
+    if max_age_s <= 0:
+        return False  # kept for ever
     now = time.time() if now is None else now
-    return max_age_s > 0 and at < now - max_age_s + AGE_SLACK_S
+    return at < now - max(max_age_s, _audit_spec().max_age_s) + AGE_SLACK_S
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -495,12 +502,12 @@ class StreamFacts(msgspec.Struct, kw_only=True):
             name=c.name or "",
             created=_created(info),
             subjects=list(c.subjects or []),
-            retention=str(c.retention.value if c.retention else "limits"),
+            retention=_enum(c.retention, "limits"),
             max_age_s=float(c.max_age or 0.0),
             max_msgs=int(c.max_msgs if c.max_msgs is not None else -1),
             max_bytes=int(c.max_bytes if c.max_bytes is not None else -1),
             max_msgs_per_subject=int(c.max_msgs_per_subject),
-            discard=str(c.discard.value if c.discard else "old"),
+            discard=_enum(c.discard, "old"),
             deny_delete=bool(c.deny_delete),
             deny_purge=bool(c.deny_purge),
             allow_rollup_hdrs=bool(c.allow_rollup_hdrs),
@@ -508,6 +515,11 @@ class StreamFacts(msgspec.Struct, kw_only=True):
             last_seq=int(s.last_seq),
             messages=int(s.messages),
         )
+
+
+def _enum(value: object, default: str) -> str:
+    # nats-py leaves some enums as the server's strings after decoding a response
+    return str(getattr(value, "value", value) or default)
 
 
 class Bundle(msgspec.Struct, kw_only=True):
@@ -693,7 +705,7 @@ def verify_bundle(bundle: Bundle, trust: Trust | None, *, now: float | None = No
 
 def _check_stream(facts: StreamFacts, result: Verification) -> None:
     """Problems with MESH_AUDIT's configuration: anything that lets records go."""
-    spec = next(s for s in STREAMS if s.name == subjects.AUDIT_STREAM)
+    spec = _audit_spec()
     name = facts.name or subjects.AUDIT_STREAM
     if not facts.deny_delete:
         result.fail(f"{name} allows deleting records (deny_delete is off)")
