@@ -49,8 +49,8 @@ async def audit_ls(
     from mesh.audit import judge, read, subject
     from mesh.bus import Bus
 
-    trust = _trust(trust_file, "`mesh audit ls`")
-    async with await Bus.connect(name="mesh-cli") as bus:
+    async with await Bus.connect(name="mesh-cli") as bus:  # no server: say that first
+        trust = _trust(trust_file, "`mesh audit ls`")
         records = (await read(bus, tenant or None))[-limit:]
     if json_out:
         print(json.dumps([{"seq": s, **msgspec.to_builtins(r)} for s, r in records], indent=2))
@@ -85,14 +85,15 @@ async def audit_verify(
     of each tenant, and the stream's configuration. Exit 1 and every problem if any."""
     from mesh.audit import snapshot, verify_bundle
 
-    trust = _trust(trust_file, "`mesh audit verify`")
     if bundle_file is not None:
+        trust = _trust(trust_file, "`mesh audit verify`")
         bundle = _load_bundle(bundle_file, tenant)
         where = f"bundle {bundle_file}"
     else:
         from mesh.bus import Bus
 
-        async with await Bus.connect(name="mesh-cli") as bus:
+        async with await Bus.connect(name="mesh-cli") as bus:  # no server: say that first
+            trust = _trust(trust_file, "`mesh audit verify`")
             bundle = await snapshot(bus, tenant or None)
         where = "the mesh"
     result = verify_bundle(bundle, trust)

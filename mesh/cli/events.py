@@ -196,12 +196,12 @@ async def decisions(
     from mesh.records import Decision, decision_decoder, decision_refusal
     from mesh.settings import get_settings
 
-    trust = (
-        load_trust(trust_file)
-        if trust_file is not None
-        else require_trust(get_settings(), what="`mesh decisions`")
-    )
-    async with await Bus.connect(name="mesh-cli") as bus:
+    async with await Bus.connect(name="mesh-cli") as bus:  # no server: say that first
+        trust = (
+            load_trust(trust_file)
+            if trust_file is not None
+            else require_trust(get_settings(), what="`mesh decisions`")
+        )
         rows = await tail(bus, subjects.DECISIONS_STREAM, limit)
     checked: list[tuple[int, str, Decision | None, str]] = []  # seq, subject, decision, refusal
     for seq, subject, body in rows:
