@@ -36,7 +36,8 @@ from coordinator.ledger import Busy, Claim, Done, Ledger
 from coordinator.policy import Policy
 from coordinator.quorum import tally
 from mesh import envelope
-from mesh.records import Decision, DlqReason, Vote
+from mesh.identity import Signer
+from mesh.records import Decision, DlqReason, Vote, sign_decision
 from mesh.verdict import Choice
 
 CUTOFF_SLACK_S = 1.0  # how long past the deadline the core waits for an asker to stop itself
@@ -75,6 +76,7 @@ class Job:
     agents: Mapping[str, str]  # skill → a live agent with it (skills nobody has are absent)
     started: float  # clock.monotonic() when the event arrived
     trace_id: str = ""
+    principal: str = ""  # who published it, from its verified signature ("" if unverified)
 
 
 @dataclass
@@ -107,11 +109,17 @@ def counted(votes: Mapping[str, Vote]) -> dict[str, Choice]:
 
 
 class Decider:
-    def __init__(self, ledger: Ledger, ask: Asker, clock: Clock, *, name: str) -> None:
+    """With `signer`, every decision is signed (`mesh.records.sign_decision`) before the ledger
+    records it, so what is published, even again after a crash, is the signed one."""
+
+    def __init__(
+        self, ledger: Ledger, ask: Asker, clock: Clock, *, name: str, signer: Signer | None = None
+    ) -> None:
         self.ledger = ledger
         self.ask = ask
         self.clock = clock
         self.name = name
+        self.signer = signer
 
     async def run(
         self, job: Job, *, on_renew: Callable[[], Awaitable[None]] | None = None
@@ -221,7 +229,7 @@ class Decider:
         policy = job.policy
         result = tally(policy.rule, policy.skills, counted(votes), final=True)
         assert result.outcome != "pending"
-        return Decision(
+        decision = Decision(
             event_id=job.event.id,
             event_type=job.event.type,
             tenant=job.event.tenant,
@@ -235,7 +243,9 @@ class Decider:
             latency_ms=round((self.clock.monotonic() - job.started) * 1000, 2),
             coordinator=self.name,
             takeovers=claim.state.takeovers,
+            principal=job.principal,
         )
+        return decision if self.signer is None else sign_decision(self.signer, decision)
 
     async def _keep_lease(
         self, claim: Claim, on_renew: Callable[[], Awaitable[None]] | None

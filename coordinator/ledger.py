@@ -21,11 +21,10 @@ unit tests drive races on it; an integration test holds the two to the same cont
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
-import re
+import logging
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -35,10 +34,15 @@ from coordinator.clock import SYSTEM_CLOCK, Clock
 from mesh import subjects
 from mesh._internal.retry import RetryPolicy
 from mesh.errors import MeshRuntimeError
-from mesh.records import Decision, Vote
+from mesh.identity import Signer, Trust, require_trust
+from mesh.records import Decision, Vote, event_token, trusted_signer
+
+if TYPE_CHECKING:
+    from mesh.bus import Bus
+
+log = logging.getLogger(__name__)
 
 State = Literal["collecting", "decided", "dead_lettered"]
-_KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 # A lost compare-and-set means someone else's write landed: re-read at once (no pause) and
 # look again, a bounded number of times.
@@ -58,15 +62,23 @@ class DecisionState(msgspec.Struct, omit_defaults=True):
     dead_letter_reason: str = ""
     dead_letter_error: str = ""  # kept so a redelivery can re-publish the same dead letter
     takeovers: int = 0
+    signer: str = ""  # key id of the coordinator key that wrote this state
+    signature: str = ""  # Ed25519 over the state without `signature` (purpose "ledger")
 
 
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(DecisionState)
 
 
-def event_token(event_id: str) -> str:
-    """A subject/KV-safe token for an event id (other ids are hashed, never truncated)."""
-    return event_id if _KEY_OK.match(event_id) else hashlib.sha256(event_id.encode()).hexdigest()
+def _payload(state: DecisionState) -> bytes:
+    return _enc.encode(msgspec.structs.replace(state, signature=""))
+
+
+@dataclass(frozen=True)
+class Tampered:
+    """A stored state nobody trusted wrote (or that does not decode): never acted on."""
+
+    reason: str
 
 
 def state_key(tenant: str, event_id: str) -> str:
@@ -207,17 +219,84 @@ class DeadLettered:
 
 
 class Ledger:
+    """Every write to the decision state, by compare-and-set.
+
+    With `signer`, each state written is signed (purpose "ledger"). With `trust`, each state read
+    is verified before anything is done with it: one that is unsigned, signed by a key the trust
+    file does not list for the ledger, or that does not verify (or decode) is `Tampered`. It is
+    logged at ERROR and never acted on (its decision is not published, its votes are not kept,
+    its lease holds nobody off): the event is claimed afresh over it, by CAS on its revision, and
+    decided by real votes. Without either (unit tests, MESH_INSECURE=bus), nothing is signed or
+    checked.
+    """
+
     def __init__(
-        self, store: Store, owner: str, lease_s: float, *, clock: Clock = SYSTEM_CLOCK
+        self,
+        store: Store,
+        owner: str,
+        lease_s: float,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        signer: Signer | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.store = store
         self.owner = owner
         self.lease_s = lease_s
         self.clock = clock
+        self.signer = signer
+        self.trust = trust
+
+    @classmethod
+    async def on_bus(
+        cls, bus: Bus, owner: str, lease_s: float, *, clock: Clock = SYSTEM_CLOCK
+    ) -> Ledger:
+        """The ledger in JetStream KV, signed with this process's identity and checked against
+        the trust file (both resolved from `bus`; a ConfigError says what is missing)."""
+        trust = require_trust(bus.settings, what="the decision ledger")
+        signer = trusted_signer(bus.identity, trust, ("ledger",), what="the decision ledger")
+        kv = await bus.kv(subjects.DECISIONS_BUCKET)
+        return cls(KvStore(kv), owner, lease_s, clock=clock, signer=signer, trust=trust)
+
+    def _seal(self, state: DecisionState) -> DecisionState:
+        """`state` as written: signed when this ledger has a signer."""
+        if self.signer is None:
+            return state
+        unsigned = msgspec.structs.replace(state, signer=self.signer.kid, signature="")
+        return msgspec.structs.replace(
+            unsigned, signature=self.signer.sign("ledger", _payload(unsigned))
+        )
+
+    def _load(self, key: str, entry: Entry) -> DecisionState | Tampered:
+        """The stored state, if it may be acted on."""
+        try:
+            state = _dec.decode(entry.value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            return self._tampered(key, entry, f"not a decision state: {e}")
+        if self.trust is not None:
+            refusal = self.trust.refusal(state.signer, "ledger", _payload(state), state.signature)
+            if refusal is not None:
+                return self._tampered(key, entry, refusal)
+        return state
+
+    @staticmethod
+    def _tampered(key: str, entry: Entry, reason: str) -> Tampered:
+        log.error(
+            "decision ledger entry %s (revision %s) was not written by a trusted coordinator "
+            "(%s): ignored; the event is claimed afresh and decided by its voters",
+            key,
+            entry.revision,
+            reason,
+        )
+        return Tampered(reason)
 
     async def read(self, key: str) -> DecisionState | None:
+        """The event's state; None if there is none, or none to believe (see `Tampered`)."""
         entry = await self.store.get(key)
-        return _dec.decode(entry.value) if entry is not None else None
+        if entry is None:
+            return None
+        state = self._load(key, entry)
+        return None if isinstance(state, Tampered) else state
 
     async def claim(self, key: str, *, stream_seq: int, deadline_s: float) -> Claim | Busy | Done:
         """Take the event for this coordinator, or say why not. Bounded: CAS_RETRY rounds."""
@@ -225,12 +304,27 @@ class Ledger:
             now = self.clock.time()
             entry = await self.store.get(key)
             try:
-                if entry is None:
-                    fresh = DecisionState(
-                        "collecting", self.owner, now + self.lease_s, now + deadline_s, stream_seq
+                current = self._load(key, entry) if entry is not None else None
+                if entry is None or isinstance(current, Tampered):
+                    # Nothing there, or nothing to believe: a first claim (over a tampered
+                    # entry by CAS on its revision, so a real owner's write in between wins).
+                    fresh = self._seal(
+                        DecisionState(
+                            "collecting",
+                            self.owner,
+                            now + self.lease_s,
+                            now + deadline_s,
+                            stream_seq,
+                        )
                     )
-                    return Claim(key, await self.store.create(key, _enc.encode(fresh)), fresh)
-                current = _dec.decode(entry.value)
+                    encoded = _enc.encode(fresh)
+                    revision = (
+                        await self.store.create(key, encoded)
+                        if entry is None
+                        else await self.store.update(key, encoded, entry.revision)
+                    )
+                    return Claim(key, revision, fresh)
+                assert current is not None
                 if current.state == "decided":
                     return Done(current)
                 if current.state == "dead_lettered" and current.stream_seq == stream_seq:
@@ -240,15 +334,17 @@ class Ledger:
                     return Busy(current.owner, current.lease_until - now)
                 # Expired lease (owner died), or a replay of a dead-lettered event: take it over.
                 replay = current.state == "dead_lettered"
-                taken = DecisionState(
-                    "collecting",
-                    self.owner,
-                    now + self.lease_s,
-                    now + deadline_s if replay else current.deadline_at,
-                    stream_seq,
-                    votes={} if replay else current.votes,
-                    # A replay is a fresh decision, not a take-over of a dead owner's work.
-                    takeovers=0 if replay else current.takeovers + 1,
+                taken = self._seal(
+                    DecisionState(
+                        "collecting",
+                        self.owner,
+                        now + self.lease_s,
+                        now + deadline_s if replay else current.deadline_at,
+                        stream_seq,
+                        votes={} if replay else current.votes,
+                        # A replay is a fresh decision, not a take-over of a dead owner's work.
+                        takeovers=0 if replay else current.takeovers + 1,
+                    )
                 )
                 revision = await self.store.update(key, _enc.encode(taken), entry.revision)
                 return Claim(key, revision, taken)
@@ -263,13 +359,14 @@ class Ledger:
         async with claim.lock:
             if state.state == "collecting":
                 state.lease_until = self.clock.time() + self.lease_s
+            sealed = self._seal(state)
             try:
                 claim.revision = await self.store.update(
-                    claim.key, _enc.encode(state), claim.revision
+                    claim.key, _enc.encode(sealed), claim.revision
                 )
             except StateConflict:
                 raise LostClaim(f"{claim.key}: taken over by another coordinator") from None
-            claim.state = state
+            claim.state = sealed
 
     async def mark_dead_lettered(
         self,
@@ -287,7 +384,8 @@ class Ledger:
         if someone else wrote since. Without: refused (`Done`) if the event is decided; `Busy`
         if a live owner holds it, unless `patience_s` is given, then wait that long (bounded)
         for its outcome and take it over if there is none, so an owner that comes back late
-        fails its own CAS and never publishes: decided or dead-lettered, never both.
+        fails its own CAS and never publishes: decided or dead-lettered, never both. A state
+        nobody trusted wrote (`Tampered`) counts as none.
         """
         if claim is not None:
             marked = self._dead_letter_state(stream_seq, reason, error)
@@ -308,8 +406,8 @@ class Ledger:
         attempt = 0
         while True:
             entry = await self.store.get(key)
-            current = _dec.decode(entry.value) if entry is not None else None
-            if current is not None:
+            current = self._load(key, entry) if entry is not None else None
+            if isinstance(current, DecisionState):
                 if current.state == "decided":
                     return Done(current)
                 if current.state == "dead_lettered" and current.stream_seq == stream_seq:
@@ -337,12 +435,14 @@ class Ledger:
 
     def _dead_letter_state(self, stream_seq: int, reason: str, error: str) -> DecisionState:
         now = self.clock.time()
-        return DecisionState(
-            "dead_lettered",
-            self.owner,
-            now,
-            now,
-            stream_seq,
-            dead_letter_reason=reason,
-            dead_letter_error=error,
+        return self._seal(
+            DecisionState(
+                "dead_lettered",
+                self.owner,
+                now,
+                now,
+                stream_seq,
+                dead_letter_reason=reason,
+                dead_letter_error=error,
+            )
         )

@@ -6,6 +6,14 @@ tally, record the decision) → publish it on the event's own subject with "expe
 sequence 0" (so the server refuses a second one) → audit → ack. This module is the wiring: the
 consume loop, spans, publishing, audit, acks.
 
+Zero trust: the coordinator signs every decision and every ledger write with its identity's key
+and believes only ledger entries, decisions and audit records that keys in the trust file
+signed. The principal a decision records is the trusted key that signed the event (its
+`Mesh-Signature` header), never the event body's `principal`; an event nobody trusted signed is
+decided all the same, with principal "" (its audit record says why). A decision subject that
+already holds something that is not a trusted coordinator's decision of that event is a
+forgery: logged at ERROR and audited, never taken for "already published".
+
 Anything it cannot decide goes to the dead-letter stream with the reason and the original body
 (ledger first, then the record: see `dead_letter`), then is acked. An event is acked only once
 it is decided, dead-lettered, or of a type the policies ignore. A coordinator that dies
@@ -26,7 +34,7 @@ import typing
 import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry.trace import SpanKind
 
 from coordinator import dispatch
@@ -37,10 +45,8 @@ from coordinator.ledger import (
     Claim,
     DecisionState,
     Done,
-    KvStore,
     Ledger,
     LostClaim,
-    event_token,
     state_key,
 )
 from coordinator.policy import Policies
@@ -48,9 +54,21 @@ from coordinator.routing import Router
 from mesh import envelope, records, subjects, telemetry
 from mesh._internal.consume import PullLoop
 from mesh.a2a.client import AgentClient
-from mesh.audit import SYSTEM_TENANT, AuditLog
+from mesh.audit import CHECKPOINT_EVERY_S, SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus
-from mesh.records import DeadLetter, Decision, DlqReason, Vote, encoder
+from mesh.identity import require_trust
+from mesh.records import (
+    DeadLetter,
+    Decision,
+    DlqReason,
+    Vote,
+    decision_decoder,
+    decision_refusal,
+    encoder,
+    event_principal,
+    event_token,
+    trusted_signer,
+)
 from mesh.registry import Registry, RegistryView
 
 log = logging.getLogger(__name__)
@@ -69,6 +87,15 @@ class Coordinator:
         self.client = AgentClient(bus)
         self.view = RegistryView(Registry(bus))
         self.router = Router(self.view)
+        # Whose signatures to believe, and the key this coordinator signs with: refused at
+        # once (ConfigError) when the trust file would not believe what this one signs.
+        self.trust = require_trust(bus.settings, what="the coordinator")
+        self.signer = trusted_signer(
+            bus.identity,
+            self.trust,
+            ("decision", "ledger", "audit", "checkpoint"),
+            what="the coordinator",
+        )
         self.audit = AuditLog(bus, self.name)
         self._ledger: Ledger | None = None
         self._decider: Decider | None = None
@@ -82,9 +109,10 @@ class Coordinator:
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         await self.bus.ensure()
-        kv = await self.bus.kv(subjects.DECISIONS_BUCKET)
-        self._ledger = Ledger(KvStore(kv), self.name, LEASE_S)
-        self._decider = Decider(self._ledger, self._ask, SYSTEM_CLOCK, name=self.name)
+        self._ledger = await Ledger.on_bus(self.bus, self.name, LEASE_S)
+        self._decider = Decider(
+            self._ledger, self._ask, SYSTEM_CLOCK, name=self.name, signer=self.signer
+        )
         await self.view.start()
         await self._audit_policies()
         telemetry.observe_breakers(self.router.states)
@@ -116,13 +144,31 @@ class Coordinator:
             name=self.name,
             drain_s=longest + 5,  # on stop, finish what was started (each is deadline-bounded)
         )
+        checkpoints = asyncio.create_task(self._checkpoint_every(CHECKPOINT_EVERY_S))
         try:
             await self._loop.run(stop)
         finally:
+            checkpoints.cancel()
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
                 await status_sub.unsubscribe()
             await self.view.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checkpoints
+            # What this coordinator appended since its last checkpoint is anchored on the way
+            # out too; a failure here must not hide the reason it stopped.
+            try:
+                await self.audit.checkpoint_due()
+            except Exception:
+                log.exception("final audit checkpoint failed")
+
+    async def _checkpoint_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.audit.checkpoint_due()
+            except Exception:  # the next round tries again; auditing itself goes on
+                log.exception("audit checkpoint failed")
 
     async def _status(self, msg: Msg) -> None:
         """Every coordinator answers `mesh status` with what it is doing right now."""
@@ -199,6 +245,16 @@ class Coordinator:
             )
             return
 
+        principal, unverified = event_principal(
+            self.trust, msg.subject, msg.data, (msg.headers or {}).get(subjects.H_SIGNATURE)
+        )
+        if unverified and self.trust is not None:
+            log.warning(
+                "event %s on %s: publisher not verified (%s); deciding it with no principal",
+                event.id,
+                msg.subject,
+                unverified,
+            )
         agents: dict[str, str] = {}
         for skill in policy.skills:
             live = self.view.agents_with_skill(skill)
@@ -213,6 +269,7 @@ class Coordinator:
             agents=agents,
             started=started,
             trace_id=telemetry.trace_id_of(),
+            principal=principal,
         )
         assert self._decider is not None, "run() sets up the decider"
         outcome = await self._decider.run(job, on_renew=msg.in_progress)
@@ -220,19 +277,19 @@ class Coordinator:
             # Someone alive holds it; look again when its lease would have lapsed.
             await msg.nak(delay=outcome.retry_in_s + 0.5)
         elif isinstance(outcome, Done):
-            await self._finish_again(msg, event, outcome.state)
+            await self._finish_again(msg, event, outcome.state, unverified)
         elif isinstance(outcome, Undecidable):
             await self.dead_letter(
                 msg, outcome.reason, outcome.error, event=event, claim=outcome.claim
             )
         else:
-            await self._record(outcome)
+            await self._record(outcome, unverified)
             await msg.ack()
 
-    async def _record(self, outcome: Decided) -> None:
+    async def _record(self, outcome: Decided, unverified: str) -> None:
         decision = outcome.decision
         await self._publish(decision)
-        await self._audit_decision(decision)
+        await self._audit_decision(decision, unverified)
         _count(decision)
         log.info(
             "event %s %s: %s (%s)",
@@ -242,12 +299,14 @@ class Coordinator:
             decision.reason,
         )
 
-    async def _finish_again(self, msg: Msg, event: envelope.Event, state: DecisionState) -> None:
+    async def _finish_again(
+        self, msg: Msg, event: envelope.Event, state: DecisionState, unverified: str = ""
+    ) -> None:
         """A redelivery of an event that already has its outcome: publish what may not have
         been published before a crash (idempotent: per-event subject, message ids), then ack."""
         if state.decision is not None:
             await self._publish(state.decision)
-            await self._audit_decision(state.decision)
+            await self._audit_decision(state.decision, unverified)
         elif state.state == "dead_lettered":
             await self._publish_dead_letter(
                 self._dead_letter_record(msg, _reason(state), state.dead_letter_error, event=event)
@@ -257,9 +316,10 @@ class Coordinator:
 
     async def _publish(self, decision: Decision) -> None:
         token = event_token(decision.event_id)
+        subject = subjects.decision(decision.tenant, decision.decision_type, token)
         try:
             await self.bus.publish(
-                subjects.decision(decision.tenant, decision.decision_type, token),
+                subject,
                 encoder.encode(decision),
                 msg_id=subjects.decision_msg_id(decision.tenant, token),
                 # The server refuses a second message on this event's subject: "decided once"
@@ -269,10 +329,62 @@ class Coordinator:
         except BadRequestError as e:
             if e.err_code not in subjects.JS_WRONG_LAST_SEQUENCE:
                 raise
+            await self._check_published(decision, subject)
+
+    async def _check_published(self, decision: Decision, subject: str) -> None:
+        """The server refused our decision: the event's subject holds a message already. Ours
+        (a crash before the ack) or another trusted coordinator's: fine. Anything else is a
+        forgery that readers will see first: say so loudly and put it in the audit trail. The
+        real decision stays in the ledger and the audit trail either way."""
+        try:
+            held = await self.bus.js.get_last_msg(subjects.DECISIONS_STREAM, subject)
+        except NotFoundError:
+            # Refused, yet nothing there: the stream lost it. Not a forgery we can show.
+            log.error("decision for %s refused, but %s is empty", decision.event_id, subject)
+            return
+        try:
+            found: Decision | None = decision_decoder.decode(held.data or b"")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            found = None
+        refusal = (
+            "it is not a decision"
+            if found is None
+            else decision_refusal(self.trust, found, subject=subject)
+            if self.trust is not None
+            else None
+        )
+        if refusal is None:
             log.info("decision for %s was already published", decision.event_id)
+            return
+        seq = int(held.seq or 0)
+        log.error(
+            "FORGED decision on %s (%s seq %s): %s; the real decision of event %s (%s) is in "
+            "the ledger and the audit trail",
+            subject,
+            subjects.DECISIONS_STREAM,
+            seq,
+            refusal,
+            decision.event_id,
+            decision.outcome,
+        )
+        ref = subjects.decision_key(decision.tenant, event_token(decision.event_id))
+        await self.audit.append(
+            decision.tenant,
+            "forgery",
+            decision.event_id,
+            {
+                "subject": subject,
+                "stream": subjects.DECISIONS_STREAM,
+                "seq": seq,
+                "refusal": refusal,
+                "forged_outcome": found.outcome if found is not None else "",
+                "outcome": decision.outcome,
+            },
+            msg_id=subjects.audit_msg_id("decision", ref, "forgery", seq),
+        )
 
     # -- audit ----------------------------------------------------------------------------------
-    async def _audit_decision(self, d: Decision) -> None:
+    async def _audit_decision(self, d: Decision, unverified: str = "") -> None:
         ref = subjects.decision_key(d.tenant, event_token(d.event_id))
         await self.audit.append(
             d.tenant,
@@ -285,6 +397,11 @@ class Coordinator:
                 "rule": d.rule,
                 "coordinator": d.coordinator,
                 "takeovers": d.takeovers,
+                # Who published the event: the trusted key that signed it, or why nobody is.
+                "principal": d.principal,
+                "principal_verified": bool(d.principal),
+                **({"principal_unverified": unverified} if unverified else {}),
+                "signer": d.signer,
             },
             msg_id=subjects.audit_msg_id("decision", ref),
         )

@@ -1,9 +1,21 @@
 """What the coordinator publishes: decisions and dead letters (the wire contract for readers),
-and the one builder of a dead letter."""
+the one builder of a dead letter, and the one verifier of a decision (`decision_refusal`).
+
+A decision is signed by the coordinator that made it (purpose "decision") over its canonical
+encoding without `signature`; `signer`, the key id, is inside what is signed. Whoever reads
+decisions (`mesh decisions`, `mesh.testing`, a consumer) believes one only when
+`decision_refusal` says nothing against it.
+
+An event's publisher signs it (`Mesh-Signature: <key id>:<signature>`, purpose "event", over
+`<subject>\\0<body>`); `event_principal` says which trusted key did. The `principal` field of an
+event's body is the publisher's claim, never its identity.
+"""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 import time
 from collections.abc import Mapping
 from typing import Literal
@@ -12,6 +24,8 @@ import msgspec
 
 from mesh import subjects
 from mesh.envelope import Event
+from mesh.errors import ConfigError
+from mesh.identity import Identity, Purpose, Signer, Trust
 from mesh.verdict import Choice, Verdict
 
 # `invalid`: an answer that did not prove it came from the agent asked (unsigned, wrongly signed,
@@ -137,3 +151,99 @@ def trace_id_of(traceparent: str | None) -> str | None:
 encoder = msgspec.json.Encoder()
 decision_decoder = msgspec.json.Decoder(Decision)
 dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
+
+
+# -- signed decisions ------------------------------------------------------------------------------
+_KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def event_token(event_id: str) -> str:
+    """A subject/KV-safe token for an event id (other ids are hashed, never truncated)."""
+    return event_id if _KEY_OK.match(event_id) else hashlib.sha256(event_id.encode()).hexdigest()
+
+
+def decision_subject(decision: Decision) -> str:
+    """The one subject `decision` belongs on (`subjects.decision` of its tenant, type, event)."""
+    return subjects.decision(
+        decision.tenant, decision.decision_type, event_token(decision.event_id)
+    )
+
+
+def _decision_payload(decision: Decision) -> bytes:
+    # Canonical: msgspec encodes a struct's fields in declaration order, defaults omitted, so
+    # whoever decodes a decision into this struct re-encodes the same bytes.
+    return encoder.encode(msgspec.structs.replace(decision, signature=""))
+
+
+def sign_decision(signer: Signer, decision: Decision) -> Decision:
+    """`decision` signed by `signer` (its key id in `signer`, inside what is signed)."""
+    unsigned = msgspec.structs.replace(decision, signer=signer.kid, signature="")
+    return msgspec.structs.replace(
+        unsigned, signature=signer.sign("decision", _decision_payload(unsigned))
+    )
+
+
+def decision_refusal(trust: Trust, decision: Decision, *, subject: str | None = None) -> str | None:
+    """Why `decision` is not to be believed, or None when a key `trust` lists as a coordinator's
+    (or the operator's) signed exactly this decision. With `subject` (where it was read from),
+    also refused when it sits on another event's subject (a genuine decision copied there)."""
+    refusal = trust.refusal(
+        decision.signer, "decision", _decision_payload(decision), decision.signature
+    )
+    if refusal is not None:
+        return refusal
+    if subject is not None and subject != decision_subject(decision):
+        return f"it is the decision of event {decision.event_id!r}, copied to {subject}"
+    return None
+
+
+# -- who published an event ------------------------------------------------------------------------
+def _event_payload(subject: str, body: bytes) -> bytes:
+    return subject.encode() + b"\0" + body
+
+
+def event_signature(signer: Signer, subject: str, body: bytes) -> str:
+    """The `Mesh-Signature` header value for publishing `body` on `subject`."""
+    return f"{signer.kid}:{signer.sign('event', _event_payload(subject, body))}"
+
+
+def event_principal(
+    trust: Trust | None, subject: str, body: bytes, header: str | None
+) -> tuple[str, str]:
+    """(principal, refusal) of an event as delivered: `<role>:<name>` of the trusted key whose
+    `Mesh-Signature` header verifies over `subject` and `body`, and ""; or "" and why not."""
+    if trust is None:
+        return "", "not checked: no trust file (MESH_INSECURE=bus)"
+    kid, _, signature = (header or "").partition(":")
+    refusal = trust.refusal(kid, "event", _event_payload(subject, body), signature)
+    if refusal is not None:
+        return "", refusal
+    entry = trust.keys[kid]
+    return f"{entry.role}:{entry.name}", ""
+
+
+# -- who signs -------------------------------------------------------------------------------------
+
+
+def trusted_signer(
+    identity: Identity | None, trust: Trust | None, purposes: tuple[Purpose, ...], *, what: str
+) -> Signer | None:
+    """The key `what` signs with: None when nothing is checked (no trust file, MESH_INSECURE=bus);
+    a ConfigError that says why when this identity cannot sign what the trust file would
+    believe (a writer whose own records it then refused would fight itself for ever)."""
+    if trust is None:
+        return None
+    if identity is None or not identity.signing_seed:
+        raise ConfigError(
+            f"{what} needs an identity with a signing key",
+            hint="set MESH_IDENTITY to a coordinator's identity file (`mesh creds`)",
+        )
+    signer = identity.signer()
+    for purpose in purposes:
+        if trust.signer_of(signer.kid, purpose) is None:
+            raise ConfigError(
+                f"{what}: the key of {identity.principal} is not trusted to sign {purpose}s",
+                hint="run it as a coordinator (or the operator) listed in the trust file "
+                "(MESH_TRUST)",
+            )
+    return signer

@@ -62,12 +62,21 @@ async def dlq_show(
     from rich.markup import escape
 
     from coordinator import dlq
+    from mesh import subjects
     from mesh.bus import Bus
+    from mesh.identity import resolve_trust
+    from mesh.records import event_principal
+    from mesh.settings import get_settings
 
     async with await Bus.connect(name="mesh-cli") as bus:
         d = await dlq.get(bus, dlq_id)
+    # Who published it: the trusted key that signed it as it arrived (headers are kept).
+    principal, unverified = event_principal(
+        resolve_trust(get_settings()), d.subject, d.body, d.headers.get(subjects.H_SIGNATURE)
+    )
     if json_out:
-        print(json.dumps({"seq": dlq_id, **msgspec.to_builtins(d)}, indent=2))
+        publisher = {"publisher": principal, "publisher_unverified": unverified}
+        print(json.dumps({"seq": dlq_id, **msgspec.to_builtins(d), **publisher}, indent=2))
         return
     at = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(d.at)) if d.at else "-"
     fields = [
@@ -78,6 +87,7 @@ async def dlq_show(
         ("tenant", d.tenant),
         ("event id", d.event_id or "-"),
         ("event type", d.event_type or "-"),
+        ("publisher", principal or f"not verified: {unverified}"),
         ("attempts", str(d.attempts)),
         ("stream seq", str(d.stream_seq or "-")),
         ("trace id", d.trace_id or "-"),

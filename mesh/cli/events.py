@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -175,28 +176,110 @@ async def call(
 async def decisions(
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
     json_out: Annotated[bool, typer.Option("--json")] = False,
+    trust_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust",
+            help="Trust file whose keys to believe (default: MESH_TRUST).",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
-    """Show the latest decisions."""
+    """Show the latest decisions, each checked: signed by a trusted coordinator, on its own
+    event's subject. Any that is not is marked FORGED, and the exit code is 1."""
     import msgspec
+    from rich.markup import escape
 
     from mesh import subjects
     from mesh.bus import Bus, tail
-    from mesh.records import decision_decoder
+    from mesh.identity import load_trust, require_trust
+    from mesh.records import Decision, decision_decoder, decision_refusal
+    from mesh.settings import get_settings
 
-    async with await Bus.connect(name="mesh-cli") as bus:
+    async with await Bus.connect(name="mesh-cli") as bus:  # no server: say that first
+        trust = (
+            load_trust(trust_file)
+            if trust_file is not None
+            else require_trust(get_settings(), what="`mesh decisions`")
+        )
         rows = await tail(bus, subjects.DECISIONS_STREAM, limit)
-    ds = [decision_decoder.decode(body) for _, _, body in rows]
+    checked: list[tuple[int, str, Decision | None, str]] = []  # seq, subject, decision, refusal
+    for seq, subject, body in rows:
+        try:
+            d: Decision | None = decision_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            d = None
+        if d is None:
+            refusal = "not a decision"
+        elif trust is None:
+            refusal = ""  # MESH_INSECURE=bus: nothing to check against (said below)
+        else:
+            refusal = decision_refusal(trust, d, subject=subject) or ""
+        checked.append((seq, subject, d, refusal))
+    forged = [c for c in checked if c[3]]
     if json_out:
-        print(json.dumps([msgspec.to_builtins(d) for d in ds], indent=2))
-        return
-    table = Table(title=f"last {len(ds)} decision(s)")
-    for col in ("event", "type", "tenant", "outcome", "votes", "reason", "latency"):
-        table.add_column(col, overflow="fold")
-    for d in ds:
-        votes = ", ".join(
-            f"{v.agent}:{v.verdict.vote if v.verdict else v.outcome}" for v in d.votes
+        print(
+            json.dumps(
+                [
+                    {
+                        "seq": seq,
+                        "subject": subject,
+                        "valid": not refusal and trust is not None,
+                        "refusal": refusal,
+                        **(msgspec.to_builtins(d) if d is not None else {}),
+                    }
+                    for seq, subject, d, refusal in checked
+                ],
+                indent=2,
+            )
         )
-        table.add_row(
-            d.event_id, d.event_type, d.tenant, d.outcome, votes, d.reason, f"{d.latency_ms:.0f}ms"
+    else:
+        table = Table(title=f"last {len(checked)} decision(s)")
+        for col in (
+            "signature",
+            "event",
+            "type",
+            "tenant",
+            "outcome",
+            "votes",
+            "reason",
+            "latency",
+        ):
+            table.add_column(col, overflow="fold")
+        for seq, subject, d, refusal in checked:
+            mark = (
+                f"[red]FORGED[/red]: {escape(refusal)}"
+                if refusal
+                else "[yellow]UNCHECKED[/yellow]"
+                if trust is None
+                else "[green]ok[/green]"
+            )
+            if d is None:
+                table.add_row(mark, f"seq {seq}", subject, "", "", "", "", "")
+                continue
+            votes = ", ".join(
+                f"{v.agent}:{v.verdict.vote if v.verdict else v.outcome}" for v in d.votes
+            )
+            table.add_row(
+                mark,
+                d.event_id,
+                d.event_type,
+                d.tenant,
+                d.outcome,
+                votes,
+                d.reason,
+                f"{d.latency_ms:.0f}ms",
+            )
+        out.print(table)
+    if trust is None:
+        err.print(
+            "[yellow]warning:[/yellow] signatures not checked (MESH_INSECURE=bus): "
+            "anyone on the bus could have published these"
         )
-    out.print(table)
+    if forged:
+        err.print(
+            f"[red]warning: {len(forged)} decision(s) FORGED[/red] (not signed by a trusted "
+            "coordinator for their event): do not act on them",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)

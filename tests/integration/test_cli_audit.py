@@ -21,8 +21,8 @@ async def _seed(url: str, forge: bool) -> None:
         for i in range(3):
             await log.append("acme", "decision", f"e{i}", {"outcome": "approved"})
         if forge:
-            # A writer that skips the chain (what a tampering client could publish, since the
-            # stream refuses only delete and purge): verify must name it.
+            # A genuine record changed and re-published (what a tampering client could publish,
+            # since the stream refuses only delete and purge): verify must name it.
             record = await log.append("acme", "decision", "e3", {"outcome": "approved"})
             fake = msgspec.structs.replace(record, ref="e4", prev="f" * 64)
             await bus.publish(subject("acme", "decision"), msgspec.json.encode(fake))
@@ -36,16 +36,20 @@ def test_audit_verify_and_ls(forge: bool, monkeypatch: pytest.MonkeyPatch) -> No
         runner = CliRunner()
         verified = runner.invoke(app, ["audit", "verify"])
         listed = runner.invoke(app, ["audit", "ls", "--json", "--tenant", "acme"])
+        table = runner.invoke(app, ["audit", "ls", "--tenant", "acme"], terminal_width=250)
     assert listed.exit_code == 0
     refs = [r["ref"] for r in msgspec.json.decode(listed.stdout)]
     if forge:
         assert verified.exit_code == 1
-        assert "record 5 does not chain" in verified.output
+        assert "record 5 was altered: its content does not match its hash" in verified.output
+        assert "does NOT verify" in verified.output
         assert refs == ["e0", "e1", "e2", "e3", "e4"]
+        assert "ALTERED" in table.output
     else:
         assert verified.exit_code == 0, verified.output
         assert "verified 3 records" in verified.output
         assert refs == ["e0", "e1", "e2"]
+        assert "ALTERED" not in table.output and "FOREIGN" not in table.output
 
 
 def test_status_without_a_coordinator_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -269,8 +269,8 @@ async def test_a_redelivery_of_a_dead_lettered_event_publishes_its_record(
 
     e = envelope.new_event("vote.orphan", {})
     ack = await bus.publish_event(e)
-    kv = await bus.kv(subjects.DECISIONS_BUCKET)
-    ledger = Ledger(KvStore(kv), "crashed-coordinator", 2.0)
+    # A real coordinator's mark: signed with a trusted key (an unsigned one would be ignored).
+    ledger = await Ledger.on_bus(bus, "crashed-coordinator", 2.0)
     marked = await ledger.mark_dead_lettered(
         state_key("default", e.id), stream_seq=ack.seq, reason="no_agent", error="from before"
     )
@@ -321,3 +321,37 @@ async def running_coordinator(bus: Bus, policies: policy.Policies) -> AsyncItera
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_a_foreign_audit_message_does_not_stop_auditing_and_stop_checkpoints(
+    bus: Bus, settings: Settings, tmp_path: Path
+) -> None:
+    """Something that is no audit record lands on the tenant's audit subjects (an outside
+    client); the coordinator goes on auditing past it, and anchors its chain in a signed
+    checkpoint when it stops: verify reports the foreign message and nothing else."""
+    from mesh.audit import snapshot, verify_bundle
+    from mesh.identity import resolve_trust
+    from tests.integration.test_audit_trust import ensure_checkpoints
+
+    await ensure_checkpoints(bus)
+    agents = [voting_agent(tmp_path, f"a{i}", f"s{i}") for i in (1, 2, 3)]
+    async with contextlib.AsyncExitStack() as stack:
+        for a in agents:
+            await stack.enter_async_context(a.serve(bus, http=False, settings=settings))
+        async with running_coordinator(bus, policy.parse(POLICIES)):
+            first = await publish(bus, "vote.unanimous", {"vote": "approve"})
+            await decision_for(bus, first)
+            ack = await bus.js.publish(subjects.audit("default", "decision"), b"\x00 not a record")
+            second = await publish(bus, "vote.unanimous", {"vote": "reject"})
+            await decision_for(bus, second)
+
+            async def audited() -> bool:
+                from mesh.audit import read
+
+                return any(r.ref == second and r.kind == "vote" for _, r in await read(bus))
+
+            await eventually(audited)
+    result = verify_bundle(await snapshot(bus), resolve_trust(bus.settings))
+    assert len(result.problems) == 1 and f"record {ack.seq} on" in result.problems[0]
+    assert result.count == 2 * 4 + 1  # two decisions with three votes each, one policy change
+    assert result.notes == []  # every tenant checkpointed (on stop)

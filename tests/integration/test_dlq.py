@@ -424,10 +424,13 @@ def test_cli_dlq_commands(cli_server: str) -> None:
     assert r.exit_code == 0, r.output
     for text in ("terminated", "'termer'", event_id, "vote.cli", "acme", TRACEPARENT):
         assert text in r.stdout
+    assert "publisher" in r.stdout  # the verified publisher, or why there is none
     body = json.loads(r.stdout[r.stdout.index("bytes)") + len("bytes)") :])
     assert body["data"] == {"a": [1, 2]}  # pretty-printed JSON parses back
 
     r = runner.invoke(app, ["dlq", "show", str(dlq_seq), "--json"])
+    shown = json.loads(r.stdout)
+    assert shown["publisher"] or shown["publisher_unverified"]
     assert (
         msgspec.convert(
             {k: v for k, v in json.loads(r.stdout).items() if k != "seq"}, DeadLetter

@@ -5,9 +5,11 @@ sleeping. The real-server suites (integration, faults, chaos) prove the wiring."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 from coordinator.clock import ManualClock, settle
@@ -377,3 +379,58 @@ async def test_dead_lettering_is_refused_once_decided_and_deciding_once_dead_let
     with pytest.raises(LostClaim):
         done(run)
     assert (await state_of(store)).state == "dead_lettered"
+
+
+# -- signed decisions ----------------------------------------------------------------------------
+async def test_a_decision_is_signed_by_its_coordinator_and_names_the_verified_principal() -> None:
+    from mesh.identity import Signer, Trust
+    from mesh.records import decision_refusal, decision_subject
+
+    key = Signer.generate()
+    trust = Trust()
+    trust.add(key, "coordinator", "coordinator")
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(clock, {s: (0.1, "approve") for s in SKILLS})
+    decider = Decider(
+        Ledger(store, "c1", LEASE_S, clock=clock), voters, clock, name="c1", signer=key
+    )
+    signed_job = dataclasses.replace(job(policy(), clock), principal="publisher:p1")
+    run = asyncio.create_task(decider.run(signed_job))
+    await clock.advance(0.1)
+    d = done(run).decision
+    assert (d.signer, d.principal) == (key.kid, "publisher:p1")
+    assert decision_refusal(trust, d) is None
+    assert decision_refusal(trust, d, subject=decision_subject(d)) is None
+    # What the ledger keeps is the signed decision (a re-publish after a crash is signed too).
+    assert (await state_of(store)).decision == d
+
+    # Anything changed, a key nobody trusts, or a genuine decision on another event's subject:
+    assert decision_refusal(trust, msgspec.structs.replace(d, outcome="rejected")) == (
+        "signature does not verify"
+    )
+    assert decision_refusal(trust, msgspec.structs.replace(d, principal="operator:x"))
+    assert decision_refusal(trust, msgspec.structs.replace(d, signature="")) == "unsigned"
+    assert "not trusted" in (decision_refusal(Trust(), d) or "")
+    other = msgspec.structs.replace(d, event_id="e2")
+    assert "copied to" in (decision_refusal(trust, d, subject=decision_subject(other)) or "")
+
+
+def test_event_principal_is_the_trusted_key_that_signed_subject_and_body() -> None:
+    from mesh.identity import Signer, Trust
+    from mesh.records import event_principal, event_signature
+
+    publisher, stranger = Signer.generate(), Signer.generate()
+    trust = Trust()
+    trust.add(publisher, "publisher", "p1")
+    body, subj = b'{"id": "e1"}', "mesh.evt.acme.vote.test"
+    header = event_signature(publisher, subj, body)
+    assert event_principal(trust, subj, body, header) == ("publisher:p1", "")
+    assert event_principal(trust, subj, body + b" ", header)[1] == "signature does not verify"
+    # Signed for another tenant's subject: not this event.
+    assert event_principal(trust, "mesh.evt.other.vote.test", body, header)[0] == ""
+    assert event_principal(trust, subj, body, None) == ("", "unsigned")
+    assert (
+        "not trusted"
+        in event_principal(trust, subj, body, event_signature(stranger, subj, body))[1]
+    )
+    assert event_principal(None, subj, body, header)[0] == ""

@@ -22,7 +22,8 @@ from coordinator.ledger import (
     MemoryStore,
     StateConflict,
 )
-from mesh.records import Vote
+from mesh.identity import Signer, Trust
+from mesh.records import Decision, Vote
 
 KEY = "acme.e1"
 LEASE_S = 2.0
@@ -222,3 +223,119 @@ async def test_cas_rounds_are_bounded() -> None:
     with pytest.raises(LostClaim):
         await a.mark_dead_lettered(KEY, stream_seq=1, reason="max_deliveries")
     assert store.updates == 2 * CAS_RETRY.attempts
+
+
+# -- signed entries: what nobody trusted wrote is never acted on ---------------------------------
+COORDINATOR = Signer.generate()
+TRUST = Trust()
+TRUST.add(COORDINATOR, "coordinator", "coordinator")
+OUTSIDER = Signer.generate()  # a key nobody listed (or listed as a publisher's)
+TRUST.add(OUTSIDER, "publisher", "p1")
+
+
+def signed(store: MemoryStore, owner: str, clock: ManualClock) -> Ledger:
+    return Ledger(store, owner, LEASE_S, clock=clock, signer=COORDINATOR, trust=TRUST)
+
+
+def forged_decided() -> DecisionState:
+    decision = Decision(
+        event_id="e1",
+        event_type="vote.test",
+        tenant="acme",
+        decision_type="vote.decided",
+        outcome="approved",
+        reason="all approve",
+        rule="unanimous",
+        votes=[vote("s1")],
+        decided_at=1.0,
+        latency_ms=1.0,
+    )
+    return DecisionState("decided", "mallory", 0.0, 0.0, 1, decision=decision)
+
+
+def sign_with(signer: Signer, state: DecisionState) -> DecisionState:
+    unsigned = msgspec.structs.replace(state, signer=signer.kid, signature="")
+    payload = msgspec.json.encode(unsigned)
+    return msgspec.structs.replace(unsigned, signature=signer.sign("ledger", payload))
+
+
+FORGERIES = {
+    "unsigned": msgspec.json.encode(forged_decided()),
+    "untrusted key": msgspec.json.encode(sign_with(OUTSIDER, forged_decided())),
+    "trusted key, altered after signing": msgspec.json.encode(
+        msgspec.structs.replace(
+            sign_with(COORDINATOR, msgspec.structs.replace(forged_decided(), state="collecting")),
+            state="decided",
+        )
+    ),
+    "not a state at all": b'{"state": "decided", "what": "?"}',
+}
+
+
+async def test_signed_writes_read_back_and_verify() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    a = signed(store, "a", clock)
+    claim = await a.claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(claim, Claim) and claim.state.signer == COORDINATOR.kid
+    await a.save(claim, msgspec.structs.replace(claim.state, votes={"s1": vote("s1")}))
+    state = await a.read(KEY)
+    assert state is not None and state.votes["s1"].counted_as == "approve"
+    assert state.signature  # every write is signed
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+async def test_a_forged_entry_is_replaced_by_a_fresh_claim(
+    forgery: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, clock = MemoryStore(), ManualClock()
+    await store.create(KEY, FORGERIES[forgery])
+    a = signed(store, "a", clock)
+    assert await a.read(KEY) is None  # nothing to believe
+    got = await a.claim(KEY, stream_seq=1, deadline_s=10)
+    # Not Done (its "decision" is never published): claimed afresh, no votes, no take-over.
+    assert isinstance(got, Claim)
+    assert (got.state.state, got.state.votes, got.state.takeovers) == ("collecting", {}, 0)
+    assert got.state.decision is None and got.state.deadline_at == clock.time() + 10
+    assert (await a.read(KEY)) == got.state  # ours now, signed
+    assert any(
+        r.levelname == "ERROR" and "not written by a trusted coordinator" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+async def test_a_forged_live_lease_holds_nobody_off() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    held = DecisionState("collecting", "mallory", clock.time() + 1e9, clock.time() + 1e9, 1)
+    await store.create(KEY, msgspec.json.encode(sign_with(OUTSIDER, held)))
+    got = await signed(store, "a", clock).claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(got, Claim) and got.state.owner == "a"
+
+
+async def test_forged_votes_are_not_kept_by_a_take_over() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    stale = DecisionState("collecting", "dead", 0.0, 100.0, 1, votes={"s1": vote("s1")})
+    await store.create(KEY, msgspec.json.encode(stale))  # unsigned: expired lease, one "vote"
+    got = await signed(store, "a", clock).claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(got, Claim) and got.state.votes == {} and got.state.takeovers == 0
+
+
+async def test_a_forged_decision_does_not_stop_a_dead_letter() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    await store.create(KEY, FORGERIES["untrusted key"])
+    marked = await signed(store, "a", clock).mark_dead_lettered(
+        KEY, stream_seq=1, reason="no_agent"
+    )
+    assert isinstance(marked, DeadLettered) and marked.fresh
+
+
+async def test_a_genuine_take_over_keeps_votes_under_signatures() -> None:
+    store = MemoryStore()
+    clock_a, clock_b = ManualClock(), ManualClock()
+    a, b = signed(store, "a", clock_a), signed(store, "b", clock_b)
+    claim = await a.claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(claim, Claim)
+    await a.save(claim, msgspec.structs.replace(claim.state, votes={"s1": vote("s1")}))
+    await clock_b.advance(LEASE_S + 0.1)
+    taken = await b.claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(taken, Claim) and taken.state.takeovers == 1
+    assert list(taken.state.votes) == ["s1"]
