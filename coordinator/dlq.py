@@ -38,7 +38,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from coordinator.ledger import Done, KvStore, Ledger, state_key
+from coordinator.ledger import Done, Ledger, state_key
 from mesh import envelope, records, subjects
 from mesh._internal.lifecycle import AsyncService
 from mesh._internal.retry import RetryPolicy
@@ -156,9 +156,9 @@ class AdvisoryDeadLetters(AsyncService):
 
     async def _ledger_for_settling(self) -> Ledger:
         if self._ledger is None:
-            kv = await self.bus.kv(subjects.DECISIONS_BUCKET)
-            # It never claims an event, so it holds no lease of its own.
-            self._ledger = Ledger(KvStore(kv), owner="dlq", lease_s=0.0)
+            # It never claims an event, so it holds no lease of its own; its writes are signed
+            # like the coordinator's (a dead-letter mark is a ledger entry like any other).
+            self._ledger = await Ledger.on_bus(self.bus, owner="dlq", lease_s=0.0)
         return self._ledger
 
     async def handle(self, advisory_subject: str, payload: bytes) -> None:

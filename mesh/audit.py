@@ -141,13 +141,17 @@ def judge(trust: Trust | None, record: AuditRecord, subj: str) -> tuple[Judgemen
     if _subject_tenant(subj, subjects.AUDIT_ROOT) != record.tenant:
         return "foreign", f"it says tenant {record.tenant!r} but sits on {subj}"
     if trust is not None and trust.signer_of(record.signer, "audit") is None:
-        refusal = trust.refusal(record.signer, "audit", record.hash.encode(), record.signature)
+        refusal = trust.refusal(
+            record.signer, "audit", record.hash.encode(), record.signature, at=record.at
+        )
         return "foreign", refusal or "unsigned"
     if record.digest() != record.hash:
         return "altered", "its content does not match its hash"
     if trust is None:
         return "belongs", ""
-    refusal = trust.refusal(record.signer, "audit", record.hash.encode(), record.signature)
+    refusal = trust.refusal(
+        record.signer, "audit", record.hash.encode(), record.signature, at=record.at
+    )
     if refusal is not None:
         return "altered", f"{refusal} (key {record.signer})"
     entry = trust.keys[record.signer]
@@ -444,7 +448,7 @@ def checkpoint_of(trust: Trust | None, subj: str, data: bytes) -> tuple[Checkpoi
     if _subject_tenant(subj, subjects.CHECKPOINT_ROOT) != cp.tenant:
         return None, f"it says tenant {cp.tenant!r} but sits on {subj}"
     if trust is not None:
-        refusal = trust.refusal(cp.signer, "checkpoint", cp.payload(), cp.signature)
+        refusal = trust.refusal(cp.signer, "checkpoint", cp.payload(), cp.signature, at=cp.at)
         if refusal is not None:
             return None, refusal
     return cp, ""

@@ -188,7 +188,11 @@ def decision_refusal(trust: Trust, decision: Decision, *, subject: str | None = 
     (or the operator's) signed exactly this decision. With `subject` (where it was read from),
     also refused when it sits on another event's subject (a genuine decision copied there)."""
     refusal = trust.refusal(
-        decision.signer, "decision", _decision_payload(decision), decision.signature
+        decision.signer,
+        "decision",
+        _decision_payload(decision),
+        decision.signature,
+        at=decision.decided_at,
     )
     if refusal is not None:
         return refusal
