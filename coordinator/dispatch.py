@@ -1,11 +1,20 @@
 """Asking one voter (the service's `Asker`): an A2A call over NATS with a per-call timeout,
 bounded retries (the policy's `retries`, full-jitter backoff) on another replica each time, all
 inside the decision's deadline. Never raises: every failure becomes a `Vote` whose outcome says
-what happened."""
+what happened.
+
+An answer counts only if the instance that gave it signed it (`mesh.votes`) with the key its
+verified card binds, for exactly what was asked: this event, tenant, skill and messageId. An
+answer that is unsigned, wrongly signed or signed for something else is an `invalid` vote:
+counted as the policy counts a voter that gave no usable answer (never as the vote it claims),
+recorded with what it claimed and why it was refused, and not retried (the same replica would
+answer the same; an impostor would too).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import msgspec
@@ -15,7 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from coordinator.decide import Ask, unanswered
 from coordinator.policy import Policy
 from coordinator.routing import BreakerOpen, Router
-from mesh import subjects, telemetry
+from mesh import subjects, telemetry, votes
 from mesh._internal.retry import RetryPolicy
 from mesh.a2a.client import (
     AgentClient,
@@ -29,6 +38,8 @@ from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
 from mesh.records import CallOutcome, Vote
 from mesh.verdict import Verdict
 
+log = logging.getLogger(__name__)
+
 
 def retry_policy(policy: Policy) -> RetryPolicy:
     """`retries` more attempts after the first; the pause after the n-th failure is uniform in
@@ -41,7 +52,8 @@ def message(req: Ask) -> Message:
     return user_message(
         data=e.data,
         message_id=subjects.vote_message_id(e.tenant, e.id, req.skill),
-        metadata={"eventId": e.id, "eventType": e.type, "tenant": e.tenant},
+        # What the voter signs its answer for (mesh.votes), with the messageId.
+        metadata={"eventId": e.id, "eventType": e.type, "tenant": e.tenant, "skill": req.skill},
     )
 
 
@@ -99,6 +111,51 @@ def _vote(
     )
 
 
+def _answered(
+    router: Router,
+    req: Ask,
+    msg: Message,
+    task: Task,
+    verdict: Verdict,
+    *,
+    started: float,
+    attempts: int,
+) -> Vote:
+    """The Vote for an answer: counted if its signature proves the instance it names gave it
+    for this question; `invalid` otherwise."""
+    view = router.view
+    if not view.checks_votes:  # MESH_INSECURE=bus (the registry said so once, loudly)
+        return _vote(req, started, attempts, "voted", task=task, verdict=verdict, counted=True)
+    question = votes.Question(
+        agent=req.agent,
+        tenant=req.event.tenant,
+        event_id=req.event.id,
+        skill=req.skill,
+        message_id=msg.message_id,
+    )
+    output, signed = votes.signed_output(task)
+    binding = (
+        view.binding(req.agent, signed.instance)
+        if isinstance(signed, votes.VoteSignature)
+        else None
+    )
+    reason = votes.refusal(question, output, signed, binding)
+    if reason is not None:
+        log.warning(
+            "invalid vote from %s on event %s (skill %s): %s",
+            req.agent,
+            req.event.id,
+            req.skill,
+            reason,
+        )
+        return _vote(req, started, attempts, "invalid", verdict=verdict, error=reason)
+    assert isinstance(signed, votes.VoteSignature)
+    vote = _vote(req, started, attempts, "voted", task=task, verdict=verdict, counted=True)
+    return msgspec.structs.replace(
+        vote, instance=signed.instance, signed_at=signed.at, signature=signed.signature
+    )
+
+
 async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
     started = time.monotonic()
     msg = message(req)
@@ -140,7 +197,7 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
             # The agent answered, but not with a usable vote: retrying will not change it.
             return _vote(req, started, attempts, "error", error=str(e))
         else:
-            return _vote(req, started, attempts, "voted", task=task, verdict=verdict, counted=True)
+            return _answered(router, req, msg, task, verdict, started=started, attempts=attempts)
         if not last.retryable:
             break
         delay = retry.pause(attempts, deadline=req.deadline)  # None: attempts or time used up
@@ -175,9 +232,12 @@ async def _recover(
     except (AgentCallError, ValueError, msgspec.ValidationError) as e:
         error = f"deadline passed during a take-over; no earlier answer ({e})"
         return _vote(req, started, 1, "timeout", error=error)
-    answered_at = status_time(task)
-    if answered_at is not None and answered_at <= req.deadline_wall:
-        return _vote(req, started, 1, "voted", task=task, verdict=verdict, counted=True)
+    vote = _answered(router, req, msg, task, verdict, started=started, attempts=1)
+    # When it answered: the time the instance signed, where checked (the task's status time is
+    # whatever the answer says).
+    answered_at = vote.signed_at or status_time(task)
+    if vote.outcome != "voted" or (answered_at is not None and answered_at <= req.deadline_wall):
+        return vote
     # Answered, but after the deadline: recorded for the audit, not counted.
     error = "late vote: answered after the deadline; not counted"
     return _vote(req, started, 1, "timeout", verdict=verdict, error=error)

@@ -58,10 +58,11 @@ from mesh.events import (
     consuming,
     event_handler,
 )
+from mesh.identity import Signer
 from mesh.models import Brain, RulesBrain, select_brain
 from mesh.registry import Registration, Registry, new_instance_id
 from mesh.settings import Settings, get_settings
-from mesh.signing import CardSigner
+from mesh.votes import SIGNATURE_KEY, VoteSigner
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,6 @@ class Agent:
         """Serve A2A over NATS (and HTTP), registered and heartbeating, until the block exits."""
         settings = settings or (bus.settings if bus else get_settings())
         card = self.card()
-        signer = CardSigner.from_settings(settings)  # a bad key fails here, before anything runs
         # Events-only agents have no brain: A2A messages are answered with a rejection.
         brain = self.brain() if self._handler or not self.event_handlers else None
         log.info("agent %s: brain %s", self.name, brain.name if brain else "none (events only)")
@@ -178,18 +178,23 @@ class Agent:
             await bus.ensure()
             await telemetry.keep_spans_in_jetstream(bus)
             instance = new_instance_id()
+            # This instance's own key: in memory only, it signs the votes of this process and
+            # nothing else; the card binds it, signed with the process's identity.
+            key = Signer.generate()
             subject = subjects.a2a(self.name)
+            direct = subjects.a2a_instance(self.name, instance)
+            registry = Registry(bus)
             store = await _task_store(bus, self.name, settings)
             # The card must say where this instance listens, so the HTTP socket is bound first
             # and the server is built once, with the live card.
             sock = http_server.bind(settings) if http else None
             http_url = http_server.advertised_url(settings, sock.getsockname()[1]) if sock else None
             live = with_interfaces(card, http_url=http_url, nats_subject=subject)
-            if signer is not None:  # signed once: the live card does not change while we run
-                live = signer.sign(live)
+            # Re-signed in place while we run (a new expiry): HTTP serves the same object.
+            bound = registry.bind(live, instance, direct_subject=direct, key=key)
             server = A2AServer(
-                live,
-                _Executor(self, brain),
+                bound.card,
+                _Executor(self, brain, VoteSigner(self.name, instance, key)),
                 task_store=store,
                 push_allow_private=settings.push_allow_private,
                 # Any replica can follow a task another replica runs (SubscribeToTask).
@@ -199,7 +204,6 @@ class Agent:
                 await stack.enter_async_context(http_server.serving(server, sock))
             # Shared subject (replicas share work in a queue group) and this replica's own, so a
             # caller can steer around a replica that is failing (coordinator/routing.py).
-            direct = subjects.a2a_instance(self.name, instance)
             serve_nats = server.nats_callback(bus.nc)
             sub = await bus.nc.subscribe(subject, queue=self.name, cb=serve_nats)
             own = await bus.nc.subscribe(direct, cb=serve_nats)
@@ -207,14 +211,12 @@ class Agent:
             stack.push_async_callback(server.drain)
             stack.push_async_callback(sub.unsubscribe)
             stack.push_async_callback(own.unsubscribe)
-            reg = await stack.enter_async_context(
-                Registry(bus).registered(live, instance, direct_subject=direct)
-            )
+            reg = await stack.enter_async_context(registry.registered(bound))
             # Entered last so it exits first: in-flight handlers drain while the bus is still up.
             if self.event_handlers:
                 await stack.enter_async_context(consuming(bus, self.event_handlers))
             log.info("agent %s/%s serving on %s and %s", self.name, instance, subject, http_url)
-            yield RunningAgent(self, live, reg, http_url, subject, brain)
+            yield RunningAgent(self, bound.card, reg, http_url, subject, brain)
 
     def main(self) -> None:
         """Run until SIGINT/SIGTERM (what `mesh run` and `python -m agents.X` call)."""
@@ -260,9 +262,10 @@ async def _task_store(bus: Bus, agent: str, settings: Settings) -> TaskStore | J
 class _Executor(AgentExecutor):
     """Turns an A2A message into one handler call and a task with a typed artifact."""
 
-    def __init__(self, agent: Agent, brain: Brain | None) -> None:
+    def __init__(self, agent: Agent, brain: Brain | None, votes: VoteSigner) -> None:
         self.agent = agent
         self.brain = brain
+        self.votes = votes
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         """One task, under an `invoke_agent` server span that continues the caller's trace (the
@@ -314,14 +317,19 @@ class _Executor(AgentExecutor):
         except MeshError as e:
             await updater.failed(updater.new_agent_message([Part(text=f"{self.brain.name}: {e}")]))
             return
+        output = msgspec.to_builtins(thought.output)
+        # Signed by this instance for the question as asked (mesh.votes): the coordinator
+        # counts the answer only if the signature verifies with the key our card binds.
+        question = self.votes.question(message.message_id, dict(message.metadata))
         await updater.add_artifact(
-            [new_data_part(msgspec.to_builtins(thought.output), media_type="application/json")],
+            [new_data_part(output, media_type="application/json")],
             name=_type_name(self.agent.output_type).lower(),
             metadata={
                 "brain": thought.brain,
                 "inputTokens": thought.usage.input_tokens,
                 "outputTokens": thought.usage.output_tokens,
                 "pid": os.getpid(),
+                SIGNATURE_KEY: self.votes.sign(question, output),
             },
         )
         await updater.complete()

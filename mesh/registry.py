@@ -4,11 +4,16 @@ Key `<agent>.<instance>`; value a `Registration`. The bucket's TTL lets the serv
 agent's entry; readers also check `seen_at` so an entry is never trusted past its TTL even
 between server sweeps. A clean stop deletes the entry at once.
 
-Signed cards (`mesh.signing`): readers check each entry's card against MESH_CARD_TRUSTED_KEYS
-and MESH_REQUIRE_SIGNED_CARDS (the rule is in `mesh.signing`'s docstring). A refused entry is not
-listed and not found by skill; it is logged once per key and revision (a heartbeat is a new
-revision). The signature covers the card, not the wrapper, so for a verified card the wrapper
-must agree with it: same agent name, same skills, the direct subject of its own instance.
+Every card is bound to its instance's key and signed (`mesh.signing`): `registered` binds and
+signs it with this process's identity, and re-signs it on a heartbeat when half its lifetime is
+gone. Readers believe an entry only if its card verifies under the trust file and its binding
+names the agent and instance of the key it is stored under, with the subjects the entry gives;
+the wrapper's copies (agent, skills, direct subject) must agree with the signed card. A refused
+entry is not listed and not found by skill; it is logged once per key and revision (a heartbeat
+is a new revision). With MESH_INSECURE=bus nothing is checked.
+
+The `RegistryView` also answers "which key may sign votes for this instance" (`binding`),
+including for instances that left a moment ago, so a vote given just before a stop verifies.
 """
 
 from __future__ import annotations
@@ -34,7 +39,18 @@ from mesh import subjects
 from mesh._internal.retry import RetryPolicy
 from mesh.bus import Bus
 from mesh.cards import card_to_dict, parse_card
-from mesh.signing import CardCheck, CardVerifier
+from mesh.errors import ConfigError
+from mesh.identity import Signer
+from mesh.signing import (
+    CARD_LIFETIME_S,
+    Binding,
+    BoundCard,
+    CardCheck,
+    CardSigner,
+    CardVerifier,
+    expiry,
+    instance_subjects,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +83,14 @@ _enc = msgspec.json.Encoder()
 _card_enc = msgspec.json.Encoder(order="sorted")
 _dec = msgspec.json.Decoder(Registration)
 _REMEMBER = 4096  # verification results and logged refusals kept (LRU)
+# How often a reader looks at the trust file again, so keys issued, retired or revoked while it
+# runs count without a restart (a reload that changes it forgets every cached verification).
+TRUST_RELOAD_S = 5.0
+# How long the view still knows the key of an instance that left (a clean stop deletes its
+# entry before its last answers have drained; a take-over re-reads a task another replica of
+# the same agent stored): votes it signed verify this long after it is gone. Bounded in count.
+DEPARTED_KEEP_S = 300.0
+DEPARTED_MAX = 1024
 
 
 def new_instance_id() -> str:
@@ -74,26 +98,42 @@ def new_instance_id() -> str:
 
 
 class Registry:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, *, card_lifetime_s: float = CARD_LIFETIME_S) -> None:
         self.bus = bus
         self.ttl_s = bus.settings.card_ttl_s
         self.heartbeat_s = bus.settings.heartbeat_s
+        self.card_lifetime_s = card_lifetime_s
         self._verifier: CardVerifier | None = None  # read side only: built on first read
+        self._trust_read_at = 0.0
         self._checked: OrderedDict[bytes, CardCheck] = OrderedDict()  # by card digest
         self._logged: OrderedDict[tuple[str, int], None] = OrderedDict()  # (key, revision)
 
     @property
     def verifier(self) -> CardVerifier:
+        """The card verifier of the current trust file (re-read every `TRUST_RELOAD_S`)."""
+        now = time.monotonic()
         if self._verifier is None:
             self._verifier = CardVerifier.from_settings(self.bus.settings)
+            self._trust_read_at = now
+        elif self._verifier.checks_anything and now - self._trust_read_at >= TRUST_RELOAD_S:
+            self._trust_read_at = now
+            try:
+                fresh = CardVerifier.from_settings(self.bus.settings)
+            except ConfigError as e:  # being rewritten, or gone: keep what we had
+                log.warning("registry: cannot re-read the trust file (%s); keeping the last", e)
+                return self._verifier
+            if _enc.encode(fresh.trust) != _enc.encode(self._verifier.trust):
+                log.info("registry: the trust file changed; checking cards against it")
+                self._verifier = fresh
+                self._checked.clear()
         return self._verifier
 
-    def accepts(self, reg: Registration, key: str, revision: int) -> bool:
-        """Whether readers may use `reg` (stored at `key`, `revision`); logs a refusal once."""
-        reason = self._refusal(reg, key)
-        if reason is None:
-            return True
-        if (key, revision) not in self._logged:
+    # -- reading --------------------------------------------------------------------------------
+    def check(self, reg: Registration, key: str, revision: int) -> CardCheck:
+        """Whether readers may use `reg` (stored at `key`, `revision`), and its verified
+        binding; a refusal is logged once per key and revision."""
+        checked = self._check(reg, key)
+        if checked.refusal is not None and (key, revision) not in self._logged:
             _remember(self._logged, (key, revision), None)
             log.warning(
                 "registry: refused the card of agent %s instance %s (%s revision %d): %s",
@@ -101,23 +141,30 @@ class Registry:
                 reg.instance,
                 key,
                 revision,
-                reason,
+                checked.refusal,
             )
-        return False
+        return checked
 
-    def _refusal(self, reg: Registration, key: str) -> str | None:
+    def accepts(self, reg: Registration, key: str, revision: int) -> bool:
+        return self.check(reg, key, revision).refusal is None
+
+    def _check(self, reg: Registration, key: str) -> CardCheck:
         verifier = self.verifier
         if not verifier.checks_anything:
-            return None
-        # Heartbeats repeat the same card: its signature is checked once (the wrapper each time).
+            return CardCheck(None)
+        # Heartbeats repeat the same card: its signature is checked once, the expiry and the
+        # wrapper every time.
         digest = hashlib.sha256(_card_enc.encode(reg.card)).digest()
-        check = self._checked.get(digest)
-        if check is None:
-            check = verifier.check(reg.card)
-        _remember(self._checked, digest, check)
-        if check.refusal is None and check.verified:
-            return _mismatch(reg, key)
-        return check.refusal
+        checked = self._checked.get(digest)
+        if checked is None:
+            checked = verifier.verify(reg.card)
+        _remember(self._checked, digest, checked)
+        checked = expiry(checked)
+        if checked.refusal is None and checked.binding is not None:
+            mismatch = _mismatch(reg, key, checked.binding)
+            if mismatch is not None:
+                return CardCheck(mismatch)
+        return checked
 
     async def _keys(self, kv: KeyValue) -> list[str]:
         """The bucket's keys. nats-py lists them through an ephemeral consumer, and on a
@@ -139,24 +186,51 @@ class Registry:
     async def _kv(self) -> KeyValue:
         return await self.bus.kv(subjects.CARDS_BUCKET, ttl_s=self.ttl_s)
 
+    # -- writing --------------------------------------------------------------------------------
+    def bind(
+        self,
+        card: AgentCard,
+        instance: str,
+        *,
+        direct_subject: str = "",
+        key: Signer | None = None,
+    ) -> BoundCard:
+        """`card` bound to `instance` and its key (a fresh one unless given), signed with this
+        process's identity (unsigned only with MESH_INSECURE=bus and no identity)."""
+        signer = CardSigner.of(self.bus.identity, self.bus.settings)
+        return BoundCard(
+            card,
+            instance=instance,
+            key=key or Signer.generate(),
+            signer=signer,
+            direct_subject=direct_subject,
+            lifetime_s=self.card_lifetime_s,
+        )
+
     @contextlib.asynccontextmanager
     async def registered(
-        self, card: AgentCard, instance: str, *, direct_subject: str = ""
+        self, card: AgentCard | BoundCard, instance: str = "", *, direct_subject: str = ""
     ) -> AsyncIterator[Registration]:
-        """Publish the card, heartbeat it while the block runs, remove it on exit."""
+        """Publish the card (bound and signed here unless it already is: `bind`), heartbeat it
+        while the block runs, re-signing it when due, and remove it on exit."""
+        bound = (
+            card
+            if isinstance(card, BoundCard)
+            else self.bind(card, instance or new_instance_id(), direct_subject=direct_subject)
+        )
         kv = await self._kv()
 
         def current() -> Registration:
             return Registration(
-                agent=card.name,
-                instance=instance,
-                card=card_to_dict(card),
-                skills=[s.id for s in card.skills],
+                agent=bound.agent,
+                instance=bound.instance,
+                card=card_to_dict(bound.card),
+                skills=[s.id for s in bound.card.skills],
                 seen_at=time.time(),
                 ttl_s=self.ttl_s,
                 host=socket.gethostname(),
                 pid=os.getpid(),
-                direct_subject=direct_subject,
+                direct_subject=bound.direct_subject,
             )
 
         reg = current()
@@ -166,6 +240,8 @@ class Registry:
             while True:
                 await asyncio.sleep(self.heartbeat_s)
                 try:
+                    if bound.refresh():
+                        log.debug("registry: re-signed the card of %s", reg.key)
                     await kv.put(reg.key, _enc.encode(current()))
                 except Exception as e:  # a missed beat is survivable; the next one may land
                     log.warning("registry heartbeat failed: %s", e)
@@ -181,7 +257,7 @@ class Registry:
                 await kv.delete(reg.key)
 
     async def live(self) -> list[Registration]:
-        """Every live registration, sorted by agent then instance."""
+        """Every live registration whose card is believed, sorted by agent then instance."""
         kv = await self._kv()
         keys = await self._keys(kv)
         now = time.time()
@@ -211,11 +287,18 @@ class RegistryView:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._entries: dict[str, Registration] = {}
+        self._bindings: dict[str, Binding] = {}  # by key: the verified binding of each entry
+        self._departed: OrderedDict[str, tuple[Binding, float]] = OrderedDict()  # → forget at
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
+    @property
+    def checks_votes(self) -> bool:
+        """False with MESH_INSECURE=bus: cards are not checked, so votes cannot be either."""
+        return self.registry.verifier.checks_anything
+
     async def start(self) -> None:
-        self.registry.verifier  # noqa: B018 -- a signing misconfiguration fails here, not later
+        self.registry.verifier  # noqa: B018 -- a missing trust file fails here, not later
         kv = await self.registry._kv()
         watcher = await kv.watchall()
 
@@ -225,13 +308,21 @@ class RegistryView:
                     self._ready.set()
                     continue
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._entries.pop(entry.key, None)
+                    self._forget(entry.key)
                     continue
                 reg = _decode(entry.value)
-                if reg is not None and self.registry.accepts(reg, entry.key, entry.revision or 0):
+                checked = (
+                    self.registry.check(reg, entry.key, entry.revision or 0)
+                    if reg is not None
+                    else CardCheck("does not decode")
+                )
+                if reg is not None and checked.refusal is None:
                     self._entries[entry.key] = reg
+                    if checked.binding is not None:
+                        self._bindings[entry.key] = checked.binding
+                        self._departed.pop(entry.key, None)
                 else:  # a refused revision also replaces the one before it
-                    self._entries.pop(entry.key, None)
+                    self._forget(entry.key)
 
         self._task = asyncio.create_task(run(), name="registry-view")
         self._watcher = watcher
@@ -249,16 +340,51 @@ class RegistryView:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
+    def _forget(self, key: str) -> None:
+        """The entry at `key` is gone (or refused): its binding is kept a while (`binding`)."""
+        self._entries.pop(key, None)
+        binding = self._bindings.pop(key, None)
+        if binding is not None:
+            _remember(self._departed, key, (binding, time.time() + DEPARTED_KEEP_S))
+            while len(self._departed) > DEPARTED_MAX:
+                self._departed.popitem(last=False)
+
+    def _usable(self, r: Registration, now: float) -> bool:
+        if not r.live(now):
+            return False
+        binding = self._bindings.get(r.key)
+        return binding is None or not binding.expired(now)
+
     def instances(self, agent: str) -> list[Registration]:
         now = time.time()
-        return [r for r in self._entries.values() if r.agent == agent and r.live(now)]
+        return [r for r in self._entries.values() if r.agent == agent and self._usable(r, now)]
 
     def agents_with_skill(self, skill: str) -> list[str]:
         """Names of agents with at least one live instance that has `skill` (sorted)."""
         now = time.time()
         return sorted(
-            {r.agent for r in self._entries.values() if skill in r.skills and r.live(now)}
+            {r.agent for r in self._entries.values() if skill in r.skills and self._usable(r, now)}
         )
+
+    def binding(self, agent: str, instance: str) -> Binding | None:
+        """The verified binding of `agent`'s instance `instance` (the key its votes verify
+        with), while it is registered and for `DEPARTED_KEEP_S` after it left; None if this
+        view never believed a card for it, or forgot it."""
+        if not subjects.valid_token(instance):
+            return None
+        key = subjects.card_key(agent, instance)
+        now = time.time()
+        reg = self._entries.get(key)
+        binding = self._bindings.get(key)
+        if reg is not None and binding is not None:
+            # An entry whose heartbeats stopped without a delete: it left at its last beat.
+            if now - reg.seen_at < reg.ttl_s + DEPARTED_KEEP_S:
+                return binding
+            return None
+        gone = self._departed.get(key)
+        if gone is not None and now < gone[1]:
+            return gone[0]
+        return None
 
 
 def _decode(value: bytes) -> Registration | None:
@@ -269,15 +395,23 @@ def _decode(value: bytes) -> Registration | None:
         return None
 
 
-def _mismatch(reg: Registration, key: str) -> str | None:
-    """For a card whose signature verified: the unsigned wrapper must say what the card says."""
+def _mismatch(reg: Registration, key: str, binding: Binding) -> str | None:
+    """For a card whose signature verified: the key it is stored under and the unsigned
+    wrapper must say what its binding and card say."""
     card = reg.card
-    if reg.agent != card.get("name") or key != reg.key:
-        return f"registration does not match its signed card (agent {reg.agent!r}, key {key})"
+    if binding.agent != reg.agent or binding.instance != reg.instance or key != reg.key:
+        return (
+            f"the card is bound to {binding.agent}/{binding.instance}, not stored as such "
+            f"(key {key}, agent {reg.agent!r}, instance {reg.instance!r})"
+        )
+    if reg.agent != card.get("name"):
+        return f"registration does not match its signed card (agent {reg.agent!r})"
     if reg.skills != [s.get("id") for s in card.get("skills", [])]:
         return "registration does not match its signed card (skills)"
     if reg.direct_subject not in ("", subjects.a2a_instance(reg.agent, reg.instance)):
         return "registration does not match its signed card (direct subject)"
+    if binding.subjects != instance_subjects(reg.agent, reg.direct_subject):
+        return "registration does not match its signed card (subjects)"
     return None
 
 

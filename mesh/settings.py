@@ -70,29 +70,6 @@ class Settings(BaseSettings):
         description="A task not written for this long is dropped from mesh_tasks; 0 keeps "
         "tasks for ever. Applies when the bucket is created.",
     )
-    card_signing_key: str = Field(
-        default="",
-        description="Private key agents sign their card with (JWS, RFC 8785): a PEM file path "
-        "or the PEM itself. EC P-256 (ES256) recommended; RSA, P-384, P-521, Ed25519 work. "
-        "Empty: cards are not signed.",
-    )
-    card_signing_kid: str = Field(
-        default="",
-        description="Key id put in the signature; default: the key's RFC 7638 thumbprint.",
-    )
-    card_trusted_keys: str = Field(
-        default="",
-        description="Public keys registry readers trust: a PEM file, a folder of *.pem files, "
-        "or a JWKS JSON file. A PEM key is known by its thumbprint and its file name without "
-        ".pem; a JWKS key by its kid.",
-    )
-    require_signed_cards: bool = Field(
-        default=False,
-        description="Registry readers refuse cards that are unsigned or not signed by a "
-        "trusted key. Off: unsigned cards pass, but a signature by a trusted key id that does "
-        "not verify is still refused.",
-    )
-
     cards_dir: Path | None = Field(
         default=None,
         description='Folder of the A2A Agent Cards (`<agent name>.json`); `Agent("four-eyes")` '

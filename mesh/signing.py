@@ -1,44 +1,42 @@
-"""Signed Agent Cards: JWS over the RFC 8785 canonical card (a2a-sdk's signing helpers).
+"""Signed Agent Cards that bind an agent instance's own key (JWS over the RFC 8785 canonical
+card, a2a-sdk's signing helpers).
 
-Agents sign their live card once at start (after the interfaces are filled in) with
-`MESH_CARD_SIGNING_KEY`; the signature travels inside the card (`signatures`), so the registry
-entry and the HTTP `/.well-known/agent-card.json` carry the same signed card, and any A2A client
-can check it (`create_client(url, signature_verifier=CardVerifier(...).sdk_verifier())`).
+Each agent instance makes an Ed25519 key at start, in memory only: it dies with the process.
+Its live card carries a *binding*, an A2A card extension (`INSTANCE_EXTENSION`, in
+`capabilities.extensions`) whose params name the agent, the instance id, the instance's public
+key, the subjects it serves, when it was signed and when it expires. The card is signed (JWS,
+EdDSA) by the key of the process's identity (`Bus.identity`); the JWS `kid` is that key's id in
+the trust file. The instance then signs its votes with its own key (`mesh.votes`), and a reader
+believes such a vote only through a card that verifies.
 
-Readers (the registry) verify against `MESH_CARD_TRUSTED_KEYS`:
+A reader (`CardVerifier`, built from the trust file) accepts a card only if:
 
-* a PEM public key file — the key is known by its RFC 7638 thumbprint (the default kid a signer
-  uses) and by its file name without `.pem` (for a kid set with `MESH_CARD_SIGNING_KID`);
-* a folder — every `*.pem` in it, named the same way;
-* a JWKS file (`{"keys": [...]}`) — each key by its `kid` and its thumbprint.
+* its signature names a key the trust file trusts to sign cards for the card's agent name (an
+  agent's key signs that agent's cards only; an operator key signs any; a revoked key nothing;
+  a retired key only cards it signed before it retired), and the signature verifies;
+* it carries exactly one binding, for that agent, and the binding has not expired.
 
-Keys: EC P-256 (ES256, the default `generate_keypair` makes), P-384 (ES384), P-521 (ES512),
-RSA (RS256) and Ed25519 (EdDSA); the algorithm follows from the key, so a signature can never
-pick a weaker one.
+The registry also checks that the binding names the instance and subjects of the entry the card
+is stored under (`mesh.registry`), so a genuine card copied to another instance id is refused.
+Cards are re-signed well before they expire (`BoundCard.refresh`): a copied card, or a stolen
+instance key, is good for `CARD_LIFETIME_S` at most.
 
-The rule (`CardVerifier.refusal`):
-
-* `MESH_REQUIRE_SIGNED_CARDS` on: a card is accepted only with a signature by a trusted key
-  that verifies. Refused: "unsigned", "unknown key id", "signature does not verify".
-* off: unsigned cards are accepted, and so are cards signed only by keys this reader does not
-  know (neither is worse than unsigned, and a reader without trusted keys cannot tell). A card
-  whose signature names a trusted key but does not verify is refused all the same: that is a
-  tampered card, and tampering is never silently accepted.
+With `MESH_INSECURE=bus` there is no trust file and nothing is checked (logged once, loudly).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
-import os
-from collections.abc import Callable, Iterable
+import logging
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, cast
 
-from a2a.types import AgentCard
+import msgspec
+from a2a.types import AgentCard, AgentExtension
 from a2a.utils.signing import (
     ProtectedHeader,
     SignatureVerificationError,
@@ -46,145 +44,95 @@ from a2a.utils.signing import (
     create_signature_verifier,
 )
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from google.protobuf.json_format import ParseDict, ParseError
-from jwt import PyJWK
-from jwt.algorithms import get_default_algorithms
-from jwt.exceptions import InvalidKeyError, PyJWKError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
+from google.protobuf.struct_pb2 import Struct
+from jwt.exceptions import InvalidKeyError
 
+from mesh import subjects
 from mesh.errors import ConfigError
+from mesh.identity import Identity, Signer, Trust, TrustedKey, b64, require_trust, unb64
 from mesh.settings import Settings
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+log = logging.getLogger(__name__)
+
+INSTANCE_EXTENSION = "urn:quorum-mesh:instance:v1"
+# How long a signed card is believed. Short, because a card copied out of the registry (or an
+# instance key that leaked with a core dump) is good until then; long enough that a reader's
+# clock a minute off, or a heartbeat that misses a few beats, never drops a live agent. The
+# runtime re-signs when half of it is gone (`RENEW_AT`), which costs one signature per 5 min.
+CARD_LIFETIME_S = 600.0
+RENEW_AT = 0.5  # re-sign once this share of the lifetime has passed
+CLOCK_SKEW_S = 30.0  # a card signed up to this far in a reader's future is still believed
+ALGORITHM = "EdDSA"  # the only one: identity keys are Ed25519, and a signature never picks it
 
 UNSIGNED = "unsigned"
-UNKNOWN_KEY = "unknown key id"
 BAD_SIGNATURE = "signature does not verify"
 
-_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-# RFC 7638: the members of each key type's thumbprint.
-_THUMBPRINT_MEMBERS = {
-    "EC": ("crv", "kty", "x", "y"),
-    "RSA": ("e", "kty", "n"),
-    "OKP": ("crv", "kty", "x"),
-}
+
+class Binding(msgspec.Struct, frozen=True, kw_only=True):
+    """What a card says about the one instance it belongs to (the extension's params)."""
+
+    agent: str
+    instance: str
+    key: str  # the instance's raw Ed25519 public key, base64url
+    subjects: list[str]  # where it serves A2A: the agent's shared subject, then its own
+    iat: float  # signed at (Unix time)
+    exp: float  # not believed after (Unix time)
+
+    def public_key(self) -> bytes:
+        return unb64(self.key)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) >= self.exp
 
 
-def algorithm_for(key: PrivateKey | PublicKey) -> str:
-    """The JWS algorithm a key signs with (fixed by the key, never by the signature)."""
-    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
-        alg = _EC_ALGORITHMS.get(key.curve.name)
-        if alg is None:
-            raise ConfigError(
-                f"EC curve {key.curve.name} is not supported for card signing",
-                hint="use P-256 (ES256), P-384 or P-521",
-            )
-        return alg
-    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
-        return "RS256"
-    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
-        return "EdDSA"
-    raise ConfigError(
-        f"{type(key).__name__} keys are not supported for card signing",
-        hint="use an EC P-256 key (mesh.signing.generate_keypair makes one)",
-    )
+def instance_subjects(agent: str, direct_subject: str) -> list[str]:
+    """The subjects a binding names: the shared one, and the instance's own if it has one."""
+    return [subjects.a2a(agent), *([direct_subject] if direct_subject else [])]
 
 
-def public_jwk(key: PublicKey) -> dict[str, Any]:
-    alg = algorithm_for(key)
-    algorithm = get_default_algorithms()[alg]
-    jwk: dict[str, Any] = algorithm.to_jwk(key, as_dict=True)
-    jwk["alg"] = alg
-    return jwk
-
-
-def thumbprint(key: PublicKey) -> str:
-    """RFC 7638 JWK thumbprint (SHA-256, base64url): the default key id."""
-    return _jwk_thumbprint(public_jwk(key))
-
-
-def _jwk_thumbprint(jwk: dict[str, Any]) -> str:
-    members = _THUMBPRINT_MEMBERS.get(str(jwk.get("kty")))
-    if members is None or any(m not in jwk for m in members):
-        raise ConfigError(f"cannot compute a thumbprint for JWK of type {jwk.get('kty')!r}")
-    canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
-    digest = hashlib.sha256(canonical.encode()).digest()
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
-
-
-# -- keys ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class KeyPair:
-    private_key: Path  # PEM, PKCS#8, mode 0600
-    public_key: Path  # PEM, SubjectPublicKeyInfo
-    kid: str  # the thumbprint: what signatures name by default
-
-
-def generate_keypair(directory: str | Path, *, name: str = "card-signing") -> KeyPair:
-    """Write a new EC P-256 key pair: `<name>.key` (private) and `<name>.pem` (public).
-
-    Point `MESH_CARD_SIGNING_KEY` at the first and `MESH_CARD_TRUSTED_KEYS` at the second (or
-    at the folder: only `*.pem` files are read there, so the private key is never "trusted").
-    """
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    private_path = folder / f"{name}.key"
-    public_path = folder / f"{name}.pem"
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    public_path.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+def bind(card: AgentCard, binding: Binding) -> AgentCard:
+    """A copy of `card` whose only binding is `binding` (and no signature yet)."""
+    bound = AgentCard()
+    bound.CopyFrom(card)
+    del bound.signatures[:]
+    keep = [e for e in bound.capabilities.extensions if e.uri != INSTANCE_EXTENSION]
+    del bound.capabilities.extensions[:]
+    bound.capabilities.extensions.extend(keep)
+    params = Struct()
+    params.update(msgspec.to_builtins(binding))
+    bound.capabilities.extensions.append(
+        AgentExtension(
+            uri=INSTANCE_EXTENSION,
+            description="Quorum Mesh: the instance this card belongs to and the key it signs "
+            "its votes with",
+            required=False,  # clients that do not know it lose nothing
+            params=params,
         )
     )
-    return KeyPair(private_path, public_path, thumbprint(key.public_key()))
+    return bound
 
 
-def load_private_key(source: str) -> PrivateKey:
-    """A private key from a PEM file path or from the PEM text itself."""
-    text = source.strip()
-    if text.startswith("-----BEGIN"):
-        data, where = text.encode(), "MESH_CARD_SIGNING_KEY (inline PEM)"
-    else:
-        try:
-            data, where = Path(text).expanduser().read_bytes(), text
-        except OSError as e:
-            raise ConfigError(
-                f"cannot read the card signing key {text}: {e.strerror}",
-                hint="MESH_CARD_SIGNING_KEY is a PEM file path or the PEM itself",
-            ) from None
+def binding_of(card: AgentCard) -> Binding | str:
+    """The card's binding, or why it has no usable one (unverified: see `CardVerifier`)."""
+    found = [e for e in card.capabilities.extensions if e.uri == INSTANCE_EXTENSION]
+    if len(found) != 1:
+        return "no instance binding" if not found else "more than one instance binding"
     try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(
-            f"{where} is not an unencrypted PEM private key: {e}",
-            hint="make one with `python -c 'from mesh.signing import generate_keypair; "
-            'generate_keypair("keys")\'`',
-        ) from None
-    if not isinstance(key, PrivateKey):
-        raise ConfigError(f"{where}: {type(key).__name__} keys cannot sign cards")
-    algorithm_for(key)  # rejects unsupported curves now, not at the first signature
-    return key
+        return msgspec.convert(MessageToDict(found[0].params), Binding, strict=False)
+    except msgspec.ValidationError as e:
+        return f"malformed instance binding ({e})"
 
 
-# -- signing ------------------------------------------------------------------------------------
+# -- signing ---------------------------------------------------------------------------------------
 class CardSigner:
-    """Signs Agent Cards with one private key (a JWS with a protected header: alg, kid, typ)."""
+    """Signs Agent Cards with an identity's Ed25519 key (a JWS with protected alg, kid, typ)."""
 
-    def __init__(self, key: PrivateKey, *, kid: str = "") -> None:
-        self.key = key
-        self.algorithm = algorithm_for(key)
-        self.kid = kid or thumbprint(key.public_key())
-        header = {"alg": self.algorithm, "kid": self.kid, "typ": "JOSE"}
-        pem = key.private_bytes(
+    def __init__(self, signer: Signer) -> None:
+        self.kid = signer.kid
+        header = {"alg": ALGORITHM, "kid": signer.kid, "typ": "JOSE"}
+        pem = signer.private_key().private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
@@ -192,11 +140,18 @@ class CardSigner:
         self._sign = create_agent_card_signer(pem, cast(ProtectedHeader, header))
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> CardSigner | None:
-        """The signer MESH_CARD_SIGNING_KEY configures, or None when cards are not signed."""
-        if not settings.card_signing_key.strip():
+    def of(cls, identity: Identity | None, settings: Settings) -> CardSigner | None:
+        """The signer of this process's cards: its identity's key; None (cards go unsigned)
+        only with MESH_INSECURE=bus and no identity."""
+        if identity is not None:
+            return cls(identity.signer())
+        if "bus" in settings.insecure_parts():
             return None
-        return cls(load_private_key(settings.card_signing_key), kid=settings.card_signing_kid)
+        raise ConfigError(
+            "an agent needs an identity to sign its card",
+            hint="set MESH_IDENTITY (`mesh creds agent NAME` writes one), or run with "
+            "MESH_INSECURE=bus (local experiments only)",
+        )
 
     def sign(self, card: AgentCard) -> AgentCard:
         """A copy of `card` with this key's signature as its only one."""
@@ -206,169 +161,162 @@ class CardSigner:
         result: AgentCard = self._sign(signed)
         return result
 
-    def trusted_keys(self) -> TrustedKeys:
-        """The public half, as a reader would trust it (tests, self-checks)."""
-        return TrustedKeys.of(self.key.public_key(), kid=self.kid)
 
+class BoundCard:
+    """One instance's live card, bound to its key and signed, kept fresh.
 
-# -- verifying ----------------------------------------------------------------------------------
-class TrustedKeys:
-    """Public keys by key id."""
+    `card` is the same object for the instance's whole life: `refresh` re-signs it in place,
+    so whatever holds it (the HTTP server's card route) serves the current signature."""
 
-    def __init__(self, keys: dict[str, PyJWK] | None = None) -> None:
-        self.keys: dict[str, PyJWK] = dict(keys or {})
-
-    def __bool__(self) -> bool:
-        return bool(self.keys)
-
-    @classmethod
-    def of(cls, key: PublicKey, *, kid: str = "") -> TrustedKeys:
-        jwk = public_jwk(key)
-        found = cls()
-        found._add(jwk, [kid] if kid else [], where="<key>")
-        return found
-
-    @classmethod
-    def load(cls, source: str | Path) -> TrustedKeys:
-        """A PEM file, a folder of *.pem files, or a JWKS JSON file (see the module doc)."""
-        path = Path(source).expanduser()
-        found = cls()
-        if path.is_dir():
-            for pem in sorted(path.glob("*.pem")):
-                found._add_pem(pem)
-            if not found:
-                raise ConfigError(f"no *.pem public keys in {path}", hint=_TRUST_HINT)
-            return found
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ConfigError(
-                f"cannot read trusted card keys {path}: {e.strerror}", hint=_TRUST_HINT
-            ) from None
-        if data.lstrip().startswith(b"{"):
-            found._add_jwks(data, path)
-        else:
-            found._add_pem(path, data)
-        return found
-
-    def _add_pem(self, path: Path, data: bytes | None = None) -> None:
-        try:
-            key = serialization.load_pem_public_key(data if data is not None else path.read_bytes())
-        except (ValueError, TypeError, OSError) as e:
-            raise ConfigError(f"{path} is not a PEM public key: {e}", hint=_TRUST_HINT) from None
-        if not isinstance(key, PublicKey):
-            raise ConfigError(f"{path}: {type(key).__name__} keys are not supported")
-        self._add(public_jwk(key), [path.name.removesuffix(".pem")], where=str(path))
-
-    def _add_jwks(self, data: bytes, path: Path) -> None:
-        try:
-            doc = json.loads(data)
-            entries = doc["keys"]
-            if not isinstance(entries, list):
-                raise TypeError("'keys' is not a list")
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{path} is not a JWKS document: {e}", hint=_TRUST_HINT) from None
-        for i, jwk in enumerate(entries):
-            if not isinstance(jwk, dict) or "d" in jwk:
-                raise ConfigError(f"{path}: keys[{i}] is not a public JWK", hint=_TRUST_HINT)
-            self._add(jwk, [str(jwk["kid"])] if jwk.get("kid") else [], where=f"{path} keys[{i}]")
-        if not self:
-            raise ConfigError(f"no keys in {path}", hint=_TRUST_HINT)
-
-    def _add(self, jwk: dict[str, Any], kids: Iterable[str], *, where: str) -> None:
-        try:
-            key = PyJWK(jwk)
-        except PyJWKError as e:
-            raise ConfigError(f"{where}: unusable key: {e}", hint=_TRUST_HINT) from None
-        for kid in [*kids, _jwk_thumbprint(jwk)]:
-            self.keys[kid] = key
+    def __init__(
+        self,
+        card: AgentCard,
+        *,
+        instance: str,
+        key: Signer,
+        signer: CardSigner | None,
+        direct_subject: str = "",
+        lifetime_s: float = CARD_LIFETIME_S,
+    ) -> None:
+        self.template = card
+        self.instance = instance
+        self.key = key
+        self.signer = signer
+        self.direct_subject = direct_subject
+        self.lifetime_s = lifetime_s
+        self.card = AgentCard()
+        self.binding = self._sign()
 
     @property
-    def algorithms(self) -> list[str]:
-        return sorted({k.algorithm_name for k in self.keys.values()})
+    def agent(self) -> str:
+        return self.template.name
 
-    def provider(self, kid: str | None, jku: str | None) -> PyJWK:
-        """a2a-sdk's key_provider: the key for `kid` (a `jku` URL is never fetched)."""
-        del jku
-        key = self.keys.get(kid or "")
-        if key is None:
-            raise InvalidKeyError(f"unknown key id {kid!r}")
-        return key
+    def _sign(self, now: float | None = None) -> Binding:
+        now = time.time() if now is None else now
+        binding = Binding(
+            agent=self.agent,
+            instance=self.instance,
+            key=b64(self.key.public),
+            subjects=instance_subjects(self.agent, self.direct_subject),
+            iat=round(now, 3),
+            exp=round(now + self.lifetime_s, 3),
+        )
+        bound = bind(self.template, binding)
+        self.card.CopyFrom(self.signer.sign(bound) if self.signer else bound)
+        return binding
+
+    def due(self, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return now >= self.binding.iat + self.lifetime_s * RENEW_AT
+
+    def refresh(self, now: float | None = None) -> bool:
+        """Re-sign with a new expiry if half the lifetime is gone; whether it did."""
+        if not self.due(now):
+            return False
+        self.binding = self._sign(now)
+        return True
 
 
-_TRUST_HINT = (
-    "MESH_CARD_TRUSTED_KEYS is a PEM public key file, a folder of *.pem files, or a JWKS file"
-)
-
-
+# -- verifying -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CardCheck:
     refusal: str | None  # None: accepted
-    verified: bool = False  # a signature by a trusted key verified
+    binding: Binding | None = None  # the verified binding (None when nothing is checked)
 
 
-_ACCEPTED = CardCheck(None)
+_UNCHECKED = CardCheck(None)
+_warned: set[str] = set()  # what this process has warned about already
+
+
+def reader_trust(settings: Settings, *, what: str) -> Trust | None:
+    """The trust file a card and vote reader believes, or None with MESH_INSECURE=bus (then
+    nothing is checked: said once per process, as a warning)."""
+    if "bus" in settings.insecure_parts():
+        if "insecure" not in _warned:
+            _warned.add("insecure")
+            log.warning(
+                "MESH_INSECURE=bus: agent cards and votes are NOT checked; any client on the "
+                "bus can register as any agent and vote as it"
+            )
+        return None
+    return require_trust(settings, what=what)
 
 
 class CardVerifier:
-    """Decides whether a card is accepted; see the module doc for the rule."""
+    """Whether a card is believed, under one trust file (None: every card, nothing checked)."""
 
-    def __init__(self, trusted: TrustedKeys | None = None, *, required: bool = False) -> None:
-        self.trusted = trusted or TrustedKeys()
-        self.required = required
-        self._verify = (
-            create_signature_verifier(self.trusted.provider, self.trusted.algorithms)
-            if self.trusted
-            else None
-        )
+    def __init__(self, trust: Trust | None) -> None:
+        self.trust = trust
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> CardVerifier:
-        trusted = (
-            TrustedKeys.load(settings.card_trusted_keys)
-            if settings.card_trusted_keys.strip()
-            else TrustedKeys()
-        )
-        if settings.require_signed_cards and not trusted:
-            raise ConfigError(
-                "MESH_REQUIRE_SIGNED_CARDS is on but no key is trusted",
-                hint="set MESH_CARD_TRUSTED_KEYS to the agents' public key(s)",
-            )
-        return cls(trusted, required=settings.require_signed_cards)
+    def from_settings(
+        cls, settings: Settings, *, what: str = "reading agent cards"
+    ) -> CardVerifier:
+        return cls(reader_trust(settings, what=what))
 
     @property
     def checks_anything(self) -> bool:
-        """False when every card passes (not required, no trusted keys): callers skip work."""
-        return self.required or bool(self.trusted)
+        return self.trust is not None
 
-    def refusal(self, card: AgentCard | dict[str, Any]) -> str | None:
-        """Why `card` is refused ("unsigned", "unknown key id ...", "signature does not
-        verify", "card does not parse ..."), or None if it is accepted."""
-        return self.check(card).refusal
+    def check(self, card: AgentCard | Mapping[str, Any], *, now: float | None = None) -> CardCheck:
+        """`verify`, and the binding has not expired (nor was signed in our future)."""
+        checked = self.verify(card)
+        return expiry(checked, now)
 
-    def check(self, card: AgentCard | dict[str, Any]) -> CardCheck:
-        if isinstance(card, dict):
-            if not card.get("signatures") and not self.required:
-                return _ACCEPTED
+    def verify(self, card: AgentCard | Mapping[str, Any]) -> CardCheck:
+        """Signature, trust and binding, whatever the time (what the registry may cache: it
+        checks the expiry with `expiry` each time)."""
+        if self.trust is None:
+            return _UNCHECKED
+        if not isinstance(card, AgentCard):
             try:
-                parsed: AgentCard = ParseDict(card, AgentCard(), ignore_unknown_fields=True)
-            except ParseError as e:
+                parsed: AgentCard = ParseDict(dict(card), AgentCard(), ignore_unknown_fields=True)
+            except (ParseError, TypeError, ValueError) as e:
                 return CardCheck(f"card does not parse ({e})")
             card = parsed
         if not card.signatures:
-            return CardCheck(UNSIGNED) if self.required else _ACCEPTED
+            return CardCheck(UNSIGNED)
+        bound = binding_of(card)
+        if isinstance(bound, str):
+            return CardCheck(bound)
+        if bound.agent != card.name:
+            return CardCheck(f"the binding names agent {bound.agent!r}, not {card.name!r}")
         kids = [_kid_of(s.protected) for s in card.signatures]
-        if not any(kid in self.trusted.keys for kid in kids if kid is not None):
-            if not self.required:
-                return _ACCEPTED  # not verifiable here, and no worse than unsigned
-            named = ", ".join(repr(k) for k in kids) if any(kids) else "none"
-            return CardCheck(f"{UNKNOWN_KEY} ({named})")
-        assert self._verify is not None
+        trusted = {
+            kid: entry
+            for kid in kids
+            if kid and (entry := self._card_key(kid, card.name, bound)) is not None
+        }
+        if not trusted:
+            named = ", ".join(repr(k) for k in kids if k) or "none"
+            return CardCheck(f"no key trusted to sign cards for {card.name} (key ids: {named})")
+
+        def key_provider(kid: str | None, jku: str | None) -> bytes:
+            del jku  # a key URL is never fetched: only the trust file names keys
+            entry = trusted.get(kid or "")
+            if entry is None:
+                raise InvalidKeyError(f"key {kid!r} is not trusted here")
+            return _public_pem(entry.public)
+
         try:
-            self._verify(card)
+            create_signature_verifier(key_provider, [ALGORITHM])(card)
         except SignatureVerificationError:
             return CardCheck(BAD_SIGNATURE)
-        return CardCheck(None, verified=True)
+        return CardCheck(None, bound)
+
+    def _card_key(self, kid: str, name: str, binding: Binding) -> TrustedKey | None:
+        assert self.trust is not None
+        entry = self.trust.signer_of(kid, "card", name=name)
+        if entry is None:
+            return None
+        # A retired key still vouches for the cards it signed before it retired (they expire
+        # soon anyway); a card it signs later is not believed.
+        if entry.retired_at and binding.iat > entry.retired_at:
+            return None
+        return entry
+
+    def refusal(self, card: AgentCard | Mapping[str, Any]) -> str | None:
+        return self.check(card).refusal
 
     def sdk_verifier(self) -> Callable[[AgentCard], None]:
         """A `signature_verifier` for a2a-sdk clients (`create_client`, `A2ACardResolver`):
@@ -382,11 +330,32 @@ class CardVerifier:
         return verify
 
 
+def expiry(checked: CardCheck, now: float | None = None) -> CardCheck:
+    """`checked`, refused if its binding has expired or was signed in the reader's future."""
+    b = checked.binding
+    if checked.refusal is not None or b is None:
+        return checked
+    now = time.time() if now is None else now
+    if b.expired(now):
+        return CardCheck(f"card expired at {b.exp:.0f} (now {now:.0f})")
+    if b.iat > now + CLOCK_SKEW_S:
+        return CardCheck(f"card signed in the future ({b.iat:.0f}, now {now:.0f})")
+    return checked
+
+
+def _public_pem(public: str) -> bytes:
+    return Ed25519PublicKey.from_public_bytes(unb64(public)).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def _kid_of(protected: str) -> str | None:
     try:
         padded = protected + "=" * (-len(protected) % 4)
         header = json.loads(base64.urlsafe_b64decode(padded.encode()))
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return None
-    kid = header.get("kid") if isinstance(header, dict) else None
+    if not isinstance(header, dict) or header.get("alg") != ALGORITHM:
+        return None
+    kid = header.get("kid")
     return kid if isinstance(kid, str) else None

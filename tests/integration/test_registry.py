@@ -69,3 +69,24 @@ async def _empty(reg: Registry) -> bool:
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_a_registered_card_is_bound_to_its_instance_and_signed(
+    bus: Bus, tmp_path: Path
+) -> None:
+    reg = Registry(bus)
+    view = RegistryView(reg)
+    await view.start()
+    try:
+        async with reg.registered(_card(tmp_path, "alpha", "s1"), "i1") as entry:
+            assert entry.card["signatures"]
+            await eventually(lambda: _async(view.agents_with_skill("s1") == ["alpha"]))
+            binding = view.binding("alpha", "i1")
+            assert binding is not None and binding.agent == "alpha" and binding.instance == "i1"
+            assert binding.subjects == ["mesh.a2a.alpha"]  # registered without a direct subject
+        # Gone from the registry at once, but its key is still known: an answer it gave just
+        # before it stopped still verifies.
+        await eventually(lambda: _async(view.instances("alpha") == []))
+        assert view.binding("alpha", "i1") == binding
+    finally:
+        await view.stop()

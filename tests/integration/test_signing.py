@@ -1,5 +1,6 @@
-"""Signed cards in the registry: tampered, unsigned and foreign cards are refused when signing
-is required; the a2a-sdk client verifies the card an agent serves over HTTP."""
+"""Signed, instance-bound cards in the registry (real nats-server): tampered, replayed under
+another instance id, expired, unsigned and wrongly signed cards are refused; keys issued or
+revoked while a reader runs count; the a2a-sdk client verifies the card served over HTTP."""
 
 import contextlib
 import logging
@@ -12,24 +13,25 @@ import msgspec
 import pytest
 from a2a.client import ClientConfig, create_client
 from a2a.client.errors import AgentCardResolutionError
+from a2a.types import AgentCard
 from a2a.utils.signing import SignatureVerificationError
 
+from mesh import registry as registry_module
 from mesh import subjects
 from mesh.agent import RunningAgent
 from mesh.bus import Bus
-from mesh.registry import Registration, Registry, RegistryView
+from mesh.cards import card_to_dict, load_card, with_interfaces
+from mesh.identity import IdentityDir, Signer, Trust, load_identity, load_trust
+from mesh.registry import Registration, Registry, RegistryView, new_instance_id
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
-from mesh.signing import KeyPair, TrustedKeys, generate_keypair
-from tests.support.samples import voting_agent
+from mesh.signing import BoundCard, CardSigner, CardVerifier
+from tests.support.samples import REPO, voting_agent
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def keys(tmp_path: Path) -> KeyPair:
-    return generate_keypair(tmp_path / "keys")
+SECURITY = "security-review"
 
 
 def _settings(**kw: Any) -> Settings:
@@ -51,20 +53,65 @@ async def _agent(
         yield running
 
 
-async def _put_forged(bus: Bus, reg: Registration, instance: str, **card_changes: Any) -> str:
+@contextlib.asynccontextmanager
+async def _view(bus: Bus, registry: Registry | None = None) -> AsyncIterator[RegistryView]:
+    view = RegistryView(registry or Registry(bus))
+    await view.start()
+    try:
+        yield view
+    finally:
+        await view.stop()
+
+
+async def _put(bus: Bus, reg: Registration) -> str:
+    kv = await bus.kv(subjects.CARDS_BUCKET)
+    await kv.put(reg.key, msgspec.json.encode(reg))
+    return reg.key
+
+
+async def _put_copy(bus: Bus, reg: Registration, instance: str, **card_changes: Any) -> str:
     """A copy of a real registration under another instance, its card changed as given."""
     card = {**reg.card, **card_changes}
-    forged = msgspec.structs.replace(
-        reg,
-        instance=instance,
-        card=card,
-        skills=[s["id"] for s in card["skills"]],
-        seen_at=time.time() + 60,  # stays live for the whole test
-        direct_subject=subjects.a2a_instance(reg.agent, instance),
+    return await _put(
+        bus,
+        msgspec.structs.replace(
+            reg,
+            instance=instance,
+            card=card,
+            skills=[s["id"] for s in card["skills"]],
+            seen_at=time.time() + 60,  # stays live for the whole test
+            direct_subject=subjects.a2a_instance(reg.agent, instance),
+        ),
     )
-    kv = await bus.kv(subjects.CARDS_BUCKET)
-    await kv.put(forged.key, msgspec.json.encode(forged))
-    return forged.key
+
+
+def _registration(bound: BoundCard) -> Registration:
+    return Registration(
+        agent=bound.agent,
+        instance=bound.instance,
+        card=card_to_dict(bound.card),
+        skills=[s.id for s in bound.card.skills],
+        seen_at=time.time() + 60,
+        ttl_s=60,
+        direct_subject=bound.direct_subject,
+    )
+
+
+def _security_card() -> AgentCard:
+    card = load_card(REPO / "cards" / f"{SECURITY}.json")
+    return with_interfaces(card, http_url=None, nats_subject=subjects.a2a(SECURITY))
+
+
+def _bound(signer: Signer | None, instance: str = "", **kw: Any) -> BoundCard:
+    instance = instance or new_instance_id()
+    return BoundCard(
+        _security_card(),
+        instance=instance,
+        key=Signer.generate(),
+        signer=CardSigner(signer) if signer else None,
+        direct_subject=subjects.a2a_instance(SECURITY, instance),
+        **kw,
+    )
 
 
 def _refusals(caplog: pytest.LogCaptureFixture, instance: str) -> list[str]:
@@ -75,153 +122,179 @@ def _refusals(caplog: pytest.LogCaptureFixture, instance: str) -> list[str]:
     ]
 
 
-async def test_a_tampered_card_is_refused_when_signing_is_required(
-    nats_server: EmbeddedServer, keys: KeyPair, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def _refused(caplog: pytest.LogCaptureFixture, instance: str, registry: Registry) -> str:
+    """The refusal logged for `instance`'s card, once `registry` read it."""
+
+    async def logged() -> bool:
+        await registry.live()
+        return bool(_refusals(caplog, instance))
+
+    await eventually(logged)
+    return _refusals(caplog, instance)[0]
+
+
+async def test_a_tampered_card_is_refused(
+    bus: Bus, settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    signer = _settings(card_signing_key=str(keys.private_key))
-    reader = _settings(card_trusted_keys=str(keys.public_key), require_signed_cards=True)
-    async with _bus(nats_server, signer) as agent_bus, _bus(nats_server, reader) as bus:
-        registry = Registry(bus)
-        view = RegistryView(registry)
-        await view.start()
-        try:
-            async with _agent(tmp_path, "signed", "review", agent_bus, signer) as running:
-                assert running.card.signatures
-                await eventually(lambda: _agents(registry, ["signed"]))
-                await eventually(lambda: _value(view.agents_with_skill("review") == ["signed"]))
+    registry = Registry(bus)
+    async with (
+        _view(bus, registry) as view,
+        _agent(tmp_path, "signed", "review", bus, settings) as running,
+    ):
+        assert running.card.signatures
+        await eventually(lambda: _agents(registry, ["signed"]))
+        await eventually(lambda: _value(view.agents_with_skill("review") == ["signed"]))
 
-                skills = [*running.registration.card["skills"]]
-                skills.append({"id": "admin", "name": "admin", "description": "x", "tags": ["x"]})
-                await _put_forged(bus, running.registration, "forged", skills=skills)
-                await eventually(lambda: _value(bool(_refusals(caplog, "forged"))))
+        skills = [*running.registration.card["skills"]]
+        skills.append({"id": "admin", "name": "admin", "description": "x", "tags": ["x"]})
+        await _put_copy(bus, running.registration, "forged", skills=skills)
+        line = await _refused(caplog, "forged", registry)
+        assert "agent signed instance forged" in line
+        assert line.endswith("signature does not verify")
 
-                live = await registry.live()
-                assert [(r.agent, r.instance) for r in live] == [
-                    ("signed", running.registration.instance)
-                ]
-                assert await registry.by_skill("admin") == []
-                assert view.agents_with_skill("admin") == []
-                assert [r.instance for r in view.instances("signed")] == [
-                    running.registration.instance
-                ]
-                await registry.live()  # read again: the same revision is not logged again
-                (line,) = _refusals(caplog, "forged")
-                assert "agent signed instance forged" in line
-                assert line.endswith("signature does not verify")
-        finally:
-            await view.stop()
+        live = await registry.live()
+        assert [(r.agent, r.instance) for r in live] == [("signed", running.registration.instance)]
+        assert await registry.by_skill("admin") == []
+        assert view.agents_with_skill("admin") == []
+        assert [r.instance for r in view.instances("signed")] == [running.registration.instance]
+        await registry.live()  # read again: the same revision is not logged again
+        assert len(_refusals(caplog, "forged")) == 1
+
+
+async def test_a_genuine_card_under_another_instance_id_is_refused(
+    bus: Bus, settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The card is untouched and its signature verifies, but it binds another instance."""
+    registry = Registry(bus)
+    async with (
+        _view(bus, registry) as view,
+        _agent(tmp_path, "bound", "review", bus, settings) as running,
+    ):
+        genuine = running.registration.instance
+        await eventually(lambda: _value(len(view.instances("bound")) == 1))
+        await _put_copy(bus, running.registration, "replayed")
+        line = await _refused(caplog, "replayed", registry)
+        assert f"the card is bound to bound/{genuine}, not stored as such" in line
+        assert [r.instance for r in await Registry(bus).live()] == [genuine]
+        assert [r.instance for r in view.instances("bound")] == [genuine]
+        assert view.binding("bound", "replayed") is None
+        binding = view.binding("bound", genuine)
+        assert binding is not None and binding.instance == genuine
 
 
 async def test_the_wrapper_must_agree_with_the_signed_card(
-    nats_server: EmbeddedServer, keys: KeyPair, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    bus: Bus, caplog: pytest.LogCaptureFixture, identities: IdentityDir
 ) -> None:
     """The signature covers the card; skills copied into the wrapper cannot be edited apart."""
-    signer = _settings(card_signing_key=str(keys.private_key))
-    reader = _settings(card_trusted_keys=str(keys.public_key), require_signed_cards=True)
-    async with _bus(nats_server, signer) as agent_bus, _bus(nats_server, reader) as bus:
-        registry = Registry(bus)
-        async with _agent(tmp_path, "wrapped", "review", agent_bus, signer) as running:
-            reg = running.registration
-            wrapper_only = msgspec.structs.replace(
-                reg, instance="sneaky", skills=["admin"], seen_at=time.time() + 60
-            )
-            kv = await bus.kv(subjects.CARDS_BUCKET)
-            await kv.put(wrapper_only.key, msgspec.json.encode(wrapper_only))
-            await eventually(lambda: _agents(registry, ["wrapped"]))
-            assert await registry.by_skill("admin") == []
-            (line,) = _refusals(caplog, "sneaky")
-            assert "does not match its signed card (skills)" in line
+    bound = _bound(identities.operator().signer())
+    reg = msgspec.structs.replace(_registration(bound), skills=["admin"])
+    await _put(bus, reg)
+    registry = Registry(bus)
+    assert await registry.by_skill("admin") == []
+    line = await _refused(caplog, reg.instance, registry)
+    assert "does not match its signed card (skills)" in line
 
 
-async def test_unsigned_and_foreign_agents_are_refused_only_when_required(
-    nats_server: EmbeddedServer, keys: KeyPair, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_an_expired_card_is_refused_and_a_live_one_is_re_signed_in_time(
+    bus: Bus, caplog: pytest.LogCaptureFixture, identities: IdentityDir
 ) -> None:
-    stranger = generate_keypair(tmp_path / "stranger")
-    unsigned = _settings()
-    foreign = _settings(card_signing_key=str(stranger.private_key))
-    strict = _settings(card_trusted_keys=str(keys.public_key), require_signed_cards=True)
-    lax = _settings(card_trusted_keys=str(keys.public_key))
-    async with (
-        _bus(nats_server, unsigned) as agent_bus,
-        _bus(nats_server, strict) as strict_bus,
-        _bus(nats_server, lax) as lax_bus,
-        _agent(tmp_path, "plain", "review", agent_bus, unsigned) as plain,
-        _agent(tmp_path, "alien", "review", agent_bus, foreign) as alien,
-    ):
-        assert not plain.card.signatures and alien.card.signatures
-        lax_registry = Registry(lax_bus)
-        await eventually(lambda: _agents(lax_registry, ["alien", "plain"]))
-        assert not _refusals(caplog, "plain")
+    operator = identities.operator().signer()
+    stale = _bound(operator, lifetime_s=0.5)
+    await _put(bus, _registration(stale))
+    registry = Registry(bus)
+    assert "card expired at" in await _refused(caplog, stale.instance, registry)
+    assert await registry.live() == []
 
-        strict_registry = Registry(strict_bus)
-        assert await strict_registry.live() == []
-        assert await strict_registry.by_skill("review") == []
-        (plain_line,) = _refusals(caplog, plain.registration.instance)
-        assert "agent plain" in plain_line and plain_line.endswith(": unsigned")
-        (alien_line,) = _refusals(caplog, alien.registration.instance)
-        assert f"unknown key id ('{stranger.kid}')" in alien_line
+    # Registered with a 1 s card lifetime, heartbeating every 0.3 s: re-signed on the way.
+    fresh = Registry(bus, card_lifetime_s=1.0)
+    async with _view(bus) as view, fresh.registered(_security_card(), "i-fresh") as reg:
+        first = view.binding(SECURITY, "i-fresh")
+        await eventually(lambda: _value(view.binding(SECURITY, "i-fresh") not in (None, first)))
+        later = view.binding(SECURITY, "i-fresh")
+        assert first is not None and later is not None
+        await eventually(lambda: _value(time.time() > first.exp + 0.2))
+        assert [r.instance for r in view.instances(SECURITY)] == [reg.instance]
+        assert [r.instance for r in await registry.live()] == [reg.instance]
+        assert later.key == first.key  # the same instance key, a new expiry
 
 
-async def test_tampering_is_refused_even_when_signatures_are_optional(
-    nats_server: EmbeddedServer, keys: KeyPair, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_only_keys_trusted_for_the_agent_may_sign_its_card(
+    bus: Bus, caplog: pytest.LogCaptureFixture, identities: IdentityDir
 ) -> None:
-    signer = _settings(card_signing_key=str(keys.private_key))
-    lax = _settings(card_trusted_keys=str(keys.public_key))
-    async with _bus(nats_server, signer) as agent_bus, _bus(nats_server, lax) as bus:
-        registry = Registry(bus)
-        view = RegistryView(registry)
-        await view.start()
-        try:
-            async with _agent(tmp_path, "honest", "review", agent_bus, signer) as running:
-                await _put_forged(bus, running.registration, "liar", description="changed")
-                await eventually(lambda: _value(bool(_refusals(caplog, "liar"))))
-                assert [r.instance for r in await registry.live()] == [
-                    running.registration.instance
-                ]
-                assert [r.instance for r in view.instances("honest")] == [
-                    running.registration.instance
-                ]
-        finally:
-            await view.stop()
+    other = load_identity(identities.issue("agent", "quality-review-x")).signer()
+    own = load_identity(identities.issue("agent", SECURITY)).signer()
+    registry = Registry(bus)
+    by_other = _bound(other)
+    by_stranger = _bound(Signer.generate())
+    unsigned = _bound(None)
+    by_own = _bound(own)
+    for bound in (by_other, by_stranger, unsigned, by_own):
+        await _put(bus, _registration(bound))
+    await eventually(lambda: _agents(registry, [SECURITY]))
+    assert [r.instance for r in await registry.live()] == [by_own.instance]
+    line = await _refused(caplog, by_other.instance, registry)
+    assert f"no key trusted to sign cards for {SECURITY} (key ids: '{other.kid}')" in line
+    assert "no key trusted" in await _refused(caplog, by_stranger.instance, registry)
+    assert (await _refused(caplog, unsigned.instance, registry)).endswith(": unsigned")
+
+
+async def test_keys_issued_or_revoked_while_a_reader_runs_count(
+    bus: Bus, identities: IdentityDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry_module, "TRUST_RELOAD_S", 0.0)
+    async with _view(bus) as view:
+        path = identities.issue("agent", "late-comer")
+        signer = load_identity(path).signer()
+        card = _security_card()
+        card.name = "late-comer"
+        bound = BoundCard(card, instance="i1", key=Signer.generate(), signer=CardSigner(signer))
+        await _put(bus, _registration(bound))
+        await eventually(lambda: _value(view.binding("late-comer", "i1") is not None))
+        identities.revoke(path)
+        assert signer.kid in load_trust(identities.trust_path).revoked
+        await _put(bus, _registration(bound))  # its next heartbeat
+        await eventually(lambda: _value(view.instances("late-comer") == []))
+
+
+async def test_nothing_is_checked_on_an_insecure_bus(
+    nats_server: EmbeddedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _bus(nats_server, _settings(insecure="bus")) as insecure:
+        unsigned = _bound(None)
+        await _put(insecure, _registration(unsigned))
+        assert [r.instance for r in await Registry(insecure).live()] == [unsigned.instance]
+        async with _view(insecure) as view:
+            assert not view.checks_votes
 
 
 async def test_a_refused_revision_replaces_an_accepted_one_in_the_view(
-    nats_server: EmbeddedServer, keys: KeyPair, tmp_path: Path
+    bus: Bus, identities: IdentityDir
 ) -> None:
-    signer = _settings(card_signing_key=str(keys.private_key))
-    reader = _settings(card_trusted_keys=str(keys.public_key), require_signed_cards=True)
-    async with _bus(nats_server, signer) as agent_bus, _bus(nats_server, reader) as bus:
-        view = RegistryView(Registry(bus))
-        await view.start()
-        try:
-            async with _agent(tmp_path, "flip", "review", agent_bus, signer) as running:
-                reg = running.registration
-                key = await _put_forged(bus, reg, "copy")  # an unchanged card: accepted
-                await eventually(lambda: _value(len(view.instances("flip")) == 2))
-                await _put_forged(bus, reg, "copy", description="changed")
-                await eventually(lambda: _value(len(view.instances("flip")) == 1))
-                assert key not in [r.key for r in view.instances("flip")]
-        finally:
-            await view.stop()
+    reg = _registration(_bound(identities.operator().signer()))
+    async with _view(bus) as view:
+        await _put(bus, reg)
+        await eventually(lambda: _value(len(view.instances(SECURITY)) == 1))
+        await _put(bus, msgspec.structs.replace(reg, card={**reg.card, "description": "changed"}))
+        await eventually(lambda: _value(view.instances(SECURITY) == []))
+        # Its key is still known for a while: votes it gave just before still verify.
+        assert view.binding(SECURITY, reg.instance) is not None
+        await _put(bus, reg)  # its next heartbeat
+        await eventually(lambda: _value(len(view.instances(SECURITY)) == 1))
 
 
 async def test_the_sdk_client_verifies_the_card_served_over_http(
-    bus: Bus, keys: KeyPair, tmp_path: Path
+    bus: Bus, settings: Settings, tmp_path: Path, identities: IdentityDir
 ) -> None:
-    from mesh.signing import CardVerifier
-
-    signer = _settings(card_signing_key=str(keys.private_key))
-    async with _agent(tmp_path, "served", "review", bus, signer) as running:
+    async with _agent(tmp_path, "served", "review", bus, settings) as running:
         assert running.http_url is not None
-        trusted = CardVerifier(TrustedKeys.load(keys.public_key), required=True)
+        trusted = CardVerifier(identities.trust())
         client = await create_client(
             running.http_url,
             client_config=ClientConfig(streaming=False),
             signature_verifier=trusted.sdk_verifier(),
         )
         await client.close()
-        stranger = generate_keypair(tmp_path / "stranger")
-        wrong = CardVerifier(TrustedKeys.load(stranger.public_key), required=True)
+        wrong = CardVerifier(Trust())  # trusts nobody
         with pytest.raises((SignatureVerificationError, AgentCardResolutionError)):
             await create_client(running.http_url, signature_verifier=wrong.sdk_verifier())
 
