@@ -197,7 +197,7 @@ class Registry:
     ) -> BoundCard:
         """`card` bound to `instance` and its key (a fresh one unless given), signed with this
         process's identity (unsigned only with MESH_INSECURE=bus and no identity)."""
-        signer = CardSigner.of(self.bus.identity, self.bus.settings)
+        signer = CardSigner.of(self.bus.identity, self.bus.settings, agent=card.name)
         return BoundCard(
             card,
             instance=instance,

@@ -51,7 +51,16 @@ from jwt.exceptions import InvalidKeyError
 
 from mesh import subjects
 from mesh.errors import ConfigError
-from mesh.identity import Identity, Signer, Trust, TrustedKey, b64, require_trust, unb64
+from mesh.identity import (
+    SIGNERS,
+    Identity,
+    Signer,
+    Trust,
+    TrustedKey,
+    b64,
+    require_trust,
+    unb64,
+)
 from mesh.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -140,18 +149,31 @@ class CardSigner:
         self._sign = create_agent_card_signer(pem, cast(ProtectedHeader, header))
 
     @classmethod
-    def of(cls, identity: Identity | None, settings: Settings) -> CardSigner | None:
-        """The signer of this process's cards: its identity's key; None (cards go unsigned)
-        only with MESH_INSECURE=bus and no identity."""
-        if identity is not None:
-            return cls(identity.signer())
-        if "bus" in settings.insecure_parts():
-            return None
-        raise ConfigError(
-            "an agent needs an identity to sign its card",
-            hint="set MESH_IDENTITY (`mesh creds agent NAME` writes one), or run with "
-            "MESH_INSECURE=bus (local experiments only)",
-        )
+    def of(cls, identity: Identity | None, settings: Settings, *, agent: str) -> CardSigner | None:
+        """The signer of this process's cards for `agent`: its identity's key, which must be
+        one that may sign them (an operator's, or an agent identity of that name); None (cards
+        go unsigned) only with MESH_INSECURE=bus and no identity that may sign them (nobody
+        checks them then)."""
+        insecure = "bus" in settings.insecure_parts()
+        if identity is None:
+            if insecure:
+                return None
+            raise ConfigError(
+                "an agent needs an identity to sign its card",
+                hint="set MESH_IDENTITY (`mesh creds agent NAME` writes one), or run with "
+                "MESH_INSECURE=bus (local experiments only)",
+            )
+        if identity.role not in SIGNERS["card"] or (
+            identity.role == "agent" and identity.name != agent
+        ):
+            if insecure:
+                return None
+            raise ConfigError(
+                f"identity {identity.principal} cannot sign the card of agent {agent}: no "
+                "registry reader would believe it",
+                hint=f"run it with an identity issued for it (`mesh creds agent {agent}`)",
+            )
+        return cls(identity.signer())
 
     def sign(self, card: AgentCard) -> AgentCard:
         """A copy of `card` with this key's signature as its only one."""
@@ -340,6 +362,9 @@ def expiry(checked: CardCheck, now: float | None = None) -> CardCheck:
         return CardCheck(f"card expired at {b.exp:.0f} (now {now:.0f})")
     if b.iat > now + CLOCK_SKEW_S:
         return CardCheck(f"card signed in the future ({b.iat:.0f}, now {now:.0f})")
+    if b.exp - b.iat > CARD_LIFETIME_S + 1.0:  # +1: both are rounded to the millisecond
+        # Else a key could vouch for far beyond its own retirement with one long-lived card.
+        return CardCheck(f"card valid for {b.exp - b.iat:.0f} s, longer than {CARD_LIFETIME_S:.0f}")
     return checked
 
 

@@ -198,6 +198,8 @@ def test_an_expired_card_and_one_from_the_future_are_refused(keys: Keys) -> None
     )
     early = b.iat - signing.CLOCK_SKEW_S - 1
     assert "signed in the future" in (verifier.check(bound.card, now=early).refusal or "")
+    long_lived = _bound(keys.operator, lifetime_s=CARD_LIFETIME_S + 60)
+    assert "longer than 600" in (verifier.refusal(long_lived.card) or "")
 
 
 def _signed_with(keys: Keys, binding: Binding | None, *, twice: bool = False) -> AgentCard:
@@ -255,11 +257,19 @@ def test_refresh_re_signs_the_same_object_when_half_the_lifetime_is_gone(keys: K
 def test_the_card_signer_comes_from_the_identity() -> None:
     secure, insecure = Settings(insecure=""), Settings(insecure="bus")
     me = Identity(role="agent", name=NAME, signing_seed=Signer.generate().seed())
-    signer = CardSigner.of(me, secure)
+    signer = CardSigner.of(me, secure, agent=NAME)
     assert signer is not None and signer.kid == me.signer().kid
-    assert CardSigner.of(None, insecure) is None
+    operator = Identity(role="operator", name="operator", signing_seed=me.signing_seed)
+    assert CardSigner.of(operator, secure, agent="anyone") is not None
+    assert CardSigner.of(None, insecure, agent=NAME) is None
     with pytest.raises(ConfigError, match="needs an identity to sign its card"):
-        CardSigner.of(None, secure)
+        CardSigner.of(None, secure, agent=NAME)
+    with pytest.raises(ConfigError, match="agent:security-review cannot sign the card of agent x"):
+        CardSigner.of(me, secure, agent="x")
+    coordinator = Identity(role="coordinator", name="c", signing_seed=me.signing_seed)
+    with pytest.raises(ConfigError, match="coordinator:c cannot sign"):
+        CardSigner.of(coordinator, secure, agent=NAME)
+    assert CardSigner.of(coordinator, insecure, agent=NAME) is None
 
 
 def test_readers_need_the_trust_file_unless_the_bus_is_insecure(
