@@ -106,7 +106,12 @@ def bind(card: AgentCard, binding: Binding) -> AgentCard:
     bound = AgentCard()
     bound.CopyFrom(card)
     del bound.signatures[:]
-    keep = [e for e in bound.capabilities.extensions if e.uri != INSTANCE_EXTENSION]
+    keep = []
+    for e in bound.capabilities.extensions:
+        if e.uri != INSTANCE_EXTENSION:
+            kept = AgentExtension()
+            kept.CopyFrom(e)  # a copy: the originals go with the `del` below
+            keep.append(kept)
     del bound.capabilities.extensions[:]
     bound.capabilities.extensions.extend(keep)
     params = Struct()
@@ -136,7 +141,11 @@ def binding_of(card: AgentCard) -> Binding | str:
 
 # -- signing ---------------------------------------------------------------------------------------
 class CardSigner:
-    """Signs Agent Cards with an identity's Ed25519 key (a JWS with protected alg, kid, typ)."""
+    """Signs Agent Cards with an identity's Ed25519 key (a JWS with protected alg, kid, typ).
+
+    The same key signs other records through `Signer.sign` (`quorum-mesh/<purpose>\\0…`); a
+    JWS signing input starts with the base64url of its header (`eyJ…`), so a signature made for
+    one can never pass for the other."""
 
     def __init__(self, signer: Signer) -> None:
         self.kid = signer.kid
