@@ -43,6 +43,7 @@ from opentelemetry.trace import SpanKind
 
 from mesh import subjects, telemetry
 from mesh._internal import http as http_server
+from mesh.a2a.auth import Authenticator
 from mesh.a2a.server import A2AServer
 from mesh.a2a.taskstore import JetStreamTaskStore
 from mesh.bus import Bus
@@ -189,7 +190,12 @@ class Agent:
             # and the server is built once, with the live card.
             sock = http_server.bind(settings) if http else None
             http_url = http_server.advertised_url(settings, sock.getsockname()[1]) if sock else None
-            live = with_interfaces(card, http_url=http_url, nats_subject=subject)
+            # Who may call: decided once from this agent's settings, for the card it declares
+            # and the server that enforces it.
+            auth = Authenticator.from_settings(settings, agent=self.name)
+            live = with_interfaces(
+                card, http_url=http_url, nats_subject=subject, authenticated=auth.required
+            )
             # Re-signed in place while we run (a new expiry): HTTP serves the same object.
             bound = registry.bind(live, instance, direct_subject=direct, key=key)
             server = A2AServer(
@@ -197,6 +203,7 @@ class Agent:
                 _Executor(self, brain, VoteSigner(self.name, instance, key)),
                 task_store=store,
                 push_allow_private=settings.push_allow_private,
+                auth=auth,
                 # Any replica can follow a task another replica runs (SubscribeToTask).
                 event_stream=store.events() if isinstance(store, JetStreamTaskStore) else None,
             )
