@@ -120,6 +120,7 @@ async def call(
     from google.protobuf.json_format import MessageToDict
 
     from mesh.a2a.client import AgentClient, agent_error, user_message
+    from mesh.a2a.transport import bearer_interceptor
     from mesh.bus import Bus
     from mesh.cards import parse_card
     from mesh.registry import Registry
@@ -147,7 +148,14 @@ async def call(
                     hint="see `mesh agents` for what is running",
                 )
             card = parse_card(serving[0].card, source=f"registry:{serving[0].key}")
-            client = await create_client(card, client_config=ClientConfig(streaming=False))
+            # The token of the identity this command runs as (the operator's next to `mesh up`),
+            # as the card's bearer scheme asks; none only when A2A checks are off by name.
+            token = bus.identity.token if bus.identity is not None else ""
+            client = await create_client(
+                card,
+                client_config=ClientConfig(streaming=False),
+                interceptors=[bearer_interceptor(token)] if token else None,
+            )
             try:
                 request = SendMessageRequest(message=message)
                 events = [
