@@ -85,13 +85,9 @@ def nats_url(
     """One nats-server shared by a module's tests. A module that sets `NATS_MAX_PAYLOAD` (e.g.
     "8MB", so a > 4 MiB request reaches an agent over NATS) gets a server configured so."""
     folder = tmp_path_factory.mktemp("nats")
-    args: list[str] = []
     max_payload = getattr(request.module, "NATS_MAX_PAYLOAD", None)
-    if max_payload:
-        conf = folder / "nats.conf"
-        conf.write_text(f"max_payload: {max_payload}\n")
-        args = ["-c", str(conf)]
-    with EmbeddedServer(folder / "js", extra_args=args) as server:
+    config = f"max_payload: {max_payload}" if max_payload else ""
+    with EmbeddedServer(folder / "js", config=config) as server:
         yield server.url
 
 

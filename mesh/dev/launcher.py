@@ -1,5 +1,12 @@
 """Starting and stopping the mesh as separate OS processes (demo, up, tests); what to start
-comes from a topology plan (`mesh.dev.topology`)."""
+comes from a topology plan (`mesh.dev.topology`).
+
+Each process runs as its own identity: given an identity folder, `Topology` hands every child
+only the path of its identity file and of the trust file (`MESH_IDENTITY`, `MESH_TRUST`; paths in
+the environment, never secrets, never on the command line). The coordinators share the
+coordinator's identity, the replicas of an agent share that agent's (they share its queue group
+and its keys anyway); nothing the launcher's own environment holds (its operator identity, NATS
+credentials) reaches a child that has one of its own."""
 
 from __future__ import annotations
 
@@ -16,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from mesh import subjects
+from mesh import natsauth, subjects
 from mesh.bus import Bus
-from mesh.dev.topology import Plan
+from mesh.dev.topology import Plan, agent_name
 from mesh.errors import MeshRuntimeError
+from mesh.identity import ALL_TENANTS, IdentityDir, Role
 from mesh.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -57,26 +65,64 @@ def _die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class Topology:
-    """A coordinator and agent processes pointed at one NATS URL; stops what it started."""
+# What a child with an identity of its own must not inherit from the launcher.
+_NOT_INHERITED = ("MESH_IDENTITY", "MESH_TRUST", "MESH_NATS_CREDS")
 
-    def __init__(self, nats_url: str, log_dir: Path, *, extra_env: dict[str, str] | None = None):
+
+class Topology:
+    """A coordinator and agent processes pointed at one NATS URL; stops what it started.
+
+    `identities`: the folder to issue (or reuse) each process's identity from; without it the
+    children inherit this process's environment (MESH_INSECURE=bus, or a test's choice)."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        log_dir: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        identities: IdentityDir | None = None,
+    ):
         self.nats_url = nats_url
         self.log_dir = log_dir
         self.extra_env = extra_env or {}
+        self.identities = identities
         self.children: list[Child] = []
 
-    def spawn(self, name: str, module: str, env: dict[str, str] | None = None) -> Child:
+    def identity(self, role: Role, name: str, *, tenant: str = ALL_TENANTS) -> Path:
+        """The identity file of (role, name) in this topology's folder, issued on first use."""
+        if self.identities is None:
+            raise MeshRuntimeError("this topology has no identity folder to issue from")
+        return natsauth.ensure_identity(self.identities, role, name, tenant=tenant)
+
+    def spawn(
+        self,
+        name: str,
+        module: str,
+        env: dict[str, str] | None = None,
+        *,
+        identity: Path | None = None,
+    ) -> Child:
+        """`python -m module` as process `name`; as `identity` (a file path) when given."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         out = open(log_path, "ab")  # noqa: SIM115  # closed in stop()
+        inherited = dict(os.environ)
+        own: dict[str, str] = {}
+        if identity is not None:
+            for key in _NOT_INHERITED:
+                inherited.pop(key, None)
+            own["MESH_IDENTITY"] = str(identity)
+            if self.identities is not None:
+                own["MESH_TRUST"] = str(self.identities.trust_path)
         full_env = {
-            **os.environ,
+            **inherited,
             "MESH_NATS_URL": self.nats_url,
             "MESH_LOG_FORMAT": "json",
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
             **(env or {}),
+            **own,
         }
         proc = subprocess.Popen(
             [sys.executable, "-m", module],
@@ -93,13 +139,21 @@ class Topology:
         return child
 
     def start(self, plan: Plan) -> None:
-        """Start what a topology plan lists: its coordinators, then every agent instance."""
+        """Start what a topology plan lists: its coordinators, then every agent instance, each
+        as its role's identity when this topology has an identity folder."""
         # Agent modules are found from the project folder (mesh.toml's) as well, wherever
         # `mesh up` runs from: the check in `mesh.dev.topology` looks there too.
         inherited = self.extra_env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
         path = os.pathsep.join(p for p in (str(plan.root.resolve()), inherited) if p)
+        who: dict[str, Path | None] = {}
+        for run in plan.agents:
+            who[run.module] = (
+                self.identity("agent", agent_name(run, plan.root)) if self.identities else None
+            )
+        coordinator = self.identity("coordinator", "coordinator") if self.identities else None
         for name, module in plan.processes():
-            self.spawn(name, module, {"PYTHONPATH": path})
+            identity = coordinator if module == "coordinator" else who.get(module)
+            self.spawn(name, module, {"PYTHONPATH": path}, identity=identity)
 
     def child(self, name: str) -> Child:
         for c in self.children:

@@ -12,6 +12,7 @@ from (as `mesh.cards.cards_dir` falls back to the checkout's cards).
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -19,6 +20,7 @@ import sys
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib.machinery import ModuleSpec, PathFinder
 from pathlib import Path
 from typing import Annotated, Any
@@ -293,6 +295,45 @@ def _check_runnable(source: Path, key: str, module: str) -> None:
             hint=f"add {module.replace('.', '/')}/__main__.py that calls agent.main() "
             "(docs/write-an-agent.md)",
         )
+
+
+def agent_name(run: AgentRun, root: Path | None = None) -> str:
+    """The name the agent of `run` gives itself (`agent = Agent("four-eyes", ...)` in its
+    package's agent.py), read from the source without running it: the identity `mesh up`
+    issues for its processes must name the subjects it serves. Falls back to the process name
+    (`run.name`) when the source does not say it plainly."""
+    return _agent_name(run.module, str((root or Path.cwd()).resolve())) or run.name
+
+
+@lru_cache(maxsize=64)
+def _agent_name(module: str, root: str) -> str | None:
+    spec = find_module(module, [os.getcwd(), root, *sys.path])
+    locations = spec.submodule_search_locations if spec is not None else None
+    for folder in locations or []:
+        source = Path(folder) / "agent.py"
+        try:
+            tree = ast.parse(source.read_text(), str(source))
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if (
+                isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "agent" for t in node.targets)
+                and isinstance(node.value, ast.Call)
+                and _called(node.value) == "Agent"
+                and node.value.args
+                and isinstance(node.value.args[0], ast.Constant)
+                and isinstance(node.value.args[0].value, str)
+            ):
+                return node.value.args[0].value
+    return None
+
+
+def _called(call: ast.Call) -> str:
+    func = call.func
+    if isinstance(func, ast.Name):
+        return func.id
+    return func.attr if isinstance(func, ast.Attribute) else ""
 
 
 def find_module(module: str, search: Sequence[str]) -> ModuleSpec | None:
