@@ -78,9 +78,9 @@ def resolve_auth(auth: Auth | None) -> Auth | None:
     with MESH_INSECURE=bus, a ConfigError that says what to do otherwise."""
     if auth is not None:
         return auth
-    from mesh.settings import get_settings
+    from mesh.settings import Settings
 
-    settings = get_settings()
+    settings = Settings()  # read now, not cached: a server starts rarely, settings change in tests
     ids = natsauth.resolve_identity_dir(settings)
     if ids is not None:
         return ids

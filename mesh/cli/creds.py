@@ -240,9 +240,7 @@ def compose(
 
 
 # -- certificates -------------------------------------------------------------------------------
-def issue_tls(
-    folder: Path, *, servers: list[str], clients: list[str], days: int = 365
-) -> Path:
+def issue_tls(folder: Path, *, servers: list[str], clients: list[str], days: int = 365) -> Path:
     """A private CA (`ca.pem`) and, signed by it, a certificate per server name (`<name>.pem`,
     `<name>-key.pem`; good for serving and for routes, which connect as clients) and per client
     name. Private keys are written 0600. For mTLS between NATS nodes and for tests."""

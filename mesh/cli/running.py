@@ -152,9 +152,7 @@ async def _up(
             if "stream_replicas" not in settings.model_fields_set:
                 settings = settings.model_copy(update={"stream_replicas": min(cluster, 3)})
             extra_env["MESH_STREAM_REPLICAS"] = str(settings.stream_replicas)
-            write_state(
-                settings.home, url, os.getpid(), servers=[s.state() for s in nodes.servers]
-            )
+            write_state(settings.home, url, os.getpid(), servers=[s.state() for s in nodes.servers])
             stack.callback(clear_state, settings.home, os.getpid())
             where = (
                 f"NATS cluster of {cluster} ({url}), streams R{settings.stream_replicas}, "

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
@@ -300,13 +299,9 @@ async def test_nobody_but_the_operator_purges_deletes_or_reconfigures_a_stream(
         js = o.nc.jetstream(timeout=1)
         for stream in MESH_STREAMS:
             await o.refused(lambda s=stream: js.purge_stream(s), f"$JS.API.STREAM.PURGE.{stream}")
-            await o.refused(
-                lambda s=stream: js.delete_stream(s), f"$JS.API.STREAM.DELETE.{stream}"
-            )
+            await o.refused(lambda s=stream: js.delete_stream(s), f"$JS.API.STREAM.DELETE.{stream}")
             shrunk = configs[stream].evolve(max_msgs_per_subject=1, max_age=1.0)
-            await o.refused(
-                lambda c=shrunk: js.update_stream(c), f"$JS.API.STREAM.UPDATE.{stream}"
-            )
+            await o.refused(lambda c=shrunk: js.update_stream(c), f"$JS.API.STREAM.UPDATE.{stream}")
             await o.refused(
                 lambda s=stream: js.delete_msg(s, 1), f"$JS.API.STREAM.MSG.DELETE.{stream}"
             )
@@ -369,21 +364,22 @@ async def test_an_agent_works_under_its_own_permissions(
     from mesh.registry import Registry
 
     release = json.loads((REPO / "agents/samples/release_clean.json").read_text())
+    from mesh.a2a.transport import NatsTransport
+
     async with (
         await Bus.connect(settings=as_(cast["agent"], server.url)) as agent_bus,
         await Bus.connect(settings=as_(cast["coordinator"], server.url)) as coord,
+        agent.serve(agent_bus, http=False, settings=agent_bus.settings),
     ):
-        async with agent.serve(agent_bus, http=False, settings=agent_bus.settings):
-            live = await Registry(coord).live()
-            assert "quality-review" in {r.agent for r in live}
-            client = AgentClient(coord)
-            task = await client.send("quality-review", user_message(data=release), timeout=10)
-            assert task is not None
-            from mesh.a2a.transport import NatsTransport
-
-            transport = NatsTransport(coord.nc, subjects.a2a("quality-review"))
-            listed = await transport.list_tasks(ListTasksRequest())
-            assert listed is not None
+        live = await Registry(coord).live()
+        assert "quality-review" in {r.agent for r in live}
+        task = await AgentClient(coord).send(
+            "quality-review", user_message(data=release), timeout=10
+        )
+        assert task is not None
+        transport = NatsTransport(coord.nc, subjects.a2a("quality-review"))
+        listed = await transport.list_tasks(ListTasksRequest())
+        assert listed is not None
 
 
 # -- a reader -------------------------------------------------------------------------------------
@@ -462,9 +458,7 @@ async def test_tls_url_refuses_a_plaintext_server(server: EmbeddedServer) -> Non
     assert "tls://" in str(err.value) and "handshake_first" in str(err.value)
 
 
-async def test_tls_url_connects_to_a_tls_server(
-    identities: IdentityDir, tmp_path: Path
-) -> None:
+async def test_tls_url_connects_to_a_tls_server(identities: IdentityDir, tmp_path: Path) -> None:
     from mesh.cli.creds import issue_tls
 
     certs = issue_tls(tmp_path / "tls", servers=["localhost"], clients=["client"])
