@@ -228,11 +228,16 @@ def compose(
         wanted.append(("publisher", "cli", os.environ.get("MESH_TENANT") or "default"))
         for role, name, tenant in wanted:
             natsauth.ensure_identity(ids, role, name, tenant=tenant)
-        natsauth.write_authorization(target / natsauth.AUTH_FILE, ids.users())
-        nodes = ["nats-1", "nats-2", "nats-3"]
-        if not (target / "tls" / "ca.pem").exists():
-            issue_tls(target / "tls", servers=nodes, clients=[])
-    out.print(f"wrote {target}: identities, {natsauth.AUTH_FILE}, tls/ (every secret mode 0600)")
+        # What the NATS containers mount (no identity's private key in there).
+        natsauth.write_authorization(target / "nats" / natsauth.AUTH_FILE, ids.users())
+        tls = target / "nats" / "tls"
+        if not (tls / "ca.pem").exists():
+            nodes = ["nats-1", "nats-2", "nats-3"]
+            issue_tls(tls, servers=nodes, clients=[], ca_key=target / "ca-key.pem")
+    out.print(
+        f"wrote {target}: identity/ (one per service), nats/{natsauth.AUTH_FILE}, nats/tls/ "
+        "(every secret mode 0600)"
+    )
     out.print(
         "next: docker compose -f compose/docker-compose.yml up -d --build "
         "(see the notes at the top of that file)"
@@ -240,10 +245,18 @@ def compose(
 
 
 # -- certificates -------------------------------------------------------------------------------
-def issue_tls(folder: Path, *, servers: list[str], clients: list[str], days: int = 365) -> Path:
-    """A private CA (`ca.pem`) and, signed by it, a certificate per server name (`<name>.pem`,
-    `<name>-key.pem`; good for serving and for routes, which connect as clients) and per client
-    name. Private keys are written 0600. For mTLS between NATS nodes and for tests."""
+def issue_tls(
+    folder: Path,
+    *,
+    servers: list[str],
+    clients: list[str],
+    days: int = 365,
+    ca_key: Path | None = None,
+) -> Path:
+    """A private CA (`ca.pem`; its key in `ca_key`, default `ca-key.pem` next to it) and,
+    signed by it, a certificate per server name (`<name>.pem`, `<name>-key.pem`; good for
+    serving and for routes, which connect as clients) and per client name. Private keys are
+    written 0600. For mTLS between NATS nodes and for tests."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -262,13 +275,13 @@ def issue_tls(folder: Path, *, servers: list[str], clients: list[str], days: int
             serialization.NoEncryption(),
         )
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_private = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "quorum-mesh CA")])
     ca = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
         .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
+        .public_key(ca_private.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now)
         .not_valid_after(until)
@@ -287,10 +300,10 @@ def issue_tls(folder: Path, *, servers: list[str], clients: list[str], days: int
             ),
             critical=True,
         )
-        .sign(ca_key, hashes.SHA256())
+        .sign(ca_private, hashes.SHA256())
     )
     (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    write_secret(folder / "ca-key.pem", key_pem(ca_key))
+    write_secret(ca_key or folder / "ca-key.pem", key_pem(ca_private))
 
     def leaf(name: str, usages: list[x509.ObjectIdentifier]) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -307,7 +320,7 @@ def issue_tls(folder: Path, *, servers: list[str], clients: list[str], days: int
             .not_valid_after(until)
             .add_extension(x509.SubjectAlternativeName(alt), critical=False)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .sign(ca_key, hashes.SHA256())
+            .sign(ca_private, hashes.SHA256())
         )
         (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         write_secret(folder / f"{name}-key.pem", key_pem(key))
