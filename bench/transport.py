@@ -222,7 +222,7 @@ async def run(opts: Opts) -> dict[str, Any]:
     # The product's own liveness clocks: nothing here waits on them.
     with (
         EmbeddedServer(store_dir=work / "js") as server,
-        ProcessMesh(server.url, work) as procs,
+        ProcessMesh(server.url, work, server=server) as procs,
     ):
         return await _run(opts, server, procs)
 

@@ -120,7 +120,7 @@ async def _up(
     from mesh import natsauth
     from mesh.bus import Bus, clear_state, redact, write_state
     from mesh.dev import topology as topo
-    from mesh.dev.launcher import Topology
+    from mesh.dev.launcher import Topology, issue_identities
     from mesh.identity import IdentityDir, identity_dir
     from mesh.server import EmbeddedServer, LocalCluster
     from mesh.settings import get_settings
@@ -133,6 +133,7 @@ async def _up(
     # Every process gets its own identity from this folder; the servers admit exactly them,
     # and `mesh up` itself (creating the streams) is the folder's operator.
     ids = natsauth.resolve_identity_dir(settings) or IdentityDir.init(identity_dir(settings.home))
+    issue_identities(ids, plan)  # before the server starts: it admits them from the start
     settings = settings.model_copy(update={"identity": ids.operator_path, "trust": ids.trust_path})
     extra_env: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as stack:

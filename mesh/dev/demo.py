@@ -23,9 +23,9 @@ import msgspec
 from nats.aio.msg import Msg
 
 import agents
-from mesh import envelope, subjects
+from mesh import envelope, natsauth, subjects
 from mesh.bus import Bus
-from mesh.dev.launcher import Topology
+from mesh.dev.launcher import Topology, issue_identities
 from mesh.dev.topology import Plan
 from mesh.errors import ConfigError
 from mesh.identity import IdentityDir
@@ -184,6 +184,8 @@ async def demo(plan: Plan, log_dir: Path | None = None) -> tuple[list[Result], P
     check(plan)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="mesh-demo-"))
     ids = IdentityDir.init(log_dir / "identity")
+    issue_identities(ids, plan)  # before the server starts: it admits them from the start
+    publisher_identity = natsauth.ensure_identity(ids, "publisher", "demo", tenant="default")
     operator = get_settings().model_copy(
         update={"identity": ids.operator_path, "trust": ids.trust_path, "nats_creds": None}
     )
@@ -193,9 +195,7 @@ async def demo(plan: Plan, log_dir: Path | None = None) -> tuple[list[Result], P
             async with await Bus.connect(server.url, name="demo", settings=operator) as bus:
                 await bus.ensure()  # before any other process: only the operator may
                 topo.start(plan)
-                publisher = operator.model_copy(
-                    update={"identity": topo.identity("publisher", "demo", tenant="default")}
-                )
+                publisher = operator.model_copy(update={"identity": publisher_identity})
                 async with await Bus.connect(
                     server.url, name="demo-publisher", settings=publisher
                 ) as pub:

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -69,11 +70,23 @@ def _die_with_parent() -> None:
 _NOT_INHERITED = ("MESH_IDENTITY", "MESH_TRUST", "MESH_NATS_CREDS")
 
 
+def issue_identities(ids: IdentityDir, plan: Plan) -> dict[str, Path]:
+    """The identity file of every module a plan starts (`coordinator` included), issued on
+    first use and reused after: call it before the NATS server starts, so the server admits
+    them from the first moment."""
+    found = {"coordinator": natsauth.ensure_identity(ids, "coordinator", "coordinator")}
+    for run in plan.agents:
+        found[run.module] = natsauth.ensure_identity(ids, "agent", agent_name(run, plan.root))
+    return found
+
+
 class Topology:
     """A coordinator and agent processes pointed at one NATS URL; stops what it started.
 
     `identities`: the folder to issue (or reuse) each process's identity from; without it the
-    children inherit this process's environment (MESH_INSECURE=bus, or a test's choice)."""
+    children inherit this process's environment (MESH_INSECURE=bus, or a test's choice).
+    `on_new_identity`: called after an identity is issued while the server runs (say, its
+    `reload`), so the server admits it before the process that uses it starts."""
 
     def __init__(
         self,
@@ -82,18 +95,24 @@ class Topology:
         *,
         extra_env: dict[str, str] | None = None,
         identities: IdentityDir | None = None,
+        on_new_identity: Callable[[], None] | None = None,
     ):
         self.nats_url = nats_url
         self.log_dir = log_dir
         self.extra_env = extra_env or {}
         self.identities = identities
+        self.on_new_identity = on_new_identity
         self.children: list[Child] = []
 
     def identity(self, role: Role, name: str, *, tenant: str = ALL_TENANTS) -> Path:
         """The identity file of (role, name) in this topology's folder, issued on first use."""
         if self.identities is None:
             raise MeshRuntimeError("this topology has no identity folder to issue from")
-        return natsauth.ensure_identity(self.identities, role, name, tenant=tenant)
+        known = len(self.identities.users())
+        path = natsauth.ensure_identity(self.identities, role, name, tenant=tenant)
+        if len(self.identities.users()) != known and self.on_new_identity is not None:
+            self.on_new_identity()
+        return path
 
     def spawn(
         self,
@@ -145,15 +164,13 @@ class Topology:
         # `mesh up` runs from: the check in `mesh.dev.topology` looks there too.
         inherited = self.extra_env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
         path = os.pathsep.join(p for p in (str(plan.root.resolve()), inherited) if p)
-        who: dict[str, Path | None] = {}
-        for run in plan.agents:
-            who[run.module] = (
-                self.identity("agent", agent_name(run, plan.root)) if self.identities else None
-            )
-        coordinator = self.identity("coordinator", "coordinator") if self.identities else None
+        who: dict[str, Path] = {}
+        if self.identities is not None:
+            who["coordinator"] = self.identity("coordinator", "coordinator")
+            for run in plan.agents:
+                who[run.module] = self.identity("agent", agent_name(run, plan.root))
         for name, module in plan.processes():
-            identity = coordinator if module == "coordinator" else who.get(module)
-            self.spawn(name, module, {"PYTHONPATH": path}, identity=identity)
+            self.spawn(name, module, {"PYTHONPATH": path}, identity=who.get(module))
 
     def child(self, name: str) -> Child:
         for c in self.children:

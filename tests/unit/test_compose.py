@@ -755,7 +755,7 @@ def test_creds_compose_writes_every_secret_private(secrets: Path) -> None:
     from mesh.identity import IdentityDir
 
     for path in [*secrets.rglob("*.json"), *secrets.rglob("*-key.pem"), *secrets.rglob("*.conf")]:
-        if path.name == "trust.json" or path.name == "users.json":
+        if path.name in {"trust.json", "users.json"}:
             continue  # public: keys and names
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == 0o600, f"{path}: mode {mode:o}"
@@ -768,19 +768,18 @@ def test_creds_compose_writes_every_secret_private(secrets: Path) -> None:
     assert {u.role for u in ids.users()} >= {"operator", "coordinator", "agent"}
 
 
-def _compose_node(
-    conf: Path, store: Path, name: str, port: int, route: int, routes: list[int], monitor: int
-) -> Any:
-    """compose's nats-<i> command, on 127.0.0.1 ports (the routes named `localhost`)."""
+def _compose_node(conf: Path, store: Path, name: str, ports: list[int], i: int) -> Any:
+    """compose's nats-<i> command, on 127.0.0.1 ports (the routes named `localhost`):
+    `ports` holds 3 client ports, then 3 route ports, then 3 monitor ports."""
     import subprocess
 
     from mesh.server import find_binary
 
-    route_urls = ",".join(f"nats-route://localhost:{p}" for p in routes)
+    route_urls = ",".join(f"nats-route://localhost:{p}" for p in ports[3:6])
     cmd = [find_binary(), "-c", str(conf), "-js", "-sd", str(store), "--server_name", name]
-    cmd += ["--cluster_name", "mesh", "--cluster", f"nats://127.0.0.1:{route}"]
-    cmd += ["--routes", route_urls, "--no_advertise", "-m", str(monitor), "-a", "127.0.0.1"]
-    cmd += ["-p", str(port)]
+    cmd += ["--cluster_name", "mesh", "--cluster", f"nats://127.0.0.1:{ports[3 + i]}"]
+    cmd += ["--routes", route_urls, "--no_advertise", "-m", str(ports[6 + i])]
+    cmd += ["-a", "127.0.0.1", "-p", str(ports[i])]
     log = open(store.parent / f"{name}.log", "wb")  # noqa: SIM115  # closed with the process
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
 
@@ -817,11 +816,7 @@ async def test_the_compose_nats_config_refuses_anonymous_clients(
         for i in range(3):
             store = tmp_path / f"n{i}" / "data"
             store.mkdir(parents=True)
-            procs.append(
-                _compose_node(
-                    conf, store, f"nats-{i + 1}", ports[i], ports[3 + i], ports[3:6], ports[6 + i]
-                )
-            )
+            procs.append(_compose_node(conf, store, f"nats-{i + 1}", ports, i))
         urls = [f"nats://127.0.0.1:{p}" for p in ports[:3]]
         operator = secrets / "identity" / "operator.json"
         settings = Settings(identity=operator, trust=secrets / "identity" / "trust.json")
@@ -838,10 +833,8 @@ async def test_the_compose_nats_config_refuses_anonymous_clients(
         for url in urls:
             for who in (None, load_identity(_stranger(tmp_path))):
                 opts = {"nkeys_seed_str": who.nats_seed} if who else {}
-                with pytest.raises(Exception, match="(?i)authorization"):
-                    await nats_py.connect(
-                        url, allow_reconnect=False, connect_timeout=2, **opts
-                    )
+                with pytest.raises(Exception, match=r"(?i)authorization"):
+                    await nats_py.connect(url, allow_reconnect=False, connect_timeout=2, **opts)
         # The route port wants TLS before anything: a plaintext peer gets nothing.
         reader, writer = await asyncio.open_connection("127.0.0.1", ports[3])
         try:
