@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -274,6 +275,14 @@ def _why(reason: str, servers: list[str]) -> str:
     return "is the server running? check MESH_NATS_URL, or start one with `mesh up`"
 
 
+class PermissionDeniedError(ConfigError):
+    """The server refused this identity a publish or a subscription (its role may not)."""
+
+
+_DENIED = re.compile(r'permissions violation for (?:publish|subscription) to "([^"]+)"', re.I)
+_DENIED_KEPT = 256  # the most recent refusals remembered, to explain a publish that timed out
+
+
 # -- JetStream: consumers that permissions can see ------------------------------------------------
 def _named(config: ConsumerConfig | None, params: dict[str, Any]) -> ConsumerConfig:
     """`config` with a name: nats-py puts a named consumer's filter in the API subject
@@ -331,6 +340,28 @@ class Bus:
         self._signer: Signer | None = (
             identity.signer() if identity is not None and identity.signing_seed else None
         )
+        self._denied: dict[str, None] = {}  # subjects the server refused us, most recent last
+
+    async def _on_error(self, e: Exception) -> None:
+        """The server's asynchronous errors; a permissions violation is remembered, so the
+        publish it made time out can say why."""
+        found = _DENIED.search(str(e))
+        if found:
+            self._denied.pop(found.group(1).lower(), None)
+            self._denied[found.group(1).lower()] = None
+            while len(self._denied) > _DENIED_KEPT:
+                self._denied.pop(next(iter(self._denied)))
+        await _log_error(e)
+
+    def refused(self, subject: str) -> PermissionDeniedError | None:
+        """The error to raise if the server refused this connection `subject`."""
+        if subject.lower() not in self._denied:
+            return None
+        who = self.identity.principal if self.identity else "this connection"
+        return PermissionDeniedError(
+            f"the NATS server refused {who} publishing to {subject}",
+            hint=_permission_hint(self.identity, subject),
+        )
 
     @classmethod
     async def connect(
@@ -350,10 +381,13 @@ class Bus:
         options = connect_options(settings, identity, servers)
         nc = NATS()
         first_errors: list[Exception] = []
+        made: list[Bus] = []
 
         async def on_error(e: Exception) -> None:
             # Until connected, errors are the answer to give the user, not log noise.
-            if nc.is_connected:
+            if made:
+                await made[0]._on_error(e)
+            elif nc.is_connected:
                 await _log_error(e)
             else:
                 first_errors.append(e)
@@ -389,7 +423,8 @@ class Bus:
                 redact(f"cannot connect to NATS at {', '.join(servers)}: {reason}"),
                 hint=_why(reason, servers),
             ) from None
-        return cls(nc, settings, identity)
+        made.append(cls(nc, settings, identity))
+        return made[0]
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -578,7 +613,14 @@ class Bus:
                 and subjects.H_SIGNATURE not in hdrs
             ):
                 hdrs[subjects.H_SIGNATURE] = event_signature(self._signer, subject, body)
-            return await self.js.publish(subject, body, timeout=timeout, headers=hdrs or None)
+            try:
+                return await self.js.publish(subject, body, timeout=timeout, headers=hdrs or None)
+            except NatsTimeoutError:
+                # A refused publish gets no answer at all: say why instead of "timeout".
+                denied = self.refused(subject)
+                if denied is not None:
+                    raise denied from None
+                raise
 
     async def publish_event(self, event: envelope.Event) -> PubAck:
         """Publish a domain event, signed; its id (per tenant) deduplicates re-publishes."""
@@ -591,6 +633,17 @@ class Bus:
             if event.traceparent
             else None,
         )
+
+
+def _permission_hint(identity: Identity | None, subject: str) -> str:
+    if subject.startswith(f"{subjects.EVENTS_ROOT}."):
+        tenant = subject.split(".")[2] if subject.count(".") >= 2 else "T"
+        return (
+            f"publish events as a publisher of tenant {tenant} "
+            f"(`mesh creds publisher NAME --tenant {tenant}`, then MESH_IDENTITY=<its file>)"
+        )
+    role = identity.role if identity else "anonymous"
+    return f"a {role} may not (see mesh/natsauth.py); use an identity whose role may"
 
 
 def event_signature(signer: Signer, subject: str, body: bytes) -> str:

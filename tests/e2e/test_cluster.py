@@ -64,7 +64,7 @@ async def test_streams_and_buckets_are_replicated_on_three_servers(up: MeshUp) -
         f"KV_{subjects.CARDS_BUCKET}",
         f"KV_{subjects.DECISIONS_BUCKET}",
     ]
-    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings()) as bus:
+    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings(up.home)) as bus:
         for name in names:
             info = await bus.js.stream_info(name)
             assert info.config.num_replicas == NODES, (name, info.config)
@@ -81,7 +81,7 @@ async def test_a_release_is_decided_through_the_cluster(up: MeshUp) -> None:
     event = envelope.new_event(
         "release.proposed", sample("secret"), event_id=f"e2e-{uuid.uuid4().hex[:8]}"
     )
-    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings()) as bus:
+    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings(up.home)) as bus:
         got: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
 
         async def on_decision(msg: Any) -> None:
@@ -119,7 +119,7 @@ def test_other_commands_find_the_cluster_through_the_state_file(up: MeshUp) -> N
 
 def test_ctrl_c_stops_every_process(up: MeshUp) -> None:
     """Last in the module: it stops the shared `mesh up`."""
-    regs = asyncio.run(live_registrations(up.url))
+    regs = asyncio.run(live_registrations(up.url, up.home))
     agent_pids = {r.pid for r in regs}
     assert len(agent_pids) == 8, regs
     children = up.remember_children()

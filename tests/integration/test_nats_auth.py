@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from mesh import envelope, natsauth, subjects
-from mesh.bus import Bus, StreamMessage, read_stream, redact, tail
+from mesh.bus import Bus, PermissionDeniedError, StreamMessage, read_stream, redact, tail
 from mesh.errors import ConfigError, NotConnectedError
 from mesh.identity import Identity, IdentityDir, Trust, load_identity, load_trust
 from mesh.server import EmbeddedServer, LocalCluster
@@ -261,6 +261,10 @@ async def test_a_publisher_publishes_its_tenants_events_only(
         await bus.ensure()  # only checks
         ack = await bus.publish_event(envelope.new_event("release.proposed", {}, tenant="acme"))
         assert ack.stream == subjects.EVENTS_STREAM
+        # Through the mesh's own API, a refusal is one line that says what to do.
+        with pytest.raises(PermissionDeniedError) as err:
+            await bus.publish(subjects.event("globex", "release.proposed"), b"{}", timeout=1)
+        assert "publisher:pub-a" in str(err.value) and "--tenant globex" in str(err.value)
     async with outsider(server.url, cast["publisher"]) as o:
         js = o.nc.jetstream(timeout=1)
         other = subjects.event("globex", "release.proposed")
