@@ -299,18 +299,23 @@ def _check_runnable(source: Path, key: str, module: str) -> None:
 
 def agent_name(run: AgentRun, root: Path | None = None) -> str:
     """The name the agent of `run` gives itself (`agent = Agent("four-eyes", ...)` in its
-    package's agent.py), read from the source without running it: the identity `mesh up`
-    issues for its processes must name the subjects it serves. Falls back to the process name
-    (`run.name`) when the source does not say it plainly."""
+    package's agent.py or __main__.py, or in the module they import `agent` from), read from
+    the source without running it: the identity `mesh up` issues for its processes must name
+    the subjects the agent serves. Falls back to the process name (`run.name`) when the source
+    does not say it plainly."""
     return _agent_name(run.module, str((root or Path.cwd()).resolve())) or run.name
 
 
 @lru_cache(maxsize=64)
-def _agent_name(module: str, root: str) -> str | None:
+def _agent_name(module: str, root: str, depth: int = 0) -> str | None:
     spec = find_module(module, [os.getcwd(), root, *sys.path])
-    locations = spec.submodule_search_locations if spec is not None else None
-    for folder in locations or []:
-        source = Path(folder) / "agent.py"
+    if spec is None or depth > 3:
+        return None
+    if spec.submodule_search_locations is not None:  # a package: its agent.py, its __main__.py
+        sources = [Path(f) / n for f in spec.submodule_search_locations for n in _SOURCES]
+    else:
+        sources = [Path(spec.origin)] if spec.origin else []
+    for source in sources:
         try:
             tree = ast.parse(source.read_text(), str(source))
         except (OSError, SyntaxError, ValueError):
@@ -326,7 +331,19 @@ def _agent_name(module: str, root: str) -> str | None:
                 and isinstance(node.value.args[0].value, str)
             ):
                 return node.value.args[0].value
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.level == 0
+                and any(alias.name == "agent" and alias.asname is None for alias in node.names)
+            ):
+                found = _agent_name(node.module, root, depth + 1)
+                if found:
+                    return found
     return None
+
+
+_SOURCES = ("agent.py", "__main__.py")
 
 
 def _called(call: ast.Call) -> str:

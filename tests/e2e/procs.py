@@ -386,7 +386,9 @@ def environ_of(pid: int) -> dict[str, str]:
 
 
 def argv_of(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    return (
+        Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+    )
 
 
 def secrets_of(home: Path) -> list[str]:
