@@ -368,8 +368,6 @@ async def test_an_agent_works_under_its_own_permissions(
     from mesh.registry import Registry
 
     release = json.loads((REPO / "agents/samples/release_clean.json").read_text())
-    from mesh.a2a.transport import NatsTransport
-
     async with (
         await Bus.connect(settings=as_(cast["agent"], server.url)) as agent_bus,
         await Bus.connect(settings=as_(cast["coordinator"], server.url)) as coord,
@@ -377,12 +375,10 @@ async def test_an_agent_works_under_its_own_permissions(
     ):
         live = await Registry(coord).live()
         assert "quality-review" in {r.agent for r in live}
-        task = await AgentClient(coord).send(
-            "quality-review", user_message(data=release), timeout=10
-        )
+        client = AgentClient(coord)
+        task = await client.send("quality-review", user_message(data=release), timeout=10)
         assert task is not None
-        transport = NatsTransport(coord.nc, subjects.a2a("quality-review"))
-        listed = await transport.list_tasks(ListTasksRequest())
+        listed = await client.transport("quality-review").list_tasks(ListTasksRequest())
         assert listed is not None
 
 
