@@ -179,6 +179,7 @@ async def test_local_cluster_keeps_accepting_writes_when_a_server_dies(tmp_path:
             assert cluster.route_auth[1] not in " ".join(map(str, server.proc.args))
             log = (server.store_dir / "nats-server.log").read_text()
             assert CONFIG_FILE in log, log[-2000:]  # the fsync setting was loaded
+            assert cluster.route_auth[1] not in log
 
         settings = Settings(stream_replicas=NODES)
         async with await Bus.connect(cluster.url, name="e2e-test", settings=settings) as bus:

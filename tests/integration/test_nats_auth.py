@@ -541,3 +541,33 @@ def test_permission_table_is_whole() -> None:
         assert set(natsauth.ADMIN) <= set(perms["publish"]["deny"])
         assert not any(p in (">", "$JS.API.>") for p in perms["publish"]["allow"])
     assert msgspec.json.decode(b"{}") == {}
+
+
+async def test_only_the_operator_creates_streams_the_others_say_what_to_do(
+    identities: IdentityDir, cast: dict[str, Path], tmp_path: Path
+) -> None:
+    with EmbeddedServer(tmp_path / "js", auth=identities) as fresh:
+        for who in ("coordinator", "agent", "publisher", "reader_a"):
+            async with await Bus.connect(settings=as_(cast[who], fresh.url)) as bus:
+                with pytest.raises(ConfigError) as err:
+                    await bus.ensure()
+                message = str(err.value)
+                assert "may not create streams" in message and "mesh ensure" in message, message
+                assert "\n" not in err.value.message  # one line, then the hint
+        async with await Bus.connect(fresh.url) as op:
+            await op.ensure()
+            names = await op.stream_names()
+        assert {subjects.CHECKPOINTS_STREAM, f"KV_{subjects.TASKS_BUCKET}"} <= names
+        async with await Bus.connect(settings=as_(cast["agent"], fresh.url)) as bus:
+            await bus.ensure()  # now only checks, and finds everything
+            kv = await bus.kv(subjects.TASKS_BUCKET)  # direct gets: reads pinned per key
+            info = await bus.js.stream_info(f"KV_{subjects.TASKS_BUCKET}")
+            assert info.config.allow_direct and kv is not None
+
+
+async def test_log_lines_never_show_a_password(caplog: pytest.LogCaptureFixture) -> None:
+    from mesh.bus import _log_error
+
+    with caplog.at_level("WARNING"):
+        await _log_error(Exception("lost nats://admin:hunter2@10.0.0.1:4222, retrying"))
+    assert "hunter2" not in caplog.text and "nats://***@10.0.0.1:4222" in caplog.text
