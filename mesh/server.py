@@ -208,6 +208,10 @@ class EmbeddedServer(ProcessService):
 
     def _write_config(self) -> Path:
         parts = ["# Written by mesh.server.EmbeddedServer (mode 0600: it may hold passwords)."]
+        if self.name:
+            # In the file, not only on the command line: a reload re-reads the file, and a
+            # clustered JetStream server refuses a configuration without its name.
+            parts.append(f"server_name: {json.dumps(self.name)}")
         if self.auth is not None:
             natsauth.write_authorization(self.auth_path, self.users())
             parts.append(f"include {json.dumps(natsauth.AUTH_FILE)}")

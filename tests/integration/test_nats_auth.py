@@ -191,6 +191,12 @@ async def test_a_cluster_refuses_anonymous_and_unknown_keys(
             writer.close()
         async with await Bus.connect(cluster.url) as op:  # the operator does get in
             assert await op.stream_names() is not None
+        # An identity issued while the cluster runs is admitted by every node after a reload.
+        late = identities.issue("reader", "late-reader", tenant="acme")
+        cluster.reload()
+        for url in cluster.urls:
+            async with outsider(url, late) as o:
+                assert o.nc.is_connected
 
 
 async def test_an_issued_identity_works_on_the_running_server_after_reload(
