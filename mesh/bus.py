@@ -442,8 +442,11 @@ class Bus:
     @property
     def is_operator(self) -> bool:
         """Whether this connection may create and change streams and buckets: the operator's,
-        or an anonymous one (MESH_INSECURE=bus) to a server that checks nothing."""
-        return self.identity is None or self.identity.role == "operator"
+        or an anonymous one (MESH_INSECURE=bus) to a server that checks nothing. A connection
+        made with MESH_NATS_CREDS alone has no known role: it only checks."""
+        if self.identity is not None:
+            return self.identity.role == "operator"
+        return self.settings.nats_creds is None
 
     def tenant_filter(self, stream: str) -> str | None:
         """What of `stream` this connection may read when it belongs to one tenant (a

@@ -117,7 +117,8 @@ def _consumer(stream: str, consumer: str) -> list[str]:
 
 
 def _reads(stream: str) -> list[str]:
-    """Reading a whole stream: by sequence, directly, and through consumers of any filter."""
+    """Reading a whole stream: by sequence, directly, and through consumers of any filter
+    (never deleting one: its own go when idle, `inactive_threshold`)."""
     return [
         f"{JS}.STREAM.INFO.{stream}",
         f"{JS}.STREAM.MSG.GET.{stream}",
@@ -127,7 +128,6 @@ def _reads(stream: str) -> list[str]:
         f"{JS}.CONSUMER.CREATE.{stream}.>",
         f"{JS}.CONSUMER.INFO.{stream}.*",
         f"{JS}.CONSUMER.MSG.NEXT.{stream}.*",
-        f"{JS}.CONSUMER.DELETE.{stream}.*",
     ]
 
 

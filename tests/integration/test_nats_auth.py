@@ -363,11 +363,15 @@ async def _subscribe(nc: NATS, subject: str) -> Any:
 
 
 async def test_an_agent_works_under_its_own_permissions(
-    server: EmbeddedServer, seeded: dict[str, int], cast: dict[str, Path]
+    server: EmbeddedServer,
+    seeded: dict[str, int],
+    cast: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Served, registered, called by the coordinator, its tasks listed (a KV watch, whose
-    consumer must carry its filter in the API subject), all as its own identity."""
-    from a2a.types import ListTasksRequest
+    """Served, registered, called by the coordinator (a unary call, and a stream the caller
+    cancels early), its tasks listed (a KV watch, whose consumer must carry its filter in the
+    API subject), all as its own identity, without a single refusal from the server."""
+    from a2a.types import ListTasksRequest, SendMessageRequest
 
     from agents.quality_review.agent import agent
     from mesh.a2a.client import AgentClient, user_message
@@ -386,6 +390,17 @@ async def test_an_agent_works_under_its_own_permissions(
         assert task is not None
         listed = await client.transport("quality-review").list_tasks(ListTasksRequest())
         assert listed is not None
+        # A streamed answer, stopped after its first frame: the caller's cancel goes to
+        # `<its inbox>.cancel`, which the agent may subscribe to.
+        stream = client.transport("quality-review").send_message_streaming(
+            SendMessageRequest(message=user_message(data=release))
+        )
+        async for _ in stream:
+            break
+        await stream.aclose()
+        await coord.nc.flush()
+    refusals = [r.getMessage() for r in caplog.records if "violation" in r.getMessage().lower()]
+    assert not refusals, refusals
 
 
 # -- a reader -------------------------------------------------------------------------------------
@@ -577,3 +592,35 @@ async def test_log_lines_never_show_a_password(caplog: pytest.LogCaptureFixture)
     with caplog.at_level("WARNING"):
         await _log_error(Exception("lost nats://admin:hunter2@10.0.0.1:4222, retrying"))
     assert "hunter2" not in caplog.text and "nats://***@10.0.0.1:4222" in caplog.text
+
+
+async def test_nats_creds_file_connects_without_an_identity(
+    server: EmbeddedServer, cast: dict[str, Path], tmp_path: Path
+) -> None:
+    """MESH_NATS_CREDS: an nkey seed file (as for joining a server someone else runs); the
+    connection gets the inboxes of that key. Readable by others, it is refused."""
+    from mesh.bus import connect_options
+
+    publisher = load_identity(cast["publisher"])
+    seed = tmp_path / "user.nk"
+    seed.write_text(publisher.nats_seed + "\n")
+    seed.chmod(0o600)
+    settings = Settings(nats_creds=seed, identity=None, home=tmp_path)
+    opts = connect_options(settings, None, [server.url])
+    assert opts["nkeys_seed"] == str(seed) and opts["inbox_prefix"] == publisher.inbox_prefix
+    async with await Bus.connect(server.url, settings=settings) as bus:
+        assert bus.identity is None and not bus.is_operator  # nothing signs, nothing created
+        await bus.ensure()  # only checks
+        ack = await bus.js.publish(subjects.event("acme", "x.y"), b"{}")
+        assert ack.stream == subjects.EVENTS_STREAM
+    jwt = tmp_path / "user.creds"
+    jwt.write_text(
+        "-----BEGIN NATS USER JWT-----\neyJ0eXAi.x.y\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{publisher.nats_seed}\n------END USER NKEY SEED------\n"
+    )
+    jwt.chmod(0o600)
+    opts = connect_options(Settings(nats_creds=jwt), None, [server.url])
+    assert opts["user_credentials"] == str(jwt) and opts["inbox_prefix"] == publisher.inbox_prefix
+    seed.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        connect_options(Settings(nats_creds=seed), None, [server.url])
