@@ -403,6 +403,50 @@ async def test_an_agent_works_under_its_own_permissions(
     assert not refusals, refusals
 
 
+async def test_an_event_handling_agent_works_under_its_own_permissions(
+    server: EmbeddedServer,
+    seeded: dict[str, int],
+    identities: IdentityDir,
+    cast: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The triage agent as its own identity: its handler's durable on MESH_EVENTS, fetches,
+    acks, and the output event it publishes (signed by it); the input from a publisher."""
+    from agents.triage.agent import agent as triage
+
+    triage_identity = identities.issue("agent", "triage")
+    server.reload()
+    ticket = {
+        "id": "T-7",
+        "title": "Checkout is down",
+        "body": "500s since 09:12",
+        "reporter": "ops@acme.example",
+        "service": "checkout",
+        "customer_tier": "enterprise",
+    }
+    async with (
+        await Bus.connect(settings=as_(triage_identity, server.url)) as agent_bus,
+        await Bus.connect(settings=as_(cast["publisher"], server.url)) as publisher,
+        await Bus.connect(server.url) as op,
+    ):
+        triaged: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_event(msg: Any) -> None:
+            await triaged.put(msg.headers.get(subjects.H_SIGNATURE, "") if msg.headers else "")
+
+        await op.nc.subscribe(subjects.event("acme", "ticket.triaged"), cb=on_event)
+        await op.nc.flush()
+        async with triage.serve(agent_bus, http=False, settings=agent_bus.settings):
+            await publisher.publish_event(
+                envelope.new_event("ticket.created", ticket, tenant="acme")
+            )
+            signature = await asyncio.wait_for(triaged.get(), 20)
+    kid = str(signature).partition(":")[0]
+    assert load_trust(identities.trust_path).keys[kid].name == "triage"
+    refusals = [r.getMessage() for r in caplog.records if "violation" in r.getMessage().lower()]
+    assert not refusals, refusals
+
+
 # -- a reader -------------------------------------------------------------------------------------
 async def test_a_reader_reads_its_tenant_only(
     server: EmbeddedServer, seeded: dict[str, int], cast: dict[str, Path]
