@@ -557,8 +557,6 @@ class Bus:
             return self._kv[bucket]
         try:
             kv = await self.js.key_value(bucket)
-            if bucket in _DIRECT_BUCKETS and self.is_operator:
-                kv = await self._allow_direct(bucket, kv)
         except (BucketNotFoundError, NotFoundError):
             if not self.is_operator:
                 raise self._missing([f"bucket {bucket}"]) from None
@@ -572,17 +570,22 @@ class Bus:
                     direct=bucket in _DIRECT_BUCKETS,
                 )
             )
+        if self.is_operator:
+            kv = await self._harden(bucket, kv)
         self._kv[bucket] = kv
         return kv
 
-    async def _allow_direct(self, bucket: str, kv: KeyValue) -> KeyValue:
-        """A bucket made before reads were pinned per key: let it answer direct gets."""
+    async def _harden(self, bucket: str, kv: KeyValue) -> KeyValue:
+        """What permissions cannot say, the bucket's stream must: no rollup headers (one
+        `Nats-Rollup: all` on a writer's own key would erase every other key of the bucket;
+        the mesh never rolls up), and direct gets where reads are pinned per key."""
         stream = subjects.kv_stream(bucket)
-        info = await self.js.stream_info(stream)
-        if info.config.allow_direct:
+        cfg = (await self.js.stream_info(stream)).config
+        direct = bool(cfg.allow_direct) or bucket in _DIRECT_BUCKETS
+        if not cfg.allow_rollup_hdrs and bool(cfg.allow_direct) == direct:
             return kv
-        await self.js.update_stream(info.config.evolve(allow_direct=True))
-        log.info("bucket %s now answers direct gets (per-key read permissions)", bucket)
+        await self.js.update_stream(cfg.evolve(allow_rollup_hdrs=False, allow_direct=direct))
+        log.debug("bucket %s: rollups off, direct gets %s", bucket, "on" if direct else "off")
         return await self.js.key_value(bucket)
 
     # -- publishing -----------------------------------------------------------------------------

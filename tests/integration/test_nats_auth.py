@@ -355,6 +355,32 @@ async def test_an_agent_cannot_serve_or_register_as_another(
         assert "security-review.impostor" not in keys
 
 
+@pytest.mark.parametrize(
+    ("who", "key"),
+    [
+        ("agent", f"$KV.{subjects.CARDS_BUCKET}.quality-review.mine"),
+        ("agent", f"$KV.{subjects.TASKS_BUCKET}.quality-review.mine"),
+        ("coordinator", f"$KV.{subjects.DECISIONS_BUCKET}.acme.mine"),
+    ],
+)
+async def test_a_writer_cannot_erase_a_bucket_through_its_own_key(
+    who: str, key: str, server: EmbeddedServer, seeded: dict[str, int], cast: dict[str, Path]
+) -> None:
+    """Permissions pin a writer to its keys, but a `Nats-Rollup: all` header on one of them
+    would erase every other key of the bucket: the mesh's buckets refuse rollups."""
+    from nats.js.errors import APIError
+
+    stream = f"KV_{key.split('.')[1]}"
+    async with await Bus.connect(server.url) as op:
+        await op.js.publish(key.replace("mine", "other"), b"someone else's")
+        before = (await op.js.stream_info(stream)).state.messages
+    async with outsider(server.url, cast[who]) as o:
+        with pytest.raises(APIError, match="rollup"):
+            await o.nc.jetstream(timeout=2).publish(key, b"x", headers={"Nats-Rollup": "all"})
+    async with await Bus.connect(server.url) as op:
+        assert (await op.js.stream_info(stream)).state.messages == before
+
+
 async def _subscribe(nc: NATS, subject: str) -> Any:
     sub = await nc.subscribe(subject)
     await nc.flush()
