@@ -198,10 +198,6 @@ class EmbeddedServer(ProcessService):
     def log_path(self) -> Path:
         return self.store_dir / "nats-server.log"
 
-    @property
-    def secured(self) -> bool:
-        return self.auth is not None
-
     def users(self) -> list[NatsUser]:
         """The users this server admits now (its identity folder is read again each time)."""
         return [*(_users(self.auth) if self.auth is not None else []), *self.extra_users]

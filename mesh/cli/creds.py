@@ -38,7 +38,8 @@ DirOption = Annotated[
     typer.Option(
         "--dir",
         metavar="PATH",
-        help="The identity folder (default: <MESH_HOME>/identity, the one `mesh up` uses).",
+        help="The identity folder (default: the one `mesh up` uses: MESH_IDENTITY's, else "
+        "<MESH_HOME>/identity).",
     ),
 ]
 OutOption = Annotated[
@@ -49,9 +50,15 @@ TenantOption = Annotated[str, typer.Option("--tenant", metavar="T", help="Its on
 
 
 def _folder(explicit: Path | None) -> IdentityDir:
+    """`--dir`, else the folder `mesh up` uses (MESH_IDENTITY's, or <MESH_HOME>/identity)."""
+    from mesh import natsauth
     from mesh.settings import get_settings
 
-    return IdentityDir.init(explicit or identity_dir(get_settings().home))
+    if explicit is not None:
+        return IdentityDir.init(explicit)
+    settings = get_settings()
+    found = natsauth.resolve_identity_dir(settings)
+    return found or IdentityDir.init(identity_dir(settings.home))
 
 
 def _issue(role: Role, name: str, tenant: str, folder: Path | None, out_file: Path | None) -> None:
