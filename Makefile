@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit integration e2e up clean
+.PHONY: demo test check lint typecheck unit integration e2e up clean compose-secrets
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,11 @@ e2e: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mesh .pytest_cache .mypy_cache .ruff_cache
+
+# What compose/docker-compose.yml mounts (git-ignored): an identity per service, the NATS
+# servers' nkey authorization, certificates for mTLS between the NATS nodes.
+compose-secrets: $(STAMP)
+	$(BIN)/mesh creds compose --out compose/secrets
 
 .PHONY: bench bench-smoke
 # The full benchmark (~20 min on 2 cores): prints its tables, writes bench/results/latest.*.

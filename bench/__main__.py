@@ -202,7 +202,13 @@ def main() -> None:
     args.profile = args.profile or args.smoke  # the profile step must not rot either
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
-    raise SystemExit(asyncio.run(_main(args)))
+    from mesh.testing.identities import test_identities
+
+    # Secured as `mesh up` is: the servers admit one identity folder's identities (a temporary
+    # one unless MESH_IDENTITY names one), each mesh process its own, this process the operator.
+    with test_identities():
+        code = asyncio.run(_main(args))
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ class BenchMesh:
         await self.bus.ensure()
         await self.bus.nc.subscribe(f"{subjects.DECISIONS_ROOT}.>", cb=self._on_decision)
         # The product's own clocks: nothing here waits on liveness.
-        self.procs = ProcessMesh(self.server.url, self.work)
+        self.procs = ProcessMesh(self.server.url, self.work, server=self.server)
         policy = self.procs.policy(policies(self.voter_counts))
         self.coordinator = self.procs.coordinator(policy, name="coordinator")
 

@@ -22,7 +22,16 @@ _CANNED = json.dumps(
 
 
 async def _serve(canned: bytes) -> None:
-    nc = await nats.connect(os.environ["MESH_NATS_URL"], name="bench-raw-responder")
+    # Authenticated as the mesh's processes are (this process's identity, its own inboxes): a
+    # cost at connect time only, so the floor stays plain request/reply.
+    from mesh.bus import connect_options
+    from mesh.identity import resolve_identity
+    from mesh.settings import get_settings
+
+    settings = get_settings()
+    servers = settings.nats_servers()
+    auth = connect_options(settings, resolve_identity(settings), servers)
+    nc = await nats.connect(servers, name="bench-raw-responder", **auth)
 
     async def on_request(msg: Msg) -> None:
         await nc.publish(msg.reply, canned)

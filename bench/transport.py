@@ -222,7 +222,7 @@ async def run(opts: Opts) -> dict[str, Any]:
     # The product's own liveness clocks: nothing here waits on them.
     with (
         EmbeddedServer(store_dir=work / "js") as server,
-        ProcessMesh(server.url, work) as procs,
+        ProcessMesh(server.url, work, server=server) as procs,
     ):
         return await _run(opts, server, procs)
 
@@ -271,6 +271,7 @@ async def _start_raw(procs: ProcessMesh, bus: Bus, reply: bytes, probe: bytes) -
 async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[str, Any]:
     nats = Proc(server.pid or 0, "nats-server")
     bus = await Bus.connect(server.url, name="bench-transport")
+    await bus.ensure()  # as the operator, before any agent: no other identity may create them
     http = httpx.AsyncClient(
         timeout=10.0,
         limits=httpx.Limits(max_connections=opts.concurrency * 2, max_keepalive_connections=64),

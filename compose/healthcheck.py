@@ -11,6 +11,8 @@ The agent check is a real per-process check: the agent's own HTTP server must an
 coordinator serves no HTTP, so its check proves what this container needs (its NATS cluster is
 reachable, JetStream answers, the shared `coordinator` durable consumer exists) — it is a
 liveness check of the coordinator's dependencies, not proof that this very process is pulling.
+It connects as the container's own identity (MESH_IDENTITY: its nkey and its reply inboxes),
+as the coordinator itself does; the servers admit nobody else.
 """
 
 from __future__ import annotations
@@ -28,6 +30,20 @@ CARD_PATH = "/.well-known/agent-card.json"
 # needs nothing of the mesh but nats-py, and tests/unit/test_compose.py pins them to mesh's.
 EVENTS_STREAM = "MESH_EVENTS"
 COORDINATOR_DURABLE = "coordinator"
+INBOX_ROOT = "_INBOX"  # an identity's inboxes: _INBOX.<first 16 of its public nkey, lower>
+
+
+def nats_identity(path: str | None) -> dict[str, str]:
+    """nats-py options to connect as the identity file at `path` (none: anonymous, which the
+    mesh's servers refuse)."""
+    if not path:
+        return {}
+    import nkeys
+
+    with open(path, "rb") as f:
+        seed = str(json.load(f)["nats_seed"])
+    public = nkeys.from_seed(seed.encode()).public_key.decode()
+    return {"nkeys_seed_str": seed, "inbox_prefix": f"{INBOX_ROOT}.{public[:16].lower()}"}
 
 
 def check_agent(port: int, name: str | None = None, *, timeout: float = 3.0) -> str | None:
@@ -51,8 +67,11 @@ def check_agent(port: int, name: str | None = None, *, timeout: float = 3.0) -> 
     return None
 
 
-async def check_coordinator(servers: list[str], *, timeout: float = 4.0) -> str | None:
-    """None when NATS answers, JetStream is enabled and the coordinator durable exists."""
+async def check_coordinator(
+    servers: list[str], *, timeout: float = 4.0, identity: str | None = None
+) -> str | None:
+    """None when NATS answers (to `identity`), JetStream is enabled and the coordinator
+    durable exists."""
     import nats
     from nats.js.errors import NotFoundError
 
@@ -64,6 +83,10 @@ async def check_coordinator(servers: list[str], *, timeout: float = 4.0) -> str 
         errors.append(e)
 
     try:
+        auth = nats_identity(identity)
+    except (OSError, ValueError, KeyError) as e:
+        return f"cannot read the identity file {identity}: {e}"
+    try:
         # nats-py keeps retrying a first connect that fails, so the overall timeout bounds it.
         nc = await asyncio.wait_for(
             nats.connect(
@@ -73,6 +96,7 @@ async def check_coordinator(servers: list[str], *, timeout: float = 4.0) -> str 
                 allow_reconnect=False,
                 max_reconnect_attempts=0,
                 error_cb=remember,
+                **auth,  # type: ignore[arg-type]
             ),
             timeout=timeout,
         )
@@ -108,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             problem = check_agent(port, args[1] if len(args) > 1 else None)
     else:
         servers = [u.strip() for u in os.environ.get("MESH_NATS_URL", "").split(",") if u.strip()]
-        problem = asyncio.run(check_coordinator(servers))
+        identity = os.environ.get("MESH_IDENTITY") or None
+        problem = asyncio.run(check_coordinator(servers, identity=identity))
     if problem:
         sys.stderr.write(f"unhealthy: {problem}\n")
         return 1

@@ -36,7 +36,6 @@ from opentelemetry.sdk.trace.export import (
 
 from mesh import subjects
 from mesh.settings import get_settings
-from mesh.subjects import TRACE_ROOT, TRACE_STREAM
 
 log = logging.getLogger(__name__)
 
@@ -308,23 +307,13 @@ def _trace_stream_on() -> bool:
 
 
 async def keep_spans_in_jetstream(bus: Any) -> None:
-    """If MESH_TRACE_STREAM is on: make sure the stream exists and export spans into it."""
+    """If MESH_TRACE_STREAM is on: make sure the stream exists (the operator creates it, any
+    other identity checks it is there) and export spans into it."""
     if not enabled() or not _trace_stream_on():
         return
-    from nats.js.api import StorageType, StreamConfig
-    from nats.js.errors import NotFoundError
+    from mesh.bus import TRACES
 
-    try:
-        await bus.js.stream_info(TRACE_STREAM)
-    except NotFoundError:
-        await bus.js.add_stream(
-            StreamConfig(
-                name=TRACE_STREAM,
-                subjects=[f"{TRACE_ROOT}.>"],
-                max_age=24 * 3600.0,
-                storage=StorageType.FILE,
-            )
-        )
+    await bus.ensure_stream(TRACES)
     add_span_exporter(JetStreamSpanExporter(bus.nc, asyncio.get_running_loop()))
 
 

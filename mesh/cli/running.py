@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mesh.cli._common import err, out, run, setup_logging, user_errors
+from mesh.cli._common import command, err, out, run, setup_logging, user_errors
 from mesh.errors import ConfigError
 
 TopologyOption = Annotated[
@@ -117,9 +117,11 @@ def up(
 async def _up(
     coordinators: int | None, replicas: int | None, cluster: int | None, topology: Path | None
 ) -> None:
-    from mesh.bus import Bus, clear_state, write_state
+    from mesh import natsauth
+    from mesh.bus import Bus, clear_state, redact, write_state
     from mesh.dev import topology as topo
-    from mesh.dev.launcher import Topology
+    from mesh.dev.launcher import Topology, issue_identities
+    from mesh.identity import IdentityDir, identity_dir
     from mesh.server import EmbeddedServer, LocalCluster
     from mesh.settings import get_settings
 
@@ -128,10 +130,15 @@ async def _up(
         cluster=cluster is not None, coordinators=coordinators, replicas=replicas
     )
     settings = get_settings()
+    # Every process gets its own identity from this folder; the servers admit exactly them,
+    # and `mesh up` itself (creating the streams) is the folder's operator.
+    ids = natsauth.resolve_identity_dir(settings) or IdentityDir.init(identity_dir(settings.home))
+    issue_identities(ids, plan)  # before the server starts: it admits them from the start
+    settings = settings.model_copy(update={"identity": ids.operator_path, "trust": ids.trust_path})
     extra_env: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as stack:
         url = settings.nats_url
-        where = f"NATS {url}"
+        where = f"NATS {redact(url)}"
         if cluster:
             if url:
                 raise ConfigError(
@@ -139,57 +146,75 @@ async def _up(
                     hint="unset MESH_NATS_URL, or drop --cluster to use that server",
                 )
             nodes = await stack.enter_async_context(
-                LocalCluster(cluster, settings.home / "cluster")
+                LocalCluster(cluster, settings.home / "cluster", auth=ids)
             )
             url = nodes.url
             # Streams and buckets on 3 servers, unless MESH_STREAM_REPLICAS says otherwise.
             if "stream_replicas" not in settings.model_fields_set:
                 settings = settings.model_copy(update={"stream_replicas": min(cluster, 3)})
             extra_env["MESH_STREAM_REPLICAS"] = str(settings.stream_replicas)
-            write_state(settings.home, url, os.getpid())
+            write_state(settings.home, url, os.getpid(), servers=[s.state() for s in nodes.servers])
             stack.callback(clear_state, settings.home, os.getpid())
             where = (
                 f"NATS cluster of {cluster} ({url}), streams R{settings.stream_replicas}, "
                 f"stores in {settings.home / 'cluster'}"
             )
         elif not url:
-            server = stack.enter_context(EmbeddedServer(settings.home / "jetstream"))
+            server = stack.enter_context(EmbeddedServer(settings.home / "jetstream", auth=ids))
             url = server.url
             where = f"NATS {url}"
-            write_state(settings.home, url, os.getpid())
+            write_state(settings.home, url, os.getpid(), servers=[server.state()])
             stack.callback(clear_state, settings.home, os.getpid())
-        processes = Topology(url, settings.home / "logs", extra_env=extra_env)
-        stack.callback(processes.stop)
-        processes.start(plan)
+        # The streams and buckets first, as the operator: no other process may create them.
         bus = await Bus.connect(url, name="mesh-up", settings=settings)
         stack.push_async_callback(bus.close)
         await bus.ensure()
+        processes = Topology(url, settings.home / "logs", extra_env=extra_env, identities=ids)
+        stack.callback(processes.stop)
+        processes.start(plan)
         await processes.wait_ready(bus, agents=plan.instances)
         out.print(
             f"[green]mesh is up[/green] · {where} · "
             f"{len(processes.children)} processes from {_shown(plan.source)} · "
-            f"logs in {settings.home / 'logs'}",
+            f"logs in {settings.home / 'logs'} · identities in {_shown(ids.path)}",
             soft_wrap=True,
         )
         out.print(
             "try: mesh agents · mesh publish release.proposed @agents/samples/"
             "release_clean.json · mesh decisions · Ctrl-C to stop"
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        reported: set[str] = set()
-        while not stop.is_set():
-            for c in processes.children:
-                if not c.alive and c.name not in reported:
-                    reported.add(c.name)
-                    err.print(
-                        f"[yellow]{c.name} exited ({c.proc.returncode}); log: {c.log_path}[/yellow]"
-                    )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
+        await _until_stopped(processes)
         out.print("stopping…")
+
+
+async def _until_stopped(processes: Any) -> None:
+    """Until Ctrl-C or SIGTERM, saying once of each child that it exited."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    reported: set[str] = set()
+    while not stop.is_set():
+        for c in processes.children:
+            if not c.alive and c.name not in reported:
+                reported.add(c.name)
+                err.print(
+                    f"[yellow]{c.name} exited ({c.proc.returncode}); log: {c.log_path}[/yellow]"
+                )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+
+
+@command
+async def ensure() -> None:
+    """Create the mesh's streams and buckets on the NATS server (as the operator identity; any
+    other identity only checks they exist). `mesh up` does this itself."""
+    from mesh.bus import Bus
+
+    async with await Bus.connect(name="mesh-ensure") as bus:
+        await bus.ensure()
+        who = bus.identity.principal if bus.identity else "anonymous"
+    out.print(f"streams and buckets in place (as {who})")
 
 
 def run_agent(module: Annotated[str, typer.Argument(help="e.g. agents.security_review")]) -> None:

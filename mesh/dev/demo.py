@@ -23,13 +23,15 @@ import msgspec
 from nats.aio.msg import Msg
 
 import agents
-from mesh import envelope, subjects
+from mesh import envelope, natsauth, subjects
 from mesh.bus import Bus
-from mesh.dev.launcher import Topology
+from mesh.dev.launcher import Topology, issue_identities
 from mesh.dev.topology import Plan
 from mesh.errors import ConfigError
+from mesh.identity import IdentityDir
 from mesh.records import DeadLetter, Decision, dead_letter_decoder, decision_decoder
 from mesh.server import EmbeddedServer
+from mesh.settings import get_settings
 
 SAMPLES = Path(agents.__file__).parent / "samples"
 
@@ -106,7 +108,11 @@ class _Outcomes:
             return self.by_id.get(event_id)
 
 
-async def run_cases(bus: Bus, topo: Topology, cases: list[Case]) -> list[Result]:
+async def run_cases(
+    bus: Bus, topo: Topology, cases: list[Case], *, publisher: Bus | None = None
+) -> list[Result]:
+    """Publish each case (as `publisher`, default `bus`) and wait for its outcome on `bus`."""
+    publisher = publisher or bus
     outcomes = _Outcomes()
     await bus.nc.subscribe(f"{subjects.DECISIONS_ROOT}.>", cb=outcomes.on_decision)
     await bus.nc.subscribe(f"{subjects.DLQ_ROOT}.>", cb=outcomes.on_dead_letter)
@@ -117,7 +123,7 @@ async def run_cases(bus: Bus, topo: Topology, cases: list[Case]) -> list[Result]
         started = time.monotonic()
         with _paused(topo, case.pause):
             if case.raw is not None:
-                await bus.publish(
+                await publisher.publish(
                     subjects.event("default", case.event_type),
                     case.raw,
                     msg_id=f"default:{event_id}",
@@ -125,7 +131,7 @@ async def run_cases(bus: Bus, topo: Topology, cases: list[Case]) -> list[Result]
             else:
                 assert case.sample is not None
                 data = json.loads((SAMPLES / case.sample).read_text())
-                await bus.publish_event(
+                await publisher.publish_event(
                     envelope.new_event(
                         case.event_type, data, event_id=event_id, source="mesh://demo"
                     )
@@ -170,17 +176,31 @@ def check(plan: Plan) -> None:
 
 async def demo(plan: Plan, log_dir: Path | None = None) -> tuple[list[Result], Path]:
     """Start the plan's processes from scratch in a temp store, run the cases, stop
-    everything."""
+    everything.
+
+    Secured like `mesh up`: a fresh identity folder in `log_dir`, one identity per process, the
+    server admitting exactly them. The demo itself creates the streams as the operator and
+    publishes the sample events as a publisher of the tenant `default`."""
     check(plan)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="mesh-demo-"))
-    with EmbeddedServer(log_dir / "jetstream") as server:
-        topo = Topology(server.url, log_dir / "logs")
+    ids = IdentityDir.init(log_dir / "identity")
+    issue_identities(ids, plan)  # before the server starts: it admits them from the start
+    publisher_identity = natsauth.ensure_identity(ids, "publisher", "demo", tenant="default")
+    operator = get_settings().model_copy(
+        update={"identity": ids.operator_path, "trust": ids.trust_path, "nats_creds": None}
+    )
+    with EmbeddedServer(log_dir / "jetstream", auth=ids) as server:
+        topo = Topology(server.url, log_dir / "logs", identities=ids)
         try:
-            topo.start(plan)
-            async with await Bus.connect(server.url, name="demo") as bus:
-                await bus.ensure()
-                await topo.wait_ready(bus, agents=plan.instances)
-                results = await run_cases(bus, topo, CASES)
+            async with await Bus.connect(server.url, name="demo", settings=operator) as bus:
+                await bus.ensure()  # before any other process: only the operator may
+                topo.start(plan)
+                publisher = operator.model_copy(update={"identity": publisher_identity})
+                async with await Bus.connect(
+                    server.url, name="demo-publisher", settings=publisher
+                ) as pub:
+                    await topo.wait_ready(bus, agents=plan.instances)
+                    results = await run_cases(bus, topo, CASES, publisher=pub)
         finally:
             topo.stop()
     return results, log_dir

@@ -1,5 +1,12 @@
 """Starting and stopping the mesh as separate OS processes (demo, up, tests); what to start
-comes from a topology plan (`mesh.dev.topology`)."""
+comes from a topology plan (`mesh.dev.topology`).
+
+Each process runs as its own identity: given an identity folder, `Topology` hands every child
+only the path of its identity file and of the trust file (`MESH_IDENTITY`, `MESH_TRUST`; paths in
+the environment, never secrets, never on the command line). The coordinators share the
+coordinator's identity, the replicas of an agent share that agent's (they share its queue group
+and its keys anyway); nothing the launcher's own environment holds (its operator identity, NATS
+credentials) reaches a child that has one of its own."""
 
 from __future__ import annotations
 
@@ -12,14 +19,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from mesh import subjects
+from mesh import natsauth, subjects
 from mesh.bus import Bus
-from mesh.dev.topology import Plan
+from mesh.dev.topology import Plan, agent_name
 from mesh.errors import MeshRuntimeError
+from mesh.identity import ALL_TENANTS, IdentityDir, Role
 from mesh.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -57,26 +66,82 @@ def _die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class Topology:
-    """A coordinator and agent processes pointed at one NATS URL; stops what it started."""
+# What a child with an identity of its own must not inherit from the launcher.
+_NOT_INHERITED = ("MESH_IDENTITY", "MESH_TRUST", "MESH_NATS_CREDS")
 
-    def __init__(self, nats_url: str, log_dir: Path, *, extra_env: dict[str, str] | None = None):
+
+def issue_identities(ids: IdentityDir, plan: Plan) -> dict[str, Path]:
+    """The identity file of every module a plan starts (`coordinator` included), issued on
+    first use and reused after: call it before the NATS server starts, so the server admits
+    them from the first moment."""
+    found = {"coordinator": natsauth.ensure_identity(ids, "coordinator", "coordinator")}
+    for run in plan.agents:
+        found[run.module] = natsauth.ensure_identity(ids, "agent", agent_name(run, plan.root))
+    return found
+
+
+class Topology:
+    """A coordinator and agent processes pointed at one NATS URL; stops what it started.
+
+    `identities`: the folder to issue (or reuse) each process's identity from; without it the
+    children inherit this process's environment (MESH_INSECURE=bus, or a test's choice).
+    `on_new_identity`: called after an identity is issued while the server runs (say, its
+    `reload`), so the server admits it before the process that uses it starts."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        log_dir: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        identities: IdentityDir | None = None,
+        on_new_identity: Callable[[], None] | None = None,
+    ):
         self.nats_url = nats_url
         self.log_dir = log_dir
         self.extra_env = extra_env or {}
+        self.identities = identities
+        self.on_new_identity = on_new_identity
         self.children: list[Child] = []
 
-    def spawn(self, name: str, module: str, env: dict[str, str] | None = None) -> Child:
+    def identity(self, role: Role, name: str, *, tenant: str = ALL_TENANTS) -> Path:
+        """The identity file of (role, name) in this topology's folder, issued on first use."""
+        if self.identities is None:
+            raise MeshRuntimeError("this topology has no identity folder to issue from")
+        known = len(self.identities.users())
+        path = natsauth.ensure_identity(self.identities, role, name, tenant=tenant)
+        if len(self.identities.users()) != known and self.on_new_identity is not None:
+            self.on_new_identity()
+        return path
+
+    def spawn(
+        self,
+        name: str,
+        module: str,
+        env: dict[str, str] | None = None,
+        *,
+        identity: Path | None = None,
+    ) -> Child:
+        """`python -m module` as process `name`; as `identity` (a file path) when given."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         out = open(log_path, "ab")  # noqa: SIM115  # closed in stop()
+        inherited = dict(os.environ)
+        own: dict[str, str] = {}
+        if identity is not None:
+            for key in _NOT_INHERITED:
+                inherited.pop(key, None)
+            own["MESH_IDENTITY"] = str(identity)
+            if self.identities is not None:
+                own["MESH_TRUST"] = str(self.identities.trust_path)
         full_env = {
-            **os.environ,
+            **inherited,
             "MESH_NATS_URL": self.nats_url,
             "MESH_LOG_FORMAT": "json",
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
             **(env or {}),
+            **own,
         }
         proc = subprocess.Popen(
             [sys.executable, "-m", module],
@@ -93,13 +158,19 @@ class Topology:
         return child
 
     def start(self, plan: Plan) -> None:
-        """Start what a topology plan lists: its coordinators, then every agent instance."""
+        """Start what a topology plan lists: its coordinators, then every agent instance, each
+        as its role's identity when this topology has an identity folder."""
         # Agent modules are found from the project folder (mesh.toml's) as well, wherever
         # `mesh up` runs from: the check in `mesh.dev.topology` looks there too.
         inherited = self.extra_env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
         path = os.pathsep.join(p for p in (str(plan.root.resolve()), inherited) if p)
+        who: dict[str, Path] = {}
+        if self.identities is not None:
+            who["coordinator"] = self.identity("coordinator", "coordinator")
+            for run in plan.agents:
+                who[run.module] = self.identity("agent", agent_name(run, plan.root))
         for name, module in plan.processes():
-            self.spawn(name, module, {"PYTHONPATH": path})
+            self.spawn(name, module, {"PYTHONPATH": path}, identity=who.get(module))
 
     def child(self, name: str) -> Child:
         for c in self.children:

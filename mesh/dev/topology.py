@@ -12,6 +12,7 @@ from (as `mesh.cards.cards_dir` falls back to the checkout's cards).
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -19,6 +20,7 @@ import sys
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib.machinery import ModuleSpec, PathFinder
 from pathlib import Path
 from typing import Annotated, Any
@@ -293,6 +295,62 @@ def _check_runnable(source: Path, key: str, module: str) -> None:
             hint=f"add {module.replace('.', '/')}/__main__.py that calls agent.main() "
             "(docs/write-an-agent.md)",
         )
+
+
+def agent_name(run: AgentRun, root: Path | None = None) -> str:
+    """The name the agent of `run` gives itself (`agent = Agent("four-eyes", ...)` in its
+    package's agent.py or __main__.py, or in the module they import `agent` from), read from
+    the source without running it: the identity `mesh up` issues for its processes must name
+    the subjects the agent serves. Falls back to the process name (`run.name`) when the source
+    does not say it plainly."""
+    return _agent_name(run.module, str((root or Path.cwd()).resolve())) or run.name
+
+
+@lru_cache(maxsize=64)
+def _agent_name(module: str, root: str, depth: int = 0) -> str | None:
+    spec = find_module(module, [os.getcwd(), root, *sys.path])
+    if spec is None or depth > 3:
+        return None
+    if spec.submodule_search_locations is not None:  # a package: its agent.py, its __main__.py
+        sources = [Path(f) / n for f in spec.submodule_search_locations for n in _SOURCES]
+    else:
+        sources = [Path(spec.origin)] if spec.origin else []
+    for source in sources:
+        try:
+            tree = ast.parse(source.read_text(), str(source))
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if (
+                isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "agent" for t in node.targets)
+                and isinstance(node.value, ast.Call)
+                and _called(node.value) == "Agent"
+                and node.value.args
+                and isinstance(node.value.args[0], ast.Constant)
+                and isinstance(node.value.args[0].value, str)
+            ):
+                return node.value.args[0].value
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.level == 0
+                and any(alias.name == "agent" and alias.asname is None for alias in node.names)
+            ):
+                found = _agent_name(node.module, root, depth + 1)
+                if found:
+                    return found
+    return None
+
+
+_SOURCES = ("agent.py", "__main__.py")
+
+
+def _called(call: ast.Call) -> str:
+    func = call.func
+    if isinstance(func, ast.Name):
+        return func.id
+    return func.attr if isinstance(func, ast.Attribute) else ""
 
 
 def find_module(module: str, search: Sequence[str]) -> ModuleSpec | None:

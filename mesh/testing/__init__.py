@@ -8,8 +8,12 @@ a scripted stand-in for the model.
         async with my_agent.serve(bus, http=False):
             ...
 
-pytest fixtures (`mesh_server`, `mesh_bus`, `scripted_model`): in your conftest.py,
-`pytest_plugins = ["mesh.testing.fixtures"]`. See docs/write-an-agent.md.
+pytest fixtures (`mesh_server`, `mesh_bus`, `scripted_model`, `mesh_identities`): in your
+conftest.py, `pytest_plugins = ["mesh.testing.fixtures"]`. See docs/write-an-agent.md.
+
+Secured like `mesh up`, with nothing to set up: every server the kit starts admits only the
+identities of one identity folder, and with no MESH_IDENTITY the kit makes a temporary one and
+this process runs as its operator (`mesh.testing.identities`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from mesh.server import EmbeddedServer
+from mesh.testing.identities import test_identities
 
 if TYPE_CHECKING:
     from mesh.a2a.client import verdict_of
@@ -28,8 +33,10 @@ if TYPE_CHECKING:
 
 @contextlib.asynccontextmanager
 async def nats_server() -> AsyncIterator[str]:
-    """A fresh nats-server (JetStream, temp store, free port) for one test; yields its URL."""
-    with EmbeddedServer() as server:
+    """A fresh nats-server (JetStream, temp store, free port) for one test; yields its URL.
+    It admits the identities of the folder in effect (a temporary one, this process its
+    operator, when there is none)."""
+    with test_identities() as ids, EmbeddedServer(auth=ids) as server:
         yield server.url
 
 

@@ -2,8 +2,12 @@
 
     pytest_plugins = ["mesh.testing.fixtures"]
 
-- `mesh_server`: a fresh embedded nats-server (JetStream, temp store, free port on 127.0.0.1);
-- `mesh_bus`: a `Bus` connected to it, streams and buckets ensured;
+- `mesh_identities`: the identity folder the servers admit (with no MESH_IDENTITY, a temporary
+  one for the session, and the tests run as its operator); `mesh_identities.issue("reader",
+  "r", tenant="acme")` gives a test another role's identity file;
+- `mesh_server`: a fresh embedded nats-server (JetStream, temp store, free port on 127.0.0.1)
+  admitting exactly those identities;
+- `mesh_bus`: a `Bus` connected to it as the operator, streams and buckets ensured;
 - `scripted_model`: a running `ScriptedModel` (approves until you `script(...)` otherwise) with
   ANTHROPIC_BASE_URL and ANTHROPIC_API_KEY pointing at it, so agents served in the test use the
   Claude brain against it.
@@ -23,8 +27,10 @@ import pytest_asyncio
 
 import mesh.models
 from mesh.bus import Bus
+from mesh.identity import IdentityDir
 from mesh.server import EmbeddedServer
 from mesh.settings import get_settings
+from mesh.testing.identities import test_identities
 from mesh.testing.model import ScriptedModel
 
 
@@ -38,17 +44,28 @@ def mesh_no_model_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     get_settings.cache_clear()  # settings are read once per process: see the change
 
 
+@pytest.fixture(scope="session")
+def mesh_identities() -> Iterator[IdentityDir]:
+    """The identity folder the kit's servers admit; the tests run as its operator."""
+    with test_identities() as ids:
+        yield ids
+
+
 @pytest.fixture
-def mesh_server() -> Iterator[EmbeddedServer]:
+def mesh_server(mesh_identities: IdentityDir) -> Iterator[EmbeddedServer]:
     """A fresh nats-server for this test; `mesh_server.url` is where it listens."""
-    with EmbeddedServer() as server:
+    with EmbeddedServer(auth=mesh_identities) as server:
         yield server
 
 
 @pytest_asyncio.fixture
-async def mesh_bus(mesh_server: EmbeddedServer) -> AsyncIterator[Bus]:
-    """A connection to `mesh_server` with the mesh's streams and buckets in place."""
-    async with await Bus.connect(mesh_server.url, name="mesh-test") as bus:
+async def mesh_bus(mesh_server: EmbeddedServer, mesh_identities: IdentityDir) -> AsyncIterator[Bus]:
+    """A connection to `mesh_server`, as the operator, with the mesh's streams and buckets in
+    place."""
+    settings = get_settings().model_copy(
+        update={"identity": mesh_identities.operator_path, "trust": mesh_identities.trust_path}
+    )
+    async with await Bus.connect(mesh_server.url, name="mesh-test", settings=settings) as bus:
         await bus.ensure()
         yield bus
 

@@ -38,6 +38,7 @@ from mesh.envelope import Event
 from mesh.records import DeadLetter, Decision, dead_letter_decoder, decision_decoder
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings, get_settings
+from mesh.testing.identities import test_identities
 
 log = logging.getLogger(__name__)
 
@@ -300,10 +301,14 @@ class MeshHarness:
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         bus = self._given_bus
         if bus is None:
-            self.server = stack.enter_context(EmbeddedServer())
-            bus = await Bus.connect(
-                self.server.url, name="mesh-harness", settings=self._settings or get_settings()
+            # Secured like `mesh up`: the server admits one identity folder's identities (a
+            # temporary one when none is in effect), and the harness runs as its operator.
+            ids = stack.enter_context(test_identities())
+            self.server = stack.enter_context(EmbeddedServer(auth=ids))
+            settings = (self._settings or get_settings()).model_copy(
+                update={"identity": ids.operator_path, "trust": ids.trust_path}
             )
+            bus = await Bus.connect(self.server.url, name="mesh-harness", settings=settings)
             stack.push_async_callback(bus.close)
         self._bus = bus
         await bus.ensure()

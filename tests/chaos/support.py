@@ -87,7 +87,7 @@ def chaos_settings() -> Settings:
 
 def chaos_procs(cluster: Cluster, tmp_path: Path) -> ProcessMesh:
     env = {**clocks(HEARTBEAT_S, CARD_TTL_S), "MESH_STREAM_REPLICAS": str(NODES)}
-    return ProcessMesh(cluster.url, tmp_path, env)
+    return ProcessMesh(cluster.url, tmp_path, env, server=cluster)
 
 
 @dataclass

@@ -89,7 +89,9 @@ def _ids(items: list[Block]) -> list[str]:
 
 
 def _run_env(tmp: Path, nats_url: str) -> dict[str, str]:
-    """No MESH_*, model key or OTel settings from outside; cards of the repo and the example."""
+    """No MESH_*, model key or OTel settings from outside; cards of the repo and the example;
+    the identity of a reader next to a `mesh up`: its operator (here the run's, whose folder
+    the block's server admits)."""
     cards = tmp / "cards"
     cards.mkdir(exist_ok=True)
     for card in [*(REPO / "cards").glob("*.json"), EXAMPLE / "four-eyes.json"]:
@@ -107,6 +109,8 @@ def _run_env(tmp: Path, nats_url: str) -> dict[str, str]:
         MESH_ALLOW_MODEL_REQUESTS="0",
         PYTHONUNBUFFERED="1",
         TMPDIR=str(tmp),
+        MESH_IDENTITY=os.environ["MESH_IDENTITY"],
+        MESH_TRUST=os.environ["MESH_TRUST"],
     )
     return env
 

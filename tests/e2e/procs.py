@@ -240,7 +240,7 @@ class MeshUp:
         seen: list[str] = []
 
         async def check() -> list[Any] | None:
-            regs = await live_registrations(self.url)
+            regs = await live_registrations(self.url, self.home)
             now = time.time()
             seen[:] = [
                 f"{r.agent}/{r.instance} pid={r.pid} seen {now - r.seen_at:.1f}s ago" for r in regs
@@ -333,9 +333,18 @@ def start_mesh_up(cwd: Path, *args: str, **extra_env: str) -> MeshUp:
 
 
 # -- talking to the mesh from the test process ----------------------------------------------------
-def bus_settings() -> Any:
+def bus_settings(home: Path | None = None) -> Any:
+    """Settings for the test process's own connections. `home`: a `mesh up`'s MESH_HOME, whose
+    operator identity (the one its servers admit) the test then connects as; without it, the
+    run's identity (MESH_IDENTITY, for servers the tests start themselves)."""
     from mesh.settings import Settings
 
+    who: dict[str, Any] = {}
+    if home is not None:
+        who = {
+            "identity": home / "identity" / "operator.json",
+            "trust": home / "identity" / "trust.json",
+        }
     # Explicit values, so MESH_* variables of whoever runs the tests cannot change them.
     return Settings(
         heartbeat_s=HEARTBEAT_S,
@@ -344,13 +353,84 @@ def bus_settings() -> Any:
         tenant="default",
         stream_replicas=1,
         nats_url="",
+        **who,
     )
 
 
-async def live_registrations(url: str) -> list[Any]:
-    """The registry as the product reads it (`mesh.registry.Registry`), over a fresh connection."""
+def bearer(home: Path) -> dict[str, str]:
+    """The `Authorization` header an A2A call over HTTP carries: the operator's token of the
+    `mesh up` in `home` (agents ask for one once A2A authentication is on)."""
+    from mesh.identity import load_identity
+
+    token = load_identity(home / "identity" / "operator.json").token
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def live_registrations(url: str, home: Path | None = None) -> list[Any]:
+    """The registry as the product reads it (`mesh.registry.Registry`), over a fresh connection
+    (as the operator of the `mesh up` in `home`, when given)."""
     from mesh.bus import Bus
     from mesh.registry import Registry
 
-    async with await Bus.connect(url, name="e2e-test", settings=bus_settings()) as bus:
+    async with await Bus.connect(url, name="e2e-test", settings=bus_settings(home)) as bus:
         return await Registry(bus).live()
+
+
+# -- who the processes are ------------------------------------------------------------------------
+def environ_of(pid: int) -> dict[str, str]:
+    """A process's environment, as /proc shows it."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(
+        item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item
+    )
+
+
+def argv_of(pid: int) -> list[str]:
+    return (
+        Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+    )
+
+
+def secrets_of(home: Path) -> list[str]:
+    """Every secret in a `mesh up`'s identity folder: seeds, signing keys, tokens."""
+    from mesh.identity import load_identity
+
+    found = []
+    for path in (home / "identity").glob("*.json"):
+        if path.name in ("trust.json", "users.json"):
+            continue
+        identity = load_identity(path)
+        found += [identity.nats_seed, identity.signing_seed, identity.token]
+    return [s for s in found if s]
+
+
+async def refused(url: str, seed: str | None = None) -> str:
+    """Connect as an outside client (anonymous, or with a NATS seed): the server's refusal."""
+    import nats
+
+    errors: list[str] = []
+
+    async def remember(e: Exception) -> None:
+        errors.append(str(e))
+
+    opts = {"nkeys_seed_str": seed} if seed else {}
+    try:
+        nc = await nats.connect(
+            url,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            connect_timeout=3,
+            error_cb=remember,
+            **opts,  # type: ignore[arg-type]
+        )
+    except Exception as e:
+        return f"{e} {' '.join(errors)}".lower()
+    await nc.close()
+    raise AssertionError(f"{url} let a client in ({'anonymous' if not seed else 'a wrong key'})")
+
+
+def stranger_seed(folder: Path) -> str:
+    """The seed of a well-formed identity no `mesh up` was ever told about."""
+    from mesh.identity import IdentityDir
+
+    return IdentityDir.init(folder / "stranger").operator().nats_seed

@@ -71,6 +71,10 @@ def test_run_unknown_agent_module(no_mesh: Path) -> None:
 
 
 def test_nothing_listening_at_mesh_nats_url(no_mesh: Path) -> None:
+    # An identity to connect as (the folder's operator, as `mesh up` would make it), so what
+    # fails is the connection.
+    made = run_mesh(["creds", "operator"], cwd=no_mesh, env=mesh_env(no_mesh))
+    assert made.returncode == 0 and "operator.json" in made.stdout, str(made)
     # A port bound but never listened on, held while the command runs: nothing can accept there
     # and no other process can take the port meanwhile.
     with socket.socket() as held:
@@ -81,3 +85,33 @@ def test_nothing_listening_at_mesh_nats_url(no_mesh: Path) -> None:
     assert "cannot connect" in ran.stderr, str(ran)
     assert url in ran.stderr, str(ran)
     assert "MESH_NATS_URL" in ran.stderr or "mesh up" in ran.stderr, str(ran)
+
+
+def test_no_identity_says_what_to_do(no_mesh: Path) -> None:
+    """A NATS URL but no identity to connect as: refused before connecting, never anonymous."""
+    env = mesh_env(no_mesh, MESH_NATS_URL="nats://127.0.0.1:4222")
+    ran = run_mesh(["agents"], cwd=no_mesh, env=env)
+    _usage_error(ran)
+    assert "no NATS identity" in ran.stderr, str(ran)
+    assert "MESH_IDENTITY" in ran.stderr and "mesh creds" in ran.stderr, str(ran)
+
+
+def test_creds_never_prints_a_secret(no_mesh: Path) -> None:
+    from mesh.identity import load_identity
+
+    env = mesh_env(no_mesh)
+    ran = run_mesh(["creds", "publisher", "billing", "--tenant", "acme"], cwd=no_mesh, env=env)
+    assert ran.returncode == 0, str(ran)
+    path = no_mesh / ".mesh" / "identity" / "publisher-billing-acme.json"
+    identity = load_identity(path)  # refuses a file others may read
+    for secret in (identity.nats_seed, identity.signing_seed, identity.token):
+        assert secret not in ran.stdout + ran.stderr
+    again = run_mesh(["creds", "publisher", "billing", "--tenant", "acme"], cwd=no_mesh, env=env)
+    _usage_error(again)
+    assert "already exists" in again.stderr and "mesh creds revoke" in again.stderr, str(again)
+    bad = run_mesh(["creds", "reader", "r"], cwd=no_mesh, env=env)
+    assert bad.returncode == 2 and "--tenant" in bad.stderr, str(bad)
+    revoked = run_mesh(["creds", "revoke", str(path)], cwd=no_mesh, env=env)
+    assert revoked.returncode == 0 and "revoked publisher:billing" in revoked.stdout, str(revoked)
+    listed = run_mesh(["creds", "list"], cwd=no_mesh, env=env)
+    assert listed.returncode == 0 and "billing" not in listed.stdout, str(listed)

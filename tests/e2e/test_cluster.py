@@ -17,9 +17,11 @@ from tests.e2e.procs import (
     bus_settings,
     live_registrations,
     mesh_env,
+    refused,
     run_mesh,
     start_mesh_up,
     still_running,
+    stranger_seed,
 )
 from tests.support.samples import sample
 
@@ -64,7 +66,7 @@ async def test_streams_and_buckets_are_replicated_on_three_servers(up: MeshUp) -
         f"KV_{subjects.CARDS_BUCKET}",
         f"KV_{subjects.DECISIONS_BUCKET}",
     ]
-    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings()) as bus:
+    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings(up.home)) as bus:
         for name in names:
             info = await bus.js.stream_info(name)
             assert info.config.num_replicas == NODES, (name, info.config)
@@ -81,7 +83,7 @@ async def test_a_release_is_decided_through_the_cluster(up: MeshUp) -> None:
     event = envelope.new_event(
         "release.proposed", sample("secret"), event_id=f"e2e-{uuid.uuid4().hex[:8]}"
     )
-    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings()) as bus:
+    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings(up.home)) as bus:
         got: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
 
         async def on_decision(msg: Any) -> None:
@@ -106,6 +108,15 @@ async def test_a_release_is_decided_through_the_cluster(up: MeshUp) -> None:
     assert decision.coordinator.startswith("coordinator-"), decision.coordinator
 
 
+async def test_every_node_refuses_anonymous_and_unknown_clients(
+    up: MeshUp, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    stranger = stranger_seed(tmp_path_factory.mktemp("stranger"))
+    for url in up.url.split(","):
+        assert "authorization" in await refused(url), url
+        assert "authorization" in await refused(url, stranger), url
+
+
 def test_other_commands_find_the_cluster_through_the_state_file(up: MeshUp) -> None:
     """`mesh agents` in the same folder, without MESH_NATS_URL: it reads .mesh/nats.json."""
     listed = up.mesh("agents")
@@ -119,7 +130,7 @@ def test_other_commands_find_the_cluster_through_the_state_file(up: MeshUp) -> N
 
 def test_ctrl_c_stops_every_process(up: MeshUp) -> None:
     """Last in the module: it stops the shared `mesh up`."""
-    regs = asyncio.run(live_registrations(up.url))
+    regs = asyncio.run(live_registrations(up.url, up.home))
     agent_pids = {r.pid for r in regs}
     assert len(agent_pids) == 8, regs
     children = up.remember_children()
@@ -151,18 +162,24 @@ async def test_local_cluster_keeps_accepting_writes_when_a_server_dies(tmp_path:
     """`LocalCluster` directly: own stores, fsync on every write, R3 survives losing a node."""
     from mesh import envelope, subjects
     from mesh.bus import Bus
-    from mesh.server import LocalCluster
+    from mesh.server import CONFIG_FILE, LocalCluster
     from mesh.settings import Settings
 
     async with LocalCluster(NODES, tmp_path / "cluster") as cluster:
         procs = [s.proc for s in cluster.servers]
         assert cluster.url == ",".join(cluster.urls) and len(set(cluster.urls)) == NODES
-        conf = (tmp_path / "cluster" / "jetstream.conf").read_text()
-        assert "sync_interval: always" in conf, conf
         for i, server in enumerate(cluster.servers, start=1):
             assert server.store_dir == tmp_path / "cluster" / f"n{i}"
+            conf = server.config_path.read_text()
+            assert "sync_interval: always" in conf, conf
+            # The route password is in the config (mode 0600), never on the command line.
+            assert oct(server.config_path.stat().st_mode)[-3:] == "600"
+            assert "password" in conf and cluster.route_auth[1] in conf
+            assert server.proc is not None
+            assert cluster.route_auth[1] not in " ".join(map(str, server.proc.args))
             log = (server.store_dir / "nats-server.log").read_text()
-            assert "jetstream.conf" in log, log[-2000:]  # the fsync setting was loaded
+            assert CONFIG_FILE in log, log[-2000:]  # the fsync setting was loaded
+            assert cluster.route_auth[1] not in log
 
         settings = Settings(stream_replicas=NODES)
         async with await Bus.connect(cluster.url, name="e2e-test", settings=settings) as bus:

@@ -52,7 +52,7 @@ def test_mesh_up_runs_what_mesh_toml_lists(tmp_path: Path) -> None:
         seen: list[Any] = []
 
         def two_instances() -> bool:
-            regs = asyncio.run(live_registrations(up.url))
+            regs = asyncio.run(live_registrations(up.url, up.home))
             seen[:] = sorted(f"{r.agent}/{r.instance}" for r in regs)
             return len(regs) == 2
 

@@ -10,12 +10,25 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.procs import CARD_TTL_S, HEARTBEAT_S, MeshUp, bus_settings, start_mesh_up
+from tests.e2e.procs import (
+    CARD_TTL_S,
+    HEARTBEAT_S,
+    MeshUp,
+    argv_of,
+    bearer,
+    bus_settings,
+    environ_of,
+    refused,
+    secrets_of,
+    start_mesh_up,
+    stranger_seed,
+)
 from tests.support.samples import jsonrpc, sample, sample_path
 from tests.support.waits import eventually, wait_for
 
@@ -74,7 +87,7 @@ async def test_a2a_sdk_client_gets_a_verdict(up: MeshUp) -> None:
     from google.protobuf.json_format import MessageToDict
 
     url = _jsonrpc_url(await up.wait_agents(_reviewers_up, "reviewers"), "security-review")
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=10, headers=bearer(up.home)) as http:
         card = await A2ACardResolver(http, url).get_agent_card()
     assert card.name == "security-review"
     assert [s.id for s in card.skills] == ["release-security-review"]
@@ -82,7 +95,10 @@ async def test_a2a_sdk_client_gets_a_verdict(up: MeshUp) -> None:
         i.url == url and i.protocol_binding == "JSONRPC" for i in card.supported_interfaces
     ), card.supported_interfaces
 
-    client = await create_client(url, client_config=ClientConfig(streaming=False))
+    authorized = httpx.AsyncClient(timeout=20, headers=bearer(up.home))
+    client = await create_client(
+        url, client_config=ClientConfig(streaming=False, httpx_client=authorized)
+    )
     try:
 
         async def ask(release: dict[str, Any]) -> Any:
@@ -103,6 +119,7 @@ async def test_a2a_sdk_client_gets_a_verdict(up: MeshUp) -> None:
         secret = await ask(sample("secret"))
     finally:
         await client.close()
+        await authorized.aclose()
 
     for task, vote in ((clean, "approve"), (secret, "reject")):
         assert task.status.state == TaskState.TASK_STATE_COMPLETED, task.status
@@ -130,7 +147,7 @@ async def test_same_jsonrpc_over_http_and_nats(up: MeshUp) -> None:
         }
         return jsonrpc("SendMessage", {"message": message})
 
-    headers = {"A2A-Version": "1.0"}
+    headers = {"A2A-Version": "1.0", **bearer(up.home)}
     async with httpx.AsyncClient(timeout=20) as http:
         r = await http.post(
             url, content=body(), headers={**headers, "Content-Type": "application/json"}
@@ -138,7 +155,7 @@ async def test_same_jsonrpc_over_http_and_nats(up: MeshUp) -> None:
     assert r.status_code == 200, r.text
     over_http = r.json()
 
-    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings()) as bus:
+    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings(up.home)) as bus:
         reply = await bus.nc.request(
             "mesh.a2a.security-review", body(), timeout=20, headers=headers
         )
@@ -242,7 +259,7 @@ async def test_kill_9_agent(mesh_up: MeshUp) -> None:
 
     up = mesh_up
     regs = await up.wait_agents(_reviewers_up, "the 3 reviewers live")
-    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings()) as bus:
+    async with await Bus.connect(up.url, name="e2e-test", settings=bus_settings(up.home)) as bus:
         [quality] = [r for r in regs if r.agent == "quality-review"]
         # Only a process this test started (a descendant of our `mesh up`) may be killed.
         assert quality.pid in up.remember_children(), (quality.pid, up.known)
@@ -306,3 +323,75 @@ async def test_kill_9_agent(mesh_up: MeshUp) -> None:
         alive=up.assert_running,
     )
     up.assert_running()
+
+
+# -- f. zero trust: every process its own identity, nobody anonymous ----------------------------
+def test_every_process_runs_as_its_own_identity(up: MeshUp) -> None:
+    """Each child gets only the path of its identity and of the trust file (never a secret in
+    its environment or its command line), and the identity is its role's."""
+    import stat
+
+    from mesh.identity import load_identity
+
+    secrets = secrets_of(up.home)
+    assert secrets
+    seen = {}
+    for pid in up.remember_children():
+        try:
+            env, argv = environ_of(pid), argv_of(pid)
+        except OSError:
+            continue  # gone meanwhile
+        everything = " ".join(argv) + " " + " ".join(f"{k}={v}" for k, v in env.items())
+        assert not [s for s in secrets if s in everything], f"pid {pid} {argv}: a secret shows"
+        if "nats-server" in argv[0]:
+            continue
+        path = env["MESH_IDENTITY"]
+        assert env["MESH_TRUST"] == str(up.home / "identity" / "trust.json")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+        seen[argv[-1]] = load_identity(Path(path))
+    assert seen["coordinator"].role == "coordinator", seen
+    for module, agent in (
+        ("agents.security_review", "security-review"),
+        ("agents.quality_review", "quality-review"),
+    ):
+        assert (seen[module].role, seen[module].name) == ("agent", agent), seen[module]
+    assert "operator" not in {i.role for i in seen.values()}
+
+
+async def test_the_server_refuses_anonymous_and_unknown_clients(
+    up: MeshUp, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    assert "authorization" in await refused(up.url)
+    assert "authorization" in await refused(up.url, stranger_seed(tmp_path_factory.mktemp("s")))
+
+
+def test_mesh_creds_issues_a_reader_the_running_mesh_admits(up: MeshUp) -> None:
+    """`mesh creds reader` next to a running `mesh up`: the new identity works at once (the
+    servers reload), and it reads its own tenant's decisions only."""
+    issued = up.mesh("creds", "reader", "auditor", "--tenant", "acme")
+    assert issued.returncode == 0, str(issued)
+    path = up.home / "identity" / "reader-auditor-acme.json"
+    assert path.exists() and str(path) in issued.stdout, str(issued)
+    assert "reloaded" in issued.stdout, str(issued)
+    assert not [s for s in secrets_of(up.home) if s in issued.stdout + issued.stderr]
+    ids = []
+    for tenant in ("acme", "default"):
+        ran = up.mesh("publish", "release.proposed", f"@{sample_path('clean')}", "--tenant", tenant)
+        assert ran.returncode == 0, str(ran)
+        ids.append(ran.stdout.strip())
+    for event_id in ids:
+        up.wait_decision(event_id)
+    as_reader = {**up.env, "MESH_IDENTITY": str(path)}
+    from tests.e2e.procs import run_mesh
+
+    listed = run_mesh(["decisions", "--json", "--limit", "100"], cwd=up.cwd, env=as_reader)
+    assert listed.returncode == 0, str(listed)
+    tenants = {d["tenant"] for d in listed.json()}
+    assert tenants == {"acme"}, tenants
+    # Not a publisher: its publish is refused by the server (the CLI says so, no traceback).
+    denied = run_mesh(
+        ["publish", "release.proposed", "{}", "--tenant", "acme"], cwd=up.cwd, env=as_reader
+    )
+    assert denied.returncode != 0 and "Traceback" not in denied.stderr, str(denied)
+    listed = up.mesh("creds", "list")
+    assert listed.returncode == 0 and "auditor" in listed.stdout, str(listed)

@@ -36,7 +36,9 @@ def settings(card_ttl_s: float) -> Settings:
 def procs(
     nats_server: EmbeddedServer, bus: Bus, tmp_path: Path, card_ttl_s: float
 ) -> Iterator[ProcessMesh]:
-    with ProcessMesh(nats_server.url, tmp_path, clocks(card_ttl_s=card_ttl_s)) as mesh:
+    with ProcessMesh(
+        nats_server.url, tmp_path, clocks(card_ttl_s=card_ttl_s), server=nats_server
+    ) as mesh:
         yield mesh
 
 

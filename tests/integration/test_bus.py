@@ -58,3 +58,25 @@ async def test_unreachable_server_is_a_clear_error() -> None:
 
     with pytest.raises(NotConnectedError, match="cannot connect"):
         await Bus.connect(f"nats://127.0.0.1:{free_port()}", connect_timeout_s=1)
+
+
+async def test_tail_reads_the_last_messages_of_a_filter(bus: Bus) -> None:
+    """Through filtered consumers (what a reader may use): the last `limit` of one subject
+    filter, oldest first, found without reading the rest."""
+    from mesh.bus import read_stream, tail
+
+    for i in range(30):
+        tenant = "a" if i % 3 else "b"  # b: 0, 3, 6, ... 27 → ten messages
+        await bus.publish(subjects.decision(tenant, "t", f"e{i}"), str(i).encode())
+    rows = await tail(bus, subjects.DECISIONS_STREAM, 4, filter_subject="mesh.decision.b.>")
+    assert [body for _, _, body in rows] == [b"18", b"21", b"24", b"27"]
+    assert [seq for seq, _, _ in rows] == sorted(seq for seq, _, _ in rows)
+    everything = await tail(bus, subjects.DECISIONS_STREAM, 100)
+    assert len(everything) == 30
+    assert [body for _, _, body in await tail(bus, subjects.DECISIONS_STREAM, 1)] == [b"29"]
+    assert await tail(bus, subjects.DECISIONS_STREAM, 5, filter_subject="mesh.decision.z.>") == []
+    assert await tail(bus, "NO_SUCH_STREAM", 5) == []
+    b = await read_stream(bus, subjects.DECISIONS_STREAM, filter_subject="mesh.decision.b.>")
+    assert [m.data for m in b] == [str(i).encode() for i in range(0, 30, 3)]
+    later = await read_stream(bus, subjects.DECISIONS_STREAM, start_seq=b[-1].seq)
+    assert [m.data for m in later] == [b"27", b"28", b"29"]

@@ -40,3 +40,21 @@ def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_server_that_cannot_start_reports_its_log() -> None:
     with pytest.raises(NatsServerError, match="exited"):
         EmbeddedServer(extra_args=["--no-such-flag"]).start()
+
+
+def test_the_config_is_private_and_admits_only_the_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mesh import natsauth
+    from mesh.identity import IdentityDir
+
+    ids = IdentityDir.init(tmp_path / "identity")
+    with EmbeddedServer(tmp_path / "js", auth=ids, config="max_payload: 2MB") as s:
+        for path in (s.config_path, s.auth_path):
+            assert oct(path.stat().st_mode)[-3:] == "600", path
+        conf = s.config_path.read_text()
+        assert natsauth.AUTH_FILE in conf and "max_payload: 2MB" in conf
+        auth = s.auth_path.read_text()
+        assert [u.nkey for u in ids.users()] == [
+            n for n in (u.nkey for u in ids.users()) if n in auth
+        ]
+        assert "no_auth_user" not in conf + auth
+        assert s.proc is not None and str(s.config_path) in s.proc.args

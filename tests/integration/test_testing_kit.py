@@ -190,6 +190,37 @@ async def test_triage_reacts_to_ticket_created() -> None:
     assert triaged.id != event_id
 
 
+# -- secured with nothing to set up ---------------------------------------------------------------
+async def test_the_kit_is_secured_without_any_setup(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No MESH_IDENTITY anywhere: the kit makes a temporary identity folder, its server admits
+    only that folder's identities, the test runs as its operator, and all of it is gone after."""
+    import nats as nats_py
+
+    from mesh.settings import get_settings
+    from mesh.testing import nats_server
+
+    for name in ("MESH_IDENTITY", "MESH_TRUST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MESH_HOME", str(tmp_path / ".mesh"))
+    get_settings.cache_clear()
+    async with nats_server() as url:
+        operator = os.environ["MESH_IDENTITY"]
+        assert oct(os.stat(operator).st_mode)[-3:] == "600"
+        async with await Bus.connect(url) as bus:
+            assert bus.identity is not None and bus.identity.role == "operator"
+            await bus.ensure()
+        with pytest.raises(Exception, match=r"(?i)authorization"):
+            await nats_py.connect(url, allow_reconnect=False, connect_timeout=2)
+        async with MeshHarness(security) as mesh:  # the harness runs as that operator too
+            task = await mesh.call("security-review", sample("release_secret.json"))
+            assert verdict_of(task).vote == "reject"
+    assert "MESH_IDENTITY" not in os.environ
+    with pytest.raises(FileNotFoundError):
+        os.stat(operator)  # the temporary folder is gone
+
+
 # -- the fixtures as a plugin, in a user's own test suite ----------------------------------------
 def test_fixtures_work_as_a_pytest_plugin(tmp_path: Path) -> None:
     """A user's suite that only says `pytest_plugins = ["mesh.testing.fixtures"]`."""
@@ -203,10 +234,12 @@ def test_fixtures_work_as_a_pytest_plugin(tmp_path: Path) -> None:
             from mesh import subjects
 
 
-            async def test_bus(mesh_server, mesh_bus):
+            async def test_bus(mesh_server, mesh_bus, mesh_identities):
                 assert mesh_bus.nc.connected_url.port == int(mesh_server.url.rsplit(":", 1)[1])
                 info = await mesh_bus.js.stream_info(subjects.EVENTS_STREAM)
                 assert info.config.name == subjects.EVENTS_STREAM
+                assert mesh_bus.identity.role == "operator"
+                assert mesh_identities.issue("reader", "r", tenant="acme").is_file()
 
 
             async def test_model(scripted_model):

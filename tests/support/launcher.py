@@ -5,6 +5,10 @@ them (kill -9, SIGSTOP/SIGCONT, stop one by pid), their logs on failure; and `Cl
 
 Everything started here is stopped by pid in `stop()` (a paused process is resumed first: a
 stopped process cannot handle SIGTERM). Every wait is bounded (`waits.eventually`).
+
+Each coordinator, reviewer and voter runs as its own identity (issued from the run's identity
+folder, as `mesh up` issues them; the server reloads when one is new); a process started with
+`spawn` alone inherits this process's identity (the operator's) unless given one.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit
 
+from mesh import natsauth
 from mesh.bus import Bus
 from mesh.dev.launcher import Child, Topology
+from mesh.identity import IdentityDir
 from mesh.registry import Registry
 from mesh.server import EmbeddedServer, LocalCluster
+from mesh.settings import Settings
 from tests.support.samples import REPO, REVIEWERS, write_card, write_policy
 from tests.support.waits import all_alive, eventually
 
@@ -62,8 +69,19 @@ def clocks(heartbeat_s: float = HEARTBEAT_S, card_ttl_s: float = CARD_TTL_S) -> 
 class ProcessMesh:
     """A `Topology` of coordinator and agent processes plus what tests do to them."""
 
-    def __init__(self, nats_url: str, work: Path, env: dict[str, str] | None = None) -> None:
-        """`env`: settings every child gets (e.g. `clocks()`); the product's defaults else."""
+    def __init__(
+        self,
+        nats_url: str,
+        work: Path,
+        env: dict[str, str] | None = None,
+        *,
+        server: EmbeddedServer | LocalCluster | Cluster | None = None,
+        identities: IdentityDir | None = None,
+    ) -> None:
+        """`env`: settings every child gets (e.g. `clocks()`); the product's defaults else.
+        `server`: reloaded when a child needs an identity the server does not know yet.
+        `identities`: where the children's identities come from (default: the folder in
+        effect, the run's)."""
         self.work = work
         self.log_dir = work / "logs"
         self.cards = work / "cards"
@@ -76,7 +94,14 @@ class ProcessMesh:
                 p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
             ),
         }
-        self.topology = Topology(nats_url, self.log_dir, extra_env={**base, **(env or {})})
+        self.identities = identities or natsauth.resolve_identity_dir(Settings())
+        self.topology = Topology(
+            nats_url,
+            self.log_dir,
+            extra_env={**base, **(env or {})},
+            identities=self.identities,
+            on_new_identity=server.reload if server is not None else None,
+        )
         self.paused: dict[int, Child] = {}
         self._ids = itertools.count(1)
 
@@ -87,9 +112,24 @@ class ProcessMesh:
         self.stop()
 
     # -- starting ---------------------------------------------------------------------------------
-    def spawn(self, name: str, module: str, env: dict[str, str] | None = None) -> Child:
-        """`python -m module` as its own process, its output in `logs/<name>.log`."""
-        return self.topology.spawn(name, module, env)
+    def spawn(
+        self,
+        name: str,
+        module: str,
+        env: dict[str, str] | None = None,
+        *,
+        identity: Path | None = None,
+    ) -> Child:
+        """`python -m module` as its own process, its output in `logs/<name>.log`; as
+        `identity` when given (else as this process: the operator)."""
+        return self.topology.spawn(name, module, env, identity=identity)
+
+    def identity(self, role: Any, name: str, **kwargs: Any) -> Path | None:
+        """The identity file of (role, name), issued (and the server reloaded) on first use;
+        None when there is no identity folder (MESH_INSECURE=bus)."""
+        if self.identities is None:
+            return None
+        return self.topology.identity(role, name, **kwargs)
 
     def policy(self, policies: dict[str, dict[str, Any]], **kwargs: Any) -> Path:
         """Write a policy file for the coordinators (see `samples.write_policy`)."""
@@ -99,11 +139,17 @@ class ProcessMesh:
     def coordinator(self, policy: Path | None = None, name: str | None = None) -> Child:
         name = name or f"coordinator-{next(self._ids)}"
         env = {"MESH_POLICY_FILE": str(policy)} if policy else {}
-        return self.spawn(name, "coordinator", env)
+        return self.spawn(
+            name, "coordinator", env, identity=self.identity("coordinator", "coordinator")
+        )
 
     def reviewer(self, agent: str, tag: str = "") -> Child:
         """One replica of a shipped reviewer (`security-review`, ...)."""
-        return self.spawn(f"{agent}-{tag or next(self._ids)}", REVIEWERS[agent])
+        return self.spawn(
+            f"{agent}-{tag or next(self._ids)}",
+            REVIEWERS[agent],
+            identity=self.identity("agent", agent),
+        )
 
     def voter(self, name: str, skill: str, env: dict[str, str] | None = None) -> Child:
         """The test voting agent (`tests.support.voter`) named `name`, with one skill."""
@@ -112,6 +158,7 @@ class ProcessMesh:
             f"{name}-{next(self._ids)}",
             VOTER_MODULE,
             {"MESH_CARDS_DIR": str(self.cards), "VOTER_NAME": name, **(env or {})},
+            identity=self.identity("agent", name),
         )
 
     async def up(
@@ -257,6 +304,12 @@ class Cluster:
         self.cluster = LocalCluster(n, base_dir)
         self.paused: set[str] = set()
         self._client_ports: dict[str, int] = {}
+
+    def reload(self) -> None:
+        """Every running node admits the identity folder's users as they are now."""
+        for s in self.servers:
+            if s.proc is not None and s.proc.poll() is None:
+                s.reload()
 
     def start(self) -> Self:
         self.cluster.start()

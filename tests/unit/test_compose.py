@@ -1,11 +1,14 @@
 """compose/: the container deployment, checked without Docker.
 
-Parses compose/docker-compose.yml, compose/otel-collector.yaml and compose/Dockerfile and checks
-the rules the files promise: health-gated start-up, no published NATS monitor port, one 3-node
-JetStream cluster, replicated coordinators and reviewers, commands that resolve to real entry
-points, MESH_* names that are real settings, a non-root runtime image without build tools, and
-a collector config whose pipelines name defined components. The container healthcheck script
-(compose/healthcheck.py) is exercised against local servers.
+Parses compose/docker-compose.yml, compose/nats.conf, compose/otel-collector.yaml and
+compose/Dockerfile and checks the rules the files promise: health-gated start-up, no published
+NATS monitor port, one 3-node JetStream cluster, no anonymous NATS access and mTLS between the
+nodes, an identity of its own for every mesh service, replicated coordinators and reviewers,
+commands that resolve to real entry points, MESH_* names that are real settings, a non-root
+runtime image without build tools, and a collector config whose pipelines name defined
+components. The NATS config runs in a real nats-server (paths adjusted) that refuses an
+anonymous client; `mesh creds compose` makes every secret the files mount; the container
+healthcheck script (compose/healthcheck.py) is exercised against local servers.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 OTEL_FILE = COMPOSE_DIR / "otel-collector.yaml"
 DOCKERFILE = COMPOSE_DIR / "Dockerfile"
 HEALTHCHECK_SCRIPT = COMPOSE_DIR / "healthcheck.py"
+NATS_CONF = COMPOSE_DIR / "nats.conf"
+SECRETS = "./secrets/"  # what `mesh creds compose` writes (git-ignored), relative to compose/
 
 NATS_MONITOR_PORT = 8222
 # MESH_* variables read outside mesh/settings.py: none (Settings is their one reader).
@@ -186,6 +191,10 @@ def test_every_depends_on_waits_for_health(services: dict[str, Any]) -> None:
             condition = (spec or {}).get("condition", "service_started")
             if condition == "service_healthy":
                 assert "healthcheck" in services[dep], f"{name} waits for {dep}'s missing check"
+            elif condition == "service_completed_successfully":
+                # A one-shot job (it exits when done): never restarted, its reason on record.
+                assert services[dep].get("restart") == "no", f"{name} -> {dep}: not one-shot"
+                assert "x-no-healthcheck" in services[dep], f"{name} -> {dep}: no reason"
             else:
                 # Only a dependency that cannot have a healthcheck may be waited on otherwise,
                 # and then its reason is on record.
@@ -223,7 +232,8 @@ def test_nats_monitor_port_is_never_published(services: dict[str, Any]) -> None:
 
 
 def test_published_ports_are_loopback_only(services: dict[str, Any]) -> None:
-    # Nothing here has auth or TLS yet: a published port must not reach beyond the host.
+    # Clients are authenticated (nkeys) but their connections are not encrypted (no client
+    # TLS in this topology): a published port must not reach beyond the host.
     for name, svc in services.items():
         for spec in svc.get("ports") or []:
             assert _host_ip(spec) in ("127.0.0.1", "::1", "localhost"), (
@@ -262,7 +272,8 @@ def test_three_nats_servers_form_one_jetstream_cluster(compose: dict[str, Any]) 
     assert len(cluster_names) == 1 and None not in cluster_names, cluster_names
     assert len(server_names) == 3 and None not in server_names, server_names
     assert len({_flag(_command(s), "-sd", "--store_dir") for s in nats.values()}) == 1
-    assert len({v for s in nats.values() for v in s.get("volumes", [])}) == 3, "shared volume"
+    data = {v for s in nats.values() for v in s.get("volumes", []) if str(v).endswith(":/data")}
+    assert len(data) == 3, "shared volume"
 
 
 def test_mesh_processes_use_the_cluster_with_replicated_streams(services: dict[str, Any]) -> None:
@@ -272,7 +283,7 @@ def test_mesh_processes_use_the_cluster_with_replicated_streams(services: dict[s
         urls = [u for u in env.get("MESH_NATS_URL", "").split(",") if u]
         assert {urlsplit(u).hostname for u in urls} == set(nats), f"{name}: MESH_NATS_URL {urls}"
         assert all(urlsplit(u).scheme == "nats" and urlsplit(u).port == 4222 for u in urls)
-        # Any mesh process may be the first to create the streams: all must ask for R3.
+        # The streams are R3 (mesh-init creates them; the others would expect as much).
         assert env.get("MESH_STREAM_REPLICAS") == str(len(nats)), f"{name}: stream replicas"
 
 
@@ -341,6 +352,8 @@ def test_mesh_healthchecks_run_the_script_the_image_ships(services: dict[str, An
     copies = _final_stage_copies()
     assert ("compose/healthcheck.py", "/app/healthcheck.py") in copies
     for name, svc in _mesh(services).items():
+        if svc.get("restart") == "no":
+            continue  # a one-shot job (mesh-init): done, not healthy
         test = _healthcheck_test(svc)
         assert test[:3] == ["CMD", "python", "/app/healthcheck.py"], f"{name}: {test}"
 
@@ -409,11 +422,16 @@ def test_compose_builds_the_dockerfile_from_the_repo_root(services: dict[str, An
         assert (context / build["dockerfile"]).resolve() == DOCKERFILE
 
 
-def test_mounted_files_exist(services: dict[str, Any]) -> None:
+def test_mounted_files_exist(services: dict[str, Any], secrets: Path) -> None:
+    """Every file a service mounts is in the repository, or is one `mesh creds compose`
+    writes into the (git-ignored) secrets folder."""
     for name, svc in services.items():
         for vol in svc.get("volumes") or []:
             source = str(vol).split(":", 1)[0]
-            if source.startswith((".", "/")):
+            if source.startswith(SECRETS):
+                made = secrets / source.removeprefix(SECRETS)
+                assert made.exists(), f"{name}: `mesh creds compose` does not make {source}"
+            elif source.startswith((".", "/")):
                 assert (COMPOSE_DIR / source).exists(), f"{name}: mounts missing {source}"
 
 
@@ -641,20 +659,201 @@ def test_coordinator_healthcheck_without_nats(hc: ModuleType) -> None:
 
 
 @pytest.mark.integration
-async def test_coordinator_healthcheck_against_a_real_server(hc: ModuleType) -> None:
+async def test_coordinator_healthcheck_against_a_real_server(
+    hc: ModuleType, identities: Any
+) -> None:
     from nats.js.api import ConsumerConfig
 
     from mesh import subjects
     from mesh.bus import Bus
+    from mesh.identity import load_identity
     from mesh.server import EmbeddedServer
 
+    coordinator = str(identities.issue("coordinator", "hc"))
+    assert hc.nats_identity(coordinator)["inbox_prefix"] == (
+        load_identity(Path(coordinator)).inbox_prefix
+    )
     with EmbeddedServer() as server:
+        # Anonymous, the check is refused like any client.
+        assert "authorization" in (await hc.check_coordinator([server.url]) or "").lower()
         # JetStream answers but no coordinator has made its durable yet: not healthy.
-        assert "consumer" in (await hc.check_coordinator([server.url]) or "")
+        problem = await hc.check_coordinator([server.url], identity=coordinator)
+        assert "consumer" in (problem or "")
         async with await Bus.connect(server.url, name="test") as bus:
             await bus.ensure()
             await bus.js.add_consumer(
                 subjects.EVENTS_STREAM,
                 ConsumerConfig(durable_name=subjects.COORDINATOR_DURABLE),
             )
-        assert await hc.check_coordinator([server.url]) is None
+        assert await hc.check_coordinator([server.url], identity=coordinator) is None
+
+
+# -- no anonymous access: NATS users, route mTLS, an identity per service ----------------------
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `mesh creds compose` writes (as the compose file expects it in compose/secrets)."""
+    from typer.testing import CliRunner
+
+    from mesh.cli import app
+
+    out = tmp_path_factory.mktemp("compose") / "secrets"
+    result = CliRunner().invoke(app, ["creds", "compose", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_the_nats_config_admits_nkey_users_only_and_routes_over_mtls(
+    services: dict[str, Any],
+) -> None:
+    text = NATS_CONF.read_text()
+    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    config = "\n".join(line for line in lines if line)
+    assert 'include "secrets/nats-auth.conf"' in config
+    for anonymous in ("no_auth_user", "authorization", "accounts", "token", "password"):
+        assert anonymous not in config, f"nats.conf: {anonymous}"
+    tls = config[config.index("cluster {") :]
+    assert "tls {" in tls and "verify: true" in tls and "ca_file" in tls
+    for name, svc in _nats(services).items():
+        cmd = _command(svc)
+        assert _flag(cmd, "-c", "--config") == "/etc/nats/nats.conf", f"{name}: not configured"
+        env = _env(svc)
+        assert env["NATS_ROUTE_CERT"].endswith(f"/{name}.pem"), f"{name}: another node's cert"
+        assert env["NATS_ROUTE_KEY"].endswith(f"/{name}-key.pem")
+        mounts = [str(v) for v in svc.get("volumes") or []]
+        assert "./secrets/nats:/etc/nats/secrets:ro" in mounts, f"{name}: {mounts}"
+        assert not any("identity" in m for m in mounts), f"{name} mounts identities"
+
+
+def test_every_mesh_service_runs_as_its_own_identity(services: dict[str, Any]) -> None:
+    used: dict[str, str] = {}
+    for name, svc in _mesh(services).items():
+        env = _env(svc)
+        assert env.get("MESH_IDENTITY") == "/run/mesh/identity.json", name
+        assert env.get("MESH_TRUST") == "/run/mesh/trust.json", name
+        mounts = dict(str(v).rsplit(":", 2)[:2] for v in svc.get("volumes") or [])
+        identity = {t: s for s, t in mounts.items()}.get("/run/mesh/identity.json")
+        assert identity, f"{name}: no identity mounted"
+        assert all(str(v).endswith(":ro") for v in svc["volumes"]), f"{name}: writable secrets"
+        cmd = _command(svc)
+        if cmd == ["coordinator"]:
+            expected = "coordinator-coordinator.json"
+        elif cmd[:1] == ["run"]:
+            run = topology.AgentRun(cmd[1].rsplit(".", 1)[-1].replace("_", "-"), cmd[1], 1)
+            expected = f"agent-{topology.agent_name(run, ROOT)}.json"
+        else:
+            assert cmd == ["ensure"], f"{name}: {cmd}"
+            expected = "operator.json"
+        assert identity == f"{SECRETS}identity/{expected}", f"{name}: {identity}"
+        used[name] = expected
+    operators = [n for n, f in used.items() if f == "operator.json"]
+    assert operators == ["mesh-init"], f"the operator identity is used by {operators}"
+
+
+def test_creds_compose_writes_every_secret_private(secrets: Path) -> None:
+    import stat
+
+    from mesh.identity import IdentityDir
+
+    for path in [*secrets.rglob("*.json"), *secrets.rglob("*-key.pem"), *secrets.rglob("*.conf")]:
+        if path.name in {"trust.json", "users.json"}:
+            continue  # public: keys and names
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == 0o600, f"{path}: mode {mode:o}"
+    # What the NATS containers mount holds no private key but their own route keys.
+    assert not list((secrets / "nats").rglob("*.json"))
+    assert not (secrets / "nats" / "tls" / "ca-key.pem").exists()
+    ids = IdentityDir(secrets / "identity")
+    auth = (secrets / "nats" / "nats-auth.conf").read_text()
+    assert all(u.nkey in auth for u in ids.users())
+    assert {u.role for u in ids.users()} >= {"operator", "coordinator", "agent"}
+
+
+def _compose_node(conf: Path, store: Path, name: str, ports: list[int], i: int) -> Any:
+    """compose's nats-<i> command, on 127.0.0.1 ports (the routes named `localhost`):
+    `ports` holds 3 client ports, then 3 route ports, then 3 monitor ports."""
+    import subprocess
+
+    from mesh.server import find_binary
+
+    route_urls = ",".join(f"nats-route://localhost:{p}" for p in ports[3:6])
+    cmd = [find_binary(), "-c", str(conf), "-js", "-sd", str(store), "--server_name", name]
+    cmd += ["--cluster_name", "mesh", "--cluster", f"nats://127.0.0.1:{ports[3 + i]}"]
+    cmd += ["--routes", route_urls, "--no_advertise", "-m", str(ports[6 + i])]
+    cmd += ["-a", "127.0.0.1", "-p", str(ports[i])]
+    log = open(store.parent / f"{name}.log", "wb")  # noqa: SIM115  # closed with the process
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
+
+
+@pytest.mark.integration
+async def test_the_compose_nats_config_refuses_anonymous_clients(
+    secrets: Path, tmp_path: Path
+) -> None:
+    """compose/nats.conf in a real 3-node nats-server cluster (its paths moved to a temp
+    folder; route certificates for `localhost`): the nodes form a cluster over mTLS, an
+    anonymous or unknown client is refused, the operator identity gets in."""
+    import os
+    import shutil
+
+    import nats as nats_py
+
+    from mesh.bus import Bus
+    from mesh.cli.creds import issue_tls
+    from mesh.identity import load_identity
+    from mesh.settings import Settings
+    from tests.support.waits import eventually
+
+    etc = tmp_path / "etc"
+    shutil.copytree(secrets / "nats", etc / "secrets")
+    issue_tls(etc / "secrets" / "tls", servers=["localhost"], clients=[])
+    conf = etc / "nats.conf"
+    conf.write_text(NATS_CONF.read_text().replace("/etc/nats/", f"{etc}/"))
+    tls = etc / "secrets" / "tls"
+    os.environ["NATS_ROUTE_CERT"] = str(tls / "localhost.pem")
+    os.environ["NATS_ROUTE_KEY"] = str(tls / "localhost-key.pem")
+    ports = [_free_port() for _ in range(9)]
+    procs = []
+    try:
+        for i in range(3):
+            store = tmp_path / f"n{i}" / "data"
+            store.mkdir(parents=True)
+            procs.append(_compose_node(conf, store, f"nats-{i + 1}", ports, i))
+        urls = [f"nats://127.0.0.1:{p}" for p in ports[:3]]
+        operator = secrets / "identity" / "operator.json"
+        settings = Settings(identity=operator, trust=secrets / "identity" / "trust.json")
+
+        async def cluster_ready() -> bool:
+            try:
+                async with await Bus.connect(urls, settings=settings, connect_timeout_s=2) as bus:
+                    reply = await bus.nc.request("$JS.API.INFO", b"", timeout=1)
+                    return b'"error"' not in reply.data
+            except Exception:
+                return False
+
+        await eventually(cluster_ready, "the compose cluster has a meta leader", timeout=30)
+        for url in urls:
+            for who in (None, load_identity(_stranger(tmp_path))):
+                opts = {"nkeys_seed_str": who.nats_seed} if who else {}
+                with pytest.raises(Exception, match=r"(?i)authorization"):
+                    await nats_py.connect(url, allow_reconnect=False, connect_timeout=2, **opts)
+        # The route port wants TLS before anything: a plaintext peer gets nothing.
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports[3])
+        try:
+            writer.write(b'CONNECT {"verbose":false}\r\nPING\r\n')
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(100), 10)
+            assert b"PONG" not in answer and b"INFO" not in answer, answer
+        finally:
+            writer.close()
+    finally:
+        for proc, log in procs:
+            proc.terminate()
+            proc.wait(10)
+            log.close()
+        os.environ.pop("NATS_ROUTE_CERT", None)
+        os.environ.pop("NATS_ROUTE_KEY", None)
+
+
+def _stranger(tmp_path: Path) -> Path:
+    from mesh.identity import IdentityDir
+
+    return IdentityDir.init(tmp_path / "stranger").operator_path
