@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.common import RESULTS, fmt, loadavg, machine_info, md_table
 
-ALL = ("transport", "decisions", "resources")
+ALL = ("transport", "decisions", "resources", "signing")
 
 # (label, result key, comparison, threshold, unit)
 TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
@@ -110,6 +110,10 @@ async def _main(args: argparse.Namespace) -> int:
 
             opts = decisions.Opts.make(size, profile=args.profile, real=args.real)
             out = await decisions.run(opts)
+        elif name == "signing":
+            from bench import signing
+
+            out = await signing.run(signing.Opts.make(size))
         else:
             from bench import resources
 

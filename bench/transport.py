@@ -268,6 +268,13 @@ async def _start_raw(procs: ProcessMesh, bus: Bus, reply: bytes, probe: bytes) -
     return child
 
 
+def _a2a_headers(bus: Bus) -> dict[str, str]:
+    """Every A2A call carries the caller's bearer token; the raw floor carries it too, so both
+    move the same bytes."""
+    assert bus.identity is not None, "the bench runs as the operator of its identity folder"
+    return {"A2A-Version": "1.0", subjects.H_AUTHORIZATION: f"Bearer {bus.identity.token}"}
+
+
 async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[str, Any]:
     nats = Proc(server.pid or 0, "nats-server")
     bus = await Bus.connect(server.url, name="bench-transport")
@@ -285,9 +292,8 @@ async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[s
         probe = jsonrpc.request_body(
             "SendMessage", {"message": user_message(data=PAYLOAD)}, next(ids)
         )
-        reply = await nc.request(
-            subjects.a2a(AGENT), probe, timeout=10, headers={"A2A-Version": "1.0"}
-        )
+        a2a_headers = _a2a_headers(bus)
+        reply = await nc.request(subjects.a2a(AGENT), probe, timeout=10, headers=a2a_headers)
         result, error = jsonrpc.parse_response(reply.data)
         if error is not None or not _completed(result):
             raise RuntimeError(f"the bench agent did not complete a task: {reply.data[:400]!r}")
@@ -299,7 +305,7 @@ async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[s
         )
 
         async def raw() -> bool:
-            await nc.request(RAW_SUBJECT, probe, timeout=5)
+            await nc.request(RAW_SUBJECT, probe, timeout=5, headers=a2a_headers)
             return True
 
         def a2a_nats(agent: str) -> Call:
@@ -309,7 +315,7 @@ async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[s
 
             return call
 
-        headers = {"Content-Type": "application/json", "A2A-Version": "1.0"}
+        headers = {"Content-Type": "application/json", **a2a_headers}
 
         def a2a_http(url: str) -> Call:
             async def call() -> bool:

@@ -22,6 +22,8 @@ from agents.compliance_review.agent import agent as compliance
 from agents.quality_review.agent import agent as quality
 from agents.security_review.agent import agent as security
 from mesh import Bus
+from mesh.identity import IdentityDir
+from mesh.natsauth import ensure_identity
 from mesh.registry import Registry
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
@@ -131,11 +133,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> str:
 
 
 @pytest.fixture
-def agent_process(cards: Path) -> Iterator[tuple[EmbeddedServer, subprocess.Popen[bytes]]]:
-    """`mesh run tests.docs.example_agent` (in your project: `mesh run agents.four_eyes`)."""
+def agent_process(
+    cards: Path, identities: IdentityDir
+) -> Iterator[tuple[EmbeddedServer, subprocess.Popen[bytes]]]:
+    """`mesh run tests.docs.example_agent` (in your project: `mesh run agents.four_eyes`), as
+    its own agent identity, once the operator has made the mesh's streams (as `mesh up` does)."""
+    identity = ensure_identity(identities, "agent", "four-eyes")
     with EmbeddedServer() as server:
+        asyncio.run(_ensure_streams(server.url))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "ANTHROPIC_"))}
         env.update(
+            MESH_IDENTITY=str(identity),
+            MESH_TRUST=str(identities.trust_path),
             MESH_NATS_URL=server.url,
             MESH_CARDS_DIR=str(cards),
             MESH_HEARTBEAT_S="0.5",
@@ -154,6 +163,11 @@ def agent_process(cards: Path) -> Iterator[tuple[EmbeddedServer, subprocess.Pope
             yield server, proc
         finally:
             _stop(proc)
+
+
+async def _ensure_streams(url: str) -> None:
+    async with await Bus.connect(url, name="operator") as bus:
+        await bus.ensure()
 
 
 async def test_mesh_run_serves_the_agent(
