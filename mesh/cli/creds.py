@@ -166,9 +166,18 @@ def operator(
 def revoke(
     identity_file: Annotated[Path, typer.Argument(metavar="FILE", help="The identity file.")],
     folder: DirOption = None,
+    retire: Annotated[
+        bool,
+        typer.Option(
+            "--retire",
+            help="Rotation, not a leak: what its key signed until now (decisions, audit "
+            "records) still verifies; nothing it signs from now on does.",
+        ),
+    ] = False,
 ) -> None:
-    """Revoke an identity: the NATS servers stop admitting it, its signing key is no longer
-    trusted (what it signed before no longer verifies as trusted either)."""
+    """Revoke an identity: the NATS servers stop admitting it and its signing key is no longer
+    trusted — for anything it ever signed (a leaked key), or, with --retire, for anything it
+    signs from now on (a rotated key)."""
     with user_errors():
         ids = _folder(folder)
         if identity_file.resolve() == ids.operator_path.resolve():
@@ -176,8 +185,9 @@ def revoke(
                 "the folder's own operator is the root of trust; it cannot be revoked here",
                 hint="make a new identity folder (`mesh creds --dir NEW operator`) instead",
             )
-        identity = ids.revoke(identity_file)
-        out.print(f"revoked {identity.principal}; {identity_file} is useless now (delete it)")
+        identity = ids.revoke(identity_file, leaked=not retire)
+        done = "retired" if retire else "revoked"
+        out.print(f"{done} {identity.principal}; {identity_file} is useless now (delete it)")
         _reload(ids)
 
 
