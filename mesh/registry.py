@@ -43,6 +43,7 @@ from mesh.errors import ConfigError
 from mesh.identity import Signer
 from mesh.signing import (
     CARD_LIFETIME_S,
+    NO_TRUSTED_KEY,
     Binding,
     BoundCard,
     CardCheck,
@@ -86,6 +87,10 @@ _REMEMBER = 4096  # verification results and logged refusals kept (LRU)
 # How often a reader looks at the trust file again, so keys issued, retired or revoked while it
 # runs count without a restart (a reload that changes it forgets every cached verification).
 TRUST_RELOAD_S = 5.0
+# A card signed by a key this reader does not trust yet is most often an agent whose identity
+# was issued after the reader read the trust file (`mesh creds agent`, a launcher adding a
+# replica): look again at once, at most this often, instead of refusing it for TRUST_RELOAD_S.
+TRUST_RECHECK_S = 0.5
 # How long the view still knows the key of an instance that left (a clean stop deletes its
 # entry before its last answers have drained; a take-over re-reads a task another replica of
 # the same agent stored): votes it signed verify this long after it is gone. Bounded in count.
@@ -116,17 +121,24 @@ class Registry:
             self._verifier = CardVerifier.from_settings(self.bus.settings)
             self._trust_read_at = now
         elif self._verifier.checks_anything and now - self._trust_read_at >= TRUST_RELOAD_S:
-            self._trust_read_at = now
-            try:
-                fresh = CardVerifier.from_settings(self.bus.settings)
-            except ConfigError as e:  # being rewritten, or gone: keep what we had
-                log.warning("registry: cannot re-read the trust file (%s); keeping the last", e)
-                return self._verifier
-            if _enc.encode(fresh.trust) != _enc.encode(self._verifier.trust):
-                log.info("registry: the trust file changed; checking cards against it")
-                self._verifier = fresh
-                self._checked.clear()
+            self._reload_trust(now)
         return self._verifier
+
+    def _reload_trust(self, now: float) -> bool:
+        """Re-read the trust file; True if it changed (cached verifications are forgotten)."""
+        assert self._verifier is not None
+        self._trust_read_at = now
+        try:
+            fresh = CardVerifier.from_settings(self.bus.settings)
+        except ConfigError as e:  # being rewritten, or gone: keep what we had
+            log.warning("registry: cannot re-read the trust file (%s); keeping the last", e)
+            return False
+        if _enc.encode(fresh.trust) == _enc.encode(self._verifier.trust):
+            return False
+        log.info("registry: the trust file changed; checking cards against it")
+        self._verifier = fresh
+        self._checked.clear()
+        return True
 
     # -- reading --------------------------------------------------------------------------------
     def check(self, reg: Registration, key: str, revision: int) -> CardCheck:
@@ -158,6 +170,14 @@ class Registry:
         checked = self._checked.get(digest)
         if checked is None:
             checked = verifier.verify(reg.card)
+        now = time.monotonic()
+        if (
+            checked.refusal is not None
+            and checked.refusal.startswith(NO_TRUSTED_KEY)
+            and now - self._trust_read_at >= TRUST_RECHECK_S
+            and self._reload_trust(now)
+        ):
+            checked = self.verifier.verify(reg.card)
         _remember(self._checked, digest, checked)
         checked = expiry(checked)
         if checked.refusal is None and checked.binding is not None:

@@ -75,6 +75,7 @@ RENEW_AT = 0.5  # re-sign once this share of the lifetime has passed
 CLOCK_SKEW_S = 30.0  # a card signed up to this far in a reader's future is still believed
 ALGORITHM = "EdDSA"  # the only one: identity keys are Ed25519, and a signature never picks it
 
+NO_TRUSTED_KEY = "no key trusted to sign cards for"  # (a reader may not know a new key yet)
 UNSIGNED = "unsigned"
 BAD_SIGNATURE = "signature does not verify"
 
@@ -320,7 +321,7 @@ class CardVerifier:
         }
         if not trusted:
             named = ", ".join(repr(k) for k in kids if k) or "none"
-            return CardCheck(f"no key trusted to sign cards for {card.name} (key ids: {named})")
+            return CardCheck(f"{NO_TRUSTED_KEY} {card.name} (key ids: {named})")
 
         def key_provider(kid: str | None, jku: str | None) -> bytes:
             del jku  # a key URL is never fetched: only the trust file names keys

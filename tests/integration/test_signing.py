@@ -208,6 +208,8 @@ async def test_an_expired_card_is_refused_and_a_live_one_is_re_signed_in_time(
     # Registered with a 1 s card lifetime, heartbeating every 0.3 s: re-signed on the way.
     fresh = Registry(bus, card_lifetime_s=1.0)
     async with _view(bus) as view, fresh.registered(_security_card(), "i-fresh") as reg:
+        # The view learns of the registration through its watch: wait for it, then for a newer one.
+        await eventually(lambda: _value(view.binding(SECURITY, "i-fresh") is not None))
         first = view.binding(SECURITY, "i-fresh")
         await eventually(lambda: _value(view.binding(SECURITY, "i-fresh") not in (None, first)))
         later = view.binding(SECURITY, "i-fresh")
@@ -305,3 +307,23 @@ async def _agents(registry: Registry, names: list[str]) -> bool:
 
 async def _value(v: bool) -> bool:
     return v
+
+
+async def test_a_card_from_a_key_issued_after_the_reader_started_is_accepted_at_once(
+    bus: Bus, identities: IdentityDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No periodic re-read in this test (an hour): the unknown key itself makes the reader look
+    at the trust file again, so a new agent is not refused for TRUST_RELOAD_S."""
+    monkeypatch.setattr(registry_module, "TRUST_RELOAD_S", 3600.0)
+    async with _view(bus) as view:
+        path = identities.issue("agent", "just-issued")
+        card = _security_card()
+        card.name = "just-issued"
+        signer = CardSigner(load_identity(path).signer())
+        bound = BoundCard(card, instance="i1", key=Signer.generate(), signer=signer)
+
+        async def heartbeat_then_look() -> bool:  # the agent's heartbeats repeat the same card
+            await _put(bus, _registration(bound))
+            return view.binding("just-issued", "i1") is not None
+
+        await eventually(heartbeat_then_look)
