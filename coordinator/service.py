@@ -56,7 +56,7 @@ from mesh._internal.consume import PullLoop
 from mesh.a2a.client import AgentClient
 from mesh.audit import CHECKPOINT_EVERY_S, SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus
-from mesh.identity import require_trust
+from mesh.identity import TrustFile, require_trust, trust_path
 from mesh.records import (
     DeadLetter,
     Decision,
@@ -90,6 +90,11 @@ class Coordinator:
         # Whose signatures to believe, and the key this coordinator signs with: refused at
         # once (ConfigError) when the trust file would not believe what this one signs.
         self.trust = require_trust(bus.settings, what="the coordinator")
+        # Read again when it changes: a publisher issued (or a key revoked) while we run counts
+        # from its next event on, without a restart.
+        self._trust_file = (
+            TrustFile(trust_path(bus.settings), self.trust) if self.trust is not None else None
+        )
         self.signer = trusted_signer(
             bus.identity,
             self.trust,
@@ -214,7 +219,21 @@ class Coordinator:
         ):
             await self._handle(msg)
 
+    def _refresh_trust(self, *, force: bool = False) -> bool:
+        """Believe the trust file as it is now, everywhere this coordinator checks signatures;
+        True if it changed. `force`: look now, not only once a second."""
+        if self._trust_file is None:
+            return False
+        trust, changed = self._trust_file.current(force=force)
+        if changed:
+            self.trust = trust
+            self.audit.trust = trust
+            if self._ledger is not None:
+                self._ledger.trust = trust
+        return changed
+
     async def _handle(self, msg: Msg) -> None:
+        self._refresh_trust()
         started = time.monotonic()
         tenant, subject_type = subjects.parse_event_subject(msg.subject)
         try:
@@ -245,9 +264,11 @@ class Coordinator:
             )
             return
 
-        principal, unverified = event_principal(
-            self.trust, msg.subject, msg.data, (msg.headers or {}).get(subjects.H_SIGNATURE)
-        )
+        signature = (msg.headers or {}).get(subjects.H_SIGNATURE)
+        principal, unverified = event_principal(self.trust, msg.subject, msg.data, signature)
+        if "not trusted" in unverified and self._refresh_trust(force=True):
+            # A key we do not know yet may be a publisher issued a moment ago: look once more.
+            principal, unverified = event_principal(self.trust, msg.subject, msg.data, signature)
         if unverified and self.trust is not None:
             log.warning(
                 "event %s on %s: publisher not verified (%s); deciding it with no principal",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import stat
 import time
@@ -31,6 +32,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mesh.errors import ConfigError
+
+_log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mesh.settings import Settings
@@ -530,6 +533,55 @@ def resolve_trust(settings: Settings) -> Trust | None:
         return load_trust(settings.trust)
     default = identity_dir(settings.home) / IdentityDir.TRUST
     return load_trust(default) if default.exists() else None
+
+
+def trust_path(settings: Settings) -> Path:
+    """Where the trust file is: MESH_TRUST, else the one a `mesh up` here wrote."""
+    return settings.trust or identity_dir(settings.home) / IdentityDir.TRUST
+
+
+class TrustFile:
+    """The trust file, read again when it changes (looked at every `every_s` at most): keys
+    issued, retired or revoked while a process runs count without a restart.
+
+        source = TrustFile(trust_path(settings), trust)
+        trust, changed = source.current()
+    """
+
+    def __init__(self, path: Path, trust: Trust, *, every_s: float = 1.0) -> None:
+        self.path = path
+        self.trust = trust
+        self.every_s = every_s
+        self._mtime = self._stat()
+        self._checked = time.monotonic()
+
+    def _stat(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def current(self, *, force: bool = False) -> tuple[Trust, bool]:
+        """(the trust, whether it was just read again and differs). `force`: look at the file
+        now (a stat; it is read only if it changed)."""
+        now = time.monotonic()
+        if not force and now - self._checked < self.every_s:
+            return self.trust, False
+        self._checked = now
+        mtime = self._stat()
+        if mtime == self._mtime:
+            return self.trust, False
+        try:
+            trust = load_trust(self.path)
+        except ConfigError as e:  # half-written or gone: keep believing what we believed
+            _log.warning("keeping the trust already loaded: %s", e.message)
+            return self.trust, False
+        self._mtime = mtime
+        if msgspec.json.encode(trust) == msgspec.json.encode(self.trust):
+            return self.trust, False
+        self.trust = trust
+        _log.info("trust file %s read again", self.path)
+        return trust, True
 
 
 def require_trust(settings: Settings, *, what: str) -> Trust | None:

@@ -22,19 +22,17 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 from a2a.auth.user import UnauthenticatedUser, User
 
 from mesh.errors import ConfigError, MeshRuntimeError
 from mesh.identity import (
-    IdentityDir,
     Principal,
     TokenError,
     Trust,
-    identity_dir,
-    load_trust,
+    TrustFile,
     resolve_trust,
+    trust_path,
     verify_token,
 )
 from mesh.settings import Settings
@@ -104,41 +102,6 @@ class PrincipalUser(User):  # type: ignore[misc]
 _ANONYMOUS = UnauthenticatedUser()
 
 
-class _TrustFile:
-    """The trust file, read again when it changes (looked at once a second at most), so a
-    rotated or revoked issuer key takes effect without restarting the agent."""
-
-    def __init__(self, path: Path, trust: Trust) -> None:
-        self.path = path
-        self.trust = trust
-        self._mtime = self._stat()
-        self._checked = time.monotonic()
-
-    def _stat(self) -> float:
-        try:
-            return self.path.stat().st_mtime
-        except OSError:
-            return 0.0
-
-    def current(self) -> tuple[Trust, bool]:
-        """(the trust, whether it was just read again)."""
-        now = time.monotonic()
-        if now - self._checked < _RELOAD_EVERY_S:
-            return self.trust, False
-        self._checked = now
-        mtime = self._stat()
-        if mtime == self._mtime:
-            return self.trust, False
-        try:
-            trust = load_trust(self.path)
-        except ConfigError as e:  # half-written or gone: keep believing what we believed
-            log.warning("A2A authentication: keeping the trust already loaded: %s", e.message)
-            return self.trust, False
-        self.trust, self._mtime = trust, mtime
-        log.info("A2A authentication: trust file %s read again", self.path)
-        return trust, True
-
-
 class Authenticator:
     """Turns a request's `Authorization` value into the a2a-sdk `User` it makes the call as.
 
@@ -150,7 +113,7 @@ class Authenticator:
     changes), so a caller's token costs one signature check, not one per request.
     """
 
-    def __init__(self, trust: Trust | _TrustFile | None, *, agent: str = "") -> None:
+    def __init__(self, trust: Trust | TrustFile | None, *, agent: str = "") -> None:
         self.agent = agent
         self._trust = trust
         self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
@@ -181,8 +144,7 @@ class Authenticator:
                 hint="set MESH_TRUST (`mesh up` writes .mesh/identity/trust.json), or run with "
                 "MESH_INSECURE=a2a to answer A2A calls from anyone (local experiments only)",
             )
-        path = settings.trust or identity_dir(settings.home) / IdentityDir.TRUST
-        return cls(_TrustFile(path, trust), agent=agent)
+        return cls(TrustFile(trust_path(settings), trust, every_s=_RELOAD_EVERY_S), agent=agent)
 
     @property
     def required(self) -> bool:
@@ -202,7 +164,7 @@ class Authenticator:
 
     def _principal(self, token: str) -> Principal:
         trust = self._trust
-        if isinstance(trust, _TrustFile):
+        if isinstance(trust, TrustFile):
             trust, changed = trust.current()
             if changed:
                 self._verified.clear()  # a revoked issuer's tokens must be checked again

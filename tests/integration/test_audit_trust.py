@@ -44,7 +44,7 @@ from mesh.audit import (
 )
 from mesh.bus import Bus
 from mesh.cli import app
-from mesh.identity import Signer, Trust, resolve_trust, save_trust
+from mesh.identity import Signer, Trust, resolve_identity, resolve_trust, save_trust
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings, get_settings
 from tests.support.waits import eventually
@@ -88,8 +88,19 @@ async def trail(bus: Bus) -> AsyncIterator[AuditLog]:
 
 @contextlib.asynccontextmanager
 async def outsider(url: str) -> AsyncIterator[Client]:
-    """A client that is not the mesh: plain nats-py on the server's port."""
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1)
+    """A client that is not the mesh: plain nats-py on the server's port. It holds the
+    operator's NATS credentials (the strongest attacker: the server lets it do anything, so
+    only the signatures can tell what it wrote; what the server itself refuses to lesser
+    identities is tests/integration/test_nats_auth.py)."""
+    operator = resolve_identity(Settings())
+    assert operator is not None
+    nc = await nats.connect(
+        url,
+        connect_timeout=2,
+        max_reconnect_attempts=1,
+        nkeys_seed_str=operator.nats_seed,
+        inbox_prefix=operator.inbox_prefix,
+    )
     try:
         yield nc
     finally:

@@ -31,7 +31,7 @@ from mesh import envelope, subjects
 from mesh.audit import AuditRecord, read, verify
 from mesh.bus import Bus, tail
 from mesh.cli import app
-from mesh.identity import IdentityDir, Signer, load_identity, resolve_trust
+from mesh.identity import IdentityDir, Signer, load_identity, resolve_identity, resolve_trust
 from mesh.records import (
     Decision,
     Vote,
@@ -86,8 +86,19 @@ async def mesh(
 
 @contextlib.asynccontextmanager
 async def outsider(url: str) -> AsyncIterator[Client]:
-    """A client that is not the mesh: plain nats-py on the server's port."""
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1)
+    """A client that is not the mesh: plain nats-py on the server's port. It holds the
+    operator's NATS credentials (the strongest attacker: the server lets it do anything, so
+    only the signatures can tell what it wrote; what the server itself refuses to lesser
+    identities is tests/integration/test_nats_auth.py)."""
+    operator = resolve_identity(Settings())
+    assert operator is not None
+    nc = await nats.connect(
+        url,
+        connect_timeout=2,
+        max_reconnect_attempts=1,
+        nkeys_seed_str=operator.nats_seed,
+        inbox_prefix=operator.inbox_prefix,
+    )
     try:
         yield nc
     finally:
@@ -99,9 +110,9 @@ async def publish_signed(bus: Bus, event: envelope.Event, signer: Signer | None)
     subj = subjects.event(event.tenant, event.type)
     body = envelope.encode(event)
     headers = {subjects.H_SIGNATURE: event_signature(signer, subj, body)} if signer else {}
-    await bus.publish(
-        subj, body, msg_id=subjects.event_msg_id(event.tenant, event.id), headers=headers
-    )
+    headers[subjects.H_MSG_ID] = subjects.event_msg_id(event.tenant, event.id)
+    # JetStream itself, not Bus.publish: that would sign an unsigned event as this process.
+    await bus.js.publish(subj, body, headers=headers)
 
 
 async def decisions_on(bus: Bus, event_id: str) -> list[Decision]:
@@ -288,7 +299,7 @@ async def test_the_principal_is_the_verified_publisher_never_the_body(
     lifted = envelope.new_event("vote.unanimous", {"vote": "approve"})
     subj = subjects.event("default", "vote.unanimous")
     header = event_signature(publisher, subj, envelope.encode(signed))
-    await mesh.publish(subj, envelope.encode(lifted), headers={subjects.H_SIGNATURE: header})
+    await mesh.js.publish(subj, envelope.encode(lifted), headers={subjects.H_SIGNATURE: header})
 
     expected = {
         signed.id: ("publisher:signed-decisions", True, ""),
@@ -305,3 +316,19 @@ async def test_the_principal_is_the_verified_publisher_never_the_body(
         assert why in record.data.get("principal_unverified", ""), record.data
         assert d.outcome == "approved"  # unverified or not, every event is decided
     assert claims["principal"] not in {d for d, _, _ in expected.values()}
+
+
+async def test_a_publisher_issued_while_the_coordinator_runs_is_believed_without_a_restart(
+    mesh: Bus, identities: IdentityDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The coordinator is running (the `mesh` fixture) and has read the trust file; a publisher
+    # issued now (as `mesh creds publisher` does) signs the next event.
+    late = load_identity(
+        identities.issue("publisher", f"late-{time.time_ns()}", tenant="default")
+    ).signer()
+    event = envelope.new_event("vote.unanimous", {"vote": "approve"})
+    await publish_signed(mesh, event, late)
+    record = await audited(mesh, event.id, "decision")
+    [d] = await decisions_on(mesh, event.id)
+    assert d.principal.startswith("publisher:late-"), record.data
+    assert record.data["principal_verified"] is True

@@ -117,6 +117,7 @@ def test_a_revoked_issuer_is_refused_once_the_trust_file_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = save_trust(_trust(), tmp_path / "trust.json")
+    monkeypatch.setattr("mesh.a2a.auth._RELOAD_EVERY_S", 0.0)  # look at the file every time
     auth = Authenticator.from_settings(Settings(trust=path, insecure=""), agent="a")
     token = _token()
     assert auth.authenticate(f"Bearer {token}").is_authenticated  # verified and remembered
@@ -124,7 +125,6 @@ def test_a_revoked_issuer_is_refused_once_the_trust_file_says_so(
     revoked.revoke(ISSUER.kid)
     save_trust(revoked, path)
     os.utime(path, (time.time() + 5, time.time() + 5))  # a new mtime, whatever the clock's grain
-    monkeypatch.setattr("mesh.a2a.auth._RELOAD_EVERY_S", 0.0)
     with pytest.raises(Unauthenticated, match="not signed by a trusted issuer"):
         auth.authenticate(f"Bearer {token}")
 
