@@ -16,16 +16,13 @@ JetStream API calls on the server's port), on a real nats-server. After each att
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 import pytest
-from nats.aio.client import Client
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 from typer.testing import CliRunner
@@ -44,9 +41,10 @@ from mesh.audit import (
 )
 from mesh.bus import Bus
 from mesh.cli import app
-from mesh.identity import Signer, Trust, resolve_identity, resolve_trust, save_trust
+from mesh.identity import Signer, Trust, resolve_trust, save_trust
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings, get_settings
+from tests.support.outsider import outsider
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
@@ -84,27 +82,6 @@ async def trail(bus: Bus) -> AsyncIterator[AuditLog]:
     assert await log.checkpoint(TENANT) is not None
     assert await log.checkpoint("other") is not None
     yield log
-
-
-@contextlib.asynccontextmanager
-async def outsider(url: str) -> AsyncIterator[Client]:
-    """A client that is not the mesh: plain nats-py on the server's port. It holds the
-    operator's NATS credentials (the strongest attacker: the server lets it do anything, so
-    only the signatures can tell what it wrote; what the server itself refuses to lesser
-    identities is tests/integration/test_nats_auth.py)."""
-    operator = resolve_identity(Settings())
-    assert operator is not None
-    nc = await nats.connect(
-        url,
-        connect_timeout=2,
-        max_reconnect_attempts=1,
-        nkeys_seed_str=operator.nats_seed,
-        inbox_prefix=operator.inbox_prefix,
-    )
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 def trust() -> Trust:

@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 import pytest
-from nats.aio.client import Client
 from typer.testing import CliRunner
 
 from coordinator import policy
@@ -31,7 +29,7 @@ from mesh import envelope, subjects
 from mesh.audit import AuditRecord, read, verify
 from mesh.bus import Bus, tail
 from mesh.cli import app
-from mesh.identity import IdentityDir, Signer, load_identity, resolve_identity, resolve_trust
+from mesh.identity import IdentityDir, Signer, load_identity, resolve_trust
 from mesh.records import (
     Decision,
     Vote,
@@ -43,6 +41,7 @@ from mesh.records import (
 )
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings, get_settings
+from tests.support.outsider import outsider
 from tests.support.samples import voting_agent
 from tests.support.waits import eventually
 
@@ -82,27 +81,6 @@ async def mesh(
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)
-
-
-@contextlib.asynccontextmanager
-async def outsider(url: str) -> AsyncIterator[Client]:
-    """A client that is not the mesh: plain nats-py on the server's port. It holds the
-    operator's NATS credentials (the strongest attacker: the server lets it do anything, so
-    only the signatures can tell what it wrote; what the server itself refuses to lesser
-    identities is tests/integration/test_nats_auth.py)."""
-    operator = resolve_identity(Settings())
-    assert operator is not None
-    nc = await nats.connect(
-        url,
-        connect_timeout=2,
-        max_reconnect_attempts=1,
-        nkeys_seed_str=operator.nats_seed,
-        inbox_prefix=operator.inbox_prefix,
-    )
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 async def publish_signed(bus: Bus, event: envelope.Event, signer: Signer | None) -> None:
