@@ -162,13 +162,17 @@ def _decide(
     """Outcome of a closed vote; anyone not in approvers/rejecters did not take part.
 
     `silent` (members without a usable answer) are already in approvers/rejecters when the
-    policy counts them so; the reason tells them apart and says what happened to each."""
+    policy counts them so; the reason tells them apart (`_notes` says what happened)."""
     outcome, reason = _rule(rule, approvers, rejecters, silent)
     blockers = sorted(v for v, s in silent.items() if s.counts_as == "no_quorum")
     if outcome == "approved" and blockers:
         outcome, reason = "no_quorum", f"no approval without an answer from {', '.join(blockers)}"
-    notes = [f"{v}: {silent[v].what} → {_effect(silent[v])}" for v in sorted(silent)]
-    return outcome, "; ".join([*notes, reason])
+    return outcome, reason
+
+
+def _notes(silent: Mapping[str, Silent]) -> list[str]:
+    """What happened to each silent voter, and what the policy made of it."""
+    return [f"{v}: {silent[v].what} → {_effect(silent[v])}" for v in sorted(silent)]
 
 
 def _rule(
@@ -194,9 +198,11 @@ def _rule(
     if participation == 0:
         return "no_quorum", "no approve or reject votes"
     if participation < rule.min_participation:
-        return "no_quorum", (
-            f"{participation} approve/reject votes; min_participation is {rule.min_participation}"
-        )
+        if silent.keys() & (approvers | rejecters):
+            took_part = f"{approved}, {rejected}"
+        else:
+            took_part = f"{participation} approve/reject votes"
+        return "no_quorum", f"{took_part}; min_participation is {rule.min_participation}"
     if rule.kind == "unanimous":
         if n_rej:
             return "rejected", f"{rejected}; unanimous needs no rejects"
@@ -287,7 +293,7 @@ def tally(
 
     return Tally(
         outcome=outcome,
-        reason=reason,
+        reason="; ".join([*_notes(quiet), reason]),
         approve=float(_total(rule, approvers)),
         reject=float(_total(rule, rejecters)),
         abstain=sum(1 for c in counted.values() if c == "abstain"),
