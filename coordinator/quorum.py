@@ -218,7 +218,9 @@ def _rule(
             return verdict, f"{approved} ({participation} counted); k_of_n needs {rule.k}"
         return verdict, f"{n_app} of {participation} approved; k_of_n needs {rule.k}"
     if rule.kind == "majority":
-        what = f"{approved} vs {rejected}"
+        what = f"{n_app} approve vs {n_rej} reject"
+        if silent.keys() & (approvers | rejecters):
+            what = f"{approved} vs {rejected}"
         if n_app == n_rej:
             return _apply_tie(rule, what)
         return ("approved" if n_app > n_rej else "rejected"), f"{what}; majority"
