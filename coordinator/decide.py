@@ -18,7 +18,12 @@ Rules this module owns:
   take-over grace) are cancelled and count as unanswered (the asker is expected to stop itself
   at the deadline; this is the backstop). A vote that arrives after the deadline and the grace
   is recorded with what the voter said, but counts as unanswered too.
-- With `decide_early`, collection stops as soon as no missing vote could change the outcome.
+- With `decide_early`, collection stops as soon as no missing vote could change the outcome
+  (an approval never, under `timeout_counts_as = "no_quorum"`: a voter still asked may yet fall
+  silent, and its silence forbids the approval).
+- A vote that is no answer (timeout, unavailable, error, invalid) enters the tally as silence,
+  not as a vote: the decision's reason says what happened to it and what the policy counted it
+  as (`silent`, `what_happened`).
 """
 
 from __future__ import annotations
