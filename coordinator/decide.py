@@ -18,7 +18,12 @@ Rules this module owns:
   take-over grace) are cancelled and count as unanswered (the asker is expected to stop itself
   at the deadline; this is the backstop). A vote that arrives after the deadline and the grace
   is recorded with what the voter said, but counts as unanswered too.
-- With `decide_early`, collection stops as soon as no missing vote could change the outcome.
+- With `decide_early`, collection stops as soon as no missing vote could change the outcome
+  (an approval never, under `timeout_counts_as = "no_quorum"`: a voter still asked may yet fall
+  silent, and its silence forbids the approval).
+- A vote that is no answer (timeout, unavailable, error, invalid) enters the tally as silence,
+  not as a vote: the decision's reason says what happened to it and what the policy counted it
+  as (`silent`, `what_happened`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import msgspec
 from coordinator.clock import Clock
 from coordinator.ledger import Busy, Claim, Done, Ledger
 from coordinator.policy import Policy
-from coordinator.quorum import tally
+from coordinator.quorum import Silent, Tally, tally
 from mesh import envelope
 from mesh.identity import Signer
 from mesh.records import Decision, DlqReason, Vote, sign_decision
@@ -98,14 +103,64 @@ class Undecidable:
 Outcome = Busy | Done | Decided | Undecidable
 
 
+LATE = "late vote: answered after the deadline; not counted"
+NO_ANSWER = "no answer by the deadline"
+
+
 def unanswered(policy: Policy) -> Choice | None:
     """What a voter who gave no usable answer counts as (None: left out of the tally)."""
-    c = policy.timeout_counts_as
-    return None if c == "absent" else c
+    match policy.timeout_counts_as:
+        case "absent" | "no_quorum":
+            return None
+        case counts:
+            return counts
 
 
 def counted(votes: Mapping[str, Vote]) -> dict[str, Choice]:
-    return {s: v.counted_as for s, v in votes.items() if v.counted_as is not None}
+    """The votes cast (a vote that is not an answer is silence: see `silent`)."""
+    return {
+        s: v.counted_as
+        for s, v in votes.items()
+        if v.outcome == "voted" and v.counted_as is not None
+    }
+
+
+def silent(policy: Policy, votes: Mapping[str, Vote]) -> dict[str, Silent]:
+    """Voters with no usable answer: what happened to each, and what it counts as."""
+    out = {}
+    for skill, v in votes.items():
+        if v.outcome in ("voted", "cancelled"):
+            continue  # a vote, or not needed (decide_early): neither is silence
+        counts = v.counted_as or (
+            "no_quorum" if policy.timeout_counts_as == "no_quorum" else "absent"
+        )
+        out[skill] = Silent(what=what_happened(v), counts_as=counts)
+    return out
+
+
+def what_happened(vote: Vote) -> str:
+    """A vote that is no answer, in words for the decision's reason."""
+    error = vote.error if len(vote.error) <= 120 else vote.error[:119] + "…"
+    if vote.outcome == "timeout":
+        if vote.error == LATE:
+            return "answered after the deadline"
+        if not vote.latency_ms:
+            return NO_ANSWER
+        seconds = f"{vote.latency_ms / 1000:.1f} s"
+        tries = f" ({vote.attempts} attempts)" if vote.attempts > 1 else ""
+        return f"no answer in {seconds}{tries}"
+    if vote.outcome == "unavailable":
+        return f"unavailable ({error})" if error else "unavailable"
+    if vote.outcome == "invalid":
+        return f"invalid answer ({error})" if error else "invalid answer"
+    return f"failed ({error})" if error else "failed"
+
+
+def count(policy: Policy, votes: Mapping[str, Vote], *, final: bool) -> Tally:
+    """The tally of these votes under the policy: votes as cast, silence as it says."""
+    return tally(
+        policy.rule, policy.skills, counted(votes), final=final, silent=silent(policy, votes)
+    )
 
 
 class Decider:
@@ -195,8 +250,12 @@ class Decider:
                 state = msgspec.structs.replace(claim.state, votes=dict(votes))
                 await self.ledger.save(claim, state)  # a vote survives our crash
                 if policy.decide_early and pending:
-                    early = tally(policy.rule, policy.skills, counted(votes), final=False)
-                    if early.outcome in ("approved", "rejected"):
+                    early = count(policy, votes, final=False).outcome
+                    # A voter still asked may yet fall silent, and under "no_quorum" its
+                    # silence forbids an approval that its vote could not stop.
+                    if early == "rejected" or (
+                        early == "approved" and policy.timeout_counts_as != "no_quorum"
+                    ):
                         stopped_early = True
                         break
         finally:
@@ -219,7 +278,7 @@ class Decider:
                     agent=job.agents[skill],
                     outcome="timeout",
                     counted_as=unanswered(policy),
-                    error="no answer by the deadline",
+                    error=NO_ANSWER,
                 )
             )
         return votes
@@ -227,7 +286,7 @@ class Decider:
     def decide(self, job: Job, votes: Mapping[str, Vote], claim: Claim) -> Decision:
         """The decision the votes make under the policy's rule (missing voters did not vote)."""
         policy = job.policy
-        result = tally(policy.rule, policy.skills, counted(votes), final=True)
+        result = count(policy, votes, final=True)
         assert result.outcome != "pending"
         decision = Decision(
             event_id=job.event.id,
@@ -268,5 +327,5 @@ def _late(vote: Vote, policy: Policy) -> Vote:
         outcome="timeout",
         counted_as=unanswered(policy),
         brain="",
-        error="late vote: answered after the deadline; not counted",
+        error=LATE,
     )

@@ -9,8 +9,9 @@ from typing import Literal
 
 import msgspec
 
-from coordinator.quorum import QuorumRule
+from coordinator.quorum import QuorumRule, SilenceCount, Silent, tally
 from mesh.errors import PolicyError
+from mesh.verdict import Choice
 
 DEFAULT_FILE = Path(__file__).with_name("policies.toml")
 
@@ -25,8 +26,12 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     deadline_s: float = 15.0
     retries: int = 1
     # What an unanswered voter (timeout, nobody listening, transport error) counts as.
-    # "absent" leaves it out of the tally, so min_participation decides.
-    timeout_counts_as: Literal["approve", "reject", "abstain", "absent"] = "reject"
+    # "absent" leaves it out of the tally, so min_participation decides; "no_quorum" leaves it
+    # out and turns an approval into no_quorum.
+    timeout_counts_as: SilenceCount = "reject"
+    # Required (and only then accepted) when the count above lets silence approve: "approve",
+    # or the silence of a voter the rule cannot do without counting as anything that approves.
+    silence_reason: str = ""
     decision_type: str = ""
     decide_early: bool = False  # publish as soon as the outcome cannot change
     # What to do when the votes make no quorum: publish a `no_quorum` decision (consumers
@@ -50,6 +55,40 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         unknown = sorted(set(self.rule.vetoes) - set(self.skills))
         if unknown:
             raise ValueError(f"veto holders {unknown} are not among the skills")
+        approving = self.silence_approves()
+        if approving and not self.silence_reason.strip():
+            raise ValueError(
+                f"timeout_counts_as = {self.timeout_counts_as!r} lets silence approve: "
+                f"{approving}; silence never approves unless the policy says why "
+                '(timeout_counts_as = "reject" or "no_quorum", or a silence_reason)'
+            )
+        if self.silence_reason and not approving:
+            raise ValueError(
+                "silence_reason is only for a timeout_counts_as that lets silence approve"
+            )
+
+    def silence_approves(self) -> str:
+        """Why `timeout_counts_as` lets silence approve ("" if it does not).
+
+        A skill the rule cannot do without is one whose reject alone stops an approval even
+        when every other voter approves (a veto holder; every voter of `unanimous`). Counting
+        such a skill's silence as anything that then approves, or any silence as "approve",
+        lets a hung, flooded or failing reviewer approve by saying nothing."""
+        if self.timeout_counts_as == "approve":
+            return "any unanswered voter counts as approve"
+        silence = Silent(what="no answer", counts_as=self.timeout_counts_as)
+        needed = []
+        for skill in self.skills:
+            others: dict[str, Choice] = {s: "approve" for s in self.skills if s != skill}
+            alone = tally(self.rule, self.skills, {**others, skill: "reject"}, final=True)
+            if alone.outcome == "approved":
+                continue  # the rule can do without this skill
+            quiet = tally(self.rule, self.skills, others, final=True, silent={skill: silence})
+            if quiet.outcome == "approved":
+                needed.append(skill)
+        if not needed:
+            return ""
+        return f"the rule cannot do without {', '.join(needed)}, yet silence there approves"
 
 
 class Policies:

@@ -24,6 +24,14 @@ missing approve, all reject, all abstain. If those agree, every mix agrees.
 
 Weights are summed as exact fractions, so ties at a threshold are exact and the
 result cannot depend on summation order.
+
+Silence is not a vote. A voter who gave no usable answer (timeout, unreachable, failed,
+invalid answer) is passed in ``silent`` with what happened and what the policy counts it as:
+``approve``/``reject``/``abstain`` enter the arithmetic like that vote, ``absent`` is left out,
+and ``no_quorum`` is left out and turns an approval into ``no_quorum`` (it can never approve).
+The reason names every silent voter with what happened ("q: no answer in 1.5 s → counted as
+reject (policy)") and counts them apart from votes: a reject counted for a silent veto holder is
+never called a veto, and rejects nobody cast are never called "rejected".
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ import msgspec
 from mesh.verdict import Choice
 
 Outcome = Literal["approved", "rejected", "no_quorum", "pending"]
+# What a voter without a usable answer counts as (the policy's `timeout_counts_as`).
+SilenceCount = Literal["approve", "reject", "abstain", "absent", "no_quorum"]
 
 _CHOICES: frozenset[str] = frozenset(get_args(Choice))
 
@@ -63,6 +73,13 @@ class QuorumRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"min_participation {self.min_participation} exceeds "
                 f"electorate size {electorate_size}"
             )
+
+
+class Silent(msgspec.Struct, frozen=True):
+    """A voter who gave no usable answer: what happened, and what the policy counts it as."""
+
+    what: str  # e.g. "no answer in 1.5 s", "unavailable (no responders)"
+    counts_as: SilenceCount
 
 
 class Tally(msgspec.Struct, frozen=True):
@@ -118,44 +135,105 @@ def _apply_tie(rule: QuorumRule, what: str) -> tuple[Outcome, str]:
     return _TIE_OUTCOME[rule.tie], f"{what}: tie resolves to {rule.tie}"
 
 
+def _counted(group: frozenset[str], silent: Mapping[str, Silent], verb: str, as_: str) -> str:
+    """How many of `group` voted `verb`, with those counted so for silence kept apart."""
+    by_policy = len(group & silent.keys())
+    cast = len(group) - by_policy
+    if not by_policy:
+        return f"{cast} {verb}"
+    counted = f"{by_policy} counted as {as_} for no answer"
+    return f"{cast} {verb}, {counted}" if cast else counted
+
+
+def _effect(s: Silent) -> str:
+    if s.counts_as == "absent":
+        return "left out (policy)"
+    if s.counts_as == "no_quorum":
+        return "no approval without it (policy)"
+    return f"counted as {s.counts_as} (policy)"
+
+
 def _decide(
-    rule: QuorumRule, approvers: frozenset[str], rejecters: frozenset[str]
+    rule: QuorumRule,
+    approvers: frozenset[str],
+    rejecters: frozenset[str],
+    silent: Mapping[str, Silent],
 ) -> tuple[Outcome, str]:
-    """Outcome of a closed vote; anyone not in approvers/rejecters did not take part."""
+    """Outcome of a closed vote; anyone not in approvers/rejecters did not take part.
+
+    `silent` (members without a usable answer) are already in approvers/rejecters when the
+    policy counts them so; the reason tells them apart (`_notes` says what happened)."""
+    outcome, reason = _rule(rule, approvers, rejecters, silent)
+    blockers = sorted(v for v, s in silent.items() if s.counts_as == "no_quorum")
+    if outcome == "approved" and blockers:
+        outcome, reason = "no_quorum", f"no approval without an answer from {', '.join(blockers)}"
+    return outcome, reason
+
+
+def _notes(silent: Mapping[str, Silent]) -> list[str]:
+    """What happened to each silent voter, and what the policy made of it."""
+    return [f"{v}: {silent[v].what} → {_effect(silent[v])}" for v in sorted(silent)]
+
+
+def _rule(
+    rule: QuorumRule,
+    approvers: frozenset[str],
+    rejecters: frozenset[str],
+    silent: Mapping[str, Silent],
+) -> tuple[Outcome, str]:
     vetoers = rejecters if rule.kind == "any_veto" else rejecters & set(rule.vetoes)
     if vetoers:
-        return "rejected", f"{', '.join(sorted(vetoers))} vetoed"
+        cast = sorted(vetoers - silent.keys())
+        counted = sorted(vetoers & silent.keys())
+        parts = [f"{', '.join(cast)} vetoed"] if cast else []
+        if counted:
+            # The policy counts their silence as a reject, and a veto holder's reject
+            # rejects; but nobody vetoed, and the record must not say so.
+            parts.append(f"a reject counted for veto holder {', '.join(counted)} rejects")
+        return "rejected", "; ".join(parts)
     n_app, n_rej = len(approvers), len(rejecters)
+    approved = _counted(approvers, silent, "approved", "approve")
+    rejected = _counted(rejecters, silent, "rejected", "reject")
     participation = n_app + n_rej
     if participation == 0:
         return "no_quorum", "no approve or reject votes"
     if participation < rule.min_participation:
-        return "no_quorum", (
-            f"{participation} approve/reject votes; min_participation is {rule.min_participation}"
-        )
+        if silent.keys() & (approvers | rejecters):
+            took_part = f"{approved}, {rejected}"
+        else:
+            took_part = f"{participation} approve/reject votes"
+        return "no_quorum", f"{took_part}; min_participation is {rule.min_participation}"
     if rule.kind == "unanimous":
         if n_rej:
-            return "rejected", f"{n_rej} rejected; unanimous needs no rejects"
+            return "rejected", f"{rejected}; unanimous needs no rejects"
+        if approvers & silent.keys():
+            return "approved", f"{approved}, none rejected; unanimous"
         return "approved", f"all {n_app} non-abstaining voters approved"
     if rule.kind == "any_veto":
-        return "approved", f"{n_app} approved, none rejected"
+        return "approved", f"{approved}, none rejected"
     if rule.kind == "k_of_n":
         assert rule.k is not None  # guaranteed by _check_static
         verdict: Outcome = "approved" if n_app >= rule.k else "rejected"
+        if approvers & silent.keys():
+            return verdict, f"{approved} ({participation} counted); k_of_n needs {rule.k}"
         return verdict, f"{n_app} of {participation} approved; k_of_n needs {rule.k}"
     if rule.kind == "majority":
         what = f"{n_app} approve vs {n_rej} reject"
+        if silent.keys() & (approvers | rejecters):
+            what = f"{approved} vs {rejected}"
         if n_app == n_rej:
             return _apply_tie(rule, what)
         return ("approved" if n_app > n_rej else "rejected"), f"{what}; majority"
     # weighted
     app_w, rej_w = _total(rule, approvers), _total(rule, rejecters)
-    counted = app_w + rej_w
-    if counted == 0:
+    counted_w = app_w + rej_w
+    if counted_w == 0:
         return "no_quorum", "all approve/reject votes carry zero weight"
-    share = app_w / counted
+    share = app_w / counted_w
     threshold = Fraction(rule.threshold)
-    what = f"approve weight {_num(app_w)} of {_num(counted)} ({float(share):.3g})"
+    what = f"approve weight {_num(app_w)} of {_num(counted_w)} ({float(share):.3g})"
+    if silent.keys() & (approvers | rejecters):
+        what += f" ({approved}; {rejected})"
     if share == threshold:
         return _apply_tie(rule, f"{what} equals threshold {rule.threshold:g}")
     if share > threshold:
@@ -164,13 +242,21 @@ def _decide(
 
 
 def tally(
-    rule: QuorumRule, electorate: Sequence[str], votes: Mapping[str, Choice], *, final: bool
+    rule: QuorumRule,
+    electorate: Sequence[str],
+    votes: Mapping[str, Choice],
+    *,
+    final: bool,
+    silent: Mapping[str, Silent] | None = None,
 ) -> Tally:
     """Count ``votes`` of ``electorate`` under ``rule``; never ``pending`` when ``final``.
 
-    Pure function of ``(rule, set(electorate), votes restricted to electorate)``:
+    ``silent``: members who gave no usable answer, counted as each one's ``counts_as`` says
+    (see the module docstring); a voter is in ``votes`` or in ``silent``, not both.
+    Pure function of ``(rule, set(electorate), votes and silent restricted to electorate)``:
     replayed or duplicated votes and votes from non-members cannot change it.
-    Raises ValueError for a malformed rule or a vote that is not a Choice.
+    Raises ValueError for a malformed rule, a vote that is not a Choice, or a voter both
+    voting and silent.
     """
     _check_static(rule)
     members = frozenset(electorate)
@@ -181,17 +267,26 @@ def tally(
         if choice not in _CHOICES:
             raise ValueError(f"vote of {voter!r} must be one of {sorted(_CHOICES)}, got {choice!r}")
         cast[voter] = choice
-    approvers = frozenset(v for v, c in cast.items() if c == "approve")
-    rejecters = frozenset(v for v, c in cast.items() if c == "reject")
-    missing = members - cast.keys()
+    quiet = {v: s for v, s in (silent or {}).items() if v in members}
+    both = sorted(cast.keys() & quiet.keys())
+    if both:
+        raise ValueError(f"{both} both voted and gave no answer")
+    counted = dict(cast)
+    counted.update((v, s.counts_as) for v, s in quiet.items() if s.counts_as in _CHOICES)
+    approvers = frozenset(v for v, c in counted.items() if c == "approve")
+    rejecters = frozenset(v for v, c in counted.items() if c == "reject")
+    missing = members - cast.keys() - quiet.keys()
 
-    outcome, reason = _decide(rule, approvers, rejecters)
+    outcome, reason = _decide(rule, approvers, rejecters, quiet)
     if not final and missing:
         # Missing voters count as abstaining in the current-votes evaluation above;
         # the other two extremes bound everything a mix of their votes can do.
-        extremes = {outcome, _decide(rule, approvers | missing, rejecters)[0]}
-        extremes.add(_decide(rule, approvers, rejecters | missing)[0])
-        if len(extremes) > 1:
+        # Compared before silence can turn an approval into no_quorum (that mapping could make
+        # outcomes look alike that a mix of votes would not): agreeing sooner is not needed.
+        bounds = [(approvers, rejecters), (approvers | missing, rejecters)]
+        bounds.append((approvers, rejecters | missing))
+        if len({_rule(rule, a, r, quiet)[0] for a, r in bounds}) > 1:
+            extremes = {_decide(rule, a, r, quiet)[0] for a, r in bounds}
             outcome = "pending"
             options = "/".join(sorted(extremes))
             reason = f"{len(missing)} missing could still make it {options}"
@@ -200,9 +295,9 @@ def tally(
 
     return Tally(
         outcome=outcome,
-        reason=reason,
+        reason="; ".join([*_notes(quiet), reason]),
         approve=float(_total(rule, approvers)),
         reject=float(_total(rule, rejecters)),
-        abstain=sum(1 for c in cast.values() if c == "abstain"),
+        abstain=sum(1 for c in counted.values() if c == "abstain"),
         missing=sorted(missing),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ def test_demo_json_outcomes(tmp_path: Path) -> None:
     }
     for v in clean["votes"]:
         assert v["outcome"] == "voted" and v["verdict"]["vote"] == "approve", v
+    assert clean["reason"] == "all 3 non-abstaining voters approved", clean["reason"]
 
     for title in (
         "AWS key in the diff",
@@ -91,6 +93,8 @@ def test_demo_json_outcomes(tmp_path: Path) -> None:
         assert vote["verdict"]["vote"] == "reject", vote
         assert vote["counted_as"] == "reject", vote
         assert vote["verdict"]["reasons"], vote
+        # a reject that was cast, said as one; nothing about silence
+        assert record["reason"] == "1 rejected; unanimous needs no rejects", record["reason"]
 
     hung = by_title["clean release, quality-review hung"]["record"]
     assert hung["outcome"] == "rejected"
@@ -100,6 +104,15 @@ def test_demo_json_outcomes(tmp_path: Path) -> None:
     assert "verdict" not in quality, quality
     for agent in ("security-review", "compliance-review"):
         assert _vote(hung, agent)["verdict"]["vote"] == "approve"
+    # The reason says what happened: the hung reviewer gave no answer, and the policy counted
+    # that as a reject. It is not reported as a reject it cast.
+    reason = hung["reason"]
+    assert re.match(r"release-quality-review: no answer (in [\d.]+ s|by the deadline)", reason), (
+        reason
+    )
+    assert "→ counted as reject (policy)" in reason, reason
+    assert reason.endswith("1 counted as reject for no answer; unanimous needs no rejects"), reason
+    assert not re.search(r"\b\d+ rejected|vetoed", reason), reason
 
     malformed = by_title["malformed JSON"]["record"]
     assert malformed["reason"] == "malformed", malformed
@@ -119,3 +132,7 @@ def test_demo_human_output(tmp_path: Path) -> None:
     assert "Traceback" not in ran.stdout + ran.stderr, str(ran)
     for title in EXPECTED:
         assert title in ran.stdout, title
+    # the hung case's reason, as the demo prints it: a timeout named as such, not a vote
+    hung = re.search(r"rule unanimous: (release-quality-review: no answer[^\n]*)", ran.stdout)
+    assert hung is not None, ran.stdout
+    assert "→ counted as reject (policy)" in hung[1], hung[1]

@@ -20,6 +20,7 @@ from coordinator.decide import (
     Decider,
     Job,
     Undecidable,
+    unanswered,
 )
 from coordinator.ledger import Busy, Claim, DeadLettered, Done, Ledger, LostClaim, MemoryStore
 from coordinator.policy import Policy
@@ -164,6 +165,10 @@ async def test_a_voter_that_never_answers_is_cut_off_and_counts_as_unanswered() 
     silent = outcome.decision.votes[1]
     assert (silent.outcome, silent.counted_as) == ("timeout", "reject")
     assert outcome.decision.outcome == "rejected"
+    assert outcome.decision.reason == (
+        "s2: no answer by the deadline → counted as reject (policy); "
+        "1 counted as reject for no answer; unanimous needs no rejects"
+    )
     assert voters.cancelled == ["s2"]
 
 
@@ -173,7 +178,7 @@ async def test_a_late_vote_is_recorded_but_not_counted() -> None:
     voters = Voters(
         clock, {"s1": (0.1, "approve"), "s2": (5.0 + late_by, "approve"), "s3": (0.1, "approve")}
     )
-    pol = policy(deadline_s=5.0, timeout_counts_as="abstain")
+    pol = policy(deadline_s=5.0, timeout_counts_as="abstain", silence_reason="a test's choice")
     run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(pol, clock)))
     await clock.advance(5.0 + late_by)
     outcome = done(run)
@@ -184,7 +189,10 @@ async def test_a_late_vote_is_recorded_but_not_counted() -> None:
     assert late.counted_as == "abstain"  # what it counts as: the policy's unanswered
     # unanimous over the two that answered in time, the late one abstaining
     assert outcome.decision.outcome == "approved"
-    assert "all 2 non-abstaining voters approved" in outcome.decision.reason
+    assert outcome.decision.reason == (
+        "s2: answered after the deadline → counted as abstain (policy); "
+        "all 2 non-abstaining voters approved"
+    )
 
 
 async def test_decide_early_stops_asking_once_the_outcome_cannot_change() -> None:
@@ -434,3 +442,102 @@ def test_event_principal_is_the_trusted_key_that_signed_subject_and_body() -> No
         in event_principal(trust, subj, body, event_signature(stranger, subj, body))[1]
     )
     assert event_principal(None, subj, body, header)[0] == ""
+
+
+# -- reasons: silence is named for what it was, never for a vote ------------------------------
+def failing(outcomes: dict[str, tuple[str, str, float, int]], clock: ManualClock) -> Any:
+    """An asker whose voters fail as scripted: skill → (outcome, error, latency_ms, attempts);
+    other skills approve. Built as coordinator.dispatch builds its votes."""
+
+    async def ask(a: Ask) -> Vote:
+        await clock.sleep(0.1)
+        if a.skill not in outcomes:
+            return voted(a, "approve")
+        outcome, error, latency_ms, attempts = outcomes[a.skill]
+        return Vote(
+            skill=a.skill,
+            agent=a.agent,
+            outcome=outcome,  # type: ignore[arg-type]
+            counted_as=unanswered(a.policy),
+            latency_ms=latency_ms,
+            attempts=attempts,
+            error=error,
+        )
+
+    return ask
+
+
+async def decide_with(pol: Policy, asker: Any, clock: ManualClock, advance: float = 0.1) -> Any:
+    run = asyncio.create_task(coordinator(MemoryStore(), "c1", clock, asker).run(job(pol, clock)))
+    await clock.advance(advance)
+    outcome = done(run)
+    assert isinstance(outcome, Decided)
+    return outcome.decision
+
+
+async def test_every_voter_failing_is_said_so_not_counted_as_rejects() -> None:
+    clock = ManualClock()
+    script = {s: ("error", "agent raised: boom", 12.0, 1) for s in SKILLS}
+    d = await decide_with(policy(), failing(script, clock), clock)
+    assert d.outcome == "rejected"
+    assert "3 rejected" not in d.reason and "vetoed" not in d.reason
+    assert d.reason == (
+        "s1: failed (agent raised: boom) → counted as reject (policy); "
+        "s2: failed (agent raised: boom) → counted as reject (policy); "
+        "s3: failed (agent raised: boom) → counted as reject (policy); "
+        "3 counted as reject for no answer; unanimous needs no rejects"
+    )
+
+
+async def test_a_timed_out_veto_holder_is_not_said_to_veto() -> None:
+    clock = ManualClock()
+    pol = policy(
+        skills=["security", "quality"],
+        rule=QuorumRule(kind="k_of_n", k=1, vetoes=["security"]),
+        retries=1,
+    )
+    script = {"security": ("timeout", "no answer in 1.5 s", 3012.0, 2)}
+    d = await decide_with(pol, failing(script, clock), clock)
+    assert d.outcome == "rejected"
+    assert "vetoed" not in d.reason
+    assert d.reason == (
+        "security: no answer in 3.0 s (2 attempts) → counted as reject (policy); "
+        "a reject counted for veto holder security rejects"
+    )
+
+
+async def test_unavailable_and_invalid_answers_are_named() -> None:
+    clock = ManualClock()
+    pol = policy(rule=QuorumRule(kind="majority"), timeout_counts_as="absent")
+    script = {
+        "s2": ("unavailable", "no responders on the agent's subject", 1.0, 2),
+        "s3": ("invalid", "unsigned vote", 5.0, 1),
+    }
+    d = await decide_with(pol, failing(script, clock), clock)
+    assert d.outcome == "approved"
+    assert d.reason == (
+        "s2: unavailable (no responders on the agent's subject) → left out (policy); "
+        "s3: invalid answer (unsigned vote) → left out (policy); 1 approve vs 0 reject; majority"
+    )
+
+
+async def test_under_no_quorum_an_approval_waits_for_the_voters_who_may_fall_silent() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(
+        clock, {"s1": (0.1, "approve"), "s2": (0.2, "approve"), "s3": (None, "approve")}
+    )
+    pol = policy(
+        rule=QuorumRule(kind="k_of_n", k=1), timeout_counts_as="no_quorum", decide_early=True
+    )
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(pol, clock)))
+    await clock.advance(0.2)
+    assert not run.done()  # one approval would do, but s3's silence forbids approving
+    await clock.advance(5.0 + CUTOFF_SLACK_S)
+    outcome = done(run)
+    assert isinstance(outcome, Decided)
+    d = outcome.decision
+    assert (d.outcome, d.votes[2].outcome, d.votes[2].counted_as) == ("no_quorum", "timeout", None)
+    assert d.reason == (
+        "s3: no answer by the deadline → no approval without it (policy); "
+        "no approval without an answer from s3"
+    )

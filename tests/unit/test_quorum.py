@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any, get_args
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.quorum import Outcome, QuorumRule, Tally, tally
+from coordinator.quorum import Outcome, QuorumRule, SilenceCount, Silent, Tally, tally
 from mesh.verdict import Choice
 
 CHOICES: tuple[Choice, ...] = get_args(Choice)
@@ -168,6 +169,89 @@ def test_everyone_voted_final_flag_irrelevant() -> None:
 def test_invalid_choice_raises() -> None:
     with pytest.raises(ValueError, match="must be one of"):
         tally(QuorumRule(kind="majority"), ABC, {"a": "yes"}, final=True)  # type: ignore[dict-item]
+
+
+HUNG = Silent(what="no answer in 1.5 s", counts_as="reject")
+
+
+def test_a_silent_veto_holder_rejects_but_is_not_said_to_veto() -> None:
+    rule = QuorumRule(kind="k_of_n", k=1, vetoes=["security"])
+    result = tally(
+        rule, ["security", "quality"], {"quality": "approve"}, final=True, silent={"security": HUNG}
+    )
+    assert result.outcome == "rejected"
+    assert result.reason == (
+        "security: no answer in 1.5 s → counted as reject (policy); "
+        "a reject counted for veto holder security rejects"
+    )
+    # with a real veto too, each is named for what it is
+    both = tally(
+        QuorumRule(kind="majority", vetoes=["a", "b"]),
+        ABC,
+        {"a": "reject"},
+        final=True,
+        silent={"b": HUNG},
+    )
+    assert both.reason == (
+        "b: no answer in 1.5 s → counted as reject (policy); "
+        "a vetoed; a reject counted for veto holder b rejects"
+    )
+
+
+def test_every_voter_failing_is_not_reported_as_rejects() -> None:
+    failed = Silent(what="failed (boom)", counts_as="reject")
+    four = ["a", "b", "c", "d"]
+    result = tally(
+        QuorumRule(kind="unanimous"), four, {}, final=True, silent=dict.fromkeys(four, failed)
+    )
+    assert result.outcome == "rejected"
+    assert "4 rejected" not in result.reason and "0 rejected" not in result.reason
+    assert result.reason == (
+        "a: failed (boom) → counted as reject (policy); b: failed (boom) → counted as reject "
+        "(policy); c: failed (boom) → counted as reject (policy); d: failed (boom) → counted "
+        "as reject (policy); 4 counted as reject for no answer; unanimous needs no rejects"
+    )
+    # one real reject and one counted, kept apart
+    mixed = tally(
+        QuorumRule(kind="unanimous"),
+        ABC,
+        {"a": "approve", "b": "reject"},
+        final=True,
+        silent={"c": HUNG},
+    )
+    assert mixed.reason.endswith(
+        "1 rejected, 1 counted as reject for no answer; unanimous needs no rejects"
+    )
+
+
+def test_silence_counted_as_no_quorum_can_never_approve() -> None:
+    out = Silent(what="unavailable (no responders)", counts_as="no_quorum")
+    rule = QuorumRule(kind="k_of_n", k=1)
+    blocked = tally(rule, ABC, {"a": "approve", "b": "approve"}, final=True, silent={"c": out})
+    assert blocked.outcome == "no_quorum"
+    assert blocked.reason == (
+        "c: unavailable (no responders) → no approval without it (policy); "
+        "no approval without an answer from c"
+    )
+    # a reject still rejects
+    vetoed = tally(
+        QuorumRule(kind="unanimous"), ABC, {"a": "reject"}, final=True, silent={"c": out}
+    )
+    assert vetoed.outcome == "rejected"
+
+
+def test_absent_and_abstain_silence_are_named_in_the_reason() -> None:
+    rule = QuorumRule(kind="majority")
+    quiet = {"c": Silent(what="no answer by the deadline", counts_as="absent")}
+    result = tally(rule, ABC, {"a": "approve", "b": "approve"}, final=True, silent=quiet)
+    assert result.outcome == "approved"
+    assert result.reason.startswith("c: no answer by the deadline → left out (policy); ")
+    assert result.abstain == 0 and result.missing == []
+
+
+def test_a_voter_both_voting_and_silent_is_a_caller_bug() -> None:
+    with pytest.raises(ValueError, match="both voted and gave no answer"):
+        tally(QuorumRule(kind="majority"), ABC, {"a": "approve"}, final=True, silent={"a": HUNG})
 
 
 @pytest.mark.parametrize(
@@ -370,3 +454,80 @@ def test_counts_are_consistent(election: tuple[QuorumRule, list[str], dict[str, 
         assert result.approve + result.reject + result.abstain + len(result.missing) == len(
             electorate
         )
+
+
+# --- silence ----------------------------------------------------------------------------------
+COUNTS: tuple[SilenceCount, ...] = get_args(SilenceCount)
+WHAT = ["no answer in 1.5 s", "failed (boom)", "unavailable (no responders)"]
+
+
+@st.composite
+def silent_elections(
+    draw: st.DrawFn,
+) -> tuple[QuorumRule, list[str], dict[str, Choice], dict[str, Silent]]:
+    rule, electorate, votes = draw(elections())
+    quiet = {
+        v: Silent(what=draw(st.sampled_from(WHAT)), counts_as=draw(st.sampled_from(COUNTS)))
+        for v in electorate
+        if v not in votes and draw(st.booleans())
+    }
+    return rule, electorate, votes, quiet
+
+
+def as_votes(votes: Mapping[str, Choice], quiet: Mapping[str, Silent]) -> dict[str, Choice]:
+    """Silence as the votes it counts as (absent and no_quorum: none)."""
+    counted = {v: s.counts_as for v, s in quiet.items() if s.counts_as in CHOICES}
+    return {**votes, **counted}  # type: ignore[dict-item]
+
+
+@THOROUGH
+@given(silent_elections())
+def test_silence_changes_the_words_not_the_arithmetic(
+    election: tuple[QuorumRule, list[str], dict[str, Choice], dict[str, Silent]],
+) -> None:
+    rule, electorate, votes, quiet = election
+    expected = reference_outcome(rule, electorate, as_votes(votes, quiet))
+    if expected == "approved" and any(s.counts_as == "no_quorum" for s in quiet.values()):
+        expected = "no_quorum"
+    assert tally(rule, electorate, votes, final=True, silent=quiet).outcome == expected
+
+
+@THOROUGH
+@given(silent_elections())
+def test_the_reason_names_silence_and_never_calls_it_a_vote(
+    election: tuple[QuorumRule, list[str], dict[str, Choice], dict[str, Silent]],
+) -> None:
+    rule, electorate, votes, quiet = election
+    members = set(electorate)
+    cast_rejects = {v for v, c in votes.items() if c == "reject" and v in members}
+    cast_approvals = {v for v, c in votes.items() if c == "approve" and v in members}
+    for final in (True, False):
+        reason = tally(rule, electorate, votes, final=final, silent=quiet).reason
+        for voter, s in quiet.items():
+            assert f"{voter}: {s.what} → " in reason, reason
+        body = re.sub(r"decided with \d+ missing: ", "", reason)
+        for part in body.split("; "):
+            if part.endswith(" vetoed"):  # only voters who cast a reject veto
+                assert set(part.removesuffix(" vetoed").split(", ")) <= cast_rejects, reason
+        for n in re.findall(r"\b(\d+) rejected", reason):
+            assert int(n) == len(cast_rejects), reason
+        for n in re.findall(r"(?<!of )\b(\d+) approved", reason):
+            assert int(n) <= len(cast_approvals), reason
+
+
+@THOROUGH
+@given(silent_elections())
+def test_early_decision_with_silence_holds_for_every_completion(
+    election: tuple[QuorumRule, list[str], dict[str, Choice], dict[str, Silent]],
+) -> None:
+    rule, electorate, votes, quiet = election
+    early = tally(rule, electorate, votes, final=False, silent=quiet).outcome
+    still_out = [v for v in electorate if v not in quiet]
+    finals = {
+        tally(rule, electorate, full, final=True, silent=quiet).outcome
+        for full in completions(still_out, votes)
+    }
+    if early != "pending":
+        assert finals == {early}
+    if not quiet:  # without silence it is also complete: never pending needlessly
+        assert early == (next(iter(finals)) if len(finals) == 1 else "pending")
