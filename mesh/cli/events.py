@@ -57,7 +57,7 @@ async def publish(
     try:
         data = msgspec.json.decode(raw)
     except RecursionError:
-        raise _too_deep(envelope.MAX_DATA_DEPTH + 1) from None
+        raise _too_deep(None) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         not_json = str(e)
     else:
@@ -119,12 +119,13 @@ def _read_bytes(body: str) -> bytes:
     return body.encode("utf-8", errors="surrogateescape")
 
 
-def _too_deep(depth: int) -> ConfigError:
+def _too_deep(depth: int | None) -> ConfigError:
+    """`depth`: how deep the data nests; None when too deep to even parse."""
     from mesh import envelope
 
+    how = f"nests {depth} levels deep" if depth is not None else "nests too deep to parse"
     return ConfigError(
-        f"the event data nests {depth}{'+' if depth > envelope.MAX_DATA_DEPTH + 1 else ''} "
-        f"levels deep; the mesh carries at most {envelope.MAX_DATA_DEPTH} "
+        f"the event {how}; the mesh carries data at most {envelope.MAX_DATA_DEPTH} levels deep "
         "(what an A2A data part can hold)",
         hint="flatten the data",
     )
