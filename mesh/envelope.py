@@ -97,23 +97,27 @@ def decode(body: bytes) -> Event:
     except msgspec.ValidationError as e:
         raise MalformedEventError(f"not a valid CloudEvent: {e}") from None
     except msgspec.DecodeError as e:
-        raise MalformedEventError(f"not JSON: {e}") from None
+        raise MalformedEventError(f"not a CloudEvent (not JSON: {e})") from None
     except UnicodeDecodeError as e:
         # e.object is the string msgspec was decoding, not the whole body: no offset to give.
         raise MalformedEventError(
-            f"not UTF-8 text: byte 0x{e.object[e.start]:02x} in a string ({e.reason})"
+            f"not a CloudEvent (not UTF-8 text: byte 0x{e.object[e.start]:02x} in a string, "
+            f"{e.reason})"
         ) from None
     except RecursionError:
         raise MalformedEventError(
-            f"nested too deep to parse (the mesh carries data up to {MAX_DATA_DEPTH} levels)"
+            f"not a CloudEvent the mesh can carry (nested too deep to parse; data may nest "
+            f"{MAX_DATA_DEPTH} levels)"
         ) from None
     except Exception as e:  # the bytes are anyone's: whatever else they make the parser raise
-        raise MalformedEventError(f"cannot be parsed ({type(e).__name__}: {e})") from None
+        raise MalformedEventError(
+            f"not a CloudEvent (cannot be parsed: {type(e).__name__}: {e})"
+        ) from None
     depth = nesting(event.data)
     if depth > MAX_DATA_DEPTH:
         raise MalformedEventError(
-            f"data nests {depth} levels deep; the mesh carries at most {MAX_DATA_DEPTH} "
-            "(what an A2A data part can hold)"
+            f"not a CloudEvent the mesh can carry: data nests {depth} levels deep, at most "
+            f"{MAX_DATA_DEPTH} fit an A2A data part"
         )
     return event
 
