@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import getpass
+import hashlib
 import itertools
 import json
 import logging
@@ -36,7 +37,15 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    DigestMismatchError,
+    NoStreamResponseError,
+    NotFoundError,
+    ObjectNotFoundError,
+)
+from nats.js.object_store import ObjectStore
 
 from coordinator.ledger import Done, Ledger, state_key
 from mesh import envelope, records, subjects
@@ -46,7 +55,7 @@ from mesh._internal.tasks import TaskPool
 from mesh.audit import SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus, tail
 from mesh.errors import ConfigError, NotConnectedError
-from mesh.records import DeadLetter, DlqReason, dead_letter_decoder, encoder
+from mesh.records import BodyRef, DeadLetter, DlqReason, dead_letter_decoder, encoder
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +192,7 @@ class AdvisoryDeadLetters(AsyncService):
                 log.info("event %s was decided after all; no dead letter", record.event_id)
                 return
         msg_id = subjects.dlq_msg_id(adv.stream, adv.stream_seq, adv.consumer)
-        body = encoder.encode(record)
+        body = await encode_record(self.bus, record)
         for attempt in itertools.count(1):
             try:
                 ack = await self.bus.publish(
@@ -234,7 +243,7 @@ async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter
         )
     data: bytes = raw.data or b""
     event: envelope.Event | None = None
-    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+    with contextlib.suppress(envelope.MalformedEventError):  # the only thing decode raises
         event = envelope.decode(data)
     return records.dead_letter(
         reason=reason,
@@ -246,6 +255,76 @@ async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter
         stream_seq=adv.stream_seq,
         event=event,
     )
+
+
+# -- bodies too large for their record --------------------------------------------------------
+# Room left in a message for its headers (message id, trace) and JSON framing around the record.
+RECORD_HEADROOM = 8 * 1024
+
+
+async def encode_record(bus: Bus, record: DeadLetter) -> bytes:
+    """The wire form of `record`, fit to publish: a record whose base64 body would pass the
+    server's max_payload keeps the body by reference instead (`keep_body`). Used by the
+    coordinator and the advisory dead-letterer alike."""
+    data = encoder.encode(record)
+    if len(data) + RECORD_HEADROOM <= bus.nc.max_payload:
+        return data
+    ref = await keep_body(bus, record.body)
+    return encoder.encode(record.by_reference(ref))
+
+
+async def keep_body(bus: Bus, body: bytes) -> BodyRef:
+    """Store `body` in the dead-letter-body object store under its SHA-256 (once: a body that
+    is there already is not written again) and say where it is."""
+    digest = hashlib.sha256(body).hexdigest()
+    ref = BodyRef(bucket=subjects.DLQ_BODIES_BUCKET, name=digest, sha256=digest, size=len(body))
+    store = await _bodies(bus)
+    try:
+        await store.get_info(digest)
+    except ObjectNotFoundError:
+        # Only ever a new name: nats-py's put of an existing name purges the old chunks, and
+        # stream purges are the operator's alone. The name is the content, so there is no
+        # other version to write (a tampered one fails `body_of`'s check).
+        await store.put(digest, body)
+    return ref
+
+
+async def body_of(bus: Bus, record: DeadLetter) -> bytes:
+    """A dead letter's original body: inline, or fetched from where it was kept and checked
+    against the SHA-256 and size the record holds."""
+    ref = record.body_ref
+    if ref is None:
+        return record.body
+    where = f"object {ref.name} of bucket {ref.bucket}"
+    try:
+        store = await bus.js.object_store(ref.bucket)
+        got = await store.get(ref.name)
+    except (BucketNotFoundError, ObjectNotFoundError, NotFoundError):
+        raise ConfigError(
+            f"the body of this dead letter ({ref.size} bytes) was kept as {where}, "
+            "which is gone (aged out or deleted)",
+            hint="the record still says who sent it and why it was dead-lettered",
+        ) from None
+    except DigestMismatchError:
+        got = None
+    body = got.data if got is not None else None
+    if body is None or len(body) != ref.size or hashlib.sha256(body).hexdigest() != ref.sha256:
+        raise ConfigError(
+            f"{where} does not match the dead letter's SHA-256 {ref.sha256} ({ref.size} bytes)",
+            hint="the kept body was altered; the record and the audit trail hold the original hash",
+        )
+    return bytes(body)
+
+
+async def _bodies(bus: Bus) -> ObjectStore:
+    try:
+        return await bus.js.object_store(subjects.DLQ_BODIES_BUCKET)
+    except (BucketNotFoundError, NotFoundError):
+        raise ConfigError(
+            f"the object store {subjects.DLQ_BODIES_BUCKET} for large dead-lettered bodies does "
+            "not exist",
+            hint="the operator creates it: run `mesh up`, or `mesh ensure` as the operator",
+        ) from None
 
 
 def check_reason(reason: str) -> None:
@@ -360,8 +439,9 @@ async def replay(bus: Bus, seq: int) -> str:
         if not k.lower().startswith(subjects.JS_PUBLISH_HEADER_PREFIXES)
     }
     msg_id = subjects.replay_msg_id(seq, uuid.uuid4().hex)
+    body = await body_of(bus, record)
     try:
-        await bus.publish(record.subject, record.body, msg_id=msg_id, headers=headers)
+        await bus.publish(record.subject, body, msg_id=msg_id, headers=headers)
     except NoStreamResponseError:
         raise NotConnectedError(
             f"no stream takes {record.subject}",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -37,7 +38,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry.trace import SpanKind
 
-from coordinator import dispatch
+from coordinator import dispatch, dlq
 from coordinator.clock import SYSTEM_CLOCK
 from coordinator.decide import Ask, Decided, Decider, Job, Undecidable
 from coordinator.ledger import (
@@ -77,6 +78,7 @@ LEASE_S = 2.0  # how long a silent owner keeps an event before others may take i
 ACK_WAIT_S = LEASE_S + 1.0  # redelivery comes only after the lease has lapsed
 MAX_DELIVER = 20  # bounded: crashes and busy-naks count; the last one is dead-lettered
 _REASONS: tuple[str, ...] = typing.get_args(DlqReason)
+_LIST_PAGE = 256  # JetStream answers a consumer list in pages of this many
 
 
 class Coordinator:
@@ -102,6 +104,7 @@ class Coordinator:
             what="the coordinator",
         )
         self.audit = AuditLog(bus, self.name)
+        self._handlers = EventHandlers(bus)
         self._ledger: Ledger | None = None
         self._decider: Decider | None = None
         self._loop: PullLoop[Msg] | None = None
@@ -238,8 +241,8 @@ class Coordinator:
         tenant, subject_type = subjects.parse_event_subject(msg.subject)
         try:
             event = envelope.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            await self.dead_letter(msg, "malformed", f"not a valid CloudEvent: {e}")
+        except envelope.MalformedEventError as e:  # whatever the bytes: the one thing it raises
+            await self.dead_letter(msg, "malformed", e.message)
             return
         if event.type != subject_type or event.tenant != tenant:
             await self.dead_letter(
@@ -251,7 +254,22 @@ class Coordinator:
             )
             return
         if self.policies.ignored(event.type):
-            await msg.ack()  # decided by nobody: event-driven agents react to it
+            # Decided by nobody: event-driven agents react to it. Its outcome is theirs (handled,
+            # or a dead letter when a handler gives up) as long as a handler's durable is bound
+            # to it; with none, nothing would ever happen to it, so that is its dead letter.
+            handlers = await self._handlers.of(msg.subject)
+            if handlers:
+                log.debug("event %s on %s left to %s", event.id, msg.subject, handlers)
+                await msg.ack()
+            else:
+                await self.dead_letter(
+                    msg,
+                    "no_handler",
+                    f"event type {event.type!r} is ignored by the policies ({self.policies.source})"
+                    f" and no event handler is bound to {msg.subject}; a handler started later "
+                    "still gets it from the stream",
+                    event=event,
+                )
             return
         policy = self.policies.get(event.type)
         if policy is None:
@@ -519,11 +537,14 @@ class Coordinator:
 
     async def _publish_dead_letter(self, record: DeadLetter) -> None:
         seq = record.stream_seq
+        # A body too large for the record is kept by reference (dlq.encode_record).
+        data = await dlq.encode_record(self.bus, record)
         await self.bus.publish(
             subjects.dlq(record.tenant, record.reason),
-            encoder.encode(record),
+            data,
             msg_id=subjects.dlq_msg_id(subjects.EVENTS_STREAM, seq),
         )
+        body = record.body
         await self.audit.append(
             record.tenant,
             "dead_letter",
@@ -533,9 +554,61 @@ class Coordinator:
                 "error": record.error,
                 "subject": record.subject,
                 "stream_seq": seq,
+                # What was received, whether the record holds it or keeps it by reference.
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "body_size": len(body),
             },
             msg_id=subjects.audit_msg_id("dlq", subjects.EVENTS_STREAM, seq),
         )
+
+
+class EventHandlers:
+    """Which durable consumers of the events stream, other than the coordinator's, would
+    deliver a subject: the event handlers an ignored event is left to. Listed at most every
+    `ttl_s`; an answer of "none" is checked against a fresh list before anyone acts on it (a
+    handler bound a moment ago counts)."""
+
+    def __init__(self, bus: Bus, ttl_s: float = 2.0) -> None:
+        self.bus = bus
+        self.ttl_s = ttl_s
+        self._listed_at = -float("inf")
+        self._filters: list[tuple[str, list[str]]] = []  # (durable, its filter subjects)
+
+    async def of(self, subject: str) -> list[str]:
+        fresh = time.monotonic() - self._listed_at < self.ttl_s
+        if not fresh:
+            await self._list()
+        found = self._matching(subject)
+        if not found and fresh:
+            await self._list()
+            found = self._matching(subject)
+        return found
+
+    def _matching(self, subject: str) -> list[str]:
+        return [
+            durable
+            for durable, filters in self._filters
+            if any(subjects.matches(f, subject) for f in filters)
+        ]
+
+    async def _list(self) -> None:
+        found: list[tuple[str, list[str]]] = []
+        while True:
+            page = await self.bus.js.consumers_info(subjects.EVENTS_STREAM, offset=len(found))
+            for info in page:
+                cfg = info.config
+                # Durables only: a reader's or a test kit's short-lived consumer handles nothing.
+                if not cfg.durable_name or cfg.durable_name == subjects.COORDINATOR_DURABLE:
+                    found.append(("", []))
+                    continue
+                filters = list(cfg.filter_subjects or []) or [
+                    cfg.filter_subject or subjects.events_filter()
+                ]
+                found.append((cfg.durable_name, filters))
+            if len(page) < _LIST_PAGE:
+                break
+        self._filters = [f for f in found if f[0]]
+        self._listed_at = time.monotonic()
 
 
 def _reason(state: DecisionState) -> DlqReason:

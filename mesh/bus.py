@@ -44,6 +44,7 @@ from nats.js.api import (
     ConsumerInfo,
     DeliverPolicy,
     KeyValueConfig,
+    ObjectStoreConfig,
     PubAck,
     RetentionPolicy,
     StorageType,
@@ -77,11 +78,14 @@ class StreamSpec:
     immutable: bool = False  # deny delete and purge: nobody rewrites history through the API
 
 
+# Dead letters; their bodies too large for a record (an object store) are kept as long.
+DLQ = StreamSpec(subjects.DLQ_STREAM, [f"{subjects.DLQ_ROOT}.>"], 30 * _DAY)
+
 STREAMS = (
     StreamSpec(subjects.EVENTS_STREAM, [subjects.events_filter()], 7 * _DAY),
     # Decisions and dead letters are the record of what the mesh did: kept longer.
     StreamSpec(subjects.DECISIONS_STREAM, [f"{subjects.DECISIONS_ROOT}.>"], 30 * _DAY),
-    StreamSpec(subjects.DLQ_STREAM, [f"{subjects.DLQ_ROOT}.>"], 30 * _DAY),
+    DLQ,
     # Audit: kept a year and immutable; max_age 0 would be "for ever" — a retention an
     # operator should choose deliberately, so a year is the default.
     StreamSpec(subjects.AUDIT_STREAM, [f"{subjects.AUDIT_ROOT}.>"], 365 * _DAY, immutable=True),
@@ -463,13 +467,26 @@ class Bus:
         if not self.is_operator:
             buckets = (subjects.CARDS_BUCKET, subjects.DECISIONS_BUCKET)
             await self._check_exist(
-                [s.name for s in specs] + [subjects.kv_stream(b) for b in buckets]
+                [s.name for s in specs]
+                + [subjects.kv_stream(b) for b in buckets]
+                + [subjects.obj_stream(subjects.DLQ_BODIES_BUCKET)]
             )
             return
         for spec in specs:
             await self._ensure_stream(spec)
         await self.kv(subjects.CARDS_BUCKET, ttl_s=self.settings.card_ttl_s)
         await self.kv(subjects.DECISIONS_BUCKET, history=5)
+        # Dead-lettered bodies too large for a DLQ record, kept as long as the records.
+        if subjects.obj_stream(subjects.DLQ_BODIES_BUCKET) not in await self.stream_names():
+            await self.js.create_object_store(
+                subjects.DLQ_BODIES_BUCKET,
+                ObjectStoreConfig(
+                    description="dead-lettered bodies too large for their DLQ record",
+                    ttl=DLQ.max_age_s,
+                    storage=StorageType.FILE,
+                    replicas=self.settings.stream_replicas,
+                ),
+            )
         if self.settings.task_store == "jetstream":
             # As JetStreamTaskStore.open asks for it: one revision per task, the TTL set.
             await self.kv(subjects.TASKS_BUCKET, ttl_s=self.settings.task_ttl_s or None)

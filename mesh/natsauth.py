@@ -8,10 +8,12 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
 
 - operator: everything (stream, bucket and consumer admin).
 - coordinator: publishes `mesh.decision.>`, `mesh.dlq.>`, `mesh.audit.>`, `mesh.checkpoint.>`,
-  `mesh.trace.>`, the ledger `$KV.mesh_decisions.>` and A2A requests `mesh.a2a.>`; consumes
-  MESH_EVENTS through its durable `coordinator` (and reads an event by sequence to dead-letter
-  it); reads the decisions, dead-letter, audit, checkpoint and trace streams and the cards and
-  ledger buckets; subscribes `mesh.status.coordinator` and MESH_EVENTS' give-up advisories.
+  `mesh.trace.>`, the ledger `$KV.mesh_decisions.>`, large dead-lettered bodies
+  `$O.mesh_dlq_bodies.>` and A2A requests `mesh.a2a.>`; consumes MESH_EVENTS through its
+  durable `coordinator` (reads an event by sequence to dead-letter it, and lists the stream's
+  consumers to see whether an ignored type has a handler); reads the decisions, dead-letter,
+  audit, checkpoint and trace streams and the cards, ledger and dead-letter-body buckets;
+  subscribes `mesh.status.coordinator` and MESH_EVENTS' give-up advisories.
 - agent A: subscribes `mesh.a2a.A` and `mesh.a2a.A.*` and answers on the reply subjects of
   the requests it got (`allow_responses`); writes `$KV.mesh_cards.A.>` and `$KV.mesh_tasks.A.>`
   and reads only its own task keys (direct gets and watches, the key in the API subject);
@@ -75,6 +77,7 @@ _TENANT_SUBJECTS = {
 _CARDS = subjects.kv_stream(subjects.CARDS_BUCKET)
 _TASKS = subjects.kv_stream(subjects.TASKS_BUCKET)
 _LEDGER = subjects.kv_stream(subjects.DECISIONS_BUCKET)
+_DLQ_BODIES = subjects.obj_stream(subjects.DLQ_BODIES_BUCKET)
 
 # Admin of streams, buckets and the cluster: the operator's alone, denied to every other role.
 ADMIN = [
@@ -163,11 +166,15 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             f"{subjects.CHECKPOINT_ROOT}.>",
             f"{subjects.TRACE_ROOT}.>",
             f"$KV.{subjects.DECISIONS_BUCKET}.>",
+            # Dead-lettered bodies too large for their record, kept by reference.
+            subjects.obj_subjects(subjects.DLQ_BODIES_BUCKET),
             f"{subjects.A2A_ROOT}.>",
             # Events: read by sequence (dead letters copy the original) and through its durable.
             f"{JS}.STREAM.INFO.{subjects.EVENTS_STREAM}",
             f"{JS}.STREAM.MSG.GET.{subjects.EVENTS_STREAM}",
             *_consumer(subjects.EVENTS_STREAM, subjects.COORDINATOR_DURABLE),
+            # Which durables handle an ignored event type (none bound: dead letter no_handler).
+            f"{JS}.CONSUMER.LIST.{subjects.EVENTS_STREAM}",
         ]
         for stream in (
             subjects.DECISIONS_STREAM,
@@ -177,6 +184,7 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             subjects.TRACE_STREAM,
             _CARDS,
             _LEDGER,
+            _DLQ_BODIES,
         ):
             pub += _reads(stream)
         sub += [

@@ -77,7 +77,19 @@ DlqReason = Literal[
     "max_deliveries",
     "handler_error",
     "terminated",  # a consumer called term() on it (JetStream MSG_TERMINATED advisory)
+    # of a type the policies ignore (left to event handlers), and no handler is bound to it
+    "no_handler",
 ]
+
+
+class BodyRef(msgspec.Struct, omit_defaults=True):
+    """Where a dead letter's body is kept when it is too large to sit in the record: an object
+    of a JetStream object store, named by its SHA-256 (hex). `size` in bytes."""
+
+    bucket: str
+    name: str
+    sha256: str
+    size: int
 
 
 class DeadLetter(msgspec.Struct, omit_defaults=True):
@@ -93,10 +105,18 @@ class DeadLetter(msgspec.Struct, omit_defaults=True):
     stream_seq: int = 0
     trace_id: str | None = None
     at: float = 0.0
+    # Set when the body is too large for the record (its base64 would pass max_payload): then
+    # `body_b64` is empty and the body is the object this names (`coordinator.dlq.body_of`).
+    body_ref: BodyRef | None = None
 
     @property
     def body(self) -> bytes:
+        """The body kept in the record (empty when it is kept by reference: see `body_ref`)."""
         return base64.b64decode(self.body_b64)
+
+    def by_reference(self, ref: BodyRef) -> DeadLetter:
+        """This record with its body kept at `ref` instead of inline."""
+        return msgspec.structs.replace(self, body_b64="", body_ref=ref)
 
     @staticmethod
     def encode_body(body: bytes) -> str:

@@ -14,6 +14,9 @@ AUDIT_STREAM = "MESH_AUDIT"
 CARDS_BUCKET = "mesh_cards"
 TASKS_BUCKET = "mesh_tasks"  # A2A tasks, key <agent>.<owner>.<task id> (mesh.a2a.taskstore)
 DECISIONS_BUCKET = "mesh_decisions"
+# Object store of dead-lettered bodies too large to sit base64'd in a DLQ record; the object's
+# name is the body's SHA-256 (hex), so a body is kept once however often it is dead-lettered.
+DLQ_BODIES_BUCKET = "mesh_dlq_bodies"
 CHECKPOINTS_STREAM = "MESH_CHECKPOINTS"  # signed audit checkpoints, kept apart from MESH_AUDIT
 TRACE_STREAM = "MESH_TRACES"  # spans kept for `mesh trace` when MESH_TRACE_STREAM is on
 
@@ -90,6 +93,28 @@ def trace(trace_id: str) -> str:
 def kv_stream(bucket: str) -> str:
     """The stream behind a JetStream KV bucket (JetStream's own naming)."""
     return f"KV_{bucket}"
+
+
+def obj_stream(bucket: str) -> str:
+    """The stream behind a JetStream object store bucket (JetStream's own naming)."""
+    return f"OBJ_{bucket}"
+
+
+def obj_subjects(bucket: str) -> str:
+    """Every subject of an object store bucket (chunks `$O.<b>.C.*`, metadata `$O.<b>.M.*`)."""
+    return f"$O.{bucket}.>"
+
+
+def matches(filter_subject: str, subject: str) -> bool:
+    """Whether NATS would deliver `subject` to a consumer filtered on `filter_subject`
+    (`*` is one token, a final `>` one or more)."""
+    want, have = filter_subject.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
 
 
 def card_key(agent: str, instance: str) -> str:

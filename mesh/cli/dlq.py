@@ -46,7 +46,11 @@ async def dlq_ls(
     for col in ("id", "reason", "subject", "error", "body"):
         table.add_column(col, overflow="fold")
     for seq, d in items:
-        preview = d.body[:60].decode("utf-8", errors="backslashreplace")
+        preview = (
+            f"({d.body_ref.size:,} bytes, kept by reference: `mesh dlq show {seq}`)"
+            if d.body_ref is not None
+            else d.body[:60].decode("utf-8", errors="backslashreplace")
+        )
         table.add_row(str(seq), d.reason, d.subject, d.error, preview)
     out.print(table)
 
@@ -70,13 +74,24 @@ async def dlq_show(
 
     async with await Bus.connect(name="mesh-cli") as bus:
         d = await dlq.get(bus, dlq_id)
+        # A body too large for the record was kept by reference: fetched and checked against
+        # the record's SHA-256; what is wrong with it is shown, not raised (the record stands).
+        try:
+            body, body_problem = await dlq.body_of(bus, d), ""
+        except ConfigError as e:
+            body, body_problem = b"", e.message
     # Who published it: the trusted key that signed it as it arrived (headers are kept).
-    principal, unverified = event_principal(
-        resolve_trust(get_settings()), d.subject, d.body, d.headers.get(subjects.H_SIGNATURE)
+    principal, unverified = (
+        event_principal(
+            resolve_trust(get_settings()), d.subject, body, d.headers.get(subjects.H_SIGNATURE)
+        )
+        if not body_problem
+        else ("", "body unavailable")
     )
     if json_out:
         publisher = {"publisher": principal, "publisher_unverified": unverified}
-        print(json.dumps({"seq": dlq_id, **msgspec.to_builtins(d), **publisher}, indent=2))
+        kept = {"body_problem": body_problem} if body_problem else {}
+        print(json.dumps({"seq": dlq_id, **msgspec.to_builtins(d), **publisher, **kept}, indent=2))
         return
     at = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(d.at)) if d.at else "-"
     fields = [
@@ -93,13 +108,24 @@ async def dlq_show(
         ("trace id", d.trace_id or "-"),
         ("time", at),
     ]
+    ref = d.body_ref
+    if ref is not None:
+        fields.append(
+            (
+                "body kept",
+                f"by reference: object {ref.name} of object store {ref.bucket} "
+                f"({ref.size:,} bytes, sha256 {ref.sha256})",
+            )
+        )
     for name, value in fields:
         # soft_wrap: long errors and ids stay on one line, whole when copied.
         out.print(f"[bold]{name:>10}[/bold]  {escape(value)}", highlight=False, soft_wrap=True)
     out.print(f"[bold]{'headers':>10}[/bold]", highlight=False)
     for k, v in sorted(d.headers.items()):
         out.print(f"            {k}: {v}", highlight=False, markup=False, soft_wrap=True)
-    body = d.body
+    if body_problem:
+        err.print(f"[red]body unavailable:[/red] {escape(body_problem)}", soft_wrap=True)
+        return
     out.print(f"[bold]{'body':>10}[/bold]  ({len(body)} bytes)", highlight=False)
     try:
         # Pretty JSON when it is JSON; otherwise the bytes as text, undecodable ones escaped.

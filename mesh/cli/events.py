@@ -9,10 +9,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mesh.cli._common import command, err, out, read_body
 from mesh.errors import ConfigError
+
+# Room a published event leaves under max_payload for its headers (message id, signature, trace).
+HEADER_ROOM = 1024
 
 
 @command
@@ -24,8 +28,13 @@ async def publish(
     tenant: Annotated[str, typer.Option(help="Tenant of the event.")] = "",
     event_id: Annotated[str, typer.Option("--id", help="Event id (default: new uuid).")] = "",
 ) -> None:
-    """Publish a domain event; the coordinator decides it (or dead-letters it, with a reason)."""
+    """Publish a domain event; the coordinator decides it (or dead-letters it, with a reason).
+
+    A body that is not JSON is published as it is (the coordinator dead-letters it, so what a
+    producer sent is never lost); one the mesh could never carry is refused here, naming the
+    limit: larger than the server's max_payload, or data nested deeper than the mesh carries."""
     import msgspec
+    from nats.errors import MaxPayloadError
 
     from mesh import envelope, subjects
     from mesh.bus import Bus
@@ -41,36 +50,85 @@ async def publish(
         raise ConfigError(
             f"{tenant!r} is not a tenant name", hint="use letters, digits, '-' and '_'"
         )
-    text = read_body(body)
+    raw = _read_bytes(body)
     event_id = event_id or str(uuid.uuid4())
+    event: envelope.Event | None = None
+    not_json = ""
+    try:
+        data = msgspec.json.decode(raw)
+    except RecursionError:
+        raise _too_deep(None) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        not_json = str(e)
+    else:
+        if isinstance(data, dict) and data.get("specversion"):
+            event = envelope.decode(raw)  # MalformedEventError: a ConfigError saying why
+        else:
+            depth = envelope.nesting(data)
+            if depth > envelope.MAX_DATA_DEPTH:
+                raise _too_deep(depth)
+            event = envelope.new_event(event_type, data, tenant=tenant, event_id=event_id)
+    payload = raw if event is None else envelope.encode(event)
     async with await Bus.connect(name="mesh-cli") as bus:
+        limit = bus.nc.max_payload
+        if len(payload) + HEADER_ROOM > limit:
+            raise ConfigError(
+                f"the event is {len(payload):,} bytes; this NATS server takes messages of at "
+                f"most {limit:,} bytes (max_payload), {HEADER_ROOM:,} of them kept for headers",
+                hint="send a reference to the data (a URL, an object store key) instead of "
+                "the data, or raise max_payload in the server's config",
+            )
         await bus.ensure()
         try:
-            data = json.loads(text)
-        except ValueError as e:
-            # Published as-is on purpose: the coordinator dead-letters it with the reason, so
-            # what a producer sent is never lost, even when it is not JSON.
-            await bus.publish(
-                subjects.event(tenant, event_type), text.encode(), msg_id=f"{tenant}:{event_id}"
-            )
-            err.print(
-                f"[yellow]warning:[/yellow] body is not valid JSON ({e}); published as-is "
-                f"— it will be in `mesh dlq` with the reason"
-            )
-            out.print(event_id)
-            return
-        if isinstance(data, dict) and data.get("specversion"):
-            try:
-                event = envelope.decode(text.encode())
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                raise ConfigError(
-                    f"not a valid CloudEvent: {e}", hint="fix the envelope, or pass only the data"
-                ) from None
-        else:
-            event = envelope.new_event(event_type, data, tenant=tenant, event_id=event_id)
-        ack = await bus.publish_event(event)
-        note = " (duplicate: already published)" if ack.duplicate else ""
-        out.print(f"{event.id}{note}")
+            if event is None:
+                await bus.publish(
+                    subjects.event(tenant, event_type),
+                    raw,
+                    msg_id=subjects.event_msg_id(tenant, event_id),
+                )
+            else:
+                ack = await bus.publish_event(event)
+        except MaxPayloadError:
+            raise ConfigError(
+                f"the event ({len(payload):,} bytes with its headers) is larger than this NATS "
+                f"server's max_payload ({limit:,} bytes)",
+                hint="send a reference to the data instead of the data",
+            ) from None
+    if event is None:
+        err.print(
+            f"[yellow]warning:[/yellow] body is not valid JSON ({escape(not_json)}); "
+            "published as-is — it will be in `mesh dlq` with the reason",
+            soft_wrap=True,
+        )
+        out.print(event_id)
+        return
+    note = " (duplicate: already published)" if ack.duplicate else ""
+    out.print(f"{event.id}{note}")
+
+
+def _read_bytes(body: str) -> bytes:
+    """An argument given inline, or as @path/to/file (read as bytes: any bytes may be sent)."""
+    if body.startswith("@"):
+        path = Path(body[1:])
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read {path}: {e.strerror}", hint="give JSON inline or @path/to/file.json"
+            ) from None
+    return body.encode("utf-8", errors="surrogateescape")
+
+
+def _too_deep(depth: int | None) -> ConfigError:
+    """`depth`: how deep the data nests; None when too deep to even parse."""
+    from mesh import envelope
+
+    how = f"nests {depth} levels deep" if depth is not None else "nests too deep to parse"
+    return ConfigError(
+        f"the event {how}; the mesh carries data at most {envelope.MAX_DATA_DEPTH} levels deep "
+        "(what an A2A data part can hold)",
+        hint="flatten the data",
+    )
 
 
 @command

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from mesh import envelope
+from mesh.server import EmbeddedServer
 from tests.e2e.procs import Ran, mesh_env, run_mesh
 
 pytestmark = pytest.mark.e2e
@@ -115,3 +118,48 @@ def test_creds_never_prints_a_secret(no_mesh: Path) -> None:
     assert revoked.returncode == 0 and "revoked publisher:billing" in revoked.stdout, str(revoked)
     listed = run_mesh(["creds", "list"], cwd=no_mesh, env=env)
     assert listed.returncode == 0 and "billing" not in listed.stdout, str(listed)
+
+
+def _one_line_error(ran: Ran) -> str:
+    """Exit 2, no traceback, and the error on one line (with at most a hint line)."""
+    _usage_error(ran)
+    lines = [ln for ln in ran.stderr.splitlines() if ln.strip()]
+    assert 1 <= len(lines) <= 2 and lines[0].startswith("error:"), str(ran)
+    assert ran.stdout.strip() == "", str(ran)  # nothing was published: no event id
+    return lines[0]
+
+
+def test_publish_refuses_what_the_mesh_cannot_carry(no_mesh: Path) -> None:
+    """Too large for the server's max_payload, or nested deeper than the mesh carries: refused
+    with one line that names the limit. Bytes that are merely not JSON (or not UTF-8) go out
+    as they are, to be dead-lettered with the reason."""
+    with EmbeddedServer() as server:
+        env = mesh_env(
+            no_mesh,
+            MESH_NATS_URL=server.url,
+            MESH_IDENTITY=os.environ["MESH_IDENTITY"],
+            MESH_TRUST=os.environ["MESH_TRUST"],
+        )
+
+        def publish(name: str, body: bytes) -> Ran:
+            (no_mesh / name).write_bytes(body)
+            return run_mesh(["publish", "release.proposed", f"@{name}"], cwd=no_mesh, env=env)
+
+        line = _one_line_error(publish("big.json", b'{"pad": "' + b"x" * 1_100_000 + b'"}'))
+        assert "max_payload" in line and "1,048,576 bytes" in line, line
+        line = _one_line_error(publish("huge.bin", b"<" * 1_100_000))  # not JSON, too large
+        assert "max_payload" in line, line
+
+        line = _one_line_error(publish("deep.json", b"[" * 10_000 + b"]" * 10_000))
+        assert f"at most {envelope.MAX_DATA_DEPTH} levels" in line, line
+        line = _one_line_error(publish("deep33.json", b"[" * 33 + b"]" * 33))
+        assert "33 levels" in line, line
+        cloud = b'{"specversion":"1.0","id":"x","source":"s","type":"a.b","data":'
+        line = _one_line_error(publish("deepce.json", cloud + b"[" * 10_000 + b"]" * 10_000 + b"}"))
+        assert "too deep to parse" in line, line
+
+        for name, body in (("bad-utf8.bin", b"\xc3\x28\xff" * 40), ("near.bin", b"<" * 900_000)):
+            ran = publish(name, body)
+            assert ran.returncode == 0, str(ran)
+            assert "Traceback" not in ran.stderr and "published as-is" in ran.stderr, str(ran)
+            assert ran.stdout.strip(), str(ran)  # the event id

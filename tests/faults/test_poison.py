@@ -123,7 +123,18 @@ async def test_poison_events_are_dead_lettered_and_replays_are_decided_again(
         assert d.attempts == 1
     assert d2.event_id == wrong.id and "release.proposed" in d2.error
 
-    # 3. A handler that always raises: JetStream gives up after MAX_DELIVER deliveries.
+    # 3. A handler that always raises: JetStream gives up after MAX_DELIVER deliveries. Its
+    #    durable is bound before the event comes: an ignored event nobody handles would be
+    #    dead-lettered `no_handler` by the coordinator instead.
+    await bus.js.add_consumer(
+        subjects.EVENTS_STREAM,
+        ConsumerConfig(
+            durable_name=ALWAYS_RAISES,
+            filter_subject=subjects.event("default", "fault.poison"),
+            ack_policy=AckPolicy.EXPLICIT,
+            max_deliver=MAX_DELIVER,
+        ),
+    )
     poison = samples.release_event(f"{run}-poison", {"boom": True}, "fault.poison")
     poison_seq = (await bus.publish_event(poison)).seq
     raw_poison = await bus.js.get_msg(subjects.EVENTS_STREAM, poison_seq)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -466,3 +467,55 @@ def test_cli_dlq_commands(cli_server: str) -> None:
 
     r = runner.invoke(app, ["dlq", "ls", "--json"])
     assert json.loads(r.stdout) == []
+
+
+# -- bodies too large for a record ------------------------------------------------------------
+async def _large_dead_letter(url: str, body: bytes) -> tuple[int, DeadLetter]:
+    async with await Bus.connect(url, name="seed") as bus:
+        await bus.ensure()
+        async with AdvisoryDeadLetters(bus):
+            subject = subjects.event("acme", "raw.big")
+            await bus.publish(subject, body, msg_id="big-1")
+            await terminate(bus, "termer", subject)
+            [(dlq_seq, d)] = await wait_records(bus, 1)
+    return dlq_seq, d
+
+
+async def _replayed_body(url: str, dlq_seq: int) -> bytes:
+    async with await Bus.connect(url, name="replay") as bus:
+        await dlq.replay(bus, dlq_seq)
+        last = (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
+        return (await bus.js.get_msg(subjects.EVENTS_STREAM, last)).data or b""
+
+
+async def _tamper(url: str, ref_name: str) -> None:
+    async with await Bus.connect(url, name="tamper") as bus:  # the operator may; nobody else
+        store = await bus.js.object_store(subjects.DLQ_BODIES_BUCKET)
+        await store.put(ref_name, b"not what was received")
+
+
+def test_a_body_too_large_for_its_record_is_kept_by_reference(cli_server: str) -> None:
+    """The advisory path: a ~900 KB body (base64 would pass max_payload) is kept in the object
+    store with its hash; show says where, replay republishes it whole, tampering is refused."""
+    body = bytes(range(256)) * 3500  # 896,000 bytes, not UTF-8, not JSON
+    dlq_seq, d = asyncio.run(_large_dead_letter(cli_server, body))
+    assert d.body_ref is not None and d.body_b64 == ""
+    assert d.body_ref.size == len(body)
+    assert d.body_ref.sha256 == hashlib.sha256(body).hexdigest()
+    assert d.body_ref.bucket == subjects.DLQ_BODIES_BUCKET
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["dlq", "show", str(dlq_seq)])
+    assert r.exit_code == 0, r.output
+    assert "by reference" in r.stdout and d.body_ref.sha256 in r.stdout
+    assert f"({len(body)} bytes)" in r.stdout
+    r = runner.invoke(app, ["dlq", "ls"])
+    assert r.exit_code == 0 and "kept by reference" in r.stdout, r.output
+
+    assert asyncio.run(_replayed_body(cli_server, dlq_seq)) == body
+
+    asyncio.run(_tamper(cli_server, d.body_ref.name))
+    r = runner.invoke(app, ["dlq", "show", str(dlq_seq)])
+    assert "does not match" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["dlq", "replay", str(dlq_seq)])
+    assert r.exit_code == 2 and "does not match" in r.output, r.output
