@@ -427,11 +427,16 @@ class Bus:
         return made[0]
 
     async def close(self) -> None:
+        """Drain and close; never raises: a connection whose server is gone (reconnecting, or
+        lost mid-write) is closed all the same, and what it could not send is lost with it."""
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()
             except Exception:  # a broken connection cannot drain; closing is all we need
-                await self.nc.close()
+                try:
+                    await self.nc.close()
+                except Exception as e:  # nats-py flushes pending data first, to a dead socket
+                    log.info("nats: closed without flushing (%s)", type(e).__name__)
 
     async def __aenter__(self) -> Self:
         return self

