@@ -160,17 +160,22 @@ async def _up(
         cluster=cluster is not None, coordinators=coordinators, replicas=replicas
     )
     settings = get_settings()
-    # Every process gets its own identity from this folder; the servers admit exactly them,
-    # and `mesh up` itself (creating the streams) is the folder's operator.
-    ids = natsauth.resolve_identity_dir(settings) or IdentityDir.init(identity_dir(settings.home))
-    issue_identities(ids, plan)  # before the server starts: it admits them from the start
-    settings = settings.model_copy(update={"identity": ids.operator_path, "trust": ids.trust_path})
     extra_env: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as stack:
+        # One `mesh up` per folder (its store, identities, nats.json, logs): a second one
+        # refuses before it writes anything there.
+        lock = stack.enter_context(HomeLock(settings.home, "mesh up"))
+        # Every process gets its own identity from this folder; the servers admit exactly
+        # them, and `mesh up` itself (creating the streams) is the folder's operator.
+        ids = natsauth.resolve_identity_dir(settings) or IdentityDir.init(
+            identity_dir(settings.home)
+        )
+        issue_identities(ids, plan)  # before the server starts: it admits them from the start
+        settings = settings.model_copy(
+            update={"identity": ids.operator_path, "trust": ids.trust_path}
+        )
         url = settings.nats_url
         where = f"NATS {redact(url)}"
-        # One `mesh up` per folder: its store, its nats.json, its logs (refused, it says so).
-        lock = stack.enter_context(HomeLock(settings.home, "mesh up"))
         if cluster:
             if url:
                 raise ConfigError(

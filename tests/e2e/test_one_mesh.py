@@ -1,0 +1,214 @@
+"""One mesh per store, with real processes: a second `mesh up` in a folder refuses, a killed
+`mesh up` leaves nothing running, a restarted one keeps its NATS address, and an agent started
+by hand (`mesh run`) reconnects to it and stops on Ctrl-C without a traceback.
+
+Every wait is bounded; only processes these tests started (and their descendants, remembered
+with their start times) are ever signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from tests.e2e.procs import (
+    MESH,
+    MeshUp,
+    descendants,
+    kill_remembered,
+    live_registrations,
+    start_mesh_up,
+    still_running,
+)
+from tests.support.waits import wait_for
+
+pytestmark = pytest.mark.e2e
+
+GONE_TIMEOUT_S = 20.0  # bounds a broken run only: the kernel signals at once
+
+
+def _small_mesh(folder: Path) -> Path:
+    """A mesh.toml of one agent (security-review): the least this machine has to start."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mesh.toml").write_text('[[agents]]\nmodule = "agents.security_review"\n')
+    return folder
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _state(up: MeshUp) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((up.home / "nats.json").read_text())
+    return doc
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[MeshUp]]:
+    """`mesh up`s to stop at the end, whatever the test did to them."""
+    ups: list[MeshUp] = []
+    yield ups
+    for up in ups:
+        with contextlib.suppress(AssertionError):
+            up.stop()
+
+
+def test_a_second_mesh_up_in_the_folder_refuses(tmp_path: Path, cleanup: list[MeshUp]) -> None:
+    first = start_mesh_up(_small_mesh(tmp_path))
+    cleanup.append(first)
+    before = _state(first)
+
+    second = first.mesh("up", timeout=60)
+
+    assert second.returncode == 2, str(second)
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, str(second)
+    assert "in use by `mesh up`" in lines[0] and f"pid {first.proc.pid}" in lines[0], lines
+    assert "stop it first" in lines[0], lines
+    assert "Traceback" not in second.stdout + second.stderr, str(second)
+    # The first one is untouched: still running, its state file still its own.
+    first.assert_running()
+    assert _state(first) == before
+    assert before["pid"] == first.proc.pid
+    listed = first.mesh("agents")
+    assert listed.returncode == 0 and "security-review" in listed.stdout, str(listed)
+
+
+def test_kill_9_of_mesh_up_leaves_nothing_and_a_restart_keeps_the_address(
+    tmp_path: Path, cleanup: list[MeshUp]
+) -> None:
+    folder = _small_mesh(tmp_path)
+    first = start_mesh_up(folder)
+    cleanup.append(first)
+    spawned = first.remember_children()
+    servers = [pid for pid in spawned if _comm(pid) == "nats-server"]
+    assert len(servers) == 1, {pid: _comm(pid) for pid in spawned}
+    assert len(spawned) >= 3, spawned  # nats-server, the coordinator, the agent
+    url = first.url
+
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+
+    wait_for(
+        lambda: not still_running(spawned),
+        "every process the killed `mesh up` started gone",
+        timeout=GONE_TIMEOUT_S,
+        detail=lambda: {pid: _comm(pid) for pid in still_running(spawned)},
+    )
+
+    # Its lock went with it: a new `mesh up` in the folder starts, on the same address.
+    second = start_mesh_up(folder)
+    cleanup.append(second)
+    assert second.url == url, (second.url, url)
+    assert _state(second)["pid"] == second.proc.pid
+
+
+class _HandAgent:
+    """`mesh run MODULE` started by hand in a `mesh up`'s folder, as its own agent identity."""
+
+    def __init__(self, up: MeshUp, module: str, identity: Path) -> None:
+        self.out_path = up.cwd / "agent.out"
+        self._out: IO[bytes] = open(self.out_path, "wb")  # noqa: SIM115  # closed in stop()
+        self.proc = subprocess.Popen(
+            [str(MESH), "run", module],
+            cwd=up.cwd,
+            env={**up.env, "MESH_IDENTITY": str(identity)},
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.known: dict[int, str] = {}
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def assert_running(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"`mesh run` exited {self.proc.returncode}:\n{self.output()}")
+
+    def stop(self) -> None:
+        self.known.update(descendants(self.proc.pid))
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        kill_remembered(self.known)
+        self._out.close()
+
+
+def _instance_of(pid: int, after: float) -> Any:
+    """A check: the registration of process `pid` heartbeating since `after` (epoch s)."""
+
+    def check(regs: list[Any]) -> bool:
+        return any(r.pid == pid and r.seen_at > after for r in regs)
+
+    return check
+
+
+async def _wait_registered(up: MeshUp, agent: _HandAgent, after: float, what: str) -> None:
+    regs: list[Any] = []
+
+    async def look() -> bool:
+        agent.assert_running()
+        regs[:] = await live_registrations(up.url, up.home)
+        return bool(_instance_of(agent.proc.pid, after)(regs))
+
+    deadline = time.monotonic() + 30
+    while not await look():
+        if time.monotonic() > deadline:
+            seen = [(r.agent, r.pid, r.seen_at) for r in regs]
+            raise AssertionError(f"{what}: not within 30s; live: {seen}\n{agent.output()}")
+        await asyncio.sleep(0.2)
+
+
+def test_an_agent_started_by_hand_reconnects_to_a_restarted_mesh_up(
+    tmp_path: Path, cleanup: list[MeshUp]
+) -> None:
+    folder = _small_mesh(tmp_path)
+    first = start_mesh_up(folder)
+    cleanup.append(first)
+    issued = first.mesh("creds", "agent", "quality-review")
+    assert issued.returncode == 0, str(issued)
+    identity = first.home / "identity" / "agent-quality-review.json"
+    assert identity.exists(), str(issued)
+    agent = _HandAgent(first, "agents.quality_review", identity)
+    try:
+        asyncio.run(_wait_registered(first, agent, 0.0, "the hand-started agent registered"))
+
+        first.stop()  # Ctrl-C: a clean stop; the agent keeps dialling the same address
+        agent.assert_running()
+        restarted_at = time.time()
+        second = start_mesh_up(folder)
+        cleanup.append(second)
+        assert second.url == first.url, (second.url, first.url)
+        asyncio.run(
+            _wait_registered(second, agent, restarted_at, "the agent back after the restart")
+        )
+        assert "reconnected to" in agent.output(), agent.output()
+
+        # Ctrl-C on the agent while NATS is gone: it stops, with no traceback.
+        second.stop()
+        agent.assert_running()
+        os.kill(agent.proc.pid, signal.SIGINT)
+        try:
+            agent.proc.wait(GONE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"`mesh run` ignored Ctrl-C:\n{agent.output()}") from None
+        assert agent.proc.returncode == 0, agent.output()
+        assert "Traceback" not in agent.output(), agent.output()
+    finally:
+        agent.stop()
