@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,3 +214,50 @@ def test_an_agent_started_by_hand_reconnects_to_a_restarted_mesh_up(
         assert "Traceback" not in agent.output(), agent.output()
     finally:
         agent.stop()
+
+
+_SPAWNS_FROM_A_THREAD = """
+import sys, threading
+from mesh._internal.lifecycle import spawn_tied
+
+found = []
+worker = threading.Thread(target=lambda: found.append(spawn_tied(["sleep", "120"])))
+worker.start()
+worker.join()  # the thread that asked for the child is gone; the child must not be
+print(found[0].pid, flush=True)
+sys.stdin.read()  # until the test kills us
+"""
+
+
+def test_a_tied_child_outlives_the_thread_that_started_it_not_the_process() -> None:
+    """PR_SET_PDEATHSIG fires when the forking *thread* ends: `spawn_tied` forks from a thread
+    that lives as long as the process, so a child started from a worker thread (as
+    `LocalCluster` starts its servers) keeps running until the process dies, kill -9 included."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _SPAWNS_FROM_A_THREAD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    known: dict[int, str] = {}
+    try:
+        assert parent.stdout is not None
+        ready, _, _ = select.select([parent.stdout], [], [], 30)
+        assert ready, "the helper printed no pid within 30s"
+        child = int(parent.stdout.readline())
+        known.update(descendants(parent.pid))
+        assert child in known, (child, known)
+        wait_for(lambda: bool(still_running({child: known[child]})), "child runs", timeout=5)
+
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        wait_for(
+            lambda: not still_running(known),
+            "the tied child gone with its parent",
+            timeout=GONE_TIMEOUT_S,
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        kill_remembered(known)
