@@ -261,3 +261,66 @@ def test_a_tied_child_outlives_the_thread_that_started_it_not_the_process() -> N
             os.killpg(parent.pid, signal.SIGKILL)
         parent.wait(10)
         kill_remembered(known)
+
+
+def test_sigterm_stops_mesh_up_cleanly_without_a_traceback(
+    tmp_path: Path, cleanup: list[MeshUp]
+) -> None:
+    up = start_mesh_up(_small_mesh(tmp_path))
+    cleanup.append(up)
+    spawned = up.remember_children()
+
+    up.proc.send_signal(signal.SIGTERM)  # the process alone, as a service manager would
+    try:
+        up.proc.wait(GONE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"`mesh up` ignored SIGTERM\n{up.logs()}") from None
+
+    assert up.proc.returncode == 0, up.logs()
+    assert "Traceback" not in up.stdout() + up.stderr(), up.logs()
+    assert "stopping…" in up.stderr(), up.logs()
+    wait_for(lambda: not still_running(spawned), "its children stopped", timeout=GONE_TIMEOUT_S)
+    assert not (up.home / "nats.json").exists()  # its own state file, removed by its owner
+
+
+def test_ctrl_c_while_mesh_demo_runs_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    from tests.e2e.procs import mesh_env
+
+    out_path = tmp_path / "demo.out"
+    with open(out_path, "wb") as out:
+        demo = subprocess.Popen(
+            [str(MESH), "demo"],
+            cwd=tmp_path,
+            env=mesh_env(tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    known: dict[int, str] = {}
+    try:
+
+        def started() -> bool:
+            if demo.poll() is not None:
+                raise AssertionError(f"`mesh demo` exited: {out_path.read_text()}")
+            known.update(descendants(demo.pid))
+            return any(_comm(pid) == "nats-server" for pid in known) and len(known) >= 3
+
+        wait_for(started, "`mesh demo` started its processes", timeout=60)
+        os.kill(demo.pid, signal.SIGINT)
+        try:
+            demo.wait(GONE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"`mesh demo` ignored Ctrl-C: {out_path.read_text()}") from None
+        said = out_path.read_text(errors="replace")
+        assert demo.returncode == 130, said
+        assert "Traceback" not in said, said
+        after = said.split("stopping…", 1)
+        assert len(after) == 2 and not after[1].strip(), said  # nothing after the one line
+        wait_for(lambda: not still_running(known), "its processes stopped", timeout=GONE_TIMEOUT_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(demo.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            demo.wait(10)
+        kill_remembered(known)
