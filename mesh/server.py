@@ -370,7 +370,8 @@ class LocalCluster(ProcessService):
     """`n` embedded nats-servers forming one JetStream cluster on 127.0.0.1.
 
     Server `i` is named `n<i>` and keeps its store in `<base_dir>/n<i>` (a temp folder removed
-    on stop when no `base_dir` is given). Every server routes to all the others. With
+    on stop when no `base_dir` is given), and listens for clients on `client_ports[i-1]` when
+    given (else any free port). Every server routes to all the others. With
     `sync_always` (the default) JetStream fsyncs every write before acknowledging it
     (`sync_interval: always`): the Jepsen analysis of NATS 2.12 (2025-12) lost acknowledged
     writes on power loss with the default two-minute interval.
@@ -395,6 +396,7 @@ class LocalCluster(ProcessService):
         sync_always: bool = True,
         ready_timeout_s: float = _CLUSTER_READY_TIMEOUT_S,
         auth: Auth | None = None,
+        client_ports: Sequence[int] = (),
     ) -> None:
         if n < 3:
             raise ConfigError(
@@ -415,6 +417,8 @@ class LocalCluster(ProcessService):
         self.route_auth = ("route", secrets.token_urlsafe(24))
         # The readiness probe's own user: it may ask `$JS.API.INFO`, nothing that matters.
         self._probe_seed, self._probe = _probe_user()
+        # Client ports to try first (a restarted `mesh up --cluster` keeps its addresses).
+        self.client_ports = list(client_ports)
         self.servers: list[EmbeddedServer] = []
 
     @property
@@ -444,11 +448,14 @@ class LocalCluster(ProcessService):
             while len(ports) < self.n:
                 ports.add(free_port())
             routes = [f"nats-route://{self.host}:{p}" for p in sorted(ports)]
+            # The wished-for client ports on the first attempt only: one taken, and any will do.
+            wished = self.client_ports if attempt == 1 else []
             try:
                 for i, port in enumerate(sorted(ports), start=1):
                     server = EmbeddedServer(
                         self.base_dir / f"n{i}",
                         host=self.host,
+                        port=wished[i - 1] if i <= len(wished) else -1,
                         name=f"n{i}",
                         cluster_name=self.name,
                         cluster_port=port,

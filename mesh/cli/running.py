@@ -184,7 +184,12 @@ async def _up(
                 )
             lock.wait_previous_servers()
             nodes = await stack.enter_async_context(
-                LocalCluster(cluster, settings.home / "cluster", auth=ids)
+                LocalCluster(
+                    cluster,
+                    settings.home / "cluster",
+                    auth=ids,
+                    client_ports=lock.previous_ports(),
+                )
             )
             url = nodes.url
             lock.record(url=url, nats_pids=nodes.pids)
@@ -210,7 +215,7 @@ async def _up(
         # The streams and buckets first, as the operator: no other process may create them.
         bus = await Bus.connect(url, name="mesh-up", settings=settings)
         stack.push_async_callback(bus.close)
-        await bus.ensure()
+        await _ensure(bus)
         processes = Topology(url, settings.home / "logs", extra_env=extra_env, identities=ids)
         stack.callback(processes.stop)
         processes.start(plan)
@@ -228,13 +233,39 @@ async def _up(
         await _until_stopped(processes)
 
 
+_ENSURE_TIMEOUT_S = 60.0
+
+
+async def _ensure(bus: Any) -> None:
+    """`bus.ensure()`, asked again while JetStream does not answer yet: a restarted cluster
+    elects a leader for every stream it recovers before it answers for it (bounded)."""
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeoutError
+
+    from mesh.errors import NatsServerError
+
+    deadline = time.monotonic() + _ENSURE_TIMEOUT_S
+    while True:
+        try:
+            await bus.ensure()
+            return
+        except (NatsTimeoutError, NoRespondersError) as e:
+            if time.monotonic() > deadline:
+                raise NatsServerError(
+                    f"JetStream did not answer within {_ENSURE_TIMEOUT_S:.0f}s ({e})",
+                    hint=f"see the nats-server logs under {bus.settings.home}",
+                ) from None
+            await asyncio.sleep(0.5)
+
+
 def _embedded(store: Path, ids: Any, lock: Any) -> Any:
     """The embedded server of `mesh up`, on the port the last one used when it is free: agents
     started by hand (`mesh run`) keep dialling that address, and reconnect."""
     from mesh.errors import NatsServerError
     from mesh.server import EmbeddedServer
 
-    port = lock.previous_port()
+    ports = lock.previous_ports()
+    port = ports[0] if len(ports) == 1 else -1
     if port > 0:
         try:
             return EmbeddedServer(store, auth=ids, port=port).start()

@@ -97,15 +97,16 @@ class HomeLock:
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(doc).encode(), 0)
 
-    def previous_port(self) -> int:
-        """The client port the last owner's NATS listened on (one server), else -1 (any)."""
-        url = str(self.previous.get("url") or "")
-        if not url or "," in url:
-            return -1
-        try:
-            return int(url.rsplit(":", 1)[1])
-        except (IndexError, ValueError):
-            return -1
+    def previous_ports(self) -> list[int]:
+        """The client ports the last owner's NATS servers listened on, in order (none known:
+        empty)."""
+        ports = []
+        for url in str(self.previous.get("url") or "").split(","):
+            try:
+                ports.append(int(url.strip().rsplit(":", 1)[1]))
+            except (IndexError, ValueError):
+                return []
+        return ports
 
     def wait_previous_servers(self, timeout: float = _GONE_TIMEOUT_S) -> None:
         """Until the nats-servers the last owner ran are gone (a killed `mesh up`'s server is

@@ -324,3 +324,13 @@ def test_ctrl_c_while_mesh_demo_runs_is_one_line_and_leaves_nothing(tmp_path: Pa
         with contextlib.suppress(subprocess.TimeoutExpired):
             demo.wait(10)
         kill_remembered(known)
+
+
+def test_a_restarted_cluster_keeps_its_addresses(tmp_path: Path, cleanup: list[MeshUp]) -> None:
+    folder = _small_mesh(tmp_path)
+    first = start_mesh_up(folder, "--cluster", "3", "--coordinators", "1", "--replicas", "1")
+    cleanup.append(first)
+    first.stop()
+    second = start_mesh_up(folder, "--cluster", "3", "--coordinators", "1", "--replicas", "1")
+    cleanup.append(second)
+    assert second.url == first.url and second.url.count(",") == 2, (second.url, first.url)
