@@ -334,3 +334,48 @@ def test_a_restarted_cluster_keeps_its_addresses(tmp_path: Path, cleanup: list[M
     second = start_mesh_up(folder, "--cluster", "3", "--coordinators", "1", "--replicas", "1")
     cleanup.append(second)
     assert second.url == first.url and second.url.count(",") == 2, (second.url, first.url)
+
+
+def test_ctrl_c_while_mesh_up_starts_leaves_nothing(tmp_path: Path) -> None:
+    from tests.e2e.procs import mesh_env
+
+    folder = _small_mesh(tmp_path)
+    out_path = folder / "up.out"
+    with open(out_path, "wb") as out:
+        up = subprocess.Popen(
+            [str(MESH), "up"],
+            cwd=folder,
+            env=mesh_env(folder),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    known: dict[int, str] = {}
+    try:
+
+        def starting() -> bool:
+            if up.poll() is not None:
+                raise AssertionError(f"`mesh up` exited: {out_path.read_text()}")
+            known.update(descendants(up.pid))
+            return any(_comm(pid) == "nats-server" for pid in known)
+
+        wait_for(starting, "`mesh up` started nats-server", timeout=60, every=0.02)
+        os.kill(up.pid, signal.SIGINT)
+        try:
+            up.wait(GONE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"`mesh up` ignored Ctrl-C: {out_path.read_text()}") from None
+        said = out_path.read_text(errors="replace")
+        assert "Traceback" not in said, said
+        # Interrupted while starting: 130; if it made it up first, a clean stop.
+        assert up.returncode == (0 if "mesh is up" in said else 130), said
+        known.update(descendants(up.pid))
+        wait_for(lambda: not still_running(known), "its processes stopped", timeout=GONE_TIMEOUT_S)
+        assert not (folder / ".mesh" / "nats.json").exists(), said
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(up.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            up.wait(10)
+        kill_remembered(known)
