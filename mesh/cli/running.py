@@ -8,13 +8,16 @@ import json
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from mesh.cli._common import command, err, out, run, setup_logging, user_errors
 from mesh.errors import ConfigError
+
+T = TypeVar("T")
 
 TopologyOption = Annotated[
     Path | None,
@@ -53,7 +56,7 @@ def demo(
             f"{len(plan.agents)} agents as separate processes…"
         )
     started = time.monotonic()
-    results, log_dir = run(scenario.demo(plan))
+    results, log_dir = _until_signal(scenario.demo(plan))
     took = time.monotonic() - started
     if json_out:
         print(json.dumps(scenario.as_json(results), indent=2))
@@ -111,7 +114,34 @@ def up(
     """Run NATS (embedded unless MESH_NATS_URL is set), the coordinators and the agents that
     mesh.toml lists, until Ctrl-C."""
     setup_logging(quiet=False)
-    run(_up(coordinators, replicas, cluster, topology))
+    _until_signal(_up(coordinators, replicas, cluster, topology))
+
+
+def _until_signal(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a long-running command's coroutine (`run`, with mesh errors as one message) until
+    it ends or SIGINT/SIGTERM cancels it: its `async with` blocks then stop what it started,
+    and the command says "stopping…" and exits 130, never with a traceback. Ctrl-C while it
+    starts stops it too; a second signal only repeats the cancel (each cleanup step that is
+    a child process still runs)."""
+
+    async def main() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if not task.cancelling():
+                err.print("stopping…")
+            task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            raise typer.Exit(130) from None
+
+    return run(main())
 
 
 async def _up(
@@ -120,9 +150,9 @@ async def _up(
     from mesh import natsauth
     from mesh.bus import Bus, clear_state, redact, write_state
     from mesh.dev import topology as topo
-    from mesh.dev.launcher import Topology, issue_identities
+    from mesh.dev.launcher import HomeLock, Topology, issue_identities
     from mesh.identity import IdentityDir, identity_dir
-    from mesh.server import EmbeddedServer, LocalCluster
+    from mesh.server import LocalCluster
     from mesh.settings import get_settings
 
     # Checked before anything starts: a mistake in mesh.toml leaves nothing running.
@@ -130,13 +160,20 @@ async def _up(
         cluster=cluster is not None, coordinators=coordinators, replicas=replicas
     )
     settings = get_settings()
-    # Every process gets its own identity from this folder; the servers admit exactly them,
-    # and `mesh up` itself (creating the streams) is the folder's operator.
-    ids = natsauth.resolve_identity_dir(settings) or IdentityDir.init(identity_dir(settings.home))
-    issue_identities(ids, plan)  # before the server starts: it admits them from the start
-    settings = settings.model_copy(update={"identity": ids.operator_path, "trust": ids.trust_path})
     extra_env: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as stack:
+        # One `mesh up` per folder (its store, identities, nats.json, logs): a second one
+        # refuses before it writes anything there.
+        lock = stack.enter_context(HomeLock(settings.home, "mesh up"))
+        # Every process gets its own identity from this folder; the servers admit exactly
+        # them, and `mesh up` itself (creating the streams) is the folder's operator.
+        ids = natsauth.resolve_identity_dir(settings) or IdentityDir.init(
+            identity_dir(settings.home)
+        )
+        issue_identities(ids, plan)  # before the server starts: it admits them from the start
+        settings = settings.model_copy(
+            update={"identity": ids.operator_path, "trust": ids.trust_path}
+        )
         url = settings.nats_url
         where = f"NATS {redact(url)}"
         if cluster:
@@ -145,10 +182,17 @@ async def _up(
                     "--cluster starts a NATS cluster of its own, but MESH_NATS_URL is set",
                     hint="unset MESH_NATS_URL, or drop --cluster to use that server",
                 )
+            lock.wait_previous_servers()
             nodes = await stack.enter_async_context(
-                LocalCluster(cluster, settings.home / "cluster", auth=ids)
+                LocalCluster(
+                    cluster,
+                    settings.home / "cluster",
+                    auth=ids,
+                    client_ports=lock.previous_ports(),
+                )
             )
             url = nodes.url
+            lock.record(url=url, nats_pids=nodes.pids)
             # Streams and buckets on 3 servers, unless MESH_STREAM_REPLICAS says otherwise.
             if "stream_replicas" not in settings.model_fields_set:
                 settings = settings.model_copy(update={"stream_replicas": min(cluster, 3)})
@@ -160,15 +204,18 @@ async def _up(
                 f"stores in {settings.home / 'cluster'}"
             )
         elif not url:
-            server = stack.enter_context(EmbeddedServer(settings.home / "jetstream", auth=ids))
+            lock.wait_previous_servers()
+            server = _embedded(settings.home / "jetstream", ids, lock)
+            stack.callback(server.stop)
             url = server.url
+            lock.record(url=url, nats_pids=[server.pid] if server.pid else [])
             where = f"NATS {url}"
             write_state(settings.home, url, os.getpid(), servers=[server.state()])
             stack.callback(clear_state, settings.home, os.getpid())
         # The streams and buckets first, as the operator: no other process may create them.
         bus = await Bus.connect(url, name="mesh-up", settings=settings)
         stack.push_async_callback(bus.close)
-        await bus.ensure()
+        await _ensure(bus)
         processes = Topology(url, settings.home / "logs", extra_env=extra_env, identities=ids)
         stack.callback(processes.stop)
         processes.start(plan)
@@ -184,25 +231,66 @@ async def _up(
             "release_clean.json · mesh decisions · Ctrl-C to stop"
         )
         await _until_stopped(processes)
-        out.print("stopping…")
+
+
+_ENSURE_TIMEOUT_S = 60.0
+
+
+async def _ensure(bus: Any) -> None:
+    """`bus.ensure()`, asked again while JetStream does not answer yet: a restarted cluster
+    elects a leader for every stream it recovers before it answers for it (bounded)."""
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeoutError
+
+    from mesh.errors import NatsServerError
+
+    deadline = time.monotonic() + _ENSURE_TIMEOUT_S
+    while True:
+        try:
+            await bus.ensure()
+            return
+        except (NatsTimeoutError, NoRespondersError) as e:
+            if time.monotonic() > deadline:
+                raise NatsServerError(
+                    f"JetStream did not answer within {_ENSURE_TIMEOUT_S:.0f}s ({e})",
+                    hint=f"see the nats-server logs under {bus.settings.home}",
+                ) from None
+            await asyncio.sleep(0.5)
+
+
+def _embedded(store: Path, ids: Any, lock: Any) -> Any:
+    """The embedded server of `mesh up`, on the port the last one used when it is free: agents
+    started by hand (`mesh run`) keep dialling that address, and reconnect."""
+    from mesh.errors import NatsServerError
+    from mesh.server import EmbeddedServer
+
+    ports = lock.previous_ports()
+    port = ports[0] if len(ports) == 1 else -1
+    if port > 0:
+        try:
+            return EmbeddedServer(store, auth=ids, port=port).start()
+        except NatsServerError:
+            pass  # taken by someone else meanwhile: any free port, as on a first start
+    return EmbeddedServer(store, auth=ids).start()
 
 
 async def _until_stopped(processes: Any) -> None:
-    """Until Ctrl-C or SIGTERM, saying once of each child that it exited."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    """Until Ctrl-C or SIGTERM (which cancel us: see `_until_signal`), saying once of each
+    child that it exited. Stopped here, `mesh up` did what it should: a clean exit (0)."""
     reported: set[str] = set()
-    while not stop.is_set():
-        for c in processes.children:
-            if not c.alive and c.name not in reported:
-                reported.add(c.name)
-                err.print(
-                    f"[yellow]{c.name} exited ({c.proc.returncode}); log: {c.log_path}[/yellow]"
-                )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=0.5)
+    try:
+        while True:
+            for c in processes.children:
+                if not c.alive and c.name not in reported:
+                    reported.add(c.name)
+                    err.print(
+                        f"[yellow]{c.name} exited ({c.proc.returncode}); log: {c.log_path}[/yellow]"
+                    )
+            await asyncio.sleep(0.5)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # the stop we waited for, not a failure: shut down as usual
 
 
 @command

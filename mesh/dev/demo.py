@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 import agents
 from mesh import envelope, natsauth, subjects
 from mesh.bus import Bus
-from mesh.dev.launcher import Topology, issue_identities
+from mesh.dev.launcher import HomeLock, Topology, issue_identities
 from mesh.dev.topology import Plan
 from mesh.errors import ConfigError
 from mesh.identity import IdentityDir
@@ -183,6 +183,12 @@ async def demo(plan: Plan, log_dir: Path | None = None) -> tuple[list[Result], P
     publishes the sample events as a publisher of the tenant `default`."""
     check(plan)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="mesh-demo-"))
+    # Its folder is its own (a second demo given the same folder refuses, as `mesh up` does).
+    with HomeLock(log_dir, "mesh demo"):
+        return await _demo(plan, log_dir)
+
+
+async def _demo(plan: Plan, log_dir: Path) -> tuple[list[Result], Path]:
     ids = IdentityDir.init(log_dir / "identity")
     issue_identities(ids, plan)  # before the server starts: it admits them from the start
     publisher_identity = natsauth.ensure_identity(ids, "publisher", "demo", tenant="default")

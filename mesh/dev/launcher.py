@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import json
 import logging
 import os
 import signal
@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from mesh import natsauth, subjects
+from mesh._internal.lifecycle import spawn_tied
 from mesh.bus import Bus
 from mesh.dev.topology import Plan, agent_name
 from mesh.errors import MeshRuntimeError
@@ -46,24 +47,118 @@ class Child:
         return self.proc.poll() is None
 
 
-def _load_libc() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
+LOCK_FILE = "up.lock"
+_GONE_TIMEOUT_S = 10.0  # how long an earlier owner's nats-server may take to stop
+
+
+class HomeLock:
+    """Exclusive use of a state folder (`.mesh`) by one `mesh up` (or `mesh demo`), held for
+    the life of the process: an advisory `flock` on `<home>/up.lock`, released by the kernel
+    however the process ends (kill -9 included), never inherited by a child (Python opens
+    files non-inheritable). One nats-server per store, and `nats.json` written and removed by
+    one owner only.
+
+    The file also remembers, for the next owner, where the last one's NATS listened and which
+    nats-server pids it ran: a restarted `mesh up` takes the same address again (so processes
+    started by hand reconnect), and never starts a server on a store an old one still holds."""
+
+    def __init__(self, home: Path, command: str) -> None:
+        self.home = home
+        self.command = command
+        self.path = home / LOCK_FILE
+        self.previous: dict[str, Any] = {}  # what the last owner recorded
+        self._fd: int | None = None
+
+    def acquire(self) -> Self:
+        import fcntl
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_json(fd)
+            os.close(fd)
+            who = f"`{holder.get('command', 'mesh up')}` (pid {holder.get('pid', '?')})"
+            raise MeshRuntimeError(
+                f"{self.home} is in use by {who}: stop it first (Ctrl-C where it runs), "
+                f"or run this one from another folder or with another MESH_HOME"
+            ) from None
+        self._fd = fd
+        self.previous = _read_json(fd)
+        self.record()
+        return self
+
+    def record(self, *, url: str = "", nats_pids: list[int] | None = None) -> None:
+        """Write who holds the folder (and, once known, where its NATS listens)."""
+        if self._fd is None:
+            return
+        doc = {"pid": os.getpid(), "command": self.command, "url": url, "nats_pids": nats_pids}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(doc).encode(), 0)
+
+    def previous_ports(self) -> list[int]:
+        """The client ports the last owner's NATS servers listened on, in order (none known:
+        empty)."""
+        ports = []
+        for url in str(self.previous.get("url") or "").split(","):
+            try:
+                ports.append(int(url.strip().rsplit(":", 1)[1]))
+            except (IndexError, ValueError):
+                return []
+        return ports
+
+    def wait_previous_servers(self, timeout: float = _GONE_TIMEOUT_S) -> None:
+        """Until the nats-servers the last owner ran are gone (a killed `mesh up`'s server is
+        told to stop by the kernel, and takes a moment); an error that names the pid if one
+        still runs (an earlier owner on a system without parent-death signals)."""
+        pids = [p for p in self.previous.get("nats_pids") or [] if isinstance(p, int)]
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [p for p in pids if _is_nats_server(p)]
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                raise MeshRuntimeError(
+                    f"nats-server pid {left[0]} of an earlier `mesh up` still runs on "
+                    f"{self.home}: stop it (kill {left[0]}) and start again"
+                )
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # the file stays: it is the lock, and the next owner reads it
+
+    def __enter__(self) -> Self:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _read_json(fd: int) -> dict[str, Any]:
     try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
+        doc = json.loads(os.pread(fd, 65536, 0) or b"{}")
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _is_nats_server(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return None
-
-
-_LIBC = _load_libc()
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: if the launcher dies (even by SIGKILL), the kernel sends us
-    SIGTERM, so no coordinator or agent is left running orphaned (Linux; elsewhere a no-op)."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        return True  # no /proc: alive is all we know
+    name, _, rest = stat.partition("(")[2].rpartition(")")
+    # A recycled pid is some other program's; a zombie holds no store.
+    return name == "nats-server" and rest.split()[0] not in ("Z", "X")
 
 
 # What a child with an identity of its own must not inherit from the launcher.
@@ -143,15 +238,14 @@ class Topology:
             **(env or {}),
             **own,
         }
-        proc = subprocess.Popen(
+        # Tied: if the launcher dies (even by SIGKILL), no coordinator or agent is left
+        # running orphaned.
+        proc = spawn_tied(
             [sys.executable, "-m", module],
             env=full_env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C goes to us; we stop children in order
-            # Safe despite PLW1509: the hook makes one syscall through a libc handle loaded
-            # before the fork, so the child takes no lock another thread might hold.
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
         child = Child(name, proc, log_path, out)
         self.children.append(child)
