@@ -51,3 +51,5 @@ def main() -> None:
     except MeshError as e:
         log.error("%s", e)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place: no traceback
+        raise SystemExit(130) from None
