@@ -63,14 +63,27 @@ def setup_logging(quiet: bool = True) -> None:
     configure(level="WARNING" if quiet else None)
 
 
-def read_body(body: str) -> str:
-    """An argument given inline, or as @path/to/file."""
+def read_body_bytes(body: str) -> bytes:
+    """An argument given inline, or as @path/to/file (read as bytes: any bytes may be sent)."""
     if body.startswith("@"):
         path = Path(body[1:])
         try:
-            return path.read_text()
+            return path.read_bytes()
         except OSError as e:
             raise ConfigError(
                 f"cannot read {path}: {e.strerror}", hint="give JSON inline or @path/to/file.json"
             ) from None
-    return body
+    return body.encode("utf-8", errors="surrogateescape")
+
+
+def read_body(body: str) -> str:
+    """An argument given inline, or as @path/to/file, as text (UTF-8)."""
+    raw = read_body_bytes(body)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{body if body.startswith('@') else 'the argument'} is not UTF-8 text "
+            f"(byte {e.start})",
+            hint="give JSON or text in UTF-8",
+        ) from None

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mesh.cli._common import command, err, out, read_body
+from mesh.cli._common import command, err, out, read_body, read_body_bytes
 from mesh.errors import ConfigError
 
 # Room a published event leaves under max_payload for its headers (message id, signature, trace).
@@ -50,7 +50,7 @@ async def publish(
         raise ConfigError(
             f"{tenant!r} is not a tenant name", hint="use letters, digits, '-' and '_'"
         )
-    raw = _read_bytes(body)
+    raw = read_body_bytes(body)
     event_id = event_id or str(uuid.uuid4())
     event: envelope.Event | None = None
     not_json = ""
@@ -104,19 +104,6 @@ async def publish(
         return
     note = " (duplicate: already published)" if ack.duplicate else ""
     out.print(f"{event.id}{note}")
-
-
-def _read_bytes(body: str) -> bytes:
-    """An argument given inline, or as @path/to/file (read as bytes: any bytes may be sent)."""
-    if body.startswith("@"):
-        path = Path(body[1:])
-        try:
-            return path.read_bytes()
-        except OSError as e:
-            raise ConfigError(
-                f"cannot read {path}: {e.strerror}", hint="give JSON inline or @path/to/file.json"
-            ) from None
-    return body.encode("utf-8", errors="surrogateescape")
 
 
 def _too_deep(depth: int | None) -> ConfigError:

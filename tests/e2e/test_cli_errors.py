@@ -163,3 +163,11 @@ def test_publish_refuses_what_the_mesh_cannot_carry(no_mesh: Path) -> None:
             assert ran.returncode == 0, str(ran)
             assert "Traceback" not in ran.stderr and "published as-is" in ran.stderr, str(ran)
             assert ran.stdout.strip(), str(ran)  # the event id
+
+
+def test_call_with_a_file_that_is_not_utf8(no_mesh: Path) -> None:
+    bad = no_mesh / "latin1.json"
+    bad.write_bytes(b'{"note": "caf\xe9"}')
+    ran = run_mesh(["call", "security-review", f"@{bad}"], cwd=no_mesh, env=mesh_env(no_mesh))
+    _usage_error(ran)
+    assert "is not UTF-8 text" in ran.stderr, str(ran)
