@@ -283,20 +283,27 @@ def test_sigterm_stops_mesh_up_cleanly_without_a_traceback(
     assert not (up.home / "nats.json").exists()  # its own state file, removed by its owner
 
 
-def test_ctrl_c_while_mesh_demo_runs_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
-    from tests.e2e.procs import mesh_env
-
-    out_path = tmp_path / "demo.out"
+def _mesh_process(
+    args: list[str], cwd: Path, env: dict[str, str], out_path: Path
+) -> subprocess.Popen[bytes]:
+    """`mesh ARGS` in its own session, its output (both streams) in `out_path`."""
     with open(out_path, "wb") as out:
-        demo = subprocess.Popen(
-            [str(MESH), "demo"],
-            cwd=tmp_path,
-            env=mesh_env(tmp_path),
+        return subprocess.Popen(
+            [str(MESH), *args],
+            cwd=cwd,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def test_ctrl_c_while_mesh_demo_runs_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    from tests.e2e.procs import mesh_env
+
+    out_path = tmp_path / "demo.out"
+    demo = _mesh_process(["demo"], tmp_path, mesh_env(tmp_path), out_path)
     known: dict[int, str] = {}
     try:
 
@@ -341,16 +348,7 @@ def test_ctrl_c_while_mesh_up_starts_leaves_nothing(tmp_path: Path) -> None:
 
     folder = _small_mesh(tmp_path)
     out_path = folder / "up.out"
-    with open(out_path, "wb") as out:
-        up = subprocess.Popen(
-            [str(MESH), "up"],
-            cwd=folder,
-            env=mesh_env(folder),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    up = _mesh_process(["up"], folder, mesh_env(folder), out_path)
     known: dict[int, str] = {}
     try:
 
