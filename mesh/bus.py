@@ -298,7 +298,9 @@ def _named(config: ConsumerConfig | None, params: dict[str, Any]) -> ConsumerCon
     return config.evolve(name=config.durable_name or f"mesh-{uuid.uuid4().hex[:16]}")
 
 
-class _NamingManager(JetStreamManager):
+class _Naming(JetStreamManager):
+    """Every consumer it creates has a name (see `_named`)."""
+
     async def add_consumer(
         self,
         stream: str,
@@ -309,7 +311,7 @@ class _NamingManager(JetStreamManager):
         return await super().add_consumer(stream, _named(config, params), timeout)
 
 
-class _JetStream(JetStreamContext):
+class _JetStream(_Naming, JetStreamContext):
     """nats-py's JetStream context whose consumers always have a name (see `_named`).
 
     nats-py's subscriptions and KV watches create their consumers through the manager its
@@ -317,18 +319,9 @@ class _JetStream(JetStreamContext):
     place the mesh leans on a nats-py internal, checked by tests/integration/test_nats_auth.py
     (an agent's task watch works under permissions that allow only filtered creates)."""
 
-    async def add_consumer(
-        self,
-        stream: str,
-        config: ConsumerConfig | None = None,
-        timeout: float | None = None,
-        **params: Any,
-    ) -> ConsumerInfo:
-        return await super().add_consumer(stream, _named(config, params), timeout)
-
     @property
     def _jsm(self) -> JetStreamManager:
-        return _NamingManager(conn=self._nc, prefix=self._prefix, timeout=self._timeout)
+        return _Naming(conn=self._nc, prefix=self._prefix, timeout=self._timeout)
 
 
 class Bus:

@@ -466,7 +466,7 @@ class IdentityDir:
             tenant = ALL_TENANTS
         if not subjects.valid_token(name):
             raise ConfigError(f"{name!r} cannot name an identity: use letters, digits, '-' or '_'")
-        nats_seed = _new_nats_seed()
+        nats_seed = new_nats_seed()
         signer = Signer.generate()
         issuer = signer if role == "operator" else self.operator().signer()
         identity = Identity(
@@ -505,7 +505,7 @@ class IdentityDir:
         return identity
 
 
-def _new_nats_seed() -> str:
+def new_nats_seed() -> str:
     """A fresh NATS user nkey seed (`SU…`)."""
     import nkeys
 

@@ -43,7 +43,6 @@ is writable only after a request carrying it arrived, and only for a while.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,8 @@ from mesh.identity import (
     identity_dir,
     inbox_token,
     load_identity,
+    new_nats_seed,
+    write_secret,
 )
 from mesh.settings import Settings
 
@@ -274,19 +275,12 @@ def _nobody() -> str:
     """A valid public user nkey whose seed nobody keeps."""
     import nkeys
 
-    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
-    return str(nkeys.from_seed(seed).public_key.decode())
+    return str(nkeys.from_seed(new_nats_seed().encode()).public_key.decode())
 
 
 def write_private(path: Path, text: str) -> Path:
     """Write `text` to `path`, mode 0600 from the first byte (server configs hold passwords)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_secret(path, text.encode())
 
 
 def write_authorization(path: Path, users: Sequence[NatsUser]) -> Path:
