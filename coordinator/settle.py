@@ -21,14 +21,27 @@ Rules this module owns (the order is the point):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import typing
-from collections.abc import Awaitable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgspec
 
 from coordinator.decide import Decided, Outcome, Undecidable
-from coordinator.ledger import Busy, Claim, DecisionState, Done, Ledger, LostClaim, state_key
+from coordinator.ledger import (
+    Busy,
+    Claim,
+    DeadLettered,
+    DecisionState,
+    Done,
+    Ledger,
+    LostClaim,
+    state_key,
+)
 from mesh import envelope, telemetry
+from mesh._internal.retry import RetryPolicy
 from mesh.records import DeadLetter, Decision, DlqReason
 
 log = logging.getLogger("coordinator.service")
@@ -36,6 +49,8 @@ log = logging.getLogger("coordinator.service")
 BUSY_SLACK_S = 0.5  # a busy event is looked at again this long after its lease would lapse
 RETRY_DELAY_S = 1.0  # a handling that failed (not a lost claim) is redelivered after this
 _REASONS: tuple[str, ...] = typing.get_args(DlqReason)
+# An outcome published for a give-up advisory: pauses 0.2 s, then 0.4 s (as coordinator.dlq's).
+PUBLISH_RETRY = RetryPolicy(attempts=3, base_s=0.2, max_s=0.4, jitter=False)
 
 
 class Delivery(Protocol):
@@ -177,6 +192,68 @@ class Settler:
             reason,
             error,
         )
+
+
+async def gave_up(
+    ledger: Ledger,
+    outlet: Outlet | None,
+    record: DeadLetter,
+    *,
+    key: str,
+    patience_s: float,
+) -> DeadLetter | None:
+    """JetStream stopped delivering an event to the coordinator (max deliveries, terminated):
+    nothing will deliver it again, so its one outcome must come out here. The ledger says which,
+    by the same transition as `Settler.dead_letter` (waiting up to `patience_s` for a live
+    owner to finish):
+
+    - decided: the decision is published again, and no dead letter (its owner may have failed
+      between the ledger write and the publish, on the last delivery);
+    - dead-lettered (now, or by the coordinator already for this delivery, with the ledger's
+      reason): the record goes out under the coordinator's own message id, so whichever of the
+      two publishes it, and however often, the DLQ holds one record.
+
+    With `outlet` (the coordinator beside this listener, as `coordinator.run` wires it) every
+    publish happens here, retried (`PUBLISH_RETRY`), and None is returned. Without one (a
+    listener alone), a decided event is only logged and the record is returned for the caller
+    to publish under its own message id."""
+    marked = await ledger.mark_dead_lettered(
+        key,
+        stream_seq=record.stream_seq,
+        reason=record.reason,
+        error=record.error,
+        patience_s=patience_s,
+    )
+    if isinstance(marked, Done):
+        decision = marked.state.decision
+        log.info("event %s was decided after all; no dead letter", record.event_id)
+        if decision is not None and outlet is not None:
+            await _retried(ledger, outlet.publish_decision, decision)
+            await _retried(ledger, outlet.audit_decision, decision, "")
+        return None
+    if isinstance(marked, DeadLettered) and not marked.fresh:
+        state = marked.state
+        record = msgspec.structs.replace(
+            record, reason=_reason(state), error=state.dead_letter_error
+        )
+    if outlet is None:
+        return record
+    await _retried(ledger, outlet.publish_dead_letter, record)
+    return None
+
+
+async def _retried(ledger: Ledger, publish: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """The advisory will not come again: a failed publish is retried (bounded)."""
+    for attempt in itertools.count(1):
+        try:
+            await publish(*args)
+            return
+        except Exception as e:
+            pause = PUBLISH_RETRY.pause(attempt)
+            if pause is None:
+                raise
+            log.warning("publishing an outcome failed (%s); retrying", str(e) or type(e).__name__)
+            await ledger.clock.sleep(pause)
 
 
 async def guarded(delivery: Delivery, work: Awaitable[None]) -> None:

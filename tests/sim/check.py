@@ -44,10 +44,10 @@ def check(world: World) -> list[Violation]:
         entry = world.kv.latest(state_key(event.tenant, eid))
         final = msgspec.json.decode(entry.value, type=DecisionState) if entry else None
         if decision is None and not dls:
-            if final is not None and final.state == "decided":
+            if eid in world.lost_advisories:
+                world.bump("lost_advisory")  # at most once, documented: see coordinator.dlq
+            elif final is not None and final.state == "decided":
                 out.append(Violation("decided_not_published", eid, "decided in the ledger only"))
-            elif eid in world.lost_advisories:
-                world.bump("lost_advisory")
             else:
                 out.append(Violation("no_outcome", eid, "neither decided nor dead-lettered"))
         if decision is not None and dls:

@@ -1,9 +1,8 @@
 """Historical bugs, put back on demand (monkeypatched for the duration of a `with`), so that
 the simulation can show it catches each of them: `python -m tests.sim --bug NAME`.
 
-KNOWN: violation kinds the simulation finds on main today that are not fixed yet (each has an
-xfail regression test in test_sim.py with the seed that shows it); a sweep counts them apart
-instead of failing on them.
+KNOWN: violation kinds the simulation finds that are not fixed yet; a sweep counts them apart
+instead of failing on them (none today).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from coordinator.ledger import Busy, Claim, Done, Ledger, state_key
 from mesh import envelope
 from mesh.records import DlqReason
 
-KNOWN = ("dead_lettered_twice", "decided_not_published")
+KNOWN: tuple[str, ...] = ()
 
 
 async def _dead_letter_published_first(
@@ -76,7 +75,20 @@ def _ack_first(original: Callable[..., Any]) -> Callable[..., Any]:
     return settle_
 
 
+def _listener_alone(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The advisory path before coordinator.settle.gave_up had the coordinator's outlet: a
+    decided event was left alone (never published if its owner failed after the ledger
+    write), and the advisory's record had a message id of its own (two records)."""
+
+    async def gave_up(ledger: Ledger, outlet: Any, record: Any, **kw: Any) -> Any:
+        return await original(ledger, None, record, **kw)
+
+    return gave_up
+
+
 def _patches(name: str) -> list[tuple[Any, str, Any]]:
+    if name == "advisory-alone":
+        return [(settle, "gave_up", _listener_alone(settle.gave_up))]
     if name == "dlq-before-mark":
         return [(settle.Settler, "dead_letter", _dead_letter_published_first)]
     if name == "takeover-resets-deadline":
@@ -88,7 +100,13 @@ def _patches(name: str) -> list[tuple[Any, str, Any]]:
     raise KeyError(name)
 
 
-BUGS = ("dlq-before-mark", "takeover-resets-deadline", "late-vote-counted", "ack-before-publish")
+BUGS = (
+    "dlq-before-mark",
+    "takeover-resets-deadline",
+    "late-vote-counted",
+    "ack-before-publish",
+    "advisory-alone",
+)
 
 
 @contextlib.contextmanager

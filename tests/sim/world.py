@@ -36,7 +36,6 @@ from coordinator.decide import LATE, Ask, Decider, Job, unanswered
 from coordinator.dlq import SETTLE_WAIT_S
 from coordinator.ledger import (
     DecisionState,
-    Done,
     Entry,
     Ledger,
     StateConflict,
@@ -622,6 +621,9 @@ class World:
         self.lost_advisories: set[str] = set()
         self.events: list[envelope.Event] = []
         self.stats: dict[str, int] = {}
+        # The advisory listener publishes through the coordinator beside it (coordinator.run);
+        # False: as a listener alone (mesh.testing's harness), which only logs.
+        self.advisory_outlet = True
 
     # clocks and notes
     def now(self) -> float:
@@ -671,8 +673,9 @@ class World:
         task.add_done_callback(node.tasks.discard)
 
     async def _advisory(self, node: Node, m: Pending) -> None:
-        """coordinator.dlq.AdvisoryDeadLetters.handle, on this world's parts (a copy: that
-        code is bound to NATS; keep the two in step)."""
+        """coordinator.dlq.AdvisoryDeadLetters.handle on this world's parts: the ledger part
+        is the real `coordinator.settle.gave_up`; building and storing the record (retried)
+        is a copy of dlq.py's, which is bound to NATS."""
         try:
             await self._advisory_steps(node, m)
         except asyncio.CancelledError:  # its coordinator crashed: nobody gets it again
@@ -682,22 +685,6 @@ class World:
     async def _advisory_steps(self, node: Node, m: Pending) -> None:
         reason: DlqReason = "max_deliveries"
         error = f"consumer gave up after {m.delivered} deliveries (max_deliver reached)"
-        ledger = Ledger(NodeStore(self, node), "dlq", 0.0, clock=SimClock(self))
-        try:
-            marked = await ledger.mark_dead_lettered(
-                state_key(m.event.tenant, m.event.id),
-                stream_seq=m.seq,
-                reason=reason,
-                error=error,
-                patience_s=SETTLE_WAIT_S,
-            )
-        except Exception as e:  # AdvisoryDeadLetters logs it and counts a failure
-            self.note(f"{node.name} advisory seq {m.seq} failed: {e!r}")
-            self.lost_advisories.add(m.event.id)
-            return
-        if isinstance(marked, Done):
-            self.note(f"{node.name} advisory seq {m.seq}: decided after all")
-            return
         record = records.dead_letter(
             reason=reason,
             error=error,
@@ -708,11 +695,28 @@ class World:
             event=m.event,
             at=self.wall(),
         )
+        ledger = Ledger(NodeStore(self, node), "dlq", 0.0, clock=SimClock(self))
+        outlet = SimOutlet(self, node) if self.advisory_outlet else None
+        try:
+            fresh = await settle.gave_up(
+                ledger,
+                outlet,
+                record,
+                key=state_key(m.event.tenant, m.event.id),
+                patience_s=SETTLE_WAIT_S,
+            )
+        except Exception as e:  # AdvisoryDeadLetters logs it and counts a failure
+            self.note(f"{node.name} advisory seq {m.seq} failed: {e!r}")
+            self.lost_advisories.add(m.event.id)
+            return
+        if fresh is None:
+            self.note(f"{node.name} advisory seq {m.seq}: outcome was there already")
+            return
         msg_id = subjects.dlq_msg_id(subjects.EVENTS_STREAM, m.seq, subjects.COORDINATOR_DURABLE)
-        for _ in range(3):  # PUBLISH_RETRY
+        for _ in range(3):  # dlq.PUBLISH_RETRY
             await node.io()
             if self.rng.random() >= self.knobs.p_write_fail:
-                self.publish_dead_letter(msg_id, record, f"{node.name}/advisory")
+                self.publish_dead_letter(msg_id, fresh, f"{node.name}/advisory")
                 return
             await asyncio.sleep(0.2)
         self.note(f"{node.name} advisory seq {m.seq}: record not stored")
