@@ -107,6 +107,7 @@ class Knobs:
     p_agent_hang: float
     fault_every_s: float
     faults_until: float
+    p_io_pause: float  # a stall (GC, swap, SIGSTOP) right at a round trip: between two steps
 
     @classmethod
     def draw(cls, rng: random.Random) -> Knobs:
@@ -126,6 +127,7 @@ class Knobs:
             p_agent_hang=rng.choice([0.0, 0.05, 0.2]),
             fault_every_s=rng.choice([0.5, 2.0, 6.0]),
             faults_until=0.0 if calm else rng.uniform(2.0, 25.0),
+            p_io_pause=f * rng.choice([0.0, 0.0, 0.01, 0.03]),
         )
 
 
@@ -505,6 +507,10 @@ class Node:
         """One round trip to the server: latency, and no further while paused or dead."""
         w = self.world
         await asyncio.sleep(w.rng.expovariate(200.0))  # ~5 ms
+        if w.now() < w.knobs.faults_until and w.rng.random() < w.knobs.p_io_pause:
+            stall = w.rng.uniform(0.5, 2.0) * LEASE_S  # often long enough to lose the lease
+            w.note(f"STALL {self.name} for {stall:.2f}s")
+            self.paused_until = max(self.paused_until, w.now() + stall)
         while self.alive and self.paused_until > w.now():
             await asyncio.sleep(self.paused_until - w.now())
         if not self.alive:
