@@ -44,6 +44,7 @@ from mesh import envelope, telemetry
 from mesh._internal.retry import RetryPolicy
 from mesh.records import DeadLetter, Decision, DlqReason
 
+# The lines operators know (and filter) came from the service before this module existed.
 log = logging.getLogger("coordinator.service")
 
 BUSY_SLACK_S = 0.5  # a busy event is looked at again this long after its lease would lapse
