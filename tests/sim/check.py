@@ -96,7 +96,8 @@ def check(world: World) -> list[Violation]:
             ):
                 out.append(Violation("not_what_was_said", eid, f"{v.skill}: {v.counted_as}"))
                 continue
-            if made.at > deadline + grace + EPS:
+            # Clocks may be off by up to skew_s each: the first claimer's and the decider's.
+            if made.at > deadline + grace + 2 * world.knobs.skew_s + EPS:
                 out.append(
                     Violation(
                         "late_vote_counted",

@@ -108,6 +108,7 @@ class Knobs:
     fault_every_s: float
     faults_until: float
     p_io_pause: float  # a stall (GC, swap, SIGSTOP) right at a round trip: between two steps
+    skew_s: float  # each coordinator's wall clock is off by up to this much (NTP drift)
 
     @classmethod
     def draw(cls, rng: random.Random) -> Knobs:
@@ -128,6 +129,7 @@ class Knobs:
             fault_every_s=rng.choice([0.5, 2.0, 6.0]),
             faults_until=0.0 if calm else rng.uniform(2.0, 25.0),
             p_io_pause=f * rng.choice([0.0, 0.0, 0.01, 0.03]),
+            skew_s=f * rng.choice([0.0, 0.0, 0.05, 0.5]),
         )
 
 
@@ -472,13 +474,14 @@ class SimAsker:
 
 # -- coordinators -----------------------------------------------------------------------------
 class SimClock:
-    """`coordinator.clock.Clock` on the loop's virtual time."""
+    """`coordinator.clock.Clock` on the loop's virtual time; the wall clock off by `skew`."""
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, skew: float = 0.0) -> None:
         self.world = world
+        self.skew = skew
 
     def time(self) -> float:
-        return self.world.wall()
+        return self.world.wall() + self.skew
 
     def monotonic(self) -> float:
         return self.world.now()
@@ -496,7 +499,8 @@ class Node:
         self.slot = slot
         self.alive = True
         self.paused_until = 0.0
-        clock = SimClock(world)
+        skew = world.rng.uniform(-world.knobs.skew_s, world.knobs.skew_s)
+        clock = SimClock(world, skew)
         self.ledger = Ledger(NodeStore(world, self), self.name, LEASE_S, clock=clock)
         self.decider = Decider(self.ledger, SimAsker(world, self), clock, name=self.name)
         self.settler = settle.Settler(self.ledger, SimOutlet(world, self))
