@@ -59,3 +59,11 @@ bench-smoke: $(STAMP)
 .PHONY: chaos
 chaos: $(STAMP)
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m chaos tests/chaos
+
+.PHONY: sim
+# The deterministic simulation of the decision protocol (tests/sim, docs/simulation.md).
+# `make sim` runs SCHEDULES seeded schedules and prints schedules/s; `make sim SEED=n` replays
+# one schedule exactly, with its trace; BUG=<name> puts a historical bug back (tests/sim/mutants.py).
+SCHEDULES ?= 1000000
+sim: $(STAMP)
+	$(BIN)/python -m tests.sim $(if $(SEED),--seed $(SEED),--schedules $(SCHEDULES) --jobs $(or $(JOBS),2)) $(if $(BUG),--bug $(BUG))

@@ -47,7 +47,8 @@ from nats.js.errors import (
 )
 from nats.js.object_store import ObjectStore
 
-from coordinator.ledger import Done, Ledger, state_key
+from coordinator.ledger import Ledger, state_key
+from coordinator.settle import Outlet, gave_up
 from mesh import envelope, records, subjects
 from mesh._internal.lifecycle import AsyncService
 from mesh._internal.retry import RetryPolicy
@@ -110,8 +111,12 @@ class AdvisoryDeadLetters(AsyncService):
         *,
         stream: str = subjects.EVENTS_STREAM,
         queue: str = subjects.DLQ_QUEUE_GROUP,
+        outlet: Outlet | None = None,
     ) -> None:
         self.bus = bus
+        # Where an event's outcome goes when its advisory finds it decided, or dead-lettered by
+        # the coordinator already (the coordinator running beside this listener); None: logged.
+        self.outlet = outlet
         self.stream = stream
         self.queue = queue
         self.stats = Stats()
@@ -180,16 +185,14 @@ class AdvisoryDeadLetters(AsyncService):
             # JetStream gave up delivering it to the coordinator. Not if it was decided after
             # all (a "busy" redelivery can use up the last delivery while another coordinator
             # finishes it); while a live owner still holds it, wait (bounded) for its outcome.
+            # Its outcome comes out here, once (coordinator.settle.gave_up): a decision the
+            # ledger holds is published again, a dead letter the coordinator made is its record.
             ledger = await self._ledger_for_settling()
-            marked = await ledger.mark_dead_lettered(
-                state_key(record.tenant, record.event_id),
-                stream_seq=adv.stream_seq,
-                reason=reason,
-                error=record.error,
-                patience_s=SETTLE_WAIT_S,
-            )
-            if isinstance(marked, Done):
-                log.info("event %s was decided after all; no dead letter", record.event_id)
+            key = state_key(record.tenant, record.event_id)
+            if (
+                await gave_up(ledger, self.outlet, record, key=key, patience_s=SETTLE_WAIT_S)
+                is None
+            ):
                 return
         msg_id = subjects.dlq_msg_id(adv.stream, adv.stream_seq, adv.consumer)
         body = await encode_record(self.bus, record)

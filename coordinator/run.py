@@ -30,8 +30,9 @@ async def serve(stop: asyncio.Event | None = None) -> None:
         await telemetry.keep_spans_in_jetstream(bus)
         # Every coordinator also turns JetStream's give-up advisories (max deliveries,
         # terminated) into dead letters; a queue group makes each advisory handled once.
-        async with AdvisoryDeadLetters(bus):
-            await Coordinator(bus, loaded).run(stop)
+        coordinator = Coordinator(bus, loaded)
+        async with AdvisoryDeadLetters(bus, outlet=coordinator):
+            await coordinator.run(stop)
 
 
 def main() -> None:

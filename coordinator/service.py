@@ -30,7 +30,6 @@ import logging
 import os
 import socket
 import time
-import typing
 
 import msgspec
 from nats.aio.msg import Msg
@@ -38,20 +37,17 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry.trace import SpanKind
 
-from coordinator import dispatch, dlq
+from coordinator import dispatch, dlq, settle
 from coordinator.clock import SYSTEM_CLOCK
-from coordinator.decide import Ask, Decided, Decider, Job, Undecidable
+from coordinator.decide import Ask, Decider, Job
 from coordinator.ledger import (
-    Busy,
     Claim,
-    DecisionState,
-    Done,
     Ledger,
-    LostClaim,
     state_key,
 )
 from coordinator.policy import Policies
 from coordinator.routing import Router
+from coordinator.settle import Settler
 from mesh import envelope, records, subjects, telemetry
 from mesh._internal.consume import PullLoop
 from mesh.a2a.client import AgentClient
@@ -77,7 +73,6 @@ log = logging.getLogger(__name__)
 LEASE_S = 2.0  # how long a silent owner keeps an event before others may take it over
 ACK_WAIT_S = LEASE_S + 1.0  # redelivery comes only after the lease has lapsed
 MAX_DELIVER = 20  # bounded: crashes and busy-naks count; the last one is dead-lettered
-_REASONS: tuple[str, ...] = typing.get_args(DlqReason)
 _LIST_PAGE = 256  # JetStream answers a consumer list in pages of this many
 
 
@@ -107,12 +102,18 @@ class Coordinator:
         self._handlers = EventHandlers(bus)
         self._ledger: Ledger | None = None
         self._decider: Decider | None = None
+        self._settler: Settler | None = None
         self._loop: PullLoop[Msg] | None = None
 
     @property
     def ledger(self) -> Ledger:
         assert self._ledger is not None, "run() sets up the ledger"
         return self._ledger
+
+    @property
+    def settler(self) -> Settler:
+        assert self._settler is not None, "run() sets up the settler"
+        return self._settler
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -121,6 +122,7 @@ class Coordinator:
         self._decider = Decider(
             self._ledger, self._ask, SYSTEM_CLOCK, name=self.name, signer=self.signer
         )
+        self._settler = Settler(self._ledger, self)
         await self.view.start()
         await self._audit_policies()
         telemetry.observe_breakers(self.router.states)
@@ -193,16 +195,8 @@ class Coordinator:
             await msg.respond(msgspec.json.encode(status))
 
     async def _guarded(self, msg: Msg) -> None:
-        try:
-            await self.handle(msg)
-        except LostClaim as e:
-            # Another coordinator owns the event now; it will ack. Leave this delivery be.
-            log.info("%s", e)
-        except Exception:
-            # Not acked: JetStream redelivers after a pause; max_deliver bounds the attempts.
-            log.exception("event on %s failed; will be redelivered", msg.subject)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=1.0)
+        # A lost claim is left to its new owner; any other failure naks (redelivered later).
+        await settle.guarded(MsgDelivery(msg), self.handle(msg))
 
     async def _ask(self, ask: Ask) -> Vote:
         """The decision core's asker: one voter, over A2A on NATS (read at call time, so a
@@ -315,47 +309,9 @@ class Coordinator:
             principal=principal,
         )
         assert self._decider is not None, "run() sets up the decider"
-        outcome = await self._decider.run(job, on_renew=msg.in_progress)
-        if isinstance(outcome, Busy):
-            # Someone alive holds it; look again when its lease would have lapsed.
-            await msg.nak(delay=outcome.retry_in_s + 0.5)
-        elif isinstance(outcome, Done):
-            await self._finish_again(msg, event, outcome.state, unverified)
-        elif isinstance(outcome, Undecidable):
-            await self.dead_letter(
-                msg, outcome.reason, outcome.error, event=event, claim=outcome.claim
-            )
-        else:
-            await self._record(outcome, unverified)
-            await msg.ack()
-
-    async def _record(self, outcome: Decided, unverified: str) -> None:
-        decision = outcome.decision
-        await self._publish(decision)
-        await self._audit_decision(decision, unverified)
-        _count(decision)
-        log.info(
-            "event %s %s: %s (%s)",
-            decision.event_id,
-            decision.event_type,
-            decision.outcome,
-            decision.reason,
-        )
-
-    async def _finish_again(
-        self, msg: Msg, event: envelope.Event, state: DecisionState, unverified: str = ""
-    ) -> None:
-        """A redelivery of an event that already has its outcome: publish what may not have
-        been published before a crash (idempotent: per-event subject, message ids), then ack."""
-        if state.decision is not None:
-            await self._publish(state.decision)
-            await self._audit_decision(state.decision, unverified)
-        elif state.state == "dead_lettered":
-            await self._publish_dead_letter(
-                self._dead_letter_record(msg, _reason(state), state.dead_letter_error, event=event)
-            )
-        log.info("event %s already %s; not deciding again", event.id, state.state)
-        await msg.ack()
+        delivery = MsgDelivery(msg)
+        outcome = await self._decider.run(job, on_renew=delivery.in_progress)
+        await self.settler.settle(delivery, event, outcome, unverified)
 
     async def _publish(self, decision: Decision) -> None:
         token = event_token(decision.event_id)
@@ -483,61 +439,19 @@ class Coordinator:
         event: envelope.Event | None = None,
         claim: Claim | None = None,
     ) -> None:
-        """What the coordinator cannot decide goes to the DLQ, in this order: the ledger first
-        (compare-and-set: refused if the event was decided, LostClaim if someone else holds
-        it), then the record and its audit entry (idempotent by message id), then the ack.
-        A body that is not an event has no ledger entry: it is only recorded."""
-        record = self._dead_letter_record(msg, reason, error, event=event)
-        if event is not None:
-            marked = await self.ledger.mark_dead_lettered(
-                state_key(record.tenant, event.id),
-                stream_seq=record.stream_seq,
-                reason=reason,
-                error=error,
-                claim=claim,
-            )
-            if isinstance(marked, Busy):
-                await msg.nak(delay=marked.retry_in_s + 0.5)  # its owner may still decide it
-                return
-            if isinstance(marked, Done):
-                log.warning(
-                    "event %s is decided; not dead-lettering it (%s: %s)", event.id, reason, error
-                )
-                await msg.ack()
-                return
-            if not marked.fresh:  # a redelivery: publish the record it already has
-                await self._finish_again(msg, event, marked.state)
-                return
-        await self._publish_dead_letter(record)
-        await msg.ack()
-        telemetry.meters().dead_letters.add(1, {"reason": reason, "tenant": record.tenant})
-        log.warning(
-            "event seq=%s on %s dead-lettered (%s): %s",
-            record.stream_seq,
-            msg.subject,
-            reason,
-            error,
-        )
+        """The ledger first, then the record and its audit entry, then the ack (see
+        `coordinator.settle.Settler.dead_letter`)."""
+        await self.settler.dead_letter(MsgDelivery(msg), reason, error, event=event, claim=claim)
 
-    def _dead_letter_record(
-        self, msg: Msg, reason: DlqReason, error: str, *, event: envelope.Event | None
-    ) -> DeadLetter:
-        meta = msg.metadata
-        tenant, _ = subjects.parse_event_subject(msg.subject)
-        msg_id = (msg.headers or {}).get(subjects.H_MSG_ID)
-        return records.dead_letter(
-            reason=reason,
-            error=error,
-            subject=msg.subject,
-            body=msg.data,
-            headers=msg.headers,
-            attempts=meta.num_delivered,
-            stream_seq=meta.sequence.stream,
-            event=event,
-            # A body that is not an event has no id of its own: its producer's message id,
-            # without the tenant prefix, is what `mesh publish` printed.
-            event_id=subjects.event_id_of_msg_id(tenant, msg_id) if msg_id else None,
-        )
+    # -- the outlet (coordinator.settle.Outlet) ----------------------------------------------
+    async def publish_decision(self, decision: Decision) -> None:
+        await self._publish(decision)
+
+    async def audit_decision(self, decision: Decision, unverified: str) -> None:
+        await self._audit_decision(decision, unverified)
+
+    async def publish_dead_letter(self, record: DeadLetter) -> None:
+        await self._publish_dead_letter(record)
 
     async def _publish_dead_letter(self, record: DeadLetter) -> None:
         seq = record.stream_seq
@@ -615,15 +529,50 @@ class EventHandlers:
         self._listed_at = time.monotonic()
 
 
-def _reason(state: DecisionState) -> DlqReason:
-    reason = state.dead_letter_reason
-    # Written by this module from a DlqReason; anything else is a state from elsewhere.
-    return typing.cast(DlqReason, reason) if reason in _REASONS else "policy_error"
+class MsgDelivery:
+    """A JetStream message as a `coordinator.settle.Delivery`."""
 
+    def __init__(self, msg: Msg) -> None:
+        self.msg = msg
 
-def _count(d: Decision) -> None:
-    m = telemetry.meters()
-    m.decisions.add(1, {"outcome": d.outcome, "event_type": d.event_type, "tenant": d.tenant})
-    for v in d.votes:
-        verdict = v.verdict.vote if v.verdict else "none"
-        m.votes.add(1, {"agent": v.agent, "outcome": v.outcome, "verdict": verdict})
+    @property
+    def stream_seq(self) -> int:
+        return int(self.msg.metadata.sequence.stream)
+
+    @property
+    def num_delivered(self) -> int:
+        return int(self.msg.metadata.num_delivered)
+
+    @property
+    def subject(self) -> str:
+        return self.msg.subject
+
+    async def ack(self) -> None:
+        await self.msg.ack()
+
+    async def nak(self, delay: float) -> None:
+        await self.msg.nak(delay=delay)
+
+    async def in_progress(self) -> None:
+        await self.msg.in_progress()
+
+    def dead_letter_record(
+        self, reason: DlqReason, error: str, *, event: envelope.Event | None
+    ) -> DeadLetter:
+        msg = self.msg
+        meta = msg.metadata
+        tenant, _ = subjects.parse_event_subject(msg.subject)
+        msg_id = (msg.headers or {}).get(subjects.H_MSG_ID)
+        return records.dead_letter(
+            reason=reason,
+            error=error,
+            subject=msg.subject,
+            body=msg.data,
+            headers=msg.headers,
+            attempts=meta.num_delivered,
+            stream_seq=meta.sequence.stream,
+            event=event,
+            # A body that is not an event has no id of its own: its producer's message id,
+            # without the tenant prefix, is what `mesh publish` printed.
+            event_id=subjects.event_id_of_msg_id(tenant, msg_id) if msg_id else None,
+        )

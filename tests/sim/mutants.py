@@ -1,0 +1,125 @@
+"""Historical bugs, put back on demand (monkeypatched for the duration of a `with`), so that
+the simulation can show it catches each of them: `python -m tests.sim --bug NAME`.
+
+KNOWN: violation kinds the simulation finds that are not fixed yet; a sweep counts them apart
+instead of failing on them (none today).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+
+from coordinator import decide, settle
+from coordinator.ledger import Busy, Claim, Done, Ledger, state_key
+from mesh import envelope
+from mesh.records import DlqReason
+
+KNOWN: tuple[str, ...] = ()
+
+
+async def _dead_letter_published_first(
+    self: settle.Settler,
+    delivery: settle.Delivery,
+    reason: DlqReason,
+    error: str,
+    *,
+    event: envelope.Event | None = None,
+    claim: Claim | None = None,
+) -> None:
+    """The order before issue 12: the record went out, then the ledger was marked."""
+    record = delivery.dead_letter_record(reason, error, event=event)
+    await self.outlet.publish_dead_letter(record)
+    if event is not None:
+        marked = await self.ledger.mark_dead_lettered(
+            state_key(record.tenant, event.id),
+            stream_seq=record.stream_seq,
+            reason=reason,
+            error=error,
+            claim=claim,
+        )
+        if isinstance(marked, Busy):
+            await delivery.nak(marked.retry_in_s + settle.BUSY_SLACK_S)
+            return
+        if isinstance(marked, Done):
+            await delivery.ack()
+            return
+    await delivery.ack()
+
+
+def _takeover_resets_deadline(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def claim(self: Ledger, key: str, *, stream_seq: int, deadline_s: float) -> Any:
+        got = await original(self, key, stream_seq=stream_seq, deadline_s=deadline_s)
+        if isinstance(got, Claim) and got.state.takeovers:
+            got.state = msgspec.structs.replace(
+                got.state, deadline_at=self.clock.time() + deadline_s
+            )
+        return got
+
+    return claim
+
+
+def _ack_first(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def settle_(
+        self: settle.Settler, delivery: settle.Delivery, event: Any, outcome: Any, u: str = ""
+    ) -> None:
+        if isinstance(outcome, decide.Decided):
+            await delivery.ack()  # acked before the decision is out: a crash here loses it
+            await self.record(outcome.decision, u)
+            return
+        await original(self, delivery, event, outcome, u)
+
+    return settle_
+
+
+def _listener_alone(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The advisory path before coordinator.settle.gave_up had the coordinator's outlet: a
+    decided event was left alone (never published if its owner failed after the ledger
+    write), and the advisory's record had a message id of its own (two records)."""
+
+    async def gave_up(ledger: Ledger, outlet: Any, record: Any, **kw: Any) -> Any:
+        return await original(ledger, None, record, **kw)
+
+    return gave_up
+
+
+def _patches(name: str) -> list[tuple[Any, str, Any]]:
+    if name == "advisory-alone":
+        return [(settle, "gave_up", _listener_alone(settle.gave_up))]
+    if name == "dlq-before-mark":
+        return [(settle.Settler, "dead_letter", _dead_letter_published_first)]
+    if name == "takeover-resets-deadline":
+        return [(Ledger, "claim", _takeover_resets_deadline(Ledger.claim))]
+    if name == "late-vote-counted":
+        return [(decide, "_late", lambda vote, policy: vote)]
+    if name == "ack-before-publish":
+        return [(settle.Settler, "settle", _ack_first(settle.Settler.settle))]
+    raise KeyError(name)
+
+
+BUGS = (
+    "dlq-before-mark",
+    "takeover-resets-deadline",
+    "late-vote-counted",
+    "ack-before-publish",
+    "advisory-alone",
+)
+
+
+@contextlib.contextmanager
+def applied(name: str | None) -> Iterator[None]:
+    if name is None:
+        yield
+        return
+    saved = []
+    for owner, attr, value in _patches(name):
+        saved.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        for owner, attr, value in reversed(saved):
+            setattr(owner, attr, value)
