@@ -40,7 +40,7 @@ from opentelemetry.trace import SpanKind
 
 from coordinator import dispatch, dlq
 from coordinator.clock import SYSTEM_CLOCK
-from coordinator.decide import Ask, Decided, Decider, Job, Undecidable
+from coordinator.decide import Ask, Decided, Decider, Job, Undecidable, Wait
 from coordinator.ledger import (
     Busy,
     Claim,
@@ -313,6 +313,10 @@ class Coordinator:
             started=started,
             trace_id=telemetry.trace_id_of(),
             principal=principal,
+            no_agent_wait_s=self.bus.settings.no_agent_wait_s,
+            published_at=msg.metadata.timestamp.timestamp(),
+            delivery=msg.metadata.num_delivered,
+            max_deliver=MAX_DELIVER,
         )
         assert self._decider is not None, "run() sets up the decider"
         outcome = await self._decider.run(job, on_renew=msg.in_progress)
@@ -321,6 +325,9 @@ class Coordinator:
             await msg.nak(delay=outcome.retry_in_s + 0.5)
         elif isinstance(outcome, Done):
             await self._finish_again(msg, event, outcome.state, unverified)
+        elif isinstance(outcome, Wait):
+            log.debug("event %s on %s: %s", event.id, msg.subject, outcome.reason)
+            await msg.nak(delay=outcome.retry_in_s)
         elif isinstance(outcome, Undecidable):
             await self.dead_letter(
                 msg, outcome.reason, outcome.error, event=event, claim=outcome.claim
