@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import socket
+import time
 import typing
 import uuid
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import (
     APIError,
     BucketNotFoundError,
@@ -47,7 +48,7 @@ from nats.js.errors import (
 )
 from nats.js.object_store import ObjectStore
 
-from coordinator.ledger import Done, Ledger, state_key
+from coordinator.ledger import UNAVAILABLE, DeadLettered, Done, Ledger, LostClaim, state_key
 from mesh import envelope, records, subjects
 from mesh._internal.lifecycle import AsyncService
 from mesh._internal.retry import RetryPolicy
@@ -61,8 +62,13 @@ log = logging.getLogger(__name__)
 
 # The advisory will not come again, so a failed store is retried (pauses 0.2 s, then 0.4 s).
 PUBLISH_RETRY = RetryPolicy(attempts=3, base_s=0.2, max_s=0.4, jitter=False)
-# How long an advisory waits for a live coordinator that still holds the event to finish it.
+# How long an advisory waits for a live coordinator that still holds the event to finish it,
+# and for the ledger to take its mark while NATS is unhealthy (then it is logged and counted
+# as failed: never published unmarked).
 SETTLE_WAIT_S = 60.0
+# Between tries of that mark while NATS is unhealthy: 0.2 s doubling to 2 s.
+MARK_RETRY = RetryPolicy(attempts=1000, base_s=0.2, max_s=2.0, jitter=False)
+_MARK_AGAIN_ON: tuple[type[Exception], ...] = (LostClaim, *UNAVAILABLE)
 REASONS: tuple[str, ...] = typing.get_args(DlqReason)
 
 
@@ -176,12 +182,14 @@ class AdvisoryDeadLetters(AsyncService):
         terminated = subjects.is_terminated_advisory(advisory_subject)
         reason: DlqReason = "terminated" if terminated else "max_deliveries"
         record = await build_record(self.bus, adv, reason)
+        msg_id = subjects.dlq_msg_id(adv.stream, adv.stream_seq, adv.consumer)
         if adv.consumer == subjects.COORDINATOR_DURABLE and record.event_id:
             # JetStream gave up delivering it to the coordinator. Not if it was decided after
             # all (a "busy" redelivery can use up the last delivery while another coordinator
             # finishes it); while a live owner still holds it, wait (bounded) for its outcome.
             ledger = await self._ledger_for_settling()
-            marked = await ledger.mark_dead_lettered(
+            marked = await mark_settled(
+                ledger,
                 state_key(record.tenant, record.event_id),
                 stream_seq=adv.stream_seq,
                 reason=reason,
@@ -191,12 +199,22 @@ class AdvisoryDeadLetters(AsyncService):
             if isinstance(marked, Done):
                 log.info("event %s was decided after all; no dead letter", record.event_id)
                 return
-        msg_id = subjects.dlq_msg_id(adv.stream, adv.stream_seq, adv.consumer)
+            if not marked.fresh:
+                # The coordinator dead-lettered this delivery itself (and maybe crashed before
+                # its record was stored, or its ack was lost): its record, under its message
+                # id, so there is one dead letter, not a second under ours.
+                state = marked.state
+                record = msgspec.structs.replace(
+                    record,
+                    reason=_dlq_reason(state.dead_letter_reason),
+                    error=state.dead_letter_error,
+                )
+                msg_id = subjects.dlq_msg_id(subjects.EVENTS_STREAM, adv.stream_seq)
         body = await encode_record(self.bus, record)
         for attempt in itertools.count(1):
             try:
                 ack = await self.bus.publish(
-                    subjects.dlq(record.tenant, reason), body, msg_id=msg_id
+                    subjects.dlq(record.tenant, record.reason), body, msg_id=msg_id
                 )
                 break
             except (NatsTimeoutError, NoStreamResponseError, TimeoutError) as e:
@@ -213,9 +231,53 @@ class AdvisoryDeadLetters(AsyncService):
             "event seq=%s on %s dead-lettered (%s): %s",
             adv.stream_seq,
             record.subject or adv.stream,
-            reason,
+            record.reason,
             record.error,
         )
+
+
+async def mark_settled(
+    ledger: Ledger,
+    key: str,
+    *,
+    stream_seq: int,
+    reason: str,
+    error: str,
+    patience_s: float,
+) -> DeadLettered | Done:
+    """The ledger mark an advisory's dead letter needs before it is published
+    (`Ledger.mark_dead_lettered`, waiting up to `patience_s` for a live owner). The advisory
+    comes once, so the mark does not give up at the first NATS error or lost CAS race: both
+    are tried again (paced by `MARK_RETRY`) until `patience_s` has passed, then the error is
+    raised and nothing is published."""
+    clock = ledger.clock
+    give_up = clock.monotonic() + patience_s
+    for attempt in itertools.count(1):
+        try:
+            marked = await ledger.mark_dead_lettered(
+                key,
+                stream_seq=stream_seq,
+                reason=reason,
+                error=error,
+                patience_s=max(0.0, give_up - clock.monotonic()),
+            )
+        except _MARK_AGAIN_ON as e:
+            pause = MARK_RETRY.pause(attempt, deadline=give_up, now=clock.monotonic())
+            if pause is None:
+                raise
+            if attempt == 1:  # once per event: the outage is logged where it is noticed
+                log.warning("marking %s dead-lettered failed (%s); retrying", key, e)
+            await clock.sleep(pause)
+            continue
+        if isinstance(marked, (DeadLettered, Done)):
+            return marked
+        raise AssertionError("with patience, never Busy")
+    raise AssertionError("unreachable")  # itertools.count never ends
+
+
+def _dlq_reason(reason: str) -> DlqReason:
+    # Written by the coordinator from a DlqReason; anything else is a state from elsewhere.
+    return typing.cast(DlqReason, reason) if reason in REASONS else "policy_error"
 
 
 async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter:
@@ -229,7 +291,7 @@ async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter
             "(max_deliver reached)"
         )
     try:
-        raw = await bus.js.get_msg(adv.stream, adv.stream_seq)
+        raw = await _get_msg(bus, adv.stream, adv.stream_seq)
     except NotFoundError:
         # Still recorded: that a consumer gave up is worth knowing even without the body.
         return records.dead_letter(
@@ -255,6 +317,21 @@ async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter
         stream_seq=adv.stream_seq,
         event=event,
     )
+
+
+async def _get_msg(bus: Bus, stream: str, seq: int) -> RawStreamMsg:
+    """The original message; a NATS error (a stream-leader election) is tried again, bounded
+    by `SETTLE_WAIT_S`: the advisory comes once, and without its body the event is not known."""
+    give_up = time.monotonic() + SETTLE_WAIT_S
+    for attempt in itertools.count(1):
+        try:
+            return await bus.js.get_msg(stream, seq)
+        except UNAVAILABLE as e:
+            if not await MARK_RETRY.sleep(attempt, deadline=give_up):
+                raise
+            if attempt == 1:
+                log.warning("reading %s seq %s failed (%s); retrying", stream, seq, e)
+    raise AssertionError("unreachable")  # itertools.count never ends
 
 
 # -- bodies too large for their record --------------------------------------------------------

@@ -15,11 +15,11 @@ import pytest
 from coordinator.clock import ManualClock, settle
 from coordinator.decide import (
     CUTOFF_SLACK_S,
+    WAIT_MAX_S,
     Ask,
     Decided,
     Decider,
     Job,
-    WAIT_MAX_S,
     Undecidable,
     Wait,
     unanswered,
