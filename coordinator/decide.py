@@ -97,6 +97,7 @@ class Job:
     published_at: float = 0.0
     delivery: int = 1
     max_deliver: int = 0
+    registry_stale_s: float = 0.0  # how far behind the registry view may be (0: current)
 
 
 @dataclass
@@ -246,15 +247,20 @@ class Decider:
         # The last delivery or the one before: dead-letter it ourselves, with our reason,
         # rather than let JetStream give up on it (one delivery spare for a failed attempt).
         last = job.max_deliver > 0 and job.delivery >= job.max_deliver - 1
+        stale = (
+            f"; the registry view has heard nothing for {job.registry_stale_s:.1f} s"
+            if job.registry_stale_s
+            else ""
+        )
         if waited_s >= job.no_agent_wait_s or last:
-            return f" (waited {waited_s:.1f} s over {times})"
+            return f" (waited {waited_s:.1f} s over {times}{stale})"
         pause = min(WAIT_MAX_S, WAIT_FIRST_S * 2 ** max(0, job.delivery - 1))
         if job.published_at:
             # Not far past the bound: the event is looked at once more when it runs out.
             pause = min(pause, max(0.0, job.no_agent_wait_s - waited_s) + WAIT_FIRST_S / 5)
         reason = (
             f"no live agent has skill(s) {', '.join(nobody)} yet; waited {waited_s:.1f} s "
-            f"over {times}, looking again in {pause:.1f} s"
+            f"over {times}, looking again in {pause:.1f} s{stale}"
         )
         return Wait(pause, reason)
 

@@ -317,6 +317,7 @@ class Coordinator:
             published_at=msg.metadata.timestamp.timestamp(),
             delivery=msg.metadata.num_delivered,
             max_deliver=MAX_DELIVER,
+            registry_stale_s=self.view.stale_for_s,
         )
         assert self._decider is not None, "run() sets up the decider"
         outcome = await self._decider.run(job, on_renew=msg.in_progress)

@@ -602,7 +602,12 @@ async def test_near_the_last_delivery_it_is_dead_lettered_whatever_the_time() ->
     assert isinstance(await decider.run(orphan(clock, delivery=18)), Wait)
     outcome = await decider.run(orphan(clock, delivery=19))
     assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"
-    assert "over 19 deliveries" in outcome.error
+    assert "over 19 deliveries" in outcome.error and "registry view" not in outcome.error
+    stale = await coordinator(MemoryStore(), "c1", clock, Voters(clock, {})).run(
+        orphan(clock, delivery=19, registry_stale_s=12.0)
+    )
+    assert isinstance(stale, Undecidable)
+    assert "the registry view has heard nothing for 12.0 s" in stale.error
     # Without a publish time only the delivery count bounds the wait.
     store2 = MemoryStore()
     d2 = coordinator(store2, "c1", clock, Voters(clock, {}))
