@@ -321,7 +321,10 @@ class RegistryView:
     that falls silent while live entries exist (an ordered consumer lost in a leader
     election), or whose task ended, is replaced by a fresh `watchall()` (paced from
     `REWATCH_FIRST_S` to `REWATCH_MAX_S`, the outage logged once); its replay drops the
-    entries that went while nobody watched. `stale` and `stale_for_s` say how current it is.
+    entries that went while nobody watched. For two heartbeats after NATS was unhealthy,
+    entries still expire against the outage's start, so agents' heartbeats can land again
+    before they count as gone.
+    `stale` and `stale_for_s` say how current it is.
     """
 
     def __init__(self, registry: Registry) -> None:
@@ -337,6 +340,13 @@ class RegistryView:
         self.stale_after_s = STALE_HEARTBEATS * registry.heartbeat_s
         self._heard_mono = time.monotonic()
         self._heard_wall = time.time()
+        # Watching again after NATS was unhealthy (the connection down, or a watch refused):
+        # until `_catch_up_until` (monotonic) entries still expire against `_catch_up_as_of`,
+        # so agents get two heartbeats to land a fresh one. Not after a silence that a watch
+        # at the first try shows real (nobody beats: the agents are gone).
+        self._nats_trouble = False
+        self._catch_up_until = 0.0
+        self._catch_up_as_of = 0.0
         self.rewatches = 0  # fresh watchers started after the first (a silent or ended one)
 
     # -- how current it is ----------------------------------------------------------------------
@@ -362,6 +372,8 @@ class RegistryView:
         """The wall time entries expire against: now, or while stale the time the view was
         last known current (so an outage does not expire everyone)."""
         now = time.time()
+        if time.monotonic() < self._catch_up_until:
+            return min(now, self._catch_up_as_of)
         if not self.stale:
             return now
         return min(now, self._heard_wall + self.stale_after_s)
@@ -373,6 +385,7 @@ class RegistryView:
 
     async def start(self) -> None:
         self.registry.verifier  # noqa: B018 -- a missing trust file fails here, not later
+        self._heard_mono = time.monotonic()  # not an outage: the view has not started yet
         await self._watch()
         try:
             await asyncio.wait_for(self._ready.wait(), timeout=5)
@@ -393,6 +406,10 @@ class RegistryView:
         """Follow the bucket with a fresh watcher: its replay of every key, then changes."""
         kv = await self.registry._kv()
         watcher = await kv.watchall()
+        if self._nats_trouble:
+            self._nats_trouble = False
+            self._catch_up_as_of = min(time.time(), self._heard_wall + self.stale_after_s)
+            self._catch_up_until = time.monotonic() + self.stale_after_s
         self._heard()  # the server answered: the view is as current as its replay
         self._watcher = watcher
         self._task = asyncio.create_task(self._follow(watcher), name="registry-view")
@@ -413,9 +430,12 @@ class RegistryView:
             self._heard()
             if entry is None:  # the initial values have all arrived
                 if replayed is not None:
-                    # Keys that went while nobody watched (aged out, purged) are not replayed.
-                    for key in [k for k in self._entries if k not in replayed]:
-                        self._forget(key)
+                    # Keys that went while nobody watched (aged out, purged) are not replayed;
+                    # one still usable (catching up after an outage) expires by its seen_at.
+                    as_of = self._as_of()
+                    for key, known in list(self._entries.items()):
+                        if key not in replayed and not self._usable(known, as_of):
+                            self._forget(key)
                 replayed = None
                 self._ready.set()
                 continue
@@ -464,6 +484,8 @@ class RegistryView:
                 if failures == 0
                 else min(REWATCH_MAX_S, REWATCH_FIRST_S * 2 ** (failures - 1))
             )
+            if not self.registry.bus.nc.is_connected:
+                self._nats_trouble = True
             why = self._needs_rewatch() if failures == 0 else "still not watching"
             if not why:
                 continue
@@ -478,6 +500,7 @@ class RegistryView:
             try:
                 await asyncio.wait_for(self._watch(), timeout=REWATCH_TIMEOUT_S)
             except Exception as e:  # NATS unhealthy: try again later, entries kept
+                self._nats_trouble = True
                 failures += 1
                 log.debug("registry view: watching again failed: %r", e)
                 continue
