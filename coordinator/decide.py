@@ -98,6 +98,10 @@ class Job:
     delivery: int = 1
     max_deliver: int = 0
     registry_stale_s: float = 0.0  # how far behind the registry view may be (0: current)
+    # Since when (wall clock) the registry view has been current without a break: the wait is
+    # counted from then at the earliest (a backlog met by a coordinator just started, or an
+    # outage just over, has not waited for agents yet). 0: unknown.
+    registry_current_since: float = 0.0
 
 
 @dataclass
@@ -242,7 +246,8 @@ class Decider:
     def _waiting(self, job: Job, nobody: list[str]) -> Wait | str:
         """A fresh event with skills nobody live has: `Wait` while it may, else how long it
         waited (for the dead letter's reason)."""
-        waited_s = self.clock.time() - job.published_at if job.published_at else 0.0
+        since = max(job.published_at, job.registry_current_since)
+        waited_s = max(0.0, self.clock.time() - since) if job.published_at else 0.0
         times = f"{job.delivery} deliver{'y' if job.delivery == 1 else 'ies'}"
         # The last delivery or the one before: dead-letter it ourselves, with our reason,
         # rather than let JetStream give up on it (one delivery spare for a failed attempt).
@@ -252,10 +257,11 @@ class Decider:
             if job.registry_stale_s
             else ""
         )
-        if waited_s >= job.no_agent_wait_s or last:
+        # A stale view proves nothing about agents: only the delivery count ends that wait.
+        if last or (waited_s >= job.no_agent_wait_s and not job.registry_stale_s):
             return f" (waited {waited_s:.1f} s over {times}{stale})"
         pause = min(WAIT_MAX_S, WAIT_FIRST_S * 2 ** max(0, job.delivery - 1))
-        if job.published_at:
+        if job.published_at and not job.registry_stale_s:
             # Not far past the bound: the event is looked at once more when it runs out.
             pause = min(pause, max(0.0, job.no_agent_wait_s - waited_s) + WAIT_FIRST_S / 5)
         reason = (

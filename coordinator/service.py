@@ -318,6 +318,7 @@ class Coordinator:
             delivery=msg.metadata.num_delivered,
             max_deliver=MAX_DELIVER,
             registry_stale_s=self.view.stale_for_s,
+            registry_current_since=self.view.current_since,
         )
         assert self._decider is not None, "run() sets up the decider"
         outcome = await self._decider.run(job, on_renew=msg.in_progress)

@@ -313,18 +313,18 @@ class Registry:
 class RegistryView:
     """A watched, in-memory copy of the registry for hot paths (the coordinator per event).
 
-    It keeps its last-known entries while it cannot know better: an entry expires by its
-    `seen_at` against the time the view was last current, not against the wall clock, once
-    the watcher has heard nothing (no heartbeat from anybody, no replay) for `stale_after_s`
-    or the connection is down. So a NATS leader election or reconnect does not empty it, and
-    an agent that died meanwhile is dropped as soon as the view is current again. A watcher
-    that falls silent while live entries exist (an ordered consumer lost in a leader
-    election), or whose task ended, is replaced by a fresh `watchall()` (paced from
-    `REWATCH_FIRST_S` to `REWATCH_MAX_S`, the outage logged once); its replay drops the
-    entries that went while nobody watched. For two heartbeats after NATS was unhealthy,
-    entries still expire against the outage's start, so agents' heartbeats can land again
-    before they count as gone.
-    `stale` and `stale_for_s` say how current it is.
+    It keeps its last-known entries while it cannot know better. The view is stale while the
+    connection is down, after a watch was refused (until it hears again), or when its watcher
+    has heard nothing for `stale_after_s` (two heartbeats) although entries it holds were live
+    when the silence began (their agents should be beating). While stale, an entry expires by
+    its `seen_at` against the time the view was last current, not against the wall clock, so a
+    NATS leader election or reconnect does not empty it; for two more heartbeats after NATS
+    was unhealthy entries still expire against that time, so agents' heartbeats can land again
+    before they count as gone. A watcher that falls silent while live entries exist (an ordered
+    consumer lost in a leader election), or whose task ended, is replaced by a fresh
+    `watchall()` (paced from `REWATCH_FIRST_S` to `REWATCH_MAX_S`, the outage logged once); its
+    replay drops the entries that went while nobody watched. `stale`, `stale_for_s` and
+    `current_since` say how current it is.
     """
 
     def __init__(self, registry: Registry) -> None:
@@ -336,14 +336,16 @@ class RegistryView:
         self._watcher: Any = None  # nats-py's KeyWatcher (untyped)
         self._supervisor: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        # Nothing heard for longer than this (agents beat every heartbeat_s): not current.
+        # Nothing heard for longer than this (agents beat every heartbeat_s): maybe not current.
         self.stale_after_s = STALE_HEARTBEATS * registry.heartbeat_s
         self._heard_mono = time.monotonic()
         self._heard_wall = time.time()
-        # Watching again after NATS was unhealthy (the connection down, or a watch refused):
-        # until `_catch_up_until` (monotonic) entries still expire against `_catch_up_as_of`,
-        # so agents get two heartbeats to land a fresh one. Not after a silence that a watch
-        # at the first try shows real (nobody beats: the agents are gone).
+        # Since when (wall clock) the view has been current without a break.
+        self.current_since = self._heard_wall
+        # Set while NATS is unhealthy (connection down, a watch refused); the first thing heard
+        # after it starts a catch-up: until `_catch_up_until` (monotonic) entries expire against
+        # `_catch_up_as_of`. Not after a silence that a watch at the first try shows real
+        # (nobody beats: the agents are gone).
         self._nats_trouble = False
         self._catch_up_until = 0.0
         self._catch_up_as_of = 0.0
@@ -351,32 +353,46 @@ class RegistryView:
 
     # -- how current it is ----------------------------------------------------------------------
     def _heard(self) -> None:
+        if self.stale:
+            self.current_since = time.time()  # current again from now
+        if self._nats_trouble:
+            self._nats_trouble = False
+            self._catch_up_as_of = self._frozen_at()
+            self._catch_up_until = time.monotonic() + self.stale_after_s
         self._heard_mono = time.monotonic()
         self._heard_wall = time.time()
 
+    def _frozen_at(self) -> float:
+        """The wall time a silence became suspect: entries expire against it while stale."""
+        return min(time.time(), self._heard_wall + self.stale_after_s)
+
+    def _stale(self, silent: float) -> bool:
+        if self._nats_trouble or not self.registry.bus.nc.is_connected:
+            return True
+        if silent <= self.stale_after_s:
+            return False
+        # Silence is news only from agents that should be beating: live when it became suspect.
+        frozen = self._frozen_at()
+        return any(r.live(frozen) for r in self._entries.values())
+
     @property
     def stale_for_s(self) -> float:
-        """Seconds since the watcher last heard anything, when that is longer than a view
-        that is current can be silent (or the connection is down); 0.0 while current."""
+        """Seconds since the watcher last heard anything, while the view is stale (see the
+        class); 0.0 while it is current."""
         silent = time.monotonic() - self._heard_mono
-        if silent > self.stale_after_s or not self.registry.bus.nc.is_connected:
-            return silent
-        return 0.0
+        return max(silent, 1e-3) if self._stale(silent) else 0.0
 
     @property
     def stale(self) -> bool:
-        """True while the view may be behind the registry (see `stale_for_s`)."""
-        return self.stale_for_s > 0.0
+        """True while the view may be behind the registry (see the class)."""
+        return self._stale(time.monotonic() - self._heard_mono)
 
     def _as_of(self) -> float:
-        """The wall time entries expire against: now, or while stale the time the view was
-        last known current (so an outage does not expire everyone)."""
-        now = time.time()
+        """The wall time entries expire against: now, or while stale (and catching up after
+        NATS was unhealthy) the time the view was last known current."""
         if time.monotonic() < self._catch_up_until:
-            return min(now, self._catch_up_as_of)
-        if not self.stale:
-            return now
-        return min(now, self._heard_wall + self.stale_after_s)
+            return min(time.time(), self._catch_up_as_of)
+        return self._frozen_at() if self.stale else time.time()
 
     @property
     def checks_votes(self) -> bool:
@@ -386,6 +402,7 @@ class RegistryView:
     async def start(self) -> None:
         self.registry.verifier  # noqa: B018 -- a missing trust file fails here, not later
         self._heard_mono = time.monotonic()  # not an outage: the view has not started yet
+        self.current_since = time.time()
         await self._watch()
         try:
             await asyncio.wait_for(self._ready.wait(), timeout=5)
@@ -406,10 +423,6 @@ class RegistryView:
         """Follow the bucket with a fresh watcher: its replay of every key, then changes."""
         kv = await self.registry._kv()
         watcher = await kv.watchall()
-        if self._nats_trouble:
-            self._nats_trouble = False
-            self._catch_up_as_of = min(time.time(), self._heard_wall + self.stale_after_s)
-            self._catch_up_until = time.monotonic() + self.stale_after_s
         self._heard()  # the server answered: the view is as current as its replay
         self._watcher = watcher
         self._task = asyncio.create_task(self._follow(watcher), name="registry-view")

@@ -645,3 +645,29 @@ async def test_a_replayed_dead_letter_waits_like_a_fresh_event() -> None:
     # The same delivery again is what it was: dead-lettered (published again by the caller).
     again = await decider.run(orphan(clock, stream_seq=1))
     assert isinstance(again, Done) and again.state.state == "dead_lettered"
+
+
+async def test_the_wait_counts_from_when_the_registry_view_became_current() -> None:
+    """A backlog met by a coordinator that just started (or a view just back from an outage)
+    has not waited for agents yet, however old its events are."""
+    store, clock = MemoryStore(), ManualClock()
+    decider = coordinator(store, "c1", clock, Voters(clock, {}))
+    old = orphan(clock)  # published now
+    await clock.advance(3600.0)
+    fresh_view = dataclasses.replace(old, registry_current_since=clock.time() - 5.0)
+    assert isinstance(await decider.run(fresh_view), Wait)
+    await clock.advance(25.0)
+    outcome = await decider.run(dataclasses.replace(fresh_view, delivery=8))
+    assert isinstance(outcome, Undecidable) and "waited 30.0 s" in outcome.error
+
+
+async def test_a_stale_registry_view_ends_the_wait_only_near_the_last_delivery() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    decider = coordinator(store, "c1", clock, Voters(clock, {}))
+    stale = orphan(clock, registry_stale_s=8.0)
+    await clock.advance(600.0)  # long past the bound, but the view proves nothing
+    waiting = await decider.run(dataclasses.replace(stale, delivery=10))
+    assert isinstance(waiting, Wait) and "registry view has heard nothing" in waiting.reason
+    assert waiting.retry_in_s == WAIT_MAX_S
+    outcome = await decider.run(dataclasses.replace(stale, delivery=19))
+    assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"
