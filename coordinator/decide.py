@@ -9,6 +9,11 @@ what each `Outcome` means for the message (ack, nak, dead letter), and unit test
 an in-memory store, a scripted asker and a fake clock.
 
 Rules this module owns:
+- A fresh event that needs a skill no live agent has is not claimed: it waits (`Wait`, the
+  service naks it with that pause), so a registry view emptied by a NATS leader election or an
+  agent restarting costs no deadline; it is dead-lettered `no_agent` only once it has waited
+  `Job.no_agent_wait_s` since it was published, or is near its last delivery. An event already
+  claimed (a take-over) keeps its deadline and is dead-lettered under the claim at once.
 - The deadline is fixed at the first claim (wall clock, in the ledger) and kept by a take-over,
   as are the votes already cast: a voter who answered is not asked again.
 - Every vote is saved (CAS) as it comes, which also proves the claim is still ours; a lost
@@ -45,6 +50,9 @@ from mesh.identity import Signer
 from mesh.records import Decision, DlqReason, Vote, sign_decision
 from mesh.verdict import Choice
 
+# A fresh event with a skill nobody live has waits (nak) this long, doubling up to the cap.
+WAIT_FIRST_S = 0.5
+WAIT_MAX_S = 5.0
 CUTOFF_SLACK_S = 1.0  # how long past the deadline the core waits for an asker to stop itself
 TAKEOVER_GRACE_MAX_S = 1.0  # after a take-over: how long votes in flight at the crash may take
 
@@ -82,6 +90,18 @@ class Job:
     started: float  # clock.monotonic() when the event arrived
     trace_id: str = ""
     principal: str = ""  # who published it, from its verified signature ("" if unverified)
+    # For a fresh event with a skill nobody live has: how long it may wait for one, from when
+    # it was published (wall clock; 0: unknown, then only the delivery count bounds it), and
+    # which delivery this is of how many JetStream makes (0: unbounded).
+    no_agent_wait_s: float = 0.0
+    published_at: float = 0.0
+    delivery: int = 1
+    max_deliver: int = 0
+    registry_stale_s: float = 0.0  # how far behind the registry view may be (0: current)
+    # Since when (wall clock) the registry view has been current without a break: the wait is
+    # counted from then at the earliest (a backlog met by a coordinator just started, or an
+    # outage just over, has not waited for agents yet). 0: unknown.
+    registry_current_since: float = 0.0
 
 
 @dataclass
@@ -100,7 +120,17 @@ class Undecidable:
     claim: Claim
 
 
-Outcome = Busy | Done | Decided | Undecidable
+@dataclass
+class Wait:
+    """Not claimed (its deadline has not started): look again after `retry_in_s`. A fresh event
+    with a skill that no live agent has, while it may still wait for one (`Job.no_agent_wait_s`):
+    the registry view may be stale (a NATS leader election) or an agent restarting."""
+
+    retry_in_s: float
+    reason: str
+
+
+Outcome = Busy | Done | Decided | Undecidable | Wait
 
 
 LATE = "late vote: answered after the deadline; not counted"
@@ -182,6 +212,19 @@ class Decider:
         """Claim, collect, tally and record one event. `on_renew` runs after each lease renewal
         (the service tells JetStream it is still at it). LostClaim: someone else owns it now."""
         policy = job.policy
+        nobody = [s for s in policy.skills if s not in job.agents]
+        waited = ""
+        if nobody:
+            state = await self.ledger.read(job.key)
+            if state is None or (
+                state.state == "dead_lettered" and state.stream_seq != job.stream_seq
+            ):
+                # A fresh event (or a replay): nothing is claimed, so its deadline has not
+                # started; it waits for an agent, bounded in time and in deliveries.
+                waiting = self._waiting(job, nobody)
+                if isinstance(waiting, Wait):
+                    return waiting
+                waited = waiting
         got = await self.ledger.claim(
             job.key, stream_seq=job.stream_seq, deadline_s=policy.deadline_s
         )
@@ -189,7 +232,8 @@ class Decider:
             return got
         missing = [s for s in policy.skills if s not in job.agents and s not in got.state.votes]
         if missing:
-            return Undecidable("no_agent", f"no live agent has skill(s) {', '.join(missing)}", got)
+            error = f"no live agent has skill(s) {', '.join(missing)}{waited}"
+            return Undecidable("no_agent", error, got)
 
         votes = await self.collect(got, job, on_renew=on_renew)
         decision = self.decide(job, votes, got)
@@ -198,6 +242,33 @@ class Decider:
         final = msgspec.structs.replace(got.state, state="decided", decision=decision)
         await self.ledger.save(got, final)  # LostClaim here: someone else decides, not us
         return Decided(decision)
+
+    def _waiting(self, job: Job, nobody: list[str]) -> Wait | str:
+        """A fresh event with skills nobody live has: `Wait` while it may, else how long it
+        waited (for the dead letter's reason)."""
+        since = max(job.published_at, job.registry_current_since)
+        waited_s = max(0.0, self.clock.time() - since) if job.published_at else 0.0
+        times = f"{job.delivery} deliver{'y' if job.delivery == 1 else 'ies'}"
+        # The last delivery or the one before: dead-letter it ourselves, with our reason,
+        # rather than let JetStream give up on it (one delivery spare for a failed attempt).
+        last = job.max_deliver > 0 and job.delivery >= job.max_deliver - 1
+        stale = (
+            f"; the registry view has heard nothing for {job.registry_stale_s:.1f} s"
+            if job.registry_stale_s
+            else ""
+        )
+        # A stale view proves nothing about agents: only the delivery count ends that wait.
+        if last or (waited_s >= job.no_agent_wait_s and not job.registry_stale_s):
+            return f" (waited {waited_s:.1f} s over {times}{stale})"
+        pause = min(WAIT_MAX_S, WAIT_FIRST_S * 2 ** max(0, job.delivery - 1))
+        if job.published_at and not job.registry_stale_s:
+            # Not far past the bound: the event is looked at once more when it runs out.
+            pause = min(pause, max(0.0, job.no_agent_wait_s - waited_s) + WAIT_FIRST_S / 5)
+        reason = (
+            f"no live agent has skill(s) {', '.join(nobody)} yet; waited {waited_s:.1f} s "
+            f"over {times}, looking again in {pause:.1f} s{stale}"
+        )
+        return Wait(pause, reason)
 
     async def collect(
         self, claim: Claim, job: Job, *, on_renew: Callable[[], Awaitable[None]] | None = None

@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import socket
+import time
 import typing
 import uuid
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import (
     APIError,
     BucketNotFoundError,
@@ -47,11 +48,10 @@ from nats.js.errors import (
 )
 from nats.js.object_store import ObjectStore
 
-from coordinator.ledger import Ledger, state_key
-from coordinator.settle import Outlet, gave_up
+from coordinator.ledger import UNAVAILABLE, Ledger, state_key
+from coordinator.settle import MARK_RETRY, PUBLISH_RETRY, SETTLE_WAIT_S, Outlet, gave_up
 from mesh import envelope, records, subjects
 from mesh._internal.lifecycle import AsyncService
-from mesh._internal.retry import RetryPolicy
 from mesh._internal.tasks import TaskPool
 from mesh.audit import SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus, tail
@@ -60,10 +60,6 @@ from mesh.records import BodyRef, DeadLetter, DlqReason, dead_letter_decoder, en
 
 log = logging.getLogger(__name__)
 
-# The advisory will not come again, so a failed store is retried (pauses 0.2 s, then 0.4 s).
-PUBLISH_RETRY = RetryPolicy(attempts=3, base_s=0.2, max_s=0.4, jitter=False)
-# How long an advisory waits for a live coordinator that still holds the event to finish it.
-SETTLE_WAIT_S = 60.0
 REASONS: tuple[str, ...] = typing.get_args(DlqReason)
 
 
@@ -181,25 +177,26 @@ class AdvisoryDeadLetters(AsyncService):
         terminated = subjects.is_terminated_advisory(advisory_subject)
         reason: DlqReason = "terminated" if terminated else "max_deliveries"
         record = await build_record(self.bus, adv, reason)
+        msg_id = subjects.dlq_msg_id(adv.stream, adv.stream_seq, adv.consumer)
         if adv.consumer == subjects.COORDINATOR_DURABLE and record.event_id:
             # JetStream gave up delivering it to the coordinator. Not if it was decided after
             # all (a "busy" redelivery can use up the last delivery while another coordinator
             # finishes it); while a live owner still holds it, wait (bounded) for its outcome.
-            # Its outcome comes out here, once (coordinator.settle.gave_up): a decision the
-            # ledger holds is published again, a dead letter the coordinator made is its record.
             ledger = await self._ledger_for_settling()
             key = state_key(record.tenant, record.event_id)
-            if (
-                await gave_up(ledger, self.outlet, record, key=key, patience_s=SETTLE_WAIT_S)
-                is None
-            ):
+            settled = await gave_up(ledger, self.outlet, record, key=key, patience_s=SETTLE_WAIT_S)
+            if settled is None:
                 return
-        msg_id = subjects.dlq_msg_id(adv.stream, adv.stream_seq, adv.consumer)
+            # Under the coordinator's own message id: if it dead-lettered this delivery itself
+            # (and crashed before its record was stored, or its ack was lost), the DLQ still
+            # holds one record, not a second under ours.
+            record = settled
+            msg_id = subjects.dlq_msg_id(subjects.EVENTS_STREAM, adv.stream_seq)
         body = await encode_record(self.bus, record)
         for attempt in itertools.count(1):
             try:
                 ack = await self.bus.publish(
-                    subjects.dlq(record.tenant, reason), body, msg_id=msg_id
+                    subjects.dlq(record.tenant, record.reason), body, msg_id=msg_id
                 )
                 break
             except (NatsTimeoutError, NoStreamResponseError, TimeoutError) as e:
@@ -216,9 +213,14 @@ class AdvisoryDeadLetters(AsyncService):
             "event seq=%s on %s dead-lettered (%s): %s",
             adv.stream_seq,
             record.subject or adv.stream,
-            reason,
+            record.reason,
             record.error,
         )
+
+
+def _dlq_reason(reason: str) -> DlqReason:
+    # Written by the coordinator from a DlqReason; anything else is a state from elsewhere.
+    return typing.cast(DlqReason, reason) if reason in REASONS else "policy_error"
 
 
 async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter:
@@ -232,7 +234,7 @@ async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter
             "(max_deliver reached)"
         )
     try:
-        raw = await bus.js.get_msg(adv.stream, adv.stream_seq)
+        raw = await _get_msg(bus, adv.stream, adv.stream_seq)
     except NotFoundError:
         # Still recorded: that a consumer gave up is worth knowing even without the body.
         return records.dead_letter(
@@ -258,6 +260,21 @@ async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter
         stream_seq=adv.stream_seq,
         event=event,
     )
+
+
+async def _get_msg(bus: Bus, stream: str, seq: int) -> RawStreamMsg:
+    """The original message; a NATS error (a stream-leader election) is tried again, bounded
+    by `SETTLE_WAIT_S`: the advisory comes once, and without its body the event is not known."""
+    give_up = time.monotonic() + SETTLE_WAIT_S
+    for attempt in itertools.count(1):
+        try:
+            return await bus.js.get_msg(stream, seq)
+        except UNAVAILABLE as e:
+            if not await MARK_RETRY.sleep(attempt, deadline=give_up):
+                raise
+            if attempt == 1:
+                log.warning("reading %s seq %s failed (%s); retrying", stream, seq, e)
+    raise AssertionError("unreachable")  # itertools.count never ends
 
 
 # -- bodies too large for their record --------------------------------------------------------

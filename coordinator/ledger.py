@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.errors import ConnectionReconnectingError, NoRespondersError, StaleConnectionError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import (
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from coordinator.clock import SYSTEM_CLOCK, Clock
@@ -47,6 +54,17 @@ State = Literal["collecting", "decided", "dead_lettered"]
 # A lost compare-and-set means someone else's write landed: re-read at once (no pause) and
 # look again, a bounded number of times.
 CAS_RETRY = RetryPolicy(attempts=5, base_s=0.0, max_s=0.0, jitter=False)
+# What a store call raises while NATS is unhealthy (a stream-leader election, a reconnect) and
+# a later try may not: who must not give up on an event retries these, bounded.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    NatsTimeoutError,
+    TimeoutError,
+    NoRespondersError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+    ConnectionReconnectingError,
+    StaleConnectionError,
+)
 # While a live owner holds an event that the dead-letterer wants to settle: how often to look.
 _POLL_S = 0.5
 

@@ -307,6 +307,12 @@ class Coordinator:
             started=started,
             trace_id=telemetry.trace_id_of(),
             principal=principal,
+            no_agent_wait_s=self.bus.settings.no_agent_wait_s,
+            published_at=msg.metadata.timestamp.timestamp(),
+            delivery=msg.metadata.num_delivered,
+            max_deliver=MAX_DELIVER,
+            registry_stale_s=self.view.stale_for_s,
+            registry_current_since=self.view.current_since,
         )
         assert self._decider is not None, "run() sets up the decider"
         delivery = MsgDelivery(msg)

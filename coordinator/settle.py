@@ -29,8 +29,9 @@ from typing import Any, Protocol
 
 import msgspec
 
-from coordinator.decide import Decided, Outcome, Undecidable
+from coordinator.decide import Decided, Outcome, Undecidable, Wait
 from coordinator.ledger import (
+    UNAVAILABLE,
     Busy,
     Claim,
     DeadLettered,
@@ -52,6 +53,13 @@ RETRY_DELAY_S = 1.0  # a handling that failed (not a lost claim) is redelivered 
 _REASONS: tuple[str, ...] = typing.get_args(DlqReason)
 # An outcome published for a give-up advisory: pauses 0.2 s, then 0.4 s (as coordinator.dlq's).
 PUBLISH_RETRY = RetryPolicy(attempts=3, base_s=0.2, max_s=0.4, jitter=False)
+# How long an advisory waits for a live coordinator that still holds the event to finish it,
+# and for the ledger to take its mark while NATS is unhealthy (then it is logged and counted
+# as failed: never published unmarked).
+SETTLE_WAIT_S = 60.0
+# Between tries of that mark while NATS is unhealthy: 0.2 s doubling to 2 s.
+MARK_RETRY = RetryPolicy(attempts=1000, base_s=0.2, max_s=2.0, jitter=False)
+_MARK_AGAIN_ON: tuple[type[Exception], ...] = (LostClaim, *UNAVAILABLE)
 
 
 class Delivery(Protocol):
@@ -107,6 +115,10 @@ class Settler:
             await delivery.nak(outcome.retry_in_s + BUSY_SLACK_S)
         elif isinstance(outcome, Done):
             await self.finish_again(delivery, event, outcome.state, unverified)
+        elif isinstance(outcome, Wait):
+            # No live agent for a skill yet, and the event not claimed: look again later.
+            log.debug("event %s on %s: %s", event.id, delivery.subject, outcome.reason)
+            await delivery.nak(outcome.retry_in_s)
         elif isinstance(outcome, Undecidable):
             await self.dead_letter(
                 delivery, outcome.reason, outcome.error, event=event, claim=outcome.claim
@@ -218,7 +230,8 @@ async def gave_up(
     publish happens here, retried (`PUBLISH_RETRY`), and None is returned. Without one (a
     listener alone), a decided event is only logged and the record is returned for the caller
     to publish under its own message id."""
-    marked = await ledger.mark_dead_lettered(
+    marked = await mark_settled(
+        ledger,
         key,
         stream_seq=record.stream_seq,
         reason=record.reason,
@@ -241,6 +254,45 @@ async def gave_up(
         return record
     await _retried(ledger, outlet.publish_dead_letter, record)
     return None
+
+
+async def mark_settled(
+    ledger: Ledger,
+    key: str,
+    *,
+    stream_seq: int,
+    reason: str,
+    error: str,
+    patience_s: float,
+) -> DeadLettered | Done:
+    """The ledger mark an advisory's dead letter needs before it is published
+    (`Ledger.mark_dead_lettered`, waiting up to `patience_s` for a live owner). The advisory
+    comes once, so the mark does not give up at the first NATS error or lost CAS race: both
+    are tried again (paced by `MARK_RETRY`) until `patience_s` has passed, then the error is
+    raised and nothing is published."""
+    clock = ledger.clock
+    give_up = clock.monotonic() + patience_s
+    for attempt in itertools.count(1):
+        try:
+            marked = await ledger.mark_dead_lettered(
+                key,
+                stream_seq=stream_seq,
+                reason=reason,
+                error=error,
+                patience_s=max(0.0, give_up - clock.monotonic()),
+            )
+        except _MARK_AGAIN_ON as e:
+            pause = MARK_RETRY.pause(attempt, deadline=give_up, now=clock.monotonic())
+            if pause is None:
+                raise
+            if attempt == 1:  # once per event: the outage is logged where it is noticed
+                log.warning("marking %s dead-lettered failed (%s); retrying", key, e)
+            await clock.sleep(pause)
+            continue
+        if isinstance(marked, (DeadLettered, Done)):
+            return marked
+        raise AssertionError("with patience, never Busy")
+    raise AssertionError("unreachable")  # itertools.count never ends
 
 
 async def _retried(ledger: Ledger, publish: Callable[..., Awaitable[None]], *args: Any) -> None:

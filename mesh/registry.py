@@ -96,6 +96,15 @@ TRUST_RECHECK_S = 0.5
 # the same agent stored): votes it signed verify this long after it is gone. Bounded in count.
 DEPARTED_KEEP_S = 300.0
 DEPARTED_MAX = 1024
+# The registry view: heard nothing for this many heartbeats, it is stale (see `RegistryView`);
+# a silent watcher is replaced after that (not sooner than REWATCH_AFTER_MIN_S, so a loaded
+# test machine's short heartbeats do not churn watchers), paced from REWATCH_FIRST_S to
+# REWATCH_MAX_S while NATS refuses, each try bounded by REWATCH_TIMEOUT_S.
+STALE_HEARTBEATS = 2.0
+REWATCH_AFTER_MIN_S = 1.0
+REWATCH_FIRST_S = 0.5
+REWATCH_MAX_S = 5.0
+REWATCH_TIMEOUT_S = 5.0
 
 
 def new_instance_id() -> str:
@@ -302,7 +311,21 @@ class Registry:
 
 
 class RegistryView:
-    """A watched, in-memory copy of the registry for hot paths (the coordinator per event)."""
+    """A watched, in-memory copy of the registry for hot paths (the coordinator per event).
+
+    It keeps its last-known entries while it cannot know better. The view is stale while the
+    connection is down, after a watch was refused (until it hears again), or when its watcher
+    has heard nothing for `stale_after_s` (two heartbeats) although entries it holds were live
+    when the silence began (their agents should be beating). While stale, an entry expires by
+    its `seen_at` against the time the view was last current, not against the wall clock, so a
+    NATS leader election or reconnect does not empty it; for two more heartbeats after NATS
+    was unhealthy entries still expire against that time, so agents' heartbeats can land again
+    before they count as gone. A watcher that falls silent while live entries exist (an ordered
+    consumer lost in a leader election), or whose task ended, is replaced by a fresh
+    `watchall()` (paced from `REWATCH_FIRST_S` to `REWATCH_MAX_S`, the outage logged once); its
+    replay drops the entries that went while nobody watched. `stale`, `stale_for_s` and
+    `current_since` say how current it is.
+    """
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -310,7 +333,66 @@ class RegistryView:
         self._bindings: dict[str, Binding] = {}  # by key: the verified binding of each entry
         self._departed: OrderedDict[str, tuple[Binding, float]] = OrderedDict()  # → forget at
         self._task: asyncio.Task[None] | None = None
+        self._watcher: Any = None  # nats-py's KeyWatcher (untyped)
+        self._supervisor: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        # Nothing heard for longer than this (agents beat every heartbeat_s): maybe not current.
+        self.stale_after_s = STALE_HEARTBEATS * registry.heartbeat_s
+        self._heard_mono = time.monotonic()
+        self._heard_wall = time.time()
+        # Since when (wall clock) the view has been current without a break.
+        self.current_since = self._heard_wall
+        # Set while NATS is unhealthy (connection down, a watch refused); the first thing heard
+        # after it starts a catch-up: until `_catch_up_until` (monotonic) entries expire against
+        # `_catch_up_as_of`. Not after a silence that a watch at the first try shows real
+        # (nobody beats: the agents are gone).
+        self._nats_trouble = False
+        self._catch_up_until = 0.0
+        self._catch_up_as_of = 0.0
+        self.rewatches = 0  # fresh watchers started after the first (a silent or ended one)
+
+    # -- how current it is ----------------------------------------------------------------------
+    def _heard(self) -> None:
+        if self.stale:
+            self.current_since = time.time()  # current again from now
+        if self._nats_trouble:
+            self._nats_trouble = False
+            self._catch_up_as_of = self._frozen_at()
+            self._catch_up_until = time.monotonic() + self.stale_after_s
+        self._heard_mono = time.monotonic()
+        self._heard_wall = time.time()
+
+    def _frozen_at(self) -> float:
+        """The wall time a silence became suspect: entries expire against it while stale."""
+        return min(time.time(), self._heard_wall + self.stale_after_s)
+
+    def _stale(self, silent: float) -> bool:
+        if self._nats_trouble or not self.registry.bus.nc.is_connected:
+            return True
+        if silent <= self.stale_after_s:
+            return False
+        # Silence is news only from agents that should be beating: live when it became suspect.
+        frozen = self._frozen_at()
+        return any(r.live(frozen) for r in self._entries.values())
+
+    @property
+    def stale_for_s(self) -> float:
+        """Seconds since the watcher last heard anything, while the view is stale (see the
+        class); 0.0 while it is current."""
+        silent = time.monotonic() - self._heard_mono
+        return max(silent, 1e-3) if self._stale(silent) else 0.0
+
+    @property
+    def stale(self) -> bool:
+        """True while the view may be behind the registry (see the class)."""
+        return self._stale(time.monotonic() - self._heard_mono)
+
+    def _as_of(self) -> float:
+        """The wall time entries expire against: now, or while stale (and catching up after
+        NATS was unhealthy) the time the view was last known current."""
+        if time.monotonic() < self._catch_up_until:
+            return min(time.time(), self._catch_up_as_of)
+        return self._frozen_at() if self.stale else time.time()
 
     @property
     def checks_votes(self) -> bool:
@@ -319,46 +401,128 @@ class RegistryView:
 
     async def start(self) -> None:
         self.registry.verifier  # noqa: B018 -- a missing trust file fails here, not later
-        kv = await self.registry._kv()
-        watcher = await kv.watchall()
-
-        async def run() -> None:
-            async for entry in watcher:
-                if entry is None:  # the initial values have all arrived
-                    self._ready.set()
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._forget(entry.key)
-                    continue
-                reg = _decode(entry.value)
-                checked = (
-                    self.registry.check(reg, entry.key, entry.revision or 0)
-                    if reg is not None
-                    else CardCheck("does not decode")
-                )
-                if reg is not None and checked.refusal is None:
-                    self._entries[entry.key] = reg
-                    if checked.binding is not None:
-                        self._bindings[entry.key] = checked.binding
-                        self._departed.pop(entry.key, None)
-                else:  # a refused revision also replaces the one before it
-                    self._forget(entry.key)
-
-        self._task = asyncio.create_task(run(), name="registry-view")
-        self._watcher = watcher
+        self._heard_mono = time.monotonic()  # not an outage: the view has not started yet
+        self.current_since = time.time()
+        await self._watch()
         try:
             await asyncio.wait_for(self._ready.wait(), timeout=5)
         except TimeoutError:
             # An empty bucket may not send the end-of-initial marker on every server version.
             self._ready.set()
+        self._supervisor = asyncio.create_task(self._supervise(), name="registry-view-watch")
 
     async def stop(self) -> None:
-        if self._task:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()  # type: ignore[no-untyped-call]
-            self._task.cancel()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        await self._unwatch()
+
+    async def _watch(self) -> None:
+        """Follow the bucket with a fresh watcher: its replay of every key, then changes."""
+        kv = await self.registry._kv()
+        watcher = await kv.watchall()
+        self._heard()  # the server answered: the view is as current as its replay
+        self._watcher = watcher
+        self._task = asyncio.create_task(self._follow(watcher), name="registry-view")
+
+    async def _unwatch(self) -> None:
+        task, watcher, self._task, self._watcher = self._task, self._watcher, None, None
+        if watcher is not None:
+            with contextlib.suppress(Exception):  # NATS may be gone: bounded, best effort
+                await asyncio.wait_for(watcher.stop(), timeout=1.0)
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+                await task
+
+    async def _follow(self, watcher: Any) -> None:
+        replayed: set[str] | None = set()  # keys in the replay, until its end marker
+        async for entry in watcher:
+            self._heard()
+            if entry is None:  # the initial values have all arrived
+                if replayed is not None:
+                    # Keys that went while nobody watched (aged out, purged) are not replayed;
+                    # one still usable (catching up after an outage) expires by its seen_at.
+                    as_of = self._as_of()
+                    for key, known in list(self._entries.items()):
+                        if key not in replayed and not self._usable(known, as_of):
+                            self._forget(key)
+                replayed = None
+                self._ready.set()
+                continue
+            if replayed is not None:
+                replayed.add(entry.key)
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self._forget(entry.key)
+                continue
+            reg = _decode(entry.value)
+            checked = (
+                self.registry.check(reg, entry.key, entry.revision or 0)
+                if reg is not None
+                else CardCheck("does not decode")
+            )
+            if reg is not None and checked.refusal is None:
+                self._entries[entry.key] = reg
+                if checked.binding is not None:
+                    self._bindings[entry.key] = checked.binding
+                    self._departed.pop(entry.key, None)
+            else:  # a refused revision also replaces the one before it
+                self._forget(entry.key)
+
+    def _needs_rewatch(self) -> str:
+        """Why the watcher must be replaced ("" if it need not)."""
+        task = self._task
+        if task is None:
+            return "not running"
+        if task.done():
+            error = None if task.cancelled() else task.exception()
+            return f"ended ({error!r})" if error is not None else "ended"
+        silent = time.monotonic() - self._heard_mono
+        if silent > max(self.stale_after_s, REWATCH_AFTER_MIN_S):
+            as_of = self._as_of()
+            if any(r.live(as_of) for r in self._entries.values()):
+                return f"silent for {silent:.1f} s"
+        return ""
+
+    async def _supervise(self) -> None:
+        """Replace a watcher that ended or fell silent; bounded pauses, one log per outage."""
+        check_s = self.stale_after_s / 2
+        outage_since: float | None = None
+        failures = 0
+        while True:
+            await asyncio.sleep(
+                check_s
+                if failures == 0
+                else min(REWATCH_MAX_S, REWATCH_FIRST_S * 2 ** (failures - 1))
+            )
+            if not self.registry.bus.nc.is_connected:
+                self._nats_trouble = True
+            why = self._needs_rewatch() if failures == 0 else "still not watching"
+            if not why:
+                continue
+            if outage_since is None:
+                outage_since = time.monotonic()
+                log.warning(
+                    "registry view: watcher %s; keeping %d last-known entries and watching again",
+                    why,
+                    len(self._entries),
+                )
+            await self._unwatch()
+            try:
+                await asyncio.wait_for(self._watch(), timeout=REWATCH_TIMEOUT_S)
+            except Exception as e:  # NATS unhealthy: try again later, entries kept
+                self._nats_trouble = True
+                failures += 1
+                log.debug("registry view: watching again failed: %r", e)
+                continue
+            self.rewatches += 1
+            log.info(
+                "registry view: watching again, %.1f s after it stopped hearing",
+                time.monotonic() - outage_since + self.stale_after_s,
+            )
+            outage_since, failures = None, 0
 
     def _forget(self, key: str) -> None:
         """The entry at `key` is gone (or refused): its binding is kept a while (`binding`)."""
@@ -369,19 +533,20 @@ class RegistryView:
             while len(self._departed) > DEPARTED_MAX:
                 self._departed.popitem(last=False)
 
-    def _usable(self, r: Registration, now: float) -> bool:
-        if not r.live(now):
+    def _usable(self, r: Registration, as_of: float) -> bool:
+        if not r.live(as_of):
             return False
         binding = self._bindings.get(r.key)
-        return binding is None or not binding.expired(now)
+        # A card's signed lifetime runs on the wall clock, outage or not.
+        return binding is None or not binding.expired(time.time())
 
     def instances(self, agent: str) -> list[Registration]:
-        now = time.time()
+        now = self._as_of()
         return [r for r in self._entries.values() if r.agent == agent and self._usable(r, now)]
 
     def agents_with_skill(self, skill: str) -> list[str]:
         """Names of agents with at least one live instance that has `skill` (sorted)."""
-        now = time.time()
+        now = self._as_of()
         return sorted(
             {r.agent for r in self._entries.values() if skill in r.skills and self._usable(r, now)}
         )

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     card_ttl_s: float = Field(
         default=6.0, gt=0, description="An agent not heard from for this long is not live."
     )
+    no_agent_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long the coordinator keeps a new event waiting for a live agent with "
+        "each skill its policy needs before dead-lettering it as `no_agent`.",
+    )
     policy_file: Path | None = Field(
         default=None, description="Decision policies (TOML). Default: coordinator/policies.toml."
     )

@@ -74,8 +74,9 @@ def nats_server() -> Iterator[EmbeddedServer]:
 
 @pytest.fixture
 def settings() -> Settings:
-    # Short clocks so liveness tests finish quickly; nothing here is a timing assertion.
-    return Settings(heartbeat_s=0.3, card_ttl_s=1.5, http_port=0)
+    # Short clocks so liveness tests finish quickly (an event no live agent can vote on waits
+    # 1 s, not 30, before its no_agent dead letter); nothing here is a timing assertion.
+    return Settings(heartbeat_s=0.3, card_ttl_s=1.5, no_agent_wait_s=1.0, http_port=0)
 
 
 @pytest.fixture
@@ -101,7 +102,9 @@ def nats_url(
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def mod_bus(nats_url: str) -> AsyncIterator[Bus]:
     """A connection to the module's server, streams in place, with the short test clocks."""
-    settings = Settings(heartbeat_s=0.3, card_ttl_s=1.5, http_port=0, nats_url=nats_url)
+    settings = Settings(
+        heartbeat_s=0.3, card_ttl_s=1.5, no_agent_wait_s=1.0, http_port=0, nats_url=nats_url
+    )
     async with await Bus.connect(nats_url, name="module-test", settings=settings) as b:
         await b.ensure()
         yield b

@@ -34,11 +34,19 @@ def settings(card_ttl_s: float) -> Settings:
 
 @pytest.fixture
 def procs(
-    nats_server: EmbeddedServer, bus: Bus, tmp_path: Path, card_ttl_s: float
+    request: pytest.FixtureRequest,
+    nats_server: EmbeddedServer,
+    bus: Bus,
+    tmp_path: Path,
+    card_ttl_s: float,
 ) -> Iterator[ProcessMesh]:
-    with ProcessMesh(
-        nats_server.url, tmp_path, clocks(card_ttl_s=card_ttl_s), server=nats_server
-    ) as mesh:
+    """A module that sets `NO_AGENT_WAIT_S` gets coordinators that wait that long (not the
+    product's 30 s) before dead-lettering an event no live agent can vote on."""
+    env = clocks(card_ttl_s=card_ttl_s)
+    wait_s = getattr(request.module, "NO_AGENT_WAIT_S", None)
+    if wait_s is not None:
+        env["MESH_NO_AGENT_WAIT_S"] = str(wait_s)
+    with ProcessMesh(nats_server.url, tmp_path, env, server=nats_server) as mesh:
         yield mesh
 
 

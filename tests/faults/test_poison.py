@@ -23,6 +23,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(1
 
 VOTER = "late-review"
 LATE_SKILL = "fault-late-review"
+# The no_agent case below waits this long for a voter with LATE_SKILL (the product: 30 s).
+NO_AGENT_WAIT_S = 1.0
 ALWAYS_RAISES = "faults-always-raises"
 MAX_DELIVER = 3
 

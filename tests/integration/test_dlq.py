@@ -519,3 +519,36 @@ def test_a_body_too_large_for_its_record_is_kept_by_reference(cli_server: str) -
     assert "does not match" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["dlq", "replay", str(dlq_seq)])
     assert r.exit_code == 2 and "does not match" in r.output, r.output
+
+
+async def test_an_event_the_coordinator_dead_lettered_keeps_its_one_record(
+    bus: Bus, adl: AdvisoryDeadLetters
+) -> None:
+    """The coordinator marked the event (its last delivery) and crashed before storing its
+    record: JetStream's give-up advisory stores the coordinator's record, under the
+    coordinator's message id, not a second `max_deliveries` one."""
+    from coordinator.ledger import Ledger, state_key
+
+    event, seq = await publish(bus)
+    ledger = await Ledger.on_bus(bus, "crashed-coordinator", 2.0)
+    await ledger.mark_dead_lettered(
+        state_key("acme", event.id), stream_seq=seq, reason="no_agent", error="nobody has s9"
+    )
+    advisory = json.dumps(
+        {
+            "type": "io.nats.jetstream.advisory.v1.max_deliver",
+            "stream": subjects.EVENTS_STREAM,
+            "consumer": subjects.COORDINATOR_DURABLE,
+            "stream_seq": seq,
+            "deliveries": 20,
+        }
+    ).encode()
+    subject = subjects.max_deliveries_advisory(subjects.EVENTS_STREAM, subjects.COORDINATOR_DURABLE)
+    await adl.handle(subject, advisory)
+    # Again (as would be the coordinator's own late publish, same message id): deduplicated.
+    await adl.handle(subject, advisory)
+    got = await records(bus)
+    assert [(d.reason, d.error, d.event_id) for _, d in got] == [
+        ("no_agent", "nobody has s9", event.id)
+    ]
+    assert adl.stats.recorded == 1 and adl.stats.duplicates == 1

@@ -6,6 +6,8 @@ import pytest
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
 from mesh.registry import Registry, RegistryView
+from mesh.server import EmbeddedServer
+from mesh.settings import Settings
 from tests.support.samples import write_card
 from tests.support.waits import eventually
 
@@ -90,3 +92,76 @@ async def test_a_registered_card_is_bound_to_its_instance_and_signed(
         assert view.binding("alpha", "i1") == binding
     finally:
         await view.stop()
+
+
+async def test_the_view_keeps_its_entries_through_a_nats_outage_and_resumes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """NATS goes away (a leader election, a restart): the view keeps what it knew, says it is
+    stale, and once NATS is back it follows the registry again (a new watcher if the old one
+    died with the server), so an agent registered after the restart is seen."""
+    server = EmbeddedServer(tmp_path / "js").start()
+    try:
+        async with await Bus.connect(server.url, name="view", settings=settings) as bus:
+            await bus.ensure()
+            reg = Registry(bus)
+            view = RegistryView(reg)
+            async with reg.registered(_card(tmp_path, "alpha", "s1"), "i1"):
+                await view.start()
+                try:
+                    await eventually(lambda: _async(view.agents_with_skill("s1") == ["alpha"]))
+                    assert not view.stale
+                    port = int(server.url.rsplit(":", 1)[1])
+                    server.stop()
+                    # Longer than a card lives without heartbeats: still there, and stale.
+                    await eventually(lambda: _async(view.stale_for_s > reg.ttl_s), timeout=30)
+                    assert view.agents_with_skill("s1") == ["alpha"]
+                    assert [r.instance for r in view.instances("alpha")] == ["i1"]
+
+                    server.port = port
+                    await _start_again(server)
+                    await eventually(lambda: _async(not view.stale), timeout=30)
+                    async with reg.registered(_card(tmp_path, "beta", "s2"), "i2"):
+                        await eventually(
+                            lambda: _async(view.agents_with_skill("s2") == ["beta"]), timeout=30
+                        )
+                        # alpha's heartbeats land again too (its entry aged out meanwhile).
+                        await eventually(
+                            lambda: _async(view.agents_with_skill("s1") == ["alpha"]), timeout=30
+                        )
+                finally:
+                    await view.stop()
+    finally:
+        server.stop()
+
+
+async def _start_again(server: EmbeddedServer, attempts: int = 5) -> None:
+    """On its old port, which may linger a moment after the stop."""
+    for attempt in range(1, attempts + 1):
+        try:
+            await asyncio.to_thread(server.start)
+            return
+        except Exception:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(1.0)
+
+
+async def test_a_silent_watcher_is_replaced(bus: Bus, tmp_path: Path) -> None:
+    """A watcher that hears nothing any more while entries are live (here: its subscription
+    gone under it, as an ordered consumer lost in a leader election) is replaced by a fresh one,
+    which sees what happened meanwhile."""
+    reg = Registry(bus)
+    view = RegistryView(reg)
+    async with reg.registered(_card(tmp_path, "alpha", "s1"), "i1"):
+        await view.start()
+        try:
+            await eventually(lambda: _async(view.agents_with_skill("s1") == ["alpha"]))
+            await view._watcher.stop()  # silently deaf: its iterator never ends
+            async with reg.registered(_card(tmp_path, "beta", "s2"), "i2"):
+                await eventually(lambda: _async(view.agents_with_skill("s2") == ["beta"]))
+            assert view.rewatches >= 1
+            await eventually(lambda: _async(view.agents_with_skill("s2") == []))
+            assert view.agents_with_skill("s1") == ["alpha"]
+        finally:
+            await view.stop()

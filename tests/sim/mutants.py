@@ -17,6 +17,7 @@ from coordinator import decide, settle
 from coordinator.ledger import Busy, Claim, Done, Ledger, state_key
 from mesh import envelope
 from mesh.records import DlqReason
+from tests.sim import world
 
 KNOWN: tuple[str, ...] = ()
 
@@ -88,7 +89,10 @@ def _listener_alone(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _patches(name: str) -> list[tuple[Any, str, Any]]:
     if name == "advisory-alone":
-        return [(settle, "gave_up", _listener_alone(settle.gave_up))]
+        return [
+            (settle, "gave_up", _listener_alone(settle.gave_up)),
+            (world, "ADVISORY_OWN_MSG_ID", True),
+        ]
     if name == "dlq-before-mark":
         return [(settle.Settler, "dead_letter", _dead_letter_published_first)]
     if name == "takeover-resets-deadline":

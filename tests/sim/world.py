@@ -33,7 +33,6 @@ import msgspec
 from coordinator import policy as policy_mod
 from coordinator import settle
 from coordinator.decide import LATE, Ask, Decider, Job, unanswered
-from coordinator.dlq import SETTLE_WAIT_S
 from coordinator.ledger import (
     DecisionState,
     Entry,
@@ -41,11 +40,15 @@ from coordinator.ledger import (
     StateConflict,
     state_key,
 )
+from coordinator.settle import SETTLE_WAIT_S
 from mesh import envelope, records, subjects
 from mesh.records import DeadLetter, Decision, DlqReason, Vote
 from mesh.verdict import Choice, Verdict
 
 WALL0 = 1_700_000_000.0
+# The advisory listener's message id for a record it stores itself (tests/sim/mutants.py puts
+# back the old one, which differed from the coordinator's and so made a second record).
+ADVISORY_OWN_MSG_ID = False
 LEASE_S = 2.0  # as coordinator.service
 ACK_WAIT_S = LEASE_S + 1.0
 SKILLS = ["sec", "qual", "lic"]
@@ -722,7 +725,12 @@ class World:
         if fresh is None:
             self.note(f"{node.name} advisory seq {m.seq}: outcome was there already")
             return
-        msg_id = subjects.dlq_msg_id(subjects.EVENTS_STREAM, m.seq, subjects.COORDINATOR_DURABLE)
+        # Under the coordinator's own message id, as dlq.py does (before: one of its own).
+        msg_id = (
+            subjects.dlq_msg_id(subjects.EVENTS_STREAM, m.seq, subjects.COORDINATOR_DURABLE)
+            if ADVISORY_OWN_MSG_ID
+            else subjects.dlq_msg_id(subjects.EVENTS_STREAM, m.seq)
+        )
         for _ in range(3):  # dlq.PUBLISH_RETRY
             await node.io()
             if self.rng.random() >= self.knobs.p_write_fail:

@@ -15,11 +15,13 @@ import pytest
 from coordinator.clock import ManualClock, settle
 from coordinator.decide import (
     CUTOFF_SLACK_S,
+    WAIT_MAX_S,
     Ask,
     Decided,
     Decider,
     Job,
     Undecidable,
+    Wait,
     unanswered,
 )
 from coordinator.ledger import Busy, Claim, DeadLettered, Done, Ledger, LostClaim, MemoryStore
@@ -541,3 +543,131 @@ async def test_under_no_quorum_an_approval_waits_for_the_voters_who_may_fall_sil
         "s3: no answer by the deadline → no approval without it (policy); "
         "no approval without an answer from s3"
     )
+
+
+# -- no live agent: a fresh event waits (unclaimed), a take-over does not -----------------------
+def orphan(clock: ManualClock, *, delivery: int = 1, wait_s: float = 30.0, **over: Any) -> Job:
+    """An event whose skill s3 nobody live has, published now on `clock`."""
+    j = job(policy(), clock)
+    fields = {
+        "agents": {"s1": "agent-s1", "s2": "agent-s2"},
+        "no_agent_wait_s": wait_s,
+        "published_at": clock.time(),
+        "delivery": delivery,
+        "max_deliver": 20,
+    }
+    return dataclasses.replace(j, **(fields | over))
+
+
+async def test_a_fresh_event_with_no_live_agent_waits_unclaimed_with_growing_pauses() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(clock, {s: (0.1, "approve") for s in SKILLS})
+    decider = coordinator(store, "c1", clock, voters)
+    j = orphan(clock)
+    pauses = []
+    for delivery in range(1, 6):
+        outcome = await decider.run(dataclasses.replace(j, delivery=delivery))
+        assert isinstance(outcome, Wait), outcome
+        assert "s3" in outcome.reason
+        pauses.append(outcome.retry_in_s)
+    assert pauses == [0.5, 1.0, 2.0, 4.0, WAIT_MAX_S]
+    assert await state_of(store) is None  # never claimed: its deadline has not started
+    assert voters.asked == []
+
+    # The agent is back: decided, with the whole deadline (it starts at this claim).
+    await clock.advance(10.0)
+    run = asyncio.create_task(decider.run(dataclasses.replace(job(policy(), clock), delivery=6)))
+    await clock.advance(0.1)
+    outcome = done(run)
+    assert isinstance(outcome, Decided) and outcome.decision.outcome == "approved"
+
+
+async def test_an_event_that_waited_long_enough_is_dead_lettered_no_agent() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    decider = coordinator(store, "c1", clock, Voters(clock, {}))
+    j = orphan(clock, wait_s=30.0)
+    await clock.advance(29.0)
+    early = await decider.run(dataclasses.replace(j, delivery=7))
+    assert isinstance(early, Wait) and early.retry_in_s <= 1.0 + 0.1  # not far past the bound
+    await clock.advance(1.0)
+    outcome = await decider.run(dataclasses.replace(j, delivery=8))
+    assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"
+    assert "s3" in outcome.error and "waited 30.0 s over 8 deliveries" in outcome.error
+    assert (await state_of(store)).state == "collecting"  # claimed: the caller marks it
+
+
+async def test_near_the_last_delivery_it_is_dead_lettered_whatever_the_time() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    decider = coordinator(store, "c1", clock, Voters(clock, {}))
+    assert isinstance(await decider.run(orphan(clock, delivery=18)), Wait)
+    outcome = await decider.run(orphan(clock, delivery=19))
+    assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"
+    assert "over 19 deliveries" in outcome.error and "registry view" not in outcome.error
+    stale = await coordinator(MemoryStore(), "c1", clock, Voters(clock, {})).run(
+        orphan(clock, delivery=19, registry_stale_s=12.0)
+    )
+    assert isinstance(stale, Undecidable)
+    assert "the registry view has heard nothing for 12.0 s" in stale.error
+    # Without a publish time only the delivery count bounds the wait.
+    store2 = MemoryStore()
+    d2 = coordinator(store2, "c1", clock, Voters(clock, {}))
+    assert isinstance(await d2.run(orphan(clock, published_at=0.0)), Wait)
+
+
+async def test_no_wait_setting_dead_letters_at_once() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    outcome = await coordinator(store, "c1", clock, Voters(clock, {})).run(
+        orphan(clock, wait_s=0.0)
+    )
+    assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"
+
+
+async def test_a_take_over_with_no_live_agent_is_dead_lettered_under_its_claim() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    first = await Ledger(store, "dead", LEASE_S, clock=clock).claim(
+        KEY, stream_seq=1, deadline_s=5.0
+    )
+    assert isinstance(first, Claim)
+    await clock.advance(LEASE_S + 0.1)  # its owner died; the lease lapsed
+    outcome = await coordinator(store, "c1", clock, Voters(clock, {})).run(orphan(clock))
+    assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"
+    assert outcome.claim.state.takeovers == 1  # the deadline it had is kept
+
+
+async def test_a_replayed_dead_letter_waits_like_a_fresh_event() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    ledger = Ledger(store, "c1", LEASE_S, clock=clock)
+    assert isinstance(
+        await ledger.mark_dead_lettered(KEY, stream_seq=1, reason="no_agent"), DeadLettered
+    )
+    decider = coordinator(store, "c1", clock, Voters(clock, {}))
+    assert isinstance(await decider.run(orphan(clock, stream_seq=2)), Wait)
+    # The same delivery again is what it was: dead-lettered (published again by the caller).
+    again = await decider.run(orphan(clock, stream_seq=1))
+    assert isinstance(again, Done) and again.state.state == "dead_lettered"
+
+
+async def test_the_wait_counts_from_when_the_registry_view_became_current() -> None:
+    """A backlog met by a coordinator that just started (or a view just back from an outage)
+    has not waited for agents yet, however old its events are."""
+    store, clock = MemoryStore(), ManualClock()
+    decider = coordinator(store, "c1", clock, Voters(clock, {}))
+    old = orphan(clock)  # published now
+    await clock.advance(3600.0)
+    fresh_view = dataclasses.replace(old, registry_current_since=clock.time() - 5.0)
+    assert isinstance(await decider.run(fresh_view), Wait)
+    await clock.advance(25.0)
+    outcome = await decider.run(dataclasses.replace(fresh_view, delivery=8))
+    assert isinstance(outcome, Undecidable) and "waited 30.0 s" in outcome.error
+
+
+async def test_a_stale_registry_view_ends_the_wait_only_near_the_last_delivery() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    decider = coordinator(store, "c1", clock, Voters(clock, {}))
+    stale = orphan(clock, registry_stale_s=8.0)
+    await clock.advance(600.0)  # long past the bound, but the view proves nothing
+    waiting = await decider.run(dataclasses.replace(stale, delivery=10))
+    assert isinstance(waiting, Wait) and "registry view has heard nothing" in waiting.reason
+    assert waiting.retry_in_s == WAIT_MAX_S
+    outcome = await decider.run(dataclasses.replace(stale, delivery=19))
+    assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"

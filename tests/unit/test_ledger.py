@@ -4,9 +4,12 @@ take-overs, and the one transition to `dead_lettered` (never together with `deci
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import msgspec
 import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import ServiceUnavailableError
 
 from coordinator.clock import ManualClock
 from coordinator.ledger import (
@@ -22,6 +25,7 @@ from coordinator.ledger import (
     MemoryStore,
     StateConflict,
 )
+from coordinator.settle import SETTLE_WAIT_S, mark_settled
 from mesh.identity import Signer, Trust
 from mesh.records import Decision, Vote
 
@@ -339,3 +343,105 @@ async def test_a_genuine_take_over_keeps_votes_under_signatures() -> None:
     taken = await b.claim(KEY, stream_seq=1, deadline_s=10)
     assert isinstance(taken, Claim) and taken.state.takeovers == 1
     assert list(taken.state.votes) == ["s1"]
+
+
+# -- the advisory's mark: it comes once, so the mark outlasts NATS trouble (bounded) -------------
+class Unavailable(MemoryStore):
+    """A store whose next `failures` calls fail as JetStream does during a leader election."""
+
+    def __init__(self, failures: int, error: Exception | None = None) -> None:
+        super().__init__()
+        self.failures = failures
+        self.error = error or NatsTimeoutError()
+
+    async def get(self, key: str) -> Entry | None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise self.error
+        return await super().get(key)
+
+
+async def drive(clock: ManualClock, task: asyncio.Task[Any], step_s: float = 0.5) -> Any:
+    """Advance `clock` until `task` is done (bounded), and return its result."""
+    for _ in range(1000):
+        if task.done():
+            break
+        await clock.advance(step_s)
+    return task.result()
+
+
+@pytest.mark.parametrize("error", [NatsTimeoutError(), ServiceUnavailableError()])
+async def test_the_advisory_mark_is_tried_again_while_nats_is_unavailable(
+    error: Exception,
+) -> None:
+    clock = ManualClock()
+    store = Unavailable(failures=4, error=error)
+    marking = asyncio.create_task(
+        mark_settled(
+            ledger(store, "dlq", clock),
+            KEY,
+            stream_seq=1,
+            reason="max_deliveries",
+            error="gave up",
+            patience_s=SETTLE_WAIT_S,
+        )
+    )
+    marked = await drive(clock, marking)
+    assert isinstance(marked, DeadLettered) and marked.fresh
+    state = await ledger(store, "reader", clock).read(KEY)
+    assert state is not None and state.state == "dead_lettered"
+
+
+async def test_the_advisory_mark_gives_up_loudly_after_its_patience() -> None:
+    clock = ManualClock()
+    store = Unavailable(failures=10**6)
+    marking = asyncio.create_task(
+        mark_settled(
+            ledger(store, "dlq", clock),
+            KEY,
+            stream_seq=1,
+            reason="max_deliveries",
+            error="",
+            patience_s=10.0,
+        )
+    )
+    with pytest.raises(NatsTimeoutError):  # raised: the caller publishes nothing, logs it
+        await drive(clock, marking)
+    assert clock.monotonic() <= 10.0 + 0.5
+
+
+class Conflicting(MemoryStore):
+    """Every update loses its CAS race while `conflicts` is on."""
+
+    conflicts = True
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        if self.conflicts:
+            raise StateConflict("someone else wrote")
+        return await super().update(key, value, last)
+
+
+async def test_the_advisory_mark_after_lost_races_finds_the_decision() -> None:
+    clock = ManualClock()
+    store = Conflicting()
+    owner = ledger(store, "c1", clock)
+    claim = await owner.claim(KEY, stream_seq=1, deadline_s=5)
+    assert isinstance(claim, Claim)
+    await clock.advance(LEASE_S + 0.1)  # the owner looks dead, but is only slow
+    marking = asyncio.create_task(
+        mark_settled(
+            ledger(store, "dlq", clock),
+            KEY,
+            stream_seq=1,
+            reason="max_deliveries",
+            error="",
+            patience_s=SETTLE_WAIT_S,
+        )
+    )
+    await clock.advance(0.1)
+    assert not marking.done()  # every CAS lost so far: it keeps looking, it does not give up
+    store.conflicts = False
+    decided = msgspec.structs.replace(claim.state, state="decided")
+    await owner.save(claim, decided)
+    marked = await drive(clock, marking)
+    assert isinstance(marked, Done)  # decided after all: no dead letter

@@ -38,7 +38,11 @@ def _registry(messages: int) -> Registry:
         assert name == "KV_mesh_cards"
         return SimpleNamespace(state=SimpleNamespace(messages=messages))
 
-    bus = SimpleNamespace(settings=Settings(), js=SimpleNamespace(stream_info=stream_info))
+    bus = SimpleNamespace(
+        settings=Settings(),
+        js=SimpleNamespace(stream_info=stream_info),
+        nc=SimpleNamespace(is_connected=True),
+    )
     return Registry(bus)  # type: ignore[arg-type]
 
 
