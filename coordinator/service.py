@@ -38,7 +38,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry.trace import SpanKind
 
-from coordinator import dispatch, dlq
+from coordinator import admission, dispatch, dlq
 from coordinator.clock import SYSTEM_CLOCK
 from coordinator.decide import Ask, Decided, Decider, Job, Undecidable
 from coordinator.ledger import (
@@ -89,6 +89,11 @@ class Coordinator:
         self.client = AgentClient(bus)
         self.view = RegistryView(Registry(bus))
         self.router = Router(self.view)
+        # Events wait for room at their voters before they are claimed (coordinator.admission).
+        self.admission = admission.Admission(
+            lambda agent: self.router.capacity(agent),  # noqa: PLW0108 (a swapped-in router counts)
+            stall_s=max((p.deadline_s for p in policies.by_type.values()), default=10.0) + 5,
+        )
         # Whose signatures to believe, and the key this coordinator signs with: refused at
         # once (ConfigError) when the trust file would not believe what this one signs.
         self.trust = require_trust(bus.settings, what="the coordinator")
@@ -207,7 +212,10 @@ class Coordinator:
     async def _ask(self, ask: Ask) -> Vote:
         """The decision core's asker: one voter, over A2A on NATS (read at call time, so a
         router swapped in after construction is the one used)."""
-        return await dispatch.ask(self.client, self.router, ask)
+        try:
+            return await dispatch.ask(self.client, self.router, ask)
+        finally:
+            admission.release(ask.agent)  # its slot is free as soon as its vote is in
 
     # -- one event ------------------------------------------------------------------------------
     async def handle(self, msg: Msg) -> None:
@@ -315,7 +323,8 @@ class Coordinator:
             principal=principal,
         )
         assert self._decider is not None, "run() sets up the decider"
-        outcome = await self._decider.run(job, on_renew=msg.in_progress)
+        async with self.admission.slots(agents.values(), keepalive=msg.in_progress):
+            outcome = await self._decider.run(job, on_renew=msg.in_progress)
         if isinstance(outcome, Busy):
             # Someone alive holds it; look again when its lease would have lapsed.
             await msg.nak(delay=outcome.retry_in_s + 0.5)
