@@ -16,7 +16,11 @@ replicas (a half-open replica counts one: its probe); admission waits for it.
 
 Breakers open on failures, never on load the coordinator made itself. What a call's end counts
 as, for the replica that got it:
-- an answer (a vote, or a JSON-RPC error it sent): success; an error answer is a failure;
+- an answer (a vote): success; an error answer is a failure, except -32603 (internal error):
+  that is the replica's backing store failing (e.g. its JetStream task store in a leader
+  election), which every replica shares, so stepping around one helps nothing and opening every
+  breaker would turn a short election into fail-fast "unavailable" votes; the call is retried
+  (`coordinator.dispatch`) instead;
 - "busy" (`AgentBusyError`): never a failure; the replica is alive and said so;
 - a timeout: a failure only if the replica gave no sign of life while this call waited (no
   other call to it got any answer meanwhile), so a busy-but-alive replica never trips and a
@@ -45,6 +49,7 @@ from purgatory.domain.model import Context, OpenedState
 
 from coordinator.admission import AimdLimit
 from mesh import subjects
+from mesh.a2a import jsonrpc
 from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
 from mesh.registry import Registration, RegistryView
 
@@ -198,7 +203,8 @@ class Router:
             self._overloaded("", rep, started)
             return rep.answers == before  # no sign of life while it waited
         if isinstance(e, AgentCallError) and not isinstance(e, AgentUnavailableError):
-            rep.answers += 1  # it answered, with an error: alive, and a failure
+            rep.answers += 1  # it answered, with an error: alive
+            return e.code != jsonrpc.INTERNAL_ERROR  # shared infrastructure, not this replica
         return True
 
     def _overloaded(self, key: str, rep: _Replica, started: float) -> None:

@@ -54,7 +54,7 @@ async def test_a_burst_is_decided_right_with_no_breaker_opened(
     latencies = sorted(
         d.latency_ms for _, d in outcomes.decisions if d.event_id in expected and d.latency_ms
     )
-    p99 = latencies[max(0, math.ceil(0.99 * len(latencies)) - 1)] if latencies else float("nan")
+    p50, p99, worst = (_pct(latencies, q) for q in (0.5, 0.99, 1.0))
     calls = sorted(
         v.latency_ms for _, d in outcomes.decisions if d.event_id in expected for v in d.votes
     )
@@ -64,9 +64,8 @@ async def test_a_burst_is_decided_right_with_no_breaker_opened(
     opened = [line for line in log.splitlines() if "circuit breaker" in line]
     print(
         f"\nFAULTS burst: events={EVENTS} voters=3 publish={published - started:.1f}s "
-        f"drain={drained - started:.1f}s p50={latencies[len(latencies) // 2] if latencies else 0:.0f}ms "
-        f"p99={p99:.0f}ms max={latencies[-1] if latencies else 0:.0f}ms "
-        f"call-p50={calls[len(calls) // 2] if calls else 0:.0f}ms "
+        f"drain={drained - started:.1f}s p50={p50:.0f}ms p99={p99:.0f}ms max={worst:.0f}ms "
+        f"call-p50={_pct(calls, 0.5):.0f}ms "
         f"decided={len(outcomes.decided_ids())} lost={len(missing)} wrong={len(tally.wrong)} "
         f"dead={len(tally.dead_only)} breakers={breakers} breaker-log-lines={len(opened)}"
     )
@@ -79,3 +78,10 @@ async def test_a_burst_is_decided_right_with_no_breaker_opened(
     assert all(state == "closed" for state in breakers.values()), breakers
     assert not opened, opened[:5]
     assert coordinator.alive
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of already sorted values; NaN for none."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]

@@ -268,10 +268,14 @@ async def test_a_busy_answer_is_never_a_breaker_failure() -> None:
     assert router.limit("rev.a") == 1  # but it is overloaded: fewer calls at once
 
 
-async def test_a_cancelled_call_is_not_a_failure() -> None:
-    router = Router(_View(_reg("a")), threshold=1, ttl_s=60)  # type: ignore[arg-type]
-    await _ended(router, router.route("rev"), asyncio.CancelledError())
-    assert router.states()["rev.a"] == "closed"
+async def test_a_cancelled_call_or_an_internal_error_answer_is_not_a_failure() -> None:
+    for error in (
+        asyncio.CancelledError(),
+        AgentCallError("rev", "error -32603: no response from stream", code=-32603),
+    ):
+        router = Router(_View(_reg("a")), threshold=1, ttl_s=60)  # type: ignore[arg-type]
+        await _ended(router, router.route("rev"), error)
+        assert router.states()["rev.a"] == "closed", error
 
 
 async def test_a_timeout_trips_only_a_replica_that_gave_no_sign_of_life() -> None:
