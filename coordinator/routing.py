@@ -26,10 +26,12 @@ as, for the replica that got it:
   other call to it got any answer meanwhile), so a busy-but-alive replica never trips and a
   hung (SIGSTOPped) one still does;
 - no responders, a broken connection: a failure;
-- cancelled by the coordinator (the decision no longer needs it): nothing.
-Breakers are purgatory's (closed → open after `threshold` consecutive failures → half-open
-after `ttl_s`, where the next call decides). This module is the only one that talks to
-purgatory; callers see `Breaker`, `BreakerOpen` and `Router.call`.
+- cancelled by the coordinator (the decision no longer needs it): not a failure.
+What is not a failure ends as a success for the breaker (the consecutive count restarts, a
+half-open breaker closes): purgatory has no neutral end. Breakers are purgatory's (closed →
+open after `threshold` consecutive failures → half-open after `ttl_s`, where the next call
+decides). This module is the only one that talks to purgatory; callers see `Breaker`,
+`BreakerOpen` and `Router.call`.
 """
 
 from __future__ import annotations
