@@ -21,6 +21,9 @@ Rules this module owns:
   once an agent it waits for has given back no slot for `stall_s`, longer than any decision can
   hold one. Under load slots keep coming back, so this never fires; it keeps a leaked slot or a
   wedged call from freezing the coordinator.
+- A redelivery asks for room only for the voters it will still ask (`voters_left`): an event
+  already decided or dead-lettered, or held by a live owner, needs none and does not queue
+  behind new work (after a coordinator dies, hundreds of its events come back at once).
 - While it waits, `keepalive` runs about every `keepalive_s` (the service passes
   `msg.in_progress`, so JetStream does not redeliver an event that is only waiting).
 
@@ -35,10 +38,11 @@ import contextvars
 import logging
 import math
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from coordinator.clock import SYSTEM_CLOCK, Clock
+from coordinator.ledger import DecisionState
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,27 @@ class _Waiter:
 
     def __post_init__(self) -> None:
         self.kind = frozenset(self.need.items())
+
+
+def voters_left(
+    state: DecisionState | None, agents: Mapping[str, str], *, stream_seq: int, now: float
+) -> list[str]:
+    """The agents (skill → agent in `agents`) a delivery of an event will still ask, as far as
+    its ledger `state` says at wall time `now`: none when it is decided, dead-lettered by this
+    very delivery, or held by a live owner (the claim says so, and nobody is asked); after a
+    take-over, those whose vote is not in yet. A sketch of the claim's answer, for admission
+    only: the claim itself decides."""
+    if state is None:
+        return list(agents.values())
+    if state.state == "decided" or (
+        state.state == "dead_lettered" and state.stream_seq == stream_seq
+    ):
+        return []
+    if state.state == "collecting" and state.lease_until > now:
+        return []
+    if state.state == "dead_lettered":
+        return list(agents.values())  # a replay: decided afresh
+    return [agent for skill, agent in agents.items() if skill not in state.votes]
 
 
 # The grant of the event whose decision is running in this task (and the ask tasks it starts,

@@ -323,7 +323,12 @@ class Coordinator:
             principal=principal,
         )
         assert self._decider is not None, "run() sets up the decider"
-        async with self.admission.slots(agents.values(), keepalive=msg.in_progress):
+        voters = list(agents.values())
+        if msg.metadata.num_delivered > 1:  # it may need nobody: decided, or someone else's
+            voters = admission.voters_left(
+                await self.ledger.read(job.key), agents, stream_seq=job.stream_seq, now=time.time()
+            )
+        async with self.admission.slots(voters, keepalive=msg.in_progress):
             outcome = await self._decider.run(job, on_renew=msg.in_progress)
         if isinstance(outcome, Busy):
             # Someone alive holds it; look again when its lease would have lapsed.

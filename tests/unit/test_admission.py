@@ -207,3 +207,25 @@ def test_aimd_starts_at_the_declared_capacity_and_stays_within_bounds() -> None:
     lim.declare(2)
     assert lim.current == 2
     assert AimdLimit(0).current == 1
+
+
+def test_a_redelivery_waits_only_for_the_voters_it_will_still_ask() -> None:
+    from coordinator.ledger import DecisionState
+    from mesh.records import Vote
+
+    agents = {"s1": "a1", "s2": "a2"}
+    now = 1000.0
+
+    def state(kind: str, **kw: object) -> DecisionState:
+        base: dict[str, object] = {"lease_until": now - 1, "deadline_at": now + 5, "stream_seq": 7}
+        return DecisionState(kind, "c1", **{**base, **kw})  # type: ignore[arg-type]
+
+    left = admission.voters_left
+    assert left(None, agents, stream_seq=7, now=now) == ["a1", "a2"]
+    assert left(state("decided"), agents, stream_seq=7, now=now) == []
+    assert left(state("dead_lettered"), agents, stream_seq=7, now=now) == []
+    assert left(state("dead_lettered"), agents, stream_seq=8, now=now) == ["a1", "a2"]  # replay
+    assert left(state("collecting", lease_until=now + 1), agents, stream_seq=7, now=now) == []
+    voted = {"s1": Vote(skill="s1", agent="a1", outcome="voted")}
+    # A take-over (the owner's lease lapsed): only voters without a vote are asked.
+    assert left(state("collecting", votes=voted), agents, stream_seq=7, now=now) == ["a2"]
