@@ -1,7 +1,16 @@
 """Asking one voter (the service's `Asker`): an A2A call over NATS with a per-call timeout,
-bounded retries (the policy's `retries`, full-jitter backoff) on another replica each time, all
-inside the decision's deadline. Never raises: every failure becomes a `Vote` whose outcome says
-what happened.
+retried on another replica each time (full-jitter backoff), all inside the decision's deadline.
+Never raises: every failure becomes a `Vote` whose outcome says what happened.
+
+Two kinds of failure, retried differently:
+- infrastructure (`infrastructure`): nobody listening, an agent's "busy", a JSON-RPC internal
+  error (-32603, e.g. an agent's task store in a leader election). The path failed, not the
+  agent's judgement: retried until the deadline (pauses capped at 1 s, at least the agent's
+  `retry_after_s`), not counted against `retries`;
+- everything else (a timeout, every replica's breaker open, an error answer): at most the
+  policy's `retries` more attempts.
+The per-call timeout counts from when the call is sent (admission has already found it room)
+and never reaches past the deadline.
 
 An answer counts only if the instance that gave it signed it (`mesh.votes`) with the key its
 verified card binds, for exactly what was asked: this event, tenant, skill and messageId. An
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 
 import msgspec
@@ -23,9 +33,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from coordinator.decide import Ask, unanswered
 from coordinator.policy import Policy
-from coordinator.routing import BreakerOpen, Router
+from coordinator.routing import BreakerOpen, Router, is_busy
 from mesh import subjects, telemetry, votes
 from mesh._internal.retry import RetryPolicy
+from mesh.a2a import jsonrpc
 from mesh.a2a.client import (
     AgentClient,
     artifact_metadata,
@@ -45,6 +56,28 @@ def retry_policy(policy: Policy) -> RetryPolicy:
     """`retries` more attempts after the first; the pause after the n-th failure is uniform in
     [0, min(1 s, 0.1 s·2^(n-1))] and never reaches past the decision's deadline."""
     return RetryPolicy(attempts=policy.retries + 1, base_s=0.1, max_s=1.0)
+
+
+# Infrastructure failures: as many attempts as fit before the deadline (that is the bound).
+INFRA_RETRY = RetryPolicy(attempts=sys.maxsize, base_s=0.05, max_s=1.0)
+
+
+def infrastructure(e: AgentCallError) -> bool:
+    """A failure of the path to the agent rather than of the agent: worth retrying until the
+    deadline (see the module docstring)."""
+    return (
+        is_busy(e)
+        or type(e) is AgentUnavailableError  # no responders (an open breaker is not this)
+        or e.code == jsonrpc.INTERNAL_ERROR
+    )
+
+
+def _infra_pause(e: AgentCallError, infra_failures: int, deadline: float) -> float | None:
+    wait = INFRA_RETRY.delay(infra_failures)
+    retry_after = getattr(e, "retry_after_s", None)
+    if isinstance(retry_after, int | float) and retry_after > wait:
+        wait = float(retry_after)  # the agent said when it will have room
+    return wait if time.monotonic() + wait < deadline else None
 
 
 def message(req: Ask) -> Message:
@@ -162,6 +195,8 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
     policy = req.policy
     retry = retry_policy(policy)
     attempts = 0
+    counted = 0  # failed attempts that count against the policy's `retries`
+    infra = 0  # failed attempts that were the infrastructure's (bounded by the deadline)
     last: AgentCallError | None = None
     failed: set[str] = set()  # replicas that failed this call: the next attempt goes elsewhere
     while True:
@@ -176,7 +211,7 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
         attempts += 1
         route = router.route(req.agent, avoid=frozenset(failed))
         try:
-            async with await router.breaker(route):
+            async with router.call(route, slow_s=policy.agent_timeout_s / 2):
                 result = await client.send(
                     req.agent,
                     msg,
@@ -188,19 +223,25 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
             task = task_of(result)
             verdict = verdict_of(task)
         except BreakerOpen:
-            last = AgentUnavailableError(req.agent)
+            # Every replica's breaker is open: fail fast, under `retries` (not infrastructure).
+            last, tripped = AgentUnavailableError(req.agent), True
             failed.add(route.breaker_key)
         except AgentCallError as e:
-            last = e
+            last, tripped = e, False
             failed.add(route.breaker_key)
         except (ValueError, msgspec.ValidationError) as e:
             # The agent answered, but not with a usable vote: retrying will not change it.
             return _vote(req, started, attempts, "error", error=str(e))
         else:
             return _answered(router, req, msg, task, verdict, started=started, attempts=attempts)
-        if not last.retryable:
+        if not tripped and infrastructure(last):
+            infra += 1
+            delay = _infra_pause(last, infra, req.deadline)
+        elif last.retryable:
+            counted += 1
+            delay = retry.pause(counted, deadline=req.deadline)  # None: attempts or time used up
+        else:
             break
-        delay = retry.pause(attempts, deadline=req.deadline)  # None: attempts or time used up
         if delay is None:
             break
         await asyncio.sleep(delay)
@@ -208,7 +249,7 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
         "timeout"
         if isinstance(last, AgentTimeoutError) or last is None
         else "unavailable"
-        if isinstance(last, AgentUnavailableError)
+        if isinstance(last, AgentUnavailableError) or is_busy(last)
         else "error"
     )
     error = str(last) if last else "deadline passed before it could be asked"

@@ -37,7 +37,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry.trace import SpanKind
 
-from coordinator import dispatch, dlq, settle
+from coordinator import admission, dispatch, dlq, settle
 from coordinator.clock import SYSTEM_CLOCK
 from coordinator.decide import Ask, Decider, Job
 from coordinator.ledger import (
@@ -84,6 +84,11 @@ class Coordinator:
         self.client = AgentClient(bus)
         self.view = RegistryView(Registry(bus))
         self.router = Router(self.view)
+        # Events wait for room at their voters before they are claimed (coordinator.admission).
+        self.admission = admission.Admission(
+            lambda agent: self.router.capacity(agent),  # noqa: PLW0108 (a swapped-in router counts)
+            stall_s=max((p.deadline_s for p in policies.by_type.values()), default=10.0) + 5,
+        )
         # Whose signatures to believe, and the key this coordinator signs with: refused at
         # once (ConfigError) when the trust file would not believe what this one signs.
         self.trust = require_trust(bus.settings, what="the coordinator")
@@ -201,7 +206,10 @@ class Coordinator:
     async def _ask(self, ask: Ask) -> Vote:
         """The decision core's asker: one voter, over A2A on NATS (read at call time, so a
         router swapped in after construction is the one used)."""
-        return await dispatch.ask(self.client, self.router, ask)
+        try:
+            return await dispatch.ask(self.client, self.router, ask)
+        finally:
+            admission.release(ask.agent)  # its slot is free as soon as its vote is in
 
     # -- one event ------------------------------------------------------------------------------
     async def handle(self, msg: Msg) -> None:
@@ -316,7 +324,13 @@ class Coordinator:
         )
         assert self._decider is not None, "run() sets up the decider"
         delivery = MsgDelivery(msg)
-        outcome = await self._decider.run(job, on_renew=delivery.in_progress)
+        voters = list(agents.values())
+        if msg.metadata.num_delivered > 1:  # it may need nobody: decided, or someone else's
+            voters = admission.voters_left(
+                await self.ledger.read(job.key), agents, stream_seq=job.stream_seq, now=time.time()
+            )
+        async with self.admission.slots(voters, keepalive=delivery.in_progress):
+            outcome = await self._decider.run(job, on_renew=delivery.in_progress)
         await self.settler.settle(delivery, event, outcome, unverified)
 
     async def _publish(self, decision: Decision) -> None:

@@ -356,6 +356,8 @@ class NatsTransport(ClientTransport):
                 self.agent,
                 f"error {code}: {error.get('message', '')}",
                 code=code if isinstance(code, int) else None,
+                # An internal error (e.g. its task store in a leader election) may pass.
+                retryable=code == jsonrpc.INTERNAL_ERROR,
             )
         return result
 

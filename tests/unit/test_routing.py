@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -11,8 +12,9 @@ from coordinator import dispatch
 from coordinator.decide import Ask
 from coordinator.policy import Policy
 from coordinator.quorum import QuorumRule
-from coordinator.routing import Route, Router
+from coordinator.routing import DEFAULT_CAPACITY, Route, Router
 from mesh import envelope
+from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
 from mesh.identity import Signer, b64
 from mesh.registry import Registration
 from mesh.signing import Binding
@@ -218,3 +220,198 @@ async def test_nothing_is_checked_when_the_view_checks_nothing() -> None:
     view = _SignedView(None, checks=False)
     vote = await dispatch.ask(client, Router(view), _ask())  # type: ignore[arg-type]
     assert vote.outcome == "voted" and vote.counted_as == "approve" and not vote.instance
+
+
+# -- breakers open on failures, never on load we made ---------------------------------------------
+try:  # helper code for the busy answer lands in mesh.errors; until then, the same shape here
+    from mesh.errors import AgentBusyError  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the branch
+
+    class AgentBusyError(AgentCallError):  # type: ignore[no-redef]
+        def __init__(self, agent: str, retry_after_s: float = 0.0) -> None:
+            super().__init__(agent, "busy", retryable=True)
+            self.retry_after_s = retry_after_s
+
+
+def _busy(agent: str = "rev", retry_after_s: float = 0.0) -> AgentCallError:
+    try:
+        return AgentBusyError(agent, retry_after_s=retry_after_s)
+    except TypeError:  # pragma: no cover - another constructor shape
+        e = AgentBusyError(agent)
+        e.retry_after_s = retry_after_s
+        return e
+
+
+class _Tick:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _ended(router: Router, route: Route, error: BaseException | None, **kw: Any) -> None:
+    with contextlib.suppress(BaseException):
+        async with router.call(route, slow_s=kw.get("slow_s", 1.0)):
+            if error is not None:
+                raise error
+
+
+async def test_a_busy_answer_is_never_a_breaker_failure() -> None:
+    router = Router(_View(_reg("a")), threshold=1, ttl_s=60)  # type: ignore[arg-type]
+    route = router.route("rev")
+    for _ in range(5):
+        await _ended(router, route, _busy())
+    assert router.states()["rev.a"] == "closed"
+    assert router.limit("rev.a") == 1  # but it is overloaded: fewer calls at once
+
+
+async def test_a_cancelled_call_or_an_internal_error_answer_is_not_a_failure() -> None:
+    for error in (
+        asyncio.CancelledError(),
+        AgentCallError("rev", "error -32603: no response from stream", code=-32603),
+    ):
+        router = Router(_View(_reg("a")), threshold=1, ttl_s=60)  # type: ignore[arg-type]
+        await _ended(router, router.route("rev"), error)
+        assert router.states()["rev.a"] == "closed", error
+
+
+async def test_a_timeout_trips_only_a_replica_that_gave_no_sign_of_life() -> None:
+    router = Router(_View(_reg("a")), threshold=1, ttl_s=60)  # type: ignore[arg-type]
+    route = router.route("rev")
+    # Busy but alive: while this call waited, another call to the same replica was answered.
+    with contextlib.suppress(AgentTimeoutError):
+        async with router.call(route, slow_s=1.0):
+            await _ended(router, route, None)
+            raise AgentTimeoutError("rev", 1.5)
+    assert router.states()["rev.a"] == "closed"
+    # Hung (SIGSTOP): nothing it was asked got an answer while this call waited.
+    await _ended(router, route, AgentTimeoutError("rev", 1.5))
+    assert router.states()["rev.a"] == "opened"
+
+
+async def test_no_responders_and_error_answers_are_failures() -> None:
+    for error in (AgentUnavailableError("rev"), AgentCallError("rev", "error -32602", code=-32602)):
+        router = Router(_View(_reg("a")), threshold=1, ttl_s=60)  # type: ignore[arg-type]
+        await _ended(router, router.route("rev"), error)
+        assert router.states()["rev.a"] == "opened", error
+
+
+async def test_calls_go_to_the_replica_with_the_most_free_room() -> None:
+    router = Router(_View(_reg("a"), _reg("b")))  # type: ignore[arg-type]
+    release = asyncio.Event()
+    held: list[asyncio.Task[None]] = []
+
+    async def hold(route: Route) -> None:
+        async with router.call(route, slow_s=60):
+            await release.wait()
+
+    for _ in range(6):
+        route = router.route("rev")
+        held.append(asyncio.create_task(hold(route)))
+        await asyncio.sleep(0)  # the call is in flight
+    # Least loaded each time: an even split, never 4 on one and 2 on the other.
+    assert router.inflight("rev.a") == router.inflight("rev.b") == 3
+    assert router.capacity("rev") == 2 * DEFAULT_CAPACITY
+    release.set()
+    await asyncio.gather(*held)
+    assert router.inflight("rev.a") == router.inflight("rev.b") == 0
+
+
+async def test_capacity_follows_declared_limits_and_breakers() -> None:
+    a, b = _reg("a"), _reg("b")
+    router = Router(_View(a, b), threshold=1, ttl_s=60)  # type: ignore[arg-type]
+    if "capacity" in Registration.__struct_fields__:  # declared capacity (0 = unknown)
+        router = Router(_View(msgspec.structs.replace(a, capacity=3), b), threshold=1, ttl_s=60)  # type: ignore[arg-type]
+        assert router.capacity("rev") == 3 + DEFAULT_CAPACITY
+    await _ended(router, Route("rev", "mesh.a2a.rev.b", "rev.b"), AgentUnavailableError("rev"))
+    assert router.capacity("rev") == router.limit("rev.a")  # b's breaker is open
+    await _ended(router, Route("rev", "mesh.a2a.rev.a", "rev.a"), AgentUnavailableError("rev"))
+    assert router.capacity("rev") == 0  # nothing usable: admission does not wait for it
+
+
+async def test_slow_answers_shrink_the_limit_once_per_episode_and_fast_ones_grow_it() -> None:
+    tick = _Tick()
+    router = Router(_View(_reg("a")), clock=tick)  # type: ignore[arg-type]
+    route = router.route("rev")
+    release = asyncio.Event()
+
+    async def slow() -> None:
+        async with router.call(route, slow_s=0.75):
+            await release.wait()
+
+    calls = [asyncio.create_task(slow()) for _ in range(4)]
+    await asyncio.sleep(0)
+    tick.now = 2.0  # all four answer after 2 s: one overload episode
+    release.set()
+    await asyncio.gather(*calls)
+    assert router.limit("rev.a") == DEFAULT_CAPACITY // 2
+    for _ in range(50):
+        await _ended(router, route, None, slow_s=0.75)  # fast: no time passes
+    assert router.limit("rev.a") == DEFAULT_CAPACITY
+
+
+# -- dispatch: infrastructure failures are retried until the deadline ------------------------------
+class _Flaky(_Client):
+    """Fails with `errors` in turn, then answers."""
+
+    def __init__(self, errors: list[BaseException]) -> None:
+        super().__init__(_answer(None))
+        self.errors = list(errors)
+
+    async def send(self, agent: str, message: Message, **kw: Any) -> Task:
+        self.calls.append(message)
+        if self.errors:
+            raise self.errors.pop(0)
+        result: Task = self.answer(message)
+        return result
+
+
+@pytest.fixture
+def no_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesh._internal.retry import RetryPolicy
+
+    monkeypatch.setattr(dispatch, "INFRA_RETRY", RetryPolicy(attempts=2**62, base_s=0, max_s=0))
+    monkeypatch.setattr(
+        dispatch, "retry_policy", lambda p: RetryPolicy(attempts=p.retries + 1, base_s=0, max_s=0)
+    )
+
+
+@pytest.mark.usefixtures("no_pauses")
+@pytest.mark.parametrize(
+    "error",
+    [
+        _busy,
+        lambda: AgentUnavailableError("rev"),
+        lambda: AgentCallError("rev", "error -32603: no response from stream", code=-32603),
+    ],
+    ids=["busy", "no-responders", "internal-error"],
+)
+async def test_infrastructure_failures_are_retried_beyond_the_policys_retries(error: Any) -> None:
+    client = _Flaky([error() for _ in range(6)])  # the policy allows 2 retries
+    view = _SignedView(None, checks=False)
+    vote = await dispatch.ask(client, Router(view, threshold=100), _ask())  # type: ignore[arg-type]
+    assert vote.outcome == "voted" and vote.attempts == 7
+
+
+@pytest.mark.usefixtures("no_pauses")
+async def test_timeouts_and_error_answers_keep_to_the_policys_retries() -> None:
+    for error, outcome in (
+        (lambda: AgentTimeoutError("rev", 1.0), "timeout"),
+        (lambda: AgentCallError("rev", "error -32001", code=-32001, retryable=True), "error"),
+    ):
+        client = _Flaky([error() for _ in range(6)])
+        view = _SignedView(None, checks=False)
+        vote = await dispatch.ask(client, Router(view, threshold=100), _ask())  # type: ignore[arg-type]
+        assert vote.outcome == outcome and vote.attempts == 3  # 1 + retries
+
+
+async def test_an_infrastructure_retry_never_passes_the_deadline() -> None:
+    # Busy for ever, told to come back in 10 s: the deadline (2 s) comes first, and the vote
+    # says what happened.
+    client = _Flaky([_busy(retry_after_s=10.0) for _ in range(100)])
+    view = _SignedView(None, checks=False)
+    vote = await dispatch.ask(client, Router(view, threshold=100), _ask())  # type: ignore[arg-type]
+    assert vote.outcome == "unavailable" and vote.attempts == 1 and "busy" in vote.error
