@@ -143,6 +143,11 @@ class A2AServer:
         """Requests being worked on (open NATS streams included)."""
         return len(self._pool)
 
+    @property
+    def queued(self) -> int:
+        """Requests admitted and waiting for a slot."""
+        return self._pool.waiting
+
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait (bounded) for the requests being worked on and those waiting for a slot."""
         await self._pool.drain(timeout)
