@@ -14,6 +14,7 @@ asserted, never timings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -148,13 +149,14 @@ async def test_a_flooded_then_paused_veto_holder_never_lets_a_hotfix_through(
 
         outcomes = Outcomes(bus)
         async with outcomes.watching():
-            await eventually(
-                all_answered.is_set,
-                f"an answer to each of {FLOOD} flood requests",
-                timeout=120,
-                alive=running.alive,
-                detail=lambda: dict(answers),
-            )
+            # Bounded; what it found is asserted below, after memory and registration.
+            with contextlib.suppress(AssertionError):
+                await eventually(
+                    all_answered.is_set,
+                    f"an answer to each of {FLOOD} flood requests",
+                    timeout=120,
+                    alive=running.alive,
+                )
             missing = await outcomes.wait_all(secret_ids, timeout=60, alive=running.alive)
     finally:
         watching = False
@@ -167,6 +169,8 @@ async def test_a_flooded_then_paused_veto_holder_never_lets_a_hotfix_through(
         )
     assert peak_kb < RSS_LIMIT_KB, f"{AGENT} grew to {peak_kb} kB under the flood"
     assert polls > 0 and not unregistered, f"{AGENT} left the registry: {unregistered[:3]}"
+    # Every request is answered (a result or "busy"): none waits unseen behind a full agent.
+    assert all_answered.is_set(), f"{sum(answers.values())} of {FLOOD} answered: {dict(answers)}"
     assert answers["busy"] > 0, "the flood never filled the agent: it proves nothing"
     assert not missing, f"no outcome for {sorted(missing)}\n{procs.logs_tail()}"
     for event_id in secret_ids:

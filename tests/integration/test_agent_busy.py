@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from google.protobuf.json_format import MessageToDict
 from mesh import subjects
 from mesh._internal import http as http_server
 from mesh.a2a import jsonrpc
+from mesh.a2a import nats as nats_binding
 from mesh.a2a.client import AgentClient, user_message
 from mesh.a2a.server import A2AServer
 from mesh.bus import Bus
@@ -173,3 +176,29 @@ async def test_http_third_request_is_429_with_retry_after(mod_bus: Bus, busy: Bu
             assert done.status_code == 200
             assert done.json()["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED"
     assert busy.executor.started == 2
+
+
+async def test_a_slow_consumer_drop_is_a_warning(
+    nats_url: str, mod_bus: Bus, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the subscription's pending limits nats-py drops requests; that is never silent."""
+    monkeypatch.setattr(nats_binding, "PENDING_MSGS_LIMIT", 1)
+    subject = f"test.slow.{uuid.uuid4().hex[:8]}"
+    card = with_interfaces(load_card("conformance"), http_url=None, nats_subject=subject)
+    server = A2AServer(card, Gated(), InMemoryTaskStore())
+    async with await Bus.connect(nats_url, name="slow", settings=mod_bus.settings) as slow:
+        sub = await server.subscribe(slow.nc, subject)
+        try:
+            with caplog.at_level(logging.WARNING, logger="mesh.bus"):
+                for rid in range(50):
+                    await mod_bus.nc.publish(subject, _send(rid), headers=_headers(mod_bus))
+                await mod_bus.nc.flush()
+                time.sleep(0.5)  # noqa: ASYNC251 -- the point: a loop too busy to read
+                await eventually(
+                    lambda: "slow consumer" in caplog.text,
+                    "a slow-consumer warning",
+                    timeout=WAIT_S,
+                )
+        finally:
+            await sub.unsubscribe()
+            await server.aclose()
