@@ -92,18 +92,20 @@ async def test_a_flooded_then_paused_veto_holder_never_lets_a_hotfix_through(
     # -- watchers: memory and registration, sampled until the flood is over -----------------
     peak_kb = baseline_kb
     polls = 0
+    last_seen = 0.0  # the newest heartbeat read (its seen_at)
     unregistered: list[str] = []
     watching = True
 
     async def watch() -> None:
         # The agent's own entry, read by key (a listing per poll would cost the server a
         # consumer each time): registered = present and seen within its TTL.
-        nonlocal peak_kb, polls
+        nonlocal peak_kb, polls, last_seen
         while watching:
             peak_kb = max(peak_kb, rss_kb(target))
             try:
                 got = await cards.get(entry.key)
                 reg = msgspec.json.decode(got.value or b"", type=Registration)
+                last_seen = max(last_seen, reg.seen_at)
                 if not reg.live():
                     unregistered.append(
                         f"poll {polls}: last seen {time.time() - reg.seen_at:.1f}s ago"
@@ -158,6 +160,13 @@ async def test_a_flooded_then_paused_veto_holder_never_lets_a_hotfix_through(
                     alive=running.alive,
                 )
             missing = await outcomes.wait_all(secret_ids, timeout=60, alive=running.alive)
+        # Registered through the flood and after it: polls go on until a beat sent after the
+        # flood was answered is read (an agent that stopped beating expires meanwhile).
+        flood_over = time.time()
+        with contextlib.suppress(AssertionError):
+            await eventually(
+                lambda: last_seen > flood_over, "a heartbeat after the flood", timeout=30
+            )
     finally:
         watching = False
         await watcher
@@ -169,6 +178,7 @@ async def test_a_flooded_then_paused_veto_holder_never_lets_a_hotfix_through(
         )
     assert peak_kb < RSS_LIMIT_KB, f"{AGENT} grew to {peak_kb} kB under the flood"
     assert polls > 0 and not unregistered, f"{AGENT} left the registry: {unregistered[:3]}"
+    assert last_seen > flood_over, f"{AGENT} sent no heartbeat after the flood"
     # Every request is answered (a result or "busy"): none waits unseen behind a full agent.
     assert all_answered.is_set(), f"{sum(answers.values())} of {FLOOD} answered: {dict(answers)}"
     assert answers["busy"] > 0, "the flood never filled the agent: it proves nothing"
