@@ -250,9 +250,11 @@ class Registry:
         while the block runs, re-signing it when due, and remove it on exit. `capacity` goes
         into the entry as declared (see `Registration`).
 
-        A heartbeat put that fails or outlasts `heartbeat_s` is retried sooner than the next
-        beat (backoff from an eighth of `heartbeat_s` up to half of it, for as long as the
-        block runs), and each miss is a warning that says how long ago the last beat landed."""
+        A heartbeat put that fails or hangs (bounded: `heartbeat_s`, at least 1 s, at most half
+        the TTL) is retried sooner than the next beat (backoff from an eighth of `heartbeat_s`
+        up to half of it, for as long as the block runs); each miss, and a beat that comes late
+        because this process was too busy to send it, is a warning that says how long ago the
+        last beat landed."""
         bound = (
             card
             if isinstance(card, BoundCard)
@@ -279,6 +281,9 @@ class Registry:
         retry = RetryPolicy(
             attempts=2**31, base_s=self.heartbeat_s / 8, max_s=self.heartbeat_s / 2, jitter=False
         )
+        # A put may take a while on a loaded box (short test clocks), but never so long that
+        # the entry could expire behind it.
+        put_timeout = min(max(self.heartbeat_s, 1.0), self.ttl_s / 2)
 
         async def beat() -> None:
             landed = time.monotonic()
@@ -293,7 +298,7 @@ class Registry:
                     # Bounded: a put stuck behind a slow server must not hold back the next
                     # beat (the entry lives only `ttl_s` without one).
                     await asyncio.wait_for(
-                        kv.put(reg.key, _enc.encode(current())), timeout=self.heartbeat_s
+                        kv.put(reg.key, _enc.encode(current())), timeout=put_timeout
                     )
                 except Exception as e:  # a missed beat is survivable; the retry may land
                     failed += 1
