@@ -19,6 +19,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+_SAY_EVERY_S = 10.0  # how often, at most, a pool that turns work away logs it
+
 
 class TaskPool:
     """At most `size` tasks at once. `spawn` waits for a slot; `admit` takes work only while a
@@ -35,6 +37,9 @@ class TaskPool:
         # Admitted work waiting for a slot: coroutines, not tasks, so nothing runs (or holds
         # memory beyond the request) until a slot frees; a finishing task hands its slot on.
         self._waiting: deque[Coroutine[Any, Any, Any]] = deque()
+        self.refused = 0  # work `admit` turned away, in all
+        self._refused_said = 0  # … of which the log has told
+        self._said_at = float("-inf")
 
     def __len__(self) -> int:
         """Tasks running now."""
@@ -75,12 +80,28 @@ class TaskPool:
         if self._waiting or self._slots.locked():
             if len(self._waiting) >= self.backlog:
                 coro.close()
+                self._refusal()
                 return False
             self._waiting.append(coro)
             return True
         await self._slots.acquire()  # free: returns at once
         self._start(coro)
         return True
+
+    def _refusal(self) -> None:
+        """Count it; say so at most every `_SAY_EVERY_S` (a flood must not flood the log)."""
+        self.refused += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._said_at >= _SAY_EVERY_S:
+            log.warning(
+                "%s: full (%d running, %d waiting); turned away %d since the last report",
+                self.name,
+                len(self._tasks),
+                len(self._waiting),
+                self.refused - self._refused_said,
+            )
+            self._said_at = now
+            self._refused_said = self.refused
 
     def _start(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run `coro` in a slot already taken for it."""

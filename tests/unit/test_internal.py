@@ -123,3 +123,15 @@ async def test_cancel_drops_admitted_work_that_has_not_started() -> None:
     await asyncio.sleep(0)
     await pool.cancel()
     assert ran == [0] and pool.waiting == 0 and pool.free == 1
+
+
+async def test_refusals_are_counted_and_logged_sparingly(caplog: pytest.LogCaptureFixture) -> None:
+    pool = TaskPool(1, name="full pool")
+    never = asyncio.Event()
+    assert await pool.admit(never.wait())
+    for _ in range(100):
+        assert not await pool.admit(never.wait())
+    assert pool.refused == 100
+    said = [r for r in caplog.records if "full pool: full" in r.getMessage()]
+    assert len(said) == 1  # not one line per refusal
+    await pool.cancel()
