@@ -37,6 +37,9 @@ _HEADROOM = 1024  # bytes of a reply kept free for its headers under max_payload
 # at once, so only a burst faster than that answer ever fills these.
 PENDING_MSGS_LIMIT = 4096
 PENDING_BYTES_LIMIT = 16 * 1024 * 1024
+# Request bodies held by admitted requests (running or waiting), at most: the backlog is counted
+# in requests, and this keeps it small in bytes too whatever their size (one is always taken).
+HELD_BYTES_LIMIT = 32 * 1024 * 1024
 # The pause a "busy" answer suggests before the same request is sent again.
 BUSY_RETRY_AFTER_MS = 250
 
@@ -52,15 +55,27 @@ class NatsBinding:
         self.handler = handler
         self.auth = auth
         self.pool = pool
+        self._held = 0  # bytes of the request bodies admitted and not finished
 
     def callback(self, nc: NATS) -> Callable[[Msg], Awaitable[None]]:
         """The subscription callback for requests that arrive on `nc` (answered on it too)."""
 
         async def on_message(msg: Msg) -> None:
-            if not await self.pool.admit(self._serve(nc, msg)):
+            size = len(msg.data)
+            if self._held and self._held + size > HELD_BYTES_LIMIT:
+                await self._busy(nc, msg)
+            elif await self.pool.admit(self._admitted(nc, msg, size)):
+                self._held += size
+            else:
                 await self._busy(nc, msg)
 
         return on_message
+
+    async def _admitted(self, nc: NATS, msg: Msg, size: int) -> None:
+        try:
+            await self._serve(nc, msg)
+        finally:
+            self._held -= size
 
     async def subscribe(self, nc: NATS, subject: str, *, queue: str = "") -> Subscription:
         """Serve requests on `subject` (in queue group `queue`, if given), with this binding's

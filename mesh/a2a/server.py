@@ -60,8 +60,10 @@ class A2AServer:
     de-duplication of SendMessage (see `MeshRequestHandler`). `card_cache_control` is the
     Cache-Control of the card served at /.well-known/agent-card.json. At most
     `max_concurrency` requests (HTTP and NATS together; open NATS streams included) are worked
-    on at once and `max_queue` (default: as many) wait for a slot; past that a request is
-    answered "busy" (`jsonrpc.BUSY`, HTTP 429) at once.
+    on at once and `max_queue` (default: eight times as many, what two coordinators at their
+    default in-flight limit may send one instance; NATS request bodies held are also bounded in
+    bytes) wait for a slot; past that a request is answered "busy" (`jsonrpc.BUSY`, HTTP 429)
+    at once.
 
     `auth` decides who may call (every method, on both transports; the public card stays
     public). Default: `Authenticator.from_settings(settings)` — bearer tokens checked against
@@ -107,7 +109,7 @@ class A2AServer:
         self._started = time.time()  # the card served over HTTP is as old as the server
         self._pool = TaskPool(
             max_concurrency,
-            backlog=max_concurrency if max_queue is None else max_queue,
+            backlog=8 * max_concurrency if max_queue is None else max_queue,
             name="a2a requests",
         )
         self._nats = NatsBinding(self.handler, self.auth, pool=self._pool)

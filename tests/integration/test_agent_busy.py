@@ -202,3 +202,30 @@ async def test_a_slow_consumer_drop_is_a_warning(
         finally:
             await sub.unsubscribe()
             await server.aclose()
+
+
+async def test_nats_backlog_is_bounded_in_bytes_too(
+    mod_bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room in the backlog by count is not enough: the bodies held are bounded in bytes (one
+    request is always taken, whatever its size)."""
+    monkeypatch.setattr(nats_binding, "HELD_BYTES_LIMIT", 1)
+    executor = Gated()
+    subject = f"test.bytes.{uuid.uuid4().hex[:8]}"
+    card = with_interfaces(load_card("conformance"), http_url=None, nats_subject=subject)
+    server = A2AServer(card, executor, InMemoryTaskStore(), max_concurrency=4, max_queue=4)
+    sub = await server.subscribe(mod_bus.nc, subject)
+    nc, headers = mod_bus.nc, _headers(mod_bus)
+    try:
+        first = asyncio.create_task(nc.request(subject, _send(1), WAIT_S, headers=headers))
+        await eventually(lambda: executor.started == 1, "first running", timeout=WAIT_S)
+        second = await nc.request(subject, _send(2), WAIT_S, headers=headers)
+        doc = json.loads(second.data)
+        assert doc["error"]["code"] == jsonrpc.BUSY, doc
+        executor.gate.set()
+        assert "result" in json.loads((await first).data)
+    finally:
+        executor.gate.set()
+        await sub.unsubscribe()
+        await server.drain()
+        await server.aclose()
