@@ -211,14 +211,17 @@ class Agent:
                 await stack.enter_async_context(http_server.serving(server, sock))
             # Shared subject (replicas share work in a queue group) and this replica's own, so a
             # caller can steer around a replica that is failing (coordinator/routing.py).
-            serve_nats = server.nats_callback(bus.nc)
-            sub = await bus.nc.subscribe(subject, queue=self.name, cb=serve_nats)
-            own = await bus.nc.subscribe(direct, cb=serve_nats)
+            # Both share the server's slots; a request past them is answered "busy" at once.
+            sub = await server.subscribe(bus.nc, subject, queue=self.name)
+            own = await server.subscribe(bus.nc, direct)
             stack.push_async_callback(server.aclose)
             stack.push_async_callback(server.drain)
             stack.push_async_callback(sub.unsubscribe)
             stack.push_async_callback(own.unsubscribe)
-            reg = await stack.enter_async_context(registry.registered(bound))
+            # The capacity callers may count on (coordinator admission): the server's slots.
+            reg = await stack.enter_async_context(
+                registry.registered(bound, capacity=server.max_concurrency)
+            )
             # Entered last so it exits first: in-flight handlers drain while the bus is still up.
             if self.event_handlers:
                 await stack.enter_async_context(consuming(bus, self.event_handlers))

@@ -106,6 +106,17 @@ class AgentUnavailableError(AgentCallError):
         super().__init__(agent, "no live instance answered", retryable=True, attempts=attempts)
 
 
+class AgentBusyError(AgentCallError):
+    """The agent had no room for the call (JSON-RPC `BUSY`, HTTP 429) and did nothing with it:
+    load, not a failure. Retryable after `retry_after_s`."""
+
+    def __init__(
+        self, agent: str, message: str, *, retry_after_s: float, code: int, attempts: int = 1
+    ) -> None:
+        super().__init__(agent, message, retryable=True, attempts=attempts, code=code)
+        self.retry_after_s = retry_after_s
+
+
 class ModelCallError(MeshRuntimeError):
     """The model API call failed (HTTP error status, connection failure or timeout)."""
 

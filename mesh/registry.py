@@ -59,6 +59,15 @@ _KEYS_RETRY = RetryPolicy(attempts=4, base_s=0.1, max_s=0.4, jitter=False)
 
 
 class Registration(msgspec.Struct, frozen=True):
+    """One instance's registry entry: its signed card plus an unsigned wrapper.
+
+    `capacity`: how many A2A requests the instance works on at once (its server's
+    `max_concurrency`; past that and a short queue it answers "busy"), for callers that want to
+    limit what they send it; 0 = not declared (entries written before it existed decode so).
+    Advisory only: it is not part of the signed card, and readers do not check it against the
+    card (`_mismatch`), so nothing may rely on it for safety — only for pacing.
+    """
+
     agent: str
     instance: str
     card: dict[str, Any]
@@ -68,6 +77,7 @@ class Registration(msgspec.Struct, frozen=True):
     host: str = ""
     pid: int = 0
     direct_subject: str = ""  # this replica's own A2A subject ("" if it has none)
+    capacity: int = 0  # requests worked on at once; 0 = not declared (advisory, unsigned)
 
     @property
     def key(self) -> str:
@@ -238,10 +248,22 @@ class Registry:
 
     @contextlib.asynccontextmanager
     async def registered(
-        self, card: AgentCard | BoundCard, instance: str = "", *, direct_subject: str = ""
+        self,
+        card: AgentCard | BoundCard,
+        instance: str = "",
+        *,
+        direct_subject: str = "",
+        capacity: int = 0,
     ) -> AsyncIterator[Registration]:
         """Publish the card (bound and signed here unless it already is: `bind`), heartbeat it
-        while the block runs, re-signing it when due, and remove it on exit."""
+        while the block runs, re-signing it when due, and remove it on exit. `capacity` goes
+        into the entry as declared (see `Registration`).
+
+        A heartbeat put that fails or hangs (bounded: `heartbeat_s`, at least 1 s, at most half
+        the TTL) is retried sooner than the next beat (backoff from an eighth of `heartbeat_s`
+        up to half of it, for as long as the block runs); each miss, and a beat that comes late
+        because this process was too busy to send it, is a warning that says how long ago the
+        last beat landed."""
         bound = (
             card
             if isinstance(card, BoundCard)
@@ -260,20 +282,63 @@ class Registry:
                 host=socket.gethostname(),
                 pid=os.getpid(),
                 direct_subject=bound.direct_subject,
+                capacity=capacity,
             )
 
         reg = current()
         await kv.put(reg.key, _enc.encode(reg))
+        retry = RetryPolicy(
+            attempts=2**31, base_s=self.heartbeat_s / 8, max_s=self.heartbeat_s / 2, jitter=False
+        )
+        # A put may take a while on a loaded box (short test clocks), but never so long that
+        # the entry could expire behind it.
+        put_timeout = min(max(self.heartbeat_s, 1.0), self.ttl_s / 2)
 
         async def beat() -> None:
+            landed = time.monotonic()
+            wait = self.heartbeat_s
+            failed = 0
             while True:
-                await asyncio.sleep(self.heartbeat_s)
+                await asyncio.sleep(wait)
+                started = time.monotonic()
                 try:
                     if bound.refresh():
                         log.debug("registry: re-signed the card of %s", reg.key)
-                    await kv.put(reg.key, _enc.encode(current()))
-                except Exception as e:  # a missed beat is survivable; the next one may land
-                    log.warning("registry heartbeat failed: %s", e)
+                    # Bounded: a put stuck behind a slow server must not hold back the next
+                    # beat (the entry lives only `ttl_s` without one).
+                    await asyncio.wait_for(
+                        kv.put(reg.key, _enc.encode(current())), timeout=put_timeout
+                    )
+                except Exception as e:  # a missed beat is survivable; the retry may land
+                    failed += 1
+                    wait = retry.delay(failed)
+                    log.warning(
+                        "registry heartbeat of %s failed (%s); the last landed %.1fs ago "
+                        "(entry lives %.1fs); retrying in %.2fs",
+                        reg.key,
+                        type(e).__name__ if isinstance(e, TimeoutError) else e,
+                        time.monotonic() - landed,
+                        self.ttl_s,
+                        wait,
+                    )
+                    continue
+                now = time.monotonic()
+                if failed:
+                    log.info("registry heartbeat of %s landed again", reg.key)
+                elif now - landed > 2 * self.heartbeat_s:
+                    # No put failed, yet beats were skipped: this process was too busy to send.
+                    log.warning(
+                        "registry heartbeat of %s late: %.1fs since the last (every %.1fs; "
+                        "entry lives %.1fs)",
+                        reg.key,
+                        now - landed,
+                        self.heartbeat_s,
+                        self.ttl_s,
+                    )
+                failed = 0
+                landed = now
+                # Keep the cadence: a slow put shortens the next pause rather than adding to it.
+                wait = max(0.0, self.heartbeat_s - (now - started))
 
         task = asyncio.create_task(beat(), name=f"heartbeat:{reg.key}")
         try:

@@ -5,15 +5,21 @@ is refused before it is all in memory) and answers with the dispatch's JSON, or 
 server-sent events for a streaming method. JSON-RPC errors are HTTP 200, as a2a-sdk answers
 them; nothing from this endpoint is ever a 5xx. A request without a bearer token that verifies
 is answered 401 with `WWW-Authenticate` (RFC 6750) before its body is read — whatever the
-method, GetExtendedAgentCard included. The public card is served at
+method, GetExtendedAgentCard included. A caller that authenticates while the agent has no room
+(every slot of the pool it shares with the NATS binding taken, its backlog full) is answered
+429 with `Retry-After` and a `jsonrpc.BUSY` body, also before its body is read; an admitted
+request is read and worked on in a pool slot (a server-sent-event stream releases its slot
+once its first event is ready: uvicorn bounds open connections). The public card is served at
 /.well-known/agent-card.json, to anyone, by a2a-sdk's route (ETag, Cache-Control), plus a
 Last-Modified.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
+import math
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -29,8 +35,10 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from mesh import subjects
+from mesh._internal.tasks import TaskPool
 from mesh.a2a import dispatch, jsonrpc
 from mesh.a2a.auth import Authenticator
+from mesh.a2a.nats import BUSY_RETRY_AFTER_MS
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +50,14 @@ def http_app(
     handler: RequestHandler,
     card: AgentCard,
     auth: Authenticator,
+    pool: TaskPool,
     *,
     card_cache_control: str,
     since: float,
 ) -> Starlette:
     """The agent's Starlette app: its card (last modified at `since`, a Unix time) and the
-    JSON-RPC endpoint at `/`, for the callers `auth` lets in."""
-    endpoint = _Endpoint(handler, auth)
+    JSON-RPC endpoint at `/`, for the callers `auth` lets in, worked on in `pool`."""
+    endpoint = _Endpoint(handler, auth, pool)
     routes: list[BaseRoute] = [
         *(
             _last_modified(r, since)
@@ -60,15 +69,37 @@ def http_app(
 
 
 class _Endpoint:
-    def __init__(self, handler: RequestHandler, auth: Authenticator) -> None:
+    def __init__(self, handler: RequestHandler, auth: Authenticator, pool: TaskPool) -> None:
         self.handler = handler
         self.auth = auth
+        self.pool = pool
 
     async def handle(self, request: Request) -> Response:
         user = dispatch.authenticate(self.auth, request.headers.get(subjects.H_AUTHORIZATION))
         if isinstance(user, dispatch.Answer):
             challenge = {"WWW-Authenticate": user.challenge or "Bearer"}
             return Response(user.body, status_code=401, media_type=_JSON, headers=challenge)
+        answered: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+        async def work() -> None:
+            # In a pool slot; the handler waits for what it answers (a caller that hung up
+            # has no handler left: `answered` is then done already, and nobody looks).
+            try:
+                response = await self._serve(request, user)
+            except asyncio.CancelledError:
+                answered.cancel()  # the pool is stopping
+                raise
+            except Exception:  # _serve frames errors itself; a last line of defence
+                log.exception("A2A over HTTP failed")
+                response = Response(_INTERNAL_BODY, media_type=_JSON)
+            if not answered.done():
+                answered.set_result(response)
+
+        if not await self.pool.admit(work()):
+            return _busy(len(self.pool) + self.pool.waiting)
+        return await answered
+
+    async def _serve(self, request: Request, user: Any) -> Response:
         body = await _read(request)
         if isinstance(body, Response):
             return body
@@ -109,6 +140,13 @@ async def _read(request: Request) -> bytes | Response:
     except ClientDisconnect:
         return Response(status_code=400)
     return b"".join(chunks)
+
+
+def _busy(in_progress: int) -> Response:
+    """429: the body no one read gets the id null, as the refusal of an unknown caller does."""
+    body = jsonrpc.busy_body(None, in_progress, BUSY_RETRY_AFTER_MS)
+    retry_after = {"Retry-After": str(max(1, math.ceil(BUSY_RETRY_AFTER_MS / 1000)))}
+    return Response(body, status_code=429, media_type=_JSON, headers=retry_after)
 
 
 def _too_large() -> Response:

@@ -27,6 +27,10 @@ VERSION_NOT_SUPPORTED = -32009
 # outside JSON-RPC's reserved block (-32768..-32000, where A2A's own codes live and new ones
 # will come), so it can never collide with a spec code, and ends in 401 like the HTTP status.
 UNAUTHENTICATED = -31401
+# The mesh's own, beside it: the agent is working on all the requests it takes at once and has
+# no room to queue this one; nothing was done, the same request may be sent again (after
+# `error.data.retryAfterMs`). Ends in 429 like the HTTP status it travels with.
+BUSY = -31429
 
 # Methods whose answer is a stream of JSON-RPC responses (SSE over HTTP, frames over NATS).
 STREAMING_METHODS = frozenset({"SendStreamingMessage", "SubscribeToTask"})
@@ -62,6 +66,31 @@ def error_body(request_id: str | int | None, code: int, message: str) -> bytes:
     return _enc.encode(
         {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
     )
+
+
+def busy_body(request_id: str | int | None, in_progress: int, retry_after_ms: int) -> bytes:
+    """The answer to a request the agent has no room for (`BUSY`)."""
+    return _enc.encode(
+        {
+            "jsonrpc": "2.0",
+            "id": request_id,
+            "error": {
+                "code": BUSY,
+                "message": f"busy: {in_progress} requests in progress; retry later",
+                "data": {"retryAfterMs": retry_after_ms},
+            },
+        }
+    )
+
+
+def request_head(body: bytes) -> tuple[str | int | None, str | None]:
+    """(`id`, `method`) of a request body, each None if unreadable; one pass over the JSON
+    that skips `params` (cheap enough to run for every request, even ones refused at once)."""
+    try:
+        env = _dec.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return None, None
+    return env.id, env.method
 
 
 def request_id(body: bytes) -> str | int | None:

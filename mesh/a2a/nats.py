@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from a2a.server.request_handlers import RequestHandler
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from mesh import subjects
 from mesh._internal.tasks import TaskPool
@@ -31,34 +32,71 @@ log = logging.getLogger(__name__)
 
 _INTERNAL_BODY = jsonrpc.error_body(None, jsonrpc.INTERNAL_ERROR, "internal error")
 _HEADROOM = 1024  # bytes of a reply kept free for its headers under max_payload
+# What one subscription may hold before its callback has seen it (nats-py's defaults, 512K
+# messages / 128 MiB, let a flood grow an agent by hundreds of MB). The callback answers "busy"
+# at once, so only a burst faster than that answer ever fills these.
+PENDING_MSGS_LIMIT = 4096
+PENDING_BYTES_LIMIT = 16 * 1024 * 1024
+# Request bodies held by admitted requests (running or waiting), at most: the backlog is counted
+# in requests, and this keeps it small in bytes too whatever their size (one is always taken).
+HELD_BYTES_LIMIT = 32 * 1024 * 1024
+# The pause a "busy" answer suggests before the same request is sent again.
+BUSY_RETRY_AFTER_MS = 250
 
 
 class NatsBinding:
-    """Serves one handler on NATS subscriptions; every request runs in a bounded pool.
+    """Serves one handler on NATS subscriptions; every request runs in `pool` (shared with the
+    HTTP binding): a slot, or a place in its short backlog, or a `BUSY` answer at once.
 
-    A stream holds its slot until it ends (or its caller cancels it). The subscription
-    callback waits for a free slot, so a full pool slows the subscription down instead of
-    piling up tasks.
+    A stream holds its slot until it ends (or its caller cancels it).
     """
 
-    def __init__(
-        self, handler: RequestHandler, auth: Authenticator, *, max_concurrency: int
-    ) -> None:
+    def __init__(self, handler: RequestHandler, auth: Authenticator, *, pool: TaskPool) -> None:
         self.handler = handler
         self.auth = auth
-        self.pool = TaskPool(max_concurrency, name="a2a-nats")
+        self.pool = pool
+        self._held = 0  # bytes of the request bodies admitted and not finished
 
     def callback(self, nc: NATS) -> Callable[[Msg], Awaitable[None]]:
         """The subscription callback for requests that arrive on `nc` (answered on it too)."""
 
         async def on_message(msg: Msg) -> None:
-            await self.pool.spawn(self._serve(nc, msg))
+            size = len(msg.data)
+            if self._held and self._held + size > HELD_BYTES_LIMIT:
+                await self._busy(nc, msg)
+            elif await self.pool.admit(self._admitted(nc, msg, size)):
+                self._held += size
+            else:
+                await self._busy(nc, msg)
 
         return on_message
 
-    async def drain(self, timeout: float) -> None:
-        """Wait (bounded) for the requests being worked on."""
-        await self.pool.drain(timeout)
+    async def _admitted(self, nc: NATS, msg: Msg, size: int) -> None:
+        try:
+            await self._serve(nc, msg)
+        finally:
+            self._held -= size
+
+    async def subscribe(self, nc: NATS, subject: str, *, queue: str = "") -> Subscription:
+        """Serve requests on `subject` (in queue group `queue`, if given), with this binding's
+        bounded pending limits."""
+        return await nc.subscribe(
+            subject,
+            queue=queue,
+            cb=self.callback(nc),
+            pending_msgs_limit=PENDING_MSGS_LIMIT,
+            pending_bytes_limit=PENDING_BYTES_LIMIT,
+        )
+
+    async def _busy(self, nc: NATS, msg: Msg) -> None:
+        """No room: say so at once, framed as the request's method expects."""
+        if not msg.reply:
+            return
+        request_id, method = jsonrpc.request_head(msg.data)
+        body = jsonrpc.busy_body(
+            request_id, len(self.pool) + self.pool.waiting, BUSY_RETRY_AFTER_MS
+        )
+        await _answer_with(nc, msg.reply, dispatch.Answer(body, method, request_id))
 
     async def _serve(self, nc: NATS, msg: Msg) -> None:
         if not msg.reply:
@@ -94,12 +132,18 @@ class NatsBinding:
             )
         if isinstance(reply, dispatch.Stream):
             await _stream(nc, msg.reply, reply)
-        elif reply.method in jsonrpc.STREAMING_METHODS:
-            # A stream that fails before its first event: one error frame, then end.
-            await _publish(nc, msg.reply, reply.body, subjects.STREAM_FRAME, reply.request_id)
-            await _publish(nc, msg.reply, b"", subjects.STREAM_END)
         else:
-            await _publish(nc, msg.reply, reply.body, None, reply.request_id)
+            await _answer_with(nc, msg.reply, reply)
+
+
+async def _answer_with(nc: NATS, reply: str, answer: dispatch.Answer) -> None:
+    """One answer, as its method's caller waits for it."""
+    if answer.method in jsonrpc.STREAMING_METHODS:
+        # A stream that fails before its first event: one error frame, then end.
+        await _publish(nc, reply, answer.body, subjects.STREAM_FRAME, answer.request_id)
+        await _publish(nc, reply, b"", subjects.STREAM_END)
+    else:
+        await _publish(nc, reply, answer.body, None, answer.request_id)
 
 
 async def _publish(

@@ -2,7 +2,7 @@
 
     server = A2AServer(card, executor, task_store)
     app = server.http_app()                                        # HTTP (Starlette)
-    await nc.subscribe(subject, queue=name, cb=server.nats_callback(nc))   # NATS
+    sub = await server.subscribe(nc, subject, queue=name)          # NATS
 
 Every request, whichever way it came, is authenticated by the same `Authenticator`
 (mesh.a2a.auth: a bearer token, on HTTP and NATS alike) and goes through `mesh.a2a.dispatch` to
@@ -14,7 +14,11 @@ alike: same callers, same validation, same error codes, same task store. What si
     dispatch.py  JSON-RPC: size, Content-Type, parse, validate, route to the handler, encode
     push.py      push notifications and the webhook URL policy (SSRF guard)
     http.py      the HTTP binding: Starlette routes, body limit, SSE, the card route
-    nats.py      the NATS binding: request pool, progress keep-alives, stream frames, cancel
+    nats.py      the NATS binding: admission, progress keep-alives, stream frames, cancel
+
+Both transports share one pool (`mesh._internal.tasks.TaskPool`): at most `max_concurrency`
+requests are worked on, `max_queue` more wait for a slot, and one past those is answered at
+once with `jsonrpc.BUSY` (HTTP: 429 with Retry-After), never queued where nobody can see it.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from a2a.server.tasks import InMemoryTaskStore, TaskStore
 from a2a.types import AgentCard
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from starlette.applications import Starlette
 
+from mesh._internal.tasks import TaskPool
 from mesh.a2a.auth import Authenticator
 from mesh.a2a.dispatch import MAX_BODY
 from mesh.a2a.handler import MeshRequestHandler
@@ -53,7 +59,11 @@ class A2AServer:
     for a task that runs on another replica. `idempotent=False` turns off the messageId
     de-duplication of SendMessage (see `MeshRequestHandler`). `card_cache_control` is the
     Cache-Control of the card served at /.well-known/agent-card.json. At most
-    `max_concurrency` NATS requests (open streams included) are worked on at once.
+    `max_concurrency` requests (HTTP and NATS together; open NATS streams included) are worked
+    on at once and `max_queue` (default: eight times as many, what two coordinators at their
+    default in-flight limit may send one instance; NATS request bodies held are also bounded in
+    bytes) wait for a slot; past that a request is answered "busy" (`jsonrpc.BUSY`, HTTP 429)
+    at once.
 
     `auth` decides who may call (every method, on both transports; the public card stays
     public). Default: `Authenticator.from_settings(settings)` — bearer tokens checked against
@@ -68,6 +78,7 @@ class A2AServer:
         task_store: TaskStore | VersionedTaskStore | None = None,
         *,
         max_concurrency: int = 64,
+        max_queue: int | None = None,
         extended_card: AgentCard | None = None,
         push_allow_private: bool | None = None,
         event_stream: TaskEventStream | None = None,
@@ -96,7 +107,17 @@ class A2AServer:
         )
         self.card_cache_control = card_cache_control
         self._started = time.time()  # the card served over HTTP is as old as the server
-        self._nats = NatsBinding(self.handler, self.auth, max_concurrency=max_concurrency)
+        self._pool = TaskPool(
+            max_concurrency,
+            backlog=8 * max_concurrency if max_queue is None else max_queue,
+            name="a2a requests",
+        )
+        self._nats = NatsBinding(self.handler, self.auth, pool=self._pool)
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests worked on at once, at most (what the agent declares as its capacity)."""
+        return self._pool.size
 
     def http_app(self) -> Starlette:
         """The Starlette app: the card at /.well-known/agent-card.json, JSON-RPC at `/`."""
@@ -104,6 +125,7 @@ class A2AServer:
             self.handler,
             self.card,
             self.auth,
+            self._pool,
             card_cache_control=self.card_cache_control,
             since=self._started,
         )
@@ -113,14 +135,24 @@ class A2AServer:
         Every callback of one server shares its `max_concurrency` slots."""
         return self._nats.callback(nc)
 
+    async def subscribe(self, nc: NATS, subject: str, *, queue: str = "") -> Subscription:
+        """Serve A2A on `subject` over `nc` (in queue group `queue`, if given): the callback
+        of `nats_callback` with bounded pending limits, the one way an agent should subscribe."""
+        return await self._nats.subscribe(nc, subject, queue=queue)
+
     @property
     def inflight(self) -> int:
-        """NATS requests being worked on (open streams included)."""
-        return len(self._nats.pool)
+        """Requests being worked on (open NATS streams included)."""
+        return len(self._pool)
+
+    @property
+    def queued(self) -> int:
+        """Requests admitted and waiting for a slot."""
+        return self._pool.waiting
 
     async def drain(self, timeout: float = 10.0) -> None:
-        """Wait (bounded) for the NATS requests being worked on."""
-        await self._nats.drain(timeout)
+        """Wait (bounded) for the requests being worked on and those waiting for a slot."""
+        await self._pool.drain(timeout)
 
     async def aclose(self) -> None:
         """Release what the server holds beyond its requests (running tasks, webhook client)."""

@@ -18,8 +18,10 @@ all; streams read `Mesh-Stream` frames until `end`, and closing a stream early s
 
 What the agent answers, or fails to, is a mesh error (mesh.errors), not one of the SDK's
 per-code classes: nobody listening is `AgentUnavailableError`, silence is `AgentTimeoutError`
-(both retryable), and a JSON-RPC error is `AgentCallError` with `.code` the spec code (-32001
-task not found, …). A NATS connection that is closed or gone raises nats-py's own errors.
+(both retryable), an agent with no room for the call (`jsonrpc.BUSY`) is `AgentBusyError`
+(retryable, with the pause it asks for), and any other JSON-RPC error is `AgentCallError` with
+`.code` the spec code (-32001 task not found, …). A NATS connection that is closed or gone
+raises nats-py's own errors.
 Per-call options ride on a2a-sdk's `ClientCallContext`: `timeout`, `service_parameters` (extra
 headers, e.g. a W3C traceparent), and the mesh's `subject` / `max_timeout` (`call_context`).
 """
@@ -59,7 +61,12 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from mesh import subjects
 from mesh.a2a import jsonrpc
 from mesh.cards import BEARER_SCHEME, JSONRPC_BINDING, NATS_BINDING
-from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
+from mesh.errors import (
+    AgentBusyError,
+    AgentCallError,
+    AgentTimeoutError,
+    AgentUnavailableError,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -352,6 +359,13 @@ class NatsTransport(ClientTransport):
             raise AgentCallError(self.agent, str(e), code=jsonrpc.INVALID_AGENT_RESPONSE) from None
         if error is not None:
             code = error.get("code")
+            if code == jsonrpc.BUSY:
+                raise AgentBusyError(
+                    self.agent,
+                    f"error {code}: {error.get('message', '')}",
+                    retry_after_s=_retry_after_s(error.get("data")),
+                    code=code,
+                )
             raise AgentCallError(
                 self.agent,
                 f"error {code}: {error.get('message', '')}",
@@ -394,6 +408,14 @@ class NatsTransport(ClientTransport):
 def _params(request: Proto) -> dict[str, Any]:
     params: dict[str, Any] = MessageToDict(request)
     return params
+
+
+def _retry_after_s(data: Any) -> float:
+    """The pause a busy answer asks for (`data.retryAfterMs`), within sane bounds."""
+    ms = data.get("retryAfterMs") if isinstance(data, dict) else None
+    if not isinstance(ms, int | float) or isinstance(ms, bool) or not ms >= 0:
+        return 0.0
+    return min(float(ms), 60_000.0) / 1000
 
 
 def _no_responders(msg: Msg) -> bool:

@@ -84,3 +84,54 @@ async def test_sleep_says_whether_another_attempt_follows() -> None:
     policy = RetryPolicy(attempts=2, base_s=0.0, max_s=0.0)
     assert await policy.sleep(1) is True
     assert await policy.sleep(2) is False
+
+
+async def test_admit_runs_then_queues_then_refuses_never_waiting() -> None:
+    pool = TaskPool(1, backlog=1)
+    gate = asyncio.Event()
+    ran: list[str] = []
+
+    async def work(name: str) -> None:
+        await gate.wait()
+        ran.append(name)
+
+    assert await pool.admit(work("first"))
+    assert await pool.admit(work("second"))
+    third = work("third")
+    assert not await pool.admit(third)  # full: refused at once
+    assert third.cr_frame is None  # closed, never run: no "never awaited" warning
+    assert len(pool) == 1 and pool.waiting == 1
+    gate.set()
+    assert await pool.drain(timeout=5) == set()  # the queued one ran too
+    assert ran == ["first", "second"]
+    assert pool.free == 1 and pool.waiting == 0
+    assert await pool.admit(work("again"))  # room again
+    await pool.drain(timeout=5)
+
+
+async def test_cancel_drops_admitted_work_that_has_not_started() -> None:
+    pool = TaskPool(1, backlog=2)
+    never = asyncio.Event()
+    ran: list[int] = []
+
+    async def work(i: int) -> None:
+        ran.append(i)
+        await never.wait()
+
+    for i in range(3):
+        assert await pool.admit(work(i))
+    await asyncio.sleep(0)
+    await pool.cancel()
+    assert ran == [0] and pool.waiting == 0 and pool.free == 1
+
+
+async def test_refusals_are_counted_and_logged_sparingly(caplog: pytest.LogCaptureFixture) -> None:
+    pool = TaskPool(1, name="full pool")
+    never = asyncio.Event()
+    assert await pool.admit(never.wait())
+    for _ in range(100):
+        assert not await pool.admit(never.wait())
+    assert pool.refused == 100
+    said = [r for r in caplog.records if "full pool: full" in r.getMessage()]
+    assert len(said) == 1  # not one line per refusal
+    await pool.cancel()
