@@ -45,7 +45,12 @@ from mesh.a2a.client import (
     user_message,
     verdict_of,
 )
-from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
+from mesh.errors import (
+    AgentBusyError,
+    AgentCallError,
+    AgentTimeoutError,
+    AgentUnavailableError,
+)
 from mesh.records import CallOutcome, Vote
 from mesh.verdict import Verdict
 
@@ -74,9 +79,8 @@ def infrastructure(e: AgentCallError) -> bool:
 
 def _infra_pause(e: AgentCallError, infra_failures: int, deadline: float) -> float | None:
     wait = INFRA_RETRY.delay(infra_failures)
-    retry_after = getattr(e, "retry_after_s", None)
-    if isinstance(retry_after, int | float) and retry_after > wait:
-        wait = float(retry_after)  # the agent said when it will have room
+    if isinstance(e, AgentBusyError) and e.retry_after_s > wait:
+        wait = e.retry_after_s  # the agent said when it will have room
     return wait if time.monotonic() + wait < deadline else None
 
 

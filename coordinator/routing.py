@@ -52,7 +52,7 @@ from purgatory.domain.model import Context, OpenedState
 from coordinator.admission import AimdLimit
 from mesh import subjects
 from mesh.a2a import jsonrpc
-from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
+from mesh.errors import AgentBusyError, AgentCallError, AgentTimeoutError, AgentUnavailableError
 from mesh.registry import Registration, RegistryView
 
 log = logging.getLogger(__name__)
@@ -88,15 +88,13 @@ class Route:
 
 
 def is_busy(e: BaseException) -> bool:
-    """An agent's "busy, try again" answer (`mesh.errors.AgentBusyError`, looked up by name
-    until every branch has it)."""
-    return any(c.__name__ == "AgentBusyError" for c in type(e).__mro__)
+    """An agent's "busy, try again" answer (`mesh.errors.AgentBusyError`)."""
+    return isinstance(e, AgentBusyError)
 
 
 def declared_capacity(reg: Registration) -> int:
     """What a replica says it can take at once (0: it does not say)."""
-    capacity = getattr(reg, "capacity", 0)
-    return capacity if isinstance(capacity, int) and capacity > 0 else 0
+    return max(0, reg.capacity)
 
 
 @dataclass

@@ -14,7 +14,8 @@ from coordinator.policy import Policy
 from coordinator.quorum import QuorumRule
 from coordinator.routing import DEFAULT_CAPACITY, Route, Router
 from mesh import envelope
-from mesh.errors import AgentCallError, AgentTimeoutError, AgentUnavailableError
+from mesh.a2a import jsonrpc
+from mesh.errors import AgentBusyError, AgentCallError, AgentTimeoutError, AgentUnavailableError
 from mesh.identity import Signer, b64
 from mesh.registry import Registration
 from mesh.signing import Binding
@@ -223,23 +224,8 @@ async def test_nothing_is_checked_when_the_view_checks_nothing() -> None:
 
 
 # -- breakers open on failures, never on load we made ---------------------------------------------
-try:  # helper code for the busy answer lands in mesh.errors; until then, the same shape here
-    from mesh.errors import AgentBusyError  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the branch
-
-    class AgentBusyError(AgentCallError):  # type: ignore[no-redef]
-        def __init__(self, agent: str, retry_after_s: float = 0.0) -> None:
-            super().__init__(agent, "busy", retryable=True)
-            self.retry_after_s = retry_after_s
-
-
 def _busy(agent: str = "rev", retry_after_s: float = 0.0) -> AgentCallError:
-    try:
-        return AgentBusyError(agent, retry_after_s=retry_after_s)
-    except TypeError:  # pragma: no cover - another constructor shape
-        e = AgentBusyError(agent)
-        e.retry_after_s = retry_after_s
-        return e
+    return AgentBusyError(agent, "busy", retry_after_s=retry_after_s, code=jsonrpc.BUSY)
 
 
 class _Tick:
