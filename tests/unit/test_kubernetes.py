@@ -266,7 +266,7 @@ def test_identities_are_secret_files_that_reach_the_process_as_0600(
         mesh = [c for c in _containers(pod, init=False) if _is_mesh(c)]
         if not mesh:
             continue
-        secret, volume = _identity_secret(pod)
+        _, volume = _identity_secret(pod)
         mode = volume["secret"].get("defaultMode")
         assert mode is not None and mode & 0o077 == 0, f"{name}: defaultMode {mode!r}"
         (init,) = [c for c in pod.get("initContainers") or [] if volume["name"] in _mounts(c)]
@@ -390,7 +390,9 @@ def test_ingress_is_denied_unless_allowed(objects: list[dict[str, Any]]) -> None
     assert deny and all(not p["spec"].get("ingress") for p in deny)
     assert all("Ingress" in p["spec"]["policyTypes"] for p in policies.values())
     allowed_ports = {
-        port["port"] for p in policies.values() for rule in p["spec"].get("ingress") or []
+        port["port"]
+        for p in policies.values()
+        for rule in p["spec"].get("ingress") or []
         for port in rule.get("ports") or []
     }
     assert 8222 not in allowed_ports, "the NATS monitor port answers without auth"
