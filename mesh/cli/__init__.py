@@ -79,8 +79,8 @@ def main() -> None:
     try:
         app()
     except Exception as e:
-        # Settings are read where a command first needs them; a MESH_* variable that does not
-        # parse is the user's to fix, said in one line (not pydantic's multi-line report).
+        # Settings are read where a command first needs them, most inside `user_errors`, which
+        # says so itself; this is for the rest (a command that reads them outside it).
         line = settings_error(e)
         if line is None:
             raise

@@ -104,7 +104,8 @@ def print_json(value: Any) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Mesh errors become a message and their exit code (`exit_code`); Ctrl-C exit code 130."""
+    """Mesh errors become a message and their exit code (`exit_code`), as does a `MESH_*`
+    variable that does not parse (`settings_error`); Ctrl-C exit code 130."""
     try:
         yield
     except MeshError as e:
@@ -119,6 +120,12 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(exit_code(e)) from None
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as e:
+        line = settings_error(e)
+        if line is None:
+            raise
+        err.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True, highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

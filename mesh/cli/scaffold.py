@@ -27,6 +27,22 @@ app = typer.Typer(
 TEMPLATES = Path(__file__).with_name("templates") / "agent"
 # A card name that is also a Python package name once '-' becomes '_' (and a NATS token).
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+MAX_NAME = 28  # so every generated line fits in 100 columns, as ruff format keeps them
+
+
+def _imports(root: Path, *, stdlib: str, agent_import: str) -> tuple[str, str]:
+    """The import blocks of agent.py and of the test, sorted as ruff sorts them in `root`:
+    `mesh` is first-party where it is a folder of the project (this repository), else a
+    third-party package beside msgspec and pytest."""
+    if (root / "mesh").is_dir():
+        return (
+            f"{stdlib}\n\nfrom mesh import Agent, Verdict",
+            f"import pytest\n\n{agent_import}\nfrom mesh.testing import MeshHarness, verdict_of",
+        )
+    return (
+        f"{stdlib}\nfrom mesh import Agent, Verdict",
+        f"import pytest\nfrom mesh.testing import MeshHarness, verdict_of\n\n{agent_import}",
+    )
 
 
 def _render(template: str, values: dict[str, str]) -> str:
@@ -68,23 +84,34 @@ def _topology_entry(module: str) -> str:
 
 def scaffold(root: Path, name: str) -> list[Path]:
     """Write a new agent under `root`; the files written (mesh.toml last). Raises ConfigError,
-    having written nothing, when NAME is not usable or something is already there."""
-    if not _NAME.match(name):
+    having written nothing, when NAME is not usable, something is already there, or the
+    mesh.toml it would leave is one `mesh up` refuses."""
+    from mesh.dev import topology as topo
+
+    if not _NAME.match(name) or len(name) > MAX_NAME:
         raise ConfigError(
             f"{name!r} is not an agent name for `mesh new agent`",
-            hint="lower-case letters and digits in words joined by '-', e.g. four-eyes",
+            hint=f"lower-case letters and digits in words joined by '-', at most {MAX_NAME} "
+            "characters, e.g. four-eyes",
         )
     snake = name.replace("-", "_")
     module = f"agents.{snake}"
     skill = f"{name}-check"
     description = f"{name} (made by `mesh new agent`): says what it checks here."
+    agent_imports, test_imports = _imports(
+        root,
+        stdlib="import msgspec",
+        agent_import=f"from {module}.agent import Request, agent, check",
+    )
     values = {
+        "imports": agent_imports,
         "name": name,
         "module": module,
         "skill": skill,
         "event_type": f"{snake}.requested",
         "description": description,
     }
+    test_values = {**values, "imports": test_imports}
     package = root / "agents" / snake
     files: dict[Path, str] = {
         root / "cards" / f"{name}.json": json.dumps(card(name, skill, description), indent=2)
@@ -92,7 +119,7 @@ def scaffold(root: Path, name: str) -> list[Path]:
         package / "__init__.py": _render("__init__.py.tmpl", values),
         package / "agent.py": _render("agent.py.tmpl", values),
         package / "__main__.py": _render("__main__.py.tmpl", values),
-        root / "tests" / f"test_{snake}.py": _render("test_agent.py.tmpl", values),
+        root / "tests" / f"test_{snake}.py": _render("test_agent.py.tmpl", test_values),
     }
     # Folders a fresh project lacks become packages, so `agents.NAME` and the test import.
     for folder in (root / "agents", root / "tests"):
@@ -113,21 +140,38 @@ def scaffold(root: Path, name: str) -> list[Path]:
             f"{name} exists already here ({what}); nothing written",
             hint="pick another name, or remove what is there",
         )
-    written = []
-    for path, text in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
-    if topology.exists():
-        text = topology.read_text()
-        topology.write_text(text + ("" if text.endswith("\n") else "\n") + _topology_entry(module))
-    else:
-        topology.write_text(
-            '# What `mesh up` runs (docs/operations.md: "The topology: mesh.toml").\n'
-            + _topology_entry(module)
-        )
-    written.append(topology)
-    return written
+    before = topology.read_text() if topology.exists() else None
+    if before is not None:
+        topo.load(topology)  # a mesh.toml that is wrong already: say so, write nothing
+    written: list[Path] = []
+    made = [d for d in {p.parent for p in files} if not d.exists()]  # (all under root)
+    try:
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            written.append(path)
+        if before is not None:
+            sep = "" if before.endswith("\n") else "\n"
+            topology.write_text(before + sep + _topology_entry(module))
+        else:
+            topology.write_text(
+                '# What `mesh up` runs (docs/operations.md: "The topology: mesh.toml").\n'
+                + _topology_entry(module)
+            )
+        topo.load(topology)  # what `mesh up` will read, checked now (the new module included)
+    except BaseException:
+        # All or nothing: what `mesh up` would refuse is not left half-made.
+        for path in reversed(written):
+            path.unlink(missing_ok=True)
+        for folder in sorted(made, key=lambda p: -len(p.parts)):
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
+        if before is None:
+            topology.unlink(missing_ok=True)
+        else:
+            topology.write_text(before)
+        raise
+    return [*written, topology]
 
 
 def _shown(path: Path, root: Path) -> Path:
@@ -143,12 +187,9 @@ def new_agent(
 ) -> None:
     """A new agent here: its card, package (agent.py, __main__.py), a test on a real
     nats-server and a mesh.toml entry. Writes nothing if any of it exists."""
-    from mesh.dev import topology as topo
-
     root = Path.cwd()
     with user_errors():
         written = scaffold(root, name)
-        topo.load(root / "mesh.toml")  # what `mesh up` will read: checked now, not then
     for path in written:
         out.print(f"wrote {_shown(path, root)}", highlight=False, soft_wrap=True)
     snake = name.replace("-", "_")

@@ -126,6 +126,9 @@ def test_exit_codes_without_a_server(tmp_path: Path) -> None:
     assert "no NATS server" in _one_line(ran("status"), UNAVAILABLE)
 
 
+RELEASE = json.loads(
+    (Path(__file__).resolve().parents[2] / "agents/samples/release_clean.json").read_text()
+)
 CLOUD_EVENT = {
     "specversion": "1.0",
     "id": "ce-1",
@@ -185,7 +188,7 @@ async def test_json_width_and_codes_against_a_running_mesh(tmp_path: Path) -> No
     from mesh.identity import IdentityDir
     from mesh.testing import MeshHarness
 
-    release = json.loads(Path("agents/samples/release_clean.json").read_text())
+    release = RELEASE
     policies = {
         "release.proposed": {"skills": ["release-security-review"], "rule": {"kind": "unanimous"}}
     }
@@ -248,4 +251,3 @@ async def test_json_width_and_codes_against_a_running_mesh(tmp_path: Path) -> No
         assert published.returncode == OK and published.stdout.strip() == "ce-tenant", published
         seen = await mesh.event("release.proposed", where=lambda e: e.id == "ce-tenant")
         assert seen.tenant == "acme"
-

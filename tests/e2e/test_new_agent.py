@@ -21,7 +21,6 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 WRITTEN = [
     "cards/my-checker.json",
-    "agents/__init__.py",
     "agents/my_checker/__init__.py",
     "agents/my_checker/agent.py",
     "agents/my_checker/__main__.py",
@@ -32,15 +31,18 @@ WRITTEN = [
 
 
 def _files(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_new_agent_passes_its_own_tests(tmp_path: Path) -> None:
+def test_new_agent_passes_its_own_tests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The repository's layout (its agents, cards, mesh.toml and pytest/ruff settings), copied:
+    # a project with agents already, and no tests/ folder yet.
     project = tmp_path / "project"
     project.mkdir()
-    shutil.copy(REPO / "mesh.toml", project / "mesh.toml")  # a project with agents already
+    for name in ("mesh.toml", "pyproject.toml"):
+        shutil.copy(REPO / name, project / name)
+    for name in ("agents", "cards"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     before = (project / "mesh.toml").read_text()
     env = mesh_env(project)
     made = run_mesh(["new", "agent", "my-checker"], cwd=project, env=env)
@@ -53,16 +55,16 @@ def test_new_agent_passes_its_own_tests(tmp_path: Path) -> None:
     assert card.name == "my-checker" and [s.id for s in card.skills] == ["my-checker-check"]
     toml = (project / "mesh.toml").read_text()
     assert toml.startswith(before) and 'module = "agents.my_checker"' in toml[len(before) :]
+    monkeypatch.chdir(project)  # where `mesh up` would run (its agents package, not ours)
     plan = topo.load(project / "mesh.toml").plan()  # what `mesh up` reads
     assert [a.module for a in plan.agents][-1] == "agents.my_checker"
 
     # The repository's own lint and format rules (what `make test` checks first).
     generated = [str(project / n) for n in WRITTEN if n.endswith(".py")]
     ruff = Path(sys.executable).parent / "ruff"
-    config = ["--config", str(REPO / "pyproject.toml")]
-    for args in (["check", *config, *generated], ["format", "--check", *config, *generated]):
+    for args in (["check", *generated], ["format", "--check", *generated]):
         linted = subprocess.run(
-            [str(ruff), *args], capture_output=True, text=True, timeout=60, check=False
+            [str(ruff), *args], cwd=project, capture_output=True, text=True, timeout=60, check=False
         )
         assert linted.returncode == 0, linted.stdout + linted.stderr
 
@@ -98,6 +100,14 @@ def test_new_agent_never_overwrites(tmp_path: Path) -> None:
     listed = run_mesh(["new", "agent", "dup"], cwd=other, env=env)
     assert listed.returncode == 3 and "agents.dup" in listed.stderr, str(listed)
     assert sorted(p.name for p in other.iterdir()) == ["mesh.toml"]
+
+    # A mesh.toml `mesh up` refuses already: said, and nothing written.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "mesh.toml").write_text('[[agents]]\nmodule = "agents.missing"\n')
+    refused = run_mesh(["new", "agent", "fine"], cwd=broken, env=env)
+    assert refused.returncode == 3 and "agents.missing" in refused.stderr, str(refused)
+    assert _files(broken) == {"mesh.toml": '[[agents]]\nmodule = "agents.missing"\n'}
 
     bad = run_mesh(["new", "agent", "Not_A_Name"], cwd=tmp_path, env=env)
     assert bad.returncode == 3 and "is not an agent name" in bad.stderr, str(bad)
