@@ -4,7 +4,7 @@ one line, a hint and the exit code that says what kind of failure it was (never 
 Exit codes (docs/cli.md lists them; scripts may rely on them):
 
     0  ok
-    1  the command ran, and what it reports is a failure (a demo outcome not as expected)
+    1  any other failure at run time (a demo outcome not as expected, a folder in use)
     2  usage: an unknown option, a missing argument (click's own)
     3  configuration or input: a bad setting, file, card, argument value, or a refusal
     4  not found: no such dead letter, decision, identity…
