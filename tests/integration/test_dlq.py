@@ -440,7 +440,7 @@ def test_cli_dlq_commands(cli_server: str) -> None:
     )
 
     r = runner.invoke(app, ["dlq", "show", "999999"])
-    assert r.exit_code == 2
+    assert r.exit_code == 4
     assert "no dead letter with id 999999" in r.output
     assert "Traceback" not in r.output
 
@@ -452,14 +452,14 @@ def test_cli_dlq_commands(cli_server: str) -> None:
     assert asyncio.run(_events_with_id(cli_server, msg_id)) == 1
 
     r = runner.invoke(app, ["dlq", "replay", "999999"])
-    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.exit_code == 4 and "Traceback" not in r.output
 
     r = runner.invoke(app, ["dlq", "purge"])
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     assert "--yes" in r.output
 
     r = runner.invoke(app, ["dlq", "purge", "--reason", "bogus", "--yes"])
-    assert r.exit_code == 2 and "not a dead-letter reason" in r.output
+    assert r.exit_code == 3 and "not a dead-letter reason" in r.output
 
     r = runner.invoke(app, ["dlq", "purge", "--yes"])
     assert r.exit_code == 0, r.output
@@ -518,7 +518,7 @@ def test_a_body_too_large_for_its_record_is_kept_by_reference(cli_server: str) -
     r = runner.invoke(app, ["dlq", "show", str(dlq_seq)])
     assert "does not match" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["dlq", "replay", str(dlq_seq)])
-    assert r.exit_code == 2 and "does not match" in r.output, r.output
+    assert r.exit_code == 3 and "does not match" in r.output, r.output
 
 
 async def test_an_event_the_coordinator_dead_lettered_keeps_its_one_record(
