@@ -164,11 +164,7 @@ class Agent:
         `mesh.testing.ScriptedModel.brain(agent)` gives a Claude brain on a local fake."""
         if self._handler is None:
             raise ConfigError(f"agent {self.name} has no @agent.rules handler to override")
-        swapped = (
-            cast("Brain", brain)
-            if hasattr(brain, "think")
-            else RulesBrain(cast("Callable[[Any], Any]", brain))
-        )
+        swapped = cast("Brain", brain) if hasattr(brain, "think") else RulesBrain(brain)
         previous, self._override = self._override, swapped
         try:
             yield swapped

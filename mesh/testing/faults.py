@@ -8,14 +8,14 @@
         decision = await mesh.decision(await mesh.publish("release.proposed", release))
 
 Where the faults happen: the harness's coordinator sends each A2A call to
-`mesh.testing.fault.<proxy id>.<subject>` instead of `<subject>` (the replica's own subject or the shared
-one, whichever its router picked); a `FaultProxy` subscribed there forwards the request to
-`<subject>` and relays everything the agent sends back (keep-alives, the answer), or does what
-a fault says instead. Both hops are NATS request/reply through the real nats-server, and the
-coordinator and the agents run their production code on each side. Why not a proxy on the
-agent's own subject: NATS hands a request to every plain subscriber of its subject, so the agent
-would answer whatever the proxy did; the subject the caller sends to is the one place a call
-can be withheld (the only change to the caller: `FaultyClient`, which rewrites it).
+`mesh.testing.fault.<proxy id>.<subject>` instead of `<subject>` (the replica's own subject or
+the shared one, whichever its router picked); the proxy (`Faults`) subscribed there forwards the
+request to `<subject>` and relays everything the agent sends back (keep-alives, the answer), or
+does what a fault says instead. Both hops are NATS request/reply through the real nats-server,
+and the coordinator and the agents run their production code on each side. Why not a proxy on
+the agent's own subject: NATS hands a request to every plain subscriber of its subject, so the
+agent would answer whatever the proxy did; the subject the caller sends to is the one place a
+call can be withheld (the only change to the caller: `FaultyClient`, which rewrites it).
 
 The kinds, as the caller sees them:
 - `drop()`: the request never reaches the agent and nothing comes back; the caller's silence
