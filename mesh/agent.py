@@ -28,10 +28,10 @@ import inspect
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, cast, get_type_hints
 
 import msgspec
 from a2a.helpers import get_data_parts, get_message_text, new_data_part, new_task_from_user_message
@@ -83,6 +83,7 @@ class Agent:
         self.input_type: Any = None
         self.output_type: Any = None
         self.event_handlers: list[EventHandler] = []
+        self._override: Brain | None = None  # what `override` swapped in (tests)
 
     # -- definition -----------------------------------------------------------------------------
     def rules(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -154,6 +155,21 @@ class Agent:
         return select_brain(
             rules=self._handler, system_prompt=self.system_prompt(), output_type=self.output_type
         )
+
+    @contextlib.contextmanager
+    def override(self, brain: Brain | Callable[[Any], Any]) -> Iterator[Brain]:
+        """Answer with `brain` (a `Brain`, or a function taken as rules) instead of the brain
+        `serve` picked, until the block exits — in instances already serving too (read per
+        message). For tests: `with agent.override(lambda release: Verdict.reject("no")): ...`;
+        `mesh.testing.ScriptedModel.brain(agent)` gives a Claude brain on a local fake."""
+        if self._handler is None:
+            raise ConfigError(f"agent {self.name} has no @agent.rules handler to override")
+        swapped = cast("Brain", brain) if hasattr(brain, "think") else RulesBrain(brain)
+        previous, self._override = self._override, swapped
+        try:
+            yield swapped
+        finally:
+            self._override = previous
 
     def decode_input(self, data: Any) -> Any:
         try:
@@ -310,7 +326,8 @@ class _Executor(AgentExecutor):
         task = context.current_task or new_task_from_user_message(message)
         await event_queue.enqueue_event(task)
         updater = TaskUpdater(event_queue, task.id, task.context_id)
-        if self.brain is None:
+        brain = self.agent._override or self.brain  # Agent.override, read per message
+        if brain is None:
             types = ", ".join(h.event_type for h in self.agent.event_handlers)
             text = f"{self.agent.name} only reacts to events ({types}); it takes no messages"
             await updater.reject(updater.new_agent_message([Part(text=text)]))
@@ -320,14 +337,14 @@ class _Executor(AgentExecutor):
         except InputError as e:
             await updater.reject(updater.new_agent_message([Part(text=str(e))]))
             return
-        if not isinstance(self.brain, RulesBrain):
+        if not isinstance(brain, RulesBrain):
             # A model call takes seconds: say so. Rules answer at once, and each status is a
             # task-store write, so they go straight from submitted to completed.
             await updater.start_work()
         try:
-            thought = await self.brain.think(payload)
+            thought = await brain.think(payload)
         except MeshError as e:
-            await updater.failed(updater.new_agent_message([Part(text=f"{self.brain.name}: {e}")]))
+            await updater.failed(updater.new_agent_message([Part(text=f"{brain.name}: {e}")]))
             return
         output = msgspec.to_builtins(thought.output)
         # Signed by this instance for the question as asked (mesh.votes): the coordinator
