@@ -113,7 +113,12 @@ def test_an_installed_wheel_runs_a_shipped_agent(tmp_path: Path, identities: Ide
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     # Quick diagnosis if a data file went missing (the run below is the real check).
-    for needed in ("cards/security-review.json", "coordinator/policies.toml", "mesh/py.typed"):
+    for needed in (
+        "cards/security-review.json",
+        "coordinator/policies.toml",
+        "mesh/py.typed",
+        "mesh/cli/templates/agent/agent.py.tmpl",  # mesh new agent
+    ):
         assert needed in names, f"{wheel.name} lacks {needed}"
 
     python = fresh_venv(tmp_path)
