@@ -307,7 +307,15 @@ def test_data_outside_allowed_regions_rejects() -> None:
 def test_allowed_regions_are_a_policy_input() -> None:
     r = make(region="us-east-1", data_destinations=[])
     assert compliance.review(r, allowed_regions={"us-east-1"}).vote == "approve"
-    assert {"eu-west-1", "eu-central-1"} == compliance.ALLOWED_REGIONS
+    assert compliance.review(r).vote == "reject"  # the configured default: EU regions only
+
+
+def test_a_ticket_kind_the_reviewers_do_not_know_is_carried() -> None:
+    # A tracker with kinds of its own must not make the release undecodable for every reviewer.
+    r = make(tickets=[{"id": "CHG-1", "kind": "change"}, {"id": "INC-9", "kind": "incident"}])
+    assert [t.kind for t in r.tickets] == ["change", "incident"]
+    for reviewer in (compliance, quality, security):
+        assert reviewer.review(r).vote == "approve", reviewer
 
 
 # -- quality ------------------------------------------------------------------------------------
