@@ -20,8 +20,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, ValidationError, best_match
+# jsonschema ships no type information (no py.typed; types-jsonschema is not installed).
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+from jsonschema.exceptions import (  # type: ignore[import-untyped]
+    SchemaError,
+    ValidationError,
+    best_match,
+)
 
 from mesh.envelope import Event, MalformedEventError
 from mesh.errors import ConfigError
@@ -68,10 +73,12 @@ def schema_of(event_type: str) -> dict[str, Any] | None:
 
 
 @lru_cache(maxsize=256)
-def _load(path: Path) -> tuple[dict[str, Any], Draft202012Validator]:
+def _load(path: Path) -> tuple[dict[str, Any], Any]:
     # Cached per file for the life of the process: schemas are read once, like the policy file.
     try:
         schema = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(schema, dict):
+            raise ValueError("a schema file holds one JSON object")
         Draft202012Validator.check_schema(schema)
     except (OSError, ValueError) as e:
         raise ConfigError(
@@ -89,7 +96,7 @@ def _where(error: ValidationError) -> str:
     where = "data"
     for part in error.absolute_path:
         where += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return where
+    return where if len(where) <= _MAX_MESSAGE else where[: _MAX_MESSAGE - 1] + "…"
 
 
 def violation(event_type: str, data: Any) -> str | None:
@@ -116,3 +123,12 @@ def check(event: Event) -> None:
             f"event {event.type} breaks its schema: {why}",
             hint=f"`mesh schema {event.type}` prints the schema",
         )
+
+
+def check_all() -> list[str]:
+    """Read and check every schema in force; returns their event types. A process that wants a
+    broken schema file to stop it at start (not at its first event) calls this when it starts."""
+    types = event_types()
+    for event_type in types:
+        schema_of(event_type)
+    return types

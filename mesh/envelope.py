@@ -148,7 +148,9 @@ _NOT_HEADERS = frozenset({"data", "datacontenttype"})
 
 def is_binary(headers: Mapping[str, str] | None) -> bool:
     """Whether a message is in binary content mode: it carries at least one `ce-` header."""
-    return bool(headers) and any(str(k).lower().startswith(CE_PREFIX) for k in headers or ())
+    return bool(headers) and any(
+        str(k).strip().lower().startswith(CE_PREFIX) for k in headers or ()
+    )
 
 
 def _is_json(content_type: str) -> bool:
@@ -174,7 +176,7 @@ def binary_attributes(headers: Mapping[str, str]) -> dict[str, str]:
     given twice (in two cases) or a value that is not UTF-8."""
     attrs: dict[str, str] = {}
     for key, value in headers.items():
-        lower = _utf8("header name", key).lower()
+        lower = _utf8("header name", key).strip().lower()
         if lower == CONTENT_TYPE:
             name = "datacontenttype"
         elif lower.startswith(CE_PREFIX) and lower[len(CE_PREFIX) :] not in _NOT_HEADERS:
@@ -268,10 +270,11 @@ def signed_content(headers: Mapping[str, str] | None, body: bytes) -> bytes:
     if not is_binary(headers):
         return body
     assert headers is not None
+    names = {str(k): str(k).strip().lower() for k in headers}
     lines = sorted(
-        f"{str(k).lower()}: {str(v).strip()}"
+        f"{names[str(k)]}: {str(v).strip()}"
         for k, v in headers.items()
-        if str(k).lower().startswith(CE_PREFIX) or str(k).lower() == CONTENT_TYPE
+        if names[str(k)].startswith(CE_PREFIX) or names[str(k)] == CONTENT_TYPE
     )
     return "\n".join(["cloudevents-binary", *lines]).encode("utf-8", "surrogatepass") + (
         b"\0" + body
