@@ -51,7 +51,13 @@ async def publish(bus: Bus, event_type: str, data: Any, *, tenant: str = "t1", *
 
 
 async def events_of(bus: Bus, event_type: str) -> list[envelope.Event]:
-    found = [envelope.decode(body) for _, _, body in await tail(bus, subjects.EVENTS_STREAM, 500)]
+    # Only that type's subjects: another type's event may be in binary mode (no headers here).
+    rows = await tail(bus, subjects.EVENTS_STREAM, 500)
+    found = [
+        envelope.decode(body)
+        for _, subject, body in rows
+        if subjects.parse_event_subject(subject)[1] == event_type
+    ]
     return [e for e in found if e.type == event_type]
 
 

@@ -23,6 +23,7 @@ from agents.tickets import TicketCreated
 from mesh import contracts, envelope
 from mesh.cli.schema import schema
 from mesh.errors import ConfigError
+from mesh.settings import get_settings
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "agents" / "samples"
@@ -135,6 +136,7 @@ def test_own_schema_dir_adds_types_and_wins(
     )
     (tmp_path / "ticket.created.schema.json").write_text(json.dumps({"type": "string"}))
     monkeypatch.setenv("MESH_SCHEMA_DIR", str(tmp_path))
+    get_settings.cache_clear()  # settings are read once per process
     assert "invoice.paid" in contracts.event_types()
     assert "release.proposed" in contracts.event_types()
     assert contracts.violation("invoice.paid", {"amount": 3}) is None
@@ -148,6 +150,7 @@ def test_a_broken_schema_file_is_a_config_error(
     (tmp_path / "bad.one.schema.json").write_text('{"type": "objekt"}')
     (tmp_path / "bad.two.schema.json").write_text("{not json")
     monkeypatch.setenv("MESH_SCHEMA_DIR", str(tmp_path))
+    get_settings.cache_clear()  # settings are read once per process
     for event_type in ("bad.one", "bad.two"):
         with pytest.raises(ConfigError) as err:
             contracts.violation(event_type, {})
@@ -216,6 +219,7 @@ def test_rules_file_changes_what_the_reviewers_allow(
         "[quality]\nmax_changed_lines = 10\n"
     )
     monkeypatch.setenv("MESH_RULES_FILE", str(rules))
+    get_settings.cache_clear()  # settings are read once per process
     assert compliance.review(us).vote == "approve"
     assert security.review(git_dep).vote == "approve"
     verdict = quality.review(big)

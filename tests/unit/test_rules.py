@@ -72,9 +72,12 @@ def test_partial_payload_decodes_with_defaults_and_ignores_unknown_fields() -> N
     assert r.tickets == [] and r.dependencies_added == []
 
 
-def test_ticket_kind_is_validated() -> None:
+def test_ticket_kind_is_any_string_but_a_string() -> None:
+    # Issue 13: a kind the reviewers do not know ("wish") must not make the release undecodable.
+    r = rel.to_release({"id": "r1", "tickets": [{"id": "T-1", "kind": "wish"}]})
+    assert r.tickets[0].kind == "wish" and not r.has_ticket("change")
     with pytest.raises(msgspec.ValidationError, match="kind"):
-        rel.to_release({"id": "r1", "tickets": [{"id": "T-1", "kind": "wish"}]})
+        rel.to_release({"id": "r1", "tickets": [{"id": "T-1", "kind": 7}]})
 
 
 def test_changed_lines_follow_hunk_numbers_and_skip_headers() -> None:
