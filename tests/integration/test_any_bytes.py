@@ -129,8 +129,8 @@ NASTY: list[Case] = [
     (IGNORED, "default", _event(event_type=IGNORED), None),  # ignored, no handler: no_handler
     (UNKNOWN, "acme", _event(event_type=UNKNOWN, tenant="acme"), None),  # unknown_type
     (DECIDED, "default", _event(data={"vote": "approve", "pad": 7}), None),  # breaks the schema
-    _binary(),  # a good binary-mode event: decided
-    _binary(body=b""),  # binary mode without data: decided all the same
+    GOOD_BINARY := _binary(),  # a good binary-mode event: decided
+    GOOD_BINARY_EMPTY := _binary(body=b""),  # binary mode without data: decided all the same
     _binary(body=b'{"vote": "approve", "pad": 7}'),  # binary mode, data breaks the schema
     _binary(ce_id=None),  # binary mode without an id
     _binary(ce_specversion=None),  # ce- headers, but no specversion
@@ -300,6 +300,12 @@ async def test_every_byte_sequence_has_one_outcome(
                 got = found(outcomes, seq, event_id)
                 assert len(got) == 1, (seq, subject, got)
             assert not coordinator.done()
+            # Binary mode is read, not merely survived: decided, and its signature (over the
+            # ce- headers and the body) names the publisher.
+            for _, _, _, headers in (GOOD_BINARY, GOOD_BINARY_EMPTY):
+                assert headers is not None
+                [decision] = [d for _, d in outcomes.decisions if d.event_id == headers["ce-id"]]
+                assert decision.principal, decision
         finally:
             stop.set()
             await asyncio.wait_for(coordinator, 30)
