@@ -250,7 +250,7 @@ async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter
     data: bytes = raw.data or b""
     event: envelope.Event | None = None
     with contextlib.suppress(envelope.MalformedEventError):  # the only thing decode raises
-        event = envelope.decode(data)
+        event = envelope.decode(data, raw.headers)
     return records.dead_letter(
         reason=reason,
         error=error,

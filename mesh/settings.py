@@ -43,6 +43,17 @@ class Settings(BaseSettings):
     policy_file: Path | None = Field(
         default=None, description="Decision policies (TOML). Default: coordinator/policies.toml."
     )
+    schema_dir: Path | None = Field(
+        default=None,
+        description="Folder of your own event schemas (`<event type>.schema.json`, JSON Schema "
+        "2020-12), checked at publish and by the coordinator; one here replaces the shipped "
+        "schema of the same type. Unset: only the shipped schemas (mesh/schemas/).",
+    )
+    rules_file: Path | None = Field(
+        default=None,
+        description="The reviewing agents' domain rules (TOML: allowed regions, privacy roles, "
+        "dependency sources, change size...). Unset: agents/rules.toml.",
+    )
     max_inflight: int = Field(default=256, gt=0, description="Events a coordinator works at once.")
     push_allow_private: bool = Field(
         default=False,

@@ -311,6 +311,25 @@ async def test_replay_republishes_the_original(bus: Bus, adl: AdvisoryDeadLetter
     assert envelope.decode(replayed.data).id == event.id
 
 
+async def test_a_binary_mode_event_is_recorded_and_replayed_with_its_headers(
+    bus: Bus, adl: AdvisoryDeadLetters
+) -> None:
+    event = envelope.new_event("vote.test", {"n": 1}, tenant="acme")
+    seq = (await bus.publish_event(event, binary=True)).seq
+    await terminate(bus, "termer", subjects.event("acme", "vote.test"))
+    [(dlq_seq, d)] = await wait_records(bus, 1)
+    # The advisory path reads the ce- headers: the record knows the event.
+    assert (d.event_id, d.event_type, d.tenant) == (event.id, "vote.test", "acme")
+    assert d.headers["ce-id"] == event.id
+
+    await dlq.replay(bus, dlq_seq)
+    replayed = await bus.js.get_msg(subjects.EVENTS_STREAM, seq + 1)
+    assert envelope.decode(replayed.data, replayed.headers) == event
+    # Its publisher's signature still holds: it covers the ce- headers it came with.
+    original = await bus.js.get_msg(subjects.EVENTS_STREAM, seq)
+    assert replayed.headers[subjects.H_SIGNATURE] == original.headers[subjects.H_SIGNATURE]
+
+
 async def test_replay_and_get_refuse_what_they_cannot(bus: Bus) -> None:
     with pytest.raises(ConfigError, match="no dead letter with id 999"):
         await dlq.replay(bus, 999)
