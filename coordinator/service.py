@@ -122,6 +122,9 @@ class Coordinator:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        # A broken schema file (MESH_SCHEMA_DIR) stops the coordinator here, with its name,
+        # not at the first event of its type.
+        contracts.check_all()
         await self.bus.ensure()
         self._ledger = await Ledger.on_bus(self.bus, self.name, LEASE_S)
         self._decider = Decider(

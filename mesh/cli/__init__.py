@@ -1,7 +1,7 @@
 """The `mesh` command. User mistakes print what to do next, never a traceback.
 
 The commands live by group in this package (`running`, `events`, `dlq`, `audit`, `status`,
-`creds`, `scaffold`);
+`creds`, `scaffold`, `schema`);
 this module builds the app from them, in the order `mesh --help` lists them. Heavy modules
 (the bus, the coordinator, the agents) are imported inside each command, so `mesh --help`
 and a mistyped option stay fast. Conventions every command keeps (docs/cli.md): `-h`/`--help`,
@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from mesh.cli import audit, creds, dlq, events, running, scaffold, status
+from mesh.cli import audit, creds, dlq, events, running, scaffold, schema, status
 from mesh.cli._common import EXIT_CONFIG, err, settings_error
 
 app = typer.Typer(
@@ -70,6 +70,7 @@ app.command()(events.publish)
 app.command("agents")(events.list_agents)
 app.command()(events.call)
 app.command()(events.decisions)
+app.command("schema")(schema.schema)
 # -- looking inside
 app.command()(status.status)
 app.command()(status.trace)

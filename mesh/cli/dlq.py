@@ -66,7 +66,7 @@ async def dlq_show(
     from rich.markup import escape
 
     from coordinator import dlq
-    from mesh import subjects
+    from mesh import envelope, subjects
     from mesh.bus import Bus
     from mesh.identity import resolve_trust
     from mesh.records import event_principal
@@ -83,7 +83,10 @@ async def dlq_show(
     # Who published it: the trusted key that signed it as it arrived (headers are kept).
     principal, unverified = (
         event_principal(
-            resolve_trust(get_settings()), d.subject, body, d.headers.get(subjects.H_SIGNATURE)
+            resolve_trust(get_settings()),
+            d.subject,
+            envelope.signed_content(d.headers, body),  # binary mode: the ce- headers too
+            d.headers.get(subjects.H_SIGNATURE),
         )
         if not body_problem
         else ("", "body unavailable")

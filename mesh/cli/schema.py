@@ -31,7 +31,7 @@ def schema(
 ) -> None:
     """Print the JSON Schema (2020-12) an event type's data must fit, or list the types."""
     from mesh import contracts
-    from mesh.errors import ConfigError
+    from mesh.errors import NotFoundError
 
     with user_errors():
         if event_type is None:
@@ -48,7 +48,7 @@ def schema(
         found = contracts.schema_of(event_type)
         if found is None:
             known = ", ".join(contracts.event_types()) or "none"
-            raise ConfigError(
+            raise NotFoundError(
                 f"no schema for event type {event_type!r} (types with one: {known})",
                 hint="an event type without a schema is not checked; add "
                 f"<MESH_SCHEMA_DIR>/{event_type}{contracts.SUFFIX} to give it one",

@@ -286,7 +286,7 @@ class MeshHarness:
 
     async def _on_event(self, msg: Msg) -> None:
         try:
-            self._events.append(envelope.decode(msg.data))
+            self._events.append(envelope.decode(msg.data, msg.headers))
         except (msgspec.DecodeError, msgspec.ValidationError):
             return  # not an envelope: the coordinator dead-letters it; dead_letter() sees that
         await self._notify()

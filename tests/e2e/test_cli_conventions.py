@@ -35,6 +35,7 @@ JSON_COMMANDS = [
     ("trace",),
     ("creds", "list"),
     ("demo",),
+    ("schema",),
 ]
 
 
