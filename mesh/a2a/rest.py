@@ -147,9 +147,7 @@ async def _read(request: Request) -> Response | None:
     return None
 
 
-def _error(
-    code: int, status: str, message: str, headers: dict[str, str] | None = None
-) -> Response:
+def _error(code: int, status: str, message: str, headers: dict[str, str] | None = None) -> Response:
     """An error in the binding's format (google.rpc.Status as JSON, as the SDK answers)."""
     body = json.dumps({"error": {"code": code, "status": status, "message": message}})
     return Response(

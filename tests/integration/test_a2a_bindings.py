@@ -166,9 +166,7 @@ async def test_the_card_declares_every_binding(served: Served) -> None:
 
 
 @pytest.mark.parametrize("binding", BINDINGS)
-async def test_send_then_get_on_every_binding(
-    served: Served, mod_bus: Bus, binding: str
-) -> None:
+async def test_send_then_get_on_every_binding(served: Served, mod_bus: Bus, binding: str) -> None:
     client = _client(served, binding, _token(mod_bus))
     try:
         task = await _send(client)
@@ -203,7 +201,7 @@ async def test_a_caller_without_a_token_is_refused(served: Served, binding: str)
     started = served.executor.started
     client = _client(served, binding, None)
     try:
-        with pytest.raises(Exception, match="(?i)unauthenticated|401"):
+        with pytest.raises(Exception, match=r"(?i)unauthenticated|401"):
             await _send(client)
     finally:
         await client.close()
@@ -213,9 +211,7 @@ async def test_a_caller_without_a_token_is_refused(served: Served, binding: str)
 async def test_rest_refusal_is_401_with_a_challenge(served: Served) -> None:
     started = served.executor.started
     async with httpx.AsyncClient(timeout=WAIT_S) as http:
-        r = await http.post(
-            served.http_url + "rest/message:send", json={"message": {}}, headers=V1
-        )
+        r = await http.post(served.http_url + "rest/message:send", json={"message": {}}, headers=V1)
         bad = await http.get(
             served.http_url + "rest/tasks/x", headers={**V1, "Authorization": "Bearer nope"}
         )
