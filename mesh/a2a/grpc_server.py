@@ -34,15 +34,16 @@ from contextvars import ContextVar
 from typing import Any
 
 import a2a.types.a2a_pb2_grpc as a2a_grpc
-import grpc
-import grpc.aio
+# grpcio ships no type stubs (pyproject's mypy overrides should list grpc.*, grpc_reflection.*).
+import grpc  # type: ignore[import-untyped]
+import grpc.aio  # type: ignore[import-untyped]
 from a2a.auth.user import User
 from a2a.extensions.common import HTTP_EXTENSION_HEADER
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import RequestHandler
 from a2a.server.request_handlers.grpc_handler import GrpcHandler, GrpcServerCallContextBuilder
 from a2a.types import a2a_pb2
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 
 from mesh import subjects
 from mesh._internal.tasks import TaskPool
@@ -106,7 +107,7 @@ class GrpcListener:
         """Serve `handler` behind the gate until the block exits (then stop, bounded)."""
         self._gate.auth = auth
         self._gate.pool = pool
-        a2a_grpc.add_A2AServiceServicer_to_server(
+        a2a_grpc.add_A2AServiceServicer_to_server(  # type: ignore[no-untyped-call]
             GrpcHandler(handler, context_builder=_ContextBuilder()), self.server
         )
         reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME), self.server)
