@@ -33,8 +33,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
+# grpcio ships no type stubs: the ignores go once pyproject's mypy overrides list grpc.*,
+# grpc_reflection.* and google.rpc.*.
 import a2a.types.a2a_pb2_grpc as a2a_grpc
-# grpcio ships no type stubs (pyproject's mypy overrides should list grpc.*, grpc_reflection.*).
 import grpc  # type: ignore[import-untyped]
 import grpc.aio  # type: ignore[import-untyped]
 from a2a.auth.user import User
@@ -43,6 +44,18 @@ from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import RequestHandler
 from a2a.server.request_handlers.grpc_handler import GrpcHandler, GrpcServerCallContextBuilder
 from a2a.types import a2a_pb2
+from a2a.utils import constants
+from a2a.utils.errors import (
+    A2A_ERROR_REASONS,
+    A2AError,
+    PushNotificationNotSupportedError,
+    UnsupportedOperationError,
+    VersionNotSupportedError,
+)
+from a2a.utils.grpc_status import status_to_grpc
+from a2a.utils.version_validator import validate_version
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]
 
 from mesh import subjects
@@ -108,7 +121,7 @@ class GrpcListener:
         self._gate.auth = auth
         self._gate.pool = pool
         a2a_grpc.add_A2AServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            GrpcHandler(handler, context_builder=_ContextBuilder()), self.server
+            _Servicer(handler, context_builder=_ContextBuilder()), self.server
         )
         reflection.enable_server_reflection((SERVICE, reflection.SERVICE_NAME), self.server)
         await self.server.start()
@@ -138,14 +151,59 @@ def advertised_host(settings: Settings) -> str:
 
 
 class _ContextBuilder(GrpcServerCallContextBuilder):  # type: ignore[misc]
-    """The call context JSON-RPC builds (`dispatch.call_context`): the metadata as headers."""
+    """The call context JSON-RPC builds (`dispatch.call_context`): the metadata as headers.
+    It also checks `a2a-version` as JSON-RPC and REST do (a2a-sdk's gRPC servicer does not):
+    an A2AError raised here is answered by the servicer, as the method's own would be."""
 
     def build(self, context: grpc.aio.ServicerContext) -> ServerCallContext:
         metadata = _text(context.invocation_metadata())
         extensions = [v for k, v in metadata if k == _EXTENSIONS]
         call = dispatch.call_context(dict(metadata), user=_CALLER.get(), extensions=extensions)
         call.state["grpc_context"] = context
+        _check_version(call)  # raises VersionNotSupportedError
         return call
+
+
+@validate_version(constants.PROTOCOL_VERSION_1_0)
+async def _versioned(context: ServerCallContext) -> AsyncIterator[None]:
+    yield None
+
+
+def _check_version(context: ServerCallContext) -> None:
+    """a2a-sdk's version rule (`validate_version`, what JSON-RPC and REST apply): its wrapper
+    of an async generator checks when called, before anything is iterated."""
+    _versioned(context)
+
+
+class _Servicer(GrpcHandler):  # type: ignore[misc]
+    """a2a-sdk's servicer, with the gRPC status codes of A2A 1.0 §5.4 where a2a-sdk 1.3 maps
+    an error to another (FAILED_PRECONDITION for these three; the ErrorInfo is the same)."""
+
+    async def abort_context(self, error: A2AError, context: grpc.aio.ServicerContext) -> None:
+        code = _SPEC_CODES.get(type(error))
+        if code is None:
+            await super().abort_context(error, context)
+            return
+        info = any_pb2.Any()
+        info.Pack(
+            error_details_pb2.ErrorInfo(
+                reason=A2A_ERROR_REASONS.get(type(error), "UNKNOWN_ERROR"),
+                domain="a2a-protocol.org",
+            )
+        )
+        status = status_pb2.Status(
+            code=code.value[0], message=getattr(error, "message", str(error)), details=[info]
+        )
+        rich = status_to_grpc(status)
+        context.set_trailing_metadata(tuple(rich.trailing_metadata))
+        await context.abort(rich.code, rich.details)
+
+
+_SPEC_CODES = {
+    PushNotificationNotSupportedError: grpc.StatusCode.UNIMPLEMENTED,
+    UnsupportedOperationError: grpc.StatusCode.UNIMPLEMENTED,
+    VersionNotSupportedError: grpc.StatusCode.UNIMPLEMENTED,
+}
 
 
 class _Gate(grpc.aio.ServerInterceptor):  # type: ignore[misc]

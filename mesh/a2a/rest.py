@@ -48,6 +48,7 @@ __all__ = ["REST_PATH", "rest_routes"]
 
 log = logging.getLogger(__name__)
 
+_JSON = "application/json"
 _USER = "mesh_a2a_user"  # where the gate leaves the caller, in the request's state
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -120,7 +121,12 @@ class _Gate:
         too_large = await _read(request)
         if too_large is not None:
             return too_large
-        return await endpoint(request)
+        response = await endpoint(request)
+        # A2A 1.0 §11.1: HTTP+JSON requests and responses are `application/json` (a2a-sdk
+        # 1.3 labels its answers application/a2a+json).
+        if response.headers.get("content-type", "").startswith(constants.A2A_JSON_MEDIA_TYPE):
+            response.headers["content-type"] = _JSON
+        return response
 
 
 async def _read(request: Request) -> Response | None:
@@ -150,9 +156,7 @@ async def _read(request: Request) -> Response | None:
 def _error(code: int, status: str, message: str, headers: dict[str, str] | None = None) -> Response:
     """An error in the binding's format (google.rpc.Status as JSON, as the SDK answers)."""
     body = json.dumps({"error": {"code": code, "status": status, "message": message}})
-    return Response(
-        body, status_code=code, media_type=constants.A2A_JSON_MEDIA_TYPE, headers=headers
-    )
+    return Response(body, status_code=code, media_type=_JSON, headers=headers)
 
 
 def _busy(in_progress: int) -> Response:

@@ -281,3 +281,41 @@ async def test_past_its_slots_rest_and_grpc_answer_busy(mod_bus: Bus) -> None:
         task = await asyncio.wait_for(held, WAIT_S)
         await holder.close()
         assert task.status.state == TaskState.TASK_STATE_COMPLETED
+
+
+async def test_rest_answers_are_application_json(served: Served, mod_bus: Bus) -> None:
+    """A2A 1.0 §11.1: HTTP+JSON responses are application/json (a2a-sdk labels them
+    application/a2a+json)."""
+    client = _client(served, REST_BINDING, _token(mod_bus))
+    try:
+        task = await _send(client)
+    finally:
+        await client.close()
+    headers = {**V1, "Authorization": f"Bearer {_token(mod_bus)}"}
+    async with httpx.AsyncClient(timeout=WAIT_S) as http:
+        ok = await http.get(served.http_url + f"rest/tasks/{task.id}", headers=headers)
+        missing = await http.get(served.http_url + "rest/tasks/no-such-task", headers=headers)
+    assert ok.status_code == 200
+    assert ok.headers["content-type"] == "application/json"
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/json"
+
+
+async def test_grpc_checks_the_a2a_version(served: Served, mod_bus: Bus) -> None:
+    """An A2A-Version the agent does not serve is VersionNotSupportedError, which A2A 1.0 §5.4
+    maps to UNIMPLEMENTED (a2a-sdk's servicer neither checks nor maps it so)."""
+    auth = ("authorization", f"Bearer {_token(mod_bus)}")
+    async with grpc.aio.insecure_channel(served.grpc_url) as channel:
+        stub = a2a_grpc.A2AServiceStub(channel)
+        for version in ("99.0", None):  # no header at all is 0.3 (a2a-sdk's rule)
+            metadata = (auth, ("a2a-version", version)) if version else (auth,)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetTask(GetTaskRequest(id="any"), metadata=metadata, timeout=WAIT_S)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, version
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.GetTask(
+                GetTaskRequest(id="no-such-task"),
+                metadata=(auth, ("a2a-version", "1.0")),
+                timeout=WAIT_S,
+            )
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
