@@ -10,7 +10,8 @@ JSON-RPC endpoint (mesh.a2a.http), in the same order:
    before the body is read;
 2. admission — a slot (or a backlog place) of the pool JSON-RPC and NATS share, else 429 with
    `Retry-After` (status `RESOURCE_EXHAUSTED`), before the body is read;
-3. the body — at most `MAX_BODY` bytes, read in chunks (413 past it);
+3. the body — at most `MAX_BODY` bytes, read in chunks (413 past it), and JSON: a POST whose
+   Content-Type is another is ContentTypeNotSupportedError (415), as JSON-RPC refuses it;
 
 then the SDK's dispatcher runs in the slot, with the call context JSON-RPC builds (the caller
 as `user`, so tasks are scoped to it; the `Authorization` header left out) and the same
@@ -33,6 +34,8 @@ from a2a.server.request_handlers import RequestHandler
 from a2a.server.routes.common import ServerCallContextBuilder
 from a2a.server.routes.rest_routes import create_rest_routes
 from a2a.utils import constants
+from a2a.utils.error_handlers import build_rest_error_payload
+from a2a.utils.errors import ContentTypeNotSupportedError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -121,7 +124,17 @@ class _Gate:
         too_large = await _read(request)
         if too_large is not None:
             return too_large
+        content_type = request.headers.get("content-type")
+        if request.method == "POST" and content_type and not dispatch.is_json(content_type):
+            error = ContentTypeNotSupportedError(
+                message=f"Content-Type {content_type!r} is not JSON"
+            )
+            return _spec_error(
+                Response(json.dumps(build_rest_error_payload(error)), media_type=_JSON)
+            )
         response = await endpoint(request)
+        if response.status_code >= 400:
+            response = _spec_error(response)
         # A2A 1.0 §11.1: HTTP+JSON requests and responses are `application/json` (a2a-sdk
         # 1.3 labels its answers application/a2a+json).
         if response.headers.get("content-type", "").startswith(constants.A2A_JSON_MEDIA_TYPE):
@@ -151,6 +164,33 @@ async def _read(request: Request) -> Response | None:
     # Starlette keeps a read body here; `request.body()` (the SDK's dispatcher) returns it.
     request._body = b"".join(chunks)
     return None
+
+
+# A2A 1.0 §5.4, where a2a-sdk 1.3's REST mapping differs: ErrorInfo reason → (HTTP status,
+# google.rpc code name).
+_SPEC_ERRORS = {
+    "TASK_NOT_CANCELABLE": (409, "FAILED_PRECONDITION"),
+    "PUSH_NOTIFICATION_NOT_SUPPORTED": (400, "UNIMPLEMENTED"),
+    "UNSUPPORTED_OPERATION": (400, "UNIMPLEMENTED"),
+    "CONTENT_TYPE_NOT_SUPPORTED": (415, "INVALID_ARGUMENT"),
+    "INVALID_AGENT_RESPONSE": (502, "INTERNAL"),
+    "VERSION_NOT_SUPPORTED": (400, "UNIMPLEMENTED"),
+}
+
+
+def _spec_error(response: Response) -> Response:
+    """An SDK error answer with the status and code A2A 1.0 §5.4 gives its error type."""
+    try:
+        payload = json.loads(bytes(response.body))
+        error = payload["error"]
+        reasons = [d.get("reason") for d in error.get("details", []) if isinstance(d, dict)]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return response  # not an A2A error body (an SSE stream, a bare 400…)
+    spec = next((_SPEC_ERRORS[r] for r in reasons if r in _SPEC_ERRORS), None)
+    if spec is None:
+        return response
+    error["code"], error["status"] = spec
+    return Response(json.dumps(payload), status_code=spec[0], media_type=_JSON)
 
 
 def _error(code: int, status: str, message: str, headers: dict[str, str] | None = None) -> Response:

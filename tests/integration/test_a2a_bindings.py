@@ -29,6 +29,7 @@ from a2a.server.events import EventQueue
 from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
 from a2a.types import (
     AgentCard,
+    CancelTaskRequest,
     GetTaskRequest,
     SendMessageConfiguration,
     SendMessageRequest,
@@ -319,3 +320,36 @@ async def test_grpc_checks_the_a2a_version(served: Served, mod_bus: Bus) -> None
                 timeout=WAIT_S,
             )
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_rest_refuses_a_body_that_is_not_json(served: Served, mod_bus: Bus) -> None:
+    headers = {**V1, "Authorization": f"Bearer {_token(mod_bus)}", "Content-Type": "text/plain"}
+    async with httpx.AsyncClient(timeout=WAIT_S) as http:
+        r = await http.post(served.http_url + "rest/message:send", content=b"{}", headers=headers)
+    assert r.status_code == 415
+    assert r.json()["error"]["details"][0]["reason"] == "CONTENT_TYPE_NOT_SUPPORTED"
+
+
+async def test_errors_carry_the_spec_codes_on_rest_and_grpc(served: Served, mod_bus: Bus) -> None:
+    """A2A 1.0 §5.4: TaskNotCancelableError is HTTP 409 and gRPC FAILED_PRECONDITION (a2a-sdk
+    1.3 answers REST with 400)."""
+    client = _client(served, REST_BINDING, _token(mod_bus))
+    try:
+        task = await _send(client)
+    finally:
+        await client.close()
+    headers = {**V1, "Authorization": f"Bearer {_token(mod_bus)}"}
+    async with httpx.AsyncClient(timeout=WAIT_S) as http:
+        r = await http.post(served.http_url + f"rest/tasks/{task.id}:cancel", headers=headers)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["status"] == "FAILED_PRECONDITION"
+    assert r.json()["error"]["details"][0]["reason"] == "TASK_NOT_CANCELABLE"
+    async with grpc.aio.insecure_channel(served.grpc_url) as channel:
+        stub = a2a_grpc.A2AServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CancelTask(
+                CancelTaskRequest(id=task.id),
+                metadata=(("authorization", headers["Authorization"]), ("a2a-version", "1.0")),
+                timeout=WAIT_S,
+            )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
