@@ -51,6 +51,8 @@ from mesh.cards import (
     load_card,
     with_interfaces,
 )
+from mesh.errors import ConfigError
+from mesh.settings import Settings
 from tests.support.samples import V1, WAIT_S
 from tests.support.waits import eventually
 
@@ -353,3 +355,11 @@ async def test_errors_carry_the_spec_codes_on_rest_and_grpc(served: Served, mod_
                 timeout=WAIT_S,
             )
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_grpc_port_setting(served: Served) -> None:
+    """MESH_GRPC_PORT: -1 serves no gRPC; a taken port is a ConfigError that says what to do."""
+    assert GrpcListener.bind(Settings(grpc_port=-1)) is None
+    taken = int(served.grpc_url.rsplit(":", 1)[1])
+    with pytest.raises(ConfigError, match="MESH_GRPC_PORT"):
+        GrpcListener.bind(Settings(grpc_port=taken))
