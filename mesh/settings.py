@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     tenant: str = Field(default="default", description="Tenant used when none is given.")
     http_host: str = Field(default="127.0.0.1", description="Where agents serve A2A over HTTP.")
     http_port: int = Field(default=0, description="Agent HTTP port; 0 picks a free one.")
+    grpc_port: int = Field(
+        default=0,
+        ge=-1,
+        description="Agent gRPC port (A2A's gRPC binding, on MESH_HTTP_HOST); 0 picks a free "
+        "one, -1 serves no gRPC.",
+    )
     http_advertise: str = Field(
         default="",
         description="URL put in the agent card (behind a proxy or NAT); default: "
