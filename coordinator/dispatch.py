@@ -9,6 +9,9 @@ Two kinds of failure, retried differently:
   `retry_after_s`), not counted against `retries`;
 - everything else (a timeout, every replica's breaker open, an error answer): at most the
   policy's `retries` more attempts.
+A call whose every attempt found nobody listening ends `unavailable` with an error starting
+`decide.NOBODY_LISTENING`: the voter could not be asked, and the decision core releases the
+event to wait for it rather than count it as silence.
 The per-call timeout counts from when the call is sent (admission has already found it room)
 and never reaches past the deadline.
 
@@ -31,7 +34,7 @@ import msgspec
 from a2a.types import Message, Task
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from coordinator.decide import Ask, unanswered
+from coordinator.decide import NOBODY_LISTENING, Ask, unanswered
 from coordinator.policy import Policy
 from coordinator.routing import BreakerOpen, Router, is_busy
 from mesh import subjects, telemetry, votes
@@ -203,6 +206,11 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
     infra = 0  # failed attempts that were the infrastructure's (bounded by the deadline)
     last: AgentCallError | None = None
     failed: set[str] = set()  # replicas that failed this call: the next attempt goes elsewhere
+    # Whether the call reached nobody: some attempt found nobody listening (no responders)
+    # and none reached an instance (a timeout, busy, an error answer: someone was there). An
+    # open breaker sends nothing and proves neither. Such a voter could not be asked at all,
+    # which the decision core does not count as silence (`decide.unreachable`).
+    unheard, reached = 0, False
     while True:
         remaining = req.deadline - time.monotonic()
         if remaining <= 0.001:
@@ -238,6 +246,11 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
             return _vote(req, started, attempts, "error", error=str(e))
         else:
             return _answered(router, req, msg, task, verdict, started=started, attempts=attempts)
+        if not tripped:
+            if type(last) is AgentUnavailableError:
+                unheard += 1
+            else:
+                reached = True
         if not tripped and infrastructure(last):
             infra += 1
             delay = _infra_pause(last, infra, req.deadline)
@@ -257,6 +270,8 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
         else "error"
     )
     error = str(last) if last else "deadline passed before it could be asked"
+    if unheard and not reached and outcome == "unavailable":
+        error = f"{NOBODY_LISTENING}: {error}"
     return _vote(req, started, attempts, outcome, error=error)
 
 
