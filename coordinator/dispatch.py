@@ -262,6 +262,13 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
         if delay is None:
             break
         await asyncio.sleep(delay)
+    return _failed(req, started, attempts, last, nobody=bool(unheard) and not reached)
+
+
+def _failed(
+    req: Ask, started: float, attempts: int, last: AgentCallError | None, *, nobody: bool
+) -> Vote:
+    """The vote of a call that got no answer; `nobody`: it reached no instance at all."""
     outcome: CallOutcome = (
         "timeout"
         if isinstance(last, AgentTimeoutError) or last is None
@@ -270,7 +277,7 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
         else "error"
     )
     error = str(last) if last else "deadline passed before it could be asked"
-    if unheard and not reached and outcome == "unavailable":
+    if nobody and outcome == "unavailable":
         error = f"{NOBODY_LISTENING}: {error}"
     return _vote(req, started, attempts, outcome, error=error)
 

@@ -731,9 +731,7 @@ class Gone(Voters):
         return await super().__call__(ask)
 
 
-async def test_an_unreachable_voter_releases_the_event_and_the_next_claim_has_a_fresh_deadline() -> (
-    None
-):
+async def test_an_unreachable_voter_releases_the_event_then_a_fresh_deadline() -> None:
     store, clock = MemoryStore(), ManualClock()
     voters = Gone(clock, {s: (0.1, "approve") for s in SKILLS})
     voters.gone = {"s3"}
