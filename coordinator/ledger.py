@@ -326,8 +326,10 @@ class Ledger:
     async def claim(self, key: str, *, stream_seq: int, deadline_s: float) -> Claim | Busy | Done:
         """Take the event for this coordinator, or say why not. Bounded: CAS_RETRY rounds."""
         for attempt in itertools.count(1):
-            now = self.clock.time()
             entry = await self.store.get(key)
+            # After the read: a claimer stalled in it (GC, SIGSTOP) must not start a deadline
+            # or judge a lease by the time before the stall (found by tests/sim).
+            now = self.clock.time()
             try:
                 current = self._load(key, entry) if entry is not None else None
                 if entry is None or isinstance(current, Tampered):
@@ -360,18 +362,7 @@ class Ledger:
                 if current.state == "waiting":
                     # Released for want of a reachable voter: its deadline was dropped, so this
                     # claim starts a fresh one (a voter who answered is not asked again).
-                    again = self._seal(
-                        msgspec.structs.replace(
-                            current,
-                            state="collecting",
-                            owner=self.owner,
-                            lease_until=now + self.lease_s,
-                            deadline_at=now + deadline_s,
-                            stream_seq=stream_seq,
-                            signer="",
-                            signature="",
-                        )
-                    )
+                    again = self._seal(self._reclaimed(current, now, deadline_s, stream_seq))
                     revision = await self.store.update(key, _enc.encode(again), entry.revision)
                     return Claim(key, revision, again)
                 # Expired lease (owner died), or a replay of a dead-lettered event: take it over.
@@ -409,6 +400,21 @@ class Ledger:
             except StateConflict:
                 raise LostClaim(f"{claim.key}: taken over by another coordinator") from None
             claim.state = sealed
+
+    def _reclaimed(
+        self, waiting: DecisionState, now: float, deadline_s: float, stream_seq: int
+    ) -> DecisionState:
+        """A released event claimed again: collecting under a fresh deadline, votes kept."""
+        return msgspec.structs.replace(
+            waiting,
+            state="collecting",
+            owner=self.owner,
+            lease_until=now + self.lease_s,
+            deadline_at=now + deadline_s,
+            stream_seq=stream_seq,
+            signer="",
+            signature="",
+        )
 
     async def release(self, claim: Claim, votes: dict[str, Vote], *, since: float) -> None:
         """Give the claimed event back as `waiting` (CAS on the claim; LostClaim if someone else
