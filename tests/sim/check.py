@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from coordinator.decide import TAKEOVER_GRACE_MAX_S, count, unreachable
+from coordinator.decide import NOBODY_LISTENING, TAKEOVER_GRACE_MAX_S, count
 from coordinator.ledger import DecisionState, state_key
 
 if TYPE_CHECKING:
@@ -86,7 +86,12 @@ def check(world: World) -> list[Violation]:
             out.append(
                 Violation("contradicts_votes", eid, f"{decision.outcome}, re-tallied {again}")
             )
-        gone = [s for s, v in votes.items() if unreachable(v)]
+        # Judged here, not by decide.unreachable (a mutant may replace that one).
+        gone = [
+            s
+            for s, v in votes.items()
+            if v.outcome == "unavailable" and v.error.startswith(NOBODY_LISTENING)
+        ]
         rest = {s: v for s, v in votes.items() if s not in gone}
         if gone and count(pol, rest, final=False).outcome == "pending":
             out.append(

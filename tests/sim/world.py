@@ -56,6 +56,9 @@ ACK_WAIT_S = LEASE_S + 1.0
 SKILLS = ["sec", "qual", "lic"]
 # How long an event may wait for an agent (Settings.no_agent_wait_s, shortened: runs are short).
 NO_AGENT_WAIT_S = 4.0
+# How often the registry view still lists a replica that is down (a card lives `card_ttl_s`
+# after its last heartbeat, so a dead agent stays listed for seconds): its calls find nobody.
+STALE_VIEW_P = 0.2
 TENANT = "acme"
 
 POLICIES = policy_mod.parse(
@@ -580,7 +583,7 @@ class Node:
             live = [
                 r.name
                 for r in w.replicas.values()
-                if r.skill == skill and (r.up or w.rng.random() < 0.2)
+                if r.skill == skill and (r.up or w.rng.random() < STALE_VIEW_P)
             ]
             if live:
                 agents[skill] = w.rng.choice(live)
