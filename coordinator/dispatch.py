@@ -66,6 +66,13 @@ def retry_policy(policy: Policy) -> RetryPolicy:
     return RetryPolicy(attempts=policy.retries + 1, base_s=0.1, max_s=1.0)
 
 
+# Agents whose last attempt from this process found nobody listening (no responders). A call
+# stopped by an open breaker sent nothing; this says whether that breaker opened on nobody
+# listening (the voter cannot be asked: the event waits for it) or on an instance that was
+# there and failed (a hung one's timeouts: silence, counted as the policy says). Bounded by
+# the number of agent names.
+_UNHEARD: set[str] = set()
+
 # Infrastructure failures: as many attempts as fit before the deadline (that is the bound).
 INFRA_RETRY = RetryPolicy(attempts=sys.maxsize, base_s=0.05, max_s=1.0)
 
@@ -208,9 +215,10 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
     failed: set[str] = set()  # replicas that failed this call: the next attempt goes elsewhere
     # Whether the call reached nobody: some attempt found nobody listening (no responders)
     # and none reached an instance (a timeout, busy, an error answer: someone was there). An
-    # open breaker sends nothing and proves neither. Such a voter could not be asked at all,
-    # which the decision core does not count as silence (`decide.unreachable`).
-    unheard, reached = 0, False
+    # open breaker sends nothing: it counts as what the agent's last real attempt found
+    # (`_UNHEARD`). Such a voter could not be asked at all, which the decision core does not
+    # count as silence (`decide.unreachable`).
+    found: set[str] = set()
     while True:
         remaining = req.deadline - time.monotonic()
         if remaining <= 0.001:
@@ -243,14 +251,12 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
             failed.add(route.breaker_key)
         except (ValueError, msgspec.ValidationError) as e:
             # The agent answered, but not with a usable vote: retrying will not change it.
+            _UNHEARD.discard(req.agent)
             return _vote(req, started, attempts, "error", error=str(e))
         else:
+            _UNHEARD.discard(req.agent)
             return _answered(router, req, msg, task, verdict, started=started, attempts=attempts)
-        if not tripped:
-            if type(last) is AgentUnavailableError:
-                unheard += 1
-            else:
-                reached = True
+        found.add(_found(req.agent, last, tripped=tripped))
         if not tripped and infrastructure(last):
             infra += 1
             delay = _infra_pause(last, infra, req.deadline)
@@ -262,7 +268,22 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
         if delay is None:
             break
         await asyncio.sleep(delay)
-    return _failed(req, started, attempts, last, nobody=bool(unheard) and not reached)
+    return _failed(
+        req, started, attempts, last, nobody="nobody" in found and "someone" not in found
+    )
+
+
+def _found(agent: str, e: AgentCallError, *, tripped: bool) -> str:
+    """What one failed attempt says about who listens on `agent`: "nobody", "someone" (an
+    instance was there: a timeout, busy, an error answer) or "" (an open breaker: as the last
+    real attempt found)."""
+    if tripped:
+        return "nobody" if agent in _UNHEARD else ""
+    if type(e) is AgentUnavailableError:
+        _UNHEARD.add(agent)
+        return "nobody"
+    _UNHEARD.discard(agent)
+    return "someone"
 
 
 def _failed(

@@ -428,3 +428,30 @@ async def test_only_a_call_that_found_nobody_listening_every_time_is_unreachable
     vote = await dispatch.ask(client, Router(view, threshold=100), req)  # type: ignore[arg-type]
     assert vote.outcome in ("unavailable", "timeout")
     assert unreachable(vote) is nobody, vote.error
+
+
+@pytest.mark.usefixtures("no_pauses")
+@pytest.mark.parametrize(
+    ("error", "nobody"),
+    [(lambda: AgentUnavailableError("rev"), True), (lambda: AgentTimeoutError("rev", 0.01), False)],
+    ids=["opened-on-no-responders", "opened-on-timeouts"],
+)
+async def test_a_call_stopped_by_an_open_breaker_is_judged_by_why_it_opened(
+    error: Any, nobody: bool
+) -> None:
+    """An open breaker sends nothing: the call counts as unreachable only if the breaker opened
+    because nobody listened; one that opened on a hung replica's timeouts is silence."""
+    view = _SignedView(None, checks=False)
+    router = Router(view, threshold=2, ttl_s=60.0)
+    client = _Flaky([error() for _ in range(100_000)])
+    req = dataclasses.replace(_ask(), deadline=time.monotonic() + 0.2)
+    for _ in range(3):  # until every breaker (each replica's, the shared subject's) is open
+        await dispatch.ask(
+            client, router, dataclasses.replace(req, deadline=time.monotonic() + 0.2)
+        )  # type: ignore[arg-type]
+    calls = len(client.calls)
+    vote = await dispatch.ask(
+        client, router, dataclasses.replace(req, deadline=time.monotonic() + 0.2)
+    )  # type: ignore[arg-type]
+    assert len(client.calls) == calls  # nothing sent: every breaker open
+    assert unreachable(vote) is nobody, vote.error
