@@ -12,6 +12,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+.PHONY: lock
+# The container image's pinned, hashed packages (compose/requirements.lock and
+# compose/build-requirements.lock, made by pip's own resolver: compose/lock.py); run it after
+# changing the dependencies in pyproject.toml (tests/unit/test_compose.py says when).
+lock: $(STAMP)
+	$(BIN)/python compose/lock.py
+
 demo: $(STAMP)
 	$(BIN)/mesh demo
 

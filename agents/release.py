@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import msgspec
 
+# The ticket kinds the reviewers look for. `Ticket.kind` is any string: a tracker with kinds of
+# its own ("incident", "dpia") must not make the whole release undecodable for every reviewer.
 TicketKind = Literal["change", "security", "privacy", "bug", "feature"]
 
 # Unified-diff hunk header: "@@ -old_start[,old_len] +new_start[,new_len] @@".
@@ -116,10 +118,11 @@ class Dependency(msgspec.Struct, forbid_unknown_fields=False):
 
 
 class Ticket(msgspec.Struct, forbid_unknown_fields=False):
-    """A tracker ticket linked to the release; `kind` says which review it stands for."""
+    """A tracker ticket linked to the release; `kind` says which review it stands for (the
+    reviewers look for change, security and privacy; any other kind is carried and ignored)."""
 
     id: str
-    kind: TicketKind = "change"
+    kind: str = "change"
 
 
 class Approval(msgspec.Struct, forbid_unknown_fields=False):
@@ -159,7 +162,7 @@ class ReleaseProposal(msgspec.Struct, forbid_unknown_fields=False):
     region: str | None = None
     data_destinations: list[str] = msgspec.field(default_factory=list)
 
-    def has_ticket(self, kind: TicketKind) -> bool:
+    def has_ticket(self, kind: str) -> bool:
         return any(t.kind == kind for t in self.tickets)
 
 

@@ -56,6 +56,7 @@ from mesh._internal.tasks import TaskPool
 from mesh.audit import SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus, tail
 from mesh.errors import ConfigError, NotConnectedError
+from mesh.errors import NotFoundError as MissingError
 from mesh.records import BodyRef, DeadLetter, DlqReason, dead_letter_decoder, encoder
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ async def build_record(bus: Bus, adv: Advisory, reason: DlqReason) -> DeadLetter
     data: bytes = raw.data or b""
     event: envelope.Event | None = None
     with contextlib.suppress(envelope.MalformedEventError):  # the only thing decode raises
-        event = envelope.decode(data)
+        event = envelope.decode(data, raw.headers)
     return records.dead_letter(
         reason=reason,
         error=error,
@@ -424,7 +425,7 @@ async def get(bus: Bus, seq: int) -> DeadLetter:
     try:
         raw = await bus.js.get_msg(subjects.DLQ_STREAM, seq)
     except NotFoundError:
-        raise ConfigError(f"no dead letter with id {seq}", hint=hint) from None
+        raise MissingError(f"no dead letter with id {seq}", hint=hint) from None
     try:
         return dead_letter_decoder.decode(raw.data or b"")
     except (msgspec.DecodeError, msgspec.ValidationError) as e:

@@ -28,10 +28,10 @@ import inspect
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, cast, get_type_hints
 
 import msgspec
 from a2a.helpers import get_data_parts, get_message_text, new_data_part, new_task_from_user_message
@@ -44,7 +44,7 @@ from opentelemetry.trace import SpanKind
 from mesh import subjects, telemetry
 from mesh._internal import http as http_server
 from mesh.a2a.auth import Authenticator
-from mesh.a2a.server import A2AServer
+from mesh.a2a.server import A2AServer, GrpcListener
 from mesh.a2a.taskstore import JetStreamTaskStore
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
@@ -83,6 +83,7 @@ class Agent:
         self.input_type: Any = None
         self.output_type: Any = None
         self.event_handlers: list[EventHandler] = []
+        self._override: Brain | None = None  # what `override` swapped in (tests)
 
     # -- definition -----------------------------------------------------------------------------
     def rules(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -155,6 +156,21 @@ class Agent:
             rules=self._handler, system_prompt=self.system_prompt(), output_type=self.output_type
         )
 
+    @contextlib.contextmanager
+    def override(self, brain: Brain | Callable[[Any], Any]) -> Iterator[Brain]:
+        """Answer with `brain` (a `Brain`, or a function taken as rules) instead of the brain
+        `serve` picked, until the block exits — in instances already serving too (read per
+        message). For tests: `with agent.override(lambda release: Verdict.reject("no")): ...`;
+        `mesh.testing.ScriptedModel.brain(agent)` gives a Claude brain on a local fake."""
+        if self._handler is None:
+            raise ConfigError(f"agent {self.name} has no @agent.rules handler to override")
+        swapped = cast("Brain", brain) if hasattr(brain, "think") else RulesBrain(brain)
+        previous, self._override = self._override, swapped
+        try:
+            yield swapped
+        finally:
+            self._override = previous
+
     def decode_input(self, data: Any) -> Any:
         try:
             return msgspec.convert(data, self.input_type, strict=False)
@@ -166,7 +182,8 @@ class Agent:
     async def serve(
         self, bus: Bus | None = None, *, http: bool = True, settings: Settings | None = None
     ) -> AsyncIterator[RunningAgent]:
-        """Serve A2A over NATS (and HTTP), registered and heartbeating, until the block exits."""
+        """Serve A2A over NATS (and, unless `http=False`, over HTTP — JSON-RPC and HTTP+JSON — and
+        gRPC: docs/bindings.md), registered and heartbeating, until the block exits."""
         settings = settings or (bus.settings if bus else get_settings())
         card = self.card()
         # Events-only agents have no brain: A2A messages are answered with a rejection.
@@ -190,11 +207,20 @@ class Agent:
             # and the server is built once, with the live card.
             sock = http_server.bind(settings) if http else None
             http_url = http_server.advertised_url(settings, sock.getsockname()[1]) if sock else None
+            # gRPC likewise: bound now (its port goes in the card), served once the server is.
+            grpc_listener = GrpcListener.bind(settings) if http else None
+            if grpc_listener is not None:
+                stack.push_async_callback(grpc_listener.aclose)
+            grpc_url = grpc_listener.url if grpc_listener else None
             # Who may call: decided once from this agent's settings, for the card it declares
             # and the server that enforces it.
             auth = Authenticator.from_settings(settings, agent=self.name)
             live = with_interfaces(
-                card, http_url=http_url, nats_subject=subject, authenticated=auth.required
+                card,
+                http_url=http_url,
+                nats_subject=subject,
+                authenticated=auth.required,
+                grpc_url=grpc_url,
             )
             # Re-signed in place while we run (a new expiry): HTTP serves the same object.
             bound = registry.bind(live, instance, direct_subject=direct, key=key)
@@ -209,6 +235,7 @@ class Agent:
             )
             if sock is not None:
                 await stack.enter_async_context(http_server.serving(server, sock))
+            await stack.enter_async_context(server.grpc_serving(grpc_listener))
             # Shared subject (replicas share work in a queue group) and this replica's own, so a
             # caller can steer around a replica that is failing (coordinator/routing.py).
             # Both share the server's slots; a request past them is answered "busy" at once.
@@ -225,8 +252,15 @@ class Agent:
             # Entered last so it exits first: in-flight handlers drain while the bus is still up.
             if self.event_handlers:
                 await stack.enter_async_context(consuming(bus, self.event_handlers))
-            log.info("agent %s/%s serving on %s and %s", self.name, instance, subject, http_url)
-            yield RunningAgent(self, bound.card, reg, http_url, subject, brain)
+            log.info(
+                "agent %s/%s serving on %s, %s and gRPC %s",
+                self.name,
+                instance,
+                subject,
+                http_url,
+                grpc_url or "(off)",
+            )
+            yield RunningAgent(self, bound.card, reg, http_url, subject, brain, grpc_url)
 
     def main(self) -> None:
         """Run until SIGINT/SIGTERM (what `mesh run` and `python -m agents.X` call)."""
@@ -260,6 +294,7 @@ class RunningAgent:
     http_url: str | None
     subject: str
     brain: Brain | None  # None: the agent only reacts to events
+    grpc_url: str | None = None  # `host:port`; None when gRPC is off
 
 
 async def _task_store(bus: Bus, agent: str, settings: Settings) -> TaskStore | JetStreamTaskStore:
@@ -310,7 +345,8 @@ class _Executor(AgentExecutor):
         task = context.current_task or new_task_from_user_message(message)
         await event_queue.enqueue_event(task)
         updater = TaskUpdater(event_queue, task.id, task.context_id)
-        if self.brain is None:
+        brain = self.agent._override or self.brain  # Agent.override, read per message
+        if brain is None:
             types = ", ".join(h.event_type for h in self.agent.event_handlers)
             text = f"{self.agent.name} only reacts to events ({types}); it takes no messages"
             await updater.reject(updater.new_agent_message([Part(text=text)]))
@@ -320,14 +356,14 @@ class _Executor(AgentExecutor):
         except InputError as e:
             await updater.reject(updater.new_agent_message([Part(text=str(e))]))
             return
-        if not isinstance(self.brain, RulesBrain):
+        if not isinstance(brain, RulesBrain):
             # A model call takes seconds: say so. Rules answer at once, and each status is a
             # task-store write, so they go straight from submitted to completed.
             await updater.start_work()
         try:
-            thought = await self.brain.think(payload)
+            thought = await brain.think(payload)
         except MeshError as e:
-            await updater.failed(updater.new_agent_message([Part(text=f"{self.brain.name}: {e}")]))
+            await updater.failed(updater.new_agent_message([Part(text=f"{brain.name}: {e}")]))
             return
         output = msgspec.to_builtins(thought.output)
         # Signed by this instance for the question as asked (mesh.votes): the coordinator

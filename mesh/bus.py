@@ -56,7 +56,7 @@ from nats.js.manager import JetStreamManager
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
 
-from mesh import envelope, natsauth, subjects, telemetry
+from mesh import contracts, envelope, natsauth, subjects, telemetry
 from mesh.errors import ConfigError, NotConnectedError, StreamConflictError
 from mesh.identity import Identity, Signer, inbox_token, resolve_identity
 from mesh.settings import Settings, get_settings
@@ -663,7 +663,10 @@ class Bus:
                 and subject.startswith(f"{subjects.EVENTS_ROOT}.")
                 and subjects.H_SIGNATURE not in hdrs
             ):
-                hdrs[subjects.H_SIGNATURE] = event_signature(self._signer, subject, body)
+                # Binary mode: the `ce-` headers are part of the event, so they are signed too.
+                hdrs[subjects.H_SIGNATURE] = event_signature(
+                    self._signer, subject, envelope.signed_content(hdrs, body)
+                )
             try:
                 return await self.js.publish(subject, body, timeout=timeout, headers=hdrs or None)
             except NatsTimeoutError:
@@ -673,11 +676,21 @@ class Bus:
                     raise denied from None
                 raise
 
-    async def publish_event(self, event: envelope.Event) -> PubAck:
-        """Publish a domain event, signed; its id (per tenant) deduplicates re-publishes."""
+    async def publish_event(self, event: envelope.Event, *, binary: bool = False) -> PubAck:
+        """Publish a domain event, signed; its id (per tenant) deduplicates re-publishes.
+
+        Its data must fit its type's JSON Schema, if it has one (`SchemaViolationError`, one
+        line naming the field and the schema). `binary=True` publishes it in CloudEvents binary
+        mode (attributes as `ce-` headers, data as the body) instead of structured mode."""
+        contracts.check(event)
+        if binary:
+            headers, body = envelope.binary_message(event)
+        else:
+            headers, body = None, envelope.encode(event)
         return await self.publish(
             subjects.event(event.tenant, event.type),
-            envelope.encode(event),
+            body,
+            headers=headers,
             msg_id=subjects.event_msg_id(event.tenant, event.id),
             # An event that carries its producer's trace (CloudEvents `traceparent`) continues it.
             parent=telemetry.extract({subjects.H_TRACEPARENT: event.traceparent})

@@ -32,6 +32,11 @@ from mesh.settings import get_settings
 # NATS account reaches it, so the card names the subject, not a server).
 NATS_BINDING = "NATS+JSONRPC"
 JSONRPC_BINDING = "JSONRPC"
+# HTTP+JSON (REST) is served on the HTTP port under REST_PATH (mesh.a2a.rest); gRPC on a port
+# of its own (MESH_GRPC_PORT), its url `host:port` as gRPC clients dial it (mesh.a2a.grpc_server).
+REST_BINDING = "HTTP+JSON"
+GRPC_BINDING = "GRPC"
+REST_PATH = "/rest"
 # The name a live card gives the mesh's A2A bearer token in `securitySchemes`: an HTTP bearer
 # JWT (EdDSA) signed by the mesh's issuer key, sent as `Authorization: Bearer …` over HTTP and
 # over NATS alike (mesh.a2a.auth). No mTLS scheme is declared: agents do not serve TLS.
@@ -125,10 +130,14 @@ def with_interfaces(
     http_url: str | None,
     nats_subject: str,
     authenticated: bool | None = None,
+    grpc_url: str | None = None,
 ) -> AgentCard:
     """A copy of `card` whose interfaces say where this instance listens right now, and which
     declares the mesh's bearer scheme as required when `authenticated` (default: unless
-    MESH_INSECURE names `a2a`, as `mesh.a2a.auth.Authenticator.from_settings` decides)."""
+    MESH_INSECURE names `a2a`, as `mesh.a2a.auth.Authenticator.from_settings` decides).
+
+    In the order callers should prefer them: JSON-RPC at `http_url` and HTTP+JSON under it
+    (`A2AServer.http_app` serves both), gRPC at `grpc_url` (`host:port`), then NATS."""
     if authenticated is None:
         authenticated = "a2a" not in get_settings().insecure_parts()
     live = AgentCard()
@@ -136,13 +145,15 @@ def with_interfaces(
     if authenticated:
         require_bearer(live)
     del live.supported_interfaces[:]
+    interfaces: list[tuple[str, str]] = []
     if http_url:
+        interfaces.append((http_url, JSONRPC_BINDING))
+        interfaces.append((http_url.rstrip("/") + REST_PATH, REST_BINDING))
+    if grpc_url:
+        interfaces.append((grpc_url, GRPC_BINDING))
+    for url, binding in interfaces:
         live.supported_interfaces.append(
-            AgentInterface(
-                url=http_url,
-                protocol_binding=JSONRPC_BINDING,
-                protocol_version=subjects.A2A_VERSION,
-            )
+            AgentInterface(url=url, protocol_binding=binding, protocol_version=subjects.A2A_VERSION)
         )
     live.supported_interfaces.append(nats_interface(nats_subject))
     return live

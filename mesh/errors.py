@@ -56,6 +56,14 @@ class NotConnectedError(ConfigError):
     """No NATS server to talk to."""
 
 
+class NotFoundError(ConfigError):
+    """What was asked for by name or id (a dead letter, a decision, an agent) does not exist."""
+
+
+class NoAnswerError(ConfigError):
+    """Connected, but nothing that should answer did (no coordinator, no live agent)."""
+
+
 class InputError(ConfigError):
     """A message did not carry what the agent's handler takes (the caller can fix it)."""
 

@@ -15,8 +15,9 @@ replica at a time. Per delivery:
 - it raises anything else → logged with the traceback, `nak(backoff[attempt - 1])` (the last
   pause repeats); after `max_deliver` deliveries JetStream stops and publishes MAX_DELIVERIES
   (the DLQ listener again);
-- the event is not a CloudEvent, or its data does not decode into the handler's type → `term` at
-  once: the bytes will not change, so retrying cannot help.
+- the event is not a CloudEvent (structured mode, or binary mode with `ce-` headers), its data
+  breaks its type's JSON Schema (`mesh.contracts`), or does not decode into the handler's type →
+  `term` at once: the bytes will not change, so retrying cannot help.
 
 `ctx.publish` gives every output a deterministic id (incoming event, handler, output type, call
 index), so a redelivered event that publishes again is dropped by the stream's duplicate window.
@@ -49,7 +50,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
-from mesh import envelope, subjects
+from mesh import contracts, envelope, subjects
 from mesh._internal.consume import PullLoop
 from mesh._internal.retry import RetryPolicy
 from mesh.bus import Bus
@@ -144,7 +145,7 @@ class EventContext:
             event_id=self.output_id(event_type, index),
         )
         out.traceparent = self.event.traceparent  # the output belongs to the same trace
-        await self._bus.publish_event(out)
+        await self._bus.publish_event(out)  # checked against its type's schema there
         return out
 
 
@@ -371,12 +372,16 @@ class EventConsumer:
     def _decode(self, msg: Msg) -> tuple[envelope.Event, Any]:
         h = self.handler
         try:
-            event = envelope.decode(msg.data)
+            # Structured or binary mode (`ce-` headers): the same Event, the same checks.
+            event = envelope.decode(msg.data, msg.headers)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise _Poison(f"not a valid CloudEvent: {e}") from None
         tenant, event_type = subjects.parse_event_subject(msg.subject)
         if (event.tenant, event.type) != (tenant, event_type):
             raise _Poison(f"envelope says tenant={event.tenant!r} type={event.type!r}")
+        why = contracts.violation(event.type, event.data)
+        if why is not None:
+            raise _Poison(f"event {event.id}: breaks the {event.type} schema: {why}")
         try:
             data = msgspec.convert(event.data, h.data_type, strict=False)
         except msgspec.ValidationError as e:

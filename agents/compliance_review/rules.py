@@ -4,11 +4,13 @@ Checks, each finding one reason:
 
 1. Personal or health data fields handled (in a changed file's path or changed lines) without a
    privacy review, i.e. without BOTH a ticket of kind `privacy` and an approval by someone whose
-   role is in `PRIVACY_ROLES`. One reason per file, naming the fields.
+   role is one of the rules file's `compliance.privacy_roles`. One reason per file, naming the
+   fields.
 2. Change control: a ticket of kind `change` must exist, and someone other than the author must
    have approved (no approvals, or only the author's own, is a finding).
 3. Data residency: `region` and every entry of `data_destinations` must be in the allowed set
-   (`ALLOWED_REGIONS` unless the caller passes its own policy).
+   (the rules file's `compliance.allowed_regions` unless the caller passes its own; see
+   `agents/domain_rules.py`).
 
 Every check works on metadata that is always present or on whatever text the release carries, so
 this reviewer never abstains: no findings → approve, any finding → reject.
@@ -19,14 +21,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from agents.domain_rules import domain_rules
 from agents.release import ChangedFile, ReleaseProposal
 from mesh.verdict import Verdict
-
-# Policy input: regions personal data may be stored in or sent to (EU data residency).
-ALLOWED_REGIONS: frozenset[str] = frozenset({"eu-west-1", "eu-central-1"})
-
-# Approver roles that count as a privacy review (case-insensitive).
-PRIVACY_ROLES = frozenset({"privacy", "dpo"})
 
 # Field names of special-category (health) and directly identifying personal data. Matched on
 # text normalised to snake_case, so `dateOfBirth`, `DATE_OF_BIRTH` and `date_of_birth` all hit.
@@ -64,11 +61,11 @@ def sensitive_fields(changed: ChangedFile) -> list[str]:
     return found
 
 
-def _privacy_review_gaps(release: ReleaseProposal) -> list[str]:
+def _privacy_review_gaps(release: ReleaseProposal, privacy_roles: frozenset[str]) -> list[str]:
     missing: list[str] = []
     if not release.has_ticket("privacy"):
         missing.append("a privacy ticket")
-    if not any(a.role.strip().lower() in PRIVACY_ROLES for a in release.approvals):
+    if not any(a.role.strip().lower() in privacy_roles for a in release.approvals):
         missing.append("a privacy/DPO approval")
     return missing
 
@@ -82,13 +79,13 @@ def _residency_summary(release: ReleaseProposal, allowed_text: str) -> str:
     return f"{', '.join(places)} within the allowed regions ({allowed_text})"
 
 
-def review(
-    release: ReleaseProposal, *, allowed_regions: Iterable[str] = ALLOWED_REGIONS
-) -> Verdict:
-    allowed = frozenset(allowed_regions)
+def review(release: ReleaseProposal, *, allowed_regions: Iterable[str] | None = None) -> Verdict:
+    rules = domain_rules().compliance
+    allowed = frozenset(rules.allowed_regions if allowed_regions is None else allowed_regions)
+    privacy_roles = frozenset(r.strip().lower() for r in rules.privacy_roles)
     findings: list[str] = []
 
-    gaps = _privacy_review_gaps(release)
+    gaps = _privacy_review_gaps(release, privacy_roles)
     personal_files: list[str] = []
     for changed in release.changed_files:
         fields = sensitive_fields(changed)

@@ -4,9 +4,10 @@
 instead of tasks, INPUT_REQUIRED, streamed chunks, long-running tasks), so this module builds
 the same stack `Agent.serve` builds, around an `AgentExecutor` of its own:
 
-    card (cards/conformance.json) → live interfaces → A2AServer (HTTP + NATS, one dispatch)
-    → uvicorn on MESH_HTTP_HOST:MESH_HTTP_PORT → `mesh.a2a.conformance` (queue group) and its
-    own replica subject → the registry, heartbeating.
+    card (cards/conformance.json) → live interfaces → A2AServer (one handler: JSON-RPC over
+    HTTP and NATS, HTTP+JSON, gRPC) → uvicorn on MESH_HTTP_HOST:MESH_HTTP_PORT (JSON-RPC at /,
+    REST at /rest), gRPC on MESH_HTTP_HOST:MESH_GRPC_PORT → `mesh.a2a.conformance` (queue
+    group) and its own replica subject → the registry, heartbeating.
 
 Run it with `python -m agents.conformance` (MESH_HTTP_PORT=0 picks a free port; the URL is
 logged and is in the card at /.well-known/agent-card.json).
@@ -34,7 +35,7 @@ from agents.conformance.executor import ConformanceExecutor
 from mesh import subjects
 from mesh._internal import http as http_server
 from mesh.a2a.auth import Authenticator
-from mesh.a2a.server import A2AServer
+from mesh.a2a.server import A2AServer, GrpcListener
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
 from mesh.errors import ConfigError, MeshError
@@ -57,6 +58,7 @@ class RunningConformance:
     http_url: str
     subject: str
     registration: Registration
+    grpc_url: str | None = None  # `host:port`; None under MESH_GRPC_PORT=-1
 
 
 def extended_card(card: AgentCard) -> AgentCard:
@@ -121,9 +123,17 @@ async def serve(
         sock = http_server.bind(settings)
         stack.callback(sock.close)
         http_url = http_server.advertised_url(settings, sock.getsockname()[1])
+        grpc_listener = GrpcListener.bind(settings)
+        if grpc_listener is not None:
+            stack.push_async_callback(grpc_listener.aclose)
+        grpc_url = grpc_listener.url if grpc_listener else None
         auth = Authenticator.from_settings(settings, agent=NAME)
         live = with_interfaces(
-            card, http_url=http_url, nats_subject=subject, authenticated=auth.required
+            card,
+            http_url=http_url,
+            nats_subject=subject,
+            authenticated=auth.required,
+            grpc_url=grpc_url,
         )
         extended = extended_card(live) if live.capabilities.extended_agent_card else None
         server = A2AServer(
@@ -141,6 +151,7 @@ async def serve(
         )
         stack.push_async_callback(server.aclose)
         await stack.enter_async_context(http_server.serving(server, sock))
+        await stack.enter_async_context(server.grpc_serving(grpc_listener))
         serve_nats = server.nats_callback(bus.nc)
         shared = await bus.nc.subscribe(subject, queue=NAME, cb=serve_nats)
         own = await bus.nc.subscribe(direct, cb=serve_nats)
@@ -150,8 +161,10 @@ async def serve(
         reg = await stack.enter_async_context(
             Registry(bus).registered(live, instance, direct_subject=direct)
         )
-        log.info("conformance/%s serving on %s and %s", instance, subject, http_url)
-        yield RunningConformance(server, live, http_url, subject, reg)
+        log.info(
+            "conformance/%s serving on %s, %s and gRPC %s", instance, subject, http_url, grpc_url
+        )
+        yield RunningConformance(server, live, http_url, subject, reg, grpc_url)
 
 
 def without_a2a_auth(settings: Settings) -> Settings:

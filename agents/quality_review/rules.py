@@ -6,8 +6,9 @@ Checks, each finding one reason:
    changes, at least one test file must change too. Docs and config files alone need no tests.
 2. A passing test report: no report → finding, `passed` false or `failed` > 0 → finding. A
    docs-only release (every changed file is documentation, no dependency added) needs no report.
-3. Change size: lines added + removed over all files must not exceed `MAX_CHANGED_LINES`
-   (counted from the diff or content when the producer sent no counts).
+3. Change size: lines added + removed over all files must not exceed the rules file's
+   `quality.max_changed_lines` (agents/rules.toml: 1000 by default; see `agents/domain_rules.py`),
+   counted from the diff or content when the producer sent no counts.
 
 No findings → approve. Abstain only when the size check is impossible because no changed file
 carries counts, a diff or content (and nothing else was found); files of unknown size among
@@ -19,10 +20,9 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
+from agents.domain_rules import domain_rules
 from agents.release import ReleaseProposal
 from mesh.verdict import Verdict
-
-MAX_CHANGED_LINES = 1000
 
 SOURCE_EXTENSIONS = frozenset(
     {
@@ -60,6 +60,7 @@ def is_source(path: str) -> bool:
 
 
 def review(release: ReleaseProposal) -> Verdict:
+    max_lines = domain_rules().quality.max_changed_lines
     findings: list[str] = []
     paths = [f.path for f in release.changed_files]
 
@@ -86,10 +87,10 @@ def review(release: ReleaseProposal) -> Verdict:
     known = {p: n for p, n in sizes.items() if n is not None}
     unknown = [p for p, n in sizes.items() if n is None]
     total_lines = sum(known.values())
-    if total_lines > MAX_CHANGED_LINES:
+    if total_lines > max_lines:
         largest = sorted(known.items(), key=lambda kv: kv[1], reverse=True)[:3]
         findings.append(
-            f"change too large: {total_lines} lines changed (limit {MAX_CHANGED_LINES}); "
+            f"change too large: {total_lines} lines changed (limit {max_lines}); "
             f"largest: {', '.join(f'{p} ({n})' for p, n in largest)}"
         )
 
@@ -112,7 +113,7 @@ def review(release: ReleaseProposal) -> Verdict:
             if report is not None
             else "no test report needed for docs"
         ),
-        f"{total_lines} lines changed (limit {MAX_CHANGED_LINES})",
+        f"{total_lines} lines changed (limit {max_lines})",
     ]
     if unknown:
         summary.append(f"size unknown for: {', '.join(unknown)}")

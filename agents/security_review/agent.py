@@ -1,9 +1,13 @@
-"""The security-review agent: cards/security-review.json + rules.py (+ prompt.md for Claude)."""
+"""The security-review agent: cards/security-review.json + rules.py (+ prompt.md for Claude).
+
+The prompt is filled from the domain rules (agents/rules.toml or MESH_RULES_FILE) when the
+module loads, so a bad rules file stops the agent at start with a message naming the key."""
 
 from pathlib import Path
 
+from agents.domain_rules import render_prompt
 from agents.security_review.rules import review
 from mesh import Agent
 
-agent = Agent("security-review", prompt=Path(__file__).with_name("prompt.md"))
+agent = Agent("security-review", prompt=render_prompt(Path(__file__).with_name("prompt.md")))
 agent.rules(review)

@@ -5,8 +5,9 @@ Three checks, each finding one reason:
 1. Secrets in what the release ships: the added lines of each diff, or the whole `content` when a
    file has no diff. Removed lines are not scanned — deleting a leaked key is the fix, not the
    leak. Matches are redacted in the reasons so a verdict never re-publishes the secret.
-2. Dependencies: unpinned or ranged versions, sources other than `ALLOWED_SOURCES`, and names
-   on the `KNOWN_BAD_PACKAGES` denylist.
+2. Dependencies: unpinned or ranged versions, sources other than the rules file's
+   `security.allowed_sources`, and names on its `security.known_bad_packages` denylist (see
+   `agents/domain_rules.py`; agents/rules.toml holds the defaults).
 3. Auth or crypto code touched (by path or by changed text) without a ticket of kind `security`.
 
 Any finding → reject. No finding → approve with a summary of what was checked. Abstain only when
@@ -19,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from agents.domain_rules import domain_rules
 from agents.release import ChangedFile, Dependency, ReleaseProposal
 from mesh.verdict import Verdict
 
@@ -65,24 +67,6 @@ SECRET_PATTERNS: tuple[SecretPattern, ...] = (
 _PLACEHOLDER = re.compile(
     r"(?i)^(?:\$\{.*\}|\{\{.*\}\}|<.*>|%\(.*\)s|.*(?:example|changeme|change_me|placeholder|dummy"
     r"|redacted|your[_-]).*|(.)\1+)$"
-)
-
-# Dependency sources whose packages we can pin and audit. Anything else (git URLs, tarballs,
-# private mirrors nobody vetted) is a finding.
-ALLOWED_SOURCES = frozenset({"pypi", "npm"})
-
-# An example denylist of known typosquats / malicious packages that were published on PyPI and
-# npm in the past. Real deployments would feed this from an advisory database; names are compared
-# after PEP 503 normalisation (lower case, runs of `-_.` → `-`).
-KNOWN_BAD_PACKAGES = frozenset(
-    {
-        "reqeusts",  # typosquat of requests
-        "python3-dateutil",  # malicious look-alike of python-dateutil (2019)
-        "jeilyfish",  # "jeIlyfish", capital I look-alike of jellyfish (2019)
-        "colourama",  # typosquat of colorama (2018)
-        "acqusition",  # typosquat of acquisition (2017)
-        "crossenv",  # npm typosquat of cross-env (2017)
-    }
 )
 
 # An exact version: `1.2.3`, `==1.2.3`, `=1.2.3`, `v1.2.3`, `2.9.0.post0`, `1.0.0-beta.1`,
@@ -148,16 +132,18 @@ def find_secrets(changed: ChangedFile) -> list[str]:
 
 def dependency_findings(dep: Dependency) -> list[str]:
     reasons: list[str] = []
+    rules = domain_rules().security
     label = f"dependency {dep.name}" + (f" {dep.version}" if dep.version else "")
-    if _normalise(dep.name) in KNOWN_BAD_PACKAGES:
+    if _normalise(dep.name) in {_normalise(n) for n in rules.known_bad_packages}:
         reasons.append(f"{label}: known malicious or typosquat package name")
     version = dep.version.strip()
     if not version:
         reasons.append(f"{label}: no version pinned")
     elif not _PINNED.match(version):
         reasons.append(f"{label}: version '{version}' is a range or tag, not an exact pin")
-    if dep.source.strip().lower() not in ALLOWED_SOURCES:
-        allowed = "/".join(sorted(ALLOWED_SOURCES))
+    sources = {s.strip().lower() for s in rules.allowed_sources}
+    if dep.source.strip().lower() not in sources:
+        allowed = "/".join(sorted(sources))
         reasons.append(f"{label}: source '{dep.source}' is not an audited registry ({allowed})")
     return reasons
 

@@ -1,4 +1,5 @@
-"""The HTTP binding of A2A JSON-RPC: Starlette routes over the shared dispatch.
+"""The HTTP binding of A2A JSON-RPC: Starlette routes over the shared dispatch (and, in the same
+app, the HTTP+JSON binding's routes under `/rest`: mesh.a2a.rest).
 
 `POST /` takes one JSON-RPC request (at most `MAX_BODY` bytes, read in chunks so a larger body
 is refused before it is all in memory) and answers with the dispatch's JSON, or with
@@ -39,6 +40,7 @@ from mesh._internal.tasks import TaskPool
 from mesh.a2a import dispatch, jsonrpc
 from mesh.a2a.auth import Authenticator
 from mesh.a2a.nats import BUSY_RETRY_AFTER_MS
+from mesh.a2a.rest import rest_routes
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,9 @@ def http_app(
     card_cache_control: str,
     since: float,
 ) -> Starlette:
-    """The agent's Starlette app: its card (last modified at `since`, a Unix time) and the
-    JSON-RPC endpoint at `/`, for the callers `auth` lets in, worked on in `pool`."""
+    """The agent's Starlette app: its card (last modified at `since`, a Unix time), the
+    JSON-RPC endpoint at `/` and the HTTP+JSON routes under `/rest` (mesh.a2a.rest), for the
+    callers `auth` lets in, worked on in `pool`."""
     endpoint = _Endpoint(handler, auth, pool)
     routes: list[BaseRoute] = [
         *(
@@ -64,6 +67,7 @@ def http_app(
             for r in create_agent_card_routes(card, cache_control=card_cache_control)
         ),
         Route("/", endpoint=endpoint.handle, methods=["POST"]),
+        *rest_routes(handler, auth, pool),
     ]
     return Starlette(routes=routes)
 

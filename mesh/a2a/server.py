@@ -1,8 +1,10 @@
-"""Serving A2A 1.0 JSON-RPC: one handler, one dispatch, two thin transports (HTTP and NATS).
+"""Serving A2A 1.0: one handler, every binding — JSON-RPC (over HTTP and over NATS), HTTP+JSON
+(REST) and gRPC (docs/bindings.md).
 
     server = A2AServer(card, executor, task_store)
-    app = server.http_app()                                        # HTTP (Starlette)
-    sub = await server.subscribe(nc, subject, queue=name)          # NATS
+    app = server.http_app()                                 # HTTP: JSON-RPC at /, REST at /rest
+    sub = await server.subscribe(nc, subject, queue=name)   # NATS (JSON-RPC)
+    async with server.grpc_serving(GrpcListener.bind(settings)): …   # gRPC, on its own port
 
 Every request, whichever way it came, is authenticated by the same `Authenticator`
 (mesh.a2a.auth: a bearer token, on HTTP and NATS alike) and goes through `mesh.a2a.dispatch` to
@@ -15,17 +17,23 @@ alike: same callers, same validation, same error codes, same task store. What si
     push.py      push notifications and the webhook URL policy (SSRF guard)
     http.py      the HTTP binding: Starlette routes, body limit, SSE, the card route
     nats.py      the NATS binding: admission, progress keep-alives, stream frames, cancel
+    rest.py      HTTP+JSON: a2a-sdk's REST routes behind the same auth, admission, body limit
+    grpc_server.py  gRPC: a2a-sdk's servicer behind the same auth and admission, its own port
 
-Both transports share one pool (`mesh._internal.tasks.TaskPool`): at most `max_concurrency`
+JSON-RPC is answered by this package's dispatch; REST and gRPC by a2a-sdk's dispatcher and
+servicer (their own wire formats and error mappings), over the same request handler.
+
+Every binding shares one pool (`mesh._internal.tasks.TaskPool`): at most `max_concurrency`
 requests are worked on, `max_queue` more wait for a slot, and one past those is answered at
-once with `jsonrpc.BUSY` (HTTP: 429 with Retry-After), never queued where nobody can see it.
+once with `jsonrpc.BUSY` (HTTP, JSON-RPC and REST alike: 429 with Retry-After; gRPC:
+RESOURCE_EXHAUSTED), never queued where nobody can see it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from a2a.server.agent_execution import AgentExecutor
 from a2a.server.cluster import TaskEventStream, VersionedTaskStore
@@ -39,17 +47,19 @@ from starlette.applications import Starlette
 from mesh._internal.tasks import TaskPool
 from mesh.a2a.auth import Authenticator
 from mesh.a2a.dispatch import MAX_BODY
+from mesh.a2a.grpc_server import GrpcListener
 from mesh.a2a.handler import MeshRequestHandler
 from mesh.a2a.http import http_app
 from mesh.a2a.nats import NatsBinding
 from mesh.a2a.push import Push, PushUrlPolicy
 from mesh.settings import Settings, get_settings
 
-__all__ = ["MAX_BODY", "A2AServer", "Authenticator", "PushUrlPolicy"]
+__all__ = ["MAX_BODY", "A2AServer", "Authenticator", "GrpcListener", "PushUrlPolicy"]
 
 
 class A2AServer:
-    """One agent's A2A endpoint: JSON-RPC over HTTP (`http_app`) and NATS (`nats_callback`).
+    """One agent's A2A endpoint: JSON-RPC over HTTP (`http_app`) and NATS (`nats_callback`),
+    HTTP+JSON (in `http_app`, under /rest) and gRPC (`grpc_serving`).
 
     `extended_card` is what GetExtendedAgentCard answers (the card must also declare
     `capabilities.extendedAgentCard`). Push notifications are on when the card declares
@@ -129,6 +139,16 @@ class A2AServer:
             card_cache_control=self.card_cache_control,
             since=self._started,
         )
+
+    @contextlib.asynccontextmanager
+    async def grpc_serving(self, listener: GrpcListener | None) -> AsyncIterator[None]:
+        """Serve gRPC on `listener` (bound beforehand, so the card could name its port) until
+        the block exits; nothing when it is None (MESH_GRPC_PORT=-1)."""
+        if listener is None:
+            yield
+            return
+        async with listener.serving(self.handler, self.auth, self._pool):
+            yield
 
     def nats_callback(self, nc: NATS) -> Callable[[Msg], Awaitable[None]]:
         """A subscription callback that serves requests arriving on `nc` (and answers on it).

@@ -1,14 +1,28 @@
-"""What every `mesh` command shares: the consoles, and turning mesh errors into one line, a
-hint and exit code 2 (never a traceback)."""
+"""What every `mesh` command shares: the consoles, the exit codes, and turning mesh errors into
+one line, a hint and the exit code that says what kind of failure it was (never a traceback).
+
+Exit codes (docs/cli.md lists them; scripts may rely on them):
+
+    0  ok
+    1  any other failure at run time (a demo outcome not as expected, a folder in use)
+    2  usage: an unknown option, a missing argument (click's own)
+    3  configuration or input: a bad setting, file, card, argument value, or a refusal
+    4  not found: no such dead letter, decision, identity…
+    5  unavailable: no NATS server, or nothing answered (no coordinator, no live agent)
+    6  verification failed: a forged decision, an audit trail that does not verify
+  130  interrupted (Ctrl-C, SIGTERM)
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import json
+import os
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,15 +30,82 @@ from rich.markup import escape
 
 from mesh.errors import ConfigError, MeshError
 
-out = Console()
-err = Console(stderr=True)
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_NOT_FOUND = 4
+EXIT_UNAVAILABLE = 5
+EXIT_VERIFY = 6
+EXIT_INTERRUPTED = 130
+
+# Piped output is for other programs: as wide as each line is (rich would cut tables at 80
+# columns, and URLs with them). COLUMNS, when set, still wins.
+PIPED_WIDTH = 1_000_000
+
+
+def _console(*, stderr: bool = False) -> Console:
+    console = Console(stderr=stderr)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(stderr=stderr, width=PIPED_WIDTH)
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
 
 T = TypeVar("T")
 
 
+def exit_code(e: MeshError) -> int:
+    """The one place a mesh error becomes an exit code (see the module docstring)."""
+    from mesh.errors import (
+        AgentTimeoutError,
+        AgentUnavailableError,
+        NoAnswerError,
+        NotConnectedError,
+        NotFoundError,
+    )
+
+    if isinstance(e, NotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(e, NotConnectedError | NoAnswerError | AgentUnavailableError | AgentTimeoutError):
+        return EXIT_UNAVAILABLE
+    if isinstance(e, ConfigError):
+        return EXIT_CONFIG
+    return EXIT_FAILED
+
+
+def settings_error(e: Exception) -> str | None:
+    """A `MESH_*` variable that does not parse, as one line naming it and what it expects
+    (pydantic's report is a traceback's worth); None for any other validation error."""
+    from pydantic import ValidationError
+
+    if not isinstance(e, ValidationError) or e.title != "Settings":
+        return None
+    from mesh.bus import redact
+
+    parts = []
+    for problem in e.errors():
+        name = "MESH_" + "_".join(str(p) for p in problem["loc"]).upper()
+        value = redact(str(problem.get("input", "")))
+        value = value if len(value) <= 40 else value[:37] + "..."
+        parts.append(f"{name}={value!r}: {problem['msg'][:1].lower()}{problem['msg'][1:]}")
+    return "; ".join(parts)
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print it as JSON (for scripts).")]
+
+
+def print_json(value: Any) -> None:
+    """What `--json` prints: one JSON document on stdout, nothing else there."""
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Mesh errors become a message and exit code 2; Ctrl-C exit code 130."""
+    """Mesh errors become a message and their exit code (`exit_code`), as does a `MESH_*`
+    variable that does not parse (`settings_error`); Ctrl-C exit code 130."""
     try:
         yield
     except MeshError as e:
@@ -36,13 +117,19 @@ def user_errors() -> Iterator[None]:
         err.print(f"[red]error:[/red] {escape(redact(e.message))}", soft_wrap=True)
         if e.hint:
             err.print(f"  → {escape(redact(e.hint))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(exit_code(e)) from None
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as e:
+        line = settings_error(e)
+        if line is None:
+            raise
+        err.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True, highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine; mesh errors become a message and exit code 2."""
+    """Run a command's coroutine; mesh errors become a message and their exit code."""
     with user_errors():
         return asyncio.run(coro)
 

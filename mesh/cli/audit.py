@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -11,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mesh.cli._common import command, err, out
+from mesh.cli._common import EXIT_VERIFY, JsonOption, command, err, out, print_json
 from mesh.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ def _trust(path: Path | None, what: str) -> Trust | None:
 async def audit_ls(
     tenant: Annotated[str, typer.Option(help="Only this tenant's chain.")] = "",
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: JsonOption = False,
     trust_file: TrustOption = None,
 ) -> None:
     """List the latest audit records; `trust` says whether each is one this mesh signed."""
@@ -53,7 +52,7 @@ async def audit_ls(
         trust = _trust(trust_file, "`mesh audit ls`")
         records = (await read(bus, tenant or None))[-limit:]
     if json_out:
-        print(json.dumps([{"seq": s, **msgspec.to_builtins(r)} for s, r in records], indent=2))
+        print_json([{"seq": s, **msgspec.to_builtins(r)} for s, r in records])
         return
     table = Table(title=f"last {len(records)} audit record(s)")
     for col in ("seq", "tenant", "kind", "ref", "actor", "at", "hash", "trust"):
@@ -80,9 +79,10 @@ async def audit_verify(
         ),
     ] = None,
     trust_file: TrustOption = None,
+    json_out: JsonOption = False,
 ) -> None:
     """Check every record (hash, signature by a trusted key, chain link), the latest checkpoint
-    of each tenant, and the stream's configuration. Exit 1 and every problem if any."""
+    of each tenant, and the stream's configuration. Exit 6 and every problem if any."""
     from mesh.audit import snapshot, verify_bundle
 
     if bundle_file is not None:
@@ -97,6 +97,20 @@ async def audit_verify(
             bundle = await snapshot(bus, tenant or None)
         where = "the mesh"
     result = verify_bundle(bundle, trust)
+    if json_out:
+        print_json(
+            {
+                "ok": result.ok,
+                "where": where,
+                "verified": result.count,
+                "problems": result.problems,
+                "notes": result.notes,
+                "bad_seq": result.bad_seq,
+            }
+        )
+        if not result.ok:
+            raise typer.Exit(EXIT_VERIFY)
+        return
     for note in result.notes:
         err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     if result.ok:
@@ -109,7 +123,7 @@ async def audit_verify(
         f"problem(s); {result.count} records verified",
         soft_wrap=True,
     )
-    raise typer.Exit(1)
+    raise typer.Exit(EXIT_VERIFY)
 
 
 def _load_bundle(path: Path, tenant: str) -> Bundle:

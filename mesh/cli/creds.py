@@ -23,8 +23,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mesh.cli._common import out, user_errors
-from mesh.errors import ConfigError
+from mesh.cli._common import JsonOption, out, print_json, user_errors
+from mesh.errors import ConfigError, NotFoundError
 from mesh.identity import ALL_TENANTS, IdentityDir, Role, identity_dir
 
 app = typer.Typer(
@@ -179,6 +179,10 @@ def revoke(
     trusted — for anything it ever signed (a leaked key), or, with --retire, for anything it
     signs from now on (a rotated key)."""
     with user_errors():
+        if not identity_file.is_file():
+            raise NotFoundError(
+                f"no identity file {identity_file}", hint="see `mesh creds list` for who exists"
+            )
         ids = _folder(folder)
         if identity_file.resolve() == ids.operator_path.resolve():
             raise ConfigError(
@@ -192,11 +196,24 @@ def revoke(
 
 
 @app.command("list")
-def list_identities(folder: DirOption = None) -> None:
+def list_identities(folder: DirOption = None, json_out: JsonOption = False) -> None:
     """The identities the folder's NATS users are (public keys only)."""
     with user_errors():
         ids = _folder(folder)
         users = ids.users()
+    if json_out:
+        print_json(
+            [
+                {
+                    "role": u.role,
+                    "name": u.name,
+                    "tenant": "" if u.tenant == ALL_TENANTS else u.tenant,
+                    "nkey": u.nkey,
+                }
+                for u in users
+            ]
+        )
+        return
     table = Table(title=f"{len(users)} identit{'y' if len(users) == 1 else 'ies'} in {ids.path}")
     for col in ("role", "name", "tenant", "nkey"):
         table.add_column(col)

@@ -9,24 +9,24 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mesh.cli._common import command, err, out
+from mesh.cli._common import JsonOption, command, err, out, print_json
 from mesh.errors import ConfigError
 
 app = typer.Typer(help="Dead letters: what the mesh could not decide, and why.")
 
 
 @app.callback(invoke_without_command=True)
-def dlq_default(ctx: typer.Context) -> None:
+def dlq_default(ctx: typer.Context, json_out: JsonOption = False) -> None:
     """List dead letters (same as `mesh dlq ls`)."""
     if ctx.invoked_subcommand is None:
-        dlq_ls(limit=20, json_out=False, reason=None)
+        dlq_ls(limit=20, json_out=json_out, reason=None)
 
 
 @app.command("ls")
 @command
 async def dlq_ls(
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: JsonOption = False,
     reason: Annotated[
         str | None, typer.Option(help="Only this reason (e.g. max_deliveries).")
     ] = None,
@@ -40,7 +40,7 @@ async def dlq_ls(
     async with await Bus.connect(name="mesh-cli") as bus:
         items = await dlq.latest(bus, limit=limit, reason=reason)
     if json_out:
-        print(json.dumps([{"seq": s, **msgspec.to_builtins(d)} for s, d in items], indent=2))
+        print_json([{"seq": s, **msgspec.to_builtins(d)} for s, d in items])
         return
     table = Table(title=f"last {len(items)} dead letter(s)")
     for col in ("id", "reason", "subject", "error", "body"):
@@ -59,14 +59,14 @@ async def dlq_ls(
 @command
 async def dlq_show(
     dlq_id: Annotated[int, typer.Argument(metavar="ID", help="Dead-letter id from `mesh dlq ls`.")],
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: JsonOption = False,
 ) -> None:
     """Show one dead letter in full: why, where from, and the original body."""
     import msgspec
     from rich.markup import escape
 
     from coordinator import dlq
-    from mesh import subjects
+    from mesh import envelope, subjects
     from mesh.bus import Bus
     from mesh.identity import resolve_trust
     from mesh.records import event_principal
@@ -83,7 +83,10 @@ async def dlq_show(
     # Who published it: the trusted key that signed it as it arrived (headers are kept).
     principal, unverified = (
         event_principal(
-            resolve_trust(get_settings()), d.subject, body, d.headers.get(subjects.H_SIGNATURE)
+            resolve_trust(get_settings()),
+            d.subject,
+            envelope.signed_content(d.headers, body),  # binary mode: the ce- headers too
+            d.headers.get(subjects.H_SIGNATURE),
         )
         if not body_problem
         else ("", "body unavailable")
@@ -91,7 +94,7 @@ async def dlq_show(
     if json_out:
         publisher = {"publisher": principal, "publisher_unverified": unverified}
         kept = {"body_problem": body_problem} if body_problem else {}
-        print(json.dumps({"seq": dlq_id, **msgspec.to_builtins(d), **publisher, **kept}, indent=2))
+        print_json({"seq": dlq_id, **msgspec.to_builtins(d), **publisher, **kept})
         return
     at = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(d.at)) if d.at else "-"
     fields = [

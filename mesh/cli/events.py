@@ -6,14 +6,26 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mesh.cli._common import command, err, out, read_body, read_body_bytes
-from mesh.errors import ConfigError
+from mesh.cli._common import (
+    EXIT_VERIFY,
+    JsonOption,
+    command,
+    err,
+    out,
+    print_json,
+    read_body,
+    read_body_bytes,
+)
+from mesh.errors import ConfigError, NoAnswerError
+
+if TYPE_CHECKING:
+    from mesh import envelope
 
 # Room a published event leaves under max_payload for its headers (message id, signature, trace).
 HEADER_ROOM = 1024
@@ -40,16 +52,8 @@ async def publish(
     from mesh.bus import Bus
     from mesh.settings import get_settings
 
-    tenant = tenant or get_settings().tenant
-    if not subjects.valid_event_type(event_type):
-        raise ConfigError(
-            f"{event_type!r} is not an event type",
-            hint="use a dotted name such as release.proposed",
-        )
-    if not subjects.valid_token(tenant):
-        raise ConfigError(
-            f"{tenant!r} is not a tenant name", hint="use letters, digits, '-' and '_'"
-        )
+    tenant_given, id_given = tenant, event_id
+    tenant = _checked(event_type, tenant or get_settings().tenant)
     raw = read_body_bytes(body)
     event_id = event_id or str(uuid.uuid4())
     event: envelope.Event | None = None
@@ -63,6 +67,14 @@ async def publish(
     else:
         if isinstance(data, dict) and data.get("specversion"):
             event = envelope.decode(raw)  # MalformedEventError: a ConfigError saying why
+            event = _agreed(
+                event,
+                data,
+                event_type=event_type,
+                tenant=tenant_given,
+                event_id=id_given,
+                default_tenant=tenant,
+            )
         else:
             depth = envelope.nesting(data)
             if depth > envelope.MAX_DATA_DEPTH:
@@ -106,6 +118,56 @@ async def publish(
     out.print(f"{event.id}{note}")
 
 
+def _checked(event_type: str, tenant: str) -> str:
+    """The tenant, once TYPE and it are names the mesh's subjects can carry."""
+    from mesh import subjects
+
+    if not subjects.valid_event_type(event_type):
+        raise ConfigError(
+            f"{event_type!r} is not an event type",
+            hint="use a dotted name such as release.proposed",
+        )
+    if not subjects.valid_token(tenant):
+        raise ConfigError(
+            f"{tenant!r} is not a tenant name", hint="use letters, digits, '-' and '_'"
+        )
+    return tenant
+
+
+def _agreed(
+    event: envelope.Event,
+    fields: dict[str, object],
+    *,
+    event_type: str,
+    tenant: str,
+    event_id: str,
+    default_tenant: str,
+) -> envelope.Event:
+    """A whole CloudEvent given as the body: the arguments must say what it says (a body of
+    another type would be decided under that type's policy; another tenant's, in its chain).
+    A tenant the body leaves out is the option's, else MESH_TENANT."""
+    import msgspec
+
+    def conflict(what: str, body_value: str, argument: str, given: str) -> ConfigError:
+        return ConfigError(
+            f"the CloudEvent's {what} is {body_value!r} but {argument} says {given!r}",
+            hint=f"make them agree, or leave {argument} out"
+            if argument != "TYPE"
+            else "make them agree, or give the event's data alone as the body",
+        )
+
+    if event.type != event_type:
+        raise conflict("type", event.type, "TYPE", event_type)
+    if "tenant" in fields:
+        if tenant and event.tenant != tenant:
+            raise conflict("tenant", event.tenant, "--tenant", tenant)
+    else:
+        event = msgspec.structs.replace(event, tenant=tenant or default_tenant)
+    if event_id and event.id != event_id:
+        raise conflict("id", event.id, "--id", event_id)
+    return event
+
+
 def _too_deep(depth: int | None) -> ConfigError:
     """`depth`: how deep the data nests; None when too deep to even parse."""
     from mesh import envelope
@@ -119,7 +181,7 @@ def _too_deep(depth: int | None) -> ConfigError:
 
 
 @command
-async def list_agents() -> None:
+async def list_agents(json_out: JsonOption = False) -> None:
     """List live agents (registered and heartbeating)."""
     from mesh.bus import Bus
     from mesh.registry import Registry
@@ -127,6 +189,21 @@ async def list_agents() -> None:
     async with await Bus.connect(name="mesh-cli") as bus:
         await bus.ensure()
         regs = await Registry(bus).live()
+    if json_out:
+        print_json(
+            [
+                {
+                    "agent": r.agent,
+                    "instance": r.instance,
+                    "skills": list(r.skills),
+                    "interfaces": r.card.get("supportedInterfaces", []),
+                    "seen_at": r.seen_at,
+                    "pid": r.pid,
+                }
+                for r in regs
+            ]
+        )
+        return
     table = Table(title=f"{len(regs)} live agent instance(s)")
     for col in ("agent", "instance", "skills", "http", "seen", "pid"):
         table.add_column(col)
@@ -188,7 +265,7 @@ async def call(
                 )
             ]
             if not serving:
-                raise ConfigError(
+                raise NoAnswerError(
                     f"no live agent {agent!r} serves HTTP",
                     hint="see `mesh agents` for what is running",
                 )
@@ -228,7 +305,7 @@ async def call(
 @command
 async def decisions(
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
-    json_out: Annotated[bool, typer.Option("--json")] = False,
+    json_out: JsonOption = False,
     trust_file: Annotated[
         Path | None,
         typer.Option(
@@ -239,7 +316,7 @@ async def decisions(
     ] = None,
 ) -> None:
     """Show the latest decisions, each checked: signed by a trusted coordinator, on its own
-    event's subject. Any that is not is marked FORGED, and the exit code is 1."""
+    event's subject. Any that is not is marked FORGED, and the exit code is 6."""
     import msgspec
     from rich.markup import escape
 
@@ -335,4 +412,4 @@ async def decisions(
             "coordinator for their event): do not act on them",
             soft_wrap=True,
         )
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_VERIFY)

@@ -14,7 +14,16 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from mesh.cli._common import command, err, out, run, setup_logging, user_errors
+from mesh.cli._common import (
+    EXIT_FAILED,
+    JsonOption,
+    command,
+    err,
+    out,
+    run,
+    setup_logging,
+    user_errors,
+)
 from mesh.errors import ConfigError
 
 T = TypeVar("T")
@@ -38,7 +47,7 @@ def _shown(path: Path) -> str:
 
 
 def demo(
-    json_out: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    json_out: JsonOption = False,
     topology: TopologyOption = None,
 ) -> None:
     """Start NATS, a coordinator and the reviewer agents (demo = true in mesh.toml) as
@@ -82,7 +91,7 @@ def demo(
             f"process logs in {log_dir}/logs"
         )
     if not all(r.ok for r in results):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _count(help_text: str) -> Any:
@@ -309,16 +318,20 @@ def run_agent(module: Annotated[str, typer.Argument(help="e.g. agents.security_r
     """Run one agent process (its module defines `agent = Agent(...)`)."""
     import importlib
 
-    try:
-        mod = importlib.import_module(module if module.endswith(".agent") else f"{module}.agent")
-    except ModuleNotFoundError as e:
-        err.print(f"[red]error:[/red] cannot import {module}: {e}")
-        err.print("  → give a package with an agent.py, e.g. `mesh run agents.security_review`")
-        raise typer.Exit(2) from None
-    agent = getattr(mod, "agent", None)
-    if agent is None:
-        err.print(f"[red]error:[/red] {mod.__name__} defines no `agent`")
-        raise typer.Exit(2)
+    from mesh.errors import NotFoundError
+
+    with user_errors():
+        try:
+            name = module if module.endswith(".agent") else f"{module}.agent"
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise NotFoundError(
+                f"cannot import {module}: {e}",
+                hint="give a package with an agent.py, e.g. `mesh run agents.security_review`",
+            ) from None
+        agent = getattr(mod, "agent", None)
+        if agent is None:
+            raise ConfigError(f"{mod.__name__} defines no `agent`")
     agent.main()
 
 

@@ -7,13 +7,14 @@ from typing import Annotated, Any
 
 import typer
 
-from mesh.cli._common import command, out
-from mesh.errors import ConfigError
+from mesh.cli._common import JsonOption, command, out, print_json
+from mesh.errors import ConfigError, NoAnswerError, NotFoundError
 
 
 @command
 async def status(
     wait: Annotated[float, typer.Option(help="Seconds to collect answers.")] = 0.5,
+    json_out: JsonOption = False,
 ) -> None:
     """What each running coordinator is doing: events in flight, circuit breakers."""
     import msgspec
@@ -35,7 +36,10 @@ async def status(
             if msg.data:  # an empty one is the server's "no responders" notice
                 answers.append(msgspec.json.decode(msg.data))
     if not answers:
-        raise ConfigError("no coordinator answered", hint="is one running? see `mesh up`")
+        raise NoAnswerError("no coordinator answered", hint="is one running? see `mesh up`")
+    if json_out:
+        print_json(sorted(answers, key=lambda a: a["name"]))
+        return
     for a in sorted(answers, key=lambda a: a["name"]):
         breakers = a.get("breakers") or {}
         open_ = {k: v for k, v in breakers.items() if v != "closed"}
@@ -50,6 +54,7 @@ async def status(
 async def trace(
     event_id: Annotated[str, typer.Argument(help="The event whose decision to show.")],
     tenant: Annotated[str, typer.Option(help="Tenant of the event.")] = "",
+    json_out: JsonOption = False,
 ) -> None:
     """Print the trace of an event's decision: every hop, agent, model call, duration, tokens.
 
@@ -66,7 +71,7 @@ async def trace(
         try:
             entry = await kv.get(state_key(tenant, event_id))
         except Exception:
-            raise ConfigError(
+            raise NotFoundError(
                 f"no decision state for event {event_id!r} in tenant {tenant!r}",
                 hint="check the id with `mesh decisions` (and --tenant)",
             ) from None
@@ -80,10 +85,22 @@ async def trace(
             )
         spans = await telemetry.read_trace(bus, state.decision.trace_id)
     if not spans:
-        raise ConfigError(
+        raise NotFoundError(
             f"no spans kept for trace {state.decision.trace_id}",
             hint="start the mesh with MESH_TRACE_STREAM=1 to keep spans in NATS",
         )
+    if json_out:
+        import msgspec
+
+        print_json(
+            {
+                "trace_id": state.decision.trace_id,
+                "event_id": event_id,
+                "outcome": state.decision.outcome,
+                "spans": msgspec.to_builtins(spans),
+            }
+        )
+        return
     out.print(
         f"trace {state.decision.trace_id} · event {event_id} · {state.decision.outcome}",
         highlight=False,

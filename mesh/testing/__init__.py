@@ -8,6 +8,9 @@ a scripted stand-in for the model.
         async with my_agent.serve(bus, http=False):
             ...
 
+`agent.override(brain)` swaps a brain in code; `MeshHarness.faults` (`mesh.testing.faults`) injects
+faults between its coordinator and the agents (docs/testing.md).
+
 pytest fixtures (`mesh_server`, `mesh_bus`, `scripted_model`, `mesh_identities`): in your
 conftest.py, `pytest_plugins = ["mesh.testing.fixtures"]`. See docs/write-an-agent.md.
 

@@ -4,12 +4,15 @@
         event_id = await mesh.publish("release.proposed", release)
         decision = await mesh.decision(event_id)           # a mesh.records.Decision
         task = await mesh.call("four-eyes", release)       # an A2A Task (JSON) over NATS
+        mesh.faults.inject("four-eyes", drop(), nth=1)     # mesh.testing.faults
 
 Everything is real: a fresh nats-server (unless you pass a connected `bus`), each agent served
 by its own runtime (`agent.serve(bus, http=False)`), and the production `Coordinator` with the
-policies you give. The harness subscribes to decisions, dead letters and events before anything
-starts, so a wait never misses what already happened; every wait is bounded and fails with what
-the mesh did instead (a dead letter where a decision was expected, for instance).
+policies you give, whose calls to the agents pass through a fault proxy (`mesh.faults`: see
+`mesh.testing.faults`; it relays them untouched until a test injects a fault). The harness
+subscribes to decisions, dead letters and events before anything starts, so a wait never misses
+what already happened; every wait is bounded and fails with what the mesh did instead (a dead
+letter where a decision was expected, for instance).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from mesh.envelope import Event
 from mesh.records import DeadLetter, Decision, dead_letter_decoder, decision_decoder
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings, get_settings
+from mesh.testing.faults import Faults
 from mesh.testing.identities import test_identities
 
 log = logging.getLogger(__name__)
@@ -105,6 +109,8 @@ class MeshHarness:
         self.server: EmbeddedServer | None = None
         self.running: list[RunningAgent] = []
         self.coordinator: Coordinator | None = None
+        # Rules may be injected before the harness starts; the proxy runs with the coordinator.
+        self.faults = Faults()
         self._bus: Bus | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._coordinator_task: asyncio.Task[None] | None = None
@@ -280,7 +286,7 @@ class MeshHarness:
 
     async def _on_event(self, msg: Msg) -> None:
         try:
-            self._events.append(envelope.decode(msg.data))
+            self._events.append(envelope.decode(msg.data, msg.headers))
         except (msgspec.DecodeError, msgspec.ValidationError):
             return  # not an envelope: the coordinator dead-letters it; dead_letter() sees that
         await self._notify()
@@ -334,6 +340,10 @@ class MeshHarness:
         if self.policies is not None:
             # Started after the agents registered, so its first look at the registry sees them.
             self.coordinator = Coordinator(bus, self.policies, name="harness-coordinator")
+            # Its calls go through the fault proxy (closed after the coordinator has stopped).
+            await self.faults.start(bus.nc)
+            stack.push_async_callback(self.faults.aclose)
+            self.coordinator.client = self.faults.client(bus)
             stop = asyncio.Event()
             task = asyncio.create_task(self.coordinator.run(stop), name="harness-coordinator")
             task.add_done_callback(lambda _: asyncio.ensure_future(self._notify()))

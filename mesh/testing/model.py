@@ -9,13 +9,21 @@ It is a `FakeAnthropic` (real HTTP on 127.0.0.1, the real `anthropic` SDK on the
 whose every answer is one call of the tool the request forces, with `answer` as its input. An
 agent picks the Claude brain when ANTHROPIC_API_KEY is set and it has a prompt, and reads
 ANTHROPIC_BASE_URL when it starts serving: set both before `agent.serve` / `MeshHarness`.
+Or, with no environment at all, swap the Claude brain in for one agent, even while it serves:
+
+    with agent.override(model.brain(agent)):
+        ...                                   # this agent now asks the scripted model
 """
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from mesh.testing.fake_anthropic import FakeAnthropic
+
+if TYPE_CHECKING:
+    from mesh.agent import Agent
+    from mesh.models import ClaudeBrain
 
 TEST_API_KEY = "test-key-for-the-local-fake"
 
@@ -59,6 +67,22 @@ class ScriptedModel(FakeAnthropic):
                 system = "".join(b.get("text", "") for b in system if isinstance(b, dict))
             out.append(str(system))
         return out
+
+    def brain(self, agent: Agent) -> ClaudeBrain:
+        """A Claude brain with `agent`'s prompt and output type that calls this server (for
+        `agent.override(...)`; no ANTHROPIC_* variables needed)."""
+        import anthropic
+
+        from mesh.models import ClaudeBrain
+
+        client = anthropic.AsyncAnthropic(
+            base_url=self.base_url, api_key=TEST_API_KEY, max_retries=0
+        )
+        return ClaudeBrain(
+            system_prompt=agent.system_prompt() or "",
+            output_type=agent.output_type,
+            client=client,
+        )
 
     def environ(self) -> dict[str, str]:
         """The variables that point the Claude brain (the anthropic SDK) at this server."""

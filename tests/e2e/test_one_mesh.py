@@ -74,7 +74,7 @@ def test_a_second_mesh_up_in_the_folder_refuses(tmp_path: Path, cleanup: list[Me
 
     second = first.mesh("up", timeout=60)
 
-    assert second.returncode == 2, str(second)
+    assert second.returncode == 1, str(second)
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, str(second)
     assert "in use by `mesh up`" in lines[0] and f"pid {first.proc.pid}" in lines[0], lines

@@ -71,7 +71,7 @@ def test_mesh_up_runs_what_mesh_toml_lists(tmp_path: Path) -> None:
 
 
 def _refused(ran: Ran, *says: str) -> list[str]:
-    assert ran.returncode == 2, str(ran)
+    assert ran.returncode == 3, str(ran)
     assert "Traceback" not in ran.stdout + ran.stderr, str(ran)
     lines = ran.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("error: "), str(ran)

@@ -208,7 +208,7 @@ def test_cli_call_prints_the_task(up: MeshUp, transport: list[str]) -> None:
 def test_cli_call_to_an_agent_nobody_serves_is_one_line(up: MeshUp) -> None:
     for transport in ([], ["--http"]):
         ran = up.mesh("call", "nobody-here", "{}", *transport)
-        assert ran.returncode == 2, str(ran)
+        assert ran.returncode == 5, str(ran)
         assert "Traceback" not in ran.stderr, str(ran)
         assert "nobody-here" in ran.stderr, str(ran)
 

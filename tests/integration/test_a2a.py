@@ -48,7 +48,7 @@ async def test_sdk_client_gets_card_and_completed_task(running: RunningAgent) ->
     assert card.name == "voter"
     assert [s.id for s in card.skills] == ["vote-skill"]
     bindings = [i.protocol_binding for i in card.supported_interfaces]
-    assert bindings == ["JSONRPC", "NATS+JSONRPC"]
+    assert bindings == ["JSONRPC", "HTTP+JSON", "GRPC", "NATS+JSONRPC"]
     request = SendMessageRequest(
         message=Message(
             role=Role.ROLE_USER, message_id="m-1", parts=[new_data_part({"vote": "reject"})]

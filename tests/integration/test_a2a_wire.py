@@ -753,6 +753,8 @@ async def test_sdk_client_reads_a_card_with_the_nats_interface(
     card = await A2ACardResolver(http, full.http_url).get_agent_card()
     assert [(i.protocol_binding, i.url) for i in card.supported_interfaces] == [
         ("JSONRPC", full.http_url),
+        ("HTTP+JSON", full.http_url + "rest"),
+        ("GRPC", full.grpc_url),
         ("NATS+JSONRPC", "nats:mesh.a2a.conformance"),
     ]
     # The same card with the NATS interface first (a NATS-first agent's preference order).

@@ -159,7 +159,7 @@ async def test_a_changed_copy_of_a_record_is_named(
             subjects.audit(TENANT, "decision"), msgspec.json.encode(changed)
         )
     ran = await verify_cli(nats_server.url)
-    assert ran.exit_code == 1, ran.output
+    assert ran.exit_code == 6, ran.output
     assert f"record {ack.seq} was altered: signature does not verify" in ran.output
 
 
@@ -191,7 +191,7 @@ async def test_a_forged_record_is_named_and_auditing_goes_on(
     after = [r for _, r in await read(trail.bus, TENANT) if r.ref.startswith("after-")]
     assert [r.index for r in after] == [RECORDS + 1, RECORDS + 2, RECORDS + 3]
     ran = await verify_cli(nats_server.url)
-    assert ran.exit_code == 1
+    assert ran.exit_code == 6
     assert f"record {ack.seq}" in ran.output and "does not belong" in ran.output
     why = "not trusted to sign audits" if forger == "an untrusted key" else "not an audit record"
     assert why in ran.output
@@ -228,14 +228,14 @@ async def test_a_limits_update_that_drops_records_fails_verify(
 
         await eventually(dropped, "records dropped by the new limits")
         ran = await verify_cli(nats_server.url)
-        assert ran.exit_code == 1, ran.output
+        assert ran.exit_code == 6, ran.output
         name = next(iter(LIMITS[limit]))
         assert name in ran.output  # the configuration itself is named
         assert lost(ran.output), ran.output
         # Limits put back afterwards: what is gone stays missing.
         await js.update_stream(original)
     ran = await verify_cli(nats_server.url)
-    assert ran.exit_code == 1, ran.output
+    assert ran.exit_code == 6, ran.output
     assert lost(ran.output) and name not in ran.output, ran.output
     if limit == "max_age (emptied)":
         assert "verified 0 records" not in ran.output
@@ -272,7 +272,7 @@ async def test_a_deleted_and_recreated_stream_fails_verify(
                 await js.publish(subjects.audit(TENANT, "decision"), msgspec.json.encode(record))
                 prev = record
     ran = await verify_cli(nats_server.url)
-    assert ran.exit_code == 1, ran.output
+    assert ran.exit_code == 6, ran.output
     assert f"{subjects.AUDIT_STREAM} was re-created" in ran.output
     if refill == "forged chain":
         assert "does not belong: unsigned" in ran.output
@@ -282,7 +282,7 @@ async def test_a_deleted_and_recreated_stream_fails_verify(
     cp = await fresh.checkpoint(TENANT)
     assert cp is not None and "re-created" in cp.broken
     ran = await verify_cli(nats_server.url, "--tenant", TENANT)
-    assert ran.exit_code == 1 and "re-created" in ran.output
+    assert ran.exit_code == 6 and "re-created" in ran.output
 
 
 # -- export, and verify offline ------------------------------------------------------------------
@@ -309,13 +309,13 @@ async def test_an_exported_bundle_verifies_offline_and_names_an_altered_record(
     altered = tmp_path / "altered.json"
     altered.write_bytes(bundle_encoder.encode(bundle))
     ran = await verify_cli(nowhere, "--bundle", str(altered))
-    assert ran.exit_code == 1
+    assert ran.exit_code == 6
     assert f"record {victim.seq} was altered: its content does not match its hash" in ran.output
 
     # Another mesh's trust file believes none of it.
     other = save_trust(Trust(keys={}), tmp_path / "other-trust.json")
     ran = await verify_cli(nowhere, "--bundle", str(file), "--trust", str(other))
-    assert ran.exit_code == 1 and "is not trusted to sign audits" in ran.output
+    assert ran.exit_code == 6 and "is not trusted to sign audits" in ran.output
 
 
 def test_verify_needs_a_trust_file_or_says_how(tmp_path: Path) -> None:
@@ -328,5 +328,5 @@ def test_verify_needs_a_trust_file_or_says_how(tmp_path: Path) -> None:
         get_settings.cache_clear()
         ran = CliRunner().invoke(app, ["audit", "verify", "--bundle", str(file)])
     get_settings.cache_clear()
-    assert ran.exit_code == 2
+    assert ran.exit_code == 3
     assert "trust file" in ran.output and "MESH_TRUST" in ran.output

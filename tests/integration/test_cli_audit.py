@@ -40,7 +40,7 @@ def test_audit_verify_and_ls(forge: bool, monkeypatch: pytest.MonkeyPatch) -> No
     assert listed.exit_code == 0
     refs = [r["ref"] for r in msgspec.json.decode(listed.stdout)]
     if forge:
-        assert verified.exit_code == 1
+        assert verified.exit_code == 6
         assert "record 5 was altered: its content does not match its hash" in verified.output
         assert "does NOT verify" in verified.output
         assert refs == ["e0", "e1", "e2", "e3", "e4"]
@@ -56,6 +56,6 @@ def test_status_without_a_coordinator_says_what_to_do(monkeypatch: pytest.Monkey
     with EmbeddedServer() as server:
         monkeypatch.setenv("MESH_NATS_URL", server.url)
         result = CliRunner().invoke(app, ["status", "--wait", "0.2"])
-    assert result.exit_code == 2
+    assert result.exit_code == 5
     assert "no coordinator answered" in result.output and "mesh up" in result.output
     assert "Traceback" not in result.output

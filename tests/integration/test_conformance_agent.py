@@ -258,13 +258,15 @@ async def test_streaming_timeout_follows_the_tck_setting(monkeypatch: pytest.Mon
 
 
 # -- registration and profiles ------------------------------------------------------------------
-async def test_registered_with_both_interfaces(agent: RunningConformance, mod_bus: Bus) -> None:
+async def test_registered_with_every_interface(agent: RunningConformance, mod_bus: Bus) -> None:
     live = [r for r in await Registry(mod_bus).live() if r.agent == "conformance"]
     assert agent.registration.instance in {r.instance for r in live}
     mine = next(r for r in live if r.instance == agent.registration.instance)
     interfaces = {(i["protocolBinding"], i["url"]) for i in mine.card["supportedInterfaces"]}
     assert interfaces == {
         ("JSONRPC", agent.http_url),
+        ("HTTP+JSON", agent.http_url + "rest"),
+        ("GRPC", agent.grpc_url),
         ("NATS+JSONRPC", "nats:mesh.a2a.conformance"),
     }
     assert mine.direct_subject.startswith("mesh.a2a.conformance.")

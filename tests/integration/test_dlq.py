@@ -311,6 +311,25 @@ async def test_replay_republishes_the_original(bus: Bus, adl: AdvisoryDeadLetter
     assert envelope.decode(replayed.data).id == event.id
 
 
+async def test_a_binary_mode_event_is_recorded_and_replayed_with_its_headers(
+    bus: Bus, adl: AdvisoryDeadLetters
+) -> None:
+    event = envelope.new_event("vote.test", {"n": 1}, tenant="acme")
+    seq = (await bus.publish_event(event, binary=True)).seq
+    await terminate(bus, "termer", subjects.event("acme", "vote.test"))
+    [(dlq_seq, d)] = await wait_records(bus, 1)
+    # The advisory path reads the ce- headers: the record knows the event.
+    assert (d.event_id, d.event_type, d.tenant) == (event.id, "vote.test", "acme")
+    assert d.headers["ce-id"] == event.id
+
+    await dlq.replay(bus, dlq_seq)
+    replayed = await bus.js.get_msg(subjects.EVENTS_STREAM, seq + 1)
+    assert envelope.decode(replayed.data, replayed.headers) == event
+    # Its publisher's signature still holds: it covers the ce- headers it came with.
+    original = await bus.js.get_msg(subjects.EVENTS_STREAM, seq)
+    assert replayed.headers[subjects.H_SIGNATURE] == original.headers[subjects.H_SIGNATURE]
+
+
 async def test_replay_and_get_refuse_what_they_cannot(bus: Bus) -> None:
     with pytest.raises(ConfigError, match="no dead letter with id 999"):
         await dlq.replay(bus, 999)
@@ -440,7 +459,7 @@ def test_cli_dlq_commands(cli_server: str) -> None:
     )
 
     r = runner.invoke(app, ["dlq", "show", "999999"])
-    assert r.exit_code == 2
+    assert r.exit_code == 4
     assert "no dead letter with id 999999" in r.output
     assert "Traceback" not in r.output
 
@@ -452,14 +471,14 @@ def test_cli_dlq_commands(cli_server: str) -> None:
     assert asyncio.run(_events_with_id(cli_server, msg_id)) == 1
 
     r = runner.invoke(app, ["dlq", "replay", "999999"])
-    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.exit_code == 4 and "Traceback" not in r.output
 
     r = runner.invoke(app, ["dlq", "purge"])
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     assert "--yes" in r.output
 
     r = runner.invoke(app, ["dlq", "purge", "--reason", "bogus", "--yes"])
-    assert r.exit_code == 2 and "not a dead-letter reason" in r.output
+    assert r.exit_code == 3 and "not a dead-letter reason" in r.output
 
     r = runner.invoke(app, ["dlq", "purge", "--yes"])
     assert r.exit_code == 0, r.output
@@ -518,7 +537,7 @@ def test_a_body_too_large_for_its_record_is_kept_by_reference(cli_server: str) -
     r = runner.invoke(app, ["dlq", "show", str(dlq_seq)])
     assert "does not match" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["dlq", "replay", str(dlq_seq)])
-    assert r.exit_code == 2 and "does not match" in r.output, r.output
+    assert r.exit_code == 3 and "does not match" in r.output, r.output
 
 
 async def test_an_event_the_coordinator_dead_lettered_keeps_its_one_record(

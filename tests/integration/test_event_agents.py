@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 
 from agents.tickets import TicketTriaged
 from agents.triage.agent import agent as triage_agent
-from mesh import Agent, envelope, subjects
+from mesh import Agent, contracts, envelope, subjects
 from mesh.a2a.client import AgentClient, status_text, task_of, task_state, user_message
 from mesh.agent import RunningAgent
 from mesh.bus import Bus, tail
@@ -51,7 +51,13 @@ async def publish(bus: Bus, event_type: str, data: Any, *, tenant: str = "t1", *
 
 
 async def events_of(bus: Bus, event_type: str) -> list[envelope.Event]:
-    found = [envelope.decode(body) for _, _, body in await tail(bus, subjects.EVENTS_STREAM, 500)]
+    # Only that type's subjects: another type's event may be in binary mode (no headers here).
+    rows = await tail(bus, subjects.EVENTS_STREAM, 500)
+    found = [
+        envelope.decode(body)
+        for _, subject, body in rows
+        if subjects.parse_event_subject(subject)[1] == event_type
+    ]
     return [e for e in found if e.type == event_type]
 
 
@@ -115,6 +121,54 @@ async def test_ticket_created_yields_one_triaged_in_the_same_tenant(bus: Bus) ->
     result = msgspec.convert(out.data, TicketTriaged)
     assert (result.ticket_id, result.priority, result.team) == ("T-1", "p1", "platform")
     assert "enterprise" in result.labels
+
+
+async def test_binary_mode_ticket_is_triaged_like_a_structured_one(bus: Bus) -> None:
+    ticket = {"id": "T-2", "title": "Checkout is down", "body": "500s", "reporter": "ops@x.test"}
+    event = envelope.new_event("ticket.created", ticket, tenant="acme", principal="desk")
+    async with serving(triage_agent, bus):
+        await bus.publish_event(event, binary=True)  # ce- headers, the ticket as the body
+
+        async def triaged() -> bool:
+            return bool(await events_of(bus, "ticket.triaged"))
+
+        await eventually(triaged)
+        await eventually(lambda: settled(bus, "agent-triage-triage_ticket"))
+    [out] = await events_of(bus, "ticket.triaged")
+    assert (out.tenant, out.principal) == ("acme", "desk")
+    assert msgspec.convert(out.data, TicketTriaged).ticket_id == "T-2"
+
+
+async def test_publish_refuses_data_that_breaks_its_schema(bus: Bus) -> None:
+    before = (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
+    bad = envelope.new_event("ticket.created", {"id": "T-3", "title": "x", "reporter": "r"})
+    with pytest.raises(contracts.SchemaViolationError) as err:
+        await bus.publish_event(bad)
+    assert err.value.message == (
+        "event ticket.created breaks its schema: data: 'body' is a required property "
+        "(schema ticket.created.schema.json)"
+    )
+    assert (await bus.js.stream_info(subjects.EVENTS_STREAM)).state.last_seq == before
+
+
+async def test_a_handler_terminates_data_that_breaks_its_schema(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Published raw (past the publish check): `customer_tier` must be a string.
+    data = {"id": "T-4", "title": "x", "body": "y", "reporter": "r", "customer_tier": 3}
+    event = envelope.new_event("ticket.created", data, tenant="acme")
+    seen, sub = await advisories(bus, "MSG_TERMINATED", "agent-triage-triage_ticket")
+    caplog.set_level(logging.ERROR, logger="mesh.events")
+    async with serving(triage_agent, bus):
+        await bus.publish(subjects.event("acme", "ticket.created"), envelope.encode(event))
+        await eventually(lambda: _true(bool(seen)))
+    await sub.unsubscribe()
+    assert not await events_of(bus, "ticket.triaged")
+    assert any(
+        "breaks the ticket.created schema: data.customer_tier: 3 is not of type 'string'"
+        in r.message
+        for r in caplog.records
+    )
 
 
 async def test_triage_also_answers_over_a2a(bus: Bus) -> None:

