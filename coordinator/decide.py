@@ -12,10 +12,19 @@ Rules this module owns:
 - A fresh event that needs a skill no live agent has is not claimed: it waits (`Wait`, the
   service naks it with that pause), so a registry view emptied by a NATS leader election or an
   agent restarting costs no deadline; it is dead-lettered `no_agent` only once it has waited
-  `Job.no_agent_wait_s` since it was published, or is near its last delivery. An event already
-  claimed (a take-over) keeps its deadline and is dead-lettered under the claim at once.
+  `Job.no_agent_wait_s` since it was published, or is near its last delivery.
+- A voter that cannot be asked is not silence: when a claimed event finds a skill with no live
+  agent (a take-over), or a voter's call ends with nobody listening on every attempt
+  (`unreachable`: not busy, not a timeout; a frozen agent still times out and counts as the
+  policy says), and the votes in hand do not settle the outcome, the event is released
+  (`Ledger.release`: state `waiting`, the answers kept, the deadline dropped) and waits (`Wait`).
+  Its next claim starts a fresh deadline. Bounded: once it has waited `Job.no_agent_wait_s`
+  since its first release, or is near its last delivery, it is dead-lettered `no_agent` naming
+  the voter(s) and how long. Not decided by policy: an approval was never possible without the
+  voter, and a rejection for an outage would be a wrong outcome that looks like a judgement.
 - The deadline is fixed at the first claim (wall clock, in the ledger) and kept by a take-over,
-  as are the votes already cast: a voter who answered is not asked again.
+  as are the votes already cast: a voter who answered is not asked again (a re-claim of a
+  released event keeps them too, under its fresh deadline).
 - Every vote is saved (CAS) as it comes, which also proves the claim is still ours; a lost
   claim (the save fails, or the lease renewal does) stops the collection at once, and the loser
   neither decides nor dead-letters.
@@ -50,6 +59,7 @@ from mesh.identity import Signer
 from mesh.records import Decision, DlqReason, Vote, sign_decision
 from mesh.verdict import Choice
 
+_NO_AGENT = "no live agent has the skill"
 # A fresh event with a skill nobody live has waits (nak) this long, doubling up to the cap.
 WAIT_FIRST_S = 0.5
 WAIT_MAX_S = 5.0
@@ -135,6 +145,17 @@ Outcome = Busy | Done | Decided | Undecidable | Wait
 
 LATE = "late vote: answered after the deadline; not counted"
 NO_ANSWER = "no answer by the deadline"
+# How an asker marks a vote whose every attempt found nobody listening (NATS no responders):
+# the voter could not be asked at all (see `unreachable`).
+NOBODY_LISTENING = "nobody listening"
+# Kept across a release: answers (a voter who answered is not asked again). Silence is not
+# kept: under the fresh deadline its voter is asked again.
+_KEPT = ("voted", "invalid", "error")
+
+
+def unreachable(vote: Vote) -> bool:
+    """A voter that could not be asked: nobody listened on every attempt."""
+    return vote.outcome == "unavailable" and vote.error.startswith(NOBODY_LISTENING)
 
 
 def unanswered(policy: Policy) -> Choice | None:
@@ -225,23 +246,77 @@ class Decider:
                 if isinstance(waiting, Wait):
                     return waiting
                 waited = waiting
+            elif state.state == "waiting" and any(s not in state.votes for s in nobody):
+                # Released, and still nobody to ask: no claim (nor a deadline) until there is,
+                # or until it has waited long enough (the claim below dead-letters it then).
+                still = [s for s in nobody if s not in state.votes]
+                held = self._held(job, state.waiting_since, dict.fromkeys(still, _NO_AGENT))
+                if isinstance(held, Wait):
+                    return held
         got = await self.ledger.claim(
             job.key, stream_seq=job.stream_seq, deadline_s=policy.deadline_s
         )
         if not isinstance(got, Claim):
             return got
         missing = [s for s in policy.skills if s not in job.agents and s not in got.state.votes]
-        if missing:
+        if missing and waited:
             error = f"no live agent has skill(s) {', '.join(missing)}{waited}"
             return Undecidable("no_agent", error, got)
+        if missing:
+            # A take-over (or a re-claim) with a voter nobody can ask: released, not decided.
+            return await self._release(got, job, got.state.votes, dict.fromkeys(missing, _NO_AGENT))
 
         votes = await self.collect(got, job, on_renew=on_renew)
+        gone = {s: v for s, v in votes.items() if unreachable(v)}
+        if gone:
+            rest = {s: v for s, v in votes.items() if s not in gone}
+            if count(policy, rest, final=False).outcome == "pending":
+                # Their votes could change the outcome: wait for them rather than count them.
+                why = {
+                    s: v.error.removeprefix(NOBODY_LISTENING).lstrip(": ") for s, v in gone.items()
+                }
+                return await self._release(got, job, rest, why)
         decision = self.decide(job, votes, got)
         if decision.outcome == "no_quorum" and policy.on_no_quorum == "dead_letter":
             return Undecidable("no_quorum", decision.reason, got)
         final = msgspec.structs.replace(got.state, state="decided", decision=decision)
         await self.ledger.save(got, final)  # LostClaim here: someone else decides, not us
         return Decided(decision)
+
+    def _held(self, job: Job, since: float, why: Mapping[str, str]) -> Wait | str:
+        """A released event, waiting `since` (wall) for the voters in `why` (skill → what
+        happened): `Wait` while it may, else the dead letter's error naming them and how long."""
+        now = self.clock.time()
+        waited_s = max(0.0, now - since) if since else 0.0
+        times = f"{job.delivery} deliver{'y' if job.delivery == 1 else 'ies'}"
+        last = job.max_deliver > 0 and job.delivery >= job.max_deliver - 1
+        # As for a fresh event: a stale view proves nothing, only the delivery count ends it.
+        if last or (waited_s >= job.no_agent_wait_s and not job.registry_stale_s):
+            return "; ".join(
+                f"{skill}: {what} for {waited_s:.0f} s ({times})" for skill, what in why.items()
+            )
+        pause = min(WAIT_MAX_S, WAIT_FIRST_S * 2 ** max(0, job.delivery - 1))
+        if not job.registry_stale_s:
+            pause = min(pause, max(0.0, job.no_agent_wait_s - waited_s) + WAIT_FIRST_S / 5)
+        voters = "; ".join(f"{skill}: {what}" for skill, what in why.items())
+        reason = (
+            f"released, waiting for a reachable voter ({voters}); waited {waited_s:.1f} s "
+            f"over {times}, looking again in {pause:.1f} s"
+        )
+        return Wait(pause, reason)
+
+    async def _release(
+        self, claim: Claim, job: Job, votes: Mapping[str, Vote], why: Mapping[str, str]
+    ) -> Wait | Undecidable:
+        """Give the claimed event back to wait for the voters in `why`, keeping the answers in
+        `votes`; dead-lettered `no_agent` (under the claim) once it has waited long enough."""
+        since = claim.state.waiting_since or self.clock.time()
+        held = self._held(job, since, why)
+        if isinstance(held, str):
+            return Undecidable("no_agent", held, claim)
+        kept = {s: v for s, v in votes.items() if v.outcome in _KEPT}
+        await self.ledger.release(claim, kept, since=since)  # LostClaim: someone else has it
+        return held
 
     def _waiting(self, job: Job, nobody: list[str]) -> Wait | str:
         """A fresh event with skills nobody live has: `Wait` while it may, else how long it

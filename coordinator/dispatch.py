@@ -9,6 +9,9 @@ Two kinds of failure, retried differently:
   `retry_after_s`), not counted against `retries`;
 - everything else (a timeout, every replica's breaker open, an error answer): at most the
   policy's `retries` more attempts.
+A call whose every attempt found nobody listening ends `unavailable` with an error starting
+`decide.NOBODY_LISTENING`: the voter could not be asked, and the decision core releases the
+event to wait for it rather than count it as silence.
 The per-call timeout counts from when the call is sent (admission has already found it room)
 and never reaches past the deadline.
 
@@ -31,7 +34,7 @@ import msgspec
 from a2a.types import Message, Task
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from coordinator.decide import Ask, unanswered
+from coordinator.decide import NOBODY_LISTENING, Ask, unanswered
 from coordinator.policy import Policy
 from coordinator.routing import BreakerOpen, Router, is_busy
 from mesh import subjects, telemetry, votes
@@ -62,6 +65,13 @@ def retry_policy(policy: Policy) -> RetryPolicy:
     [0, min(1 s, 0.1 s·2^(n-1))] and never reaches past the decision's deadline."""
     return RetryPolicy(attempts=policy.retries + 1, base_s=0.1, max_s=1.0)
 
+
+# Agents whose last attempt from this process found nobody listening (no responders). A call
+# stopped by an open breaker sent nothing; this says whether that breaker opened on nobody
+# listening (the voter cannot be asked: the event waits for it) or on an instance that was
+# there and failed (a hung one's timeouts: silence, counted as the policy says). Bounded by
+# the number of agent names.
+_UNHEARD: set[str] = set()
 
 # Infrastructure failures: as many attempts as fit before the deadline (that is the bound).
 INFRA_RETRY = RetryPolicy(attempts=sys.maxsize, base_s=0.05, max_s=1.0)
@@ -203,6 +213,12 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
     infra = 0  # failed attempts that were the infrastructure's (bounded by the deadline)
     last: AgentCallError | None = None
     failed: set[str] = set()  # replicas that failed this call: the next attempt goes elsewhere
+    # Whether the call reached nobody: some attempt found nobody listening (no responders)
+    # and none reached an instance (a timeout, busy, an error answer: someone was there). An
+    # open breaker sends nothing: it counts as what the agent's last real attempt found
+    # (`_UNHEARD`). Such a voter could not be asked at all, which the decision core does not
+    # count as silence (`decide.unreachable`).
+    found: set[str] = set()
     while True:
         remaining = req.deadline - time.monotonic()
         if remaining <= 0.001:
@@ -235,9 +251,12 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
             failed.add(route.breaker_key)
         except (ValueError, msgspec.ValidationError) as e:
             # The agent answered, but not with a usable vote: retrying will not change it.
+            _UNHEARD.discard(req.agent)
             return _vote(req, started, attempts, "error", error=str(e))
         else:
+            _UNHEARD.discard(req.agent)
             return _answered(router, req, msg, task, verdict, started=started, attempts=attempts)
+        found.add(_found(req.agent, last, tripped=tripped))
         if not tripped and infrastructure(last):
             infra += 1
             delay = _infra_pause(last, infra, req.deadline)
@@ -249,6 +268,28 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
         if delay is None:
             break
         await asyncio.sleep(delay)
+    return _failed(
+        req, started, attempts, last, nobody="nobody" in found and "someone" not in found
+    )
+
+
+def _found(agent: str, e: AgentCallError, *, tripped: bool) -> str:
+    """What one failed attempt says about who listens on `agent`: "nobody", "someone" (an
+    instance was there: a timeout, busy, an error answer) or "" (an open breaker: as the last
+    real attempt found)."""
+    if tripped:
+        return "nobody" if agent in _UNHEARD else ""
+    if type(e) is AgentUnavailableError:
+        _UNHEARD.add(agent)
+        return "nobody"
+    _UNHEARD.discard(agent)
+    return "someone"
+
+
+def _failed(
+    req: Ask, started: float, attempts: int, last: AgentCallError | None, *, nobody: bool
+) -> Vote:
+    """The vote of a call that got no answer; `nobody`: it reached no instance at all."""
     outcome: CallOutcome = (
         "timeout"
         if isinstance(last, AgentTimeoutError) or last is None
@@ -257,6 +298,8 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
         else "error"
     )
     error = str(last) if last else "deadline passed before it could be asked"
+    if nobody and outcome == "unavailable":
+        error = f"{NOBODY_LISTENING}: {error}"
     return _vote(req, started, attempts, outcome, error=error)
 
 

@@ -5,8 +5,12 @@ One key per event (`<tenant>.<event token>`), so of any number of coordinators e
 holds an event at a time:
 
     (absent) ──create──▶ collecting(owner, lease) ──CAS──▶ decided(decision) | dead_lettered
-                              ▲       │ lease expired (owner died)
-                              └─CAS───┘ another coordinator takes over, same deadline, votes kept
+                          ▲ ▲   │   │ lease expired (owner died)
+                          │ └CAS┘   │ another coordinator takes over, same deadline, votes kept
+                          │         │ CAS: a voter nobody could ask (no live instance listening)
+                          │         ▼
+                          └─CAS── waiting(votes, no deadline, waiting_since)
+                        re-claimed by any coordinator: a FRESH deadline, the votes kept
 
 `decided` and `dead_lettered` exclude each other: each is reached only by a compare-and-set
 from a state that is neither (or, for a dead letter, from absent), so whoever writes second
@@ -49,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-State = Literal["collecting", "decided", "dead_lettered"]
+State = Literal["collecting", "waiting", "decided", "dead_lettered"]
 
 # A lost compare-and-set means someone else's write landed: re-read at once (no pause) and
 # look again, a bounded number of times.
@@ -80,6 +84,9 @@ class DecisionState(msgspec.Struct, omit_defaults=True):
     dead_letter_reason: str = ""
     dead_letter_error: str = ""  # kept so a redelivery can re-publish the same dead letter
     takeovers: int = 0
+    # Wall clock: when the event was first released (`waiting`) for want of a reachable voter;
+    # kept across re-claims, so the wait is bounded from then (0: never released).
+    waiting_since: float = 0.0
     signer: str = ""  # key id of the coordinator key that wrote this state
     signature: str = ""  # Ed25519 over the state without `signature` (purpose "ledger")
 
@@ -319,8 +326,10 @@ class Ledger:
     async def claim(self, key: str, *, stream_seq: int, deadline_s: float) -> Claim | Busy | Done:
         """Take the event for this coordinator, or say why not. Bounded: CAS_RETRY rounds."""
         for attempt in itertools.count(1):
-            now = self.clock.time()
             entry = await self.store.get(key)
+            # After the read: a claimer stalled in it (GC, SIGSTOP) must not start a deadline
+            # or judge a lease by the time before the stall (found by tests/sim).
+            now = self.clock.time()
             try:
                 current = self._load(key, entry) if entry is not None else None
                 if entry is None or isinstance(current, Tampered):
@@ -350,6 +359,12 @@ class Ledger:
                 if current.state == "collecting" and current.lease_until > now:
                     # Held by a live owner (possibly us, on a concurrent redelivery): leave it.
                     return Busy(current.owner, current.lease_until - now)
+                if current.state == "waiting":
+                    # Released for want of a reachable voter: its deadline was dropped, so this
+                    # claim starts a fresh one (a voter who answered is not asked again).
+                    again = self._seal(self._reclaimed(current, now, deadline_s, stream_seq))
+                    revision = await self.store.update(key, _enc.encode(again), entry.revision)
+                    return Claim(key, revision, again)
                 # Expired lease (owner died), or a replay of a dead-lettered event: take it over.
                 replay = current.state == "dead_lettered"
                 taken = self._seal(
@@ -385,6 +400,35 @@ class Ledger:
             except StateConflict:
                 raise LostClaim(f"{claim.key}: taken over by another coordinator") from None
             claim.state = sealed
+
+    def _reclaimed(
+        self, waiting: DecisionState, now: float, deadline_s: float, stream_seq: int
+    ) -> DecisionState:
+        """A released event claimed again: collecting under a fresh deadline, votes kept."""
+        return msgspec.structs.replace(
+            waiting,
+            state="collecting",
+            owner=self.owner,
+            lease_until=now + self.lease_s,
+            deadline_at=now + deadline_s,
+            stream_seq=stream_seq,
+            signer="",
+            signature="",
+        )
+
+    async def release(self, claim: Claim, votes: dict[str, Vote], *, since: float) -> None:
+        """Give the claimed event back as `waiting` (CAS on the claim; LostClaim if someone else
+        wrote since): `votes` kept, the deadline and the lease dropped, waiting since `since`.
+        Whoever claims it next starts a fresh deadline."""
+        state = msgspec.structs.replace(
+            claim.state,
+            state="waiting",
+            lease_until=0.0,
+            deadline_at=0.0,
+            votes=dict(votes),
+            waiting_since=since,
+        )
+        await self.save(claim, state)
 
     async def mark_dead_lettered(
         self,

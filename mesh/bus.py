@@ -221,6 +221,18 @@ def _creds_options(path: Path) -> tuple[dict[str, Any], str]:
     return {"nkeys_seed": str(path)}, public
 
 
+# A server that stops answering (SIGSTOP, a frozen VM, a half-open TCP connection) closes no
+# socket: only missed PONGs reveal it. nats-py's default (a ping every 120 s, 2 may be missed)
+# leaves a client on a frozen node deaf for minutes, its subscriptions unreachable ("no
+# responders") all the while. A ping every 1.5 s, 2 allowed outstanding: a frozen server is
+# noticed after 3 to 4.5 s of silence and the client reconnects to another cluster node. The
+# cost: a client whose own event loop stalls that long (it reads no PONG either) reconnects
+# needlessly, which is harmless (subscriptions are replayed, requests in flight fail as
+# infrastructure errors and are retried), and the pings cost nothing worth counting.
+PING_INTERVAL_S = 1.5
+MAX_OUTSTANDING_PINGS = 2
+
+
 def connect_options(
     settings: Settings, identity: Identity | None, servers: list[str]
 ) -> dict[str, Any]:
@@ -416,6 +428,8 @@ class Bus:
                     max_reconnect_attempts=2,
                     reconnect_time_wait=0.2,  # type: ignore[arg-type]  # typed int, takes float
                     allow_reconnect=True,
+                    ping_interval=PING_INTERVAL_S,  # type: ignore[arg-type]  # takes float
+                    max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                     error_cb=on_error,
                     disconnected_cb=_log_disconnected,
                     reconnected_cb=on_reconnected,

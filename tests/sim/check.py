@@ -9,19 +9,24 @@
   refused by the server, but two coordinators each recorded one);
 - `contradicts_votes`: re-tallied under the policy, the votes make another outcome;
 - `not_what_was_said`: a counted vote is not what the agent answered;
-- `late_vote_counted`: a counted vote was answered after the deadline (plus the take-over
-  grace when there was a take-over);
+- `late_vote_counted`: a counted vote was answered after the deadline in force when it was
+  asked (the ledger's, at that moment: a released event's next claim starts a fresh one),
+  plus the take-over grace when there was a take-over;
+- `stale_deadline`: a released (`waiting`) event was claimed again without a fresh deadline;
+- `unreachable_counted`: a decision counted a voter nobody could ask (no responders) as
+  silence although its vote could have changed the outcome (the event must wait for it);
 - `non_member`: a vote from a skill that is not in the policy, or a skill counted twice;
 - `ledger_disagrees`: the ledger's final state is not the published outcome.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import itertools
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from coordinator.decide import TAKEOVER_GRACE_MAX_S, count
+from coordinator.decide import NOBODY_LISTENING, TAKEOVER_GRACE_MAX_S, count
 from coordinator.ledger import DecisionState, state_key
 
 if TYPE_CHECKING:
@@ -63,10 +68,11 @@ def check(world: World) -> list[Violation]:
             out.append(Violation("ledger_disagrees", eid, f"published a decision, ledger: {final}"))
         if dls and final is not None and final.state == "decided":
             out.append(Violation("ledger_disagrees", eid, "dead-lettered, ledger: decided"))
+        pol = POLICIES.get(event.type)
+        out += _fresh_deadlines(world, eid, state_key(event.tenant, eid), pol)
         if decision is None:
             continue
         world.bump(f"decided_{decision.outcome}")
-        pol = POLICIES.get(event.type)
         if pol is None:
             out.append(Violation("contradicts_votes", eid, "decided without a policy"))
             continue
@@ -80,9 +86,18 @@ def check(world: World) -> list[Violation]:
             out.append(
                 Violation("contradicts_votes", eid, f"{decision.outcome}, re-tallied {again}")
             )
-        # The first claim fixed the deadline; the ledger's first version holds it.
-        first = world.kv.history[state_key(event.tenant, eid)][0]
-        deadline = msgspec.json.decode(first.value, type=DecisionState).deadline_at
+        # Judged here, not by decide.unreachable (a mutant may replace that one).
+        gone = [
+            s
+            for s, v in votes.items()
+            if v.outcome == "unavailable" and v.error.startswith(NOBODY_LISTENING)
+        ]
+        rest = {s: v for s, v in votes.items() if s not in gone}
+        if gone and count(pol, rest, final=False).outcome == "pending":
+            out.append(
+                Violation("unreachable_counted", eid, f"{gone} counted as {decision.outcome}")
+            )
+        key = state_key(event.tenant, eid)
         grace = min(pol.agent_timeout_s, TAKEOVER_GRACE_MAX_S) if decision.takeovers else 0.0
         for v in decision.votes:
             if v.outcome != "voted":
@@ -96,7 +111,8 @@ def check(world: World) -> list[Violation]:
             ):
                 out.append(Violation("not_what_was_said", eid, f"{v.skill}: {v.counted_as}"))
                 continue
-            # Clocks may be off by up to skew_s each: the first claimer's and the decider's.
+            deadline = _in_force(world, key, _asked_at(v.verdict.reasons if v.verdict else []))
+            # Clocks may be off by up to skew_s each: the claimer's and the decider's.
             if made.at > deadline + grace + 2 * world.knobs.skew_s + EPS:
                 out.append(
                     Violation(
@@ -106,4 +122,59 @@ def check(world: World) -> list[Violation]:
                         f"(grace {grace}s)",
                     )
                 )
+    return out
+
+
+def _states(world: World, key: str) -> list[tuple[float, DecisionState]]:
+    """Every version of the key's ledger state, with the world time it landed."""
+    return [
+        (at, msgspec.json.decode(e.value, type=DecisionState))
+        for at, e in zip(world.kv.written[key], world.kv.history[key], strict=True)
+    ]
+
+
+def _asked_at(reasons: list[str]) -> float | None:
+    """When the vote was asked (the simulated asker writes it after the nonce)."""
+    for r in reasons[1:]:
+        if r.startswith("asked at "):
+            return float(r.removeprefix("asked at "))
+    return None
+
+
+def _in_force(world: World, key: str, asked_at: float | None) -> float:
+    """The deadline the ledger held when the vote was asked: that of the last claim (or vote,
+    under it) written by then. A claimer writes its claim before it asks, and a later claim's
+    deadline is never earlier (a take-over keeps it, a re-claim or replay starts afresh), so
+    this is never earlier than the asker's own."""
+    states = _states(world, key)
+    deadline = states[0][1].deadline_at
+    for at, state in states:
+        if asked_at is not None and at > asked_at:
+            break
+        if state.state == "collecting":
+            deadline = state.deadline_at
+    return deadline
+
+
+def _fresh_deadlines(world: World, eid: str, key: str, pol: Any) -> list[Violation]:
+    """A claim of a released (`waiting`) event starts a fresh deadline: at least `deadline_s`
+    after the release landed (the claimer read it first), give or take its clock's skew."""
+    from tests.sim.world import WALL0, Violation
+
+    if pol is None or key not in world.kv.history:
+        return []
+    out = []
+    states = _states(world, key)
+    for (released_at, before), (_, after) in itertools.pairwise(states):
+        if before.state != "waiting" or after.state != "collecting":
+            continue
+        fresh = WALL0 + released_at + pol.deadline_s - world.knobs.skew_s - EPS
+        if after.deadline_at < fresh:
+            out.append(
+                Violation(
+                    "stale_deadline",
+                    eid,
+                    f"re-claimed with a deadline {fresh - after.deadline_at:.3f}s too early",
+                )
+            )
     return out

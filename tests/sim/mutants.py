@@ -87,7 +87,41 @@ def _listener_alone(original: Callable[..., Any]) -> Callable[..., Any]:
     return gave_up
 
 
+async def _release_keeping_deadline(
+    self: Ledger, claim: Claim, votes: dict[str, Any], *, since: float
+) -> None:
+    state = msgspec.structs.replace(
+        claim.state, state="waiting", lease_until=0.0, votes=dict(votes), waiting_since=since
+    )
+    await self.save(claim, state)
+
+
+def _reclaim_with_old_deadline(
+    self: Ledger, waiting: Any, now: float, deadline_s: float, stream_seq: int
+) -> Any:
+    return msgspec.structs.replace(
+        waiting,
+        state="collecting",
+        owner=self.owner,
+        lease_until=now + self.lease_s,
+        stream_seq=stream_seq,
+        signer="",
+        signature="",
+    )
+
+
 def _patches(name: str) -> list[tuple[Any, str, Any]]:
+    if name == "reclaim-keeps-old-deadline":
+        # A released event claimed again under the deadline it had (long gone by then): the
+        # voter it waited for gets no time, and its silence decides.
+        return [
+            (Ledger, "release", _release_keeping_deadline),
+            (Ledger, "_reclaimed", _reclaim_with_old_deadline),
+        ]
+    if name == "unreachable-is-silence":
+        # The behaviour before: a voter nobody could ask counted as the policy counts silence
+        # (the wrong rejections of `make chaos` leader-pause).
+        return [(decide, "unreachable", lambda vote: False)]
     if name == "advisory-alone":
         return [
             (settle, "gave_up", _listener_alone(settle.gave_up)),
@@ -110,6 +144,8 @@ BUGS = (
     "late-vote-counted",
     "ack-before-publish",
     "advisory-alone",
+    "reclaim-keeps-old-deadline",
+    "unreachable-is-silence",
 )
 
 

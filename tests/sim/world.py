@@ -13,7 +13,9 @@ dead letter, ledger first). What is simulated, all drawing from the run's one
   in_progress), nak with a delay, `max_deliver`, the max-deliveries advisory (handled as
   `coordinator.dlq.AdvisoryDeadLetters.handle` does: ledger mark with patience, then the
   record), lost acks/naks, duplicate deliveries;
-- agents: answers, delays, timeouts, errors, late answers that ignore the deadline, crashes;
+- agents: answers, delays, timeouts, errors, late answers that ignore the deadline, crashes
+  (a replica that is down has nobody listening: the asker's vote says so, as
+  coordinator.dispatch's does, and the decision core releases the event to wait for it);
 - coordinators: crashes (all its tasks cancelled; a new incarnation with a new name restarts
   later), pauses (its I/O blocks while the world's clocks go on: its lease lapses).
 
@@ -32,7 +34,7 @@ import msgspec
 
 from coordinator import policy as policy_mod
 from coordinator import settle
-from coordinator.decide import LATE, Ask, Decider, Job, unanswered
+from coordinator.decide import LATE, NOBODY_LISTENING, Ask, Decider, Job, unanswered
 from coordinator.ledger import (
     DecisionState,
     Entry,
@@ -52,6 +54,11 @@ ADVISORY_OWN_MSG_ID = False
 LEASE_S = 2.0  # as coordinator.service
 ACK_WAIT_S = LEASE_S + 1.0
 SKILLS = ["sec", "qual", "lic"]
+# How long an event may wait for an agent (Settings.no_agent_wait_s, shortened: runs are short).
+NO_AGENT_WAIT_S = 4.0
+# How often the registry view still lists a replica that is down (a card lives `card_ttl_s`
+# after its last heartbeat, so a dead agent stays listed for seconds): its calls find nobody.
+STALE_VIEW_P = 0.2
 TENANT = "acme"
 
 POLICIES = policy_mod.parse(
@@ -142,6 +149,7 @@ class SimKV:
 
     def __init__(self) -> None:
         self.history: dict[str, list[Entry]] = {}
+        self.written: dict[str, list[float]] = {}  # world time each version landed
         self.revision = 0
 
     def latest(self, key: str) -> Entry | None:
@@ -167,6 +175,7 @@ class SimKV:
     def _put(self, key: str, value: bytes) -> int:
         self.revision += 1
         self.history.setdefault(key, []).append(Entry(value, self.revision))
+        self.written.setdefault(key, []).append(asyncio.get_running_loop().time())
         return self.revision
 
 
@@ -223,6 +232,7 @@ class Pending:
     acked: bool = False
     gave_up: bool = False
     available_at: float = 0.0
+    published_at: float = 0.0  # world time
 
 
 class SimConsumer:
@@ -234,7 +244,11 @@ class SimConsumer:
     def publish(self, event: envelope.Event) -> int:
         seq = len(self.messages) + 1
         self.messages[seq] = Pending(
-            seq, event, subjects.event(event.tenant, event.type), available_at=self.world.now()
+            seq,
+            event,
+            subjects.event(event.tenant, event.type),
+            available_at=self.world.now(),
+            published_at=self.world.now(),
         )
         self.world.note(f"publish event {event.id} {event.type} seq {seq}")
         self.wake()
@@ -449,7 +463,9 @@ class SimAsker:
         remaining = ask.deadline - now
         if not replica.up:
             await asyncio.sleep(w.rng.uniform(0.0, 0.05))
-            return Vote(ask.skill, ask.agent, "unavailable", silent, error="no responders")
+            # Nobody listening on every attempt (dispatch marks it so): not silence.
+            error = f"{NOBODY_LISTENING}: {ask.agent}: no live instance answered"
+            return Vote(ask.skill, ask.agent, "unavailable", silent, error=error)
         key = (ask.event.id, ask.skill, ask.agent)
         task = w.agent_tasks.get(key) or self._start(key, ask)
         recovering = remaining <= 0.001
@@ -469,7 +485,9 @@ class SimAsker:
             return Vote(ask.skill, ask.agent, "error", silent, error="agent failed")
         made = w.made[task.nonce]
         w.note(f"{self.node.name} vote {ask.event.id} {ask.skill}={made.choice} ({task.nonce})")
-        verdict = Verdict(made.choice, [task.nonce])
+        # The nonce names the answer; the ask's time, the deadline it was asked under
+        # (tests/sim/check.py judges a counted vote against that one).
+        verdict = Verdict(made.choice, [task.nonce, f"asked at {now!r}"])
         if recovering and made.at > ask.deadline_wall:
             return Vote(ask.skill, ask.agent, "timeout", silent, verdict=verdict, error=LATE)
         return Vote(ask.skill, ask.agent, "voted", made.choice, verdict=verdict)
@@ -565,7 +583,7 @@ class Node:
             live = [
                 r.name
                 for r in w.replicas.values()
-                if r.skill == skill and (r.up or w.rng.random() < 0.2)
+                if r.skill == skill and (r.up or w.rng.random() < STALE_VIEW_P)
             ]
             if live:
                 agents[skill] = w.rng.choice(live)
@@ -577,6 +595,10 @@ class Node:
             stream_seq=delivery.stream_seq,
             agents=agents,
             started=w.now(),
+            no_agent_wait_s=NO_AGENT_WAIT_S,
+            published_at=WALL0 + delivery.msg.published_at,
+            delivery=delivery.num_delivered,
+            max_deliver=w.knobs.max_deliver,
         )
         outcome = await self.decider.run(job, on_renew=delivery.in_progress)
         w.note(f"{self.name} outcome seq {delivery.stream_seq}: {type(outcome).__name__}")

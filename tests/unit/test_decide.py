@@ -15,6 +15,7 @@ import pytest
 from coordinator.clock import ManualClock, settle
 from coordinator.decide import (
     CUTOFF_SLACK_S,
+    NOBODY_LISTENING,
     WAIT_MAX_S,
     Ask,
     Decided,
@@ -622,16 +623,46 @@ async def test_no_wait_setting_dead_letters_at_once() -> None:
     assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"
 
 
-async def test_a_take_over_with_no_live_agent_is_dead_lettered_under_its_claim() -> None:
+async def test_a_take_over_with_no_live_agent_is_released_then_dead_lettered_when_bounded() -> None:
+    """A take-over that finds a voter's skill with no live agent does not dead-letter at once
+    (the registry view may be mid-election): it releases the event, keeping the votes cast and
+    dropping the deadline, and dead-letters it only once it has waited `no_agent_wait_s`."""
+    store, clock = MemoryStore(), ManualClock()
+    dead = Ledger(store, "dead", LEASE_S, clock=clock)
+    first = await dead.claim(KEY, stream_seq=1, deadline_s=5.0)
+    assert isinstance(first, Claim)
+    cast = Vote(skill="s1", agent="agent-s1", outcome="voted", counted_as="approve")
+    await dead.save(first, msgspec.structs.replace(first.state, votes={"s1": cast}))
+    await clock.advance(LEASE_S + 0.1)  # its owner died; the lease lapsed
+    decider = coordinator(store, "c1", clock, Voters(clock, {}))
+    outcome = await decider.run(orphan(clock))
+    assert isinstance(outcome, Wait) and "s3: no live agent has the skill" in outcome.reason
+    state = await state_of(store)
+    assert state.state == "waiting" and state.deadline_at == 0.0
+    assert state.votes == {"s1": cast} and state.waiting_since == clock.time()
+    # Still nobody: it waits unclaimed (no write), until the bound.
+    await clock.advance(10.0)
+    assert isinstance(await decider.run(orphan(clock, delivery=4)), Wait)
+    assert (await state_of(store)).state == "waiting"
+    await clock.advance(21.0)
+    outcome = await decider.run(orphan(clock, delivery=9))
+    assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"
+    assert outcome.error == "s3: no live agent has the skill for 31 s (9 deliveries)"
+    assert outcome.claim.state.takeovers == 1
+
+
+async def test_a_take_over_with_no_wait_setting_dead_letters_under_its_claim() -> None:
     store, clock = MemoryStore(), ManualClock()
     first = await Ledger(store, "dead", LEASE_S, clock=clock).claim(
         KEY, stream_seq=1, deadline_s=5.0
     )
     assert isinstance(first, Claim)
-    await clock.advance(LEASE_S + 0.1)  # its owner died; the lease lapsed
-    outcome = await coordinator(store, "c1", clock, Voters(clock, {})).run(orphan(clock))
+    await clock.advance(LEASE_S + 0.1)
+    outcome = await coordinator(store, "c1", clock, Voters(clock, {})).run(
+        orphan(clock, wait_s=0.0)
+    )
     assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"
-    assert outcome.claim.state.takeovers == 1  # the deadline it had is kept
+    assert outcome.claim.state.takeovers == 1  # dead-lettered under the take-over's claim
 
 
 async def test_a_replayed_dead_letter_waits_like_a_fresh_event() -> None:
@@ -671,3 +702,116 @@ async def test_a_stale_registry_view_ends_the_wait_only_near_the_last_delivery()
     assert waiting.retry_in_s == WAIT_MAX_S
     outcome = await decider.run(dataclasses.replace(stale, delivery=19))
     assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"
+
+
+# -- a voter nobody could ask: the event is released, not decided, not dead-lettered ---------
+def nobody_there(ask: Ask) -> Vote:
+    return Vote(
+        skill=ask.skill,
+        agent=ask.agent,
+        outcome="unavailable",
+        counted_as=unanswered(ask.policy),
+        attempts=4,
+        error=f"{NOBODY_LISTENING}: {ask.skill}: no live instance answered",
+    )
+
+
+class Gone(Voters):
+    """`Voters`, but the skills in `gone` have nobody listening (every attempt)."""
+
+    def __init__(self, clock: ManualClock, script: dict[str, tuple[float | None, Choice]]) -> None:
+        super().__init__(clock, script)
+        self.gone: set[str] = set()
+
+    async def __call__(self, ask: Ask) -> Vote:
+        if ask.skill in self.gone:
+            self.asked.append(ask)
+            await self.clock.sleep(0.5)
+            return nobody_there(ask)
+        return await super().__call__(ask)
+
+
+async def test_an_unreachable_voter_releases_the_event_then_a_fresh_deadline() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Gone(clock, {s: (0.1, "approve") for s in SKILLS})
+    voters.gone = {"s3"}
+    decider = coordinator(store, "c1", clock, voters)
+    j = orphan(clock, agents={s: f"agent-{s}" for s in SKILLS})
+    run = asyncio.create_task(decider.run(j))
+    await clock.advance(0.5)
+    outcome = done(run)
+    # Not "rejected" by a silence that was no silence: released to wait for s3.
+    assert isinstance(outcome, Wait), outcome
+    assert "s3: s3: no live instance answered" in outcome.reason
+    state = await state_of(store)
+    assert state.state == "waiting" and state.deadline_at == 0.0 and state.lease_until == 0.0
+    assert set(state.votes) == {"s1", "s2"}  # the answers are kept
+    # s3 comes back: the next claim starts a fresh deadline and asks s3 only.
+    await clock.advance(outcome.retry_in_s + 10.0)  # the old deadline (5 s) is long gone
+    voters.gone.clear()
+    voters.asked.clear()
+    run = asyncio.create_task(decider.run(dataclasses.replace(j, delivery=2)))
+    await settle()
+    claimed = await state_of(store)
+    assert claimed.state == "collecting"
+    assert claimed.deadline_at == pytest.approx(clock.time() + 5.0)  # fresh, not the old one
+    await clock.advance(0.1)
+    outcome = done(run)
+    assert isinstance(outcome, Decided) and outcome.decision.outcome == "approved"
+    assert [a.skill for a in voters.asked] == ["s3"]
+
+
+async def test_an_unreachable_voter_that_cannot_change_the_outcome_does_not_hold_it() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Gone(clock, {"s1": (0.1, "reject"), "s2": (0.1, "approve"), "s3": (0.1, "approve")})
+    voters.gone = {"s3"}
+    j = orphan(clock, agents={s: f"agent-{s}" for s in SKILLS})
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(j))
+    await clock.advance(0.5)
+    outcome = done(run)
+    assert isinstance(outcome, Decided) and outcome.decision.outcome == "rejected"
+
+
+async def test_a_voter_that_timed_out_is_silence_as_the_policy_says_not_unreachable() -> None:
+    """A frozen agent (SIGSTOP) answers nothing: that is a timeout and counts as the policy
+    says, even though the event would approve without it."""
+    store, clock = MemoryStore(), ManualClock()
+    voters = Voters(
+        clock, {"s1": (0.1, "approve"), "s2": (0.1, "approve"), "s3": (None, "approve")}
+    )
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(policy(), clock)))
+    await clock.advance(5.0 + CUTOFF_SLACK_S)
+    outcome = done(run)
+    assert isinstance(outcome, Decided) and outcome.decision.outcome == "rejected"
+
+
+async def test_an_event_unreachable_for_too_long_is_dead_lettered_naming_the_voter() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Gone(clock, {s: (0.1, "approve") for s in SKILLS})
+    voters.gone = {"s3"}
+    decider = coordinator(store, "c1", clock, voters)
+    j = orphan(clock, agents={s: f"agent-{s}" for s in SKILLS})
+    outcome: Any = None
+    for delivery in range(1, 20):
+        run = asyncio.create_task(decider.run(dataclasses.replace(j, delivery=delivery)))
+        await clock.advance(0.5)
+        outcome = done(run)
+        if not isinstance(outcome, Wait):
+            break
+        await clock.advance(outcome.retry_in_s)
+    assert isinstance(outcome, Undecidable) and outcome.reason == "no_agent"
+    assert outcome.error.startswith("s3: s3: no live instance answered for 3")
+    assert "deliveries)" in outcome.error
+    # Every release kept the answers; s1 and s2 were asked once.
+    assert sum(a.skill == "s1" for a in voters.asked) == 1
+
+
+async def test_a_released_event_near_its_last_delivery_is_dead_lettered() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    voters = Gone(clock, {s: (0.1, "approve") for s in SKILLS})
+    voters.gone = {"s3"}
+    j = orphan(clock, agents={s: f"agent-{s}" for s in SKILLS}, delivery=19)
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(j))
+    await clock.advance(0.5)
+    outcome = done(run)
+    assert isinstance(outcome, Undecidable) and "(19 deliveries)" in outcome.error

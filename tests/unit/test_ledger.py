@@ -445,3 +445,36 @@ async def test_the_advisory_mark_after_lost_races_finds_the_decision() -> None:
     await owner.save(claim, decided)
     marked = await drive(clock, marking)
     assert isinstance(marked, Done)  # decided after all: no dead letter
+
+
+# -- released (waiting) events ----------------------------------------------------------------
+async def test_a_released_event_is_reclaimed_once_with_a_fresh_deadline_and_its_votes() -> None:
+    store, clock = RecordingStore(), ManualClock()
+    a, b, c = (ledger(store, name, clock) for name in "abc")
+    claim = await a.claim(KEY, stream_seq=3, deadline_s=10)
+    assert isinstance(claim, Claim)
+    since = clock.time()
+    await a.release(claim, {"s1": vote("s1")}, since=since)
+    state = await a.read(KEY)
+    assert state is not None and state.state == "waiting" and state.deadline_at == 0.0
+    await clock.advance(60.0)  # long past the first deadline
+    got = await asyncio.gather(
+        b.claim(KEY, stream_seq=4, deadline_s=10), c.claim(KEY, stream_seq=4, deadline_s=10)
+    )
+    claims = [g for g in got if isinstance(g, Claim)]
+    assert len(claims) == 1 and any(isinstance(g, Busy) for g in got)
+    again = claims[0].state
+    assert again.state == "collecting" and again.deadline_at == clock.time() + 10
+    assert again.votes == {"s1": vote("s1")} and again.waiting_since == since
+    assert again.takeovers == 0  # a re-claim, not a take-over of a dead owner's work
+
+
+async def test_a_released_event_can_be_dead_lettered_by_an_advisory_but_not_decided_after() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    a = ledger(store, "a", clock)
+    claim = await a.claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(claim, Claim)
+    await a.release(claim, {}, since=clock.time())
+    marked = await a.mark_dead_lettered(KEY, stream_seq=1, reason="max_deliver")
+    assert isinstance(marked, DeadLettered) and marked.fresh  # nobody holds a waiting event
+    assert isinstance(await a.claim(KEY, stream_seq=1, deadline_s=10), Done)

@@ -1,5 +1,6 @@
 import asyncio
 import contextlib
+import dataclasses
 import time
 from typing import Any
 
@@ -9,7 +10,7 @@ from a2a.helpers import new_data_part
 from a2a.types import Artifact, Message, Task, TaskState, TaskStatus
 
 from coordinator import dispatch
-from coordinator.decide import Ask
+from coordinator.decide import Ask, unreachable
 from coordinator.policy import Policy
 from coordinator.quorum import QuorumRule
 from coordinator.routing import DEFAULT_CAPACITY, Route, Router
@@ -401,3 +402,56 @@ async def test_an_infrastructure_retry_never_passes_the_deadline() -> None:
     view = _SignedView(None, checks=False)
     vote = await dispatch.ask(client, Router(view, threshold=100), _ask())  # type: ignore[arg-type]
     assert vote.outcome == "unavailable" and vote.attempts == 1 and "busy" in vote.error
+
+
+@pytest.mark.usefixtures("no_pauses")
+@pytest.mark.parametrize(
+    ("errors", "nobody"),
+    [
+        ([lambda: AgentUnavailableError("rev")], True),
+        ([lambda: AgentTimeoutError("rev", 0.01), lambda: AgentUnavailableError("rev")], False),
+        ([_busy, lambda: AgentUnavailableError("rev")], False),
+        ([_busy], False),
+    ],
+    ids=["no-responders-every-time", "a-timeout-first", "busy-first", "busy"],
+)
+async def test_only_a_call_that_found_nobody_listening_every_time_is_unreachable(
+    errors: list[Any], nobody: bool
+) -> None:
+    """`unreachable` (the decision core waits for the voter rather than count it) only when no
+    attempt reached anyone: an agent that timed out or said busy was there, and counts as the
+    policy says."""
+    first, rest = errors[:-1], errors[-1]
+    client = _Flaky([e() for e in first] + [rest() for _ in range(100_000)])
+    view = _SignedView(None, checks=False)
+    req = dataclasses.replace(_ask(), deadline=time.monotonic() + 0.2)
+    vote = await dispatch.ask(client, Router(view, threshold=100), req)  # type: ignore[arg-type]
+    assert vote.outcome in ("unavailable", "timeout")
+    assert unreachable(vote) is nobody, vote.error
+
+
+@pytest.mark.usefixtures("no_pauses")
+@pytest.mark.parametrize(
+    ("error", "nobody"),
+    [(lambda: AgentUnavailableError("rev"), True), (lambda: AgentTimeoutError("rev", 0.01), False)],
+    ids=["opened-on-no-responders", "opened-on-timeouts"],
+)
+async def test_a_call_stopped_by_an_open_breaker_is_judged_by_why_it_opened(
+    error: Any, nobody: bool
+) -> None:
+    """An open breaker sends nothing: the call counts as unreachable only if the breaker opened
+    because nobody listened; one that opened on a hung replica's timeouts is silence."""
+    view = _SignedView(None, checks=False)
+    router = Router(view, threshold=2, ttl_s=60.0)
+    client = _Flaky([error() for _ in range(100_000)])
+    req = dataclasses.replace(_ask(), deadline=time.monotonic() + 0.2)
+    for _ in range(3):  # until every breaker (each replica's, the shared subject's) is open
+        await dispatch.ask(
+            client, router, dataclasses.replace(req, deadline=time.monotonic() + 0.2)
+        )  # type: ignore[arg-type]
+    calls = len(client.calls)
+    vote = await dispatch.ask(
+        client, router, dataclasses.replace(req, deadline=time.monotonic() + 0.2)
+    )  # type: ignore[arg-type]
+    assert len(client.calls) == calls  # nothing sent: every breaker open
+    assert unreachable(vote) is nobody, vote.error
