@@ -94,3 +94,11 @@ def test_give_up_advisories_settle_through_the_coordinator(seed: int, kind: str)
     assert run(seed).ok, run(seed).report()
     with mutants.applied("advisory-alone"):
         assert kind in {v.kind for v in run(seed).violations}
+
+
+def test_a_claim_after_a_stall_starts_a_fresh_deadline() -> None:
+    """Found by the simulation (seed 644, `stale_deadline`): `Ledger.claim` read the clock
+    before reading the state, so a coordinator stalled in that read claimed a released event
+    with a "fresh" deadline already in the past. The claim now reads the clock after the
+    state; this seed keeps every promise."""
+    assert run(644).ok, run(644).report()
