@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +109,26 @@ class Stream:
 
 
 Reply = Answer | Stream
+
+
+async def read_body(headers: Mapping[str, str], chunks: AsyncIterator[bytes]) -> bytes | None:
+    """An HTTP request body, read chunk by chunk and never past `MAX_BODY` (refused at once when
+    its Content-Length says more): None when it is larger. Both HTTP bindings (JSON-RPC and
+    HTTP+JSON) read bodies this way; each answers "too large" in its own binding's shape."""
+    try:
+        declared = int(headers.get("content-length", "0"))
+    except ValueError:
+        declared = 0
+    if declared > MAX_BODY:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 # -- the caller and the call context ------------------------------------------------------------

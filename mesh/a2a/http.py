@@ -128,22 +128,10 @@ class _Endpoint:
 async def _read(request: Request) -> bytes | Response:
     """The body, or the answer to a body over `MAX_BODY` (or a client that went away)."""
     try:
-        declared = int(request.headers.get("content-length", "0"))
-    except ValueError:
-        declared = 0
-    if declared > dispatch.MAX_BODY:
-        return _too_large()
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > dispatch.MAX_BODY:
-                return _too_large()
-            chunks.append(chunk)
+        body = await dispatch.read_body(request.headers, request.stream())
     except ClientDisconnect:
         return Response(status_code=400)
-    return b"".join(chunks)
+    return _too_large() if body is None else body
 
 
 def _busy(in_progress: int) -> Response:

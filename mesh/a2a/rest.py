@@ -146,23 +146,13 @@ async def _read(request: Request) -> Response | None:
     """Read the body (bounded) so the SDK's `request.body()` finds it; or the answer to a body
     over `MAX_BODY` (or a client that went away)."""
     try:
-        declared = int(request.headers.get("content-length", "0"))
-    except ValueError:
-        declared = 0
-    if declared > dispatch.MAX_BODY:
-        return _too_large()
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > dispatch.MAX_BODY:
-                return _too_large()
-            chunks.append(chunk)
+        body = await dispatch.read_body(request.headers, request.stream())
     except ClientDisconnect:
         return Response(status_code=400)
+    if body is None:
+        return _too_large()
     # Starlette keeps a read body here; `request.body()` (the SDK's dispatcher) returns it.
-    request._body = b"".join(chunks)
+    request._body = body
     return None
 
 
