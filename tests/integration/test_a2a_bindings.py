@@ -23,10 +23,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from a2a.client import Client, ClientConfig, ClientFactory
-from a2a.helpers import new_task_from_user_message, new_text_artifact
-from a2a.server.agent_execution import AgentExecutor, RequestContext
-from a2a.server.events import EventQueue
-from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
+from a2a.server.tasks import InMemoryTaskStore
 from a2a.types import (
     AgentCard,
     CancelTaskRequest,
@@ -53,6 +50,7 @@ from mesh.cards import (
 )
 from mesh.errors import ConfigError
 from mesh.settings import Settings
+from tests.support.executors import Gated
 from tests.support.samples import V1, WAIT_S
 from tests.support.waits import eventually
 
@@ -61,32 +59,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 BINDINGS = [JSONRPC_BINDING, REST_BINDING, GRPC_BINDING]
 
 
-class Echo(AgentExecutor):
-    """Completes every task with one text artifact; holds it first while `gate` is shut."""
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.started = 0
-
-    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
-        self.started += 1
-        assert context.message is not None
-        task = context.current_task or new_task_from_user_message(context.message)
-        await event_queue.enqueue_event(task)
-        await self.gate.wait()
-        updater = TaskUpdater(event_queue, task.id, task.context_id)
-        await updater.add_artifact(new_text_artifact("echo", "echoed").parts)
-        await updater.complete()
-
-    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
-        return None
-
-
 @dataclass
 class Served:
     server: A2AServer
-    executor: Echo
+    executor: Gated
     card: AgentCard
     http_url: str
     grpc_url: str
@@ -109,7 +85,7 @@ async def _serving(bus: Bus, **limits: int) -> AsyncIterator[Served]:
         authenticated=True,
         grpc_url=listener.url,
     )
-    executor = Echo()
+    executor = Gated(open=True, text="echoed")
     server = A2AServer(card, executor, InMemoryTaskStore(), auth=auth, **limits)
     try:
         async with http_server.serving(server, sock), server.grpc_serving(listener):

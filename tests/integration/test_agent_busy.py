@@ -20,10 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from a2a.helpers import new_task_from_user_message
-from a2a.server.agent_execution import AgentExecutor, RequestContext
-from a2a.server.events import EventQueue
-from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
+from a2a.server.tasks import InMemoryTaskStore
 from google.protobuf.json_format import MessageToDict
 from nats.aio.msg import Msg
 
@@ -36,29 +33,11 @@ from mesh.a2a.server import A2AServer
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
 from mesh.errors import AgentBusyError
+from tests.support.executors import Gated
 from tests.support.samples import V1, WAIT_S
 from tests.support.waits import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
-
-
-class Gated(AgentExecutor):
-    """Completes each task once `gate` is open; counts the tasks it started."""
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.started = 0
-
-    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
-        self.started += 1
-        assert context.message is not None
-        task = context.current_task or new_task_from_user_message(context.message)
-        await event_queue.enqueue_event(task)
-        await self.gate.wait()
-        await TaskUpdater(event_queue, task.id, task.context_id).complete()
-
-    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
-        return None
 
 
 @dataclass
