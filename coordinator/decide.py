@@ -14,10 +14,12 @@ Rules this module owns:
   agent restarting costs no deadline; it is dead-lettered `no_agent` only once it has waited
   `Job.no_agent_wait_s` since it was published, or is near its last delivery.
 - A voter that cannot be asked is not silence: when a claimed event finds a skill with no live
-  agent (a take-over), or a voter's call ends with nobody listening on every attempt
-  (`unreachable`: not busy, not a timeout; a frozen agent still times out and counts as the
+  agent (a take-over), or a voter's call ends with nobody listening (its last attempts
+  found no responders: `unreachable`; a frozen agent still times out and counts as the
   policy says), and the votes in hand do not settle the outcome, the event is released
   (`Ledger.release`: state `waiting`, the answers kept, the deadline dropped) and waits (`Wait`).
+  So is an event a take-over finds past its deadline with a voter that gave no answer in time
+  (`TAKEN_OVER_LATE`): its question was in the hands of the coordinator that failed.
   Its next claim starts a fresh deadline. Bounded: once it has waited `Job.no_agent_wait_s`
   since its first release, or is near its last delivery, it is dead-lettered `no_agent` naming
   the voter(s) and how long. Not decided by policy: an approval was never possible without the
@@ -145,17 +147,26 @@ Outcome = Busy | Done | Decided | Undecidable | Wait
 
 LATE = "late vote: answered after the deadline; not counted"
 NO_ANSWER = "no answer by the deadline"
-# How an asker marks a vote whose every attempt found nobody listening (NATS no responders):
+# How an asker marks a vote whose call ended finding nobody listening (NATS no responders):
 # the voter could not be asked at all (see `unreachable`).
 NOBODY_LISTENING = "nobody listening"
+# How an asker marks the vote of a voter that a take-over found past the deadline without an
+# answer in time: the question was asked by a coordinator that died (or lost its NATS server),
+# so it may never have reached the voter, or its answer never came back. That delay is the
+# infrastructure's, not the voter's silence: like an unreachable voter, the event is released
+# and the voter asked again under a fresh deadline (where it returns the answer it has).
+TAKEN_OVER_LATE = "asked by a coordinator that failed"
 # Kept across a release: answers (a voter who answered is not asked again). Silence is not
 # kept: under the fresh deadline its voter is asked again.
 _KEPT = ("voted", "invalid", "error")
 
 
 def unreachable(vote: Vote) -> bool:
-    """A voter that could not be asked: nobody listened on every attempt."""
-    return vote.outcome == "unavailable" and vote.error.startswith(NOBODY_LISTENING)
+    """A voter that cannot be asked (nobody listened when its call ended), or whose question a
+    failed coordinator held past the deadline (`TAKEN_OVER_LATE`): not silence."""
+    return vote.outcome == "unavailable" and vote.error.startswith(
+        (NOBODY_LISTENING, TAKEN_OVER_LATE)
+    )
 
 
 def unanswered(policy: Policy) -> Choice | None:

@@ -9,9 +9,10 @@ Two kinds of failure, retried differently:
   `retry_after_s`), not counted against `retries`;
 - everything else (a timeout, every replica's breaker open, an error answer): at most the
   policy's `retries` more attempts.
-A call whose every attempt found nobody listening ends `unavailable` with an error starting
-`decide.NOBODY_LISTENING`: the voter could not be asked, and the decision core releases the
-event to wait for it rather than count it as silence.
+A call whose last attempts found nobody listening (whatever earlier ones met: an instance that
+timed out and then vanished is gone) ends `unavailable` with an error starting
+`decide.NOBODY_LISTENING`: the voter cannot be asked, and the decision core releases the event
+to wait for it rather than count it as silence.
 The per-call timeout counts from when the call is sent (admission has already found it room)
 and never reaches past the deadline.
 
@@ -34,7 +35,7 @@ import msgspec
 from a2a.types import Message, Task
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from coordinator.decide import NOBODY_LISTENING, Ask, unanswered
+from coordinator.decide import NOBODY_LISTENING, TAKEN_OVER_LATE, Ask, unanswered
 from coordinator.policy import Policy
 from coordinator.routing import BreakerOpen, Router, is_busy
 from mesh import subjects, telemetry, votes
@@ -213,12 +214,14 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
     infra = 0  # failed attempts that were the infrastructure's (bounded by the deadline)
     last: AgentCallError | None = None
     failed: set[str] = set()  # replicas that failed this call: the next attempt goes elsewhere
-    # Whether the call reached nobody: some attempt found nobody listening (no responders)
-    # and none reached an instance (a timeout, busy, an error answer: someone was there). An
-    # open breaker sends nothing: it counts as what the agent's last real attempt found
-    # (`_UNHEARD`). Such a voter could not be asked at all, which the decision core does not
-    # count as silence (`decide.unreachable`).
-    found: set[str] = set()
+    # Whether the call ended reaching nobody: its last attempt that says anything found nobody
+    # listening (no responders). An open breaker sends nothing: it counts as what the agent's
+    # last real attempt found (`_UNHEARD`). What an earlier attempt found is history: an
+    # instance that timed out and then vanished (killed mid-call, or killed just before and
+    # its server had not yet noticed the closed socket, so the request went nowhere) is gone
+    # now. Such a voter cannot be asked, which the decision core does not count as silence
+    # (`decide.unreachable`); it waits for the voter, bounded, rather than decide on an outage.
+    found = ""
     while True:
         remaining = req.deadline - time.monotonic()
         if remaining <= 0.001:
@@ -256,7 +259,7 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
         else:
             _UNHEARD.discard(req.agent)
             return _answered(router, req, msg, task, verdict, started=started, attempts=attempts)
-        found.add(_found(req.agent, last, tripped=tripped))
+        found = _found(req.agent, last, tripped=tripped) or found
         if not tripped and infrastructure(last):
             infra += 1
             delay = _infra_pause(last, infra, req.deadline)
@@ -268,9 +271,7 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
         if delay is None:
             break
         await asyncio.sleep(delay)
-    return _failed(
-        req, started, attempts, last, nobody="nobody" in found and "someone" not in found
-    )
+    return _failed(req, started, attempts, last, nobody=found == "nobody")
 
 
 def _found(agent: str, e: AgentCallError, *, tripped: bool) -> str:
@@ -318,17 +319,20 @@ async def _recover(
         task = task_of(result)
         verdict = verdict_of(task)
     except (AgentCallError, ValueError, msgspec.ValidationError) as e:
-        error = f"deadline passed during a take-over; no earlier answer ({e})"
-        return _vote(req, started, 1, "timeout", error=error)
+        # No earlier answer: the failed coordinator's question may never have reached the voter.
+        error = f"{TAKEN_OVER_LATE}: deadline passed during a take-over; no earlier answer ({e})"
+        return _vote(req, started, 1, "unavailable", error=error)
     vote = _answered(router, req, msg, task, verdict, started=started, attempts=1)
     # When it answered: the time the instance signed, where checked (the task's status time is
     # whatever the answer says).
     answered_at = vote.signed_at or status_time(task)
     if vote.outcome != "voted" or (answered_at is not None and answered_at <= req.deadline_wall):
         return vote
-    # Answered, but after the deadline: recorded for the audit, not counted.
-    error = "late vote: answered after the deadline; not counted"
-    return _vote(req, started, 1, "timeout", verdict=verdict, error=error)
+    # Answered, but after the deadline: most likely it heard the question late (the failed
+    # coordinator's NATS server was frozen) or its answer was held up. Not counted now; the
+    # decision core releases the event and asks again under a fresh deadline.
+    error = f"{TAKEN_OVER_LATE}: answered after the deadline during a take-over; asked again"
+    return _vote(req, started, 1, "unavailable", verdict=verdict, error=error)
 
 
 def _ms(since: float) -> float:

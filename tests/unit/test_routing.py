@@ -409,18 +409,28 @@ async def test_an_infrastructure_retry_never_passes_the_deadline() -> None:
     ("errors", "nobody"),
     [
         ([lambda: AgentUnavailableError("rev")], True),
-        ([lambda: AgentTimeoutError("rev", 0.01), lambda: AgentUnavailableError("rev")], False),
-        ([_busy, lambda: AgentUnavailableError("rev")], False),
+        ([lambda: AgentTimeoutError("rev", 0.01), lambda: AgentUnavailableError("rev")], True),
+        ([_busy, lambda: AgentUnavailableError("rev")], True),
+        ([lambda: AgentUnavailableError("rev"), lambda: AgentTimeoutError("rev", 0.01)], False),
+        ([lambda: AgentUnavailableError("rev"), _busy], False),
         ([_busy], False),
     ],
-    ids=["no-responders-every-time", "a-timeout-first", "busy-first", "busy"],
+    ids=[
+        "no-responders-every-time",
+        "a-timeout-then-gone",
+        "busy-then-gone",
+        "gone-then-timeouts",
+        "gone-then-busy",
+        "busy",
+    ],
 )
-async def test_only_a_call_that_found_nobody_listening_every_time_is_unreachable(
+async def test_a_call_whose_last_attempts_found_nobody_listening_is_unreachable(
     errors: list[Any], nobody: bool
 ) -> None:
-    """`unreachable` (the decision core waits for the voter rather than count it) only when no
-    attempt reached anyone: an agent that timed out or said busy was there, and counts as the
-    policy says."""
+    """`unreachable` (the decision core waits for the voter rather than count it) when the
+    call's last attempts found nobody listening: an instance that timed out or said busy and is
+    gone now cannot answer (a voter killed mid-call, or killed just before the server noticed).
+    One that is there at the end (timing out, busy) counts as the policy says."""
     first, rest = errors[:-1], errors[-1]
     client = _Flaky([e() for e in first] + [rest() for _ in range(100_000)])
     view = _SignedView(None, checks=False)
@@ -455,3 +465,41 @@ async def test_a_call_stopped_by_an_open_breaker_is_judged_by_why_it_opened(
     )  # type: ignore[arg-type]
     assert len(client.calls) == calls  # nothing sent: every breaker open
     assert unreachable(vote) is nobody, vote.error
+
+
+# -- dispatch: a take-over past the deadline -----------------------------------------------------
+def _taken_over(*, answered_in_time: bool) -> Ask:
+    """A take-over's ask whose deadline (monotonic) is gone; the wall deadline says whether an
+    answer signed now was in time."""
+    wall = time.time() + (60 if answered_in_time else -1)
+    return dataclasses.replace(
+        _ask(), deadline=time.monotonic() - 1, deadline_wall=wall, grace_s=1.0
+    )
+
+
+async def test_a_take_over_counts_an_answer_the_voter_gave_in_time() -> None:
+    signer, binding = _instance()
+    client = _Client(_answer(signer))
+    vote = await dispatch.ask(
+        client, Router(_SignedView(binding)), _taken_over(answered_in_time=True)
+    )  # type: ignore[arg-type]
+    assert vote.outcome == "voted" and vote.counted_as == "approve", vote
+    assert len(client.calls) == 1
+
+
+@pytest.mark.parametrize("answer", ["late", "none"])
+async def test_a_take_over_without_an_answer_in_time_asks_again_rather_than_count_silence(
+    answer: str,
+) -> None:
+    """The failed coordinator held the question past the deadline: not the voter's silence. The
+    vote is `unreachable` (the decision core releases the event and asks again under a fresh
+    deadline), never a timeout counted as the policy says."""
+    signer, binding = _instance()
+    client: _Client = (
+        _Client(_answer(signer)) if answer == "late" else _Flaky([AgentTimeoutError("rev", 1.0)])
+    )
+    vote = await dispatch.ask(
+        client, Router(_SignedView(binding)), _taken_over(answered_in_time=False)
+    )  # type: ignore[arg-type]
+    assert vote.outcome == "unavailable" and vote.counted_as == "reject", vote
+    assert unreachable(vote), vote.error
