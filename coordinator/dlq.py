@@ -50,7 +50,7 @@ from nats.js.object_store import ObjectStore
 
 from coordinator.ledger import UNAVAILABLE, Ledger, state_key
 from coordinator.settle import MARK_RETRY, PUBLISH_RETRY, SETTLE_WAIT_S, Outlet, gave_up
-from mesh import envelope, records, subjects
+from mesh import envelope, records, subjects, telemetry
 from mesh._internal.lifecycle import AsyncService
 from mesh._internal.tasks import TaskPool
 from mesh.audit import SYSTEM_TENANT, AuditLog
@@ -439,7 +439,9 @@ async def replay(bus: Bus, seq: int) -> str:
     """Republish dead letter `seq`'s original to its subject; returns the new Nats-Msg-Id.
 
     The msg id is new on purpose: the original's would be swallowed by the stream's duplicate
-    window. Body and every other header are the original's.
+    window. Body and every other header are the original's, but the traceparent: the replay's
+    send span continues the original's trace (same trace id, its own span id), so the replay
+    shows up in the event's trace.
     """
     record = await get(bus, seq)
     tenant, _ = subjects.parse_event_subject(record.subject)
@@ -462,7 +464,13 @@ async def replay(bus: Bus, seq: int) -> str:
     msg_id = subjects.replay_msg_id(seq, uuid.uuid4().hex)
     body = await body_of(bus, record)
     try:
-        await bus.publish(record.subject, body, msg_id=msg_id, headers=headers)
+        await bus.publish(
+            record.subject,
+            body,
+            msg_id=msg_id,
+            headers=headers,
+            parent=telemetry.extract(headers) if subjects.H_TRACEPARENT in headers else None,
+        )
     except NoStreamResponseError:
         raise NotConnectedError(
             f"no stream takes {record.subject}",
