@@ -202,6 +202,18 @@ class BudgetLedger:
             return Spent()
         return msgspec.json.decode(entry.value or b"{}", type=Spent)
 
+    async def tool_call(self, scope: CallScope) -> None:
+        """Count one tool call (a delegation) against the event's budget, or refuse it."""
+        if not (scope.budget.limited and scope.event_id):
+            return
+        left = scope.budget.remaining_s()
+        if left is not None and left <= 0:
+            raise BudgetExceededError(
+                f"event {scope.event_id}: its wall-clock budget ran out", limit="wall_clock"
+            )
+        key = subjects.budget_event_key(scope.tenant, event_token(scope.event_id))
+        await self._add(key, Spent(tool_calls=1), _event_check(scope, scope.budget))
+
     @contextlib.asynccontextmanager
     async def model_call(
         self, scope: CallScope, *, model: str, prompt_text: str, max_tokens: int
