@@ -249,7 +249,7 @@ class BudgetLedger:
                 await self._add(key, worst, _event_check(scope, budget))
                 reserved.append((key, worst))
             if quota.cost_per_day_usd is not None:
-                key = subjects.budget_day_key(scope.tenant, _today())
+                key = subjects.budget_day_key(scope.tenant, today())
                 await self._add(key, worst, _day_check(scope.tenant, quota.cost_per_day_usd))
                 reserved.append((key, worst))
             yield reservation
@@ -320,5 +320,6 @@ def _day_check(tenant: str, cap_usd: float) -> Any:
     return check
 
 
-def _today() -> str:
+def today() -> str:
+    """The UTC date that names a tenant's daily key."""
     return datetime.now(UTC).strftime("%Y-%m-%d")

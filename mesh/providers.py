@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mesh.errors import ConfigError
-from mesh.settings import Settings, agent_model_variable, get_settings
+from mesh.settings import Settings, get_settings, model_chain_env
 
 if TYPE_CHECKING:
     import anthropic
@@ -183,17 +183,17 @@ def agent_models(agent: str, settings: Settings | None = None) -> AgentModels:
     file = models_file(settings)
     own = file.agents.get(agent, {})
     base = file.default
-    var = agent_model_variable(agent)
-    if os.environ.get(var, "").strip():
-        chain, source = parse_chain(os.environ[var], where=var), var
+    env = model_chain_env(agent)
+    if env is not None and env[0] != "MESH_MODEL":
+        chain, source = parse_chain(env[1], where=env[0]), env[0]
     elif "chain" in own:
         chain, source = parse_chain(own["chain"], where=f"[agents.{agent}]"), "models file"
-    elif "model" in settings.model_fields_set:
-        chain, source = parse_chain(settings.model, where="MESH_MODEL"), "MESH_MODEL"
+    elif env is not None:
+        chain, source = parse_chain(env[1], where="MESH_MODEL"), "MESH_MODEL"
     elif "chain" in base:
         chain, source = parse_chain(base["chain"], where="[default]"), "models file [default]"
     else:
-        chain, source = parse_chain(settings.model, where="MESH_MODEL"), "default"
+        chain, source = ("rules",), "default"
     redact = {**base.get("redact", {}), **own.get("redact", {})}
     return AgentModels(
         chain=chain,

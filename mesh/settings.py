@@ -192,11 +192,6 @@ class Settings(BaseSettings):
     def insecure_parts(self) -> set[str]:
         return {p.strip() for p in self.insecure.split(",") if p.strip()}
 
-    def model_for(self, agent: str) -> str:
-        """The brain chain of `agent`: MESH_MODEL_<AGENT> when set, else MESH_MODEL."""
-        own = os.environ.get(agent_model_variable(agent), "").strip()
-        return own or self.model
-
     def nats_servers(self) -> list[str]:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
 
@@ -204,6 +199,18 @@ class Settings(BaseSettings):
 def agent_model_variable(agent: str) -> str:
     """`security-review` → `MESH_MODEL_SECURITY_REVIEW`."""
     return "MESH_MODEL_" + agent.upper().replace("-", "_").replace(".", "_")
+
+
+def model_chain_env(agent: str) -> tuple[str, str] | None:
+    """(variable, chain) of `agent`'s own MESH_MODEL_<AGENT>, else of MESH_MODEL, when set.
+
+    Read when an agent picks its brain (not cached with the other settings), as
+    ANTHROPIC_API_KEY was before: a test or a launcher may set it just before serving."""
+    for name in (agent_model_variable(agent), "MESH_MODEL"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return name, value
+    return None
 
 
 @lru_cache(maxsize=1)
