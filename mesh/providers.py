@@ -128,7 +128,8 @@ _CHAIN_HINT = (
 
 
 @lru_cache(maxsize=8)
-def _load_file(path: Path) -> ModelsFile:
+def _load_file(path: Path, mtime_ns: int) -> ModelsFile:
+    """Parsed once per version of the file (`mtime_ns` is the cache key's other half)."""
     try:
         raw = tomllib.loads(path.read_text())
     except OSError as e:
@@ -174,7 +175,14 @@ def models_file(settings: Settings | None = None) -> ModelsFile:
     settings = settings or get_settings()
     if settings.models_file is None:
         return ModelsFile()
-    return _load_file(settings.models_file)
+    path = settings.models_file
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as e:
+        raise ConfigError(
+            f"models file {path}: {e.strerror}", hint="MESH_MODELS_FILE names a TOML file"
+        ) from None
+    return _load_file(path, mtime)
 
 
 def agent_models(agent: str, settings: Settings | None = None) -> AgentModels:
