@@ -4,7 +4,7 @@ Configuration is explicit (docs/models.md); nothing is inferred from ANTHROPIC_A
 An agent's chain is the first of:
 
 1. `MESH_MODEL_<AGENT>` (e.g. `MESH_MODEL_SECURITY_REVIEW=anthropic:claude-sonnet-5-5,rules`);
-2. `[agents.<name>] chain = [...]` in the models file (`MESH_MODELS_FILE`, TOML);
+2. `[agent.<name>] chain = [...]` in the models file (`MESH_MODELS_FILE`, TOML);
 3. `MESH_MODEL` when set in the environment;
 4. `[default] chain = [...]` in the models file;
 5. `rules`.
@@ -136,11 +136,11 @@ def _load_file(path: Path, mtime_ns: int) -> ModelsFile:
         raise ConfigError(f"models file {path}: {e.strerror}", hint="MESH_MODELS_FILE") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"models file {path}: not TOML: {e}") from None
-    unknown = set(raw) - {"agents", "default", "providers", "prices", "tenants"}
+    unknown = set(raw) - {"agent", "default", "providers", "prices", "tenants"}
     if unknown:
         raise ConfigError(
             f"models file {path}: unknown table(s) {', '.join(sorted(unknown))}",
-            hint="tables: default, agents, providers, prices, tenants (docs/models.md)",
+            hint="tables: default, agent, providers, prices, tenants (docs/models.md)",
         )
     prices = {}
     for model, p in raw.get("prices", {}).items():
@@ -163,7 +163,7 @@ def _load_file(path: Path, mtime_ns: int) -> ModelsFile:
             cost_per_day_usd=q.get("cost_per_day_usd"), concurrent_calls=q.get("concurrent_calls")
         )
     return ModelsFile(
-        agents=raw.get("agents", {}),
+        agents=raw.get("agent", {}),
         default=raw.get("default", {}),
         providers=raw.get("providers", {}),
         prices=prices,
@@ -195,7 +195,7 @@ def agent_models(agent: str, settings: Settings | None = None) -> AgentModels:
     if env is not None and env[0] != "MESH_MODEL":
         chain, source = parse_chain(env[1], where=env[0]), env[0]
     elif "chain" in own:
-        chain, source = parse_chain(own["chain"], where=f"[agents.{agent}]"), "models file"
+        chain, source = parse_chain(own["chain"], where=f"[agent.{agent}]"), "models file"
     elif env is not None:
         chain, source = parse_chain(env[1], where="MESH_MODEL"), "MESH_MODEL"
     elif "chain" in base:

@@ -198,7 +198,7 @@ class Settings(BaseSettings):
 
 def agent_model_variable(agent: str) -> str:
     """`security-review` → `MESH_MODEL_SECURITY_REVIEW`."""
-    return "MESH_MODEL_" + agent.upper().replace("-", "_").replace(".", "_")
+    return f"MESH_MODEL_{agent.upper().replace('-', '_').replace('.', '_')}"
 
 
 def model_chain_env(agent: str) -> tuple[str, str] | None:

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from mesh.cli._common import JsonOption, command, out, print_json
 
+
 @command
 async def budgets(
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,

@@ -57,7 +57,7 @@ def test_per_agent_beats_mesh_wide_and_env_beats_file(
     settings = models_file(
         tmp_path,
         '[default]\nchain = ["abstain"]\n'
-        '[agents.security-review]\nchain = ["vertex:claude-sonnet-5-5", "rules"]\ntimeout_s = 7\n',
+        '[agent.security-review]\nchain = ["vertex:claude-sonnet-5-5", "rules"]\ntimeout_s = 7\n',
     )
     assert agent_models("quality-review", settings).chain == ("abstain",)
     own = agent_models("security-review", settings)
@@ -155,3 +155,16 @@ def test_prices_come_from_the_file_else_the_table(tmp_path: Path) -> None:
     assert price_of("claude-unknown", settings) == max(DEFAULT_PRICES.values())
     assert tenant_quota("acme", settings).cost_per_day_usd == 5.0
     assert tenant_quota("other", settings).concurrent_calls == 2
+
+
+def test_the_models_file_in_the_docs_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text()
+    [block] = [b for b in text.split("```toml\n")[1:] if "[providers.vertex]" in b]
+    settings = models_file(tmp_path, block.split("```", 1)[0])
+    own = agent_models("compliance-review", settings)
+    assert own.chain[-1] == "abstain" and own.redact_fields == ("$.author", "$.approvals[*].by")
+    assert own.redact_detectors == ("email", "phone", "iban", "card", "aws_key")
+    assert tenant_quota("acme", settings).concurrent_calls == 4
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+    vertex = build_client(ModelSpec("vertex", "m"), timeout_s=1, settings=settings)
+    assert vertex.region == "europe-west1" and vertex.project_id == "my-project"
