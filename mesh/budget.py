@@ -122,8 +122,10 @@ current: contextvars.ContextVar[CallScope | None] = contextvars.ContextVar(
 )
 
 
-def cost_micro_usd(model: str, input_tokens: int, output_tokens: int) -> int:
-    price_in, price_out = price_of(model)
+def cost_micro_usd(
+    model: str, input_tokens: int, output_tokens: int, settings: Settings | None = None
+) -> int:
+    price_in, price_out = price_of(model, settings)
     # Rounded up: a budget never lets a fraction of a micro-dollar slip through.
     return math.ceil(input_tokens * price_in + output_tokens * price_out)
 
@@ -222,7 +224,7 @@ class BudgetLedger:
         hold a tenant concurrency slot, then settle what it really cost."""
         worst_in = estimate_input_tokens(prompt_text)
         worst = Spent(
-            cost_micro_usd=cost_micro_usd(model, worst_in, max_tokens),
+            cost_micro_usd=cost_micro_usd(model, worst_in, max_tokens, self.settings),
             tokens=worst_in + max_tokens,
             tool_calls=1,
         )
@@ -242,7 +244,7 @@ class BudgetLedger:
             )
         self._active[scope.tenant] = self._active.get(scope.tenant, 0) + 1
         reserved: list[tuple[str, Spent]] = []
-        reservation = Reservation(worst=worst)
+        reservation = Reservation(worst=worst, settings=self.settings)
         try:
             if budget.limited and scope.event_id:
                 key = subjects.budget_event_key(scope.tenant, event_token(scope.event_id))
@@ -273,11 +275,12 @@ class BudgetLedger:
 @dataclass
 class Reservation:
     worst: Spent
+    settings: Settings | None = None
     actual: Spent | None = None
 
     def settle(self, model: str, input_tokens: int, output_tokens: int) -> None:
         self.actual = Spent(
-            cost_micro_usd=cost_micro_usd(model, input_tokens, output_tokens),
+            cost_micro_usd=cost_micro_usd(model, input_tokens, output_tokens, self.settings),
             tokens=input_tokens + output_tokens,
             tool_calls=1,
         )
