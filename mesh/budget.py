@@ -31,7 +31,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from mesh import subjects
-from mesh.errors import BudgetExceededError
+from mesh.errors import BudgetExceededError, ModelCallError
 from mesh.providers import price_of, tenant_quota
 from mesh.records import event_token
 from mesh.settings import Settings, get_settings
@@ -246,14 +246,23 @@ class BudgetLedger:
         reserved: list[tuple[str, Spent]] = []
         reservation = Reservation(worst=worst, settings=self.settings)
         try:
-            if budget.limited and scope.event_id:
-                key = subjects.budget_event_key(scope.tenant, event_token(scope.event_id))
-                await self._add(key, worst, _event_check(scope, budget))
-                reserved.append((key, worst))
-            if quota.cost_per_day_usd is not None:
-                key = subjects.budget_day_key(scope.tenant, today())
-                await self._add(key, worst, _day_check(scope.tenant, quota.cost_per_day_usd))
-                reserved.append((key, worst))
+            try:
+                if budget.limited and scope.event_id:
+                    key = subjects.budget_event_key(scope.tenant, event_token(scope.event_id))
+                    await self._add(key, worst, _event_check(scope, budget))
+                    reserved.append((key, worst))
+                if quota.cost_per_day_usd is not None:
+                    key = subjects.budget_day_key(scope.tenant, today())
+                    await self._add(key, worst, _day_check(scope.tenant, quota.cost_per_day_usd))
+                    reserved.append((key, worst))
+            except (BudgetExceededError, asyncio.CancelledError):
+                raise
+            except Exception as e:
+                # Fail closed: no model call whose spending cannot be recorded. A chain moves
+                # on (the rules cost nothing).
+                raise ModelCallError(
+                    f"budget store unavailable, model call not made: {e!r}", retryable=True
+                ) from e
             yield reservation
         finally:
             self._active[scope.tenant] -= 1

@@ -18,7 +18,7 @@ PROMPT = "x" * 200  # estimated at 200 // 2 + 16 = 116 input tokens
 
 def ledger(tmp_path: Path, quotas: str = "") -> BudgetLedger:
     path = tmp_path / "models.toml"
-    path.write_text('[prices.m]\ninput_per_mtok = 1.0\noutput_per_mtok = 1.0\n' + quotas)
+    path.write_text("[prices.m]\ninput_per_mtok = 1.0\noutput_per_mtok = 1.0\n" + quotas)
     return BudgetLedger(settings=Settings(models_file=path))
 
 
