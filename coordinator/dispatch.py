@@ -49,6 +49,7 @@ from mesh.a2a.client import (
     user_message,
     verdict_of,
 )
+from mesh.budget import Budget
 from mesh.errors import (
     AgentBusyError,
     AgentCallError,
@@ -101,7 +102,13 @@ def message(req: Ask) -> Message:
         data=e.data,
         message_id=subjects.vote_message_id(e.tenant, e.id, req.skill),
         # What the voter signs its answer for (mesh.votes), with the messageId.
-        metadata={"eventId": e.id, "eventType": e.type, "tenant": e.tenant, "skill": req.skill},
+        metadata={
+            "eventId": e.id,
+            "eventType": e.type,
+            "tenant": e.tenant,
+            "skill": req.skill,
+            **Budget.of_event(e).metadata(),  # what the event may spend (mesh.budget)
+        },
     )
 
 

@@ -6,8 +6,12 @@
     def review(release: ReleaseProposal) -> Verdict: ...
 
 The handler's annotations are the contract: the input type decodes the A2A message's data part
-(or JSON text), the output type is the artifact. With ANTHROPIC_API_KEY set and a prompt given,
-Claude answers through the same output type (tool use); otherwise the rules run.
+(or JSON text), the output type is the artifact. Which brain answers is configuration
+(docs/models.md: MESH_MODEL, MESH_MODEL_<AGENT>, the models file): the rules by default, or a
+chain of models (Claude through the same output type, by tool use) ending in the rules or an
+abstention. Each task runs under a `mesh.budget.CallScope` (tenant, event, what is left of the
+budget, delegation depth): a model call that would not fit is not made, and the agent answers
+`budget_exceeded` (an abstaining Verdict, for agents that vote; a failed task otherwise).
 
 An agent may also (or only) react to domain events; see `mesh.events` for the guarantees:
 
@@ -41,14 +45,14 @@ from a2a.server.tasks import InMemoryTaskStore, TaskStore, TaskUpdater
 from a2a.types import AgentCard, Part
 from opentelemetry.trace import SpanKind
 
-from mesh import subjects, telemetry
+from mesh import budget, subjects, telemetry
 from mesh._internal import http as http_server
 from mesh.a2a.auth import Authenticator
 from mesh.a2a.server import A2AServer, GrpcListener
 from mesh.a2a.taskstore import JetStreamTaskStore
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
-from mesh.errors import ConfigError, InputError, MeshError
+from mesh.errors import BudgetExceededError, ConfigError, InputError, MeshError
 from mesh.events import (
     DEFAULT_ACK_WAIT_S,
     DEFAULT_BACKOFF,
@@ -60,9 +64,17 @@ from mesh.events import (
     event_handler,
 )
 from mesh.identity import Signer
-from mesh.models import Brain, RulesBrain, select_brain
+from mesh.models import (
+    Brain,
+    RulesBrain,
+    Thought,
+    model_requests_allowed,
+    probe,
+    select_brain,
+)
 from mesh.registry import Registration, Registry, new_instance_id
 from mesh.settings import Settings, get_settings
+from mesh.verdict import Verdict
 from mesh.votes import SIGNATURE_KEY, VoteSigner
 
 log = logging.getLogger(__name__)
@@ -153,7 +165,10 @@ class Agent:
                 hint="decorate one: @agent.rules or @agent.on_event",
             )
         return select_brain(
-            rules=self._handler, system_prompt=self.system_prompt(), output_type=self.output_type
+            agent=self.name,
+            rules=self._handler,
+            system_prompt=self.system_prompt(),
+            output_type=self.output_type,
         )
 
     @contextlib.contextmanager
@@ -189,6 +204,9 @@ class Agent:
         # Events-only agents have no brain: A2A messages are answered with a rejection.
         brain = self.brain() if self._handler or not self.event_handlers else None
         log.info("agent %s: brain %s", self.name, brain.name if brain else "none (events only)")
+        if brain is not None:
+            for line in await probe(brain, local_only=not model_requests_allowed()):
+                log.warning("agent %s: %s", self.name, line)
         async with contextlib.AsyncExitStack() as stack:
             if bus is None:
                 bus = await Bus.connect(name=f"agent:{self.name}", settings=settings)
@@ -226,7 +244,13 @@ class Agent:
             bound = registry.bind(live, instance, direct_subject=direct, key=key)
             server = A2AServer(
                 bound.card,
-                _Executor(self, brain, VoteSigner(self.name, instance, key)),
+                _Executor(
+                    self,
+                    brain,
+                    VoteSigner(self.name, instance, key),
+                    ledger=budget.BudgetLedger(bus, settings=settings),
+                    bus=bus,
+                ),
                 task_store=store,
                 push_allow_private=settings.push_allow_private,
                 auth=auth,
@@ -309,10 +333,20 @@ async def _task_store(bus: Bus, agent: str, settings: Settings) -> TaskStore | J
 class _Executor(AgentExecutor):
     """Turns an A2A message into one handler call and a task with a typed artifact."""
 
-    def __init__(self, agent: Agent, brain: Brain | None, votes: VoteSigner) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        brain: Brain | None,
+        votes: VoteSigner,
+        *,
+        ledger: budget.BudgetLedger | None = None,
+        bus: Bus | None = None,
+    ) -> None:
         self.agent = agent
         self.brain = brain
         self.votes = votes
+        self.ledger = ledger
+        self.bus = bus
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         """One task, under an `invoke_agent` server span that continues the caller's trace (the
@@ -334,7 +368,21 @@ class _Executor(AgentExecutor):
                     "mesh.event.id": str(metadata.get("eventId", "")),
                 },
             ):
-                await self._execute(context, event_queue)
+                scope = budget.CallScope(
+                    tenant=labels["tenant"],
+                    event_id=str(metadata.get("eventId", "")),
+                    budget=budget.Budget.from_metadata(metadata),
+                    hops=_int(metadata.get(subjects.META_HOPS)),
+                    agent=self.agent.name,
+                    ledger=self.ledger,
+                    bus=self.bus,
+                    headers=dict(headers),
+                )
+                scope_token = budget.current.set(scope)
+                try:
+                    await self._execute(context, event_queue)
+                finally:
+                    budget.current.reset(scope_token)
         finally:
             telemetry.call_labels.reset(token)
 
@@ -362,6 +410,16 @@ class _Executor(AgentExecutor):
             await updater.start_work()
         try:
             thought = await brain.think(payload)
+        except BudgetExceededError as e:
+            if self.agent.output_type is not Verdict:
+                text = f"{BUDGET_EXCEEDED}: {e.message}"
+                await updater.failed(updater.new_agent_message([Part(text=text)]))
+                return
+            # A signed answer, so the coordinator counts it (as an abstention) and does not
+            # retry a call that would be refused again; `brain` tells the policy why.
+            thought = Thought(
+                output=Verdict.abstain(f"{BUDGET_EXCEEDED}: {e.message}"), brain=BUDGET_EXCEEDED
+            )
         except MeshError as e:
             await updater.failed(updater.new_agent_message([Part(text=f"{brain.name}: {e}")]))
             return
@@ -389,6 +447,18 @@ class _Executor(AgentExecutor):
                 event_queue, context.current_task.id, context.current_task.context_id
             )
             await updater.cancel()
+
+
+# What a vote refused for its budget says: the artifact's `brain`, the start of its first reason
+# (and of a failed task's status text, for agents that do not vote).
+BUDGET_EXCEEDED = "budget_exceeded"
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _payload(message: Any) -> Any:

@@ -8,7 +8,8 @@ headers)` gives one `Event` either way, with the same checks, and raises only
 
 Mesh context rides as CloudEvents extension attributes (lower-case, no separators, as the spec
 requires): `tenant`, `principal`, `traceparent` (the CloudEvents distributed-tracing extension)
-and `budget` (remaining budget in micro-units, an integer so it survives every JSON hop exactly).
+and `budget` (remaining cost in micro-USD, an integer so it survives every JSON hop exactly), with
+`budgettokens`, `budgettoolcalls` and `budgetms` (wall clock from `time`) beside it (mesh.budget).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     principal: str | None = None
     traceparent: str | None = None
     budget: int | None = None
+    # The rest of the budget (mesh.budget): tokens, model/tool calls, wall clock from `time`.
+    budgettokens: int | None = None
+    budgettoolcalls: int | None = None
+    budgetms: int | None = None
 
     def __post_init__(self) -> None:
         # Values that end up inside subject names must not carry wildcards or dots.

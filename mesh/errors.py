@@ -140,6 +140,32 @@ class ModelOutputError(MeshRuntimeError):
     retryable = False
 
 
+class BudgetExceededError(MeshRuntimeError):
+    """A call would spend more than what is left of its budget (the event's, or its tenant's
+    quota), so it was not made. `limit` names which: `cost`, `tokens`, `tool_calls`,
+    `wall_clock`, `tenant_cost_per_day`, `tenant_concurrent_calls`."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class HopLimitError(MeshRuntimeError):
+    """A delegation would go past the hop limit (a loop, or a chain too long)."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, hops: int) -> None:
+        super().__init__(
+            message,
+            hint="an agent delegates to one that delegates back? see "
+            "docs/models.md#delegation; MESH_MAX_HOPS raises the limit",
+        )
+        self.hops = hops
+
+
 # -- coordinator
 class AuditContentionError(MeshRuntimeError):
     """An audit append lost the race for its chain's tip more often than its retry policy

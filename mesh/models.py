@@ -1,12 +1,20 @@
 """The pluggable brain of an agent: deterministic rules or Claude, behind one interface.
 
-    brain = select_brain(rules=review, system_prompt=prompt, output_type=Verdict)
+    brain = select_brain(agent="security-review", rules=review, system_prompt=prompt,
+                         output_type=Verdict)
     thought = await brain.think(release)      # release already decoded into the input type
     thought.output                            # a Verdict, whichever brain answered
 
-`ClaudeBrain` asks the Messages API for exactly one call of a tool whose input schema is the
-msgspec JSON schema of the output type, so the model's answer is validated by the same contract
-as the rules' answer. `ANTHROPIC_API_KEY` and `ANTHROPIC_BASE_URL` are read by the SDK itself.
+Which brain is configuration (mesh.providers, docs/models.md): a chain such as
+`anthropic:claude-sonnet-5-5,bedrock:…,rules`, tried in order, each model attempt under its own
+timeout; `abstain` as the last entry answers "abstain" when no model could. ANTHROPIC_API_KEY's
+presence alone no longer picks Claude (it did before issue 16: see the migration note there).
+
+`ClaudeBrain` asks the Messages API (Anthropic, Bedrock or Vertex client) for exactly one call of
+a tool whose input schema is the msgspec JSON schema of the output type, so the model's answer is
+validated by the same contract as the rules' answer. Before the request leaves the process the
+payload is masked (mesh.redact) and the call's budget is reserved (mesh.budget); a call that
+would not fit its budget is not made.
 
 Safety switch: set `ALLOW_MODEL_REQUESTS = False` (tests do) or the environment variable
 `MESH_ALLOW_MODEL_REQUESTS=0` and `ClaudeBrain.think` refuses to call any host but a local one
@@ -16,6 +24,7 @@ Safety switch: set `ALLOW_MODEL_REQUESTS = False` (tests do) or the environment 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -26,20 +35,29 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import msgspec
 from opentelemetry.trace import SpanKind
 
-from mesh import telemetry
+from mesh import budget, telemetry
 from mesh.errors import (
+    BudgetExceededError,
     ConfigError,
+    MeshRuntimeError,
     ModelCallError,
     ModelOutputError,
     ModelRequestsBlockedError,
 )
-from mesh.settings import get_settings
+from mesh.providers import ModelSpec, agent_models, build_client, startup_problems
+from mesh.redact import Redactor
+from mesh.settings import Settings, get_settings
+from mesh.verdict import Verdict
 
 if TYPE_CHECKING:
     # Imported for real only by ClaudeBrain: the SDK costs ~40 MB of memory, which an agent on
     # the rules brain should not pay (measured: idle agent 110 MB → 69 MB).
     import anthropic
     from anthropic.types import MessageParam, ToolChoiceToolParam, ToolParam
+
+    Client = (
+        anthropic.AsyncAnthropic | anthropic.AsyncAnthropicBedrock | anthropic.AsyncAnthropicVertex
+    )
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +178,21 @@ class ClaudeBrain:
         system_prompt: str,
         output_type: type[msgspec.Struct],
         model: str = DEFAULT_MODEL,
-        client: anthropic.AsyncAnthropic | None = None,
+        client: Client | None = None,
         max_tokens: int = 1024,
         timeout_s: float = 30.0,
         max_retries: int = 2,
+        redactor: Redactor | None = None,
+        provider: str = "anthropic",
     ) -> None:
         self.system_prompt = system_prompt
         self.output_type = output_type
         self.model = model
         self.max_tokens = max_tokens
         self.timeout_s = timeout_s
-        self.name = f"claude:{model}"
+        self.redactor = redactor
+        self.provider = provider
+        self.name = f"claude:{model}" if provider == "anthropic" else f"{provider}:{model}"
         # The SDK reads ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL itself; its own retries honour
         # `retry-after`, and whatever still fails surfaces as a ModelCallError whose `retryable`
         # tells the caller whether trying again later can help.
@@ -218,36 +240,41 @@ class ClaudeBrain:
             return thought
 
     async def _think(self, payload: object) -> Thought[Any]:
-        import anthropic
         from anthropic.types import ToolUseBlock
 
         self._check_allowed()
-        messages: list[MessageParam] = [
-            {"role": "user", "content": msgspec.json.encode(payload).decode()}
-        ]
+        scope = budget.current.get()
+        data = msgspec.to_builtins(payload)
+        masked = None
+        if self.redactor:
+            # Masked before anything leaves the process; the values stay in `masked` only.
+            masked = self.redactor.mask(data, agent=scope.agent if scope else "")
+            data = masked.value
+        content = msgspec.json.encode(data).decode()
+        messages: list[MessageParam] = [{"role": "user", "content": content}]
         tool_choice: ToolChoiceToolParam = {"type": "tool", "name": self.tool_name}
-        try:
-            response = await self.client.messages.create(
-                model=self.model,
-                max_tokens=self.max_tokens,
-                system=self.system_prompt,
-                tools=[self.tool],
-                tool_choice=tool_choice,
-                messages=messages,
-                timeout=self.timeout_s,
-            )
-        except anthropic.APIStatusError as e:
-            status = e.status_code
-            raise ModelCallError(
-                f"{self.name}: HTTP {status}: {e.api_message or e.message}",
-                status=status,
-                retryable=status in (408, 409, 429) or status >= 500,
-            ) from e
-        except anthropic.APIConnectionError as e:
-            raise ModelCallError(f"{self.name}: {e.message}", retryable=True) from e
-        except anthropic.AnthropicError as e:
-            raise ModelCallError(f"{self.name}: {e}", retryable=False) from e
-
+        timeout = self.timeout_s
+        left = scope.budget.remaining_s() if scope else None
+        if left is not None:
+            timeout = max(0.001, min(timeout, left))
+        ledger = scope.ledger if scope and scope.ledger else None
+        async with contextlib.AsyncExitStack() as stack:
+            reservation = None
+            if ledger is not None and scope is not None:
+                # Raises BudgetExceededError before any request when the worst case won't fit.
+                reservation = await stack.enter_async_context(
+                    ledger.model_call(
+                        scope,
+                        model=self.model,
+                        prompt_text=self.system_prompt + content + str(self.tool),
+                        max_tokens=self.max_tokens,
+                    )
+                )
+            response = await self._create(messages, tool_choice, timeout)
+            if reservation is not None:
+                reservation.settle(
+                    self.model, response.usage.input_tokens, response.usage.output_tokens
+                )
         usage = Usage(
             input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens
         )
@@ -261,8 +288,11 @@ class ClaudeBrain:
                 f"{self.name}: no {self.tool_name} call in the answer "
                 f"(stop_reason={response.stop_reason})"
             )
+        answer = calls[0].input
+        if masked is not None:
+            answer = masked.restore(answer)
         try:
-            output = msgspec.convert(calls[0].input, self.output_type, strict=False)
+            output = msgspec.convert(answer, self.output_type, strict=False)
         except msgspec.ValidationError as e:
             raise ModelOutputError(f"{self.name}: invalid {self.tool_name} input: {e}") from e
         log.debug(
@@ -274,33 +304,195 @@ class ClaudeBrain:
         )
         return Thought(output=output, brain=self.name, usage=usage)
 
+    async def _create(
+        self, messages: list[MessageParam], tool_choice: ToolChoiceToolParam, timeout: float
+    ) -> anthropic.types.Message:
+        import anthropic
+
+        try:
+            return await self.client.messages.create(
+                model=self.model,
+                max_tokens=self.max_tokens,
+                system=self.system_prompt,
+                tools=[self.tool],
+                tool_choice=tool_choice,
+                messages=messages,
+                timeout=timeout,
+            )
+        except anthropic.APIStatusError as e:
+            status = e.status_code
+            raise ModelCallError(
+                f"{self.name}: HTTP {status}: {e.api_message or e.message}",
+                status=status,
+                retryable=status in (408, 409, 429) or status >= 500,
+            ) from e
+        except anthropic.APIConnectionError as e:
+            raise ModelCallError(f"{self.name}: {e.message}", retryable=True) from e
+        except anthropic.AnthropicError as e:
+            raise ModelCallError(f"{self.name}: {e}", retryable=False) from e
+
+
+class AbstainBrain:
+    """The end of a chain for agents that would rather not answer than guess: abstains."""
+
+    name = "abstain"
+
+    def __init__(self, output_type: type[Any]) -> None:
+        if output_type is not Verdict:
+            raise ConfigError(
+                f"`abstain` can only end the chain of an agent that answers a Verdict, not "
+                f"{getattr(output_type, '__name__', output_type)}",
+                hint="end the chain with `rules`",
+            )
+
+    async def think(self, payload: object) -> Thought[Any]:
+        return Thought(output=Verdict.abstain("no model could answer"), brain=self.name)
+
+
+class ChainBrain:
+    """Each brain in turn until one answers: a model that fails (HTTP error, connection, its
+    attempt's timeout, an answer that is not the tool call) hands over to the next. A call
+    refused for its budget ends the chain at once: spending elsewhere would not be cheaper."""
+
+    def __init__(self, brains: list[Brain], *, timeouts: list[float | None]) -> None:
+        self.brains = brains
+        self.timeouts = timeouts
+        self.name = " → ".join(b.name for b in brains)
+
+    async def think(self, payload: object) -> Thought[Any]:
+        failures: list[str] = []
+        for brain, timeout in zip(self.brains, self.timeouts, strict=True):
+            try:
+                if timeout is None:
+                    return await brain.think(payload)
+                async with asyncio.timeout(timeout):
+                    return await brain.think(payload)
+            except BudgetExceededError:
+                raise
+            except TimeoutError:
+                failures.append(f"{brain.name}: no answer within {timeout:.1f}s")
+            except MeshRuntimeError as e:  # ModelCallError, ModelOutputError
+                failures.append(str(e))
+            except ModelRequestsBlockedError as e:
+                failures.append(e.message)
+            log.warning("brain %s failed, trying the next: %s", brain.name, failures[-1])
+        raise ModelCallError(
+            "every brain of the chain failed: " + "; ".join(failures), retryable=True
+        )
+
+
+def build_brain(
+    *,
+    agent: str,
+    rules: Callable[[Any], Any] | None,
+    system_prompt: str | None,
+    output_type: type[Any],
+    settings: Settings | None = None,
+) -> tuple[Brain, list[str]]:
+    """The agent's configured brain and what the start-up check found (one line each)."""
+    conf = agent_models(agent, settings)
+    has_prompt = bool(system_prompt and system_prompt.strip())
+    redactor = Redactor(fields=conf.redact_fields, detectors=conf.redact_detectors)
+    brains: list[Brain] = []
+    timeouts: list[float | None] = []
+    notes: list[str] = []
+    for entry in conf.chain:
+        if entry == "rules":
+            if rules is None:
+                notes.append("`rules` is in the chain but the agent has no rules handler")
+                continue
+            brains.append(RulesBrain(rules))
+            timeouts.append(None)
+        elif entry == "abstain":
+            brains.append(AbstainBrain(output_type))
+            timeouts.append(None)
+        else:
+            assert isinstance(entry, ModelSpec)
+            if not has_prompt or system_prompt is None:
+                notes.append(f"{entry}: skipped, the agent has no prompt")
+                continue
+            problems = startup_problems(entry, settings)
+            if problems:
+                notes.append(f"{entry}: skipped: {', '.join(problems)}")
+                continue
+            client = build_client(entry, timeout_s=conf.timeout_s, settings=settings)
+            brains.append(
+                ClaudeBrain(
+                    system_prompt=system_prompt,
+                    output_type=output_type,
+                    model=entry.model,
+                    client=client,
+                    max_tokens=conf.max_tokens,
+                    timeout_s=conf.timeout_s,
+                    redactor=redactor or None,
+                    provider=entry.provider,
+                )
+            )
+            timeouts.append(conf.timeout_s)
+    if not brains:
+        raise ConfigError(
+            f"{agent}: no usable brain in its chain ({', '.join(map(str, conf.chain))}, from "
+            f"{conf.source}): {'; '.join(notes) or 'empty'}",
+            hint="fix what is named, or end the chain with `rules` (docs/models.md)",
+        )
+    brain: Brain = brains[0] if len(brains) == 1 else ChainBrain(brains, timeouts=timeouts)
+    if notes:
+        notes.append(f"will use: {brain.name}")
+    if (
+        os.environ.get("ANTHROPIC_API_KEY")
+        and not any(isinstance(b, ClaudeBrain) for b in brains)
+        and conf.source == "default"
+    ):
+        notes.append(
+            "ANTHROPIC_API_KEY is set but no model is configured, so the rules answer. Since "
+            "issue 16 the key alone no longer picks Claude: set MESH_MODEL=anthropic:"
+            f"{DEFAULT_MODEL},rules (or per agent) to use it (docs/models.md#migration)"
+        )
+    return brain, notes
+
 
 def select_brain(
     *,
     rules: Callable[[Any], Any] | None,
     system_prompt: str | None,
     output_type: type[Any],
-    model: str = DEFAULT_MODEL,
+    agent: str = "",
+    settings: Settings | None = None,
 ) -> Brain:
-    """Claude when `ANTHROPIC_API_KEY` is set and there is a prompt; the rules otherwise."""
-    has_key = bool(os.environ.get("ANTHROPIC_API_KEY"))
-    has_prompt = bool(system_prompt and system_prompt.strip())
-    if has_key and has_prompt and system_prompt is not None:
-        brain = ClaudeBrain(system_prompt=system_prompt, output_type=output_type, model=model)
-        log.info("brain: %s (ANTHROPIC_API_KEY set and a system prompt given)", brain.name)
-        if not model_requests_allowed() and brain.client.base_url.host not in LOCAL_HOSTS:
-            log.warning(
-                "brain: model requests are disabled; %s will refuse to call %s",
-                brain.name,
-                brain.client.base_url,
+    """The brain `agent`'s configuration names (docs/models.md), start-up problems logged as
+    warnings that say what the agent will do instead."""
+    brain, notes = build_brain(
+        agent=agent,
+        rules=rules,
+        system_prompt=system_prompt,
+        output_type=output_type,
+        settings=settings,
+    )
+    for note in notes:
+        log.warning("brain of %s: %s", agent or "agent", note)
+    log.info("brain of %s: %s", agent or "agent", brain.name)
+    return brain
+
+
+async def probe(brain: Brain, *, timeout_s: float = 2.0, local_only: bool = False) -> list[str]:
+    """Whether each model endpoint of `brain` accepts a TCP connection (no request is sent):
+    one line per endpoint that does not. `local_only`: remote hosts are not touched (tests)."""
+    brains = brain.brains if isinstance(brain, ChainBrain) else [brain]
+    out = []
+    for b in brains:
+        if not isinstance(b, ClaudeBrain):
+            continue
+        url = b.client.base_url
+        if local_only and url.host not in LOCAL_HOSTS:
+            continue
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, writer = await asyncio.open_connection(url.host, port)
+            writer.close()
+        except (OSError, TimeoutError) as e:
+            out.append(
+                f"{b.name}: endpoint {url.host}:{port} unreachable ({e or 'timeout'}); "
+                "calls will fail over to the next brain of the chain"
             )
-        return brain
-    if rules is None:
-        why = "no ANTHROPIC_API_KEY" if not has_key else "no system prompt"
-        raise ConfigError(
-            f"no brain for {getattr(output_type, '__name__', output_type)}: {why} and no rules",
-            hint="register a rules handler, or set ANTHROPIC_API_KEY and give a prompt",
-        )
-    why = "ANTHROPIC_API_KEY not set" if not has_key else "no system prompt"
-    log.info("brain: rules (%s)", why)
-    return RulesBrain(rules)
+    return out

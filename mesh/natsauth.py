@@ -18,7 +18,9 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
   the requests it got (`allow_responses`); writes `$KV.mesh_cards.A.>` and `$KV.mesh_tasks.A.>`
   and reads only its own task keys (direct gets and watches, the key in the API subject);
   subscribes callers' stream cancels (`_INBOX.*.*.cancel`); publishes output events
-  `mesh.evt.>` and `mesh.trace.>`; binds its event handlers' durables on MESH_EVENTS.
+  `mesh.evt.>` and `mesh.trace.>`; binds its event handlers' durables on MESH_EVENTS; reads and
+  writes the budgets bucket `$KV.mesh_budgets.>` (model spend of every tenant's events); reads
+  the cards bucket and sends A2A requests `mesh.a2a.>` (delegation: the callee checks its token).
 - publisher of T: publishes `mesh.evt.T.>` (acks come to its inbox).
 - reader of T: creates consumers only with T's filter, pinned in the API subject
   (`$JS.API.CONSUMER.CREATE.<stream>.*.mesh.decision.T.>`, and `mesh.dlq.T.>`,
@@ -79,6 +81,7 @@ _CARDS = subjects.kv_stream(subjects.CARDS_BUCKET)
 _TASKS = subjects.kv_stream(subjects.TASKS_BUCKET)
 _LEDGER = subjects.kv_stream(subjects.DECISIONS_BUCKET)
 _DLQ_BODIES = subjects.obj_stream(subjects.DLQ_BODIES_BUCKET)
+_BUDGETS = subjects.kv_stream(subjects.BUDGETS_BUCKET)
 
 # Admin of streams, buckets and the cluster: the operator's alone, denied to every other role.
 ADMIN = [
@@ -205,6 +208,14 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             f"{JS}.STREAM.INFO.{_CARDS}",
             f"{JS}.STREAM.INFO.{subjects.TRACE_STREAM}",
             *_kv_key_reads(subjects.TASKS_BUCKET, f"{a}.>"),
+            # Budgets (mesh.budget): every agent reserves and settles model spend of any
+            # tenant's events and days, so it reads and writes the whole bucket.
+            f"$KV.{subjects.BUDGETS_BUCKET}.>",
+            *_reads(_BUDGETS),
+            # Delegation (mesh.delegate): finds agents by skill in the registry and calls them
+            # (the callee still checks the caller's token).
+            f"{subjects.A2A_ROOT}.>",
+            *_reads(_CARDS),
             # Its event handlers' durables: filtered on events, never the coordinator's.
             f"{JS}.STREAM.INFO.{events}",
             f"{JS}.CONSUMER.CREATE.{events}.*.{subjects.EVENTS_ROOT}.>",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -123,6 +124,35 @@ class Settings(BaseSettings):
         description="Off: model requests go to local hosts only (127.0.0.1, localhost, ::1).",
     )
 
+    model: str = Field(
+        default="rules",
+        description="The mesh-wide brain chain of prompted agents, tried in order: `rules`, "
+        "`abstain`, or `<provider>:<model>` with provider `anthropic`, `bedrock` or `vertex` "
+        "(comma separated, e.g. `anthropic:claude-sonnet-5-5,rules`). One agent's own: "
+        "MESH_MODEL_<AGENT> (name upper-cased, `-` as `_`). ANTHROPIC_API_KEY alone no longer "
+        "picks Claude (docs/models.md).",
+    )
+    model_timeout_s: float = Field(
+        default=30.0, gt=0, description="Each model attempt in a chain gives up after this long."
+    )
+    models_file: Path | None = Field(
+        default=None,
+        description="TOML with per-agent brain chains, providers, prices, redaction and "
+        "per-tenant quotas (docs/models.md, docs/budgets.md). Unset: none.",
+    )
+    bedrock_region: str = Field(
+        default="", description="AWS region of the `bedrock` provider (else the AWS default)."
+    )
+    vertex_region: str = Field(default="", description="Google Cloud region of `vertex`.")
+    vertex_project: str = Field(default="", description="Google Cloud project of `vertex`.")
+
+    max_hops: int = Field(
+        default=4,
+        ge=0,
+        description="How many delegations deep one call may go (agent → agent → ...); past it a "
+        "delegation fails with a hop-limit error (loops end there).",
+    )
+
     topology: Path | None = Field(
         default=None,
         description="The topology file `mesh up` and `mesh demo` run (which agents, replicas, "
@@ -164,6 +194,23 @@ class Settings(BaseSettings):
 
     def nats_servers(self) -> list[str]:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+
+def agent_model_variable(agent: str) -> str:
+    """`security-review` → `MESH_MODEL_SECURITY_REVIEW`."""
+    return f"MESH_MODEL_{agent.upper().replace('-', '_').replace('.', '_')}"
+
+
+def model_chain_env(agent: str) -> tuple[str, str] | None:
+    """(variable, chain) of `agent`'s own MESH_MODEL_<AGENT>, else of MESH_MODEL, when set.
+
+    Read when an agent picks its brain (not cached with the other settings), as
+    ANTHROPIC_API_KEY was before: a test or a launcher may set it just before serving."""
+    for name in (agent_model_variable(agent), "MESH_MODEL"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return name, value
+    return None
 
 
 @lru_cache(maxsize=1)

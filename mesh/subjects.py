@@ -17,6 +17,9 @@ DECISIONS_BUCKET = "mesh_decisions"
 # Object store of dead-lettered bodies too large to sit base64'd in a DLQ record; the object's
 # name is the body's SHA-256 (hex), so a body is kept once however often it is dead-lettered.
 DLQ_BODIES_BUCKET = "mesh_dlq_bodies"
+# Budget use (mesh.budget): `evt.<tenant>.<event token>` (what an event's calls spent) and
+# `day.<tenant>.<YYYY-MM-DD>` (a tenant's cost that UTC day); agents write, `mesh budgets` reads.
+BUDGETS_BUCKET = "mesh_budgets"
 CHECKPOINTS_STREAM = "MESH_CHECKPOINTS"  # signed audit checkpoints, kept apart from MESH_AUDIT
 TRACE_STREAM = "MESH_TRACES"  # spans kept for `mesh trace` when MESH_TRACE_STREAM is on
 
@@ -186,6 +189,20 @@ def a2a_subject_of_url(url: str) -> str | None:
 def event_id_of_msg_id(tenant: str, msg_id: str) -> str:
     """The producer's event id inside an event's message id (the inverse of `event_msg_id`)."""
     return msg_id.removeprefix(f"{tenant}:")
+
+
+def budget_event_key(tenant: str, event_token: str) -> str:
+    return f"evt.{tenant}.{event_token}"
+
+
+def budget_day_key(tenant: str, day: str) -> str:
+    return f"day.{tenant}.{day}"
+
+
+# A2A message metadata of a call's context: what is left of its budget (mesh.budget.Budget as
+# JSON) and how many delegations deep it is (mesh.delegate).
+META_BUDGET = "meshBudget"
+META_HOPS = "meshHops"
 
 
 def decision_key(tenant: str, event_token: str) -> str:

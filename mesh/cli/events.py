@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mesh.cli._common import (
+    EXIT_FAILED,
     EXIT_VERIFY,
     JsonOption,
     command,
@@ -300,6 +301,25 @@ async def call(
             )
             result = MessageToDict(response)
     print(json.dumps(result, indent=2))
+    state = _task_state(result)
+    if state in _FAILED_STATES:
+        err.print(f"error: the task ended {state}")
+        raise typer.Exit(EXIT_FAILED)
+
+
+# A task that ended so did not do what was asked: `mesh call` exits 1 (docs/cli.md).
+_FAILED_STATES = frozenset({"TASK_STATE_FAILED", "TASK_STATE_REJECTED", "TASK_STATE_CANCELED"})
+
+
+def _task_state(result: dict[str, object]) -> str:
+    """The state of the task in a SendMessage response or stream event (JSON), or ''."""
+    for key in ("task", "statusUpdate"):
+        inner = result.get(key)
+        if isinstance(inner, dict):
+            status = inner.get("status")
+            if isinstance(status, dict):
+                return str(status.get("state", ""))
+    return ""
 
 
 @command

@@ -7,8 +7,9 @@
 
 It is a `FakeAnthropic` (real HTTP on 127.0.0.1, the real `anthropic` SDK on the other side)
 whose every answer is one call of the tool the request forces, with `answer` as its input. An
-agent picks the Claude brain when ANTHROPIC_API_KEY is set and it has a prompt, and reads
-ANTHROPIC_BASE_URL when it starts serving: set both before `agent.serve` / `MeshHarness`.
+agent with a prompt picks the Claude brain when MESH_MODEL names a model (`environ()` sets it
+with the key and ANTHROPIC_BASE_URL) and reads them when it starts serving: set them before
+`agent.serve` / `MeshHarness`.
 Or, with no environment at all, swap the Claude brain in for one agent, even while it serves:
 
     with agent.override(model.brain(agent)):
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from mesh.models import ClaudeBrain
 
 TEST_API_KEY = "test-key-for-the-local-fake"
+# The SDK-known model the scripted brain asks for (the fake answers whatever is asked).
+DEFAULT_MODEL = "claude-sonnet-5-5"
 
 
 class ScriptedModel(FakeAnthropic):
@@ -85,5 +88,10 @@ class ScriptedModel(FakeAnthropic):
         )
 
     def environ(self) -> dict[str, str]:
-        """The variables that point the Claude brain (the anthropic SDK) at this server."""
-        return {"ANTHROPIC_BASE_URL": self.base_url, "ANTHROPIC_API_KEY": TEST_API_KEY}
+        """The variables that point the Claude brain (the anthropic SDK) at this server, and
+        MESH_MODEL that makes prompted agents use it (the key alone does not: docs/models.md)."""
+        return {
+            "ANTHROPIC_BASE_URL": self.base_url,
+            "ANTHROPIC_API_KEY": TEST_API_KEY,
+            "MESH_MODEL": f"anthropic:{DEFAULT_MODEL},rules",
+        }

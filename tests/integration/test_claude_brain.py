@@ -288,33 +288,42 @@ async def test_guard_allows_local_hosts(fake: FakeAnthropic) -> None:
 # -- brain selection, rules brain, helpers ------------------------------------------------------
 
 
-async def test_select_brain_uses_rules_without_api_key(
+async def test_select_brain_uses_rules_without_configuration(
     release: ReleaseProposal, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="mesh.models"):
         brain = select_brain(rules=security_review, system_prompt=PROMPT, output_type=Verdict)
     assert isinstance(brain, RulesBrain)
-    assert "ANTHROPIC_API_KEY not set" in caplog.text
+    assert "brain of agent: rules" in caplog.text
     thought = await brain.think(release)
     assert thought.brain == "rules"
     assert thought.output.vote == "reject"
     assert thought.usage.input_tokens == thought.usage.output_tokens == 0
 
 
-async def test_select_brain_uses_claude_with_key_and_prompt(
+def test_the_api_key_alone_no_longer_picks_claude(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 16's migration: the key's presence is not configuration; a loud line says so."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    with caplog.at_level(logging.WARNING, logger="mesh.models"):
+        brain = select_brain(rules=security_review, system_prompt=PROMPT, output_type=Verdict)
+    assert isinstance(brain, RulesBrain)
+    assert "no longer picks Claude" in caplog.text and "MESH_MODEL=" in caplog.text
+
+
+async def test_select_brain_uses_claude_when_configured(
     fake: FakeAnthropic,
     release: ReleaseProposal,
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The SDK itself honours ANTHROPIC_BASE_URL, which is how agent processes reach a fake.
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
     monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
-    with caplog.at_level(logging.INFO, logger="mesh.models"):
-        brain = select_brain(rules=security_review, system_prompt=PROMPT, output_type=Verdict)
+    monkeypatch.setenv("MESH_MODEL", f"anthropic:{mesh.models.DEFAULT_MODEL}")
+    brain = select_brain(rules=security_review, system_prompt=PROMPT, output_type=Verdict)
     assert isinstance(brain, ClaudeBrain)
     assert brain.name == f"claude:{mesh.models.DEFAULT_MODEL}"
-    assert "system prompt given" in caplog.text
     try:
         thought = await brain.think(release)
     finally:
@@ -323,14 +332,19 @@ async def test_select_brain_uses_claude_with_key_and_prompt(
     assert fake.requests[0]["system"] == PROMPT
 
 
-def test_select_brain_without_prompt_falls_back_to_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_select_brain_without_prompt_falls_back_to_rules(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
-    brain = select_brain(rules=security_review, system_prompt="  ", output_type=Verdict)
+    monkeypatch.setenv("MESH_MODEL", "anthropic:claude-sonnet-5-5,rules")
+    with caplog.at_level(logging.WARNING, logger="mesh.models"):
+        brain = select_brain(rules=security_review, system_prompt="  ", output_type=Verdict)
     assert isinstance(brain, RulesBrain)
+    assert "skipped, the agent has no prompt" in caplog.text
 
 
 def test_select_brain_without_anything_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="no brain for Verdict"):
+    with pytest.raises(ConfigError, match="no usable brain"):
         select_brain(rules=None, system_prompt=PROMPT, output_type=Verdict)
 
 

@@ -59,6 +59,7 @@ async def test_one_trace_from_publish_to_every_model_call(
     async with FakeAnthropic() as fake:
         monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
         monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key-for-the-local-fake")
+        monkeypatch.setenv("MESH_MODEL", "anthropic:claude-sonnet-5-5")  # the key alone: rules
         agents = []
         for n in names:
             agent = Agent(n, card=write_card(tmp_path, n, f"skill-{n}"), prompt="Vote on it.")

@@ -1,0 +1,80 @@
+"""`mesh budgets`: model spend by tenant today and by event, against the configured limits."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mesh.cli._common import JsonOption, command, out, print_json
+
+
+@command
+async def budgets(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
+    events: Annotated[bool, typer.Option("--events", help="Also each event's spend.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Model spend: each tenant's cost today (UTC) against its quota; --events: each event's."""
+    import msgspec
+    from nats.js.errors import KeyNotFoundError, NoKeysError
+
+    from mesh import subjects
+    from mesh.budget import Spent, today
+    from mesh.bus import Bus
+    from mesh.providers import tenant_quota
+
+    day = today()
+    rows: list[dict[str, object]] = []
+    async with await Bus.connect(name="mesh-cli") as bus:
+        kv = await bus.kv(subjects.BUDGETS_BUCKET)
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            keys = []
+        for key in sorted(keys):
+            kind, _, rest = key.partition(".")
+            who, _, what = rest.partition(".")
+            if tenant is not None and who != tenant:
+                continue
+            if kind == "day" and what != day:
+                continue
+            if kind == "evt" and not events:
+                continue
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                continue
+            spent = msgspec.json.decode(entry.value or b"{}", type=Spent)
+            quota = tenant_quota(who, bus.settings)
+            rows.append(
+                {
+                    "kind": "tenant-day" if kind == "day" else "event",
+                    "tenant": who,
+                    "scope": what,
+                    "costUsd": spent.cost_micro_usd / 1e6,
+                    "tokens": spent.tokens,
+                    "toolCalls": spent.tool_calls,
+                    "costPerDayUsd": quota.cost_per_day_usd if kind == "day" else None,
+                    "concurrentCalls": quota.concurrent_calls,
+                }
+            )
+    if json_out:
+        print_json(rows)
+        return
+    table = Table(title=f"model spend (UTC day {day})")
+    for col in ("kind", "tenant", "day/event", "cost USD", "limit USD/day", "tokens", "calls"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        limit = r["costPerDayUsd"]
+        table.add_row(
+            str(r["kind"]),
+            str(r["tenant"]),
+            str(r["scope"]),
+            f"{r['costUsd']:.6f}",
+            "-" if limit is None else f"{limit:.2f}",
+            str(r["tokens"]),
+            str(r["toolCalls"]),
+        )
+    out.print(table)

@@ -1,0 +1,69 @@
+"""Under zero trust, an agent's own NATS permissions let it delegate (read the registry, send
+A2A requests) and keep an event's budget (read and write the budgets bucket)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh import Agent, Verdict, budget, subjects
+from mesh.a2a.client import AgentClient, status_text, task_of, task_state, user_message
+from mesh.bus import Bus
+from mesh.delegate import delegate
+from mesh.identity import IdentityDir
+from mesh.server import EmbeddedServer
+from mesh.settings import Settings
+from tests.support.samples import Proposal, write_card
+
+pytestmark = pytest.mark.integration
+
+
+async def test_an_agent_may_delegate_and_spend_under_its_own_identity(
+    identities: IdentityDir, tmp_path: Path
+) -> None:
+    asker_id = identities.issue("agent", "perm-asker")
+    helper_id = identities.issue("agent", "perm-helper")
+    asker = Agent("perm-asker", card=write_card(tmp_path, "perm-asker", "skill-perm-asker"))
+    helper = Agent("perm-helper", card=write_card(tmp_path, "perm-helper", "skill-perm-helper"))
+
+    async def ask(p: Proposal) -> Verdict:
+        scope = budget.current.get()
+        assert scope is not None and scope.ledger is not None
+        async with scope.ledger.model_call(scope, model="m", prompt_text="x", max_tokens=5) as r:
+            r.settle("m", 1, 1)  # a KV reservation and settlement as this agent
+        return await delegate("skill-perm-helper", p)
+
+    def help_(p: Proposal) -> Verdict:
+        return Verdict.approve("helped")
+
+    asker.rules(ask)
+    helper.rules(help_)
+    with EmbeddedServer(auth=identities) as server:
+
+        def as_(identity: Path) -> Settings:
+            return Settings(nats_url=server.url, identity=identity, heartbeat_s=0.3, card_ttl_s=1.5)
+
+        async with await Bus.connect(server.url) as op:
+            await op.ensure()
+            async with (
+                await Bus.connect(settings=as_(asker_id)) as asker_bus,
+                await Bus.connect(settings=as_(helper_id)) as helper_bus,
+                helper.serve(helper_bus, http=False, settings=as_(helper_id)),
+                asker.serve(asker_bus, http=False, settings=as_(asker_id)),
+            ):
+                meta: dict[str, Any] = {
+                    "tenant": "acme",
+                    "eventId": "evt-perm",
+                    **budget.Budget(tokens=10_000, tool_calls=5).metadata(),
+                }
+                sent = await AgentClient(op).send(
+                    "perm-asker", user_message(data={"id": "p"}, metadata=meta), timeout=20
+                )
+                task = task_of(sent)
+                assert task_state(task) == "TASK_STATE_COMPLETED", status_text(task)
+            spent = await budget.BudgetLedger(op).read(
+                subjects.budget_event_key("acme", "evt-perm")
+            )
+    assert (spent.tokens, spent.tool_calls) == (2, 2)  # one model call, one delegation
