@@ -16,6 +16,7 @@ from mesh.verdict import Verdict
 if TYPE_CHECKING:
     from mesh.agent import Agent
     from mesh.bus import Bus
+    from mesh.delegate import delegate
     from mesh.server import EmbeddedServer
 
 __all__ = [
@@ -31,10 +32,16 @@ __all__ = [
     "Retry",
     "Settings",
     "Verdict",
+    "delegate",
     "new_event",
 ]
 
-_LAZY = {"Agent": "mesh.agent", "Bus": "mesh.bus", "EmbeddedServer": "mesh.server"}
+_LAZY = {
+    "Agent": "mesh.agent",
+    "Bus": "mesh.bus",
+    "EmbeddedServer": "mesh.server",
+    "delegate": "mesh.delegate",
+}
 
 
 def __getattr__(name: str) -> Any:

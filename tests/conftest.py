@@ -56,7 +56,8 @@ def _fresh_settings() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _no_real_model_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach a real model API: the key is removed and requests are blocked."""
-    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    for name in ("ANTHROPIC_API_KEY", "MESH_MODEL", "MESH_MODELS_FILE"):
+        monkeypatch.delenv(name, raising=False)  # a developer's shell never leaks in
     monkeypatch.setenv("MESH_ALLOW_MODEL_REQUESTS", "0")
     try:
         import mesh.models

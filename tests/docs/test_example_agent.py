@@ -190,4 +190,4 @@ async def test_mesh_run_serves_the_agent(
     assert verdict_of(task).vote == "approve"  # bob.nguyen approved alice.moreau's release
     out = await asyncio.to_thread(_stop, proc)
     assert proc.returncode == 0, out[-3000:]
-    assert "brain: rules" in out, out[-3000:]
+    assert "brain rules" in out, out[-3000:]
