@@ -39,6 +39,7 @@ Profile = Literal["default", "regulated"]
 Action = Literal["publish", "approve", "replay", "purge", "export", "call_tool"]
 ANONYMOUS = "anonymous"  # the principal of an event no trusted key signed
 _LONG = (-(2**63), 2**63 - 1)
+ANSWERS_KEPT = 4096  # answers remembered per policy set (Cedar's take ~0.1-0.3 ms each)
 
 
 # -- entities --------------------------------------------------------------------------------------
@@ -252,6 +253,7 @@ class Authorizer:
         self._clock = clock
         self._lock = threading.Lock()  # a tool guard may be called from a worker thread
         self._changes: list[PolicyChange] = []
+        self._answers: dict[str, Decision] = {}
         paths = policy_paths(profile, folder)
         self._stamp = _stamp(self._watched(paths))
         self._set: Loaded = load(*paths)
@@ -302,6 +304,7 @@ class Authorizer:
             if loaded.sha256 == self._set.sha256:
                 return None  # touched, not changed
             self._set = loaded
+            self._answers = {}
             change = PolicyChange(loaded.sha256, loaded.files, True, profile=self.profile)
             log.warning("authorization policies changed: now %s (sha256 %s)", files, loaded.sha256)
             self._changes.append(change)
@@ -340,6 +343,30 @@ class Authorizer:
     ) -> Decision:
         self.refresh()
         policies = self._set  # one set for the whole question, whatever a reload does
+        # Cedar's answer depends on nothing but the request and the set: the same question
+        # (the coordinator asks one per event, mostly the same) is answered from memory.
+        key = json.dumps(
+            [policies.sha256, principal.cedar(), action, resource.cedar(), context or {}],
+            sort_keys=True,
+            default=str,
+        )
+        known = self._answers.get(key)
+        if known is not None:
+            return known
+        decision = self._evaluate(policies, principal, action, resource, context)
+        if len(self._answers) >= ANSWERS_KEPT:
+            self._answers.clear()  # bounded; refilled by the questions still asked
+        self._answers[key] = decision
+        return decision
+
+    def _evaluate(
+        self,
+        policies: Loaded,
+        principal: Entity,
+        action: str,
+        resource: Entity,
+        context: Mapping[str, Any] | None,
+    ) -> Decision:
         mine = {json.dumps(e.uid(), sort_keys=True) for e in (principal, resource)}
         entities: list[dict[str, Any]] = []
         extra_parents: list[dict[str, str]] = []
@@ -463,10 +490,12 @@ async def audit_denial(
     audit: AuditLog,
     tenant: str,
     ref: str,
+    *,
     principal: Entity,
     action: str,
     resource: Entity,
     decision: Decision,
+    msg_id: str | None = None,
 ) -> None:
     """One deny in `tenant`'s chain, naming who, what and the policy that decided."""
     await audit.append(
@@ -480,4 +509,5 @@ async def audit_denial(
             "policies": list(decision.policy_ids),
             "explanation": decision.explain(),
         },
+        msg_id=msg_id,
     )

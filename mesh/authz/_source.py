@@ -32,7 +32,8 @@ class PolicyFileError(ConfigError):
     def __init__(self, where: str, problem: str) -> None:
         super().__init__(
             f"{where}: {problem}",
-            hint="fix the file (`mesh authz check FILE`); the policies in force stay as they were",
+            hint="fix it and check it with `mesh authz check FILE`; a running mesh keeps the "
+            "policies it had",
         )
         self.where = where
         self.problem = problem
@@ -163,8 +164,8 @@ def check_file(path: Path, schema: cedarpy.Schema) -> list[tuple[str, dict[str, 
     text = _read(path)
     found, rest = statements(text)
     if rest is not None:
-        error = _parse_error(rest.text) or "a policy must end with `;`"
-        raise PolicyFileError(f"{path}:{_error_line(rest, error)}", error)
+        problem = _parse_error(rest.text) or "a policy must end with `;`"
+        raise PolicyFileError(f"{path}:{_error_line(rest, problem)}", problem)
     out: list[tuple[str, dict[str, object]]] = []
     for stmt in found:
         error = _parse_error(stmt.text)
@@ -205,9 +206,7 @@ def load_entities(path: Path) -> tuple[dict[str, object], ...]:
     return tuple(doc)
 
 
-def load(
-    policy_files: list[Path], schema_path: Path, entities_path: Path | None = None
-) -> Loaded:
+def load(policy_files: list[Path], schema_path: Path, entities_path: Path | None = None) -> Loaded:
     """Every file checked, then one policy set; nothing of a set with one bad file."""
     schema = load_schema(schema_path)
     digest = hashlib.sha256()
@@ -217,9 +216,9 @@ def load(
         digest.update(path.name.encode() + b"\0")
         digest.update(path.read_bytes() if path.exists() else b"")
     for path in policy_files:
-        for pid, policy in check_file(path, schema):
-            if pid in static:  # the same @id at the same place of two files of one name
-                pid = f"{pid} [{path}]"
+        for where, policy in check_file(path, schema):
+            # The same @id at the same line of two files of one name: the path tells them apart.
+            pid = f"{where} [{path}]" if where in static else where
             ids.append(pid)
             static[pid] = policy
     entities = load_entities(entities_path) if entities_path else ()

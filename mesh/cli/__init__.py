@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from mesh.cli import audit, creds, dlq, events, running, scaffold, schema, status
+from mesh.cli import audit, authz, creds, dlq, events, running, scaffold, schema, status
 from mesh.cli._common import EXIT_CONFIG, err, settings_error
 
 app = typer.Typer(
@@ -58,6 +58,7 @@ app.add_typer(dlq.app, name="dlq")
 app.add_typer(audit.app, name="audit")
 app.add_typer(creds.app, name="creds")
 app.add_typer(scaffold.app, name="new")
+app.add_typer(authz.app, name="authz")
 
 # -- running the mesh
 app.command()(running.demo)
