@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 NAMESPACE = "Mesh"
 SHIPPED = Path(__file__).parent
 SHIPPED_SCHEMA = SHIPPED / f"mesh{SCHEMA_SUFFIX}"
+SHIPPED_POLICIES = SHIPPED / "policies"  # one folder per profile
 Profile = Literal["default", "regulated"]
 Action = Literal["publish", "approve", "replay", "purge", "export", "call_tool"]
 ANONYMOUS = "anonymous"  # the principal of an event no trusted key signed
@@ -191,11 +192,11 @@ def policy_paths(profile: Profile, folder: Path | None) -> tuple[list[Path], Pat
     alone, or with no folder the shipped clinic set; nothing is allowed that none permits."""
     files: list[Path] = []
     if profile == "default":
-        files += sorted((SHIPPED / "policies" / "default").glob(f"*{POLICY_SUFFIX}"))
+        files += sorted((SHIPPED_POLICIES / "default").glob(f"*{POLICY_SUFFIX}"))
     schema, entities = SHIPPED_SCHEMA, None
     if folder is None:
         if profile == "regulated":
-            files += sorted((SHIPPED / "policies" / "regulated").glob(f"*{POLICY_SUFFIX}"))
+            files += sorted((SHIPPED_POLICIES / "regulated").glob(f"*{POLICY_SUFFIX}"))
         return files, schema, entities
     if not folder.is_dir():
         raise ConfigError(
