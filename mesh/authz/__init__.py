@@ -1,6 +1,6 @@
 """Who may do what, as Cedar policies a compliance officer can read (docs/authorization.md).
 
-    from mesh import authz
+    import mesh.authz as authz
 
     authorizer = authz.Authorizer.from_settings(settings)   # MESH_PROFILE, MESH_AUTHZ_DIR
     decision = authorizer.is_allowed(
