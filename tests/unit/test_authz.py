@@ -267,3 +267,39 @@ def test_tool_arguments_become_cedar_values() -> None:
     assert authz.cedar_value(
         {"a": 1, "b": 2.0, "c": 2.5, "d": None, "e": [1, None], "f": {"g": True}, "h": 2**70}
     ) == {"a": 1, "b": 2, "c": "2.5", "e": [1], "f": {"g": True}, "h": str(2**70)}
+
+
+# -- mesh authz (offline) ---------------------------------------------------------------------
+def test_cli_check_show_and_ask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from mesh.cli import app
+    from mesh.settings import get_settings
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["authz", "check", str(authz.SHIPPED_POLICIES / "regulated")])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("ok: 9 policies in 1 file(s), sha256 ")
+
+    bad = tmp_path / "bad.cedar"
+    bad.write_text(GOOD + "\npermit (principal, action, resource)\nwhen { principal.rol };\n")
+    r = runner.invoke(app, ["authz", "check", str(bad)])
+    assert r.exit_code == 3
+    assert r.stderr.splitlines()[0].startswith(f"error: {bad}:5: ")
+    assert "Traceback" not in r.output
+
+    monkeypatch.setenv("MESH_PROFILE", "regulated")
+    get_settings.cache_clear()
+    r = runner.invoke(app, ["authz", "show", "--json"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.stdout)
+    assert shown["profile"] == "regulated" and len(shown["policies"]) == 9
+    r = runner.invoke(app, ["authz", "ask", "operator:operator", "purge", 'DeadLetter::"*"'])
+    assert r.exit_code == 3 and "denied by default" in r.stderr
+    r = runner.invoke(
+        app,
+        ["authz", "ask", "publisher:billing", "publish", 'EventType::"acme/t"', "--tenant",
+         "acme", "--context", '{"verified": true}'],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "publish-signed-by-tenant-publisher" in r.stdout
