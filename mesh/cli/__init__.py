@@ -1,7 +1,7 @@
 """The `mesh` command. User mistakes print what to do next, never a traceback.
 
 The commands live by group in this package (`running`, `events`, `dlq`, `audit`, `status`,
-`creds`, `scaffold`, `schema`);
+`creds`, `scaffold`, `schema`, `authz`);
 this module builds the app from them, in the order `mesh --help` lists them. Heavy modules
 (the bus, the coordinator, the agents) are imported inside each command, so `mesh --help`
 and a mistyped option stay fast. Conventions every command keeps (docs/cli.md): `-h`/`--help`,
