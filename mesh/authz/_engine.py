@@ -3,7 +3,6 @@ force, which is reloaded (checked first) when its files change."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -21,6 +20,7 @@ from mesh.authz._source import (
     SCHEMA_SUFFIX,
     Loaded,
     PolicyFileError,
+    digest,
     load,
 )
 from mesh.errors import ConfigError
@@ -267,7 +267,7 @@ class Authorizer:
     @staticmethod
     def _watched(paths: tuple[list[Path], Path, Path | None]) -> list[Path]:
         files, schema, entities = paths
-        return [*files, schema, *([entities] if entities else [])]
+        return [schema, *files, *([entities] if entities else [])]  # the order `digest` takes
 
     @property
     def sha256(self) -> str:
@@ -291,8 +291,9 @@ class Authorizer:
             self._looked = now
             try:
                 paths = policy_paths(self.profile, self.folder)
-            except ConfigError as e:
-                return self._refused(self._stamp, str(e.message), ())
+            except ConfigError as e:  # the folder went, or holds two schemas
+                gone = ((f"!{e.message}", 0, 0),)
+                return None if self._stamp == gone else self._refused(gone, e.message, ())
             stamp = _stamp(self._watched(paths))
             if stamp == self._stamp:
                 return None
@@ -316,12 +317,8 @@ class Authorizer:
     ) -> PolicyChange:
         # Remembered, so a broken file is reported once per change of it, not every second.
         self._stamp = stamp
-        digest = hashlib.sha256()
-        for f in files:
-            with_bytes = Path(f)
-            digest.update(with_bytes.name.encode() + b"\0")
-            digest.update(with_bytes.read_bytes() if with_bytes.exists() else b"")
-        change = PolicyChange(digest.hexdigest(), files, False, error, profile=self.profile)
+        sha = digest([Path(f) for f in files])
+        change = PolicyChange(sha, files, False, error, profile=self.profile)
         log.error(
             "authorization policies NOT changed: %s; the policies in force (sha256 %s) stay",
             error,

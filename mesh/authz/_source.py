@@ -124,8 +124,8 @@ class Loaded:
     policies: cedarpy.PolicySet
     ids: tuple[str, ...]  # every policy's id, in file order: `<@id> (file:line)` or `file:line`
     entities: tuple[dict[str, object], ...]  # entities.json's (groups and memberships)
-    sha256: str  # over every file's name and bytes, in order
-    files: tuple[str, ...]
+    sha256: str  # `digest` of the files
+    files: tuple[str, ...]  # the schema, the policy files, entities.json
 
 
 def load_schema(path: Path) -> cedarpy.Schema:
@@ -209,12 +209,9 @@ def load_entities(path: Path) -> tuple[dict[str, object], ...]:
 def load(policy_files: list[Path], schema_path: Path, entities_path: Path | None = None) -> Loaded:
     """Every file checked, then one policy set; nothing of a set with one bad file."""
     schema = load_schema(schema_path)
-    digest = hashlib.sha256()
+    every = [schema_path, *policy_files, *([entities_path] if entities_path else [])]
     ids: list[str] = []
     static: dict[str, dict[str, object]] = {}
-    for path in [schema_path, *policy_files, *([entities_path] if entities_path else [])]:
-        digest.update(path.name.encode() + b"\0")
-        digest.update(path.read_bytes() if path.exists() else b"")
     for path in policy_files:
         for where, policy in check_file(path, schema):
             # The same @id at the same line of two files of one name: the path tells them apart.
@@ -227,6 +224,19 @@ def load(policy_files: list[Path], schema_path: Path, entities_path: Path | None
         policies=cedarpy.PolicySet.from_json_str(json.dumps(est)),
         ids=tuple(ids),
         entities=entities,
-        sha256=digest.hexdigest(),
-        files=tuple(str(p) for p in [schema_path, *policy_files]),
+        sha256=digest(every),
+        files=tuple(str(p) for p in every),
     )
+
+
+def digest(paths: list[Path]) -> str:
+    """SHA-256 over each file's name and bytes, in order (the schema first, then the policies,
+    then entities.json): what the audit trail records of a policy set, taken or refused."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + b"\0")
+        try:
+            h.update(path.read_bytes())
+        except OSError:
+            h.update(b"\0missing")
+    return h.hexdigest()

@@ -303,3 +303,19 @@ def test_cli_check_show_and_ask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "publish-signed-by-tenant-publisher" in r.stdout
+
+
+def test_a_folder_that_goes_away_is_reported_once_and_the_set_stays(tmp_path: Path) -> None:
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    (folder / "p.cedar").write_text(GOOD)
+    a = authz.Authorizer("regulated", folder, every_s=0.0)
+    (folder / "p.cedar").unlink()
+    folder.rmdir()
+    change = a.refresh()
+    assert change is not None and not change.accepted and "is not a folder" in change.error
+    assert a.refresh() is None  # once, not at every look
+    assert a.is_allowed(PUBLISHER, "publish", EVENT, {"verified": True}).allowed
+    folder.mkdir()
+    (folder / "p.cedar").write_text(GOOD)
+    assert a.refresh() is None  # back as it was: nothing changed in force
