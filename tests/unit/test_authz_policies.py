@@ -319,3 +319,18 @@ def test_a_folder_that_goes_away_is_reported_once_and_the_set_stays(tmp_path: Pa
     folder.mkdir()
     (folder / "p.cedar").write_text(GOOD)
     assert a.refresh() is None  # back as it was: nothing changed in force
+
+
+def test_the_guard_takes_the_tenant_from_a_mapping_or_an_object(tmp_path: Path) -> None:
+    (tmp_path / "p.cedar").write_text(
+        'permit (principal, action == Mesh::Action::"call_tool", resource)\n'
+        'when { context.tenant == "clinic-1" };\n'
+    )
+    guard = authz.tool_guard(authz.Authorizer("regulated", tmp_path), agent="a", tenant="other")
+
+    class Ctx:
+        tenant = "clinic-1"
+
+    assert guard("t", {}, {"tenant": "clinic-1"}) is None
+    assert guard("t", {}, Ctx()) is None
+    assert guard("t", {}, None) is not None  # no tenant in the context: the guard's own
