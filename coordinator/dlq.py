@@ -55,7 +55,7 @@ from mesh._internal.lifecycle import AsyncService
 from mesh._internal.tasks import TaskPool
 from mesh.audit import SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus, tail
-from mesh.errors import ConfigError, NotConnectedError
+from mesh.errors import ConfigError, ForbiddenError, NotConnectedError
 from mesh.errors import NotFoundError as MissingError
 from mesh.records import BodyRef, DeadLetter, DlqReason, dead_letter_decoder, encoder
 
@@ -456,6 +456,7 @@ async def replay(bus: Bus, seq: int) -> str:
             hint=f"only events ({subjects.events_filter()}) are replayed; "
             f"see `mesh dlq show {seq}`",
         )
+    await authorize(bus, "replay", record, ref=f"dlq:{seq}")
     headers = {
         k: v
         for k, v in record.headers.items()
@@ -491,6 +492,7 @@ async def purge(bus: Bus, *, reason: str | None) -> int:
     if reason is not None:
         check_reason(reason)
         req["filter"] = subjects.dlq("*", reason)
+    await authorize(bus, "purge", None, ref=subjects.DLQ_STREAM, reason=reason)
     # The raw API: nats-py's purge_stream returns only a bool, and the count is the answer.
     try:
         resp = await bus.nc.request(
@@ -511,6 +513,51 @@ async def purge(bus: Bus, *, reason: str | None) -> int:
         SYSTEM_TENANT, "purge", subjects.DLQ_STREAM, {"reason_filter": reason, "purged": purged}
     )
     return purged
+
+
+async def authorize(
+    bus: Bus,
+    action: typing.Literal["replay", "purge", "export"],
+    record: DeadLetter | None,
+    *,
+    ref: str,
+    reason: str | None = None,
+) -> None:
+    """Cedar (mesh.authz): may this process's identity `action` this dead letter (`record`),
+    or every dead letter of `reason` (None: all)? Denied: a `forbidden` audit record when this
+    identity may write the audit trail, and ForbiddenError naming the policy."""
+    from mesh import authz
+
+    authorizer = authz.Authorizer.from_settings(bus.settings)
+    who = (
+        authz.identity_of(bus.identity)
+        if bus.identity is not None
+        else authz.identity(authz.ANONYMOUS, authz.ANONYMOUS, tenant="")
+    )
+    if record is not None:
+        resource = authz.dead_letters(record.tenant, record.reason, record.event_type or "*")
+        tenant, what = record.tenant, f"dead letter {ref.removeprefix('dlq:')}"
+    else:
+        resource = authz.dead_letters("*", reason or "*")
+        tenant, what = SYSTEM_TENANT, f"every {reason} dead letter" if reason else "dead letters"
+    decision = authorizer.is_allowed(who, action, resource)
+    if decision.allowed:
+        return
+    audited = ""
+    try:
+        audit = AuditLog(bus, actor=_operator())
+        await authz.audit_denial(
+            audit, tenant, ref, principal=who, action=action, resource=resource, decision=decision
+        )
+    except Exception as e:  # the deny stands whatever the audit trail says
+        # A reader's identity cannot sign audit records; the refusal is still the answer.
+        audited = f" (not audited: {getattr(e, 'message', None) or type(e).__name__})"
+        log.warning("deny of %s %s by %s not audited: %s", action, ref, who.id, e)
+    raise ForbiddenError(
+        f"{who.id} may not {action} {what}: {decision.explain()}{audited}",
+        hint="an authorization policy decides this (MESH_PROFILE, MESH_AUTHZ_DIR; "
+        "docs/authorization.md)",
+    )
 
 
 def _operator() -> str:

@@ -48,7 +48,7 @@ from coordinator.ledger import (
 from coordinator.policy import Policies
 from coordinator.routing import Router
 from coordinator.settle import Settler
-from mesh import contracts, envelope, records, subjects, telemetry
+from mesh import authz, contracts, envelope, records, subjects, telemetry
 from mesh._internal.consume import PullLoop
 from mesh.a2a.client import AgentClient
 from mesh.audit import CHECKPOINT_EVERY_S, SYSTEM_TENANT, AuditLog
@@ -104,6 +104,9 @@ class Coordinator:
             what="the coordinator",
         )
         self.audit = AuditLog(bus, self.name)
+        # Who may publish which event type for which tenant (Cedar, mesh.authz): files that do
+        # not check stop the coordinator here, naming file and line.
+        self.authz = authz.Authorizer.from_settings(bus.settings)
         self._handlers = EventHandlers(bus)
         self._ledger: Ledger | None = None
         self._decider: Decider | None = None
@@ -133,6 +136,7 @@ class Coordinator:
         self._settler = Settler(self._ledger, self)
         await self.view.start()
         await self._audit_policies()
+        await authz.audit_in_force(self.audit, self.authz)
         telemetry.observe_breakers(self.router.states)
         max_inflight = self.bus.settings.max_inflight
         psub = await self.bus.js.pull_subscribe(
@@ -188,6 +192,9 @@ class Coordinator:
         while True:
             await asyncio.sleep(interval_s)
             try:
+                # A policy file changed while no event came is audited all the same.
+                self.authz.refresh(force=True)
+                await authz.audit_changes(self.audit, self.authz)
                 await self.audit.checkpoint_due()
             except Exception:  # the next round tries again; auditing itself goes on
                 log.exception("audit checkpoint failed")
@@ -312,6 +319,8 @@ class Coordinator:
                 msg.subject,
                 unverified,
             )
+        if not await self._may_publish(msg, event, principal):
+            return
         agents: dict[str, str] = {}
         for skill in policy.skills:
             live = self.view.agents_with_skill(skill)
@@ -344,6 +353,37 @@ class Coordinator:
         async with self.admission.slots(voters, keepalive=delivery.in_progress):
             outcome = await self._decider.run(job, on_renew=delivery.in_progress)
         await self.settler.settle(delivery, event, outcome, unverified)
+
+    async def _may_publish(self, msg: Msg, event: envelope.Event, principal: str) -> bool:
+        """Cedar: may this publisher publish this event type for this tenant? If not, the
+        event is dead-lettered `forbidden`, naming the policy, with a `forbidden` audit record.
+        Policy changes seen on the way are audited first (with their hash)."""
+        self.authz.refresh()
+        await authz.audit_changes(self.audit, self.authz)
+        who = authz.publisher(principal, event.tenant)
+        resource = authz.event_type(event.tenant, event.type)
+        decision = self.authz.is_allowed(who, "publish", resource, {"verified": bool(principal)})
+        if decision.allowed:
+            return True
+        seq = msg.metadata.sequence.stream
+        await authz.audit_denial(
+            self.audit,
+            event.tenant,
+            event.id,
+            principal=who,
+            action="publish",
+            resource=resource,
+            decision=decision,
+            msg_id=subjects.audit_msg_id("forbidden", subjects.EVENTS_STREAM, seq),
+        )
+        await self.dead_letter(
+            msg,
+            "forbidden",
+            f"{who.id} may not publish {event.type!r} for tenant {event.tenant!r}: "
+            f"{decision.explain()}",
+            event=event,
+        )
+        return False
 
     async def _publish(self, decision: Decision) -> None:
         token = event_token(decision.event_id)

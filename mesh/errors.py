@@ -64,6 +64,11 @@ class NoAnswerError(ConfigError):
     """Connected, but nothing that should answer did (no coordinator, no live agent)."""
 
 
+class ForbiddenError(ConfigError):
+    """An authorization policy does not allow this identity to do this (mesh.authz): the
+    message names the policy that decided."""
+
+
 class InputError(ConfigError):
     """A message did not carry what the agent's handler takes (the caller can fix it)."""
 

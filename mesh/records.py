@@ -79,6 +79,8 @@ DlqReason = Literal[
     "terminated",  # a consumer called term() on it (JetStream MSG_TERMINATED advisory)
     # of a type the policies ignore (left to event handlers), and no handler is bound to it
     "no_handler",
+    # an authorization policy does not let its publisher publish this type for this tenant
+    "forbidden",
 ]
 
 

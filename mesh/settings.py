@@ -153,6 +153,19 @@ class Settings(BaseSettings):
         "delegation fails with a hop-limit error (loops end there).",
     )
 
+    profile: Literal["default", "regulated"] = Field(
+        default="default",
+        description="`regulated`: nothing is allowed that an authorization policy does not "
+        "permit (Cedar; the shipped clinic set unless MESH_AUTHZ_DIR is set). `default`: the "
+        "shipped policies permit what the mesh does without policies; MESH_AUTHZ_DIR's are "
+        "added to them (docs/authorization.md).",
+    )
+    authz_dir: Path | None = Field(
+        default=None,
+        description="Folder of Cedar authorization policies (`*.cedar`, at most one "
+        "`*.cedarschema`, optional `entities.json`), reloaded when they change.",
+    )
+
     topology: Path | None = Field(
         default=None,
         description="The topology file `mesh up` and `mesh demo` run (which agents, replicas, "

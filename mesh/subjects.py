@@ -227,7 +227,7 @@ def replay_msg_id(dlq_seq: int, nonce: str) -> str:
     return f"replay:{dlq_seq}:{nonce}"
 
 
-def audit_msg_id(record: Literal["decision", "vote", "dlq"], *parts: str | int) -> str:
+def audit_msg_id(record: Literal["decision", "vote", "dlq", "forbidden"], *parts: str | int) -> str:
     """An audit record's message id, so auditing again after a crash is a no-op:
     `audit:decision:<ref>`, `audit:vote:<ref>:<skill>`, `audit:dlq:<stream>:<seq>`."""
     return ":".join(["audit", record, *map(str, parts)])

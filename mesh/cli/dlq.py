@@ -74,6 +74,8 @@ async def dlq_show(
 
     async with await Bus.connect(name="mesh-cli") as bus:
         d = await dlq.get(bus, dlq_id)
+        # Showing it hands out the original body: an authorization policy may forbid that.
+        await dlq.authorize(bus, "export", d, ref=f"dlq:{dlq_id}")
         # A body too large for the record was kept by reference: fetched and checked against
         # the record's SHA-256; what is wrong with it is shown, not raised (the record stands).
         try:

@@ -118,6 +118,9 @@ def test_an_installed_wheel_runs_a_shipped_agent(tmp_path: Path, identities: Ide
         "coordinator/policies.toml",
         "mesh/py.typed",
         "mesh/cli/templates/agent/agent.py.tmpl",  # mesh new agent
+        "mesh/authz/mesh.cedarschema",  # the coordinator refuses to start without it
+        "mesh/authz/policies/default/mesh.cedar",
+        "mesh/authz/policies/regulated/clinic.cedar",
     ):
         assert needed in names, f"{wheel.name} lacks {needed}"
 

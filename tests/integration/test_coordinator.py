@@ -353,5 +353,6 @@ async def test_a_foreign_audit_message_does_not_stop_auditing_and_stop_checkpoin
             await eventually(audited)
     result = verify_bundle(await snapshot(bus), resolve_trust(bus.settings))
     assert len(result.problems) == 1 and f"record {ack.seq} on" in result.problems[0]
-    assert result.count == 2 * 4 + 1  # two decisions with three votes each, one policy change
+    # two decisions with three votes each, one policy change, one authorization policy set
+    assert result.count == 2 * 4 + 2
     assert result.notes == []  # every tenant checkpointed (on stop)
