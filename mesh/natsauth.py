@@ -19,6 +19,8 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
   and reads only its own task keys (direct gets and watches, the key in the API subject);
   subscribes callers' stream cancels (`_INBOX.*.*.cancel`); publishes output events
   `mesh.evt.>` and `mesh.trace.>`; binds its event handlers' durables on MESH_EVENTS.
+- agent A also declares schedules `mesh.sched.def.>`, reads them back and relays their
+  firings through the durable `schedule-relay` (`mesh.schedules`).
 - publisher of T: publishes `mesh.evt.T.>` (acks come to its inbox).
 - reader of T: creates consumers only with T's filter, pinned in the API subject
   (`$JS.API.CONSUMER.CREATE.<stream>.*.mesh.decision.T.>`, and `mesh.dlq.T.>`,
@@ -211,6 +213,18 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             f"{JS}.CONSUMER.INFO.{events}.*",
             f"{JS}.CONSUMER.MSG.NEXT.{events}.*",
             f"$JS.ACK.{events}.*.>",
+        ]
+        # Schedules (mesh.schedules): declare and remove definitions (any tenant, as it may
+        # publish any tenant's events), read them back, and relay firings through the shared
+        # durable. Never the firing subjects: only the server puts firings there.
+        sched = subjects.SCHEDULES_STREAM
+        pub += [
+            f"{subjects.SCHEDULE_DEF_ROOT}.>",
+            f"{JS}.STREAM.INFO.{sched}",
+            f"{JS}.STREAM.MSG.GET.{sched}",
+            f"{JS}.CONSUMER.CREATE.{sched}.*.{subjects.SCHEDULE_DEF_ROOT}.>",
+            f"{JS}.CONSUMER.INFO.{sched}.*",
+            *_consumer(sched, subjects.SCHEDULE_RELAY_DURABLE),
         ]
         coordinator = subjects.COORDINATOR_DURABLE
         deny_pub += [
