@@ -18,8 +18,9 @@ schedules run`, or in any agent process) consumes the firings through one durabl
 every relay and publishes each as an ordinary domain event:
 
 - its id is derived from the firing: `uuid5(tenant/name/<firing's stream sequence>/<its stored
-  time, whole seconds>)` for a recurring schedule (distinct per firing, the same on every redelivery of that
-  firing), or the id the declarer gave for a one-shot (`follow_up`: idempotent by id);
+  time, whole seconds>)` for a recurring schedule (distinct per firing, the same on every
+  redelivery of that firing), or the id the declarer gave for a one-shot (`follow_up`:
+  idempotent by id);
 - it is signed by the relay's own identity, like any event it publishes (`Bus.publish`): the
   event's content changed (its id, its time), so no signature made at declaration could cover
   it, and a signature over the fixed definition would, copied by the server, be valid for every
@@ -265,7 +266,7 @@ async def ensure_stream(bus: Bus) -> None:
         )
 
 
-# -- declaring --------------------------------------------------------------------------------------
+# -- declaring ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Declared:
     schedule: Schedule
