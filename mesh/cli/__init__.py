@@ -16,7 +16,18 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from mesh.cli import audit, creds, dlq, events, running, scaffold, schema, status
+from mesh.cli import (
+    audit,
+    creds,
+    dlq,
+    evaluate,
+    events,
+    running,
+    scaffold,
+    schedules,
+    schema,
+    status,
+)
 from mesh.cli._common import EXIT_CONFIG, err, settings_error
 
 app = typer.Typer(
@@ -58,6 +69,7 @@ app.add_typer(dlq.app, name="dlq")
 app.add_typer(audit.app, name="audit")
 app.add_typer(creds.app, name="creds")
 app.add_typer(scaffold.app, name="new")
+app.add_typer(schedules.app, name="schedules")
 
 # -- running the mesh
 app.command()(running.demo)
@@ -74,6 +86,9 @@ app.command("schema")(schema.schema)
 # -- looking inside
 app.command()(status.status)
 app.command()(status.trace)
+# -- changing agents safely
+app.command("eval")(evaluate.evaluate)
+app.command("eval-export")(evaluate.export)
 
 
 def main() -> None:
