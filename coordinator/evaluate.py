@@ -259,7 +259,7 @@ class Evaluator:
                 input_tokens=_sum(u[0] for u in usage),
                 output_tokens=_sum(u[1] for u in usage),
                 cost_usd=_sum(u[2] for u in usage),
-                error="" if tally.outcome in ("approve", "reject") else tally.reason,
+                error="" if tally.outcome in ("approved", "rejected") else tally.reason,
             )
 
         report.results = list(await asyncio.gather(*(one(c) for c in cases)))

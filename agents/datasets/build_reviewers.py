@@ -4,7 +4,8 @@ Each case is one of the four shipped samples (agents/samples) with one deliberat
 its labels were written by hand from what the change is meant to be, reading the review rules
 (agents/rules.toml, the checklists in each reviewer's prompt.md), never by running an agent:
 `security`, `compliance`, `quality` are the three reviewers' expected votes and `decision` the
-expected outcome of `release.proposed` (unanimous: approve only if all three approve).
+expected outcome of `release.proposed` (unanimous: `approved` only if all three approve,
+else `rejected`).
 
     python -m agents.datasets.build_reviewers   # rewrites reviewers.jsonl
 """
@@ -337,7 +338,7 @@ def build() -> list[dict[str, Any]]:
             change(release)
         release["id"] = f"rel-eval-{cid}"
         labels = {AGENTS["security"]: sec, AGENTS["compliance"]: comp, AGENTS["quality"]: qual}
-        decision = A if all(v == A for v in labels.values()) else R
+        decision = "approved" if all(v == A for v in labels.values()) else "rejected"
         rows.append(
             {"id": cid, "data": release, "expected": {**labels, "decision": decision}, "why": why}
         )

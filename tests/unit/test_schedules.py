@@ -77,7 +77,7 @@ def test_a_follow_up_is_named_and_identified_by_its_event_id() -> None:
     with pytest.raises(ConfigError, match="event id"):
         schedules.one_shot("", "x", at=T0)
     with pytest.raises(ConfigError, match="time zone"):
-        schedules.one_shot("e", "x", at=datetime(2026, 1, 1))  # noqa: DTZ001 (the point)
+        schedules.one_shot("e", "x", at=datetime(2026, 1, 1))
 
 
 def test_a_firing_that_is_not_a_definition_is_not_decoded() -> None:
