@@ -30,7 +30,8 @@ Release = dict[str, Any]
 
 
 def sample(name: str) -> Release:
-    return json.loads((SAMPLES / f"release_{name}.json").read_text())
+    release: Release = json.loads((SAMPLES / f"release_{name}.json").read_text())
+    return release
 
 
 def add_file(path: str, diff: str = "", content: str = "") -> Callable[[Release], None]:
