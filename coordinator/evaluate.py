@@ -39,7 +39,13 @@ from coordinator.decide import count, unanswered
 from coordinator.policy import Policy
 from mesh import envelope, subjects, votes
 from mesh.a2a.client import AgentClient, artifact_metadata, task_of, user_message, verdict_of
-from mesh.errors import AgentCallError, AgentTimeoutError, ConfigError, NotFoundError
+from mesh.errors import (
+    AgentCallError,
+    AgentTimeoutError,
+    ConfigError,
+    NoAnswerError,
+    NotFoundError,
+)
 from mesh.records import CallOutcome, Vote
 from mesh.registry import Registry, RegistryView
 
@@ -207,7 +213,7 @@ class Evaluator:
                 skills = reg.card.get("skills") or []
                 if skills:
                     return str(skills[0]["id"])
-        raise NotFoundError(
+        raise NoAnswerError(
             f"no live agent {agent!r}", hint="see `mesh agents` for what is running"
         )
 
@@ -235,7 +241,10 @@ class Evaluator:
         for skill in policy.skills:
             live = self.view.agents_with_skill(skill)
             if not live:
-                raise NotFoundError(f"no live agent has skill {skill!r} (policy {name})")
+                raise NoAnswerError(
+                    f"no live agent has skill {skill!r} (policy {name})",
+                    hint="see `mesh agents` for what is running",
+                )
             agents[skill] = live[0]
         report = Report(name)
         gate = asyncio.Semaphore(self.concurrency)
