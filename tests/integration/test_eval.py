@@ -144,3 +144,28 @@ async def _eventually_serving(runner: ev.Evaluator) -> None:
         return bool(runner.view.agents_with_skill("release-security-review"))
 
     await eventually(ready, "security-review in the registry view")
+
+
+async def test_past_decisions_exported_are_a_dataset(tmp_path: Path) -> None:
+    """Decisions the coordinator made, with their events, become cases labelled with their
+    outcome and each voter's vote; re-running them against the same agents agrees."""
+    cases = {c.id: c for c in ev.load(DATASET)}
+    async with MeshHarness(*REVIEWERS, policies=DEFAULT_FILE) as mesh:
+        ids = {
+            name: await mesh.publish("release.proposed", cases[name].data, tenant="acme")
+            for name in ("clean", "secret")
+        }
+        for event_id in ids.values():
+            await mesh.decision(event_id)
+        lines = await ev.export_decisions(mesh.bus, tenant="acme")
+        path = tmp_path / "past.jsonl"
+        path.write_text("".join(json.dumps(line, default=str) + "\n" for line in lines))
+        past = {c.id: c for c in ev.load(path)}
+        assert past[ids["clean"]].expected[ev.DECISION] == "approved"
+        assert past[ids["secret"]].expected[ev.DECISION] == "rejected"
+        assert past[ids["secret"]].expected["security-review"] == "reject"
+        assert past[ids["secret"]].data == cases["secret"].data
+        async with ev.Evaluator(mesh.bus) as runner:
+            await _eventually_serving(runner)
+            report = await runner.agent("security-review", list(past.values()))
+    assert report.agreement == 1.0

@@ -224,3 +224,40 @@ async def test_a_publisher_may_not_declare_schedules(
                 pub, schedules.schedule("sneaky", SWEEP, tenant=TENANT, every="1s")
             )
     assert await schedules.listing(bus) == []
+
+
+async def test_mesh_schedules_add_ls_rm(nats_server: EmbeddedServer, bus: Bus) -> None:
+    import json
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+
+    async def mesh(*args: str) -> tuple[int, str]:
+        env = {**os.environ, "MESH_NATS_URL": nats_server.url, "PYTHONPATH": str(root)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from mesh.cli import main; main()", *args, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode()
+
+    code, out = await mesh(
+        "schedules", "add", "sweep", SWEEP, '{"scope": "all"}', "--cron", "0 0 2 * * *",
+        "--tz", "Europe/Paris", "--tenant", TENANT,
+    )  # fmt: skip
+    assert code == 0, out
+    code, out = await mesh("schedules", "add", "bad", SWEEP, "--cron", "every day")
+    assert code == 3, out
+    assert "refused the schedule" in out
+    code, out = await mesh("schedules", "ls", "--json")
+    assert code == 0, out
+    doc = json.loads(out[out.index("{") :])
+    assert [(s["name"], s["when"], s["time_zone"]) for s in doc["schedules"]] == [
+        ("sweep", "0 0 2 * * *", "Europe/Paris")
+    ]
+    assert doc["pending_firings"] is None  # no relay ever ran
+    assert (await mesh("schedules", "rm", "sweep", "--tenant", TENANT))[0] == 0
+    assert (await mesh("schedules", "rm", "sweep", "--tenant", TENANT))[0] == 4
+    assert await schedules.listing(bus) == []
