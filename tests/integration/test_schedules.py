@@ -30,6 +30,7 @@ pytestmark = pytest.mark.integration
 
 TENANT = "acme"
 SWEEP = "compliance.sweep"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.asynccontextmanager
@@ -231,10 +232,8 @@ async def test_mesh_schedules_add_ls_rm(nats_server: EmbeddedServer, bus: Bus) -
     import os
     import sys
 
-    root = Path(__file__).resolve().parents[2]
-
     async def mesh(*args: str) -> tuple[int, str]:
-        env = {**os.environ, "MESH_NATS_URL": nats_server.url, "PYTHONPATH": str(root)}
+        env = {**os.environ, "MESH_NATS_URL": nats_server.url, "PYTHONPATH": str(ROOT)}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "from mesh.cli import main; main()", *args, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
