@@ -260,3 +260,36 @@ async def test_mesh_schedules_add_ls_rm(nats_server: EmbeddedServer, bus: Bus) -
     assert (await mesh("schedules", "rm", "sweep", "--tenant", TENANT))[0] == 0
     assert (await mesh("schedules", "rm", "sweep", "--tenant", TENANT))[0] == 4
     assert await schedules.listing(bus) == []
+
+
+async def test_the_coordinator_decides_every_firing() -> None:
+    """End to end: each firing is its own event to the coordinator's ledger (one decision per
+    firing, not one for the schedule)."""
+    import json
+
+    from agents.compliance_review.agent import agent as compliance
+    from agents.quality_review.agent import agent as quality
+    from agents.security_review.agent import agent as security
+    from coordinator.policy import DEFAULT_FILE
+    from mesh.testing import MeshHarness
+
+    release = json.loads((ROOT / "agents" / "samples" / "release_clean.json").read_text())
+    async with MeshHarness(security, compliance, quality, policies=DEFAULT_FILE) as mesh:
+        review = schedules.schedule(
+            "weekly-review", "release.proposed", release, tenant=TENANT, every="1s"
+        )
+        await schedules.declare(mesh.bus, review)
+        async with relaying(mesh.bus):
+            events = await eventually(
+                _at_least(2, lambda: _events(mesh.bus, "release.proposed")),
+                "two scheduled releases",
+                timeout=20,
+            )
+            ids = [envelope.decode(e.data, e.headers).id for e in events[:2]]
+            decisions = [await mesh.decision(i, timeout=20) for i in ids]
+        await schedules.remove(mesh.bus, TENANT, "weekly-review")
+    assert ids[0] != ids[1]
+    assert [d.event_id for d in decisions] == ids
+    assert [d.outcome for d in decisions] == ["approved", "approved"]
+    # Verified as signed by the relay (here the harness's operator connection).
+    assert all(d.principal.startswith("operator:") for d in decisions), decisions
