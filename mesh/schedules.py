@@ -39,6 +39,7 @@ import contextlib
 import logging
 import re
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -453,3 +454,17 @@ class Relay:
             return
         self.relayed += 1
         await msg.ack()
+
+
+@contextlib.asynccontextmanager
+async def relaying(bus: Bus, *, stop_s: float = 15.0) -> AsyncIterator[Relay]:
+    """A `Relay` running in this process for the block (an agent that declares schedules can
+    relay their firings itself); stopped, draining what it started, on the way out."""
+    relay = Relay(bus)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        yield relay
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, stop_s)

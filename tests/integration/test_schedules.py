@@ -11,8 +11,7 @@ Periods are `@every 1s`; every wait is bounded; nothing asserts a timing."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,18 +30,6 @@ pytestmark = pytest.mark.integration
 TENANT = "acme"
 SWEEP = "compliance.sweep"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@contextlib.asynccontextmanager
-async def relaying(bus: Bus) -> AsyncIterator[schedules.Relay]:
-    relay = schedules.Relay(bus)
-    stop = asyncio.Event()
-    task = asyncio.create_task(relay.run(stop))
-    try:
-        yield relay
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
 
 
 async def _firings(bus: Bus, name: str) -> list[StreamMessage]:
@@ -89,7 +76,7 @@ async def test_two_replicas_make_one_schedule_that_fires_once_per_period(
         assert len(definitions) == 1
         assert [d.schedule for d in await schedules.listing(one, TENANT)] == [sweep]
 
-        async with relaying(one), relaying(two):
+        async with schedules.relaying(one), schedules.relaying(two):
             await eventually(
                 _at_least(4, lambda: _events(bus)), "four sweeps published", timeout=20
             )
@@ -154,7 +141,7 @@ async def test_a_schedule_declared_before_a_server_restart_fires_after_it(
             )
             assert after
             assert [d.schedule for d in await schedules.listing(bus)] == [sweep]
-            async with relaying(bus):
+            async with schedules.relaying(bus):
                 await eventually(
                     _at_least(2, lambda: _events(bus)), "events from before and after", timeout=15
                 )
@@ -186,7 +173,7 @@ async def test_a_follow_up_is_idempotent_by_id_and_removal_stops_a_schedule(bus:
     removed_at = max(m.seq for m in await read_stream(bus, subjects.SCHEDULES_STREAM))
     probe = schedules.schedule("probe", "probe.tick", tenant=TENANT, every="1s")
     await schedules.declare(bus, probe)
-    async with relaying(bus):
+    async with schedules.relaying(bus):
         got = await eventually(
             _at_least(1, lambda: _events(bus, "release.recheck")), "the follow-up", timeout=15
         )
@@ -206,7 +193,7 @@ async def test_a_follow_up_is_idempotent_by_id_and_removal_stops_a_schedule(bus:
         at=timedelta(seconds=0),
         tenant=TENANT,
     )
-    async with relaying(bus):
+    async with schedules.relaying(bus):
         await eventually(lambda: _pending_zero(bus), "the repeat relayed", timeout=15)
     assert len(await _events(bus, "release.recheck")) == 1
 
@@ -279,7 +266,7 @@ async def test_the_coordinator_decides_every_firing() -> None:
             "weekly-review", "release.proposed", release, tenant=TENANT, every="1s"
         )
         await schedules.declare(mesh.bus, review)
-        async with relaying(mesh.bus):
+        async with schedules.relaying(mesh.bus):
             events = await eventually(
                 _at_least(2, lambda: _events(mesh.bus, "release.proposed")),
                 "two scheduled releases",
