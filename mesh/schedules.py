@@ -138,7 +138,9 @@ class Schedule(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_f
         return h
 
 
-_encoder = msgspec.json.Encoder()
+# Sorted keys: replicas that build the same data in another key order write the same bytes, so
+# their declarations are the same definition (and the schedule's clock is not reset).
+_encoder = msgspec.json.Encoder(order="sorted")
 _decoder = msgspec.json.Decoder(Schedule)
 
 

@@ -85,3 +85,9 @@ def test_a_firing_that_is_not_a_definition_is_not_decoded() -> None:
         schedules.decode(b'{"name": "x"}')
     with pytest.raises(ValueError, match="not a schedule"):
         schedules.decode(b"\xff")
+
+
+def test_the_same_schedule_built_in_another_key_order_is_the_same_definition() -> None:
+    one = schedules.schedule("s", "x", {"a": 1, "b": {"c": 2, "d": 3}}, every="1s")
+    two = schedules.schedule("s", "x", {"b": {"d": 3, "c": 2}, "a": 1}, every="1s")
+    assert schedules.encode(one) == schedules.encode(two)
