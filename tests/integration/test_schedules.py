@@ -214,6 +214,23 @@ async def test_a_publisher_may_not_declare_schedules(
     assert await schedules.listing(bus) == []
 
 
+async def test_an_agent_may_declare_but_not_forge_a_firing(
+    nats_server: EmbeddedServer, bus: Bus, identities: IdentityDir
+) -> None:
+    """Only the server writes firings: an agent that could would have a relay sign anything."""
+    from mesh.bus import PermissionDeniedError
+
+    agent_file = identities.issue("agent", "forger")
+    nats_server.reload()
+    settings = Settings(nats_url=nats_server.url, identity=agent_file)
+    sched = schedules.schedule("real", SWEEP, tenant=TENANT, cron="0 0 2 * * *")
+    async with await Bus.connect(nats_server.url, settings=settings) as agent:
+        await schedules.declare(agent, sched)
+        with pytest.raises(PermissionDeniedError):
+            await agent.publish(subjects.schedule_fire(TENANT, "real"), schedules.encode(sched))
+    assert await _firings(bus, "real") == []
+
+
 async def test_mesh_schedules_add_ls_rm(nats_server: EmbeddedServer, bus: Bus) -> None:
     import json
     import os
