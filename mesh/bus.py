@@ -502,6 +502,9 @@ class Bus:
             return
         for spec in specs:
             await self._ensure_stream(spec)
+        from mesh import schedules  # it reads streams through this module
+
+        await schedules.ensure_stream(self)
         await self.kv(subjects.CARDS_BUCKET, ttl_s=self.settings.card_ttl_s)
         await self.kv(subjects.DECISIONS_BUCKET, history=5)
         # Dead-lettered bodies too large for a DLQ record, kept as long as the records.

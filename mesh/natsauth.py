@@ -21,6 +21,8 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
   `mesh.evt.>` and `mesh.trace.>`; binds its event handlers' durables on MESH_EVENTS; reads and
   writes the budgets bucket `$KV.mesh_budgets.>` (model spend of every tenant's events); reads
   the cards bucket and sends A2A requests `mesh.a2a.>` (delegation: the callee checks its token).
+- agent A also declares schedules `mesh.sched.def.>`, reads them back and relays their
+  firings through the durable `schedule-relay` (`mesh.schedules`).
 - publisher of T: publishes `mesh.evt.T.>` (acks come to its inbox).
 - reader of T: creates consumers only with T's filter, pinned in the API subject
   (`$JS.API.CONSUMER.CREATE.<stream>.*.mesh.decision.T.>`, and `mesh.dlq.T.>`,
@@ -222,6 +224,18 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             f"{JS}.CONSUMER.INFO.{events}.*",
             f"{JS}.CONSUMER.MSG.NEXT.{events}.*",
             f"$JS.ACK.{events}.*.>",
+        ]
+        # Schedules (mesh.schedules): declare and remove definitions (any tenant, as it may
+        # publish any tenant's events), read them back, and relay firings through the shared
+        # durable. Never the firing subjects: only the server puts firings there.
+        sched = subjects.SCHEDULES_STREAM
+        pub += [
+            f"{subjects.SCHEDULE_DEF_ROOT}.>",
+            f"{JS}.STREAM.INFO.{sched}",
+            f"{JS}.STREAM.MSG.GET.{sched}",
+            f"{JS}.CONSUMER.CREATE.{sched}.*.{subjects.SCHEDULE_DEF_ROOT}.>",
+            f"{JS}.CONSUMER.INFO.{sched}.*",
+            *_consumer(sched, subjects.SCHEDULE_RELAY_DURABLE),
         ]
         coordinator = subjects.COORDINATOR_DURABLE
         deny_pub += [

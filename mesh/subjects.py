@@ -293,3 +293,26 @@ def is_terminated_advisory(subject: str) -> bool:
 
 def stream_purge_api(stream: str) -> str:
     return f"{JS_API}.STREAM.PURGE.{stream}"
+
+
+# -- schedules (mesh.schedules): definitions and their firings share one stream, as NATS message
+# scheduling requires (a schedule's target must be a subject of its own stream)
+SCHEDULES_STREAM = "MESH_SCHEDULES"
+SCHEDULE_ROOT = "mesh.sched"
+SCHEDULE_DEF_ROOT = f"{SCHEDULE_ROOT}.def"  # mesh.sched.def.<tenant>.<name>: one schedule each
+SCHEDULE_FIRE_ROOT = f"{SCHEDULE_ROOT}.fire"  # mesh.sched.fire.<tenant>.<name>: the server's copies
+SCHEDULE_RELAY_DURABLE = "schedule-relay"  # turns firings into events; shared by every relay
+# ADR-51 headers: on a definition, and (Nats-Scheduler) on what the server publishes from it.
+H_SCHEDULE = "Nats-Schedule"
+H_SCHEDULE_TARGET = "Nats-Schedule-Target"
+H_SCHEDULE_TIME_ZONE = "Nats-Schedule-Time-Zone"
+H_SCHEDULER = "Nats-Scheduler"
+H_SCHEDULE_NEXT = "Nats-Schedule-Next"
+
+
+def schedule_def(tenant: str, name: str) -> str:
+    return f"{SCHEDULE_DEF_ROOT}.{tenant}.{name}"
+
+
+def schedule_fire(tenant: str, name: str) -> str:
+    return f"{SCHEDULE_FIRE_ROOT}.{tenant}.{name}"

@@ -16,7 +16,20 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from mesh.cli import audit, authz, budgets, creds, dlq, events, running, scaffold, schema, status
+from mesh.cli import (
+    audit,
+    authz,
+    budgets,
+    creds,
+    dlq,
+    evaluate,
+    events,
+    running,
+    scaffold,
+    schedules,
+    schema,
+    status,
+)
 from mesh.cli._common import EXIT_CONFIG, err, settings_error
 
 app = typer.Typer(
@@ -60,6 +73,7 @@ app.add_typer(creds.app, name="creds")
 app.add_typer(scaffold.app, name="new")
 app.command("budgets")(budgets.budgets)
 app.add_typer(authz.app, name="authz")
+app.add_typer(schedules.app, name="schedules")
 
 # -- running the mesh
 app.command()(running.demo)
@@ -76,6 +90,9 @@ app.command("schema")(schema.schema)
 # -- looking inside
 app.command()(status.status)
 app.command()(status.trace)
+# -- changing agents safely
+app.command("eval")(evaluate.evaluate)
+app.command("eval-export")(evaluate.export)
 
 
 def main() -> None:
