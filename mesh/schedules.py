@@ -470,3 +470,36 @@ async def relaying(bus: Bus, *, stop_s: float = 15.0) -> AsyncIterator[Relay]:
     finally:
         stop.set()
         await asyncio.wait_for(task, stop_s)
+
+
+def main() -> None:
+    """`python -m mesh.schedules`: one relay process, until SIGINT/SIGTERM (what `mesh up`
+    starts, as the `scheduler` agent identity; `mesh schedules run` is the same from a shell)."""
+    import signal
+
+    from mesh._internal.logs import configure
+    from mesh.bus import Bus
+    from mesh.errors import MeshError
+
+    configure()
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with await Bus.connect(name="mesh-schedules") as bus:
+            log.info("relaying schedule firings")
+            await Relay(bus).run(stop)
+
+    try:
+        asyncio.run(_main())
+    except MeshError as e:
+        log.error("%s", e)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

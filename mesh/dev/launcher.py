@@ -165,6 +165,10 @@ def _is_nats_server(pid: int) -> bool:
 _NOT_INHERITED = ("MESH_IDENTITY", "MESH_TRUST", "MESH_NATS_CREDS")
 
 
+# The agent identity the schedule relay of `mesh up` runs as.
+SCHEDULER = "scheduler"
+
+
 def issue_identities(ids: IdentityDir, plan: Plan) -> dict[str, Path]:
     """The identity file of every module a plan starts (`coordinator` included), issued on
     first use and reused after: call it before the NATS server starts, so the server admits
@@ -172,6 +176,7 @@ def issue_identities(ids: IdentityDir, plan: Plan) -> dict[str, Path]:
     found = {"coordinator": natsauth.ensure_identity(ids, "coordinator", "coordinator")}
     for run in plan.agents:
         found[run.module] = natsauth.ensure_identity(ids, "agent", agent_name(run, plan.root))
+    found["mesh.schedules"] = natsauth.ensure_identity(ids, "agent", SCHEDULER)
     return found
 
 
@@ -265,6 +270,10 @@ class Topology:
                 who[run.module] = self.identity("agent", agent_name(run, plan.root))
         for name, module in plan.processes():
             self.spawn(name, module, {"PYTHONPATH": path}, identity=who.get(module))
+        # One relay turns the server's schedule firings into signed events (mesh.schedules):
+        # without it, firings wait in their stream. It signs as the `scheduler` agent.
+        scheduler = self.identity("agent", SCHEDULER) if self.identities is not None else None
+        self.spawn("schedule-relay", "mesh.schedules", identity=scheduler)
 
     def child(self, name: str) -> Child:
         for c in self.children:

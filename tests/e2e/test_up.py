@@ -189,6 +189,23 @@ def test_cli_publish_then_decision(up: MeshUp) -> None:
     assert security["verdict"]["vote"] == "reject", security
 
 
+def test_a_scheduled_event_is_relayed_and_decided(up: MeshUp) -> None:
+    """`mesh up` runs a schedule relay: a one-shot schedule's firing becomes a signed event
+    (signed by the `scheduler` agent) that the coordinator decides."""
+    import datetime as dt
+
+    event_id = f"e2e-sched-{uuid.uuid4().hex[:8]}"
+    at = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)).isoformat()
+    ran = up.mesh(
+        "schedules", "add", event_id, "release.proposed", f"@{sample_path('clean')}",
+        "--at", at, "--id", event_id,
+    )  # fmt: skip
+    assert ran.returncode == 0, str(ran)
+    decision = up.wait_decision(event_id, timeout=DECIDE_TIMEOUT_S + 5)
+    assert decision["outcome"] == "approved", decision
+    assert decision["principal"] == "agent:scheduler", decision
+
+
 # -- c2. `mesh call`: one A2A message, over NATS (the mesh's transport) and over HTTP ----------
 @pytest.mark.parametrize("transport", [[], ["--http"]], ids=["nats", "http"])
 def test_cli_call_prints_the_task(up: MeshUp, transport: list[str]) -> None:
