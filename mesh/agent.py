@@ -28,7 +28,7 @@ import inspect
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast, get_type_hints
@@ -237,7 +237,7 @@ class Agent:
                 event_stream=store.events() if isinstance(store, JetStreamTaskStore) else None,
                 # Blocking SendMessage over NATS skips a2a-sdk's per-request machinery when the
                 # brain answers at once (mesh.a2a.lean; MESH_A2A_LEAN=0 turns it off).
-                answerer=executor,
+                answerer=executor if settings.a2a_lean else None,
             )
             if sock is not None:
                 await stack.enter_async_context(http_server.serving(server, sock))
@@ -275,7 +275,7 @@ class Agent:
         configure()
         telemetry.setup(f"mesh-agent-{self.name}")
         try:
-            asyncio.run(self._run_forever())
+            _run(self._run_forever(), uvloop=get_settings().uvloop)
         except MeshError as e:
             log.error("%s", e)
             raise SystemExit(2) from None
@@ -290,6 +290,23 @@ class Agent:
         async with self.serve():
             await stop.wait()
             log.info("agent %s: stopping (draining in-flight work)", self.name)
+
+
+def _run(main: Coroutine[Any, Any, None], *, uvloop: bool) -> None:
+    """`asyncio.run(main)`, on uvloop when it is installed and `uvloop` (MESH_UVLOOP) is on: the
+    event loop and nats-py's socket I/O are a large share of an agent's CPU per request
+    (bench/README.md). Only the agent's own process: a library never swaps the loop of an
+    application that embeds it (`Agent.serve` runs on whatever loop it is given)."""
+    factory = None
+    if uvloop:
+        try:
+            import uvloop as _uvloop  # optional: not every install has it
+        except ImportError:
+            log.debug("uvloop not installed: asyncio's own event loop")
+        else:
+            factory = _uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 @dataclass

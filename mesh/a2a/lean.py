@@ -29,12 +29,12 @@ and its vote signature (`mesh.agent`, the same function the SDK executor calls).
 
 What differs, by design: the task store gets one write (the final task) instead of one per
 state, and no `TaskEvent` rides with it; the reply is sent after that write is acknowledged
-(docs/bindings.md, "What is durable when"). MESH_A2A_LEAN=0 turns the lean path off.
+(docs/bindings.md, "What is durable when"). MESH_A2A_LEAN=0 (`Settings.a2a_lean`) turns the
+lean path off.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -57,8 +57,6 @@ from a2a.utils.proto_utils import validate_proto_required_fields
 
 if TYPE_CHECKING:
     from mesh.a2a.handler import MeshRequestHandler
-
-ENV = "MESH_A2A_LEAN"  # "0" turns the lean path off (every request through the SDK's handler)
 
 
 @dataclass(slots=True)
@@ -84,10 +82,6 @@ class Answerer(Protocol):
         """The outcome of `message` (its taskId and contextId already set), under the same
         span and with the same signature as the SDK path."""
         ...
-
-
-def enabled_by_env() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 class LeanSend:

@@ -50,7 +50,7 @@ from mesh.a2a.dispatch import MAX_BODY
 from mesh.a2a.grpc_server import GrpcListener
 from mesh.a2a.handler import MeshRequestHandler
 from mesh.a2a.http import http_app
-from mesh.a2a.lean import Answerer, LeanSend, enabled_by_env
+from mesh.a2a.lean import Answerer, LeanSend
 from mesh.a2a.nats import NatsBinding
 from mesh.a2a.push import Push, PushUrlPolicy
 from mesh.settings import Settings, get_settings
@@ -77,7 +77,7 @@ class A2AServer:
     at once.
 
     `answerer` (the agent runtime's executor) lets blocking SendMessage requests over NATS skip
-    a2a-sdk's per-request machinery (mesh.a2a.lean; MESH_A2A_LEAN=0 turns it off).
+    a2a-sdk's per-request machinery (mesh.a2a.lean); None: every request through the SDK.
 
     `auth` decides who may call (every method, on both transports; the public card stays
     public). Default: `Authenticator.from_settings(settings)` — bearer tokens checked against
@@ -127,9 +127,8 @@ class A2AServer:
             backlog=8 * max_concurrency if max_queue is None else max_queue,
             name="a2a requests",
         )
-        # The lean SendMessage over NATS (mesh.a2a.lean), when the executor can answer directly
-        # and MESH_A2A_LEAN is not 0.
-        lean = LeanSend(self.handler, answerer) if answerer and enabled_by_env() else None
+        # The lean SendMessage over NATS (mesh.a2a.lean), when the executor can answer directly.
+        lean = LeanSend(self.handler, answerer) if answerer is not None else None
         self._nats = NatsBinding(self.handler, self.auth, pool=self._pool, lean=lean)
 
     @property

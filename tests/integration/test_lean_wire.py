@@ -21,7 +21,6 @@ import pytest
 import pytest_asyncio
 
 from mesh import Agent
-from mesh.a2a import lean
 from mesh.a2a.lean import LeanSend
 from mesh.agent import RunningAgent
 from mesh.bus import Bus
@@ -71,13 +70,13 @@ async def pair(
 ) -> AsyncIterator[tuple[RunningAgent, RunningAgent]]:
     """(lean, sdk): the same agent twice, the second with the lean path off."""
     folder = tmp_path_factory.mktemp("cards")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(lean.ENV, "1")
-        async with _agent(folder, "lean-on").serve(mod_bus, http=False) as on:
-            mp.setenv(lean.ENV, "0")
-            async with _agent(folder, "lean-off").serve(mod_bus, http=False) as off:
-                mp.delenv(lean.ENV)
-                yield on, off
+    on_settings = mod_bus.settings.model_copy(update={"a2a_lean": True})
+    off_settings = mod_bus.settings.model_copy(update={"a2a_lean": False})
+    async with (
+        _agent(folder, "lean-on").serve(mod_bus, http=False, settings=on_settings) as on,
+        _agent(folder, "lean-off").serve(mod_bus, http=False, settings=off_settings) as off,
+    ):
+        yield on, off
 
 
 @pytest.fixture
