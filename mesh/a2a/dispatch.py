@@ -290,9 +290,8 @@ async def _unary(
     match method:
         case "SendMessage":
             if lean is not None and lean.eligible(params):
-                sent = await lean.send(params, context)
-            else:
-                sent = await handler.on_message_send(params, context)
+                return await lean.send(params, context)
+            sent = await handler.on_message_send(params, context)
             if isinstance(sent, pb.Task):
                 return MessageToDict(pb.SendMessageResponse(task=sent))
             return MessageToDict(pb.SendMessageResponse(message=sent))

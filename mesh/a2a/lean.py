@@ -35,6 +35,7 @@ lean path off.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -54,6 +55,15 @@ from a2a.types import (
     TaskStatus,
 )
 from a2a.utils.proto_utils import validate_proto_required_fields
+from google.api.field_behavior_pb2 import (  # type: ignore[import-untyped]
+    FieldBehavior,
+    field_behavior,
+)
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message as ProtoMessage
+
+from mesh.a2a.taskstore import JetStreamTaskStore
 
 if TYPE_CHECKING:
     from mesh.a2a.handler import MeshRequestHandler
@@ -90,6 +100,9 @@ class LeanSend:
     def __init__(self, handler: MeshRequestHandler, answerer: Answerer) -> None:
         self.handler = handler
         self.answerer = answerer
+        # The JSON of the tasks `_run` made, until `send` replies with it (made once, for the
+        # store and the reply).
+        self._rendered: dict[str, dict[str, Any]] = {}
 
     def eligible(self, params: SendMessageRequest) -> bool:
         """Whether `params` may take the lean path (the module doc lists the rules)."""
@@ -114,11 +127,16 @@ class LeanSend:
                 return False
         return self.answerer.immediate()
 
-    async def send(self, params: SendMessageRequest, context: ServerCallContext) -> Task | Message:
-        """SendMessage for an eligible request: idempotent by messageId exactly as the SDK path
-        (one map for both), then `_run`."""
-        validate_proto_required_fields(params)
-        return await self.handler.send_once(params, context, self._run)
+    async def send(self, params: SendMessageRequest, context: ServerCallContext) -> dict[str, Any]:
+        """SendMessage for an eligible request, as the JSON-RPC `result`: idempotent by messageId
+        exactly as the SDK path (one map for both), then `_run`."""
+        if not _required_fields_set(params):
+            validate_proto_required_fields(params)  # raises the SDK's own error for it
+        sent = await self.handler.send_once(params, context, self._run)
+        if isinstance(sent, Message):  # a repeat of a message the SDK path answered with one
+            return {"message": MessageToDict(sent)}
+        rendered = self._rendered.pop(sent.id, None)
+        return {"task": rendered if rendered is not None else MessageToDict(sent)}
 
     async def _run(self, params: SendMessageRequest, context: ServerCallContext) -> Task:
         task_id = str(uuid.uuid4())
@@ -151,12 +169,88 @@ class LeanSend:
                     metadata=outcome.artifact_metadata,
                 )
             )
+        # The task's JSON, made once: the reply and the stored record both carry it.
+        rendered = MessageToDict(task)
         store = self.handler.versioned_store
         # One write, the final task, acknowledged before the reply goes (docs/bindings.md).
-        version = await store.save(
-            task, event=None, prev=None, prev_version=TaskVersion.MISSING, context=context
-        )
+        if isinstance(store, JetStreamTaskStore):
+            version = await store.create(task, rendered, context)
+        else:
+            version = await store.save(
+                task, event=None, prev=None, prev_version=TaskVersion.MISSING, context=context
+            )
         stream = self.handler.event_stream
         if stream is not None:  # SubscribeToTask on other replicas (a no-op for JetStream's)
             await stream.publish(task_id, VersionedEvent(event=task, version=version))
+        if len(self._rendered) >= _RENDERED_MAX:  # only a caller cancelled mid-way leaves one
+            self._rendered.clear()
+        self._rendered[task_id] = rendered
         return task
+
+
+_RENDERED_MAX = 1024
+
+
+@functools.cache
+def _plan(desc: Descriptor) -> tuple[tuple[FieldDescriptor, ...], tuple[FieldDescriptor, ...]]:
+    """(the REQUIRED fields of `desc`, its message fields whose type has REQUIRED fields
+    somewhere below): a2a-sdk's `validate_proto_required_fields` walks every field of every
+    message, the data parts' Structs included, by reflection; the answer only depends on these."""
+    required = tuple(
+        f
+        for f in desc.fields
+        if FieldBehavior.REQUIRED in f.GetOptions().Extensions[field_behavior]
+    )
+    below = tuple(
+        f
+        for f in desc.fields
+        if f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_required(f.message_type, set())
+    )
+    return required, below
+
+
+def _reaches_required(desc: Descriptor, seen: set[str]) -> bool:
+    if desc.full_name in seen:
+        return False
+    seen.add(desc.full_name)
+    for f in desc.fields:
+        if FieldBehavior.REQUIRED in f.GetOptions().Extensions[field_behavior]:
+            return True
+        if f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_required(f.message_type, seen):
+            return True
+    return False
+
+
+def _required_fields_set(msg: ProtoMessage) -> bool:
+    """True when `validate_proto_required_fields(msg)` would find nothing to complain about
+    (the same rules, on the fields `_plan` keeps); False: let it say what is missing."""
+    required, below = _plan(msg.DESCRIPTOR)
+    for f in required:
+        value = getattr(msg, f.name)
+        if _repeated(f):
+            if not value:
+                return False
+        elif f.has_presence:
+            if not msg.HasField(f.name):
+                return False
+        elif value == f.default_value:
+            return False
+    for f in below:
+        value = getattr(msg, f.name)
+        if not _repeated(f):
+            if msg.HasField(f.name) and not _required_fields_set(value):
+                return False
+        elif f.message_type.GetOptions().map_entry:
+            items = [v for v in value.values() if isinstance(v, ProtoMessage)]
+            if not all(_required_fields_set(v) for v in items):
+                return False
+        elif not all(_required_fields_set(v) for v in value):
+            return False
+    return True
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    is_repeated = getattr(field, "is_repeated", None)  # protobuf >= 6.31
+    if is_repeated is not None:
+        return bool(is_repeated)
+    return bool(field.label == FieldDescriptor.LABEL_REPEATED)

@@ -133,6 +133,9 @@ CORPUS: list[tuple[str, bytes, dict[str, str], bool]] = [
     ("unknown-fields", _rpc("SendMessage", {"message": _message("m-unk"), "zzz": 1}), V1, True),
     ("string-id", _rpc("SendMessage", {"message": _message("m-sid")}, rid="abc"), V1, True),
     ("null-id", _rpc("SendMessage", {"message": _message("m-nid")}, rid=None), V1, True),
+    # Eligible, and refused by the SDK's own required-field check on both paths:
+    ("no-message-id", _send("", parts=[{"data": {"n": 1}}]), V1, True),
+    ("empty-part", _send("m-emptypart", parts=[{}]), V1, True),
     # The SDK's, on both agents:
     ("empty-text", _send("m-empty", parts=[{"text": ""}]), V1, False),
     ("no-parts", _send("m-noparts", parts=[]), V1, False),

@@ -11,10 +11,12 @@ import pytest
 import uvloop
 from a2a.server.context import ServerCallContext
 from a2a.types import Message, SendMessageRequest
+from a2a.utils.errors import InvalidParamsError
+from a2a.utils.proto_utils import validate_proto_required_fields
 from google.protobuf.json_format import ParseDict
 
 from mesh.a2a.handler import MeshRequestHandler
-from mesh.a2a.lean import LeanSend, Outcome
+from mesh.a2a.lean import LeanSend, Outcome, _required_fields_set
 from mesh.agent import _run
 
 
@@ -113,3 +115,29 @@ def test_agent_process_runs_on_uvloop_unless_turned_off() -> None:
     _run(main(), uvloop=False)
     assert isinstance(loops[0], uvloop.Loop)
     assert not isinstance(loops[1], uvloop.Loop)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {},
+        {"messageId": ""},
+        {"parts": [{}]},
+        {"parts": [{"data": {"deep": [{"x": None}, {"y": {"z": []}}]}}]},
+        {"parts": [{"url": "https://example.com/x"}, {"raw": "AAEC"}]},
+        {"parts": [{"text": "t", "metadata": {"k": "v"}}]},
+        {"metadata": {"tenant": "t"}, "contextId": "c"},
+    ],
+    ids=["complete", "no-message-id", "empty-part", "deep-data", "url-raw", "part-meta", "meta"],
+)
+def test_required_field_check_agrees_with_the_sdk(message: dict[str, Any]) -> None:
+    """The lean path's cached check (lean._required_fields_set) finds a missing REQUIRED field
+    exactly when a2a-sdk's validator does (which then raises its own error for it)."""
+    params = _params(message)
+    try:
+        validate_proto_required_fields(params)
+    except InvalidParamsError:
+        sdk_ok = False
+    else:
+        sdk_ok = True
+    assert _required_fields_set(params) is sdk_ok
