@@ -40,6 +40,7 @@ from a2a.server.context import ServerCallContext
 from a2a.server.events import EventQueue
 from a2a.server.tasks import InMemoryTaskStore, TaskStore, TaskUpdater
 from a2a.types import AgentCard, Message, Part, TaskState
+from google.protobuf import struct_pb2
 from opentelemetry.trace import SpanKind
 
 from mesh import subjects, telemetry
@@ -428,7 +429,7 @@ class _Executor(AgentExecutor):
         question = self.votes.question(message.message_id, dict(message.metadata))
         return Outcome(
             TaskState.TASK_STATE_COMPLETED,
-            artifact_parts=[new_data_part(output, media_type="application/json")],
+            artifact_parts=[_data_part(output)],
             artifact_name=_type_name(self.agent.output_type).lower(),
             artifact_metadata={
                 "brain": thought.brain,
@@ -459,6 +460,23 @@ def _payload(message: Any) -> Any:
         return msgspec.json.decode(text)
     except msgspec.DecodeError:
         raise InputError("the message text is not JSON; send a data part or JSON text") from None
+
+
+def _data_part(data: Any) -> Part:
+    """`a2a.helpers.new_data_part(data, media_type="application/json")` for a JSON value
+    (what `msgspec.to_builtins` returns), built with `Struct.update`/`ListValue.extend` instead
+    of json_format's parser: the same Value (tests/unit/test_lean_eligible.py checks it), in
+    about half the CPU, on every vote of both paths."""
+    value = struct_pb2.Value()
+    if isinstance(data, dict):
+        value.struct_value.SetInParent()  # `{}` is a Struct, not an unset Value
+        value.struct_value.update(data)
+    elif isinstance(data, list | tuple):
+        value.list_value.SetInParent()
+        value.list_value.extend(data)
+    else:
+        return new_data_part(data, media_type="application/json")
+    return Part(data=value, media_type="application/json")
 
 
 def _type_name(t: Any) -> str:

@@ -9,15 +9,18 @@ from typing import Any, cast
 
 import pytest
 import uvloop
+from a2a.helpers import new_data_part
 from a2a.server.context import ServerCallContext
 from a2a.types import Message, SendMessageRequest
 from a2a.utils.errors import InvalidParamsError
 from a2a.utils.proto_utils import validate_proto_required_fields
 from google.protobuf.json_format import ParseDict
+from hypothesis import HealthCheck, given, settings
 
 from mesh.a2a.handler import MeshRequestHandler
 from mesh.a2a.lean import LeanSend, Outcome, _required_fields_set
-from mesh.agent import _run
+from mesh.agent import _data_part, _run
+from tests.support import strategies
 
 
 class _Handler:
@@ -141,3 +144,14 @@ def test_required_field_check_agrees_with_the_sdk(message: dict[str, Any]) -> No
     else:
         sdk_ok = True
     assert _required_fields_set(params) is sdk_ok
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    strategies.json_values(strategies.json_scalars(int_bits=64, text=12), key=8, width=4, leaves=20)
+)
+def test_vote_data_part_is_the_sdk_helpers(value: Any) -> None:
+    """The runtime's data part (mesh.agent._data_part, on every vote of both paths) is the
+    Part a2a-sdk's `new_data_part` builds, for any JSON value (`==` on protobuf messages
+    compares presence too: `[]` and `{}` are set values, not an empty Value)."""
+    assert _data_part(value) == new_data_part(value, media_type="application/json")
