@@ -83,6 +83,8 @@ class MeshRequestHandler(DefaultRequestHandler):  # type: ignore[misc]
             # A stream stopped early (a caller that hung up) closes the SDK's stream at once.
             await events.aclose()
 
+    # The lean SendMessage (mesh.a2a.lean) needs three things a2a-sdk keeps private: read here,
+    # in the one subclass that adapts the SDK's handler, and nowhere else.
     @property
     def versioned_store(self) -> VersionedTaskStore:
         """The store the SDK writes tasks through (a plain store wrapped in a versioned one)."""

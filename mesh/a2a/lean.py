@@ -130,13 +130,19 @@ class LeanSend:
     async def send(self, params: SendMessageRequest, context: ServerCallContext) -> dict[str, Any]:
         """SendMessage for an eligible request, as the JSON-RPC `result`: idempotent by messageId
         exactly as the SDK path (one map for both), then `_run`."""
-        if not _required_fields_set(params):
-            validate_proto_required_fields(params)  # raises the SDK's own error for it
-        sent = await self.handler.send_once(params, context, self._run)
+        sent = await self.handler.send_once(params, context, self._checked)
         if isinstance(sent, Message):  # a repeat of a message the SDK path answered with one
             return {"message": MessageToDict(sent)}
         rendered = self._rendered.pop(sent.id, None)
         return {"task": rendered if rendered is not None else MessageToDict(sent)}
+
+    async def _checked(self, params: SendMessageRequest, context: ServerCallContext) -> Task:
+        # Where the SDK checks them (its `validate_request_params`, inside `on_message_send`):
+        # after the required extensions and the de-duplication, so a request broken twice gets
+        # the same error on both paths.
+        if not _required_fields_set(params):
+            validate_proto_required_fields(params)  # raises the SDK's own error for it
+        return await self._run(params, context)
 
     async def _run(self, params: SendMessageRequest, context: ServerCallContext) -> Task:
         task_id = str(uuid.uuid4())

@@ -58,8 +58,16 @@ def review(ask: Ask) -> Answer:
     return Answer(ask.vote, ask.n * 2, ask.note)
 
 
-def _agent(folder: Path, name: str) -> Agent:
-    agent = Agent(name, card=write_card(folder, name, "lean-skill"))
+EXTENSION = "https://example.com/ext/lean-test/v1"
+
+
+def _agent(folder: Path, name: str, *, extension: bool = False) -> Agent:
+    card = write_card(folder, name, "lean-skill")
+    if extension:  # a card that requires an extension of its callers (A2A 1.0 §3.3.4)
+        doc = json.loads(card.read_text())
+        doc["capabilities"]["extensions"] = [{"uri": EXTENSION, "required": True}]
+        card.write_text(json.dumps(doc))
+    agent = Agent(name, card=card)
     agent.rules(review)
     return agent
 
@@ -75,6 +83,25 @@ async def pair(
     async with (
         _agent(folder, "lean-on").serve(mod_bus, http=False, settings=on_settings) as on,
         _agent(folder, "lean-off").serve(mod_bus, http=False, settings=off_settings) as off,
+    ):
+        yield on, off
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def ext_pair(
+    mod_bus: Bus, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[RunningAgent, RunningAgent]]:
+    """(lean, sdk) for an agent whose card requires an extension."""
+    folder = tmp_path_factory.mktemp("ext-cards")
+    on_settings = mod_bus.settings.model_copy(update={"a2a_lean": True})
+    off_settings = mod_bus.settings.model_copy(update={"a2a_lean": False})
+    async with (
+        _agent(folder, "ext-on", extension=True).serve(
+            mod_bus, http=False, settings=on_settings
+        ) as on,
+        _agent(folder, "ext-off", extension=True).serve(
+            mod_bus, http=False, settings=off_settings
+        ) as off,
     ):
         yield on, off
 
@@ -266,6 +293,34 @@ async def test_lean_and_sdk_paths_answer_the_same_bytes(  # noqa: PLR0917
         over_lean
         == json.dumps(json.loads(over_lean), ensure_ascii=False, separators=(",", ":")).encode()
     )
+
+
+EXT = {**V1, "A2A-Extensions": EXTENSION}
+EXT_CORPUS: list[tuple[str, bytes, dict[str, str]]] = [
+    ("declared", _send("x-ok"), EXT),
+    ("not-declared", _send("x-missing"), V1),
+    ("another-declared", _send("x-other"), {**V1, "A2A-Extensions": "https://example.com/x"}),
+    # Broken twice: the extension is checked first on both paths.
+    ("not-declared-no-message-id", _send(""), V1),
+    ("declared-no-message-id", _send(""), EXT),
+]
+
+
+@pytest.mark.parametrize(
+    "body, headers", [c[1:] for c in EXT_CORPUS], ids=[c[0] for c in EXT_CORPUS]
+)
+async def test_required_extensions_alike_on_both_paths(
+    mod_bus: Bus,
+    ext_pair: tuple[RunningAgent, RunningAgent],
+    lean_calls: list[str],
+    body: bytes,
+    headers: dict[str, str],
+) -> None:
+    on, off = ext_pair
+    over_lean = await _ask(mod_bus, on, body, headers)
+    assert lean_calls, "the lean path did not take it"
+    over_sdk = await _ask(mod_bus, off, body, headers)
+    assert normalised(over_lean) == normalised(over_sdk)
 
 
 async def test_repeat_returns_the_first_task_on_both_paths(
