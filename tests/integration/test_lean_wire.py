@@ -44,6 +44,7 @@ class Ask(msgspec.Struct):
     n: int = 0
     note: str = ""
     fail: bool = False
+    crash: bool = False
 
 
 class Answer(msgspec.Struct):
@@ -55,6 +56,8 @@ class Answer(msgspec.Struct):
 def review(ask: Ask) -> Answer:
     if ask.fail:
         raise MeshError("asked to fail")
+    if ask.crash:
+        raise RuntimeError("a bug in the handler")
     return Answer(ask.vote, ask.n * 2, ask.note)
 
 
@@ -156,6 +159,7 @@ CORPUS: list[tuple[str, bytes, dict[str, str], bool]] = [
     ("not-json-text", _send("m-nojson", parts=[{"text": "not json"}]), V1, True),
     ("wrong-type", _send("m-wrong", parts=[{"data": {"n": "three"}}]), V1, True),
     ("handler-fails", _send("m-fail", parts=[{"data": {"fail": True}}]), V1, True),
+    ("handler-crashes", _send("m-crash", parts=[{"data": {"crash": True}}]), V1, True),
     ("two-parts", _send("m-two", parts=[{"text": "x"}, {"data": {"n": 5}}]), V1, True),
     ("unknown-fields", _rpc("SendMessage", {"message": _message("m-unk"), "zzz": 1}), V1, True),
     ("string-id", _rpc("SendMessage", {"message": _message("m-sid")}, rid="abc"), V1, True),
