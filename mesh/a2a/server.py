@@ -17,6 +17,7 @@ alike: same callers, same validation, same error codes, same task store. What si
     push.py      push notifications and the webhook URL policy (SSRF guard)
     http.py      the HTTP binding: Starlette routes, body limit, SSE, the card route
     nats.py      the NATS binding: admission, progress keep-alives, stream frames, cancel
+    lean.py      blocking SendMessage over NATS without a2a-sdk's per-request task machinery
     rest.py      HTTP+JSON: a2a-sdk's REST routes behind the same auth, admission, body limit
     grpc_server.py  gRPC: a2a-sdk's servicer behind the same auth and admission, its own port
 
