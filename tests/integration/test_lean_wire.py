@@ -11,6 +11,7 @@ signature's time and bytes (the signature covers its own time).
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -362,3 +363,76 @@ async def test_lean_vote_is_signed_by_the_instance(
     assert refusal(asked, output, signed, binding) is None
     other = msgspec.structs.replace(asked, event_id="ev-2")
     assert refusal(other, output, signed, binding) is not None
+
+
+# -- fuzz: random messages, same answers ----------------------------------------------------------
+_KEYS = ["vote", "n", "note", "fail", "x", "", "ü", "a.b", "1"]
+
+
+def _value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.random() < 0.5
+    if kind == 2:
+        return rng.choice([0, 1, -1, 3, 2**31, 2**53 + 1, -(2**63), 10**20])
+    if kind == 3:
+        return rng.choice([0.5, -0.0, 1e-7, 1e300, 3.0, 2.5e16, -123.456])
+    if kind in (4, 5):
+        return "".join(
+            rng.choice('aZ09 "\\/\u00e9\u2028\U0001f600{}') for _ in range(rng.randrange(6))
+        )
+    if kind in (6, 7):
+        return {rng.choice(_KEYS): _value(rng, depth + 1) for _ in range(rng.randrange(4))}
+    return [_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+
+
+def _part(rng: random.Random) -> dict[str, Any]:
+    choice = rng.randrange(5)
+    if choice == 0:
+        return {"text": json.dumps(_value(rng))}
+    if choice == 1:
+        return {"text": rng.choice(["x", " ", "{", "[1, 2]", '"s"'])}
+    part: dict[str, Any] = {"data": _value(rng)}
+    if rng.random() < 0.5:
+        part["mediaType"] = rng.choice(["application/json", "text/plain", ""])
+    if rng.random() < 0.2:
+        part["metadata"] = {"k": _value(rng)}
+    return part
+
+
+def _fuzzed(rng: random.Random, i: int) -> bytes:
+    message: dict[str, Any] = {
+        "role": "ROLE_USER",
+        "messageId": f"fuzz-{i}",
+        "parts": [_part(rng) for _ in range(rng.randrange(1, 3))],
+    }
+    if rng.random() < 0.5:
+        message["metadata"] = {rng.choice(["tenant", "eventId", "skill", "z"]): _value(rng)}
+    if rng.random() < 0.2:
+        message["contextId"] = f"ctx-fuzz-{i}"
+    if rng.random() < 0.1:
+        message["unknownField"] = _value(rng)
+    rid: Any = rng.choice([i, f"r{i}", None])
+    return _rpc("SendMessage", {"message": message}, rid=rid)
+
+
+FUZZ_SEED = 14
+FUZZ_CASES = 80
+
+
+async def test_random_messages_answer_alike_on_both_paths(
+    mod_bus: Bus, pair: tuple[RunningAgent, RunningAgent], lean_calls: list[str]
+) -> None:
+    """Seeded random messages (nested data of every JSON type, odd numbers and strings, text
+    parts that are or are not JSON, metadata, unknown fields): the lean path takes every one,
+    and answers each as the SDK path does."""
+    rng = random.Random(FUZZ_SEED)
+    on, off = pair
+    for i in range(FUZZ_CASES):
+        body = _fuzzed(rng, i)
+        over_lean = await _ask(mod_bus, on, body, V1)
+        over_sdk = await _ask(mod_bus, off, body, V1)
+        assert normalised(over_lean) == normalised(over_sdk), body
+    assert len(lean_calls) == FUZZ_CASES
