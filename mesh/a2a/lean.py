@@ -5,7 +5,8 @@ and one task-store write per event (submitted, artifact, completed): ~55% of an 
 request and three KV round trips on the reply's path (bench/README.md). For the requests that
 need none of it — a new task, answered at once by a deterministic handler — `LeanSend` runs the
 agent's answer directly, builds the final Task once, writes it to the task store once, and
-returns it; `mesh.a2a.dispatch` encodes it exactly as it encodes the SDK's Task.
+returns its JSON (made once, for the reply and the stored record alike); `mesh.a2a.dispatch`
+frames it exactly as it frames the SDK's Task.
 
 Eligibility (`eligible`), everything else goes to the SDK's handler unchanged:
 
@@ -24,13 +25,17 @@ Eligibility (`eligible`), everything else goes to the SDK's handler unchanged:
 What it keeps from the SDK path, by running the same code: JSON-RPC validation, the A2A-Version
 check, params parsing and the error mapping (`dispatch`); authentication (the binding, before the
 dispatch); required extensions and messageId idempotency (`MeshRequestHandler.send_once`, the
-same de-duplication map both paths share); the proto-required-field check; the agent's answer
-and its vote signature (`mesh.agent`, the same function the SDK executor calls).
+same de-duplication map both paths share); the agent's answer and its vote signature
+(`mesh.agent`, the same function the SDK executor calls). The SDK's required-field check runs
+at the same point as on the SDK path, on a cached plan of the fields that can fail it (the SDK's
+walks every Struct value by reflection); when something is missing, the SDK's own check raises
+its error.
 
 What differs, by design: the task store gets one write (the final task) instead of one per
-state, and no `TaskEvent` rides with it; the reply is sent after that write is acknowledged
-(docs/bindings.md, "What is durable when"). MESH_A2A_LEAN=0 (`Settings.a2a_lean`) turns the
-lean path off.
+state, and no `TaskEvent` rides with it; a2a-sdk's own request-handler spans (its
+`trace_class`) are not made, the agent's `invoke_agent` span is; the reply is sent after that
+write is acknowledged (docs/bindings.md, "What is durable when"). MESH_A2A_LEAN=0
+(`Settings.a2a_lean`) turns the lean path off.
 """
 
 from __future__ import annotations
