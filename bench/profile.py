@@ -109,6 +109,12 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "a2a/utils/telemetry.py:",
         ),
     ),
+    # Before a2a-sdk's: its pattern ("a2a/") would also take the mesh's own mesh/a2a/ frames.
+    ("mesh A2A code (mesh/a2a: binding, dispatch, lean path)", ("mesh/a2a/",)),
+    (
+        "mesh agent runtime and votes (mesh/agent.py, mesh/votes.py)",
+        ("mesh/agent.py", "mesh/votes.py", "mesh/identity.py"),
+    ),
     ("a2a-sdk request handler / task manager / event queue", ("a2a/", "aiologic", "culsans")),
     ("starlette / uvicorn / h11 (HTTP)", ("starlette/", "uvicorn/", "h11/", "httptools")),
     ("logging", ("logging/",)),

@@ -7,7 +7,9 @@
 (c) A2A over HTTP: the same agent process's uvicorn endpoint, httpx keep-alive client,
     header `A2A-Version: 1.0` (and a minimal client, to show what httpx itself costs).
 
-Two agent processes: `bench-echo` exactly as shipped (JetStream KV task store), and
+Three agent processes: `bench-echo` exactly as shipped (JetStream KV task store; blocking
+SendMessage over NATS on the lean path, mesh/a2a/lean.py), `bench-echo-sdk` with
+`MESH_A2A_LEAN=0` (every request through a2a-sdk's handler, as before the lean path), and
 `bench-echo-mem` with `MESH_TASK_STORE=memory` — what the A2A stack costs without the KV writes.
 
 Latency at concurrency 1 and throughput at concurrency 32 are measured in interleaved rounds
@@ -43,6 +45,7 @@ from tests.support.waits import all_alive, eventually
 RAW_SUBJECT = "bench.raw"
 AGENT = "bench-echo"
 AGENT_MEM = "bench-echo-mem"
+AGENT_SDK = "bench-echo-sdk"
 PAYLOAD = {"id": "bench-transport", "blob": "x" * 960}  # the data part: ~1 KiB of JSON
 
 
@@ -233,9 +236,12 @@ async def _start_agents(procs: ProcessMesh, bus: Bus) -> dict[str, tuple[int, st
     children = [
         procs.voter(AGENT, AGENT),
         procs.voter(AGENT_MEM, AGENT_MEM, env={"MESH_TASK_STORE": "memory"}),
+        procs.voter(AGENT_SDK, AGENT_SDK, env={"MESH_A2A_LEAN": "0"}),
     ]
     pids = [c.proc.pid for c in children]
-    await procs.wait_agents(bus, [AGENT, AGENT_MEM], pids=pids, alive=all_alive(*children))
+    await procs.wait_agents(
+        bus, [AGENT, AGENT_MEM, AGENT_SDK], pids=pids, alive=all_alive(*children)
+    )
     out = {}
     for r in await Registry(bus).live():
         if r.pid in pids:
@@ -300,7 +306,8 @@ async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[s
         raw_child = await _start_raw(procs, bus, reply.data, probe)
         note(
             f"request {len(probe)} B, reply {len(reply.data)} B; agent pid {agents[AGENT][0]} "
-            f"(as shipped), {agents[AGENT_MEM][0]} (memory store), "
+            f"(as shipped), {agents[AGENT_SDK][0]} (SDK path), "
+            f"{agents[AGENT_MEM][0]} (memory store), "
             f"raw responder {raw_child.proc.pid}"
         )
 
@@ -342,12 +349,20 @@ async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[s
 
             return call
 
-        agent_proc = Proc(agents[AGENT][0], AGENT)
-        mem_proc = Proc(agents[AGENT_MEM][0], AGENT_MEM)
+        agent_proc, mem_proc, sdk_proc = (
+            Proc(agents[a][0], a) for a in (AGENT, AGENT_MEM, AGENT_SDK)
+        )
         url, mem_url = agents[AGENT][1], agents[AGENT_MEM][1]
         plan: list[tuple[Stats, Call]] = [
             (Stats("raw_nats", "raw nats-py request/reply (floor)", Proc(raw_child.proc.pid)), raw),
-            (Stats("a2a_nats", "A2A over NATS (as shipped)", agent_proc), a2a_nats(AGENT)),
+            (
+                Stats("a2a_nats", "A2A over NATS (as shipped: lean path)", agent_proc),
+                a2a_nats(AGENT),
+            ),
+            (
+                Stats("a2a_nats_sdk", "A2A over NATS, SDK path (MESH_A2A_LEAN=0)", sdk_proc),
+                a2a_nats(AGENT_SDK),
+            ),
             (Stats("a2a_http", "A2A over HTTP (as shipped)", agent_proc), a2a_http(url)),
             (
                 Stats("a2a_http_rawclient", "A2A over HTTP, minimal client", agent_proc),
@@ -362,7 +377,7 @@ async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[s
                 a2a_http(mem_url),
             ),
         ]
-        rss_line = await _measure_rss(opts, plan, nats, [agent_proc, mem_proc])
+        rss_line = await _measure_rss(opts, plan, nats, [agent_proc, mem_proc, sdk_proc])
         profiles_md, profiles = "", {}
         if opts.profile:
             profiles_md, profiles = await _profile(opts, plan, procs.work, nats)
@@ -425,7 +440,7 @@ async def _profile(
     seconds = 3.0 if opts.short else 8.0
     parts: list[str] = []
     out: dict[str, Any] = {}
-    wanted = {"a2a_nats", "a2a_nats_mem", "a2a_http"}
+    wanted = {"a2a_nats", "a2a_nats_sdk", "a2a_nats_mem", "a2a_http"}
     for st, call in plan:
         if st.name not in wanted:
             continue

@@ -32,7 +32,7 @@ import inspect
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast, get_type_hints
@@ -40,14 +40,17 @@ from typing import Any, cast, get_type_hints
 import msgspec
 from a2a.helpers import get_data_parts, get_message_text, new_data_part, new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.context import ServerCallContext
 from a2a.server.events import EventQueue
 from a2a.server.tasks import InMemoryTaskStore, TaskStore, TaskUpdater
-from a2a.types import AgentCard, Part
+from a2a.types import AgentCard, Message, Part, TaskState
+from google.protobuf import struct_pb2
 from opentelemetry.trace import SpanKind
 
 from mesh import budget, subjects, telemetry
 from mesh._internal import http as http_server
 from mesh.a2a.auth import Authenticator
+from mesh.a2a.lean import Outcome
 from mesh.a2a.server import A2AServer, GrpcListener
 from mesh.a2a.taskstore import JetStreamTaskStore
 from mesh.bus import Bus
@@ -242,20 +245,24 @@ class Agent:
             )
             # Re-signed in place while we run (a new expiry): HTTP serves the same object.
             bound = registry.bind(live, instance, direct_subject=direct, key=key)
+            executor = _Executor(
+                self,
+                brain,
+                VoteSigner(self.name, instance, key),
+                ledger=budget.BudgetLedger(bus, settings=settings),
+                bus=bus,
+            )
             server = A2AServer(
                 bound.card,
-                _Executor(
-                    self,
-                    brain,
-                    VoteSigner(self.name, instance, key),
-                    ledger=budget.BudgetLedger(bus, settings=settings),
-                    bus=bus,
-                ),
+                executor,
                 task_store=store,
                 push_allow_private=settings.push_allow_private,
                 auth=auth,
                 # Any replica can follow a task another replica runs (SubscribeToTask).
                 event_stream=store.events() if isinstance(store, JetStreamTaskStore) else None,
+                # Blocking SendMessage over NATS skips a2a-sdk's per-request machinery when the
+                # brain answers at once (mesh.a2a.lean; MESH_A2A_LEAN=0 turns it off).
+                answerer=executor if settings.a2a_lean else None,
             )
             if sock is not None:
                 await stack.enter_async_context(http_server.serving(server, sock))
@@ -293,7 +300,7 @@ class Agent:
         configure()
         telemetry.setup(f"mesh-agent-{self.name}")
         try:
-            asyncio.run(self._run_forever())
+            _run(self._run_forever(), uvloop=get_settings().uvloop)
         except MeshError as e:
             log.error("%s", e)
             raise SystemExit(2) from None
@@ -308,6 +315,23 @@ class Agent:
         async with self.serve():
             await stop.wait()
             log.info("agent %s: stopping (draining in-flight work)", self.name)
+
+
+def _run(main: Coroutine[Any, Any, None], *, uvloop: bool) -> None:
+    """`asyncio.run(main)`, on uvloop when it is installed and `uvloop` (MESH_UVLOOP) is on: the
+    event loop and nats-py's socket I/O are a large share of an agent's CPU per request
+    (bench/README.md). Only the agent's own process: a library never swaps the loop of an
+    application that embeds it (`Agent.serve` runs on whatever loop it is given)."""
+    factory = None
+    if uvloop:
+        try:
+            import uvloop as _uvloop  # optional: not every install has it
+        except ImportError:
+            log.debug("uvloop not installed: asyncio's own event loop")
+        else:
+            factory = _uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 @dataclass
@@ -331,7 +355,11 @@ async def _task_store(bus: Bus, agent: str, settings: Settings) -> TaskStore | J
 
 
 class _Executor(AgentExecutor):
-    """Turns an A2A message into one handler call and a task with a typed artifact."""
+    """Turns an A2A message into one handler call and a task with a typed artifact.
+
+    Two ways in, one answer (`_outcome`): a2a-sdk's executor interface (`execute`, events through
+    a TaskUpdater) and the lean SendMessage over NATS (`answer`, mesh.a2a.lean), which builds the
+    task itself from the same outcome."""
 
     def __init__(
         self,
@@ -349,11 +377,19 @@ class _Executor(AgentExecutor):
         self.bus = bus
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        message = context.message
+        assert message is not None
+        with self._span(context.call_context, message, context.context_id or ""):
+            await self._execute(message, context, event_queue)
+
+    @contextlib.contextmanager
+    def _span(
+        self, call: ServerCallContext | None, message: Message, context_id: str
+    ) -> Iterator[None]:
         """One task, under an `invoke_agent` server span that continues the caller's trace (the
         request headers carry it, over HTTP and over NATS alike)."""
-        call = context.call_context
         headers = (call.state.get("headers") if call is not None else None) or {}
-        metadata = dict(context.message.metadata) if context.message is not None else {}
+        metadata = dict(message.metadata)
         labels = {"agent": self.agent.name, "tenant": str(metadata.get("tenant", ""))}
         token = telemetry.call_labels.set(labels)
         try:
@@ -364,10 +400,12 @@ class _Executor(AgentExecutor):
                 attributes={
                     telemetry.GEN_AI_OPERATION: "invoke_agent",
                     telemetry.GEN_AI_AGENT_NAME: self.agent.name,
-                    telemetry.GEN_AI_CONVERSATION_ID: context.context_id or "",
+                    telemetry.GEN_AI_CONVERSATION_ID: context_id,
                     "mesh.event.id": str(metadata.get("eventId", "")),
                 },
             ):
+                # The event's budget, hops and headers, for model calls and delegations
+                # made while answering (both paths: the SDK's and the lean one).
                 scope = budget.CallScope(
                     tenant=labels["tenant"],
                     event_id=str(metadata.get("eventId", "")),
@@ -380,57 +418,79 @@ class _Executor(AgentExecutor):
                 )
                 scope_token = budget.current.set(scope)
                 try:
-                    await self._execute(context, event_queue)
+                    yield
                 finally:
                     budget.current.reset(scope_token)
         finally:
             telemetry.call_labels.reset(token)
 
-    async def _execute(self, context: RequestContext, event_queue: EventQueue) -> None:
-        message = context.message
-        assert message is not None
+    async def _execute(
+        self, message: Message, context: RequestContext, event_queue: EventQueue
+    ) -> None:
         # a2a-sdk requires the Task to be enqueued before any status update.
         task = context.current_task or new_task_from_user_message(message)
         await event_queue.enqueue_event(task)
         updater = TaskUpdater(event_queue, task.id, task.context_id)
+        outcome = await self._outcome(message, updater.start_work)
+        if outcome.artifact_parts:
+            await updater.add_artifact(
+                outcome.artifact_parts,
+                name=outcome.artifact_name,
+                metadata=outcome.artifact_metadata,
+            )
+        reason = updater.new_agent_message(outcome.reason) if outcome.reason else None
+        await updater.update_status(outcome.state, message=reason)
+
+    # -- the lean path (mesh.a2a.lean.Answerer) -------------------------------------------------
+    def immediate(self) -> bool:
+        """Rules (and an events-only agent's rejection) answer at once; a model does not."""
+        brain = self.agent._override or self.brain
+        return brain is None or isinstance(brain, RulesBrain)
+
+    async def answer(self, message: Message, context: ServerCallContext) -> Outcome:
+        with self._span(context, message, message.context_id):
+            return await self._outcome(message, None)
+
+    async def _outcome(
+        self, message: Message, start_work: Callable[[], Awaitable[None]] | None
+    ) -> Outcome:
+        """What the agent answers `message`; `start_work` marks the task working before a
+        model is asked (the SDK path's `working` state)."""
         brain = self.agent._override or self.brain  # Agent.override, read per message
         if brain is None:
             types = ", ".join(h.event_type for h in self.agent.event_handlers)
             text = f"{self.agent.name} only reacts to events ({types}); it takes no messages"
-            await updater.reject(updater.new_agent_message([Part(text=text)]))
-            return
+            return Outcome(TaskState.TASK_STATE_REJECTED, reason=[Part(text=text)])
         try:
             payload = self.agent.decode_input(_payload(message))
         except InputError as e:
-            await updater.reject(updater.new_agent_message([Part(text=str(e))]))
-            return
-        if not isinstance(brain, RulesBrain):
+            return Outcome(TaskState.TASK_STATE_REJECTED, reason=[Part(text=str(e))])
+        if start_work is not None and not isinstance(brain, RulesBrain):
             # A model call takes seconds: say so. Rules answer at once, and each status is a
             # task-store write, so they go straight from submitted to completed.
-            await updater.start_work()
+            await start_work()
         try:
             thought = await brain.think(payload)
         except BudgetExceededError as e:
             if self.agent.output_type is not Verdict:
                 text = f"{BUDGET_EXCEEDED}: {e.message}"
-                await updater.failed(updater.new_agent_message([Part(text=text)]))
-                return
+                return Outcome(TaskState.TASK_STATE_FAILED, reason=[Part(text=text)])
             # A signed answer, so the coordinator counts it (as an abstention) and does not
             # retry a call that would be refused again; `brain` tells the policy why.
             thought = Thought(
                 output=Verdict.abstain(f"{BUDGET_EXCEEDED}: {e.message}"), brain=BUDGET_EXCEEDED
             )
         except MeshError as e:
-            await updater.failed(updater.new_agent_message([Part(text=f"{brain.name}: {e}")]))
-            return
+            return Outcome(TaskState.TASK_STATE_FAILED, reason=[Part(text=f"{brain.name}: {e}")])
         output = msgspec.to_builtins(thought.output)
         # Signed by this instance for the question as asked (mesh.votes): the coordinator
         # counts the answer only if the signature verifies with the key our card binds.
         question = self.votes.question(message.message_id, dict(message.metadata))
-        await updater.add_artifact(
-            [new_data_part(output, media_type="application/json")],
-            name=_type_name(self.agent.output_type).lower(),
-            metadata={
+        return Outcome(
+            TaskState.TASK_STATE_COMPLETED,
+            artifact_parts=[_data_part(output)],
+            artifact_name=_type_name(self.agent.output_type).lower(),
+            artifact_metadata={
                 "brain": thought.brain,
                 "inputTokens": thought.usage.input_tokens,
                 "outputTokens": thought.usage.output_tokens,
@@ -438,7 +498,6 @@ class _Executor(AgentExecutor):
                 SIGNATURE_KEY: self.votes.sign(question, output),
             },
         )
-        await updater.complete()
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         # Handlers run to completion quickly; cancelling marks the task so clients stop waiting.
@@ -472,6 +531,23 @@ def _payload(message: Any) -> Any:
         return msgspec.json.decode(text)
     except msgspec.DecodeError:
         raise InputError("the message text is not JSON; send a data part or JSON text") from None
+
+
+def _data_part(data: Any) -> Part:
+    """`a2a.helpers.new_data_part(data, media_type="application/json")` for a JSON value
+    (what `msgspec.to_builtins` returns), built with `Struct.update`/`ListValue.extend` instead
+    of json_format's parser: the same Value (tests/unit/test_lean_eligible.py checks it), in
+    about half the CPU, on every vote of both paths."""
+    value = struct_pb2.Value()
+    if isinstance(data, dict):
+        value.struct_value.SetInParent()  # `{}` is a Struct, not an unset Value
+        value.struct_value.update(data)
+    elif isinstance(data, list | tuple):
+        value.list_value.SetInParent()
+        value.list_value.extend(data)
+    else:
+        return new_data_part(data, media_type="application/json")
+    return Part(data=value, media_type="application/json")
 
 
 def _type_name(t: Any) -> str:

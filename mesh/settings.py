@@ -94,6 +94,17 @@ class Settings(BaseSettings):
         description="A task not written for this long is dropped from mesh_tasks; 0 keeps "
         "tasks for ever. Applies when the bucket is created.",
     )
+    a2a_lean: bool = Field(
+        default=True,
+        description="Agents answer blocking SendMessage over NATS on the lean path (one task "
+        "write, no a2a-sdk task machinery: mesh/a2a/lean.py); false sends every request "
+        "through a2a-sdk's handler.",
+    )
+    uvloop: bool = Field(
+        default=True,
+        description="Agent processes (`Agent.main`) run on uvloop when it is installed; false "
+        "keeps asyncio's own loop.",
+    )
     cards_dir: Path | None = Field(
         default=None,
         description='Folder of the A2A Agent Cards (`<agent name>.json`); `Agent("four-eyes")` '

@@ -24,7 +24,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from a2a import types as pb  # the A2A protobuf messages
@@ -52,6 +52,9 @@ from google.protobuf.message import Message as Proto
 from mesh import subjects
 from mesh.a2a import jsonrpc
 from mesh.a2a.auth import Authenticator, Unauthenticated
+
+if TYPE_CHECKING:
+    from mesh.a2a.lean import LeanSend
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +188,12 @@ async def respond(
     *,
     content_type: str | None,
     context: ServerCallContext,
+    lean: LeanSend | None = None,
 ) -> Reply:
     """One request, as bytes: the checks a2a-sdk leaves to the host (size, Content-Type, JSON
-    that will not parse), then `dispatch`."""
+    that will not parse), then `dispatch`. `lean` (NATS only) answers the SendMessage requests
+    it takes (mesh.a2a.lean); everything else, and everything when it is None, goes to
+    `handler`."""
     if len(body) > MAX_BODY:
         return error_answer(None, InvalidRequestError(message="Payload too large"))
     if content_type is not None and not is_json(content_type):
@@ -201,10 +207,15 @@ async def respond(
         request = msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
         return error_answer(None, JSONParseError(message=f"Parse error: {e}"))
-    return await dispatch(handler, request, context)
+    return await dispatch(handler, request, context, lean)
 
 
-async def dispatch(handler: RequestHandler, request: Any, context: ServerCallContext) -> Reply:
+async def dispatch(
+    handler: RequestHandler,
+    request: Any,
+    context: ServerCallContext,
+    lean: LeanSend | None = None,
+) -> Reply:
     """One parsed JSON-RPC request to the handler's `on_*` method; never raises (an error is
     an answer with its spec code)."""
     request_id = _id_of(request)
@@ -231,7 +242,7 @@ async def dispatch(handler: RequestHandler, request: Any, context: ServerCallCon
             first, events = await _open_stream(handler, method, params, context)
             return Stream(_frames(first, events, request_id), method, request_id)
         try:
-            result = await _unary(handler, method, params, context)
+            result = await _unary(handler, method, params, context, lean=lean)
         except A2AError as e:
             return Answer(_encode(build_error_response(request_id, e)), method, request_id)
         response = {"result": result, "id": request_id, "jsonrpc": "2.0"}
@@ -268,11 +279,18 @@ def is_json(content_type: str) -> bool:
 # -- unary methods ------------------------------------------------------------------------------
 @validate_version(constants.PROTOCOL_VERSION_1_0)
 async def _unary(
-    handler: RequestHandler, method: str, params: Any, context: ServerCallContext
+    handler: RequestHandler,
+    method: str,
+    params: Any,
+    context: ServerCallContext,
+    *,
+    lean: LeanSend | None = None,
 ) -> Any:
     """The `result` of a unary method, as JSON."""
     match method:
         case "SendMessage":
+            if lean is not None and lean.eligible(params):
+                return await lean.send(params, context)
             sent = await handler.on_message_send(params, context)
             if isinstance(sent, pb.Task):
                 return MessageToDict(pb.SendMessageResponse(task=sent))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from a2a.server.agent_execution import AgentExecutor
-from a2a.server.cluster import VersionedTaskStore
+from a2a.server.cluster import TaskEventStream, VersionedTaskStore
 from a2a.server.context import ServerCallContext
 from a2a.server.owner_resolver import resolve_user_scope
 from a2a.server.request_handlers import DefaultRequestHandler
@@ -83,14 +83,40 @@ class MeshRequestHandler(DefaultRequestHandler):  # type: ignore[misc]
             # A stream stopped early (a caller that hung up) closes the SDK's stream at once.
             await events.aclose()
 
+    # The lean SendMessage (mesh.a2a.lean) needs three things a2a-sdk keeps private: read here,
+    # in the one subclass that adapts the SDK's handler, and nowhere else.
+    @property
+    def versioned_store(self) -> VersionedTaskStore:
+        """The store the SDK writes tasks through (a plain store wrapped in a versioned one)."""
+        return self._versioned_store  # type: ignore[no-any-return]
+
+    @property
+    def event_stream(self) -> TaskEventStream | None:
+        return self._event_stream  # type: ignore[no-any-return]
+
+    @property
+    def validates_input_modes(self) -> bool:
+        return bool(self._validate_input_modes)
+
     async def on_message_send(
         self, params: SendMessageRequest, context: ServerCallContext
     ) -> Task | Message:
+        return await self.send_once(params, context, super().on_message_send)
+
+    async def send_once(
+        self,
+        params: SendMessageRequest,
+        context: ServerCallContext,
+        run: Callable[[SendMessageRequest, ServerCallContext], Awaitable[Task | Message]],
+    ) -> Task | Message:
+        """SendMessage through `run` (the SDK's handler, or the lean path over NATS: one
+        de-duplication map for both, so a repeat finds the first answer whichever path either
+        took), after the required extensions are checked."""
         self._check_extensions(context)
         mid = params.message.message_id
         # Follow-ups to a task are never repeats.
         if not self.idempotent or not mid or params.message.task_id:
-            return await super().on_message_send(params, context)  # type: ignore[no-any-return]
+            return await run(params, context)
         # The owner, as the task stores see it (a2a-sdk's owner resolver).
         key = (resolve_user_scope(context), mid, params.message.context_id)
         running = self._running.get(key)
@@ -110,7 +136,7 @@ class MeshRequestHandler(DefaultRequestHandler):  # type: ignore[misc]
         future: asyncio.Future[Task | Message] = asyncio.get_running_loop().create_future()
         self._running[key] = future
         try:
-            result: Task | Message = await super().on_message_send(params, context)
+            result: Task | Message = await run(params, context)
         except BaseException as e:
             # A failed first attempt is not remembered: the repeat may succeed.
             future.set_exception(e)

@@ -27,6 +27,7 @@ from mesh import subjects
 from mesh._internal.tasks import TaskPool
 from mesh.a2a import dispatch, jsonrpc
 from mesh.a2a.auth import Authenticator
+from mesh.a2a.lean import LeanSend
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,18 @@ class NatsBinding:
     A stream holds its slot until it ends (or its caller cancels it).
     """
 
-    def __init__(self, handler: RequestHandler, auth: Authenticator, *, pool: TaskPool) -> None:
+    def __init__(
+        self,
+        handler: RequestHandler,
+        auth: Authenticator,
+        *,
+        pool: TaskPool,
+        lean: LeanSend | None = None,
+    ) -> None:
         self.handler = handler
         self.auth = auth
         self.pool = pool
+        self.lean = lean  # the lean SendMessage (mesh.a2a.lean), for the requests it takes
         self._held = 0  # bytes of the request bodies admitted and not finished
 
     def callback(self, nc: NATS) -> Callable[[Msg], Awaitable[None]]:
@@ -129,6 +138,7 @@ class NatsBinding:
                 msg.data,
                 content_type=_header(headers, subjects.H_CONTENT_TYPE),
                 context=dispatch.call_context(headers, user=user),
+                lean=self.lean,
             )
         if isinstance(reply, dispatch.Stream):
             await _stream(nc, msg.reply, reply)

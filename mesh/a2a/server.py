@@ -17,6 +17,7 @@ alike: same callers, same validation, same error codes, same task store. What si
     push.py      push notifications and the webhook URL policy (SSRF guard)
     http.py      the HTTP binding: Starlette routes, body limit, SSE, the card route
     nats.py      the NATS binding: admission, progress keep-alives, stream frames, cancel
+    lean.py      blocking SendMessage over NATS without a2a-sdk's per-request task machinery
     rest.py      HTTP+JSON: a2a-sdk's REST routes behind the same auth, admission, body limit
     grpc_server.py  gRPC: a2a-sdk's servicer behind the same auth and admission, its own port
 
@@ -50,6 +51,7 @@ from mesh.a2a.dispatch import MAX_BODY
 from mesh.a2a.grpc_server import GrpcListener
 from mesh.a2a.handler import MeshRequestHandler
 from mesh.a2a.http import http_app
+from mesh.a2a.lean import Answerer, LeanSend
 from mesh.a2a.nats import NatsBinding
 from mesh.a2a.push import Push, PushUrlPolicy
 from mesh.settings import Settings, get_settings
@@ -75,6 +77,9 @@ class A2AServer:
     bytes) wait for a slot; past that a request is answered "busy" (`jsonrpc.BUSY`, HTTP 429)
     at once.
 
+    `answerer` (the agent runtime's executor) lets blocking SendMessage requests over NATS skip
+    a2a-sdk's per-request machinery (mesh.a2a.lean); None: every request through the SDK.
+
     `auth` decides who may call (every method, on both transports; the public card stays
     public). Default: `Authenticator.from_settings(settings)` — bearer tokens checked against
     the trust file, or nobody checked (and a loud warning) under MESH_INSECURE=a2a. `settings`
@@ -96,6 +101,7 @@ class A2AServer:
         idempotent: bool = True,
         auth: Authenticator | None = None,
         settings: Settings | None = None,
+        answerer: Answerer | None = None,
     ) -> None:
         self.card = card
         settings = settings or get_settings()
@@ -122,7 +128,9 @@ class A2AServer:
             backlog=8 * max_concurrency if max_queue is None else max_queue,
             name="a2a requests",
         )
-        self._nats = NatsBinding(self.handler, self.auth, pool=self._pool)
+        # The lean SendMessage over NATS (mesh.a2a.lean), when the executor can answer directly.
+        lean = LeanSend(self.handler, answerer) if answerer is not None else None
+        self._nats = NatsBinding(self.handler, self.auth, pool=self._pool, lean=lean)
 
     @property
     def max_concurrency(self) -> int:

@@ -123,19 +123,27 @@ def _revision(version: TaskVersion) -> int:
 class _Record:
     """One stored task: what the KV value holds."""
 
-    __slots__ = ("event", "owner", "prev", "task")
+    __slots__ = ("event", "owner", "prev", "task", "task_json")
 
-    def __init__(self, task: Task, owner: str, prev: int, event: Any = None) -> None:
+    def __init__(
+        self,
+        task: Task,
+        owner: str,
+        prev: int,
+        event: Any = None,
+        task_json: dict[str, Any] | None = None,
+    ) -> None:
         self.task = task
         self.owner = owner
         self.prev = prev  # the revision this write replaced (0: none)
         self.event = event  # Task | Message | TaskStatusUpdateEvent | TaskArtifactUpdateEvent
+        self.task_json = task_json  # MessageToDict(task), when the writer has it already
 
     def encode(self) -> bytes:
         doc: dict[str, Any] = {
             "owner": self.owner,
             "prev": self.prev,
-            "task": MessageToDict(self.task),
+            "task": self.task_json if self.task_json is not None else MessageToDict(self.task),
         }
         if self.event is not None:
             doc["event"] = MessageToDict(to_stream_response(self.event))
@@ -222,6 +230,18 @@ class JetStreamTaskStore(VersionedTaskStore):  # type: ignore[misc]
         value = _Record(task, owner, last, event).encode()
         try:
             return KvRevision(await self.kv.update(key, value, last=last))
+        except KeyWrongLastSequenceError:
+            raise ConcurrentTaskModificationError(task.id) from None
+
+    async def create(
+        self, task: Task, task_json: dict[str, Any], context: ServerCallContext
+    ) -> TaskVersion:
+        """`save` of a new task with no event (the lean SendMessage's one write: mesh.a2a.lean),
+        given its JSON (`MessageToDict(task)`) already made for the reply."""
+        owner, key = self._owned(task.id, context)
+        value = _Record(task, owner, 0, task_json=task_json).encode()
+        try:
+            return KvRevision(await self.kv.create(key, value))
         except KeyWrongLastSequenceError:
             raise ConcurrentTaskModificationError(task.id) from None
 

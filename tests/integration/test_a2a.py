@@ -34,6 +34,13 @@ TOKEN = {"Authorization": f"Bearer {_OPERATOR.token}"}
 V1 = {**VERSION_ONLY, **TOKEN}
 
 
+@pytest.fixture(params=[True, False], ids=["lean", "sdk"])
+def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """Every test here runs twice: blocking SendMessage over NATS on the lean path
+    (mesh.a2a.lean, the default) and with MESH_A2A_LEAN=0 (through a2a-sdk's handler)."""
+    return settings.model_copy(update={"a2a_lean": request.param})
+
+
 @pytest.fixture
 async def running(bus: Bus, settings: Settings, tmp_path: Path) -> AsyncIterator[RunningAgent]:
     agent = voting_agent(tmp_path, "voter", "vote-skill")

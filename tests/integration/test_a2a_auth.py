@@ -141,15 +141,19 @@ async def guarded(request: pytest.FixtureRequest, mod_bus: Bus) -> AsyncIterator
         yield endpoint
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
+@pytest_asyncio.fixture(
+    scope="module", loop_scope="module", params=[True, False], ids=["lean", "sdk"]
+)
 async def voter(
-    mod_bus: Bus, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, mod_bus: Bus, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningAgent]:
-    """A mesh agent as the runtime serves it (JetStream tasks, de-duplication on)."""
+    """A mesh agent as the runtime serves it (JetStream tasks, de-duplication on), with
+    SendMessage over NATS on the lean path (mesh.a2a.lean) and with MESH_A2A_LEAN=0."""
     agent = voting_agent(
         tmp_path_factory.mktemp("voter"), "guarded-voter", "vote", honour_delay=True
     )
-    async with agent.serve(mod_bus, settings=mod_bus.settings) as running:
+    settings = mod_bus.settings.model_copy(update={"a2a_lean": request.param})
+    async with agent.serve(mod_bus, settings=settings) as running:
         yield running
 
 

@@ -1,0 +1,267 @@
+"""The lean SendMessage: a blocking SendMessage over NATS without a2a-sdk's per-request machinery.
+
+a2a-sdk answers SendMessage through an active task, an event queue with its locks, a consumer
+and one task-store write per event (submitted, artifact, completed): ~55% of an agent's CPU per
+request and three KV round trips on the reply's path (bench/README.md). For the requests that
+need none of it — a new task, answered at once by a deterministic handler — `LeanSend` runs the
+agent's answer directly, builds the final Task once, writes it to the task store once, and
+returns its JSON (made once, for the reply and the stored record alike); `mesh.a2a.dispatch`
+frames it exactly as it frames the SDK's Task.
+
+Eligibility (`eligible`), everything else goes to the SDK's handler unchanged:
+
+* the method is `SendMessage` (never streaming) and the request came over NATS (only
+  `NatsBinding` hands a `LeanSend` to the dispatch; HTTP, REST and gRPC never use it);
+* the request has no `configuration` (so no push config, no `returnImmediately`, no
+  `historyLength`, no output modes), no `metadata` and no `tenant`;
+* its message has no `taskId` (no follow-up to a task the SDK must load) and no
+  `referenceTaskIds` or `extensions`, is from `ROLE_USER`, and has at least one part and no empty
+  text part (what the SDK's `new_task_from_user_message` requires);
+* the handler does not validate input modes (the SDK's default);
+* the answerer says it answers at once (`Answerer.immediate`: the agent's rules brain, or an
+  events-only agent's rejection). A model brain takes seconds, so the SDK's `working` state and
+  its store writes are worth keeping there.
+
+What it keeps from the SDK path, by running the same code: JSON-RPC validation, the A2A-Version
+check, params parsing and the error mapping (`dispatch`); authentication (the binding, before the
+dispatch); required extensions and messageId idempotency (`MeshRequestHandler.send_once`, the
+same de-duplication map both paths share); the agent's answer and its vote signature
+(`mesh.agent`, the same function the SDK executor calls). The SDK's required-field check runs
+at the same point as on the SDK path, on a cached plan of the fields that can fail it (the SDK's
+walks every Struct value by reflection); when something is missing, the SDK's own check raises
+its error.
+
+What differs, by design: the task store gets one write (the final task) instead of one per
+state, and no `TaskEvent` rides with it; a2a-sdk's own request-handler spans (its
+`trace_class`) are not made, the agent's `invoke_agent` span is; the reply is sent after that
+write is acknowledged (docs/bindings.md, "What is durable when"). MESH_A2A_LEAN=0
+(`Settings.a2a_lean`) turns the lean path off.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from a2a.server.cluster import TaskVersion, VersionedEvent
+from a2a.server.context import ServerCallContext
+from a2a.types import (
+    Artifact,
+    Message,
+    Part,
+    Role,
+    SendMessageRequest,
+    Task,
+    TaskState,
+    TaskStatus,
+)
+from a2a.utils.proto_utils import validate_proto_required_fields
+from google.api.field_behavior_pb2 import (  # type: ignore[import-untyped]
+    FieldBehavior,
+    field_behavior,
+)
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message as ProtoMessage
+
+from mesh.a2a.taskstore import JetStreamTaskStore
+
+if TYPE_CHECKING:
+    from mesh.a2a.handler import MeshRequestHandler
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the agent answered a message: the task's final state, the parts of the status
+    message (a rejection's or failure's reason; none on success) and the artifact, if any."""
+
+    state: TaskState
+    reason: list[Part] = field(default_factory=list)
+    artifact_parts: list[Part] = field(default_factory=list)
+    artifact_name: str = ""
+    artifact_metadata: dict[str, Any] | None = None
+
+
+class Answerer(Protocol):
+    """The agent side of the lean path (mesh.agent implements it)."""
+
+    def immediate(self) -> bool:
+        """Whether the next message is answered at once (no intermediate task states)."""
+        ...
+
+    def answer(self, message: Message, context: ServerCallContext) -> Awaitable[Outcome]:
+        """The outcome of `message` (its taskId and contextId already set), under the same
+        span and with the same signature as the SDK path."""
+        ...
+
+
+class LeanSend:
+    """The lean blocking SendMessage of one server (see the module doc)."""
+
+    def __init__(self, handler: MeshRequestHandler, answerer: Answerer) -> None:
+        self.handler = handler
+        self.answerer = answerer
+        # The JSON of the tasks `_run` made, until `send` replies with it (made once, for the
+        # store and the reply).
+        self._rendered: dict[str, dict[str, Any]] = {}
+
+    def eligible(self, params: SendMessageRequest) -> bool:
+        """Whether `params` may take the lean path (the module doc lists the rules)."""
+        if (
+            params.HasField("configuration")
+            or params.HasField("metadata")
+            or params.tenant
+            or self.handler.validates_input_modes
+        ):
+            return False
+        message = params.message
+        if (
+            message.task_id
+            or message.reference_task_ids
+            or message.extensions
+            or message.role != Role.ROLE_USER
+            or not message.parts
+        ):
+            return False
+        for part in message.parts:
+            if part.HasField("text") and not part.text:
+                return False
+        return self.answerer.immediate()
+
+    async def send(self, params: SendMessageRequest, context: ServerCallContext) -> dict[str, Any]:
+        """SendMessage for an eligible request, as the JSON-RPC `result`: idempotent by messageId
+        exactly as the SDK path (one map for both), then `_run`."""
+        sent = await self.handler.send_once(params, context, self._checked)
+        if isinstance(sent, Message):  # a repeat of a message the SDK path answered with one
+            return {"message": MessageToDict(sent)}
+        rendered = self._rendered.pop(sent.id, None)
+        return {"task": rendered if rendered is not None else MessageToDict(sent)}
+
+    async def _checked(self, params: SendMessageRequest, context: ServerCallContext) -> Task:
+        # Where the SDK checks them (its `validate_request_params`, inside `on_message_send`):
+        # after the required extensions and the de-duplication, so a request broken twice gets
+        # the same error on both paths.
+        if not _required_fields_set(params):
+            validate_proto_required_fields(params)  # raises the SDK's own error for it
+        return await self._run(params, context)
+
+    async def _run(self, params: SendMessageRequest, context: ServerCallContext) -> Task:
+        task_id = str(uuid.uuid4())
+        context_id = params.message.context_id or str(uuid.uuid4())
+        message = Message()
+        message.CopyFrom(params.message)
+        message.task_id = task_id
+        message.context_id = context_id
+        outcome = await self.answerer.answer(message, context)
+        status = TaskStatus(state=outcome.state)
+        if outcome.reason:
+            status.message.CopyFrom(
+                Message(
+                    role=Role.ROLE_AGENT,
+                    task_id=task_id,
+                    context_id=context_id,
+                    message_id=str(uuid.uuid4()),
+                    parts=outcome.reason,
+                )
+            )
+        # As a2a-sdk's TaskUpdater stamps it: microseconds, UTC.
+        status.timestamp.FromDatetime(datetime.now(UTC))
+        task = Task(id=task_id, context_id=context_id, status=status, history=[message])
+        if outcome.artifact_parts:
+            task.artifacts.append(
+                Artifact(
+                    artifact_id=str(uuid.uuid4()),
+                    name=outcome.artifact_name,
+                    parts=outcome.artifact_parts,
+                    metadata=outcome.artifact_metadata,
+                )
+            )
+        # The task's JSON, made once: the reply and the stored record both carry it.
+        rendered = MessageToDict(task)
+        store = self.handler.versioned_store
+        # One write, the final task, acknowledged before the reply goes (docs/bindings.md).
+        if isinstance(store, JetStreamTaskStore):
+            version = await store.create(task, rendered, context)
+        else:
+            version = await store.save(
+                task, event=None, prev=None, prev_version=TaskVersion.MISSING, context=context
+            )
+        stream = self.handler.event_stream
+        if stream is not None:  # SubscribeToTask on other replicas (a no-op for JetStream's)
+            await stream.publish(task_id, VersionedEvent(event=task, version=version))
+        if len(self._rendered) >= _RENDERED_MAX:  # only a caller cancelled mid-way leaves one
+            self._rendered.clear()
+        self._rendered[task_id] = rendered
+        return task
+
+
+_RENDERED_MAX = 1024
+
+
+@functools.cache
+def _plan(desc: Descriptor) -> tuple[tuple[FieldDescriptor, ...], tuple[FieldDescriptor, ...]]:
+    """(the REQUIRED fields of `desc`, its message fields whose type has REQUIRED fields
+    somewhere below): a2a-sdk's `validate_proto_required_fields` walks every field of every
+    message, the data parts' Structs included, by reflection; the answer only depends on these."""
+    required = tuple(
+        f
+        for f in desc.fields
+        if FieldBehavior.REQUIRED in f.GetOptions().Extensions[field_behavior]
+    )
+    below = tuple(
+        f
+        for f in desc.fields
+        if f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_required(f.message_type, set())
+    )
+    return required, below
+
+
+def _reaches_required(desc: Descriptor, seen: set[str]) -> bool:
+    if desc.full_name in seen:
+        return False
+    seen.add(desc.full_name)
+    for f in desc.fields:
+        if FieldBehavior.REQUIRED in f.GetOptions().Extensions[field_behavior]:
+            return True
+        if f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_required(f.message_type, seen):
+            return True
+    return False
+
+
+def _required_fields_set(msg: ProtoMessage) -> bool:
+    """True when `validate_proto_required_fields(msg)` would find nothing to complain about
+    (the same rules, on the fields `_plan` keeps); False: let it say what is missing."""
+    required, below = _plan(msg.DESCRIPTOR)
+    for f in required:
+        value = getattr(msg, f.name)
+        if _repeated(f):
+            if not value:
+                return False
+        elif f.has_presence:
+            if not msg.HasField(f.name):
+                return False
+        elif value == f.default_value:
+            return False
+    for f in below:
+        value = getattr(msg, f.name)
+        if not _repeated(f):
+            if msg.HasField(f.name) and not _required_fields_set(value):
+                return False
+        elif f.message_type.GetOptions().map_entry:
+            items = [v for v in value.values() if isinstance(v, ProtoMessage)]
+            if not all(_required_fields_set(v) for v in items):
+                return False
+        elif not all(_required_fields_set(v) for v in value):
+            return False
+    return True
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    is_repeated = getattr(field, "is_repeated", None)  # protobuf >= 6.31
+    if is_repeated is not None:
+        return bool(is_repeated)
+    return bool(field.label == FieldDescriptor.LABEL_REPEATED)
