@@ -181,6 +181,8 @@ NOBODY_LISTENING = "nobody listening"
 # infrastructure's, not the voter's silence: like an unreachable voter, the event is released
 # and the voter asked again under a fresh deadline (where it returns the answer it has).
 TAKEN_OVER_LATE = "asked by a coordinator that failed"
+# How a human voter's silence is marked (coordinator.humans): it says how long and who.
+HUMAN_SILENT = "no answer from a person"
 # Kept across a release: answers (a voter who answered is not asked again). Silence is not
 # kept: under the fresh deadline its voter is asked again.
 _KEPT = ("voted", "invalid", "error")
@@ -218,9 +220,9 @@ def silent(policy: Policy, votes: Mapping[str, Vote]) -> dict[str, Silent]:
     for skill, v in votes.items():
         if v.outcome in ("voted", "cancelled"):
             continue  # a vote, or not needed (decide_early): neither is silence
-        counts = v.counted_as or (
-            "no_quorum" if policy.timeout_counts_as == "no_quorum" else "absent"
-        )
+        human = policy.human(skill)
+        says = human.silence if human is not None else policy.timeout_counts_as
+        counts = v.counted_as or ("no_quorum" if says == "no_quorum" else "absent")
         out[skill] = Silent(what=what_happened(v), counts_as=counts)
     return out
 
@@ -229,6 +231,8 @@ def what_happened(vote: Vote) -> str:
     """A vote that is no answer, in words for the decision's reason."""
     error = vote.error if len(vote.error) <= 120 else vote.error[:119] + "…"
     if vote.outcome == "timeout":
+        if vote.error.startswith(HUMAN_SILENT):
+            return vote.error
         if vote.error == LATE:
             return "answered after the deadline"
         if not vote.latency_ms:
