@@ -40,6 +40,9 @@ class HumanVoter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     wait_s: float = 4 * 3600.0
     escalate: list[Escalation] = []
     silence: Literal["reject", "no_quorum"] = "reject"
+    # Each request (and escalation) is also POSTed here as JSON, through the SSRF guard of push
+    # notifications (mesh.a2a.push): a chat bridge, a pager, a ticketing hook.
+    notify: str = ""
 
     @property
     def voter(self) -> str:

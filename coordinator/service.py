@@ -39,7 +39,9 @@ from opentelemetry.trace import SpanKind
 
 from coordinator import admission, dispatch, dlq, settle
 from coordinator.clock import SYSTEM_CLOCK
-from coordinator.decide import Ask, Decider, Job
+from coordinator.decide import Ask, AwaitingHuman, Decider, Job
+from coordinator.humans import Desk
+from coordinator.inbox import Inbox
 from coordinator.ledger import (
     Claim,
     Ledger,
@@ -108,6 +110,7 @@ class Coordinator:
         self._ledger: Ledger | None = None
         self._decider: Decider | None = None
         self._settler: Settler | None = None
+        self._inbox: Inbox | None = None  # decisions waiting for people (coordinator.inbox)
         self._loop: PullLoop[Msg] | None = None
 
     @property
@@ -131,6 +134,18 @@ class Coordinator:
             self._ledger, self._ask, SYSTEM_CLOCK, name=self.name, signer=self.signer
         )
         self._settler = Settler(self._ledger, self)
+        desk = Desk(
+            self._ledger, SYSTEM_CLOCK, name=self.name, signer=self.signer, trust=self.trust
+        )
+        self._inbox = Inbox(
+            self.bus,
+            desk,
+            self.audit,
+            self._settler,
+            name=self.name,
+            allow_private=self.bus.settings.push_allow_private,
+        )
+        inbox = asyncio.create_task(self._inbox.run(stop))
         await self.view.start()
         await self._audit_policies()
         telemetry.observe_breakers(self.router.states)
@@ -166,6 +181,8 @@ class Coordinator:
         try:
             await self._loop.run(stop)
         finally:
+            with contextlib.suppress(Exception):
+                await inbox  # stops with `stop`; its failure must not hide ours
             checkpoints.cancel()
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
@@ -343,6 +360,12 @@ class Coordinator:
             )
         async with self.admission.slots(voters, keepalive=delivery.in_progress):
             outcome = await self._decider.run(job, on_renew=delivery.in_progress)
+        if isinstance(outcome, AwaitingHuman):
+            # People are asked: the ledger holds the wait, the inbox takes it from here.
+            assert self._inbox is not None
+            await self._inbox.asked(outcome.state, outcome.key, fresh=outcome.fresh)
+            await delivery.ack()
+            return
         await self.settler.settle(delivery, event, outcome, unverified)
 
     async def _publish(self, decision: Decision) -> None:

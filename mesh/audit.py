@@ -51,7 +51,9 @@ from mesh.records import trusted_signer
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["decision", "vote", "dead_letter", "replay", "policy_change", "purge", "forgery"]
+Kind = Literal[
+    "decision", "vote", "dead_letter", "replay", "policy_change", "purge", "forgery", "approval"
+]
 GENESIS = "0" * 64
 SYSTEM_TENANT = "_mesh"  # the chain for acts that belong to no tenant (policy changes, purges)
 # A lost race means another record landed (progress), so the loser re-reads the tip and tries

@@ -22,7 +22,12 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
 - publisher of T: publishes `mesh.evt.T.>` (acks come to its inbox).
 - reader of T: creates consumers only with T's filter, pinned in the API subject
   (`$JS.API.CONSUMER.CREATE.<stream>.*.mesh.decision.T.>`, and `mesh.dlq.T.>`,
-  `mesh.audit.T.>`, `mesh.checkpoint.T`), delivering to its own inbox; no reads by sequence.
+  `mesh.audit.T.>`, `mesh.checkpoint.T`, `mesh.approval.T.>`), delivering to its own inbox;
+  no reads by sequence.
+- human of T (a person who answers approval requests): publishes `mesh.approval.T.vote.>`
+  and reads `mesh.approval.T.>` as a reader does; the coordinator publishes requests and
+  receipts (`mesh.approval.*.req.>`, `….receipt.>`) and consumes requests and answers through
+  its durable `coordinator-approvals`.
 
 Every role may also publish to its own inbox (a caller cancels a stream there), `$JS.API.INFO`
 and `$JS.API.STREAM.NAMES` (stream names only: how a process checks that the mesh's streams
@@ -74,6 +79,7 @@ _TENANT_SUBJECTS = {
     subjects.DLQ_STREAM: f"{subjects.DLQ_ROOT}.{{t}}.>",
     subjects.AUDIT_STREAM: f"{subjects.AUDIT_ROOT}.{{t}}.>",
     subjects.CHECKPOINTS_STREAM: f"{subjects.CHECKPOINT_ROOT}.{{t}}",
+    subjects.APPROVALS_STREAM: f"{subjects.APPROVALS_ROOT}.{{t}}.>",
 }
 _CARDS = subjects.kv_stream(subjects.CARDS_BUCKET)
 _TASKS = subjects.kv_stream(subjects.TASKS_BUCKET)
@@ -170,6 +176,10 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             # Dead-lettered bodies too large for their record, kept by reference.
             subjects.obj_subjects(subjects.DLQ_BODIES_BUCKET),
             f"{subjects.A2A_ROOT}.>",
+            # Approval requests and receipts (people answer on `…vote…`: coordinator.inbox).
+            subjects.approvals_filter(kind="req"),
+            subjects.approvals_filter(kind="receipt"),
+            *_consumer(subjects.APPROVALS_STREAM, subjects.APPROVALS_DURABLE),
             # Events: read by sequence (dead letters copy the original) and through its durable.
             f"{JS}.STREAM.INFO.{subjects.EVENTS_STREAM}",
             f"{JS}.STREAM.MSG.GET.{subjects.EVENTS_STREAM}",
@@ -183,6 +193,7 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             subjects.AUDIT_STREAM,
             subjects.CHECKPOINTS_STREAM,
             subjects.TRACE_STREAM,
+            subjects.APPROVALS_STREAM,
             _CARDS,
             _LEDGER,
             _DLQ_BODIES,
@@ -228,6 +239,21 @@ def permissions(user: NatsUser) -> dict[str, Any]:
         responses = RESPONSES
     elif role == "publisher":
         pub += [f"{subjects.EVENTS_ROOT}.{user.tenant}.>"]
+    elif role == "human":
+        # Answers to T's approval requests (signed; who may answer what, the coordinator
+        # checks); reads T's requests and receipts through consumers pinned to T's filter.
+        stream = subjects.APPROVALS_STREAM
+        pub += [
+            subjects.approvals_filter(user.tenant, "vote"),
+            f"{JS}.CONSUMER.CREATE.{stream}.*.{tenant_filter(stream, user.tenant)}",
+        ]
+        deny_pub += [
+            f"{JS}.CONSUMER.CREATE.{stream}",
+            f"{JS}.CONSUMER.DURABLE.CREATE.{stream}.>",
+            f"{JS}.STREAM.MSG.GET.{stream}",
+            f"{JS}.DIRECT.GET.{stream}",
+            f"{JS}.DIRECT.GET.{stream}.>",
+        ]
     elif role == "reader":
         for stream in _TENANT_SUBJECTS:
             filt = tenant_filter(stream, user.tenant)

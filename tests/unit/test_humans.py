@@ -21,7 +21,7 @@ from coordinator.quorum import QuorumRule
 from mesh import approvals
 from mesh.errors import PolicyError
 from mesh.identity import Signer, Trust
-from tests.unit.test_decide import EVENT, KEY, LEASE_S, Voters, done, job
+from tests.unit.test_decide import KEY, LEASE_S, Voters, done, job
 
 CSO = HumanVoter(
     role="clinical-safety-officer",
