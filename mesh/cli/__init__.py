@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from mesh.cli import audit, creds, dlq, events, running, scaffold, schema, status
+from mesh.cli import approvals, audit, creds, dlq, events, running, scaffold, schema, status
 from mesh.cli._common import EXIT_CONFIG, err, settings_error
 
 app = typer.Typer(
@@ -57,6 +57,7 @@ def _root(
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(audit.app, name="audit")
 app.add_typer(creds.app, name="creds")
+app.add_typer(approvals.app, name="approvals")
 app.add_typer(scaffold.app, name="new")
 
 # -- running the mesh
