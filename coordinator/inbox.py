@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -81,12 +82,14 @@ class Inbox:
         *,
         name: str,
         allow_private: bool = False,
+        refresh_trust: Callable[[], object] | None = None,
     ) -> None:
         self.bus = bus
         self.desk = desk
         self.audit = audit
         self.settler = settler
         self.name = name
+        self.refresh_trust = refresh_trust
         self.url_policy = PushUrlPolicy(allow_private=allow_private)
         self._http: httpx.AsyncClient | None = None
 
@@ -192,6 +195,9 @@ class Inbox:
             await self._refuse(tenant, key, request_id, vote, why)
             await msg.ack()
             return
+        trust = self.desk.trust
+        if trust is not None and vote.signer not in trust.keys and self.refresh_trust is not None:
+            self.refresh_trust()  # a key we do not know yet may be a person issued a moment ago
         outcome = await self.desk.answer(key, vote)
         if isinstance(outcome, Refused):
             await self._refuse(tenant, key, request_id, vote, outcome.why)

@@ -144,6 +144,8 @@ class Coordinator:
             self._settler,
             name=self.name,
             allow_private=self.bus.settings.push_allow_private,
+            # A person issued while we run: their first answer is checked against the new file.
+            refresh_trust=lambda: self._refresh_trust(force=True),
         )
         inbox = asyncio.create_task(self._inbox.run(stop))
         await self.view.start()
@@ -259,6 +261,8 @@ class Coordinator:
             self.audit.trust = trust
             if self._ledger is not None:
                 self._ledger.trust = trust
+            if self._inbox is not None:
+                self._inbox.desk.trust = trust
         return changed
 
     async def _handle(self, msg: Msg) -> None:
