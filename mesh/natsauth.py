@@ -104,6 +104,16 @@ ADMIN = [
 ]
 
 
+# The coordinators' durable on MESH_APPROVALS (their timers): nobody who may create consumers
+# there with a tenant's filter may create, read or ack it under that name.
+_APPROVALS_DURABLE_DENIED = [
+    f"{JS}.CONSUMER.*.{subjects.APPROVALS_STREAM}.{subjects.APPROVALS_DURABLE}",
+    f"{JS}.CONSUMER.*.{subjects.APPROVALS_STREAM}.{subjects.APPROVALS_DURABLE}.>",
+    f"{JS}.CONSUMER.MSG.NEXT.{subjects.APPROVALS_STREAM}.{subjects.APPROVALS_DURABLE}",
+    f"$JS.ACK.{subjects.APPROVALS_STREAM}.{subjects.APPROVALS_DURABLE}.>",
+]
+
+
 def tenant_filter(stream: str, tenant: str) -> str | None:
     """The subject filter of `tenant`'s messages in `stream` (None: not a per-tenant stream)."""
     template = _TENANT_SUBJECTS.get(stream)
@@ -253,6 +263,7 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             f"{JS}.STREAM.MSG.GET.{stream}",
             f"{JS}.DIRECT.GET.{stream}",
             f"{JS}.DIRECT.GET.{stream}.>",
+            *_APPROVALS_DURABLE_DENIED,
         ]
     elif role == "reader":
         for stream in _TENANT_SUBJECTS:
@@ -265,6 +276,7 @@ def permissions(user: NatsUser) -> dict[str, Any]:
                 f"{JS}.DIRECT.GET.{stream}",
                 f"{JS}.DIRECT.GET.{stream}.>",
             ]
+        deny_pub += _APPROVALS_DURABLE_DENIED
     else:  # pragma: no cover - Role is a closed set
         raise ConfigError(f"no NATS permissions for role {role!r}")
     perms: dict[str, Any] = {
