@@ -73,3 +73,6 @@ async def test_a_person_answers_and_reads_its_own_tenants_approvals_only(
             f"$JS.API.CONSUMER.CREATE.{subjects.APPROVALS_STREAM}.{subjects.APPROVALS_DURABLE}"
         )
         await o.refused(lambda: o.nc.request(durable, b"{}", timeout=1), durable)
+        # Not the coordinators' durable (their timers), not even with its own tenant's filter.
+        pinned = f"{durable}.{subjects.APPROVALS_ROOT}.acme.>"
+        await o.refused(lambda: o.nc.request(pinned, b"{}", timeout=1), pinned)
