@@ -19,9 +19,10 @@ is refused. The coordinator answers each vote with an `ApprovalReceipt` on
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -29,6 +30,9 @@ from mesh import subjects
 from mesh.identity import Signer, Trust
 from mesh.records import Vote
 from mesh.votes import canonical
+
+if TYPE_CHECKING:
+    from mesh.bus import Bus
 
 Answer = Literal["approve", "reject"]
 
@@ -155,3 +159,47 @@ def encode(record: ApprovalRequest | HumanVote | ApprovalReceipt) -> bytes:
 
 def request_subject(request: ApprovalRequest) -> str:
     return subjects.approval(request.tenant, "req", request.id)
+
+
+# -- the inbox, as a person (or a script) uses it ----------------------------------------------
+async def inbox(bus: Bus, tenant: str, trust: Trust | None) -> dict[str, ApprovalRequest]:
+    """Every request of `tenant` as its last message says (open or closed), by id; with
+    `trust`, requests a trusted coordinator did not sign are left out."""
+    from mesh.bus import read_stream
+
+    found: dict[str, ApprovalRequest] = {}
+    filt = subjects.approvals_filter(tenant, "req")
+    for m in await read_stream(bus, subjects.APPROVALS_STREAM, filter_subject=filt):
+        try:
+            request = request_decoder.decode(m.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        if trust is not None and request_refusal(trust, request) is not None:
+            continue
+        found[request.id] = request
+    return found
+
+
+async def submit(bus: Bus, vote: HumanVote) -> None:
+    """Publish a signed answer (a repeat of the same answer is dropped by its message id)."""
+    await bus.publish(
+        subjects.approval(vote.tenant, "vote", vote.request_id),
+        encode(vote),
+        msg_id=subjects.approval_msg_id(vote.tenant, vote.request_id, f"vote:{vote.by}:{vote.at}"),
+    )
+
+
+async def receipt(bus: Bus, vote: HumanVote, *, wait_s: float) -> ApprovalReceipt | None:
+    """The coordinator's receipt of `vote`, within `wait_s` (a bounded poll of the stream)."""
+    from mesh.bus import read_stream
+
+    until = time.monotonic() + wait_s
+    filt = subjects.approval(vote.tenant, "receipt", vote.request_id)
+    while True:
+        for m in await read_stream(bus, subjects.APPROVALS_STREAM, filter_subject=filt):
+            r = receipt_decoder.decode(m.data)
+            if r.by == vote.by and r.at == vote.at:
+                return r
+        if time.monotonic() >= until:
+            return None
+        await asyncio.sleep(0.2)

@@ -13,9 +13,7 @@ the answer was accepted or refused, and why.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
-import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -25,7 +23,7 @@ from mesh.cli._common import JsonOption, command, out, print_json
 from mesh.errors import ConfigError, NotFoundError
 
 if TYPE_CHECKING:
-    from mesh.approvals import ApprovalReceipt, ApprovalRequest
+    from mesh.approvals import ApprovalRequest
     from mesh.bus import Bus
 
 app = typer.Typer(
@@ -55,28 +53,11 @@ def _tenant(bus: Bus, given: str) -> str:
 
 
 async def _requests(bus: Bus, tenant: str) -> dict[str, ApprovalRequest]:
-    """Every request of `tenant` as its last message says (open or closed), by id; requests a
-    trusted coordinator did not sign are left out."""
-    import msgspec
-
-    from mesh import approvals, subjects
-    from mesh.bus import read_stream
+    from mesh import approvals
     from mesh.identity import resolve_trust
     from mesh.settings import get_settings
 
-    trust = resolve_trust(get_settings())
-    found: dict[str, ApprovalRequest] = {}
-    for m in await read_stream(
-        bus, subjects.APPROVALS_STREAM, filter_subject=subjects.approvals_filter(tenant, "req")
-    ):
-        try:
-            request = approvals.request_decoder.decode(m.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            continue
-        if trust is not None and approvals.request_refusal(trust, request) is not None:
-            continue
-        found[request.id] = request
-    return found
+    return await approvals.inbox(bus, tenant, resolve_trust(get_settings()))
 
 
 def _when(at: float) -> str:
@@ -171,7 +152,7 @@ async def approvals_show(
 
 
 async def _answer(request_id: str, tenant: str, yes: bool, reason: str, wait_s: float) -> None:
-    from mesh import approvals, subjects
+    from mesh import approvals
     from mesh.bus import Bus
 
     if not reason.strip():
@@ -194,40 +175,14 @@ async def _answer(request_id: str, tenant: str, yes: bool, reason: str, wait_s: 
             answer="approve" if yes else "reject",
             reason=reason,
         )
-        await bus.publish(
-            subjects.approval(t, "vote", request_id),
-            approvals.encode(vote),
-            msg_id=subjects.approval_msg_id(t, request_id, f"vote:{identity.name}:{vote.at}"),
-        )
-        receipt = await _receipt(bus, t, request_id, by=vote.by, at=vote.at, wait_s=wait_s)
+        await approvals.submit(bus, vote)
+        receipt = await approvals.receipt(bus, vote, wait_s=wait_s)
     if receipt is None:
         out.print(f"sent; no receipt within {wait_s:g} s (is a coordinator running?)")
         return
     if not receipt.accepted:
         raise ConfigError(f"refused: {receipt.why}")
     out.print(f"{'approved' if yes else 'denied'} {request_id} as {vote.by}: accepted")
-
-
-async def _receipt(
-    bus: Bus, tenant: str, request_id: str, *, by: str, at: float, wait_s: float
-) -> ApprovalReceipt | None:
-    """The coordinator's receipt of this answer, within `wait_s` (a bounded poll)."""
-    from mesh import approvals, subjects
-    from mesh.bus import read_stream
-
-    until = time.monotonic() + wait_s
-    while True:
-        for m in await read_stream(
-            bus,
-            subjects.APPROVALS_STREAM,
-            filter_subject=subjects.approval(tenant, "receipt", request_id),
-        ):
-            r = approvals.receipt_decoder.decode(m.data)
-            if r.by == by and r.at == at:
-                return r
-        if time.monotonic() >= until:
-            return None
-        await asyncio.sleep(0.2)
 
 
 @app.command("approve")
