@@ -24,18 +24,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from coordinator.humans import Desk, DeskOutcome, Refused, Settled, Still
 from coordinator.ledger import DecisionState
-from mesh import approvals, subjects
+from mesh import approvals, subjects, telemetry
 from mesh._internal.consume import PullLoop
 from mesh.a2a.push import PUSH_TIMEOUT_S, PushUrlPolicy
 from mesh.approvals import ApprovalReceipt, ApprovalRequest, HumanVote
@@ -51,6 +55,27 @@ log = logging.getLogger(__name__)
 WAKE_MAX_S = 60.0  # a request's timer comes round at least this often
 ACK_WAIT_S = 30.0  # a coordinator that dies holding a message: redelivered after this
 _MIN_DELAY_S = 0.05
+
+
+@contextlib.contextmanager
+def _span(name: str, trace_id: str, attributes: dict[str, Any]) -> Iterator[None]:
+    """A span of the event's own trace (the decision's `trace_id`), so `mesh trace` of the
+    event shows what people did: the trace's first part ended hours ago, so its parent is a
+    placeholder in that trace (`render_tree` shows such a span at the top)."""
+    parent = otel_context.Context()
+    if trace_id:
+        with contextlib.suppress(ValueError):
+            ctx = trace.SpanContext(
+                trace_id=int(trace_id, 16),
+                span_id=random.getrandbits(64) or 1,
+                is_remote=True,
+                trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+            )
+            parent = trace.set_span_in_context(trace.NonRecordingSpan(ctx))
+    with telemetry.tracer().start_as_current_span(
+        name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+    ):
+        yield
 
 
 def _audit_id(tenant: str, request_id: str, what: str) -> str:
@@ -174,7 +199,16 @@ class Inbox:
             await msg.ack()
             return
         outcome = await self.desk.wake(key)
-        await self._publish(outcome, key)
+        if isinstance(outcome, Settled | Still) and (
+            isinstance(outcome, Settled) or outcome.changed
+        ):
+            what = "decided" if isinstance(outcome, Settled) else "escalated"
+            with _span(
+                f"approval {what} {msg.subject}",
+                await self._trace_id(key),
+                {"mesh.approval.request_id": request.id, "mesh.approval.act": what},
+            ):
+                await self._publish(outcome, key)
         if isinstance(outcome, Still):
             current = next((r for r in outcome.requests if r.id == request.id), None)
             if current is not None and current.round == request.round and outcome.next_due:
@@ -198,6 +232,27 @@ class Inbox:
         trust = self.desk.trust
         if trust is not None and vote.signer not in trust.keys and self.refresh_trust is not None:
             self.refresh_trust()  # a key we do not know yet may be a person issued a moment ago
+        with _span(
+            f"approval answer {msg.subject}",
+            await self._trace_id(key),
+            {
+                "mesh.approval.request_id": request_id,
+                "mesh.approval.by": vote.by,
+                "mesh.approval.answer": vote.answer,
+            },
+        ):
+            await self._answered(tenant, key, request_id, vote)
+        await msg.ack()
+
+    async def _trace_id(self, key: str) -> str:
+        state = await self.desk.ledger.read(key)
+        if state is None:
+            return ""
+        if state.decision is not None:
+            return state.decision.trace_id
+        return state.pending.trace_id if state.pending is not None else ""
+
+    async def _answered(self, tenant: str, key: str, request_id: str, vote: HumanVote) -> None:
         outcome = await self.desk.answer(key, vote)
         if isinstance(outcome, Refused):
             await self._refuse(tenant, key, request_id, vote, outcome.why)
@@ -209,7 +264,6 @@ class Inbox:
             await self._audit_answer(tenant, vote, shown)
             await self._publish(outcome, key)
             await self._receipt(tenant, request_id, vote, accepted=True)
-        await msg.ack()
 
     # -- publishing --------------------------------------------------------------------------------
     async def _publish(self, outcome: DeskOutcome, key: str) -> None:
