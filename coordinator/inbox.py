@@ -164,14 +164,14 @@ class Inbox:
 
     # -- the decision core said: wait for people --------------------------------------------------
     async def asked(self, state: DecisionState, key: str, *, fresh: bool) -> None:
-        """Publish the requests of a decision that now waits for people (idempotent: a request
-        round's message id), audit that they were asked."""
+        """Audit that people are asked, then publish the requests of a decision that now waits
+        for them. Again on a redelivery of the event (`fresh` False: a crash may have come
+        between the ledger and these), idempotent by message ids."""
         from coordinator.humans import requests
 
         for request in requests(state):
+            await self._audit(request.tenant, key, request.event_id, "asked", request)
             await self.publish_request(request)
-            if fresh:
-                await self._audit(request.tenant, key, request.event_id, "asked", request)
 
     # -- one message ------------------------------------------------------------------------------
     async def handle(self, msg: Msg) -> None:

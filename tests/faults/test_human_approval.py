@@ -79,6 +79,12 @@ async def test_a_waiting_decision_survives_kill_9_and_is_decided_once_by_the_rig
             }
         }
     )
+    # Spans kept in NATS, so `mesh trace` of the event can show what the person did.
+    procs.topology.extra_env["MESH_TRACE_STREAM"] = "1"
+    async with await Bus.connect(
+        nats_server.url, settings=bus.settings.model_copy(update={"trace_stream": True})
+    ) as operator:
+        await operator.ensure()
     running = await procs.up(bus, policy, reviewers=(), voters={"dose-voter": "dose-check"})
     [first] = running.coordinators
     event = envelope.new_event("med.change", {"vote": "approve"}, tenant=tenant)
@@ -138,3 +144,14 @@ async def test_a_waiting_decision_survives_kill_9_and_is_decided_once_by_the_rig
     answered = next(r for r in records if r.data["act"] == "answered")
     assert answered.data["evidence"][0]["skill"] == "dose-check"
     assert answered.data["reason"] == "dose checked"
+
+    # The trace of the event: the agents' part and, in the same trace, the person's answer.
+    async def traced() -> str:
+        ran = mesh_cli(
+            identities.operator_path, nats_server.url, "trace", event.id, "--tenant", tenant
+        )
+        return ran.stdout if "approval answer" in ran.stdout else ""
+
+    shown_trace = await eventually(traced, "the approval in mesh trace", timeout=30)
+    # (The killed coordinator's own spans died with it; the agent's were exported.)
+    assert "invoke_agent dose-voter" in shown_trace, shown_trace
