@@ -18,8 +18,8 @@ from mesh.audit import read as read_audit
 from mesh.bus import Bus, read_stream
 from mesh.identity import IdentityDir
 from mesh.records import decision_decoder
-from mesh.server import EmbeddedServer
-from tests.support.launcher import ProcessMesh
+from mesh.server import EmbeddedServer, free_port
+from tests.support.launcher import ProcessMesh, clocks
 from tests.support.samples import REPO
 from tests.support.waits import eventually
 
@@ -155,3 +155,59 @@ async def test_a_waiting_decision_survives_kill_9_and_is_decided_once_by_the_rig
     shown_trace = await eventually(traced, "the approval in mesh trace", timeout=30)
     # (The killed coordinator's own spans died with it; the agent's were exported.)
     assert "invoke_agent dose-voter" in shown_trace, shown_trace
+
+
+async def test_a_waiting_decision_survives_a_nats_restart(
+    tmp_path: Path, identities: IdentityDir
+) -> None:
+    """NATS itself is killed (-9) and started again on its store while a decision waits for a
+    person: the request, the wait and the coordinators' timers are all still there, and the
+    approval decides the event once."""
+    tenant = f"clinic{time.time_ns() % 1_000_000}"
+    suffix = str(time.time_ns() % 1_000_000)
+    alice = identities.issue(
+        "human", f"alice{suffix}", tenant=tenant, claims=[ROLE], path=tmp_path / "alice.json"
+    )
+    server = EmbeddedServer(tmp_path / "js", port=free_port(), auth=identities).start()
+    try:
+        with ProcessMesh(server.url, tmp_path / "mesh", clocks(), server=server) as procs:
+            policy = procs.policy(
+                {
+                    "med.change": {
+                        "skills": ["dose-check"],
+                        "rule": {"kind": "unanimous"},
+                        "decision_type": "med.decided",
+                        "humans": [{"role": ROLE, "wait_s": 600}],
+                    }
+                }
+            )
+            async with await Bus.connect(server.url) as bus:
+                await bus.ensure()
+                running = await procs.up(
+                    bus, policy, reviewers=(), voters={"dose-voter": "dose-check"}
+                )
+                event = envelope.new_event("med.change", {"vote": "approve"}, tenant=tenant)
+                await bus.publish_event(event)
+                await eventually(lambda: open_requests(bus, tenant), "an open request", timeout=60)
+            assert server.proc is not None
+            server.proc.kill()  # -9: no clean shutdown
+            server.proc.wait()
+            server.proc = None
+            server.start()  # the same port and store
+            approved = mesh_cli(
+                alice, server.url, "approvals", "approve", f"{event.id}.{ROLE}", "--reason", "ok"
+            )
+            assert approved.returncode == 0, approved.stdout + approved.stderr
+            async with await Bus.connect(server.url) as bus:
+                found = await eventually(
+                    lambda: decisions(bus, tenant),
+                    "the decision after the NATS restart",
+                    timeout=90,
+                    alive=running.alive,
+                    detail=procs.logs_tail,
+                )
+                [decision] = found
+                assert decision.outcome == "approved"  # type: ignore[attr-defined]
+                assert decision.votes[-1].agent == f"human:alice{suffix}"  # type: ignore[attr-defined]
+    finally:
+        server.stop()
