@@ -301,3 +301,74 @@ async def test_a_forged_or_misdirected_answer_is_refused() -> None:
     state = await Ledger(store, "reader", LEASE_S).read(KEY)
     assert state is not None and state.decision is not None
     assert state.decision.outcome == "rejected"
+
+
+# -- the authorization hook and the webhook ----------------------------------------------------
+async def test_mesh_authz_is_asked_when_it_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    asked: list[tuple[str, str, str]] = []
+
+    def allowed(principal: str, *, action: str, resource: str, context: Any) -> bool:
+        asked.append((principal, action, resource))
+        return False
+
+    fake = types.ModuleType("mesh.authz")
+    fake.allowed = allowed  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mesh.authz", fake)
+    store, clock = MemoryStore(), ManualClock()
+    people = People()
+    people.add("alice", "clinical-safety-officer")
+    await agents_vote(
+        store, clock, human_policy(), {"s1": (0.1, "approve"), "s2": (0.1, "approve")}
+    )
+    request = await request_now(store)
+    got = await desk(store, clock, trust=people.trust).answer(
+        KEY, people.answer("alice", request, yes=True)
+    )
+    assert isinstance(got, Refused) and "(authorization)" in got.why
+    assert asked == [("human:alice", "approve", request.id)]
+
+
+async def test_a_request_is_posted_to_its_notify_url_through_the_ssrf_guard() -> None:
+    import httpx
+
+    from coordinator.inbox import Inbox
+
+    posted: list[bytes] = []
+
+    def hook(request: httpx.Request) -> httpx.Response:
+        posted.append(request.content)
+        return httpx.Response(204)
+
+    store, clock = MemoryStore(), ManualClock()
+    notifying = msgspec.structs.replace(CSO, notify="http://127.0.0.1:9/approvals")
+    pol = human_policy(humans=[notifying])
+    await agents_vote(store, clock, pol, {"s1": (0.1, "approve"), "s2": (0.1, "approve")})
+    request = await request_now(store)
+    for allow_private, expected in ((False, 0), (True, 1)):
+        inbox = Inbox(
+            None,  # type: ignore[arg-type]  # the webhook needs neither bus, audit nor settler
+            desk(store, clock),
+            None,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            name="c1",
+            allow_private=allow_private,
+        )
+        inbox._http = httpx.AsyncClient(transport=httpx.MockTransport(hook))
+        await inbox._notify(request)
+        assert len(posted) == expected  # a loopback address is refused unless allowed
+    assert approvals.request_decoder.decode(posted[0]).id == request.id
+
+
+def test_the_clinic_policy_in_docs_humans_md_is_valid() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "humans.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", text, re.S)
+    assert block is not None
+    pol = policies.parse(tomllib.loads(block[1])).get("medication.change")
+    assert pol is not None and pol.voters[-1] == "human:clinical-safety-officer"
+    assert pol.humans[0].escalate[0].role == "head-of-safety"
