@@ -120,6 +120,14 @@ class Inbox:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, *, concurrency: int = 16) -> None:
+        try:
+            await self._run(stop, concurrency)
+        except Exception:
+            # Said loudly: decisions waiting for people would wait for ever (the events go on).
+            log.exception("the approval inbox stopped; decisions waiting for people are stuck")
+            raise
+
+    async def _run(self, stop: asyncio.Event, concurrency: int) -> None:
         psub = await self.bus.js.pull_subscribe_bind(
             durable=await self._durable(), stream=subjects.APPROVALS_STREAM
         )

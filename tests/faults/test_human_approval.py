@@ -4,6 +4,7 @@ while it waits, a new one takes over from the ledger, a person without the role 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -144,6 +145,15 @@ async def test_a_waiting_decision_survives_kill_9_and_is_decided_once_by_the_rig
     answered = next(r for r in records if r.data["act"] == "answered")
     assert answered.data["evidence"][0]["skill"] == "dose-check"
     assert answered.data["reason"] == "dose checked"
+
+    # The approvals are links of the tenant's audit chain, and the chain verifies.
+    op = identities.operator_path
+    verified = mesh_cli(op, nats_server.url, "audit", "verify", "--tenant", tenant, "--json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["ok"] is True
+    listed = mesh_cli(op, nats_server.url, "audit", "ls", "--tenant", tenant, "--json")
+    kinds = [r["kind"] for r in json.loads(listed.stdout)]
+    assert kinds.count("approval") == len(records) and "decision" in kinds, kinds
 
     # The trace of the event: the agents' part and, in the same trace, the person's answer.
     async def traced() -> str:
