@@ -12,7 +12,8 @@ Rules this module owns:
 - `answer`: a person's signed vote is accepted only if its signature verifies under a trusted
   human key of the request's tenant, it answers the request as the ledger has it (voter, a
   round not in the future, the evidence shown), the voter has not answered, the request has not
-  expired, and the person may approve (`may_approve`: a role asked so far). Refused otherwise,
+  expired, and the person may approve: a role asked so far (`_may_approve`, always) and, when
+  `mesh.authz` is there, Cedar's `approve` (`cedar_authorize`). Refused otherwise,
   with the reason (the service audits every refusal and answers the person).
 - Every move is one compare-and-set on the ledger (`Ledger.change`): two coordinators applying
   the same answer or the same expiry at once write once; the decision is made once.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -84,8 +85,8 @@ DeskOutcome = Settled | Still | Gone | Refused
 def _may_approve(
     principal: TrustedKey, *, tenant: str, roles: list[str], request_id: str
 ) -> str | None:
-    """Default authorization until mesh.authz (Cedar) is there: a human of the request's
-    tenant holding one of the roles asked so far. Why not (None: may)."""
+    """The check that always holds (Cedar or not): a human of the request's tenant holding one
+    of the roles asked so far. Why not (None: may)."""
     if principal.role != "human" or principal.tenant != tenant:
         return f"{principal.name} is not a person of tenant {tenant!r}"
     if not set(principal.claims) & set(roles):
@@ -95,25 +96,42 @@ def _may_approve(
     return None
 
 
-def may_approve(
-    principal: TrustedKey, kid: str, *, tenant: str, roles: list[str], request_id: str
-) -> str | None:
-    """Whether the person may answer this request: mesh.authz (Cedar) when it is there, and
-    the role check always."""
-    why = _may_approve(principal, tenant=tenant, roles=roles, request_id=request_id)
-    if why is not None:
-        return why
-    try:  # mesh.authz comes with the Cedar authorization (issue 15, point 3)
+class Authorize(Protocol):
+    """A second opinion on an answer the role check allows (Cedar: `cedar_authorize`)."""
+
+    def __call__(
+        self, who: TrustedKey, *, tenant: str, roles: list[str], decision_type: str, event_id: str
+    ) -> str | None: ...
+
+
+def cedar_authorize(settings: Any) -> Authorize | None:
+    """The Cedar check of an approval (`mesh.authz`, docs/authorization.md: action `approve` on
+    the decision type, context `role` and `event_id`), when that module and its settings are
+    there; None otherwise. The person's groups are the roles their trusted key holds."""
+    try:
         authz: Any = importlib.import_module("mesh.authz")
     except ImportError:
         return None
-    allowed = authz.allowed(
-        f"human:{principal.name}",
-        action="approve",
-        resource=request_id,
-        context={"tenant": tenant, "roles": list(principal.claims), "asked": roles, "kid": kid},
-    )
-    return None if allowed else f"{principal.name} may not approve {request_id} (authorization)"
+    if not hasattr(authz, "Authorizer") or not hasattr(settings, "profile"):
+        return None
+    authorizer = authz.Authorizer.from_settings(settings)
+
+    def authorize(
+        who: TrustedKey, *, tenant: str, roles: list[str], decision_type: str, event_id: str
+    ) -> str | None:
+        principal = authz.identity("human", who.name, tenant=who.tenant, groups=who.claims)
+        resource = authz.decision_type(tenant, decision_type)
+        said = "no role asked"
+        for role in [r for r in roles if r in who.claims]:
+            decision = authorizer.is_allowed(
+                principal, "approve", resource, {"role": role, "event_id": event_id}
+            )
+            if decision.allowed:
+                return None
+            said = decision.explain()
+        return f"{who.name} may not approve {decision_type} of {tenant}: {said}"
+
+    return authorize
 
 
 class Desk:
@@ -128,12 +146,14 @@ class Desk:
         name: str,
         signer: Signer | None = None,
         trust: Trust | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         self.ledger = ledger
         self.clock = clock
         self.name = name
         self.signer = signer
         self.trust = trust
+        self.authorize = authorize
 
     # -- time --------------------------------------------------------------------------------
     async def wake(self, key: str) -> DeskOutcome:
@@ -213,9 +233,17 @@ class Desk:
         if vote.evidence_sha256 != shown:
             return "the answer was given to other evidence than the request's"
         if who is not None:
-            why = may_approve(
-                who, vote.signer, tenant=vote.tenant, roles=wait.roles, request_id=wait.request_id
+            why = _may_approve(
+                who, tenant=vote.tenant, roles=wait.roles, request_id=wait.request_id
             )
+            if why is None and self.authorize is not None:
+                why = self.authorize(
+                    who,
+                    tenant=vote.tenant,
+                    roles=wait.roles,
+                    decision_type=pending.decision_type,
+                    event_id=pending.event.id,
+                )
             if why is not None:
                 return why
         return None

@@ -15,7 +15,7 @@ from mesh.errors import PolicyError
 from mesh.verdict import Choice
 
 DEFAULT_FILE = Path(__file__).with_name("policies.toml")
-_ROLE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_ROLE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # `_` too: Cedar group ids use it
 
 
 HUMAN_PREFIX = "human:"  # a human voter's name in the electorate: `human:<role>`
@@ -55,7 +55,7 @@ class HumanVoter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def check(self) -> None:
         for role in self.roles():
             if not _ROLE.fullmatch(role):
-                raise ValueError(f"human role {role!r}: use lowercase letters, digits and '-'")
+                raise ValueError(f"human role {role!r}: use lowercase letters, digits, '-' and '_'")
         if len(set(self.roles())) != len(self.roles()):
             raise ValueError(f"human {self.role!r}: a role is named twice in its chain")
         if self.wait_s <= 0:

@@ -40,7 +40,7 @@ from opentelemetry.trace import SpanKind
 from coordinator import admission, dispatch, dlq, settle
 from coordinator.clock import SYSTEM_CLOCK
 from coordinator.decide import Ask, AwaitingHuman, Decider, Job
-from coordinator.humans import Desk
+from coordinator.humans import Desk, cedar_authorize
 from coordinator.inbox import Inbox
 from coordinator.ledger import (
     Claim,
@@ -135,7 +135,12 @@ class Coordinator:
         )
         self._settler = Settler(self._ledger, self)
         desk = Desk(
-            self._ledger, SYSTEM_CLOCK, name=self.name, signer=self.signer, trust=self.trust
+            self._ledger,
+            SYSTEM_CLOCK,
+            name=self.name,
+            signer=self.signer,
+            trust=self.trust,
+            authorize=cedar_authorize(self.bus.settings),  # None until mesh.authz is there
         )
         self._inbox = Inbox(
             self.bus,

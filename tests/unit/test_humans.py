@@ -21,7 +21,7 @@ from coordinator.quorum import QuorumRule
 from mesh import approvals
 from mesh.errors import PolicyError
 from mesh.identity import Signer, Trust
-from tests.unit.test_decide import KEY, LEASE_S, Voters, done, job
+from tests.unit.test_decide import EVENT, KEY, LEASE_S, Voters, done, job
 
 CSO = HumanVoter(
     role="clinical-safety-officer",
@@ -304,19 +304,43 @@ async def test_a_forged_or_misdirected_answer_is_refused() -> None:
 
 
 # -- the authorization hook and the webhook ----------------------------------------------------
-async def test_mesh_authz_is_asked_when_it_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_cedar_is_asked_when_mesh_authz_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator's second opinion (`cedar_authorize`) over mesh.authz's API: principal
+    `human:<name>` in the groups its key holds, action `approve` on the decision type, context
+    the role and the event; a deny refuses the answer, naming what Cedar said."""
     import sys
     import types
+    from dataclasses import dataclass
 
-    asked: list[tuple[str, str, str]] = []
+    from coordinator.humans import cedar_authorize
 
-    def allowed(principal: str, *, action: str, resource: str, context: Any) -> bool:
-        asked.append((principal, action, resource))
-        return False
+    asked: list[tuple[Any, ...]] = []
+
+    @dataclass
+    class Said:
+        allowed: bool
+
+        def explain(self) -> str:
+            return "no policy permits it (denied by default)"
+
+    class Authorizer:
+        @classmethod
+        def from_settings(cls, settings: Any) -> Authorizer:
+            return cls()
+
+        def is_allowed(self, principal: Any, action: str, resource: Any, context: Any) -> Said:
+            asked.append((principal, action, resource, context))
+            return Said(False)
 
     fake = types.ModuleType("mesh.authz")
-    fake.allowed = allowed  # type: ignore[attr-defined]
+    fake.Authorizer = Authorizer  # type: ignore[attr-defined]
+    fake.identity = lambda role, name, tenant, groups: (role, name, tenant, list(groups))  # type: ignore[attr-defined]
+    fake.decision_type = lambda tenant, type_: (tenant, type_)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "mesh.authz", fake)
+    authorize = cedar_authorize(types.SimpleNamespace(profile="regulated"))
+    assert authorize is not None
+    assert cedar_authorize(types.SimpleNamespace()) is None  # settings without a profile
+
     store, clock = MemoryStore(), ManualClock()
     people = People()
     people.add("alice", "clinical-safety-officer")
@@ -324,11 +348,23 @@ async def test_mesh_authz_is_asked_when_it_is_there(monkeypatch: pytest.MonkeyPa
         store, clock, human_policy(), {"s1": (0.1, "approve"), "s2": (0.1, "approve")}
     )
     request = await request_now(store)
-    got = await desk(store, clock, trust=people.trust).answer(
-        KEY, people.answer("alice", request, yes=True)
+    d = Desk(
+        Ledger(store, "c1", LEASE_S, clock=clock),
+        clock,
+        name="c1",
+        trust=people.trust,
+        authorize=authorize,
     )
-    assert isinstance(got, Refused) and "(authorization)" in got.why
-    assert asked == [("human:alice", "approve", request.id)]
+    got = await d.answer(KEY, people.answer("alice", request, yes=True))
+    assert isinstance(got, Refused) and "denied by default" in got.why, got
+    assert asked == [
+        (
+            ("human", "alice", "acme", ["clinical-safety-officer"]),
+            "approve",
+            ("acme", "vote.decided"),
+            {"role": "clinical-safety-officer", "event_id": EVENT.id},
+        )
+    ]
 
 
 async def test_a_request_is_posted_to_its_notify_url_through_the_ssrf_guard() -> None:
