@@ -40,6 +40,11 @@ Rules this module owns:
 - A vote that is no answer (timeout, unavailable, error, invalid) enters the tally as silence,
   not as a vote: the decision's reason says what happened to it and what the policy counted it
   as (`silent`, `what_happened`).
+- People vote after the agents (`Policy.humans`, each the voter `human:<role>`): once the
+  agents' votes are in, they are asked (`humans_to_ask`) when the policy's `ask_humans` says
+  so AND their answer could still change the outcome; then the event is not decided here: the
+  ledger records it `awaiting_human` (`AwaitingHuman`; `coordinator.humans` takes it from
+  there). Not asked, a human voter did not vote (like an abstention).
 """
 
 from __future__ import annotations
@@ -53,12 +58,21 @@ from typing import Any, Protocol
 import msgspec
 
 from coordinator.clock import Clock
-from coordinator.ledger import Busy, Claim, Done, Ledger
-from coordinator.policy import Policy
+from coordinator.ledger import (
+    Busy,
+    Claim,
+    DecisionState,
+    Done,
+    HumanStep,
+    HumanWait,
+    Ledger,
+    Pending,
+)
+from coordinator.policy import HumanVoter, Policy
 from coordinator.quorum import Silent, Tally, tally
 from mesh import envelope
 from mesh.identity import Signer
-from mesh.records import Decision, DlqReason, Vote, sign_decision
+from mesh.records import Decision, DlqReason, Vote, event_token, sign_decision
 from mesh.verdict import Choice
 
 _NO_AGENT = "no live agent has the skill"
@@ -142,6 +156,17 @@ class Wait:
     reason: str
 
 
+@dataclass
+class AwaitingHuman:
+    """The agents have voted and people are asked: recorded in the ledger (`state`); the
+    service publishes the approval requests (again, idempotently, on a redelivery: `fresh`
+    False) and acks the event. `coordinator.humans` decides it."""
+
+    key: str
+    state: DecisionState
+    fresh: bool = True
+
+
 Outcome = Busy | Done | Decided | Undecidable | Wait
 
 
@@ -156,6 +181,8 @@ NOBODY_LISTENING = "nobody listening"
 # infrastructure's, not the voter's silence: like an unreachable voter, the event is released
 # and the voter asked again under a fresh deadline (where it returns the answer it has).
 TAKEN_OVER_LATE = "asked by a coordinator that failed"
+# How a human voter's silence is marked (coordinator.humans): it says how long and who.
+HUMAN_SILENT = "no answer from a person"
 # Kept across a release: answers (a voter who answered is not asked again). Silence is not
 # kept: under the fresh deadline its voter is asked again.
 _KEPT = ("voted", "invalid", "error")
@@ -193,9 +220,9 @@ def silent(policy: Policy, votes: Mapping[str, Vote]) -> dict[str, Silent]:
     for skill, v in votes.items():
         if v.outcome in ("voted", "cancelled"):
             continue  # a vote, or not needed (decide_early): neither is silence
-        counts = v.counted_as or (
-            "no_quorum" if policy.timeout_counts_as == "no_quorum" else "absent"
-        )
+        human = policy.human(skill)
+        says = human.silence if human is not None else policy.timeout_counts_as
+        counts = v.counted_as or ("no_quorum" if says == "no_quorum" else "absent")
         out[skill] = Silent(what=what_happened(v), counts_as=counts)
     return out
 
@@ -204,6 +231,8 @@ def what_happened(vote: Vote) -> str:
     """A vote that is no answer, in words for the decision's reason."""
     error = vote.error if len(vote.error) <= 120 else vote.error[:119] + "…"
     if vote.outcome == "timeout":
+        if vote.error.startswith(HUMAN_SILENT):
+            return vote.error
         if vote.error == LATE:
             return "answered after the deadline"
         if not vote.latency_ms:
@@ -221,8 +250,83 @@ def what_happened(vote: Vote) -> str:
 def count(policy: Policy, votes: Mapping[str, Vote], *, final: bool) -> Tally:
     """The tally of these votes under the policy: votes as cast, silence as it says."""
     return tally(
-        policy.rule, policy.skills, counted(votes), final=final, silent=silent(policy, votes)
+        policy.rule, policy.voters, counted(votes), final=final, silent=silent(policy, votes)
     )
+
+
+def request_id(event_id: str, voter: HumanVoter) -> str:
+    """An approval request's id: `<event token>.<role first asked>`."""
+    return f"{event_token(event_id)}.{voter.role}"
+
+
+def humans_to_ask(policy: Policy, votes: Mapping[str, Vote]) -> list[HumanVoter]:
+    """The human voters to ask, the agents' `votes` being in: none unless the policy's
+    `ask_humans` says so, and none whose answer could not change the outcome."""
+    if not policy.humans:
+        return []
+    cast = [v for v in votes.values() if v.outcome == "voted" and v.counted_as is not None]
+    if policy.ask_humans == "on_disagreement":
+        if len({v.counted_as for v in cast if v.counted_as != "abstain"}) < 2:
+            return []
+    elif policy.ask_humans == "on_low_confidence":
+        low = [v for v in cast if v.verdict and v.verdict.confidence < policy.confidence_below]
+        if not low:
+            return []
+    if count(policy, votes, final=False).outcome != "pending":
+        return []  # the agents' votes settle it whatever people say
+    return list(policy.humans)
+
+
+def not_asked(policy: Policy, asked: list[HumanVoter]) -> dict[str, Vote]:
+    """The votes of human voters not asked: no vote (like an abstention), saying why."""
+    ask = {h.voter for h in asked}
+    return {
+        h.voter: Vote(
+            skill=h.voter,
+            agent="",
+            outcome="cancelled",
+            error=f"not asked (ask_humans = {policy.ask_humans!r})",
+        )
+        for h in policy.humans
+        if h.voter not in ask
+    }
+
+
+def decision_of(
+    policy: Policy,
+    votes: Mapping[str, Vote],
+    *,
+    event: envelope.Event,
+    decision_type: str,
+    decided_at: float,
+    latency_ms: float,
+    coordinator: str,
+    takeovers: int = 0,
+    trace_id: str = "",
+    principal: str = "",
+    signer: Signer | None = None,
+) -> Decision:
+    """The one builder of a decision: what `votes` make under the policy's rule (voters with no
+    vote did not vote), signed when there is a `signer`."""
+    result = count(policy, votes, final=True)
+    assert result.outcome != "pending"
+    decision = Decision(
+        event_id=event.id,
+        event_type=event.type,
+        tenant=event.tenant,
+        decision_type=decision_type,
+        outcome=result.outcome,
+        reason=result.reason,
+        rule=policy.rule.kind,
+        votes=[votes[s] for s in policy.voters if s in votes],
+        decided_at=decided_at,
+        trace_id=trace_id,
+        latency_ms=latency_ms,
+        coordinator=coordinator,
+        takeovers=takeovers,
+        principal=principal,
+    )
+    return decision if signer is None else sign_decision(signer, decision)
 
 
 class Decider:
@@ -240,7 +344,7 @@ class Decider:
 
     async def run(
         self, job: Job, *, on_renew: Callable[[], Awaitable[None]] | None = None
-    ) -> Outcome:
+    ) -> Outcome | AwaitingHuman:
         """Claim, collect, tally and record one event. `on_renew` runs after each lease renewal
         (the service tells JetStream it is still at it). LostClaim: someone else owns it now."""
         policy = job.policy
@@ -267,6 +371,8 @@ class Decider:
         got = await self.ledger.claim(
             job.key, stream_seq=job.stream_seq, deadline_s=policy.deadline_s
         )
+        if isinstance(got, Done) and got.state.state == "awaiting_human":
+            return AwaitingHuman(job.key, got.state, fresh=False)
         if not isinstance(got, Claim):
             return got
         missing = [s for s in policy.skills if s not in job.agents and s not in got.state.votes]
@@ -287,12 +393,52 @@ class Decider:
                     s: v.error.removeprefix(NOBODY_LISTENING).lstrip(": ") for s, v in gone.items()
                 }
                 return await self._release(got, job, rest, why)
+        asked = humans_to_ask(policy, votes)
+        if asked:
+            return await self._await_humans(got, job, votes, asked)
+        votes = {**votes, **not_asked(policy, asked)}
         decision = self.decide(job, votes, got)
         if decision.outcome == "no_quorum" and policy.on_no_quorum == "dead_letter":
             return Undecidable("no_quorum", decision.reason, got)
         final = msgspec.structs.replace(got.state, state="decided", decision=decision)
         await self.ledger.save(got, final)  # LostClaim here: someone else decides, not us
         return Decided(decision)
+
+    async def _await_humans(
+        self, claim: Claim, job: Job, votes: Mapping[str, Vote], asked: list[HumanVoter]
+    ) -> AwaitingHuman:
+        """Record the event as waiting for people: every time in the ledger, on the wall clock
+        (a restarted or other coordinator, or a NATS failover, loses nothing)."""
+        now = self.clock.time()
+        waits = {
+            h.voter: HumanWait(
+                request_id=request_id(job.event.id, h),
+                roles=[h.role],
+                asked_at=now,
+                expires_at=now + h.wait_s,
+                next=[HumanStep(e.role, now + e.after_s) for e in h.escalate],
+            )
+            for h in asked
+        }
+        pending = Pending(
+            event=job.event,
+            policy=job.policy,
+            decision_type=job.decision_type,
+            started_at=now - (self.clock.monotonic() - job.started),
+            trace_id=job.trace_id,
+            principal=job.principal,
+        )
+        state = msgspec.structs.replace(
+            claim.state,
+            state="awaiting_human",
+            lease_until=0.0,
+            deadline_at=0.0,
+            votes={**votes, **not_asked(job.policy, asked)},
+            humans=waits,
+            pending=pending,
+        )
+        await self.ledger.save(claim, state)  # LostClaim: someone else has it
+        return AwaitingHuman(job.key, claim.state)
 
     def _held(self, job: Job, since: float, why: Mapping[str, str]) -> Wait | str:
         """A released event, waiting `since` (wall) for the voters in `why` (skill → what
@@ -442,26 +588,19 @@ class Decider:
 
     def decide(self, job: Job, votes: Mapping[str, Vote], claim: Claim) -> Decision:
         """The decision the votes make under the policy's rule (missing voters did not vote)."""
-        policy = job.policy
-        result = count(policy, votes, final=True)
-        assert result.outcome != "pending"
-        decision = Decision(
-            event_id=job.event.id,
-            event_type=job.event.type,
-            tenant=job.event.tenant,
+        return decision_of(
+            job.policy,
+            votes,
+            event=job.event,
             decision_type=job.decision_type,
-            outcome=result.outcome,
-            reason=result.reason,
-            rule=policy.rule.kind,
-            votes=[votes[s] for s in policy.skills],
             decided_at=self.clock.time(),
-            trace_id=job.trace_id,
             latency_ms=round((self.clock.monotonic() - job.started) * 1000, 2),
             coordinator=self.name,
             takeovers=claim.state.takeovers,
+            trace_id=job.trace_id,
             principal=job.principal,
+            signer=self.signer,
         )
-        return decision if self.signer is None else sign_decision(self.signer, decision)
 
     async def _keep_lease(
         self, claim: Claim, on_renew: Callable[[], Awaitable[None]] | None

@@ -12,6 +12,11 @@ holds an event at a time:
                           └─CAS── waiting(votes, no deadline, waiting_since)
                         re-claimed by any coordinator: a FRESH deadline, the votes kept
 
+    collecting ──CAS──▶ awaiting_human(votes, humans: request ids, roles asked, wall-clock
+                         escalation and expiry times; what the decision needs) ──CAS──▶ decided
+                         (coordinator.humans: an answer, an escalation, the final silence;
+                         no lease: any coordinator moves it on, the CAS picks one)
+
 `decided` and `dead_lettered` exclude each other: each is reached only by a compare-and-set
 from a state that is neither (or, for a dead letter, from absent), so whoever writes second
 fails its CAS and stands down. A dead-lettered event comes back to `collecting` only when it is
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -42,8 +48,10 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from coordinator.clock import SYSTEM_CLOCK, Clock
+from coordinator.policy import Policy
 from mesh import subjects
 from mesh._internal.retry import RetryPolicy
+from mesh.envelope import Event
 from mesh.errors import MeshRuntimeError
 from mesh.identity import Signer, Trust, require_trust
 from mesh.records import Decision, Vote, event_token, trusted_signer
@@ -53,7 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-State = Literal["collecting", "waiting", "decided", "dead_lettered"]
+State = Literal["collecting", "waiting", "awaiting_human", "decided", "dead_lettered"]
 
 # A lost compare-and-set means someone else's write landed: re-read at once (no pause) and
 # look again, a bounded number of times.
@@ -73,6 +81,35 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
 _POLL_S = 0.5
 
 
+class HumanStep(msgspec.Struct, frozen=True):
+    """An escalation still to come: `role` may answer too from `at` (wall clock)."""
+
+    role: str
+    at: float
+
+
+class HumanWait(msgspec.Struct, omit_defaults=True):
+    """One human voter the decision waits for (all times wall clock, in the ledger)."""
+
+    request_id: str
+    roles: list[str]  # who may answer now
+    asked_at: float
+    expires_at: float  # then its silence counts as the policy says
+    next: list[HumanStep] = msgspec.field(default_factory=list)
+    round: int = 0
+
+
+class Pending(msgspec.Struct, omit_defaults=True):
+    """What a decision made after people answer needs (the event was acked long ago)."""
+
+    event: Event
+    policy: Policy  # the policy it was asked under: a later policy change does not apply
+    decision_type: str
+    started_at: float  # wall clock: when the event arrived (for the decision's latency)
+    trace_id: str = ""
+    principal: str = ""
+
+
 class DecisionState(msgspec.Struct, omit_defaults=True):
     state: State
     owner: str
@@ -87,6 +124,9 @@ class DecisionState(msgspec.Struct, omit_defaults=True):
     # Wall clock: when the event was first released (`waiting`) for want of a reachable voter;
     # kept across re-claims, so the wait is bounded from then (0: never released).
     waiting_since: float = 0.0
+    # `awaiting_human`: the human voters still to answer (voter → its wait), and the event
+    humans: dict[str, HumanWait] = msgspec.field(default_factory=dict)
+    pending: Pending | None = None
     signer: str = ""  # key id of the coordinator key that wrote this state
     signature: str = ""  # Ed25519 over the state without `signature` (purpose "ledger")
 
@@ -352,7 +392,8 @@ class Ledger:
                     )
                     return Claim(key, revision, fresh)
                 assert current is not None
-                if current.state == "decided":
+                if current.state in ("decided", "awaiting_human"):
+                    # Waiting for people: the agents' part is over (coordinator.humans).
                     return Done(current)
                 if current.state == "dead_lettered" and current.stream_seq == stream_seq:
                     return Done(current)  # the same delivery came back (crash before the ack)
@@ -430,6 +471,37 @@ class Ledger:
         )
         await self.save(claim, state)
 
+    async def change(
+        self,
+        key: str,
+        step: Callable[[DecisionState], DecisionState | None],
+    ) -> tuple[DecisionState | None, bool]:
+        """One compare-and-set move of an event that waits for people (`awaiting_human`):
+        `step` gets the current state and returns the next (None: nothing to do). Any number of
+        coordinators may call this for one event at once: each write is a CAS on the revision
+        read, a loser reads again and re-applies `step` to what the winner wrote (bounded).
+        Returns (the state now, whether this call changed it); (None, False) if there is none
+        to believe. A state that is not `awaiting_human` is returned untouched."""
+        for attempt in itertools.count(1):
+            entry = await self.store.get(key)
+            current = self._load(key, entry) if entry is not None else None
+            if entry is None or not isinstance(current, DecisionState):
+                return None, False
+            if current.state != "awaiting_human":
+                return current, False
+            after = step(current)
+            if after is None:
+                return current, False
+            sealed = self._seal(msgspec.structs.replace(after, signer="", signature=""))
+            try:
+                await self.store.update(key, _enc.encode(sealed), entry.revision)
+            except StateConflict:
+                if CAS_RETRY.pause(attempt) is None:
+                    raise LostClaim(f"{key}: state kept changing under us") from None
+                continue
+            return sealed, True
+        raise AssertionError("unreachable")  # itertools.count never ends
+
     async def mark_dead_lettered(
         self,
         key: str,
@@ -470,7 +542,7 @@ class Ledger:
             entry = await self.store.get(key)
             current = self._load(key, entry) if entry is not None else None
             if isinstance(current, DecisionState):
-                if current.state == "decided":
+                if current.state in ("decided", "awaiting_human"):
                     return Done(current)
                 if current.state == "dead_lettered" and current.stream_seq == stream_seq:
                     return DeadLettered(current, fresh=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,56 @@ from mesh.errors import PolicyError
 from mesh.verdict import Choice
 
 DEFAULT_FILE = Path(__file__).with_name("policies.toml")
+_ROLE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # `_` too: Cedar group ids use it
+
+
+HUMAN_PREFIX = "human:"  # a human voter's name in the electorate: `human:<role>`
+AskHumans = Literal["always", "on_disagreement", "on_low_confidence"]
+
+
+class Escalation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Who else may answer once the request has waited `after_s` (from when it was asked)."""
+
+    role: str
+    after_s: float
+
+
+class HumanVoter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A person's sign-off as one voter (`human:<role>`), asked after the agents have voted.
+
+    `role` is asked first; each `escalate` entry adds a role that may answer from `after_s`
+    after the request (earlier roles still may); at `wait_s` the silence counts as `silence`.
+    Silence never approves."""
+
+    role: str
+    wait_s: float = 4 * 3600.0
+    escalate: list[Escalation] = []
+    silence: Literal["reject", "no_quorum"] = "reject"
+    # Each request (and escalation) is also POSTed here as JSON, through the SSRF guard of push
+    # notifications (mesh.a2a.push): a chat bridge, a pager, a ticketing hook.
+    notify: str = ""
+
+    @property
+    def voter(self) -> str:
+        return HUMAN_PREFIX + self.role
+
+    def roles(self) -> list[str]:
+        """Every role that may answer, the first asked first."""
+        return [self.role, *(e.role for e in self.escalate)]
+
+    def check(self) -> None:
+        for role in self.roles():
+            if not _ROLE.fullmatch(role):
+                raise ValueError(f"human role {role!r}: use lowercase letters, digits, '-' and '_'")
+        if len(set(self.roles())) != len(self.roles()):
+            raise ValueError(f"human {self.role!r}: a role is named twice in its chain")
+        if self.wait_s <= 0:
+            raise ValueError(f"human {self.role!r}: wait_s must be positive")
+        after = [e.after_s for e in self.escalate]
+        if any(a <= 0 for a in after) or after != sorted(set(after)):
+            raise ValueError(f"human {self.role!r}: escalate after_s must be positive, increasing")
+        if after and after[-1] >= self.wait_s:
+            raise ValueError(f"human {self.role!r}: every escalation must come before wait_s")
 
 
 class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -37,6 +88,22 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # What to do when the votes make no quorum: publish a `no_quorum` decision (consumers
     # see it and can escalate), or dead-letter the event so an operator replays it.
     on_no_quorum: Literal["publish", "dead_letter"] = "publish"
+    # People who vote too (coordinator.humans), after the agents; the rule counts each as the
+    # voter `human:<role>`. When they are asked: `always` (whenever their answer could still
+    # change the outcome), `on_disagreement` (the agents did not all vote alike), or
+    # `on_low_confidence` (an agent's confidence is below `confidence_below`). Not asked:
+    # they did not vote (like an abstention).
+    humans: list[HumanVoter] = []
+    ask_humans: AskHumans = "always"
+    confidence_below: float = 0.0
+
+    @property
+    def voters(self) -> list[str]:
+        """The electorate: the skills, then the human voters."""
+        return [*self.skills, *(h.voter for h in self.humans)]
+
+    def human(self, voter: str) -> HumanVoter | None:
+        return next((h for h in self.humans if h.voter == voter), None)
 
     def check(self, event_type: str) -> None:
         if not self.skills:
@@ -51,10 +118,18 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("agent_timeout_max_s must be at least agent_timeout_s")
         if not 0 <= self.retries <= 10:
             raise ValueError("retries must be between 0 and 10")
-        self.rule.validate(len(self.skills))
-        unknown = sorted(set(self.rule.vetoes) - set(self.skills))
+        for h in self.humans:
+            h.check()
+        if len({h.voter for h in self.humans}) != len(self.humans):
+            raise ValueError("humans must not repeat a role")
+        if self.ask_humans == "on_low_confidence" and not 0 < self.confidence_below <= 1:
+            raise ValueError('ask_humans = "on_low_confidence" needs confidence_below in (0, 1]')
+        if self.confidence_below and self.ask_humans != "on_low_confidence":
+            raise ValueError('confidence_below is only for ask_humans = "on_low_confidence"')
+        self.rule.validate(len(self.voters))
+        unknown = sorted(set(self.rule.vetoes) - set(self.voters))
         if unknown:
-            raise ValueError(f"veto holders {unknown} are not among the skills")
+            raise ValueError(f"veto holders {unknown} are not among the skills or humans")
         approving = self.silence_approves()
         if approving and not self.silence_reason.strip():
             raise ValueError(
@@ -78,12 +153,13 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             return "any unanswered voter counts as approve"
         silence = Silent(what="no answer", counts_as=self.timeout_counts_as)
         needed = []
+        voters = self.voters
         for skill in self.skills:
-            others: dict[str, Choice] = {s: "approve" for s in self.skills if s != skill}
-            alone = tally(self.rule, self.skills, {**others, skill: "reject"}, final=True)
+            others: dict[str, Choice] = {s: "approve" for s in voters if s != skill}
+            alone = tally(self.rule, voters, {**others, skill: "reject"}, final=True)
             if alone.outcome == "approved":
                 continue  # the rule can do without this skill
-            quiet = tally(self.rule, self.skills, others, final=True, silent={skill: silence})
+            quiet = tally(self.rule, voters, others, final=True, silent={skill: silence})
             if quiet.outcome == "approved":
                 needed.append(skill)
         if not needed:

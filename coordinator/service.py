@@ -39,7 +39,9 @@ from opentelemetry.trace import SpanKind
 
 from coordinator import admission, dispatch, dlq, settle
 from coordinator.clock import SYSTEM_CLOCK
-from coordinator.decide import Ask, Decider, Job
+from coordinator.decide import Ask, AwaitingHuman, Decider, Job
+from coordinator.humans import Desk, cedar_authorize
+from coordinator.inbox import Inbox
 from coordinator.ledger import (
     Claim,
     Ledger,
@@ -111,6 +113,7 @@ class Coordinator:
         self._ledger: Ledger | None = None
         self._decider: Decider | None = None
         self._settler: Settler | None = None
+        self._inbox: Inbox | None = None  # decisions waiting for people (coordinator.inbox)
         self._loop: PullLoop[Msg] | None = None
 
     @property
@@ -134,6 +137,25 @@ class Coordinator:
             self._ledger, self._ask, SYSTEM_CLOCK, name=self.name, signer=self.signer
         )
         self._settler = Settler(self._ledger, self)
+        desk = Desk(
+            self._ledger,
+            SYSTEM_CLOCK,
+            name=self.name,
+            signer=self.signer,
+            trust=self.trust,
+            authorize=cedar_authorize(self.bus.settings),  # None until mesh.authz is there
+        )
+        self._inbox = Inbox(
+            self.bus,
+            desk,
+            self.audit,
+            self._settler,
+            name=self.name,
+            allow_private=self.bus.settings.push_allow_private,
+            # A person issued while we run: their first answer is checked against the new file.
+            refresh_trust=lambda: self._refresh_trust(force=True),
+        )
+        inbox = asyncio.create_task(self._inbox.run(stop))
         await self.view.start()
         await self._audit_policies()
         await authz.audit_in_force(self.audit, self.authz)
@@ -170,6 +192,8 @@ class Coordinator:
         try:
             await self._loop.run(stop)
         finally:
+            with contextlib.suppress(Exception):
+                await inbox  # stops with `stop`; its failure must not hide ours
             checkpoints.cancel()
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
@@ -249,6 +273,8 @@ class Coordinator:
             self.audit.trust = trust
             if self._ledger is not None:
                 self._ledger.trust = trust
+            if self._inbox is not None:
+                self._inbox.desk.trust = trust
         return changed
 
     async def _handle(self, msg: Msg) -> None:
@@ -352,6 +378,12 @@ class Coordinator:
             )
         async with self.admission.slots(voters, keepalive=delivery.in_progress):
             outcome = await self._decider.run(job, on_renew=delivery.in_progress)
+        if isinstance(outcome, AwaitingHuman):
+            # People are asked: the ledger holds the wait, the inbox takes it from here.
+            assert self._inbox is not None
+            await self._inbox.asked(outcome.state, outcome.key, fresh=outcome.fresh)
+            await delivery.ack()
+            return
         await self.settler.settle(delivery, event, outcome, unverified)
 
     async def _may_publish(self, msg: Msg, event: envelope.Event, principal: str) -> bool:

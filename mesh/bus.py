@@ -96,6 +96,9 @@ STREAMS = (
         365 * _DAY,
         immutable=True,
     ),
+    # Approval requests, people's answers and receipts (mesh.approvals): a request may wait
+    # for days, and its message is its timer (coordinator.inbox), so they are kept a month.
+    StreamSpec(subjects.APPROVALS_STREAM, [f"{subjects.APPROVALS_ROOT}.>"], 30 * _DAY),
 )
 # Spans for `mesh trace`, kept a day; only when MESH_TRACE_STREAM is on.
 TRACES = StreamSpec(subjects.TRACE_STREAM, [f"{subjects.TRACE_ROOT}.>"], _DAY)

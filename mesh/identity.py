@@ -38,12 +38,25 @@ _log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from mesh.settings import Settings
 
-Role = Literal["operator", "coordinator", "agent", "publisher", "reader"]
-ROLES: tuple[Role, ...] = ("operator", "coordinator", "agent", "publisher", "reader")
+# `human`: a person of one tenant who answers approval requests (mesh.approvals); which
+# requests (the approver roles it holds) its trusted key's `claims` say.
+Role = Literal["operator", "coordinator", "agent", "publisher", "reader", "human"]
+ROLES: tuple[Role, ...] = ("operator", "coordinator", "agent", "publisher", "reader", "human")
 ALL_TENANTS = "*"
 
 # What each purpose may be signed by (the operator is the root of trust: it may sign anything).
-Purpose = Literal["vote", "decision", "ledger", "audit", "checkpoint", "card", "token", "event"]
+Purpose = Literal[
+    "vote",
+    "decision",
+    "ledger",
+    "audit",
+    "checkpoint",
+    "card",
+    "token",
+    "event",
+    "approval",
+    "approval_request",
+]
 SIGNERS: dict[Purpose, tuple[Role, ...]] = {
     "decision": ("coordinator", "operator"),
     "ledger": ("coordinator", "operator"),
@@ -54,6 +67,8 @@ SIGNERS: dict[Purpose, tuple[Role, ...]] = {
     # An event's publisher (the principal a decision records) is the key that signed it.
     "event": ("publisher", "agent", "coordinator", "operator"),
     "vote": (),  # votes are signed by instance keys that a verified card binds, never by trust
+    "approval": ("human",),  # a person's answer to an approval request
+    "approval_request": ("coordinator", "operator"),
 }
 
 
@@ -211,6 +226,9 @@ class TrustedKey(msgspec.Struct, kw_only=True, omit_defaults=True):
     # decisions), nothing it signs later does. Revocation (`Trust.revoked`) is for a key that
     # leaked: then nothing it ever signed is believed.
     retired_at: float = 0.0
+    # A human's: its tenant, and the approver roles it holds (who may answer which requests).
+    tenant: str = ""
+    claims: list[str] = msgspec.field(default_factory=list)
 
 
 class Trust(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -441,7 +459,8 @@ class IdentityDir:
     def file_name(role: Role, name: str, tenant: str = ALL_TENANTS) -> str:
         if role == "operator":
             return IdentityDir.OPERATOR
-        suffix = f"-{tenant}" if tenant != ALL_TENANTS and role in ("publisher", "reader") else ""
+        tenanted = ("publisher", "reader", "human")
+        suffix = f"-{tenant}" if tenant != ALL_TENANTS and role in tenanted else ""
         return f"{role}-{name}{suffix}.json"
 
     def issue(
@@ -452,12 +471,17 @@ class IdentityDir:
         tenant: str = ALL_TENANTS,
         path: Path | None = None,
         token_ttl_s: float = 30 * 24 * 3600.0,
+        claims: Iterable[str] = (),
     ) -> Path:
         """A new identity (fresh keys), registered with the NATS users and, for the roles that
-        sign, in the trust file. Written 0600 to `path` (default: in this folder)."""
+        sign, in the trust file. Written 0600 to `path` (default: in this folder). `claims`:
+        a human's approver roles, recorded with its key in the trust file."""
         from mesh import subjects
 
-        if role in ("publisher", "reader"):
+        claims = list(claims)
+        if claims and role != "human":
+            raise ConfigError("only a human identity holds approver roles")
+        if role in ("publisher", "reader", "human"):
             if tenant == ALL_TENANTS or not subjects.valid_token(tenant):
                 raise ConfigError(
                     f"a {role} belongs to one tenant", hint=f"mesh creds {role} NAME --tenant T"
@@ -483,7 +507,10 @@ class IdentityDir:
         self._write_users([*self.users(), user])
         if role != "reader":  # readers sign nothing
             trust = self.trust()
-            trust.add(signer, role, name)
+            kid = trust.add(signer, role, name)
+            if role == "human":
+                trust.keys[kid].tenant = tenant
+                trust.keys[kid].claims = claims
             save_trust(trust, self.trust_path)
         return target
 

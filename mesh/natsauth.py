@@ -26,7 +26,12 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
 - publisher of T: publishes `mesh.evt.T.>` (acks come to its inbox).
 - reader of T: creates consumers only with T's filter, pinned in the API subject
   (`$JS.API.CONSUMER.CREATE.<stream>.*.mesh.decision.T.>`, and `mesh.dlq.T.>`,
-  `mesh.audit.T.>`, `mesh.checkpoint.T`), delivering to its own inbox; no reads by sequence.
+  `mesh.audit.T.>`, `mesh.checkpoint.T`, `mesh.approval.T.>`), delivering to its own inbox;
+  no reads by sequence.
+- human of T (a person who answers approval requests): publishes `mesh.approval.T.vote.>`
+  and reads `mesh.approval.T.>` as a reader does; the coordinator publishes requests and
+  receipts (`mesh.approval.*.req.>`, `….receipt.>`) and consumes requests and answers through
+  its durable `coordinator-approvals`.
 
 Every role may also publish to its own inbox (a caller cancels a stream there), `$JS.API.INFO`
 and `$JS.API.STREAM.NAMES` (stream names only: how a process checks that the mesh's streams
@@ -78,6 +83,7 @@ _TENANT_SUBJECTS = {
     subjects.DLQ_STREAM: f"{subjects.DLQ_ROOT}.{{t}}.>",
     subjects.AUDIT_STREAM: f"{subjects.AUDIT_ROOT}.{{t}}.>",
     subjects.CHECKPOINTS_STREAM: f"{subjects.CHECKPOINT_ROOT}.{{t}}",
+    subjects.APPROVALS_STREAM: f"{subjects.APPROVALS_ROOT}.{{t}}.>",
 }
 _CARDS = subjects.kv_stream(subjects.CARDS_BUCKET)
 _TASKS = subjects.kv_stream(subjects.TASKS_BUCKET)
@@ -100,6 +106,16 @@ ADMIN = [
     f"{JS}.META.>",
     f"{JS}.SERVER.>",
     f"{JS}.ACCOUNT.>",
+]
+
+
+# The coordinators' durable on MESH_APPROVALS (their timers): nobody who may create consumers
+# there with a tenant's filter may create, read or ack it under that name.
+_APPROVALS_DURABLE_DENIED = [
+    f"{JS}.CONSUMER.*.{subjects.APPROVALS_STREAM}.{subjects.APPROVALS_DURABLE}",
+    f"{JS}.CONSUMER.*.{subjects.APPROVALS_STREAM}.{subjects.APPROVALS_DURABLE}.>",
+    f"{JS}.CONSUMER.MSG.NEXT.{subjects.APPROVALS_STREAM}.{subjects.APPROVALS_DURABLE}",
+    f"$JS.ACK.{subjects.APPROVALS_STREAM}.{subjects.APPROVALS_DURABLE}.>",
 ]
 
 
@@ -175,6 +191,10 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             # Dead-lettered bodies too large for their record, kept by reference.
             subjects.obj_subjects(subjects.DLQ_BODIES_BUCKET),
             f"{subjects.A2A_ROOT}.>",
+            # Approval requests and receipts (people answer on `…vote…`: coordinator.inbox).
+            subjects.approvals_filter(kind="req"),
+            subjects.approvals_filter(kind="receipt"),
+            *_consumer(subjects.APPROVALS_STREAM, subjects.APPROVALS_DURABLE),
             # Events: read by sequence (dead letters copy the original) and through its durable.
             f"{JS}.STREAM.INFO.{subjects.EVENTS_STREAM}",
             f"{JS}.STREAM.MSG.GET.{subjects.EVENTS_STREAM}",
@@ -188,6 +208,7 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             subjects.AUDIT_STREAM,
             subjects.CHECKPOINTS_STREAM,
             subjects.TRACE_STREAM,
+            subjects.APPROVALS_STREAM,
             _CARDS,
             _LEDGER,
             _DLQ_BODIES,
@@ -253,6 +274,22 @@ def permissions(user: NatsUser) -> dict[str, Any]:
         responses = RESPONSES
     elif role == "publisher":
         pub += [f"{subjects.EVENTS_ROOT}.{user.tenant}.>"]
+    elif role == "human":
+        # Answers to T's approval requests (signed; who may answer what, the coordinator
+        # checks); reads T's requests and receipts through consumers pinned to T's filter.
+        stream = subjects.APPROVALS_STREAM
+        pub += [
+            subjects.approvals_filter(user.tenant, "vote"),
+            f"{JS}.CONSUMER.CREATE.{stream}.*.{tenant_filter(stream, user.tenant)}",
+        ]
+        deny_pub += [
+            f"{JS}.CONSUMER.CREATE.{stream}",
+            f"{JS}.CONSUMER.DURABLE.CREATE.{stream}.>",
+            f"{JS}.STREAM.MSG.GET.{stream}",
+            f"{JS}.DIRECT.GET.{stream}",
+            f"{JS}.DIRECT.GET.{stream}.>",
+            *_APPROVALS_DURABLE_DENIED,
+        ]
     elif role == "reader":
         for stream in _TENANT_SUBJECTS:
             filt = tenant_filter(stream, user.tenant)
@@ -264,6 +301,7 @@ def permissions(user: NatsUser) -> dict[str, Any]:
                 f"{JS}.DIRECT.GET.{stream}",
                 f"{JS}.DIRECT.GET.{stream}.>",
             ]
+        deny_pub += _APPROVALS_DURABLE_DENIED
     else:  # pragma: no cover - Role is a closed set
         raise ConfigError(f"no NATS permissions for role {role!r}")
     perms: dict[str, Any] = {

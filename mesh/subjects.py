@@ -316,3 +316,36 @@ def schedule_def(tenant: str, name: str) -> str:
 
 def schedule_fire(tenant: str, name: str) -> str:
     return f"{SCHEDULE_FIRE_ROOT}.{tenant}.{name}"
+
+
+# -- approvals (mesh.approvals): people in the quorum ---------------------------------------------
+# One stream per mesh: per tenant T, `mesh.approval.T.req.<id>` (the coordinator's requests, a
+# new message per escalation and a closing one), `mesh.approval.T.vote.<id>` (a person's signed
+# answer) and `mesh.approval.T.receipt.<id>` (the coordinator's accepted/refused). A request id is
+# `<event token>.<role>`: two subject tokens.
+APPROVALS_STREAM = "MESH_APPROVALS"
+APPROVALS_ROOT = "mesh.approval"
+APPROVALS_DURABLE = "coordinator-approvals"  # the coordinators' timers and answers, shared
+APPROVAL_KINDS = ("req", "vote", "receipt")
+
+
+def approval(tenant: str, kind: Literal["req", "vote", "receipt"], request_id: str) -> str:
+    """`mesh.approval.<tenant>.<kind>.<event token>.<role>`."""
+    return f"{APPROVALS_ROOT}.{tenant}.{kind}.{request_id}"
+
+
+def approvals_filter(tenant: str = "*", kind: str = "*") -> str:
+    return f"{APPROVALS_ROOT}.{tenant}.{kind}.>"
+
+
+def parse_approval_subject(subject: str) -> tuple[str, str, str]:
+    """(tenant, kind, request id) of an approvals subject; ValueError if it is not one."""
+    parts = subject.split(".")
+    if len(parts) != 6 or ".".join(parts[:2]) != APPROVALS_ROOT or parts[3] not in APPROVAL_KINDS:
+        raise ValueError(f"{subject!r} is not an approvals subject")
+    return parts[2], parts[3], f"{parts[4]}.{parts[5]}"
+
+
+def approval_msg_id(tenant: str, request_id: str, what: str) -> str:
+    """`approval:<tenant>.<id>:<what>` (a request's round, `closed`, or a vote's time)."""
+    return f"approval:{tenant}.{request_id}:{what}"

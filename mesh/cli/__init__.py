@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 
 from mesh.cli import (
+    approvals,
     audit,
     authz,
     budgets,
@@ -70,6 +71,7 @@ def _root(
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(audit.app, name="audit")
 app.add_typer(creds.app, name="creds")
+app.add_typer(approvals.app, name="approvals")
 app.add_typer(scaffold.app, name="new")
 app.command("budgets")(budgets.budgets)
 app.add_typer(authz.app, name="authz")

@@ -8,6 +8,7 @@ folder reloads its NATS servers, so a new identity works at once and a revoked o
     mesh creds agent my-agent                    # → .mesh/identity/agent-my-agent.json
     mesh creds publisher billing --tenant acme   # may publish mesh.evt.acme.> only
     mesh creds reader auditor --tenant acme      # may read acme's decisions, DLQ, audit
+    mesh creds human alice --tenant clinic --role clinical-safety-officer   # answers approvals
     mesh creds revoke .mesh/identity/agent-my-agent.json
     mesh creds compose                           # compose/secrets: identities, NATS auth, TLS
 """
@@ -61,7 +62,15 @@ def _folder(explicit: Path | None) -> IdentityDir:
     return found or IdentityDir.init(identity_dir(settings.home))
 
 
-def _issue(role: Role, name: str, tenant: str, folder: Path | None, out_file: Path | None) -> None:
+def _issue(
+    role: Role,
+    name: str,
+    tenant: str,
+    folder: Path | None,
+    out_file: Path | None,
+    *,
+    claims: list[str] | None = None,
+) -> None:
     with user_errors():
         ids = _folder(folder)
         target = out_file or ids.path / IdentityDir.file_name(role, name, tenant)
@@ -71,8 +80,9 @@ def _issue(role: Role, name: str, tenant: str, folder: Path | None, out_file: Pa
                 hint=f"revoke it first (`mesh creds revoke {target}`), or write another file "
                 "with --out",
             )
-        path = ids.issue(role, name, tenant=tenant, path=target)
+        path = ids.issue(role, name, tenant=tenant, path=target, claims=claims or ())
         of = f" (tenant {tenant})" if tenant != ALL_TENANTS else ""
+        of += f" holding {', '.join(claims)}" if claims else ""
         out.print(f"issued {role} {name}{of}")
         out.print(f"  identity: {path} (mode 0600: keep it secret; never printed)")
         out.print(f"  trust:    {ids.trust_path}")
@@ -130,6 +140,21 @@ def reader(
 ) -> None:
     """A reader: may read one tenant's decisions, dead letters and audit records."""
     _issue("reader", name, tenant, folder, out_file)
+
+
+@app.command("human")
+def human(
+    name: Annotated[str, typer.Argument(help="The person (the name their approvals carry).")],
+    tenant: TenantOption,
+    role: Annotated[
+        list[str],
+        typer.Option("--role", metavar="ROLE", help="An approver role they hold (repeatable)."),
+    ],
+    folder: DirOption = None,
+    out_file: OutOption = None,
+) -> None:
+    """A person: answers one tenant's approval requests for the roles they hold."""
+    _issue("human", name, tenant, folder, out_file, claims=role)
 
 
 @app.command("coordinator")

@@ -23,6 +23,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 import agents
+from coordinator import policy
 from mesh import envelope, natsauth, subjects
 from mesh.bus import Bus
 from mesh.dev.launcher import HomeLock, Topology, issue_identities
@@ -44,6 +45,9 @@ class Case:
     sample: str | None = None  # file in agents/samples
     raw: bytes | None = None  # published as-is (not an envelope)
     pause: str | None = None  # child to SIGSTOP while this case runs
+    # Waits for a person (the demo policy's `release.clinical`): what the scripted approver
+    # answers through the inbox ("approve" or "reject"), or None: nobody answers.
+    person: str | None = None
 
 
 CASES = [
@@ -59,6 +63,19 @@ CASES = [
         "rejected",
         sample="release_clean.json",
         pause="quality-review",
+    ),
+    Case(
+        "clinical change, safety officer approves in the inbox",
+        "release.clinical",
+        "approved",
+        sample="release_clean.json",
+        person="approve",
+    ),
+    Case(
+        "clinical change, nobody answers: escalated, then silence denies",
+        "release.clinical",
+        "rejected",
+        sample="release_clean.json",
     ),
     Case("malformed JSON", "release.proposed", "dlq:malformed", raw=b'{"id": "rel-9", "servi'),
     Case("unknown event type", "invoice.created", "dlq:unknown_type", sample="release_clean.json"),
@@ -108,10 +125,56 @@ class _Outcomes:
             return self.by_id.get(event_id)
 
 
+# `mesh demo` adds this to the shipped policies: people after the agents, on short clocks.
+DEMO_POLICY = """
+# `mesh demo` only: a clinical change a clinical safety officer signs off after the agents;
+# unanswered for 3 s, the head of safety may answer too; unanswered for 6 s, silence rejects.
+["release.clinical"]
+skills = ["release-security-review", "release-quality-review"]
+rule = { kind = "unanimous" }
+agent_timeout_s = 1.5
+deadline_s = 4.0
+decision_type = "release.clinical.decided"
+humans = [{ role = "clinical-safety-officer", wait_s = 6, escalate = [
+    { role = "head-of-safety", after_s = 3 } ] }]
+"""
+APPROVER_ROLE = "clinical-safety-officer"
+HUMAN_WAIT_S = 6.0
+
+
+async def _scripted_approver(person: Bus, event_id: str, answer: str) -> None:
+    """What a person does in `mesh approvals`: find the request, read it, answer it, signed."""
+    from mesh import approvals
+
+    assert person.identity is not None
+    while True:  # bounded by the case's own timeout (the task is cancelled then)
+        found = await approvals.inbox(person, "default", None)
+        request = next(
+            (r for r in found.values() if r.event_id == event_id and r.status == "open"), None
+        )
+        if request is not None:
+            break
+        await asyncio.sleep(0.1)
+    vote = approvals.answer(
+        person.identity.signer(),
+        request,
+        by=person.identity.name,
+        answer="approve" if answer == "approve" else "reject",
+        reason="dose range checked against the formulary (scripted approver)",
+    )
+    await approvals.submit(person, vote)
+
+
 async def run_cases(
-    bus: Bus, topo: Topology, cases: list[Case], *, publisher: Bus | None = None
+    bus: Bus,
+    topo: Topology,
+    cases: list[Case],
+    *,
+    publisher: Bus | None = None,
+    person: Bus | None = None,
 ) -> list[Result]:
-    """Publish each case (as `publisher`, default `bus`) and wait for its outcome on `bus`."""
+    """Publish each case (as `publisher`, default `bus`) and wait for its outcome on `bus`;
+    `person` answers the cases that wait for one."""
     publisher = publisher or bus
     outcomes = _Outcomes()
     await bus.nc.subscribe(f"{subjects.DECISIONS_ROOT}.>", cb=outcomes.on_decision)
@@ -121,6 +184,11 @@ async def run_cases(
     for case in cases:
         event_id = f"demo-{uuid.uuid4().hex[:8]}"
         started = time.monotonic()
+        approver = (
+            asyncio.create_task(_scripted_approver(person, event_id, case.person))
+            if person is not None and case.person is not None
+            else None
+        )
         with _paused(topo, case.pause):
             if case.raw is not None:
                 await publisher.publish(
@@ -137,6 +205,10 @@ async def run_cases(
                     )
                 )
             got = await outcomes.wait(event_id, timeout=20)
+        if approver is not None:
+            approver.cancel()
+            with contextlib.suppress(BaseException):
+                await approver
         seconds = time.monotonic() - started
         if isinstance(got, Decision):
             results.append(Result(case, event_id, got.outcome, decision=got, seconds=seconds))
@@ -192,11 +264,21 @@ async def _demo(plan: Plan, log_dir: Path) -> tuple[list[Result], Path]:
     ids = IdentityDir.init(log_dir / "identity")
     issue_identities(ids, plan)  # before the server starts: it admits them from the start
     publisher_identity = natsauth.ensure_identity(ids, "publisher", "demo", tenant="default")
+    approver_identity = ids.issue(
+        "human", "demo-safety-officer", tenant="default", claims=[APPROVER_ROLE]
+    )
+    policy_file = log_dir / "policies.toml"
+    policy_file.write_text(policy.DEFAULT_FILE.read_text() + DEMO_POLICY)
     operator = get_settings().model_copy(
         update={"identity": ids.operator_path, "trust": ids.trust_path, "nats_creds": None}
     )
     with EmbeddedServer(log_dir / "jetstream", auth=ids) as server:
-        topo = Topology(server.url, log_dir / "logs", identities=ids)
+        topo = Topology(
+            server.url,
+            log_dir / "logs",
+            identities=ids,
+            extra_env={"MESH_POLICY_FILE": str(policy_file)},
+        )
         try:
             async with await Bus.connect(server.url, name="demo", settings=operator) as bus:
                 await bus.ensure()  # before any other process: only the operator may
@@ -206,7 +288,11 @@ async def _demo(plan: Plan, log_dir: Path) -> tuple[list[Result], Path]:
                     server.url, name="demo-publisher", settings=publisher
                 ) as pub:
                     await topo.wait_ready(bus, agents=plan.instances)
-                    results = await run_cases(bus, topo, CASES, publisher=pub)
+                    as_person = operator.model_copy(update={"identity": approver_identity})
+                    async with await Bus.connect(
+                        server.url, name="demo-approver", settings=as_person
+                    ) as person:
+                        results = await run_cases(bus, topo, CASES, publisher=pub, person=person)
         finally:
             topo.stop()
     return results, log_dir
@@ -216,7 +302,7 @@ def votes_summary(decision: Decision) -> list[str]:
     marks = {"approve": "✓", "reject": "✗", "abstain": "-"}
     lines = []
     for v in decision.votes:
-        name = v.agent.removesuffix("-review")
+        name = (v.agent or v.skill).removesuffix("-review")
         if v.outcome == "voted" and v.verdict:
             reason = "; ".join(v.verdict.reasons)
             lines.append(
@@ -225,9 +311,10 @@ def votes_summary(decision: Decision) -> list[str]:
             )
         else:
             counted = f" → counts as {v.counted_as}" if v.counted_as else ""
+            what = v.error if v.brain == "" and v.skill.startswith("human:") else ""
             lines.append(
                 f"⏱ {name:<10} {v.outcome:<7} {v.latency_ms:>5.0f} ms  "
-                f"{v.attempts} attempt(s), no vote{counted}"
+                f"{what or f'{v.attempts} attempt(s)'}, no vote{counted}"
             )
     return lines
 

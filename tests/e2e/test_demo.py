@@ -1,4 +1,4 @@
-"""`mesh demo` as a real process: NATS, coordinator and three agents, seven sample cases."""
+"""`mesh demo` as a real process: NATS, coordinator and three agents, nine sample cases."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "health data, no privacy review": ("rejected", "compliance-review"),
     "code changed, tests not": ("rejected", "quality-review"),
     "clean release, quality-review hung": ("rejected", "quality-review"),
+    "clinical change, safety officer approves in the inbox": ("approved", None),
+    "clinical change, nobody answers: escalated, then silence denies": ("rejected", None),
     "malformed JSON": ("dlq:malformed", None),
     "unknown event type": ("dlq:unknown_type", None),
 }
@@ -58,9 +60,9 @@ def test_demo_json_outcomes(tmp_path: Path) -> None:
     assert "Traceback" not in ran.stderr, str(ran)
     cases = ran.json()
     by_title = {c["title"]: c for c in cases}
-    assert len(cases) == 7
+    assert len(cases) == 9
     assert set(by_title) == set(EXPECTED)
-    assert len({c["event_id"] for c in cases}) == 7
+    assert len({c["event_id"] for c in cases}) == 9
 
     for title, (outcome, _) in EXPECTED.items():
         case = by_title[title]
@@ -114,6 +116,18 @@ def test_demo_json_outcomes(tmp_path: Path) -> None:
     assert reason.endswith("1 counted as reject for no answer; unanimous needs no rejects"), reason
     assert not re.search(r"\b\d+ rejected|vetoed", reason), reason
 
+    # People in the quorum: one approves through the inbox; nobody answers the other.
+    signed_off = by_title["clinical change, safety officer approves in the inbox"]["record"]
+    person = signed_off["votes"][-1]
+    assert person["skill"] == "human:clinical-safety-officer", person
+    assert (person["agent"], person["counted_as"]) == ("human:demo-safety-officer", "approve")
+    assert person["signature"] and person["verdict"]["reasons"], person
+    silent = by_title["clinical change, nobody answers: escalated, then silence denies"]["record"]
+    nobody = silent["votes"][-1]
+    assert (nobody["outcome"], nobody["counted_as"]) == ("timeout", "reject"), nobody
+    # Escalated before the silence counted: both roles were asked.
+    assert "asked: clinical-safety-officer, head-of-safety" in nobody["error"], nobody
+
     malformed = by_title["malformed JSON"]["record"]
     assert malformed["reason"] == "malformed", malformed
     assert malformed["subject"].endswith(".release.proposed"), malformed
@@ -128,7 +142,7 @@ def test_demo_human_output(tmp_path: Path) -> None:
         ["demo"], cwd=tmp_path, env=mesh_env(tmp_path, fast_clocks=False), timeout=DEMO_TIMEOUT_S
     )
     assert ran.returncode == 0, _explain(ran, tmp_path)
-    assert "7/7 outcomes as expected" in ran.stdout, str(ran)
+    assert "9/9 outcomes as expected" in ran.stdout, str(ran)
     assert "Traceback" not in ran.stdout + ran.stderr, str(ran)
     for title in EXPECTED:
         assert title in ran.stdout, title

@@ -1,0 +1,205 @@
+"""People in the quorum, on the wire: approval requests and the signed answers to them.
+
+A policy that names human voters (`coordinator.policy.HumanVoter`) makes the coordinator, once
+the agents have voted, record the decision as waiting for people (the ledger's
+`awaiting_human`) and publish one `ApprovalRequest` per human voter on
+`mesh.approval.<tenant>.req.<id>` (signed by the coordinator, purpose "approval_request"): the
+event, the agents' votes and reasons (the evidence), who may answer now, until when. A new
+message on the same subject follows each escalation, and a closing one (`status = "closed"`)
+when the voter's answer is in or its silence was counted: the last message on a request's
+subject is its current state.
+
+A person (identity role `human`, one tenant; the approver roles it holds are the `claims` of its
+key in the trust file) answers with a `HumanVote` on `mesh.approval.<tenant>.vote.<id>`, signed
+with its own key (purpose "approval") over the vote without `signature`. The vote names the
+evidence it was shown by its SHA-256 (`evidence_digest`), so an answer given to other evidence
+is refused. The coordinator answers each vote with an `ApprovalReceipt` on
+`mesh.approval.<tenant>.receipt.<id>`: accepted, or refused and why (refusals are audited).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+from mesh import subjects
+from mesh.identity import Signer, Trust
+from mesh.records import Vote
+from mesh.votes import canonical
+
+if TYPE_CHECKING:
+    from mesh.bus import Bus
+
+Answer = Literal["approve", "reject"]
+
+
+class ApprovalRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
+    id: str  # `<event token>.<role first asked>`
+    tenant: str
+    event_id: str
+    event_type: str
+    decision_type: str
+    voter: str  # the electorate's name for this person's vote: `human:<role>`
+    roles: list[str]  # who may answer now (the first role, then each escalation's)
+    round: int = 0  # 0 when first asked, +1 per escalation
+    status: Literal["open", "closed"] = "open"
+    asked_at: float
+    expires_at: float  # wall clock: then silence counts as `silence`
+    next_escalation_at: float = 0.0  # wall clock (0: none left)
+    next_roles: list[str] = msgspec.field(default_factory=list)  # who is added then
+    silence: str = "reject"
+    event_data: Any = None
+    evidence: list[Vote] = msgspec.field(default_factory=list)  # the agents' votes, as cast
+    outcome: str = ""  # once closed: what came of it
+    signer: str = ""
+    signature: str = ""
+
+    def evidence_digest(self) -> str:
+        """What the person was shown, by hash: the event's data and the agents' votes."""
+        return evidence_digest(self.event_data, self.evidence)
+
+
+class HumanVote(msgspec.Struct, omit_defaults=True, kw_only=True):
+    request_id: str
+    tenant: str
+    event_id: str
+    voter: str  # `human:<role>` of the request answered
+    round: int  # the request's round the person answered
+    answer: Answer
+    reason: str
+    evidence_sha256: str  # `ApprovalRequest.evidence_digest()` of what they were shown
+    by: str  # the person's name (its identity's)
+    at: float
+    signer: str = ""  # key id of the person's key
+    signature: str = ""
+
+
+class ApprovalReceipt(msgspec.Struct, omit_defaults=True, kw_only=True):
+    request_id: str
+    by: str
+    at: float  # the answered vote's `at`
+    accepted: bool
+    why: str = ""
+
+
+def evidence_digest(event_data: Any, evidence: list[Vote]) -> str:
+    body = canonical({"data": event_data, "votes": msgspec.to_builtins(evidence)})
+    return hashlib.sha256(body).hexdigest()
+
+
+_enc = msgspec.json.Encoder()
+request_decoder = msgspec.json.Decoder(ApprovalRequest)
+vote_decoder = msgspec.json.Decoder(HumanVote)
+receipt_decoder = msgspec.json.Decoder(ApprovalReceipt)
+
+
+def _payload(record: ApprovalRequest | HumanVote) -> bytes:
+    return canonical(msgspec.to_builtins(msgspec.structs.replace(record, signature="")))
+
+
+def sign_request(signer: Signer, request: ApprovalRequest) -> ApprovalRequest:
+    unsigned = msgspec.structs.replace(request, signer=signer.kid, signature="")
+    return msgspec.structs.replace(
+        unsigned, signature=signer.sign("approval_request", _payload(unsigned))
+    )
+
+
+def request_refusal(trust: Trust, request: ApprovalRequest) -> str | None:
+    """Why this request is not a trusted coordinator's (None: it is)."""
+    return trust.refusal(request.signer, "approval_request", _payload(request), request.signature)
+
+
+def answer(
+    signer: Signer,
+    request: ApprovalRequest,
+    *,
+    by: str,
+    answer: Answer,
+    reason: str,
+    at: float | None = None,
+) -> HumanVote:
+    """A person's signed answer to `request`."""
+    vote = HumanVote(
+        request_id=request.id,
+        tenant=request.tenant,
+        event_id=request.event_id,
+        voter=request.voter,
+        round=request.round,
+        answer=answer,
+        reason=reason,
+        evidence_sha256=request.evidence_digest(),
+        by=by,
+        at=round(time.time() if at is None else at, 3),
+        signer=signer.kid,
+    )
+    return msgspec.structs.replace(vote, signature=signer.sign("approval", _payload(vote)))
+
+
+def vote_refusal(trust: Trust, vote: HumanVote) -> str | None:
+    """Why this answer is not signed by a trusted person of its tenant (None: it is). Who may
+    answer which request is the coordinator's check (`coordinator.humans`)."""
+    refusal = trust.refusal(vote.signer, "approval", _payload(vote), vote.signature, at=vote.at)
+    if refusal is not None:
+        return refusal
+    entry = trust.keys[vote.signer]
+    if entry.tenant != vote.tenant:
+        return f"key {vote.signer} belongs to tenant {entry.tenant!r}, not {vote.tenant!r}"
+    if entry.name != vote.by:
+        return f"key {vote.signer} is {entry.name!r}'s, not {vote.by!r}'s"
+    return None
+
+
+def encode(record: ApprovalRequest | HumanVote | ApprovalReceipt) -> bytes:
+    return _enc.encode(record)
+
+
+def request_subject(request: ApprovalRequest) -> str:
+    return subjects.approval(request.tenant, "req", request.id)
+
+
+# -- the inbox, as a person (or a script) uses it ----------------------------------------------
+async def inbox(bus: Bus, tenant: str, trust: Trust | None) -> dict[str, ApprovalRequest]:
+    """Every request of `tenant` as its last message says (open or closed), by id; with
+    `trust`, requests a trusted coordinator did not sign are left out."""
+    from mesh.bus import read_stream
+
+    found: dict[str, ApprovalRequest] = {}
+    filt = subjects.approvals_filter(tenant, "req")
+    for m in await read_stream(bus, subjects.APPROVALS_STREAM, filter_subject=filt):
+        try:
+            request = request_decoder.decode(m.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        if trust is not None and request_refusal(trust, request) is not None:
+            continue
+        found[request.id] = request
+    return found
+
+
+async def submit(bus: Bus, vote: HumanVote) -> None:
+    """Publish a signed answer (a repeat of the same answer is dropped by its message id)."""
+    await bus.publish(
+        subjects.approval(vote.tenant, "vote", vote.request_id),
+        encode(vote),
+        msg_id=subjects.approval_msg_id(vote.tenant, vote.request_id, f"vote:{vote.by}:{vote.at}"),
+    )
+
+
+async def receipt(bus: Bus, vote: HumanVote, *, wait_s: float) -> ApprovalReceipt | None:
+    """The coordinator's receipt of `vote`, within `wait_s` (a bounded poll of the stream)."""
+    from mesh.bus import read_stream
+
+    until = time.monotonic() + wait_s
+    filt = subjects.approval(vote.tenant, "receipt", vote.request_id)
+    while True:
+        for m in await read_stream(bus, subjects.APPROVALS_STREAM, filter_subject=filt):
+            r = receipt_decoder.decode(m.data)
+            if r.by == vote.by and r.at == vote.at:
+                return r
+        if time.monotonic() >= until:
+            return None
+        await asyncio.sleep(0.2)
