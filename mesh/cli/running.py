@@ -231,7 +231,8 @@ async def _up(
         await processes.wait_ready(bus, agents=plan.instances)
         out.print(
             f"[green]mesh is up[/green] · {where} · "
-            f"{len(processes.children)} processes from {_shown(plan.source)} · "
+            f"{len(plan.processes())} processes from {_shown(plan.source)} "
+            "(and a schedule relay) · "
             f"logs in {settings.home / 'logs'} · identities in {_shown(ids.path)}",
             soft_wrap=True,
         )

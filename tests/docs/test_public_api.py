@@ -1,5 +1,5 @@
-"""The docs teach the public API only: `mesh` (its `__all__`), `mesh.a2a`, `mesh.authz` and
-`mesh.testing` (its fixtures and faults modules too).
+"""The docs teach the public API only: `mesh` (its `__all__`), `mesh.a2a`, `mesh.authz`,
+`mesh.schedules` and `mesh.testing` (its fixtures and faults modules too).
 
 Everything else under `mesh/` is implementation a newcomer should not need; `mesh._internal` in
 particular may change without notice (its package docstring says so).
@@ -18,6 +18,7 @@ PUBLIC_MODULES = {
     "mesh",
     "mesh.a2a",
     "mesh.authz",
+    "mesh.schedules",
     "mesh.testing",
     "mesh.testing.fixtures",
     "mesh.testing.faults",

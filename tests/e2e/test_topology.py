@@ -65,7 +65,12 @@ def test_mesh_up_runs_what_mesh_toml_lists(tmp_path: Path) -> None:
         )
         assert {s.split("/")[0] for s in seen} == {"security-review"}, seen
         logs = sorted(p.name for p in (up.home / "logs").glob("*.log"))
-        assert logs == ["coordinator.log", "my-reviewer-1.log", "my-reviewer-2.log"], logs
+        assert logs == [
+            "coordinator.log",
+            "my-reviewer-1.log",
+            "my-reviewer-2.log",
+            "schedule-relay.log",  # every `mesh up` runs one (mesh.schedules)
+        ], logs
     finally:
         up.stop()
 
