@@ -324,7 +324,18 @@ class Ledger:
         return None if isinstance(state, Tampered) else state
 
     async def claim(self, key: str, *, stream_seq: int, deadline_s: float) -> Claim | Busy | Done:
-        """Take the event for this coordinator, or say why not. Bounded: CAS_RETRY rounds."""
+        """Take the event for this coordinator, or say why not. Bounded: CAS_RETRY rounds.
+
+        Most events are new: the first round writes the key without reading it (one round
+        trip; the store refuses it if the key exists), and only then reads what is there."""
+        now = self.clock.time()
+        fresh = self._seal(
+            DecisionState("collecting", self.owner, now + self.lease_s, now + deadline_s, stream_seq)
+        )
+        try:
+            return Claim(key, await self.store.create(key, _enc.encode(fresh)), fresh)
+        except StateConflict:
+            pass  # something is there: read it and decide below
         for attempt in itertools.count(1):
             entry = await self.store.get(key)
             # After the read: a claimer stalled in it (GC, SIGSTOP) must not start a deadline
@@ -390,16 +401,25 @@ class Ledger:
         """CAS write of the claimed event's state; renews the lease unless the state is final.
         LostClaim if someone else wrote in between."""
         async with claim.lock:
-            if state.state == "collecting":
-                state.lease_until = self.clock.time() + self.lease_s
-            sealed = self._seal(state)
-            try:
-                claim.revision = await self.store.update(
-                    claim.key, _enc.encode(sealed), claim.revision
-                )
-            except StateConflict:
-                raise LostClaim(f"{claim.key}: taken over by another coordinator") from None
-            claim.state = sealed
+            await self._write(claim, state)
+
+    async def _write(self, claim: Claim, state: DecisionState) -> None:
+        """`save`'s write; the caller holds `claim.lock`."""
+        if state.state == "collecting":
+            state = msgspec.structs.replace(state, lease_until=self.clock.time() + self.lease_s)
+        sealed = self._seal(state)
+        try:
+            claim.revision = await self.store.update(claim.key, _enc.encode(sealed), claim.revision)
+        except StateConflict:
+            raise LostClaim(f"{claim.key}: taken over by another coordinator") from None
+        claim.state = sealed
+
+    async def renew(self, claim: Claim) -> None:
+        """Renew the lease of the claimed event, writing its state as it is when the write goes
+        out (a vote saved while this waited its turn is kept). LostClaim as `save`."""
+        async with claim.lock:
+            state = claim.state
+            await self._write(claim, state)
 
     def _reclaimed(
         self, waiting: DecisionState, now: float, deadline_s: float, stream_seq: int

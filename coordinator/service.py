@@ -433,17 +433,12 @@ class Coordinator:
                 "principal_verified": bool(d.principal),
                 **({"principal_unverified": unverified} if unverified else {}),
                 "signer": d.signer,
+                # Every vote inside the one record (records before issue 14 had one "vote"
+                # record each after it; both shapes verify alike).
+                "votes": [msgspec.to_builtins(v) for v in d.votes],
             },
             msg_id=subjects.audit_msg_id("decision", ref),
         )
-        for v in d.votes:
-            await self.audit.append(
-                d.tenant,
-                "vote",
-                d.event_id,
-                msgspec.to_builtins(v),
-                msg_id=subjects.audit_msg_id("vote", ref, v.skill),
-            )
 
     async def _audit_policies(self) -> None:
         """A policy change is an audited act: record the policy set whenever it differs."""
