@@ -417,15 +417,9 @@ class Decider:
                     vote = task.result()
                     votes[asks[task]] = _late(vote, policy) if arrived > late_after else vote
                 pending.difference_update(answered)
-                if answered and policy.decide_early and pending:
-                    early = count(policy, votes, final=False).outcome
-                    # A voter still asked may yet fall silent, and under "no_quorum" its
-                    # silence forbids an approval that its vote could not stop.
-                    if early == "rejected" or (
-                        early == "approved" and policy.timeout_counts_as != "no_quorum"
-                    ):
-                        stopped_early = True
-                        break
+                if answered and pending and _settled(policy, votes):
+                    stopped_early = True
+                    break
                 if pending and saving is None and len(votes) > saved:
                     saved = len(votes)
                     state = msgspec.structs.replace(claim.state, votes=dict(votes))
@@ -494,6 +488,16 @@ class Decider:
             if on_renew is not None:
                 with contextlib.suppress(Exception):
                     await on_renew()
+
+
+def _settled(policy: Policy, votes: Mapping[str, Vote]) -> bool:
+    """With `decide_early`: no vote still missing could change the outcome."""
+    if not policy.decide_early:
+        return False
+    early = count(policy, votes, final=False).outcome
+    # A voter still asked may yet fall silent, and under "no_quorum" its silence forbids an
+    # approval that its vote could not stop.
+    return early == "rejected" or (early == "approved" and policy.timeout_counts_as != "no_quorum")
 
 
 def _late(vote: Vote, policy: Policy) -> Vote:

@@ -117,7 +117,7 @@ def _data_part(event: envelope.Event) -> Part:
     held = _PARTS.get(id(event))
     if held is not None and held[0] is event:
         return held[1]
-    part = user_message(data=event.data).parts[0]
+    part: Part = user_message(data=event.data).parts[0]
     if len(_PARTS) >= _PARTS_KEPT:
         del _PARTS[next(iter(_PARTS))]  # the oldest
     _PARTS[id(event)] = (event, part)

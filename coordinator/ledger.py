@@ -329,9 +329,8 @@ class Ledger:
         Most events are new: the first round writes the key without reading it (one round
         trip; the store refuses it if the key exists), and only then reads what is there."""
         now = self.clock.time()
-        fresh = self._seal(
-            DecisionState("collecting", self.owner, now + self.lease_s, now + deadline_s, stream_seq)
-        )
+        lease, deadline = now + self.lease_s, now + deadline_s
+        fresh = self._seal(DecisionState("collecting", self.owner, lease, deadline, stream_seq))
         try:
             return Claim(key, await self.store.create(key, _enc.encode(fresh)), fresh)
         except StateConflict:
