@@ -3,8 +3,9 @@
 Per event: parse → policy → live agents per skill → the decision core (`coordinator.decide`:
 claim the event in the ledger, ask each voter within one deadline, save votes as they come,
 tally, record the decision) → publish it on the event's own subject with "expected last
-sequence 0" (so the server refuses a second one) → audit → ack. This module is the wiring: the
-consume loop, spans, publishing, audit, acks.
+sequence 0" (so the server refuses a second one) and audit it (one record, its votes inside),
+the two at once → ack. This module is the wiring: the consume loop, spans, publishing, audit,
+acks.
 
 Zero trust: the coordinator signs every decision and every ledger write with its identity's key
 and believes only ledger entries, decisions and audit records that keys in the trust file
