@@ -268,9 +268,10 @@ class Decider:
                 held = self._held(job, state.waiting_since, dict.fromkeys(still, _NO_AGENT))
                 if isinstance(held, Wait):
                     return held
-        got = await self.ledger.claim(
-            job.key, stream_seq=job.stream_seq, deadline_s=policy.deadline_s
-        )
+        # A first delivery is almost always a new event: claimed by one write, no read first.
+        # A redelivery most likely finds a state: read first (a failed write would cost more).
+        claim = self.ledger.claim_new if job.delivery == 1 and not nobody else self.ledger.claim
+        got = await claim(job.key, stream_seq=job.stream_seq, deadline_s=policy.deadline_s)
         if not isinstance(got, Claim):
             return got
         missing = [s for s in policy.skills if s not in job.agents and s not in got.state.votes]

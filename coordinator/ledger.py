@@ -323,18 +323,22 @@ class Ledger:
         state = self._load(key, entry)
         return None if isinstance(state, Tampered) else state
 
-    async def claim(self, key: str, *, stream_seq: int, deadline_s: float) -> Claim | Busy | Done:
-        """Take the event for this coordinator, or say why not. Bounded: CAS_RETRY rounds.
-
-        Most events are new: the first round writes the key without reading it (one round
-        trip; the store refuses it if the key exists), and only then reads what is there."""
+    async def claim_new(
+        self, key: str, *, stream_seq: int, deadline_s: float
+    ) -> Claim | Busy | Done:
+        """`claim` for an event that is most likely new (its first delivery): the key is written
+        without reading it first (one round trip; the store refuses it if the key exists), and
+        only if it exists is it read and judged as `claim` does."""
         now = self.clock.time()
         lease, deadline = now + self.lease_s, now + deadline_s
         fresh = self._seal(DecisionState("collecting", self.owner, lease, deadline, stream_seq))
         try:
             return Claim(key, await self.store.create(key, _enc.encode(fresh)), fresh)
         except StateConflict:
-            pass  # something is there: read it and decide below
+            return await self.claim(key, stream_seq=stream_seq, deadline_s=deadline_s)
+
+    async def claim(self, key: str, *, stream_seq: int, deadline_s: float) -> Claim | Busy | Done:
+        """Take the event for this coordinator, or say why not. Bounded: CAS_RETRY rounds."""
         for attempt in itertools.count(1):
             entry = await self.store.get(key)
             # After the read: a claimer stalled in it (GC, SIGSTOP) must not start a deadline

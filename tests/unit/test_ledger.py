@@ -69,8 +69,7 @@ async def test_two_claimants_racing_for_one_event_one_wins() -> None:
     got = await asyncio.gather(
         a.claim(KEY, stream_seq=1, deadline_s=10), b.claim(KEY, stream_seq=1, deadline_s=10)
     )
-    # Both tried to write a first claim before either wrote; the loser read what won.
-    assert store.calls[:3] == ["create", "create", "get"]
+    assert store.calls[:2] == ["get", "get"]  # both saw no state before either wrote
     claims = [g for g in got if isinstance(g, Claim)]
     busy = [g for g in got if isinstance(g, Busy)]
     assert len(claims) == 1 and len(busy) == 1
@@ -80,9 +79,21 @@ async def test_two_claimants_racing_for_one_event_one_wins() -> None:
 
 async def test_claiming_a_new_event_is_one_write_and_no_read() -> None:
     store, clock = RecordingStore(), ManualClock()
-    got = await ledger(store, "a", clock).claim(KEY, stream_seq=1, deadline_s=10)
+    got = await ledger(store, "a", clock).claim_new(KEY, stream_seq=1, deadline_s=10)
     assert isinstance(got, Claim) and got.state.state == "collecting"
     assert store.calls == ["create"]  # the round trip a read first would cost is saved
+
+
+async def test_two_claimants_of_a_new_event_racing_by_writing_first_one_wins() -> None:
+    store, clock = RecordingStore(), ManualClock()
+    a, b = ledger(store, "a", clock), ledger(store, "b", clock)
+    got = await asyncio.gather(
+        a.claim_new(KEY, stream_seq=1, deadline_s=10), b.claim_new(KEY, stream_seq=1, deadline_s=10)
+    )
+    assert store.calls[:3] == ["create", "create", "get"]  # the loser read what won
+    claims = [g for g in got if isinstance(g, Claim)]
+    busy = [g for g in got if isinstance(g, Busy)]
+    assert len(claims) == 1 and len(busy) == 1 and busy[0].owner == claims[0].state.owner
 
 
 async def test_a_lease_renewal_keeps_a_vote_saved_while_it_waited() -> None:
