@@ -485,7 +485,12 @@ class Decider:
         """While collecting: renew the ledger lease (LostClaim ends it, and the collection)."""
         while True:
             await self.clock.sleep(self.ledger.lease_s / 3)
-            await self.ledger.renew(claim)
+            # Shielded: the collection ends by cancelling this task, and a renewal cancelled
+            # after its write landed would leave the claim's revision stale, so the decision's
+            # own write would fail as if someone had taken the event over (found by
+            # tests/faults/test_kill_coordinator.py: "taken over" with no one else alive). The
+            # next write waits for it on the claim's lock.
+            await asyncio.shield(self.ledger.renew(claim))
             if on_renew is not None:
                 with contextlib.suppress(Exception):
                     await on_renew()

@@ -206,6 +206,45 @@ async def test_a_crash_before_the_decision_loses_only_the_unsaved_vote_which_is_
     assert [ask.skill for ask in voters_b.asked] == ["s3"]  # only the vote not saved
 
 
+class LandedStore(MemoryStore):
+    """After `hold()`, the next update lands and then waits for `gate` before it returns (its
+    reply is slow): a caller cancelled meanwhile never learns the revision it wrote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.holding = False
+        self.held = asyncio.Event()
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        revision = await super().update(key, value, last)
+        if self.holding:
+            self.holding = False
+            self.held.set()
+            await self.gate.wait()
+        return revision
+
+
+async def test_the_end_of_a_collection_during_a_lease_renewal_does_not_lose_the_claim() -> None:
+    store, clock = LandedStore(), ManualClock()
+    voters = Voters(clock, {s: (0.0, "approve") for s in SKILLS})
+    for skill in SKILLS:
+        voters.hold(skill)
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(policy(), clock)))
+    await settle()
+    store.holding = True
+    await clock.advance(LEASE_S / 3)  # the renewal's write lands; its reply is slow
+    await store.held.wait()
+    for skill in SKILLS:  # every vote at once: they end the collection while it waits
+        voters.release(skill)
+    await settle()
+    store.gate.set()
+    await settle()
+    outcome = done(run)
+    assert isinstance(outcome, Decided)  # not LostClaim: the renewal's revision was kept
+    assert (await state_of(store)).state == "decided"
+
+
 async def test_two_coordinators_racing_for_one_event_decide_it_once() -> None:
     store, clock = MemoryStore(), ManualClock()
     voters = Voters(clock, {s: (0.5, "approve") for s in SKILLS})
