@@ -15,6 +15,7 @@ measure that instead of memory.
 from __future__ import annotations
 
 import asyncio
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -110,6 +111,14 @@ async def _run(opts: Opts, mesh: BenchMesh) -> dict[str, Any]:
             f"{TARGET_EVENTS:,} events would take ~{TARGET_EVENTS / rate / 60:.0f} min at "
             f"{rate:.0f}/s; using {events:,} (--max-seconds {opts.max_seconds:.0f})"
         )
+    short_why = (
+        ""
+        if events >= TARGET_EVENTS
+        else f"{TARGET_EVENTS:,} events at {rate:.0f}/s (half the sustained rate) would take "
+        f"~{TARGET_EVENTS / rate / 60:.0f} min, past --max-seconds {opts.max_seconds:.0f}"
+        if opts.events is None
+        else f"--events {events:,} asked"
+    )
     seconds = min(opts.max_seconds, events / rate)
     note(f"deciding {events:,} events at {rate:.1f}/s (open loop, ~{seconds:.0f} s)")
 
@@ -148,7 +157,22 @@ async def _run(opts: Opts, mesh: BenchMesh) -> dict[str, Any]:
         decided=load.decided,
         seconds=load.publish_s,
         asked=events,
+        short_why=short_why,
     )
+
+
+def slope_mb_per_10k(samples: list[Sample], name: str, decided: int) -> float:
+    """RSS growth of `name` per 10k events over the run's second half, least squares over
+    the samples there (robust to one noisy sample, unlike two end points); NaN if < 2."""
+    pts = [(s.decided, s.rss[name]) for s in samples if s.decided >= decided / 2]
+    if len(pts) < 2:
+        return float("nan")
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    var = sum((x - mx) ** 2 for x, _ in pts)
+    if var == 0:
+        return float("nan")
+    return sum((x - mx) * (y - my) for x, y in pts) / var * 10_000
 
 
 def _report(
@@ -161,6 +185,7 @@ def _report(
     decided: int,
     seconds: float,
     asked: int,
+    short_why: str = "",
 ) -> dict[str, Any]:
     voters = [n for n in idle.rss if n.startswith("bench-voter-")]
     reviewers = [n for n in idle.rss if n.endswith("-review")]
@@ -184,13 +209,20 @@ def _report(
     mid = min(samples, key=lambda s: abs(s.decided - decided / 2))
     rss_rows = []
     bounded: dict[str, bool] = {}
+    slopes: dict[str, float] = {}
     for name in ["coordinator", *voters, *reviewers, *lean, "nats-server"]:
         first, last = idle.rss[name], after.rss[name]
         late_growth = end.rss[name] - mid.rss[name]
-        per_10k = late_growth / max(1, end.decided - mid.decided) * 10_000
-        # Bounded: no growth to speak of over the second half of the run (≤ 5 % of idle or
-        # ≤ 2 MB), and agents within the idle target even after the run.
-        flat = late_growth <= max(2.0, 0.05 * first)
+        per_10k = slope_mb_per_10k([*samples, end], name, decided)
+        if math.isnan(per_10k):  # too few samples: the two end points then
+            per_10k = late_growth / max(1, end.decided - mid.decided) * 10_000
+        slopes[name] = per_10k
+        # Flat: the slope over the second half of the run adds up to no growth to speak of
+        # (≤ 5 % of idle or ≤ 2 MB) over that half, nor per 10k events (a short run cannot
+        # hide a steep slope); bounded: flat, and agents within the idle target after the run.
+        allowed = max(2.0, 0.05 * first)
+        half = end.decided - mid.decided
+        flat = per_10k <= allowed and per_10k * half / 10_000 <= allowed
         agent = name in voters or name in reviewers or name in lean
         within = last <= AGENT_BOUND_MB if agent else True
         if name == "nats-server":  # the Go server's caches: shown, not judged
@@ -198,8 +230,8 @@ def _report(
             verdict = "n/a"
         else:
             bounded[name] = flat and within
-            verdict = ("yes" if bounded[name] else "**no**") + (
-                f" (≤ {AGENT_BOUND_MB:.0f})" if agent else ""
+            verdict = ("flat" if flat else "**not flat**") + (
+                ("" if within else f", **> {AGENT_BOUND_MB:.0f} MB**") if agent else ""
             )
         rss_rows.append(
             (
@@ -221,8 +253,8 @@ def _report(
             f"after {end.decided:,}",
             "settled after run",
             "growth MB",
-            "MB per 10k events (2nd half)",
-            "bounded",
+            "slope MB per 10k events (2nd half, least squares)",
+            "flat?",
         ],
         rss_rows,
     )
@@ -237,14 +269,17 @@ def _report(
     trivial_idle = max(idle.rss[n] for n in voters) if voters else float("nan")
     lean_idle = max(idle.rss[n] for n in lean) if lean else float("nan")
     cut = "" if decided >= asked else f" of {asked:,} asked (time bound hit)"
+    if short_why:
+        cut += f"; not {TARGET_EVENTS:,}: {short_why}"
     md = "\n\n".join(
         [
             "## Resources",
             f"RSS (VmRSS) and CPU time from /proc. {decided:,} events decided in "
             f"{seconds:.0f} s ({decided / seconds if seconds else 0:.1f}/s offered open loop, "
             f"3 trivial voters){cut}; "
-            f"the real reviewers stayed idle beside them. 'Bounded' = grew ≤ max(2 MB, 5 %) over "
-            "the run's second half, and agents ≤ 80 MB after it.",
+            f"the real reviewers stayed idle beside them. 'Flat' = the least-squares slope of RSS "
+            "over the run's second half adds up to ≤ max(2 MB, 5 % of idle) over that half and "
+            "per 10k events; agents must also stay ≤ 80 MB after it.",
             "### CPU per decision",
             md_table(["process", "CPU s over the run", "CPU ms per decision"], cpu_rows),
             "### RSS",
@@ -269,6 +304,10 @@ def _report(
         "coordinator_rss_after_mb": num(after.rss["coordinator"]),
         "agent_rss_after_mb": num(max(after.rss[n] for n in voters)) if voters else None,
         "rss_bounded": all(bounded.values()),
+        "rss_slope_mb_per_10k_coordinator": num(slopes["coordinator"], 3),
+        "rss_slope_mb_per_10k_voter_max": (
+            num(max(slopes[n] for n in voters), 3) if voters else None
+        ),
         "cpu_ms_per_decision_coordinator": num(per_decision["coordinator"], 3),
         "cpu_ms_per_decision_voters": num(per_decision["3 voters (sum)"], 3),
         "cpu_ms_per_decision_nats_server": num(per_decision["nats-server"], 3),

@@ -29,7 +29,11 @@ Rules this module owns:
   released event keeps them too, under its fresh deadline).
 - Every vote is saved (CAS) as it comes, which also proves the claim is still ours; a lost
   claim (the save fails, or the lease renewal does) stops the collection at once, and the loser
-  neither decides nor dead-letters.
+  neither decides nor dead-letters. One save is in flight at a time (votes that arrive during
+  it go in the next), and the votes that end the collection are written only by the write that
+  follows it (decided, released or dead-lettered): a crash before that write loses only
+  answers that were never counted, and a take-over asks those voters again (same messageId:
+  an agent answers a repeat with the task it has).
 - No collection outlives its deadline: asks still pending `CUTOFF_SLACK_S` after it (plus the
   take-over grace) are cancelled and count as unanswered (the asker is expected to stop itself
   at the deadline; this is the backstop). A vote that arrives after the deadline and the grace
@@ -368,9 +372,10 @@ class Decider:
                 held = self._held(job, state.waiting_since, dict.fromkeys(still, _NO_AGENT))
                 if isinstance(held, Wait):
                     return held
-        got = await self.ledger.claim(
-            job.key, stream_seq=job.stream_seq, deadline_s=policy.deadline_s
-        )
+        # A first delivery is almost always a new event: claimed by one write, no read first.
+        # A redelivery most likely finds a state: read first (a failed write would cost more).
+        claim = self.ledger.claim_new if job.delivery == 1 and not nobody else self.ledger.claim
+        got = await claim(job.key, stream_seq=job.stream_seq, deadline_s=policy.deadline_s)
         if isinstance(got, Done) and got.state.state == "awaiting_human":
             return AwaitingHuman(job.key, got.state, fresh=False)
         if not isinstance(got, Claim):
@@ -536,33 +541,44 @@ class Decider:
         renew = asyncio.ensure_future(self._keep_lease(claim, on_renew))
         pending = set(asks)
         stopped_early = False
+        # Votes are saved as they come, by one save at a time in the background: votes that
+        # arrive while a save is in flight go out together in the next one, and the votes
+        # that end the collection (the last, or those that settle it early) are not saved
+        # here at all: the caller's next write (decided, released, dead-lettered) carries them.
+        saving: asyncio.Future[None] | None = None
+        saved = len(votes)
         try:
             while pending and not cutoff.done():
                 watched: set[asyncio.Future[Any]] = {*pending, cutoff, renew}
+                if saving is not None:
+                    watched.add(saving)
                 done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
                 if renew in done:
                     renew.result()  # raises what stopped it: LostClaim
+                if saving is not None and saving.done():
+                    saving.result()  # raises what stopped it: LostClaim
+                    saving = None
                 arrived = self.clock.monotonic()
                 answered = [task for task in pending if task in done]
                 for task in answered:
                     vote = task.result()
                     votes[asks[task]] = _late(vote, policy) if arrived > late_after else vote
                 pending.difference_update(answered)
-                if not answered:
-                    continue  # only the cutoff: nothing new to save
-                state = msgspec.structs.replace(claim.state, votes=dict(votes))
-                await self.ledger.save(claim, state)  # a vote survives our crash
-                if policy.decide_early and pending:
-                    early = count(policy, votes, final=False).outcome
-                    # A voter still asked may yet fall silent, and under "no_quorum" its
-                    # silence forbids an approval that its vote could not stop.
-                    if early == "rejected" or (
-                        early == "approved" and policy.timeout_counts_as != "no_quorum"
-                    ):
-                        stopped_early = True
-                        break
+                if answered and pending and _settled(policy, votes):
+                    stopped_early = True
+                    break
+                if pending and saving is None and len(votes) > saved:
+                    saved = len(votes)
+                    state = msgspec.structs.replace(claim.state, votes=dict(votes))
+                    saving = asyncio.ensure_future(self.ledger.save(claim, state))
+            if saving is not None:
+                # The claim's revision must be known before the caller's next write.
+                await saving
+                saving = None
         finally:
             stopping: set[asyncio.Future[Any]] = {cutoff, renew, *pending}
+            if saving is not None:  # only on the way out with an error: nothing to keep
+                stopping.add(saving)
             for task in stopping:
                 task.cancel()
             await asyncio.wait(stopping)  # they unwind; their errors are not ours to raise
@@ -608,10 +624,25 @@ class Decider:
         """While collecting: renew the ledger lease (LostClaim ends it, and the collection)."""
         while True:
             await self.clock.sleep(self.ledger.lease_s / 3)
-            await self.ledger.save(claim, claim.state)
+            # Shielded: the collection ends by cancelling this task, and a renewal cancelled
+            # after its write landed would leave the claim's revision stale, so the decision's
+            # own write would fail as if someone had taken the event over (found by
+            # tests/faults/test_kill_coordinator.py: "taken over" with no one else alive). The
+            # next write waits for it on the claim's lock.
+            await asyncio.shield(self.ledger.renew(claim))
             if on_renew is not None:
                 with contextlib.suppress(Exception):
                     await on_renew()
+
+
+def _settled(policy: Policy, votes: Mapping[str, Vote]) -> bool:
+    """With `decide_early`: no vote still missing could change the outcome."""
+    if not policy.decide_early:
+        return False
+    early = count(policy, votes, final=False).outcome
+    # A voter still asked may yet fall silent, and under "no_quorum" its silence forbids an
+    # approval that its vote could not stop.
+    return early == "rejected" or (early == "approved" and policy.timeout_counts_as != "no_quorum")
 
 
 def _late(vote: Vote, policy: Policy) -> Vote:

@@ -363,6 +363,20 @@ class Ledger:
         state = self._load(key, entry)
         return None if isinstance(state, Tampered) else state
 
+    async def claim_new(
+        self, key: str, *, stream_seq: int, deadline_s: float
+    ) -> Claim | Busy | Done:
+        """`claim` for an event that is most likely new (its first delivery): the key is written
+        without reading it first (one round trip; the store refuses it if the key exists), and
+        only if it exists is it read and judged as `claim` does."""
+        now = self.clock.time()
+        lease, deadline = now + self.lease_s, now + deadline_s
+        fresh = self._seal(DecisionState("collecting", self.owner, lease, deadline, stream_seq))
+        try:
+            return Claim(key, await self.store.create(key, _enc.encode(fresh)), fresh)
+        except StateConflict:
+            return await self.claim(key, stream_seq=stream_seq, deadline_s=deadline_s)
+
     async def claim(self, key: str, *, stream_seq: int, deadline_s: float) -> Claim | Busy | Done:
         """Take the event for this coordinator, or say why not. Bounded: CAS_RETRY rounds."""
         for attempt in itertools.count(1):
@@ -431,16 +445,25 @@ class Ledger:
         """CAS write of the claimed event's state; renews the lease unless the state is final.
         LostClaim if someone else wrote in between."""
         async with claim.lock:
-            if state.state == "collecting":
-                state.lease_until = self.clock.time() + self.lease_s
-            sealed = self._seal(state)
-            try:
-                claim.revision = await self.store.update(
-                    claim.key, _enc.encode(sealed), claim.revision
-                )
-            except StateConflict:
-                raise LostClaim(f"{claim.key}: taken over by another coordinator") from None
-            claim.state = sealed
+            await self._write(claim, state)
+
+    async def _write(self, claim: Claim, state: DecisionState) -> None:
+        """`save`'s write; the caller holds `claim.lock`."""
+        if state.state == "collecting":
+            state = msgspec.structs.replace(state, lease_until=self.clock.time() + self.lease_s)
+        sealed = self._seal(state)
+        try:
+            claim.revision = await self.store.update(claim.key, _enc.encode(sealed), claim.revision)
+        except StateConflict:
+            raise LostClaim(f"{claim.key}: taken over by another coordinator") from None
+        claim.state = sealed
+
+    async def renew(self, claim: Claim) -> None:
+        """Renew the lease of the claimed event, writing its state as it is when the write goes
+        out (a vote saved while this waited its turn is kept). LostClaim as `save`."""
+        async with claim.lock:
+            state = claim.state
+            await self._write(claim, state)
 
     def _reclaimed(
         self, waiting: DecisionState, now: float, deadline_s: float, stream_seq: int

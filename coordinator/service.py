@@ -3,8 +3,9 @@
 Per event: parse → policy → live agents per skill → the decision core (`coordinator.decide`:
 claim the event in the ledger, ask each voter within one deadline, save votes as they come,
 tally, record the decision) → publish it on the event's own subject with "expected last
-sequence 0" (so the server refuses a second one) → audit → ack. This module is the wiring: the
-consume loop, spans, publishing, audit, acks.
+sequence 0" (so the server refuses a second one) and audit it (one record, its votes inside),
+the two at once → ack. This module is the wiring: the consume loop, spans, publishing, audit,
+acks.
 
 Zero trust: the coordinator signs every decision and every ledger write with its identity's key
 and believes only ledger entries, decisions and audit records that keys in the trust file
@@ -505,17 +506,12 @@ class Coordinator:
                 "principal_verified": bool(d.principal),
                 **({"principal_unverified": unverified} if unverified else {}),
                 "signer": d.signer,
+                # Every vote inside the one record (records before issue 14 had one "vote"
+                # record each after it; both shapes verify alike).
+                "votes": [msgspec.to_builtins(v) for v in d.votes],
             },
             msg_id=subjects.audit_msg_id("decision", ref),
         )
-        for v in d.votes:
-            await self.audit.append(
-                d.tenant,
-                "vote",
-                d.event_id,
-                msgspec.to_builtins(v),
-                msg_id=subjects.audit_msg_id("vote", ref, v.skill),
-            )
 
     async def _audit_policies(self) -> None:
         """A policy change is an audited act: record the policy set whenever it differs."""

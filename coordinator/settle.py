@@ -10,7 +10,9 @@ NATS-free, over two small protocols, so the service runs it on JetStream and the
   after a crash is safe.
 
 Rules this module owns (the order is the point):
-- A decision is published, then audited, then the message acked.
+- A decision is published and audited (the two at once: each is idempotent, neither needs
+  the other, and whatever a crash leaves undone a redelivery does again), then the message
+  acked once both are done.
 - A dead letter is marked in the ledger first (compare-and-set: refused if the event was
   decided, LostClaim if someone else holds it), then the record and its audit entry are
   published, then the message acked: decided or dead-lettered, never both.
@@ -21,6 +23,7 @@ Rules this module owns (the order is the point):
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import typing
@@ -130,8 +133,7 @@ class Settler:
             typing.assert_never(outcome)
 
     async def record(self, decision: Decision, unverified: str) -> None:
-        await self.outlet.publish_decision(decision)
-        await self.outlet.audit_decision(decision, unverified)
+        await self.publish_and_audit(decision, unverified)
         _count(decision)
         log.info(
             "event %s %s: %s (%s)",
@@ -140,6 +142,19 @@ class Settler:
             decision.outcome,
             decision.reason,
         )
+
+    async def publish_and_audit(self, decision: Decision, unverified: str) -> None:
+        """The decision published and audited, both under way at once (neither reads the
+        other, both are idempotent, and the ack waits for both); the first error is raised
+        once both have ended (never one left running unawaited)."""
+        results = await asyncio.gather(
+            self.outlet.publish_decision(decision),
+            self.outlet.audit_decision(decision, unverified),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def finish_again(
         self,
@@ -151,8 +166,7 @@ class Settler:
         """A redelivery of an event that already has its outcome: publish what may not have
         been published before a crash (idempotent: per-event subject, message ids), then ack."""
         if state.decision is not None:
-            await self.outlet.publish_decision(state.decision)
-            await self.outlet.audit_decision(state.decision, unverified)
+            await self.publish_and_audit(state.decision, unverified)
         elif state.state == "dead_lettered":
             await self.outlet.publish_dead_letter(
                 delivery.dead_letter_record(_reason(state), state.dead_letter_error, event=event)

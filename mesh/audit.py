@@ -141,6 +141,36 @@ def _decode(data: bytes) -> AuditRecord | None:
         return None
 
 
+def votes_of(record: AuditRecord) -> list[dict[str, Any]]:
+    """The votes an audit record holds: a decision record's `votes` (since issue 14 every
+    vote is inside its decision's record), or the one vote of a `vote` record (the older
+    shape: one record per vote after its decision's; still written by older coordinators,
+    kept and verified like any other record)."""
+    if record.kind == "vote":
+        return [record.data]
+    votes = record.data.get("votes") if record.kind == "decision" else None
+    return [v for v in votes if isinstance(v, dict)] if isinstance(votes, list) else []
+
+
+def _said(vote: dict[str, Any]) -> str:
+    verdict = vote.get("verdict")
+    said = verdict.get("vote") if isinstance(verdict, dict) else None
+    return str(said) if said and vote.get("outcome") == "voted" else str(vote.get("outcome", "?"))
+
+
+def summary(record: AuditRecord) -> str:
+    """One line for people: a decision's outcome and its votes (`skill=what it said`)."""
+    votes = ", ".join(f"{v.get('skill', '?')}={_said(v)}" for v in votes_of(record))
+    if record.kind == "decision":
+        outcome = str(record.data.get("outcome", ""))
+        return f"{outcome}; votes: {votes}" if votes else outcome
+    if record.kind == "vote":
+        return f"vote {votes}"
+    if record.kind == "dead_letter":
+        return str(record.data.get("reason", ""))
+    return ""
+
+
 Judgement = Literal["belongs", "altered", "foreign"]
 
 

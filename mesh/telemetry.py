@@ -208,12 +208,29 @@ def setup(service_name: str) -> None:
         # Spans nobody exports are pure cost: a no-op provider (and not the API's proxy, which
         # a2a-sdk's per-call span decorators pay ~19% of an agent's CPU for) when none is set.
         trace.set_tracer_provider(trace.NoOpTracerProvider())
+    global _resource  # noqa: PLW0603  # for the meter provider, made when metrics are exported
+    _resource = resource
 
+
+# The process's resource once `setup` ran with telemetry on (None: off, or not set up).
+_resource: Resource | None = None
+_metrics_on = False
+
+
+def _export_metrics() -> None:
+    """The SDK's meter provider with a Prometheus reader, made when something will read it
+    (a /metrics endpoint): until then the instruments are the API's proxies, whose `add` and
+    `record` do nothing (the coordinator without MESH_METRICS_PORT pays nothing for metrics).
+    Instruments made before are bound to it by the API then."""
+    global _metrics_on  # noqa: PLW0603  # one meter provider per process
+    if _metrics_on or _resource is None:
+        return
+    _metrics_on = True
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import MeterProvider
 
     metrics.set_meter_provider(
-        MeterProvider(resource=resource, metric_readers=[PrometheusMetricReader()])
+        MeterProvider(resource=_resource, metric_readers=[PrometheusMetricReader()])
     )
 
 
@@ -227,6 +244,7 @@ def metrics_asgi_app() -> Any:
     """The Prometheus exposition of this process's metrics, as an ASGI app (/metrics)."""
     from prometheus_client import make_asgi_app
 
+    _export_metrics()
     return make_asgi_app()
 
 
@@ -234,6 +252,7 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
     """A /metrics endpoint on its own port (processes without an HTTP server); returns it."""
     from prometheus_client import start_http_server
 
+    _export_metrics()
     server, _thread = start_http_server(port, addr=host)
     return int(server.server_port)
 

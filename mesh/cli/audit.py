@@ -45,7 +45,7 @@ async def audit_ls(
     """List the latest audit records; `trust` says whether each is one this mesh signed."""
     import msgspec
 
-    from mesh.audit import judge, read, subject
+    from mesh.audit import judge, read, subject, summary
     from mesh.bus import Bus
 
     async with await Bus.connect(name="mesh-cli") as bus:  # no server: say that first
@@ -55,13 +55,14 @@ async def audit_ls(
         print_json([{"seq": s, **msgspec.to_builtins(r)} for s, r in records])
         return
     table = Table(title=f"last {len(records)} audit record(s)")
-    for col in ("seq", "tenant", "kind", "ref", "actor", "at", "hash", "trust"):
+    for col in ("seq", "tenant", "kind", "ref", "what", "actor", "at", "hash", "trust"):
         table.add_column(col, overflow="fold")
     for seq, r in records:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.at))
         verdict, why = judge(trust, r, subject(r.tenant, r.kind))
         mark = "ok" if verdict == "belongs" else f"[red]{verdict.upper()}[/red]: {escape(why)}"
-        table.add_row(str(seq), r.tenant, r.kind, r.ref, r.actor, at, r.hash[:12], mark)
+        what = escape(summary(r))  # a decision's outcome and votes, whichever record shape
+        table.add_row(str(seq), r.tenant, r.kind, r.ref, what, r.actor, at, r.hash[:12], mark)
     out.print(table)
 
 

@@ -213,7 +213,7 @@ async def test_progress_extends_the_call_past_its_timeout(
 
 
 async def test_decisions_dead_letters_and_policies_are_audited(mesh: Bus) -> None:
-    from mesh.audit import read, verify
+    from mesh.audit import read, summary, verify, votes_of
 
     eid = await publish(mesh, "vote.unanimous", {"vote": "approve"})
     await decision_for(mesh, eid)
@@ -228,8 +228,11 @@ async def test_decisions_dead_letters_and_policies_are_audited(mesh: Bus) -> Non
     records = await read(mesh)
     assert verify(records).ok
     mine = [r for _, r in records if r.ref == eid]
-    assert [r.kind for r in mine] == ["decision", "vote", "vote", "vote"]
+    assert [r.kind for r in mine] == ["decision"]  # one record, its votes inside (issue 14)
     assert mine[0].data["outcome"] == "approved"
+    assert sorted(v["skill"] for v in votes_of(mine[0])) == ["s1", "s2", "s3"]
+    assert all(v["verdict"]["vote"] == "approve" for v in votes_of(mine[0]))
+    assert summary(mine[0]).startswith("approved; votes: ")
     assert any(r.kind == "policy_change" and r.tenant == "_mesh" for _, r in records)
 
 
@@ -348,11 +351,11 @@ async def test_a_foreign_audit_message_does_not_stop_auditing_and_stop_checkpoin
             async def audited() -> bool:
                 from mesh.audit import read
 
-                return any(r.ref == second and r.kind == "vote" for _, r in await read(bus))
+                return any(r.ref == second and r.kind == "decision" for _, r in await read(bus))
 
             await eventually(audited)
     result = verify_bundle(await snapshot(bus), resolve_trust(bus.settings))
     assert len(result.problems) == 1 and f"record {ack.seq} on" in result.problems[0]
-    # two decisions with three votes each, one policy change, one authorization policy set
-    assert result.count == 2 * 4 + 2
+    # two decisions (their votes inside), one policy change, one authorization policy set
+    assert result.count == 2 + 2
     assert result.notes == []  # every tenant checkpointed (on stop)

@@ -136,6 +136,115 @@ async def test_all_approve_is_decided_and_recorded() -> None:
     assert state.state == "decided" and state.decision == d
 
 
+class CountingStore(MemoryStore):
+    """Counts round trips: what the fast path is about (issue 14)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def get(self, key: str) -> Any:
+        self.calls.append("get")
+        return await super().get(key)
+
+    async def create(self, key: str, value: bytes) -> int:
+        self.calls.append("create")
+        return await super().create(key, value)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        self.calls.append("update")
+        if self.gate is not None:
+            await self.gate.wait()  # a slow write: what arrives meanwhile waits its turn
+        return await super().update(key, value, last)
+
+    gate: asyncio.Event | None = None
+
+
+async def test_a_decision_costs_a_claim_the_votes_that_do_not_end_it_and_the_final_write() -> None:
+    store, clock = CountingStore(), ManualClock()
+    voters = Voters(clock, {"s1": (0.1, "approve"), "s2": (0.2, "approve"), "s3": (0.3, "approve")})
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(policy(), clock)))
+    await clock.advance(0.3)
+    assert isinstance(done(run), Decided)
+    # create (the claim), s1's and s2's saves, then the decided state (carrying s3's vote).
+    assert store.calls == ["create", "update", "update", "update"]
+
+
+async def test_votes_arriving_during_a_save_wait_for_the_next_write() -> None:
+    store, clock = CountingStore(), ManualClock()
+    voters = Voters(clock, {"s1": (0.1, "approve"), "s2": (0.2, "approve"), "s3": (0.3, "approve")})
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(policy(), clock)))
+    store.gate = asyncio.Event()
+    await clock.advance(0.3)  # s1's save is under way while s2 and s3 answer
+    store.gate.set()
+    await settle()
+    assert isinstance(done(run), Decided)
+    # The claim, s1's save, then the decided state with all three: s2 and s3 cost no write.
+    assert store.calls == ["create", "update", "update"]
+    assert (await state_of(store)).decision.outcome == "approved"
+
+
+async def test_a_crash_before_the_decision_loses_only_the_unsaved_vote_which_is_asked_again() -> (
+    None
+):
+    store = MemoryStore()
+    clock_a, clock_b = ManualClock(), ManualClock()
+    voters_a = Voters(clock_a, {"s1": (0.1, "approve"), "s2": (0.2, "approve"), "s3": (0.3, "x")})
+    voters_a.hold("s3")
+    a = coordinator(store, "a", clock_a, voters_a)
+    run_a = asyncio.create_task(a.run(job(policy(), clock_a)))
+    await clock_a.advance(0.2)
+    assert (await state_of(store)).votes.keys() == {"s1", "s2"}  # saved as they came
+    run_a.cancel()  # a dies with s3's answer on its way (never counted anywhere)
+    await settle()
+    voters_b = Voters(clock_b, {s: (0.1, "approve") for s in SKILLS})
+    await clock_b.advance(LEASE_S + 0.5)  # past a's lease (renewed by s2's save)
+    b = coordinator(store, "b", clock_b, voters_b)
+    run_b = asyncio.create_task(b.run(job(policy(), clock_b)))
+    await clock_b.advance(0.1)
+    assert isinstance(done(run_b), Decided)
+    assert [ask.skill for ask in voters_b.asked] == ["s3"]  # only the vote not saved
+
+
+class LandedStore(MemoryStore):
+    """After `hold()`, the next update lands and then waits for `gate` before it returns (its
+    reply is slow): a caller cancelled meanwhile never learns the revision it wrote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.holding = False
+        self.held = asyncio.Event()
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        revision = await super().update(key, value, last)
+        if self.holding:
+            self.holding = False
+            self.held.set()
+            await self.gate.wait()
+        return revision
+
+
+async def test_the_end_of_a_collection_during_a_lease_renewal_does_not_lose_the_claim() -> None:
+    store, clock = LandedStore(), ManualClock()
+    voters = Voters(clock, {s: (0.0, "approve") for s in SKILLS})
+    for skill in SKILLS:
+        voters.hold(skill)
+    run = asyncio.create_task(coordinator(store, "c1", clock, voters).run(job(policy(), clock)))
+    await settle()
+    store.holding = True
+    await clock.advance(LEASE_S / 3)  # the renewal's write lands; its reply is slow
+    await store.held.wait()
+    for skill in SKILLS:  # every vote at once: they end the collection while it waits
+        voters.release(skill)
+    await settle()
+    store.gate.set()
+    await settle()
+    outcome = done(run)
+    assert isinstance(outcome, Decided)  # not LostClaim: the renewal's revision was kept
+    assert (await state_of(store)).state == "decided"
+
+
 async def test_two_coordinators_racing_for_one_event_decide_it_once() -> None:
     store, clock = MemoryStore(), ManualClock()
     voters = Voters(clock, {s: (0.5, "approve") for s in SKILLS})

@@ -77,6 +77,39 @@ async def test_two_claimants_racing_for_one_event_one_wins() -> None:
     assert busy[0].retry_in_s == pytest.approx(LEASE_S)
 
 
+async def test_claiming_a_new_event_is_one_write_and_no_read() -> None:
+    store, clock = RecordingStore(), ManualClock()
+    got = await ledger(store, "a", clock).claim_new(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(got, Claim) and got.state.state == "collecting"
+    assert store.calls == ["create"]  # the round trip a read first would cost is saved
+
+
+async def test_two_claimants_of_a_new_event_racing_by_writing_first_one_wins() -> None:
+    store, clock = RecordingStore(), ManualClock()
+    a, b = ledger(store, "a", clock), ledger(store, "b", clock)
+    got = await asyncio.gather(
+        a.claim_new(KEY, stream_seq=1, deadline_s=10), b.claim_new(KEY, stream_seq=1, deadline_s=10)
+    )
+    assert store.calls[:3] == ["create", "create", "get"]  # the loser read what won
+    claims = [g for g in got if isinstance(g, Claim)]
+    busy = [g for g in got if isinstance(g, Busy)]
+    assert len(claims) == 1 and len(busy) == 1 and busy[0].owner == claims[0].state.owner
+
+
+async def test_a_lease_renewal_keeps_a_vote_saved_while_it_waited() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    a = ledger(store, "a", clock)
+    claim = await a.claim(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(claim, Claim)
+    async with claim.lock:  # a vote save in flight; the renewal queues behind it
+        renewal = asyncio.ensure_future(a.renew(claim))
+        await asyncio.sleep(0)
+        await a._write(claim, msgspec.structs.replace(claim.state, votes={"s1": vote("s1")}))
+    await renewal
+    state = await a.read(KEY)
+    assert state is not None and state.votes == {"s1": vote("s1")}
+
+
 async def test_a_take_over_after_the_lease_lapses_keeps_deadline_and_votes() -> None:
     store = MemoryStore()
     (a, _stalled), (b, clock_b) = apart(store, "a"), apart(store, "b")
