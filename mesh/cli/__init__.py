@@ -1,7 +1,7 @@
 """The `mesh` command. User mistakes print what to do next, never a traceback.
 
 The commands live by group in this package (`running`, `events`, `dlq`, `audit`, `status`,
-`creds`, `scaffold`, `schema`);
+`creds`, `scaffold`, `schema`, `console`);
 this module builds the app from them, in the order `mesh --help` lists them. Heavy modules
 (the bus, the coordinator, the agents) are imported inside each command, so `mesh --help`
 and a mistyped option stay fast. Conventions every command keeps (docs/cli.md): `-h`/`--help`,
@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from mesh.cli import audit, creds, dlq, events, running, scaffold, schema, status
+from mesh.cli import audit, console, creds, dlq, events, running, scaffold, schema, status
 from mesh.cli._common import EXIT_CONFIG, err, settings_error
 
 app = typer.Typer(
@@ -58,6 +58,7 @@ app.add_typer(dlq.app, name="dlq")
 app.add_typer(audit.app, name="audit")
 app.add_typer(creds.app, name="creds")
 app.add_typer(scaffold.app, name="new")
+app.add_typer(console.app, name="console")
 
 # -- running the mesh
 app.command()(running.demo)
