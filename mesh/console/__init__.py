@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+import uvicorn
 
 from mesh.console.app import create_app
 
@@ -27,6 +29,13 @@ DEFAULT_PORT = 8780
 _START_TIMEOUT_S = 10.0
 
 
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The command (or `mesh up`, or a test) that runs the console owns Ctrl-C.
+        yield
+
+
 @contextlib.asynccontextmanager
 async def serving(
     app: Any, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT
@@ -34,8 +43,6 @@ async def serving(
     """Serve `app` with uvicorn on host:port (0: any free port) in this event loop, for the
     block; yields the console's URL once it answers. The socket is bound here, so a port in
     use is an OSError at once, not a log line later."""
-    import uvicorn
-
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -43,6 +50,7 @@ async def serving(
     except OSError:
         sock.close()
         raise
+    sock.listen(128)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
@@ -51,9 +59,7 @@ async def serving(
         access_log=False,
         timeout_graceful_shutdown=2,
     )
-    server = uvicorn.Server(config)
-    # uvicorn's own signal handlers would take Ctrl-C from the command that runs us.
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="mesh-console")
     try:
         async with asyncio.timeout(_START_TIMEOUT_S):

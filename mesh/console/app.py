@@ -47,6 +47,7 @@ from mesh.console.auth import (
 )
 from mesh.errors import MeshError
 from mesh.identity import Trust, TrustFile
+from mesh.records import dead_letter_decoder
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ async def home(request: Request) -> Response:
 
 @_page
 async def agents_page(request: Request) -> Response:
-    user, _ = _viewer(request)
+    _user, _ = _viewer(request)
     console = _console(request)
     rows = await data.agents(console.bus)
     status = await data.coordinator_status(console.bus)
@@ -286,7 +287,7 @@ async def agents_page(request: Request) -> Response:
 
 @_page
 async def decisions_page(request: Request) -> Response:
-    user, tenant = _viewer(request)
+    _user, tenant = _viewer(request)
     console = _console(request)
     event_type = request.query_params.get("type", "")
     outcome = request.query_params.get("outcome", "")
@@ -300,19 +301,18 @@ async def decisions_page(request: Request) -> Response:
         tenant=tenant or "",
         event_type=event_type,
         outcome=outcome,
-        per_minute=svg.stacked_columns(
-            "decisions per minute by outcome", data.per_minute(rows)
-        ),
-        latency=svg.bars(
-            "vote latency per agent (mean)", data.latency_by_agent(rows), unit=" ms"
-        ),
+        per_minute=svg.stacked_columns("decisions per minute by outcome", data.per_minute(rows)),
+        latency=svg.bars("vote latency per agent (mean)", data.latency_by_agent(rows), unit=" ms"),
         live_query=_live_query(tenant, event_type, outcome),
     )
 
 
 def _live_query(tenant: str | None, event_type: str, outcome: str) -> str:
-    parts = [f"{k}={quote(v)}" for k, v in (("tenant", tenant or ""), ("type", event_type),
-             ("outcome", outcome)) if v]
+    parts = [
+        f"{k}={quote(v)}"
+        for k, v in (("tenant", tenant or ""), ("type", event_type), ("outcome", outcome))
+        if v
+    ]
     return "&".join(parts)
 
 
@@ -343,7 +343,7 @@ async def decision_page(request: Request) -> Response:
 
 @_page
 async def dlq_page(request: Request) -> Response:
-    user, tenant = _viewer(request)
+    _user, tenant = _viewer(request)
     console = _console(request)
     reason = request.query_params.get("reason", "")
     if reason and reason not in dlq_mod.REASONS:
@@ -364,7 +364,7 @@ async def dlq_page(request: Request) -> Response:
 
 @_page
 async def dlq_item(request: Request) -> Response:
-    user, tenant = _viewer(request)
+    _user, tenant = _viewer(request)
     console = _console(request)
     seq = _seq(request)
     d = await data.dead_letter(console.bus, tenant, seq)
@@ -433,12 +433,10 @@ async def dlq_purge(request: Request) -> Response:
 
 @_page
 async def audit_page(request: Request) -> Response:
-    user, tenant = _viewer(request)
+    _user, tenant = _viewer(request)
     console = _console(request)
     states = await data.audit_states(console.bus, console.trust, tenant)
-    return console.render(
-        request, "audit.html", states=states, trust_missing=console.trust is None
-    )
+    return console.render(request, "audit.html", states=states, trust_missing=console.trust is None)
 
 
 @_page
@@ -521,9 +519,12 @@ async def live(request: Request) -> Response:
             event_id = str(doc.get("id", "")) if isinstance(doc, dict) else ""
         except ValueError:
             event_id = ""
-        put("event", console.fragment(
-            "_event_row.html", tenant=t, event_type=etype, event_id=event_id, at=time.time()
-        ))
+        put(
+            "event",
+            console.fragment(
+                "_event_row.html", tenant=t, event_type=etype, event_id=event_id, at=time.time()
+            ),
+        )
 
     async def on_decision(msg: Msg) -> None:
         row = data.check_decision(console.trust, msg.subject, msg.data)
@@ -538,7 +539,7 @@ async def live(request: Request) -> Response:
 
     async def on_dead_letter(msg: Msg) -> None:
         try:
-            d = data.dead_letter_decoder.decode(msg.data)
+            d = dead_letter_decoder.decode(msg.data)
         except Exception:
             return
         if not user.sees(d.tenant) or (tenant and d.tenant != tenant):
@@ -547,7 +548,9 @@ async def live(request: Request) -> Response:
 
     scope = tenant or (None if user.all_tenants else user.tenant)
     subs = [
-        await console.bus.nc.subscribe(data.tenant_subject(subjects.EVENTS_ROOT, scope), cb=on_event),
+        await console.bus.nc.subscribe(
+            data.tenant_subject(subjects.EVENTS_ROOT, scope), cb=on_event
+        ),
         await console.bus.nc.subscribe(
             data.tenant_subject(subjects.DECISIONS_ROOT, scope), cb=on_decision
         ),

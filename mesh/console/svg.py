@@ -39,12 +39,11 @@ def stacked_columns(
         f'width="{_W}" height="{height}">',
         f'<text x="8" y="16" class="plot-title">{escape(title)}</text>',
         f'<text x="4" y="{top + 10}" class="plot-note">{most}</text>',
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{_W - 4}" y2="{top + plot_h}" '
-        'stroke="#999"/>',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{_W - 4}" y2="{top + plot_h}" stroke="#999"/>',
     ]
     for i, (label, counts) in enumerate(columns):
         x = left + i * step
-        y = top + plot_h
+        y = float(top + plot_h)
         for series, colour in colours.items():
             n = counts.get(series, 0)
             if not n:
@@ -88,7 +87,9 @@ def bars(title: str, rows: Sequence[tuple[str, float, str]], *, unit: str = "") 
     for i, (label, value, note) in enumerate(rows):
         y = top + i * row_h
         w = max(1.0, span * value / most)
-        shown = f"{value:,.0f}{unit}" if value >= 10 or value == int(value) else f"{value:.1f}{unit}"
+        shown = (
+            f"{value:,.0f}{unit}" if value >= 10 or value == int(value) else f"{value:.1f}{unit}"
+        )
         parts.append(
             f'<text x="8" y="{y + 14}" class="plot-label">{escape(label[:26])}</text>'
             f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 8}" '
