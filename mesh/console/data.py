@@ -31,6 +31,7 @@ from mesh.records import (
     dead_letter_decoder,
     decision_decoder,
     decision_refusal,
+    decision_subject,
     event_token,
 )
 from mesh.registry import Registration, Registry
@@ -46,6 +47,7 @@ REDACTED_FIELDS = re.compile(
 )
 MASK = "•••••"
 PREVIEW_BYTES = 4096
+SEARCH_LIMIT = 1000  # decisions searched for one whose ledger entry is gone
 
 
 def tenant_subject(root: str, tenant: str | None) -> str:
@@ -115,17 +117,39 @@ async def decisions(
     return out
 
 
-async def decision(
-    bus: Bus, trust: Trust | None, tenant: str | None, event_id: str
-) -> DecisionRow | None:
-    """The decision of event `event_id` in `tenant` (None: any), or None."""
-    filt = f"{subjects.DECISIONS_ROOT}.{tenant or '*'}.*.{event_token(event_id)}"
-    for m in await read_stream(bus, subjects.DECISIONS_STREAM, filter_subject=filt):
-        row = check_decision(trust, m.subject, m.data, m.seq)
+async def decision(bus: Bus, trust: Trust | None, tenant: str, event_id: str) -> DecisionRow | None:
+    """The published decision of `tenant`'s event `event_id`, verified; None if there is none.
+
+    Its subject carries the decision type, which may have dots (`release.decided`), so no
+    filter can name "any type, this event": the decision ledger's entry for the event (by key)
+    says the type, then the stream is read on that one subject. What is shown is the published
+    record (the one signed), never the ledger's copy. Without a ledger entry (expired), the
+    tenant's latest decisions are searched."""
+    from coordinator.ledger import DecisionState, state_key
+
+    subject = ""
+    with contextlib.suppress(Exception):  # no entry, or one that does not decode: search
+        kv = await bus.kv(subjects.DECISIONS_BUCKET)
+        entry = await kv.get(state_key(tenant, event_id))
+        state = msgspec.json.decode(entry.value or b"{}", type=DecisionState)
+        if state.decision is not None and state.decision.tenant == tenant:
+            subject = decision_subject(state.decision)
+    if subject:
+        found = await read_stream(bus, subjects.DECISIONS_STREAM, filter_subject=subject)
+        candidates = [(m.seq, m.subject, m.data) for m in found]
+    else:
+        candidates = await tail(
+            bus,
+            subjects.DECISIONS_STREAM,
+            SEARCH_LIMIT,
+            filter_subject=tenant_subject(subjects.DECISIONS_ROOT, tenant),
+        )
+    for seq, subj, body in candidates:
+        if not subj.endswith("." + event_token(event_id)):
+            continue
+        row = check_decision(trust, subj, body, seq)
         if row.decision is not None and row.decision.event_id == event_id:
-            if tenant and row.tenant != tenant:
-                return None
-            return row
+            return row if row.tenant == tenant else None
     return None
 
 

@@ -51,6 +51,12 @@ async def mesh_publish(console: Console, *args: str) -> str:
     return out.decode().strip().split()[0]
 
 
+async def expect_page(page: Any) -> None:
+    """The page rendered, not the console's error page (whose message then fails the test)."""
+    if await page.locator("#error").count():
+        raise AssertionError(f"{page.url}: {await page.inner_text('main')}")
+
+
 async def test_sign_in_see_a_published_event_decided_live_and_open_it(
     console: Console, browser: Any
 ) -> None:
@@ -82,6 +88,7 @@ async def test_sign_in_see_a_published_event_decided_live_and_open_it(
 
     await row.locator("a").click()
     await page.wait_for_url(f"**/decisions/acme/{event_id}")
+    await expect_page(page)
     assert await page.inner_text("#verdict") == "approved"
     assert "verified" in await page.inner_text("#signature")
     votes = await page.inner_text("#votes")
