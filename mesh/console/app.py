@@ -270,6 +270,7 @@ async def agents_page(request: Request) -> Response:
     console = _console(request)
     rows = await data.agents(console.bus)
     status = await data.coordinator_status(console.bus)
+    # Keyed `<agent>.<instance>` (or `<agent>`); the worst any coordinator reports wins.
     breakers: dict[str, str] = {}
     for answer in status:
         for name, state in (answer.get("breakers") or {}).items():

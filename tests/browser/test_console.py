@@ -84,7 +84,10 @@ async def test_sign_in_see_a_published_event_decided_live_and_open_it(
     await row.wait_for()
     assert "approved" in await row.inner_text()
     assert "verified" in await row.inner_text()
+    await page.reload()  # the plots are drawn when the page is: now with this decision
+    await page.wait_for_selector("svg[aria-label='decisions per minute by outcome'] rect")
     await shot(page, "decisions")
+    row = page.locator(f"#decisions tr.decision[data-event='{event_id}']")
 
     await row.locator("a").click()
     await page.wait_for_url(f"**/decisions/acme/{event_id}")
@@ -94,6 +97,8 @@ async def test_sign_in_see_a_published_event_decided_live_and_open_it(
     votes = await page.inner_text("#votes")
     for agent in ("security-review", "compliance-review", "quality-review"):
         assert agent in votes
+    assert "no secrets" in votes  # the security reviewer's reason
+    assert "verified" in await page.inner_text("#audit-state")
     await shot(page, "decision")
 
     await page.goto(f"{console.url}/agents")
