@@ -1,0 +1,135 @@
+"""The console's guards over plain HTTP (no browser needed, so these run without chromium):
+sign-in, the session cookie's attributes, CSRF and Origin on every action, who may act, the
+Host check. Each refusal sits next to the same request done right, which succeeds: what is
+refused is refused for the reason the test names, not because the action could not work."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from mesh import subjects
+from mesh.bus import Bus, read_stream
+from mesh.console import create_app
+from mesh.identity import IdentityDir, load_identity, load_trust
+from mesh.records import dead_letter, encoder
+
+pytestmark = pytest.mark.integration
+
+BASE = "http://127.0.0.1"
+SUBJECT = subjects.event("acme", "nothing.here")
+
+
+@dataclass
+class Setup:
+    client: httpx.AsyncClient
+    bus: Bus
+    ids: IdentityDir
+    dlq_seq: int
+
+
+@pytest.fixture
+async def setup(bus: Bus, identities: IdentityDir) -> AsyncIterator[Setup]:
+    record = dead_letter(
+        reason="unknown_type", error="no policy", subject=SUBJECT, body=b'{"id": "e1"}'
+    )
+    ack = await bus.publish(subjects.dlq("acme", "unknown_type"), encoder.encode(record))
+    app = create_app(bus=bus, trust=load_trust(identities.trust_path))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+        yield Setup(client, bus, identities, ack.seq)
+
+
+async def _sign_in(client: httpx.AsyncClient, token: str) -> str:
+    """Signs `client` in; returns the session's CSRF token, read from a page as a browser would."""
+    r = await client.post("/signin", data={"token": token}, headers={"Origin": BASE})
+    assert r.status_code == 303, r.text
+    page = await client.get("/dead-letters")
+    assert page.status_code == 200
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found is not None
+    return found.group(1)
+
+
+async def _replays(bus: Bus) -> int:
+    return len(await read_stream(bus, subjects.EVENTS_STREAM, filter_subject=SUBJECT))
+
+
+async def test_an_action_without_its_csrf_token_or_from_elsewhere_is_refused(
+    setup: Setup,
+) -> None:
+    client, seq = setup.client, setup.dlq_seq
+    csrf = await _sign_in(client, load_identity(setup.ids.operator_path).token)
+    url = f"/dead-letters/{seq}/replay"
+
+    refused = [
+        ({}, {"Origin": BASE}),  # no CSRF token
+        ({"csrf": "guessed"}, {"Origin": BASE}),  # a wrong one
+        ({"csrf": csrf}, {"Origin": "http://evil.example"}),  # another site's page
+        ({"csrf": csrf}, {}),  # neither Origin nor Referer
+        ({"csrf": csrf}, {"Referer": "http://evil.example/x"}),
+    ]
+    for form, headers in refused:
+        r = await client.post(url, data=form, headers=headers)
+        assert r.status_code == 403, (form, headers, r.status_code)
+        assert "refused" in r.text
+    assert await _replays(setup.bus) == 0
+
+    r = await client.post(url, data={"csrf": csrf}, headers={"Origin": BASE})
+    assert r.status_code == 303, r.text
+    assert r.headers["location"].startswith("/dead-letters?done=replayed")
+    assert await _replays(setup.bus) == 1
+
+    # The referer of the console's own page does as well as its Origin.
+    r = await client.post(url, data={"csrf": csrf}, headers={"Referer": f"{BASE}/dead-letters"})
+    assert r.status_code == 303
+    # Sign-out is an action too.
+    assert (await client.post("/signout", data={}, headers={"Origin": BASE})).status_code == 403
+
+
+async def test_sign_in_cookie_and_who_may_act(setup: Setup) -> None:
+    client = setup.client
+    # No anonymous access: every page sends you to sign in; the live stream says 401.
+    r = await client.get("/decisions")
+    assert r.status_code == 303 and r.headers["location"].startswith("/signin")
+    assert (await client.get("/live")).status_code == 401
+    # Sign-in from another site is refused, whatever the token.
+    token = load_identity(setup.ids.operator_path).token
+    r = await client.post(
+        "/signin", data={"token": token}, headers={"Origin": "http://evil.example"}
+    )
+    assert r.status_code == 403
+    # A machine identity cannot sign in.
+    agent = load_identity(setup.ids.issue("agent", "console-test-agent")).token
+    r = await client.post("/signin", data={"token": agent}, headers={"Origin": BASE})
+    assert r.status_code == 401 and "cannot sign in" in r.text
+
+    r = await client.post("/signin", data={"token": token}, headers={"Origin": BASE})
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
+    assert "secure" not in cookie  # plain http on loopback: a Secure cookie would never return
+    assert token.lower() not in cookie  # the session names the user; it is not the token
+
+    # A reader of acme looks but does not act, even with its own valid CSRF token.
+    reader = load_identity(setup.ids.issue("reader", "acme-viewer", tenant="acme")).token
+    client.cookies.clear()
+    csrf = await _sign_in(client, reader)
+    r = await client.post(
+        f"/dead-letters/{setup.dlq_seq}/replay", data={"csrf": csrf}, headers={"Origin": BASE}
+    )
+    assert r.status_code == 403 and "may look but not act" in r.text
+    # A tampered cookie is no session.
+    session = client.cookies.get("mesh_console") or ""
+    client.cookies.set("mesh_console", session[:-2] + ("AA" if session[-2:] != "AA" else "BB"))
+    assert (await client.get("/decisions")).status_code == 303
+
+
+async def test_another_host_name_gets_nothing(setup: Setup) -> None:
+    # DNS rebinding: a page on a name that resolves to 127.0.0.1 reaches the port, not the app.
+    r = await setup.client.get("/signin", headers={"Host": "evil.example"})
+    assert r.status_code == 400
+    assert (await setup.client.get("/signin")).status_code == 200
