@@ -38,8 +38,8 @@ _log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from mesh.settings import Settings
 
-Role = Literal["operator", "coordinator", "agent", "publisher", "reader"]
-ROLES: tuple[Role, ...] = ("operator", "coordinator", "agent", "publisher", "reader")
+Role = Literal["operator", "coordinator", "agent", "publisher", "reader", "console"]
+ROLES: tuple[Role, ...] = ("operator", "coordinator", "agent", "publisher", "reader", "console")
 ALL_TENANTS = "*"
 
 # What each purpose may be signed by (the operator is the root of trust: it may sign anything).
@@ -47,7 +47,8 @@ Purpose = Literal["vote", "decision", "ledger", "audit", "checkpoint", "card", "
 SIGNERS: dict[Purpose, tuple[Role, ...]] = {
     "decision": ("coordinator", "operator"),
     "ledger": ("coordinator", "operator"),
-    "audit": ("coordinator", "operator"),
+    # The web console records the replays its users ask for (mesh/console).
+    "audit": ("coordinator", "operator", "console"),
     "checkpoint": ("coordinator", "operator"),
     "card": ("agent", "operator"),
     "token": ("operator",),

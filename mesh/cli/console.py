@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mesh.cli._common import err, out, setup_logging
 from mesh.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mesh.dev.topology import Plan
+    from mesh.identity import IdentityDir
+    from mesh.settings import Settings
 
 app = typer.Typer(help="The web console: agents, decisions, approvals, dead letters, audit.")
 
@@ -54,6 +60,14 @@ async def _serve(host: str, port: int, insecure: bool, allow_host: list[str]) ->
     from mesh.settings import get_settings
 
     settings = get_settings()
+    if settings.identity is None:
+        # Next to `mesh up`: its console identity (reads every tenant, acts only as its users
+        # may), not the folder's operator, when it has one.
+        from mesh.identity import IdentityDir, identity_dir
+
+        own = identity_dir(settings.home) / IdentityDir.file_name("console", CONSOLE_IDENTITY)
+        if own.is_file():
+            settings = settings.model_copy(update={"identity": own})
     trust = resolve_trust(settings)
     app = create_app(
         trust=trust,
@@ -94,3 +108,58 @@ def token(
                 hint="issue one with `mesh creds reader NAME --tenant T` (or publisher)",
             )
         print(identity.token)
+
+
+# -- beside `mesh up` ---------------------------------------------------------------------------
+CONSOLE_IDENTITY = "console"  # the name of the identity `mesh up` runs its console as
+
+
+def issue_identities(ids: IdentityDir, plan: Plan, console_port: int) -> Path | None:
+    """What `mesh up` issues before its NATS server starts (so the server admits them from
+    the first moment): every identity of the plan, and the console's (None: no console)."""
+    from mesh import natsauth
+    from mesh.dev.launcher import issue_identities
+
+    issue_identities(ids, plan)
+    if console_port < 0:
+        return None
+    return natsauth.ensure_identity(ids, "console", CONSOLE_IDENTITY)
+
+
+async def start_beside_up(
+    stack: contextlib.AsyncExitStack,
+    settings: Settings,
+    url: str,
+    identity: Path | None,
+    port: int,
+) -> None:
+    """The console `mesh up` serves on 127.0.0.1 for as long as it runs, as the folder's
+    console identity (never as the operator); says where. A port in use: any free one, said.
+    No `identity`: no console (`--console-port -1`)."""
+    from mesh.console import create_app, serving
+    from mesh.identity import load_trust
+
+    if identity is None:
+        return
+    settings = settings.model_copy(update={"identity": identity, "nats_url": url})
+    assert settings.trust is not None  # `mesh up` set it to the folder's trust file
+    app = create_app(trust=load_trust(settings.trust), trust_path=settings.trust, settings=settings)
+    try:
+        where = await stack.enter_async_context(serving(app, port=port))
+    except OSError as e:
+        if port == 0:
+            raise
+        err.print(
+            f"[yellow]warning:[/yellow] console port {port} is taken ({e.strerror}); "
+            "using a free one (--console-port / MESH_CONSOLE_PORT chooses)",
+            soft_wrap=True,
+        )
+        where = await stack.enter_async_context(serving(app, port=0))
+    from mesh.identity import IdentityDir
+
+    operator = identity.parent / IdentityDir.OPERATOR
+    out.print(
+        f"console: {where} (sign in with the token `mesh console token {operator}` prints)",
+        soft_wrap=True,
+        highlight=False,
+    )
