@@ -47,9 +47,10 @@ Purpose = Literal["vote", "decision", "ledger", "audit", "checkpoint", "card", "
 SIGNERS: dict[Purpose, tuple[Role, ...]] = {
     "decision": ("coordinator", "operator"),
     "ledger": ("coordinator", "operator"),
-    # The web console records the replays its users ask for (mesh/console).
+    # The web console records the replays its users ask for in the audit trail (mesh/console),
+    # as any audit writer does: the records and the checkpoints that anchor them.
     "audit": ("coordinator", "operator", "console"),
-    "checkpoint": ("coordinator", "operator"),
+    "checkpoint": ("coordinator", "operator", "console"),
     "card": ("agent", "operator"),
     "token": ("operator",),
     # An event's publisher (the principal a decision records) is the key that signed it.

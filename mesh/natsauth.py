@@ -27,8 +27,9 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
   checkpoint and trace streams and the cards, ledger and dead-letter-body buckets of every
   tenant (it scopes each signed-in user to their tenant itself); subscribes `mesh.evt.>`,
   `mesh.decision.>` and `mesh.dlq.>` for live pages; asks `mesh.status.coordinator`; and
-  publishes what its operator users' replays need: the event to `mesh.evt.>` and the replay's
-  audit record to `mesh.audit.>`. Purging is stream admin: the operator's (`mesh dlq purge`).
+  publishes what its operator users' replays need: the event to `mesh.evt.>`, the replay's
+  audit record to `mesh.audit.>` and its checkpoint to `mesh.checkpoint.>`. Purging is stream
+  admin: the operator's (`mesh dlq purge`).
 
 Every role may also publish to its own inbox (a caller cancels a stream there), `$JS.API.INFO`
 and `$JS.API.STREAM.NAMES` (stream names only: how a process checks that the mesh's streams
@@ -248,7 +249,8 @@ def permissions(user: NatsUser) -> dict[str, Any]:
     elif role == "console":
         pub += [
             f"{subjects.EVENTS_ROOT}.>",  # a dead letter replayed to its subject
-            f"{subjects.AUDIT_ROOT}.>",  # and the replay's audit record
+            f"{subjects.AUDIT_ROOT}.>",  # and the replay's audit record,
+            f"{subjects.CHECKPOINT_ROOT}.>",  # and the checkpoint that anchors it
             subjects.COORDINATOR_STATUS,  # breaker states (answers come to its inbox)
         ]
         for stream in (

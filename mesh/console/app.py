@@ -412,10 +412,22 @@ async def dlq_purge_page(request: Request) -> Response:
     console = _console(request)
     if not user.may_act:
         raise _Refused(403, f"a {user.role} may look but not act (ask an operator)")
+    _purgeable(console)
     reason = request.query_params.get("reason", "")
     reason = reason if reason in dlq_mod.REASONS else ""
     items = await data.dead_letters(console.bus, None, reason=reason, limit=1000)
     return console.render(request, "purge.html", reason=reason, count=len(items))
+
+
+def _purgeable(console: Console) -> None:
+    """Purging is stream admin, which the bus lets only the operator do: a console running as
+    its own identity (beside `mesh up`) says so instead of trying."""
+    if not console.bus.is_operator:
+        raise _Refused(
+            403,
+            "purging dead letters is stream admin, which only the operator identity may do: "
+            "run `mesh dlq purge` (or a console started with the operator's identity)",
+        )
 
 
 @_page
@@ -424,6 +436,7 @@ async def dlq_purge(request: Request) -> Response:
     console = _console(request)
     if not user.all_tenants:  # purge spans every tenant's dead letters
         raise _Refused(403, "only an operator of every tenant may purge")
+    _purgeable(console)
     if form.get("confirm") != "purge":
         raise _Refused(400, "not purged: type purge to confirm")
     reason = form.get("reason") or None
