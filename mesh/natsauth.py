@@ -264,6 +264,10 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             _DLQ_BODIES,
         ):
             pub += _reads(stream)
+        # The audit and dead-letter scans delete their consumer when done (else each page
+        # waits for a refusal); nobody keeps a lasting consumer on these streams.
+        for stream in (subjects.AUDIT_STREAM, subjects.CHECKPOINTS_STREAM, subjects.DLQ_STREAM):
+            pub.append(f"{JS}.CONSUMER.DELETE.{stream}.*")
         sub += [
             f"{subjects.EVENTS_ROOT}.>",
             f"{subjects.DECISIONS_ROOT}.>",

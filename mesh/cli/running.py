@@ -244,7 +244,6 @@ async def _up(
         stack.callback(processes.stop)
         processes.start(plan)
         await processes.wait_ready(bus, agents=plan.instances)
-        await console.start_beside_up(stack, settings, url, console_id, console_port)
         out.print(
             f"[green]mesh is up[/green] · {where} · "
             f"{len(processes.children)} processes from {_shown(plan.source)} · "
@@ -255,6 +254,7 @@ async def _up(
             "try: mesh agents · mesh publish release.proposed @agents/samples/"
             "release_clean.json · mesh decisions · Ctrl-C to stop"
         )
+        await console.start_beside_up(stack, settings, url, console_id, console_port)
         await _until_stopped(processes)
 
 
