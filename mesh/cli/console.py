@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -114,33 +115,45 @@ def token(
 CONSOLE_IDENTITY = "console"  # the name of the identity `mesh up` runs its console as
 
 
-def issue_identities(ids: IdentityDir, plan: Plan, console_port: int) -> Path | None:
+@dataclass(frozen=True)
+class BesideUp:
+    """The console `mesh up` will start: as which identity, on which port."""
+
+    identity: Path
+    port: int
+
+
+def issue_identities(
+    ids: IdentityDir, plan: Plan, port: int | None, settings: Settings
+) -> BesideUp | None:
     """What `mesh up` issues before its NATS server starts (so the server admits them from
-    the first moment): every identity of the plan, and the console's (None: no console)."""
+    the first moment): every identity of the plan, and the console's. None: no console
+    (`--console-port -1`, or MESH_CONSOLE_PORT=-1)."""
     from mesh import natsauth
     from mesh.dev.launcher import issue_identities
 
     issue_identities(ids, plan)
-    if console_port < 0:
+    port = settings.console_port if port is None else port
+    if port < 0:
         return None
-    return natsauth.ensure_identity(ids, "console", CONSOLE_IDENTITY)
+    return BesideUp(natsauth.ensure_identity(ids, "console", CONSOLE_IDENTITY), port)
 
 
 async def start_beside_up(
     stack: contextlib.AsyncExitStack,
     settings: Settings,
     url: str,
-    identity: Path | None,
-    port: int,
+    plan: BesideUp | None,
 ) -> None:
     """The console `mesh up` serves on 127.0.0.1 for as long as it runs, as the folder's
     console identity (never as the operator); says where. A port in use: any free one, said.
-    No `identity`: no console (`--console-port -1`)."""
+    No `plan`: no console (`--console-port -1`)."""
     from mesh.console import create_app, serving
     from mesh.identity import load_trust
 
-    if identity is None:
+    if plan is None:
         return
+    identity, port = plan.identity, plan.port
     settings = settings.model_copy(update={"identity": identity, "nats_url": url})
     assert settings.trust is not None  # `mesh up` set it to the folder's trust file
     app = create_app(trust=load_trust(settings.trust), trust_path=settings.trust, settings=settings)
@@ -151,7 +164,7 @@ async def start_beside_up(
             raise
         err.print(
             f"[yellow]warning:[/yellow] console port {port} is taken ({e.strerror}); "
-            "using a free one (--console-port / MESH_CONSOLE_PORT chooses)",
+            "using a free one (`mesh up --console-port` or MESH_CONSOLE_PORT chooses)",
             soft_wrap=True,
         )
         where = await stack.enter_async_context(serving(app, port=0))

@@ -121,14 +121,14 @@ def up(
     ] = None,
     topology: TopologyOption = None,
     console_port: Annotated[
-        int,
+        int | None,
         typer.Option(
-            envvar="MESH_CONSOLE_PORT",
             min=-1,
             max=65535,
-            help="Port of the web console on 127.0.0.1 (0: any free one; -1: no console).",
+            help="Port of the web console on 127.0.0.1 (0: any free one; -1: no console; "
+            "default: MESH_CONSOLE_PORT, 8780).",
         ),
-    ] = 8780,
+    ] = None,
 ) -> None:
     """Run NATS (embedded unless MESH_NATS_URL is set), the coordinators and the agents that
     mesh.toml lists, and the web console, until Ctrl-C."""
@@ -168,7 +168,7 @@ async def _up(
     replicas: int | None,
     cluster: int | None,
     topology: Path | None,
-    console_port: int = -1,
+    console_port: int | None = None,
 ) -> None:
     from mesh import natsauth
     from mesh.bus import Bus, clear_state, redact, write_state
@@ -194,7 +194,7 @@ async def _up(
             identity_dir(settings.home)
         )
         # Before the server starts: it admits them from the start (the console's too).
-        console_id = console.issue_identities(ids, plan, console_port)
+        console_id = console.issue_identities(ids, plan, console_port, settings)
         settings = settings.model_copy(
             update={"identity": ids.operator_path, "trust": ids.trust_path}
         )
@@ -254,7 +254,7 @@ async def _up(
             "try: mesh agents · mesh publish release.proposed @agents/samples/"
             "release_clean.json · mesh decisions · Ctrl-C to stop"
         )
-        await console.start_beside_up(stack, settings, url, console_id, console_port)
+        await console.start_beside_up(stack, settings, url, console_id)
         await _until_stopped(processes)
 
 
