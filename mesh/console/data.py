@@ -320,7 +320,8 @@ async def coordinator_status(bus: Bus, wait_s: float = 0.3) -> list[dict[str, An
 
 # -- what the plots count ---------------------------------------------------------------------
 def per_minute(rows: list[DecisionRow], minutes: int = 30) -> list[tuple[str, dict[str, int]]]:
-    """Decisions per minute by outcome over the last `minutes` minutes with any (oldest first)."""
+    """Decisions per minute by outcome, one column per minute of the `minutes` up to the
+    latest decision shown (oldest first; empty minutes too, so the axis is time)."""
     counts: dict[int, Counter[str]] = defaultdict(Counter)
     for r in rows:
         if r.decision is not None:
@@ -331,7 +332,6 @@ def per_minute(rows: list[DecisionRow], minutes: int = 30) -> list[tuple[str, di
     return [
         (time.strftime("%H:%M", time.gmtime(m * 60)), dict(counts.get(m, Counter())))
         for m in range(last - minutes + 1, last + 1)
-        if m >= min(counts)
     ]
 
 

@@ -78,7 +78,7 @@ def bars(title: str, rows: Sequence[tuple[str, float, str]], *, unit: str = "") 
     row_h, top, label_w = 22, 26, 170
     height = top + row_h * len(rows) + 8
     most = max(v for _, v, _ in rows) or 1.0
-    span = _W - label_w - 150
+    span = _W - label_w - 240  # room on the right for the value and its note
     parts = [
         f'<svg class="plot" role="img" aria-label="{escape(title)}" viewBox="0 0 {_W} {height}" '
         f'width="{_W}" height="{height}">',

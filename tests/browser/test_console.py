@@ -84,6 +84,11 @@ async def test_sign_in_see_a_published_event_decided_live_and_open_it(
     await row.wait_for()
     assert "approved" in await row.inner_text()
     assert "verified" in await row.inner_text()
+    rejected = await console.mesh.publish(
+        "release.proposed", _sample("release_secret.json"), tenant="acme"
+    )
+    rejected_row = page.locator(f"#decisions tr.decision[data-event='{rejected}']")
+    assert "rejected" in await rejected_row.inner_text()
     await page.reload()  # the plots are drawn when the page is: now with this decision
     await page.wait_for_selector("svg[aria-label='decisions per minute by outcome'] rect")
     await shot(page, "decisions")
