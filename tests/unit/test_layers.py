@@ -1,6 +1,7 @@
 """The floor plan, checked: imports flow one way (README, "Layout").
 
-    agents ──▶ mesh core ◀── coordinator          shell (mesh.cli, mesh.console, mesh.dev, mesh.testing)
+    agents ──▶ mesh core ◀── coordinator          shell (mesh.cli, mesh.console, mesh.dev,
+                                                     │      mesh.testing)
                                                      └─▶ anything
 
 The library core never imports `coordinator`, `agents` or the shell, not even lazily inside a
