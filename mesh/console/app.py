@@ -216,8 +216,14 @@ async def signin_page(request: Request) -> Response:
 
 
 def _safe_next(request: Request) -> str:
-    nxt = request.query_params.get("next", "/")
-    return nxt if nxt.startswith("/") and not nxt.startswith("//") else "/"
+    return _local(request.query_params.get("next", "/"))
+
+
+def _local(target: str) -> str:
+    """`target` if it is a path on this console, else "/" (never an open redirect: browsers
+    read `//host` and `/\\host` as another site)."""
+    ok = target.startswith("/") and not target.startswith(("//", "/\\"))
+    return target if ok else "/"
 
 
 @_page
@@ -228,8 +234,7 @@ async def signin(request: Request) -> Response:
         raise _Refused(403, "refused: sign in from the console's own page")
     form = await _form(request)
     trust = console.trust
-    nxt = form.get("next", "/")
-    nxt = nxt if nxt.startswith("/") and not nxt.startswith("//") else "/"
+    nxt = _local(form.get("next", "/"))
     try:
         if trust is None:
             raise SignInError("this console has no trust file: nobody can sign in")
@@ -323,7 +328,7 @@ async def decision_page(request: Request) -> Response:
     console = _console(request)
     tenant = request.path_params["tenant"]
     event_id = request.path_params["event_id"]
-    if not user.sees(tenant):
+    if not subjects.valid_token(tenant) or not user.sees(tenant):
         raise _Refused(404, "no such decision")  # exactly as a missing one: no oracle
     row = await data.decision(console.bus, console.trust, tenant, event_id)
     if row is None or row.decision is None:
@@ -455,11 +460,10 @@ async def audit_page(request: Request) -> Response:
 
 @_page
 async def audit_export(request: Request) -> Response:
-    user, tenant = _viewer(request)
+    _user, tenant = _viewer(request)  # a reader's own tenant, whatever ?tenant= says
     console = _console(request)
-    wanted = request.query_params.get("tenant", "") if user.all_tenants else user.tenant
-    body = await data.audit_export(console.bus, wanted or tenant)
-    name = f"audit-{wanted or 'all'}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    body = await data.audit_export(console.bus, tenant)
+    name = f"audit-{tenant or 'all'}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     return Response(
         body,
         media_type="application/json",
@@ -589,6 +593,38 @@ async def live(request: Request) -> Response:
 
 
 # -- the app ------------------------------------------------------------------------------------
+# On every answer: no other site may frame a page (clickjacking an action button), run or load
+# anything but the console's own script and style, or keep a page in a cache.
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'; "
+    "base-uri 'none'; object-src 'none'",
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+    "cache-control": "no-store",
+}
+
+
+class _Headers:
+    """Adds `headers` to every HTTP answer (a pure ASGI middleware: SSE streams pass through)."""
+
+    def __init__(self, app: Any, headers: dict[str, str]) -> None:
+        self.app = app
+        self.raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.raw]
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
 def create_app(
     *,
     bus: Bus | None = None,
@@ -648,11 +684,15 @@ def create_app(
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     hosts = ["127.0.0.1", "localhost", "[::1]", *(allowed_hosts or [])]
+    headers = SECURITY_HEADERS
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         # A page on another name that resolves here (DNS rebinding) gets nothing.
-        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],
+        middleware=[
+            Middleware(TrustedHostMiddleware, allowed_hosts=hosts),
+            Middleware(_Headers, headers=headers),
+        ],
     )
     app.state.console = console
     return app

@@ -133,3 +133,23 @@ async def test_another_host_name_gets_nothing(setup: Setup) -> None:
     r = await setup.client.get("/signin", headers={"Host": "evil.example"})
     assert r.status_code == 400
     assert (await setup.client.get("/signin")).status_code == 200
+
+
+async def test_no_framing_no_foreign_script_no_open_redirect(setup: Setup) -> None:
+    client = setup.client
+    page = await client.get("/signin")
+    csp = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["cache-control"] == "no-store"
+    token = load_identity(setup.ids.operator_path).token
+    for target, lands in (
+        ("/dead-letters", "/dead-letters"),
+        ("//evil.example/x", "/"),
+        ("/\\evil.example", "/"),
+        ("https://evil.example", "/"),
+    ):
+        r = await client.post(
+            "/signin", data={"token": token, "next": target}, headers={"Origin": BASE}
+        )
+        assert r.status_code == 303 and r.headers["location"] == lands, (target, r.headers)
