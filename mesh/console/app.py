@@ -45,7 +45,7 @@ from mesh.console.auth import (
     same_origin,
     sign_in,
 )
-from mesh.errors import MeshError
+from mesh.errors import ConfigError, MeshError
 from mesh.identity import Trust, TrustFile
 from mesh.records import dead_letter_decoder
 
@@ -126,15 +126,20 @@ def _origin(request: Request) -> str:
     return f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
-class _Redirect(Exception):
+class _Redirect(MeshError):
+    """Not signed in: the page answers with a redirect to sign-in (`_page` turns it into one)."""
+
     def __init__(self, to: str) -> None:
+        super().__init__(f"sign in first (then {to})")
         self.to = to
 
 
-class _Refused(Exception):
+class _Refused(ConfigError):
+    """A request refused, with the HTTP status and the message the error page shows."""
+
     def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
         self.status = status
-        self.message = message
 
 
 def _console(request: Request) -> Console:
@@ -283,7 +288,7 @@ async def agents_page(request: Request) -> Response:
                 breakers[name] = str(state)
     return console.render(
         request,
-        "agents.html",
+        "registry.html",
         rows=rows,
         coordinators=status,
         breakers=breakers,
@@ -639,8 +644,6 @@ def create_app(
     `trust`: whose tokens and signatures to believe (re-read from `trust_path` as it changes).
     `insecure`: everyone is the operator, no sign-in (say so loudly: the CLI does)."""
     if trust is None and not insecure:
-        from mesh.errors import ConfigError
-
         raise ConfigError(
             "the console needs the trust file to check who signs in",
             hint="set MESH_TRUST (`mesh up` writes .mesh/identity/trust.json), "

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from mesh.errors import ConfigError
 from mesh.identity import ALL_TENANTS, Principal, TokenError, Trust, verify_token
 
 COOKIE = "mesh_console"
@@ -69,7 +70,7 @@ class User:
 INSECURE_USER = User("insecure", "operator", ALL_TENANTS, "", "insecure", float("inf"))
 
 
-class SignInError(Exception):
+class SignInError(ConfigError):
     """A sign-in refused; the message is safe to show (it never repeats the token)."""
 
 
