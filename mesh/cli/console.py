@@ -56,6 +56,7 @@ def console(
 
 
 async def _serve(host: str, port: int, insecure: bool, allow_host: list[str]) -> None:
+    from mesh.bus import Bus
     from mesh.console import create_app, serving
     from mesh.identity import resolve_trust, trust_path
     from mesh.settings import get_settings
@@ -70,7 +71,10 @@ async def _serve(host: str, port: int, insecure: bool, allow_host: list[str]) ->
         if own.is_file():
             settings = settings.model_copy(update={"identity": own})
     trust = resolve_trust(settings)
+    # Connected first: no server, or a refused identity, is the command's one-line error.
+    bus = await Bus.connect(name="mesh-console", settings=settings)
     app = create_app(
+        bus=bus,
         trust=trust,
         trust_path=trust_path(settings) if trust is not None else None,
         insecure=insecure,
@@ -78,7 +82,7 @@ async def _serve(host: str, port: int, insecure: bool, allow_host: list[str]) ->
         settings=settings,
     )
     try:
-        async with serving(app, host=host, port=port) as url:
+        async with bus, serving(app, host=host, port=port) as url:
             out.print(f"[green]console[/green] at {url} · Ctrl-C to stop", soft_wrap=True)
             await asyncio.Event().wait()
     except OSError as e:
@@ -148,6 +152,7 @@ async def start_beside_up(
     """The console `mesh up` serves on 127.0.0.1 for as long as it runs, as the folder's
     console identity (never as the operator); says where. A port in use: any free one, said.
     No `plan`: no console (`--console-port -1`)."""
+    from mesh.bus import Bus
     from mesh.console import create_app, serving
     from mesh.identity import load_trust
 
@@ -156,7 +161,9 @@ async def start_beside_up(
     identity, port = plan.identity, plan.port
     settings = settings.model_copy(update={"identity": identity, "nats_url": url})
     assert settings.trust is not None  # `mesh up` set it to the folder's trust file
-    app = create_app(trust=load_trust(settings.trust), trust_path=settings.trust, settings=settings)
+    bus = await Bus.connect(name="mesh-console", settings=settings)
+    stack.push_async_callback(bus.close)
+    app = create_app(bus=bus, trust=load_trust(settings.trust), trust_path=settings.trust)
     try:
         where = await stack.enter_async_context(serving(app, port=port))
     except OSError as e:
