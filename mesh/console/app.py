@@ -684,7 +684,9 @@ def create_app(
         Route("/approvals", approvals_page),
         Route("/approvals/{approval_id}", approval_decide, methods=["POST"]),
         Route("/live", live),
-        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        # check_dir=False: a package built without its data files (pyproject's package-data)
+        # fails its pages, not the `mesh up` that serves them.
+        Mount("/static", StaticFiles(directory=HERE / "static", check_dir=False), name="static"),
     ]
     hosts = ["127.0.0.1", "localhost", "[::1]", *(allowed_hosts or [])]
     headers = SECURITY_HEADERS
