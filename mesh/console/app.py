@@ -33,7 +33,7 @@ from coordinator import dlq as dlq_mod
 from mesh import subjects
 from mesh.bus import Bus
 from mesh.console import data, svg
-from mesh.console.approvals import ApprovalSource, NoApprovals
+from mesh.console.approvals import ApprovalSource, NoApprovals, PendingApproval
 from mesh.console.auth import (
     COOKIE,
     INSECURE_USER,
@@ -480,7 +480,7 @@ async def audit_export(request: Request) -> Response:
 async def approvals_page(request: Request) -> Response:
     user, tenant = _viewer(request)
     console = _console(request)
-    pending = [p for p in await console.approvals.pending(tenant) if user.sees(p.tenant)]
+    pending = [p for p in await console.approvals.pending(tenant) if _awaits(user, p)]
     return console.render(
         request,
         "approvals.html",
@@ -491,6 +491,14 @@ async def approvals_page(request: Request) -> Response:
     )
 
 
+def _awaits(user: User, item: PendingApproval) -> bool:
+    """Whether `item` waits for `user`: their tenant's, and (when it names its approvers) they
+    are one of them, as `role:name`. Whether that role may approve at all is the approvals
+    module's to say (`decide` refuses)."""
+    named = not item.approvers or f"{user.role}:{user.name}" in item.approvers
+    return user.sees(item.tenant) and named
+
+
 @_page
 async def approval_decide(request: Request) -> Response:
     user, form = await _actor(request, needs_acting=False)
@@ -499,7 +507,7 @@ async def approval_decide(request: Request) -> Response:
     scope = None if user.all_tenants else user.tenant
     mine = {p.approval_id: p for p in await console.approvals.pending(scope)}
     item = mine.get(approval_id)
-    if item is None or not user.sees(item.tenant):
+    if item is None or not _awaits(user, item):
         raise _Refused(404, "no such approval waiting for you")
     choice = form.get("decision", "")
     reason = form.get("reason", "").strip()

@@ -31,7 +31,8 @@ class PendingApproval:
     requested_at: float
     summary: str  # one line: what the approver is asked
     evidence: dict[str, Any] = field(default_factory=dict)  # shown as it is (redacted)
-    approvers: tuple[str, ...] = ()  # who may answer ("" = anyone of the tenant's approvers)
+    # Who may answer, as `role:name`; empty: anyone of the tenant the approvals module lets.
+    approvers: tuple[str, ...] = ()
 
 
 class ApprovalSource(Protocol):

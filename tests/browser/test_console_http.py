@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from mesh import subjects
 from mesh.bus import Bus, read_stream
 from mesh.console import create_app
+from mesh.console.approvals import PendingApproval
 from mesh.identity import IdentityDir, load_identity, load_trust
 from mesh.records import dead_letter, encoder
 
@@ -153,3 +155,61 @@ async def test_no_framing_no_foreign_script_no_open_redirect(setup: Setup) -> No
             "/signin", data={"token": token, "next": target}, headers={"Origin": BASE}
         )
         assert r.status_code == 303 and r.headers["location"] == lands, (target, r.headers)
+
+
+# -- the approvals inbox, over a stand-in for issue 15's approvals -------------------------------
+class FakeApprovals:
+    """Two approvals waiting (acme's, globex's) and what was decided: the console's half of the
+    inbox only (listing per tenant, deciding with CSRF), not human approvals themselves."""
+
+    available = True
+
+    def __init__(self) -> None:
+        self.items = [
+            PendingApproval(
+                "ap-acme",
+                "acme",
+                "e1",
+                "release.proposed",
+                0.0,
+                "ship acme?",
+                {"diff": "+1", "api_key": "sk-secret"},
+            ),
+            PendingApproval("ap-globex", "globex", "e2", "release.proposed", 0.0, "ship globex?"),
+        ]
+        self.decided: list[tuple[str, str, bool, str, str]] = []
+
+    async def pending(self, tenant: str | None) -> list[PendingApproval]:
+        return [p for p in self.items if tenant is None or p.tenant == tenant]
+
+    async def decide(
+        self, approval_id: str, *, tenant: str, approve: bool, reason: str, approver: str
+    ) -> None:
+        self.decided.append((approval_id, tenant, approve, reason, approver))
+
+
+async def test_the_inbox_shows_a_tenant_its_approvals_and_takes_a_decision(
+    bus: Bus, identities: IdentityDir
+) -> None:
+    approvals = FakeApprovals()
+    app = create_app(bus=bus, trust=load_trust(identities.trust_path), approvals=approvals)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+        reader = load_identity(identities.issue("reader", "acme-approver", tenant="acme")).token
+        csrf = await _sign_in(client, reader)
+        page = (await client.get("/approvals")).text
+        assert "ship acme?" in page and "ship globex?" not in page and "ap-globex" not in page
+        assert "sk-secret" not in page  # evidence is masked like dead-letter bodies
+
+        def post(approval: str, form: dict[str, str]) -> Any:
+            return client.post(f"/approvals/{approval}", data=form, headers={"Origin": BASE})
+
+        assert (await post("ap-acme", {"decision": "approve", "reason": "ok"})).status_code == 403
+        assert (
+            await post("ap-globex", {"csrf": csrf, "decision": "approve", "reason": "ok"})
+        ).status_code == 404
+        assert (await post("ap-acme", {"csrf": csrf, "decision": "approve"})).status_code == 400
+        assert approvals.decided == []
+        r = await post("ap-acme", {"csrf": csrf, "decision": "deny", "reason": "no tests"})
+        assert r.status_code == 303, r.text
+    assert approvals.decided == [("ap-acme", "acme", False, "no tests", "reader:acme-approver")]
