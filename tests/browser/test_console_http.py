@@ -5,6 +5,7 @@ refused is refused for the reason the test names, not because the action could n
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -213,3 +214,34 @@ async def test_the_inbox_shows_a_tenant_its_approvals_and_takes_a_decision(
         r = await post("ap-acme", {"csrf": csrf, "decision": "deny", "reason": "no tests"})
         assert r.status_code == 303, r.text
     assert approvals.decided == [("ap-acme", "acme", False, "no tests", "reader:acme-approver")]
+
+
+async def test_a_live_stream_ends_when_its_sessions_issuer_is_revoked(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mesh.console import app as console_app
+    from mesh.console import serving
+    from mesh.identity import Signer, Trust, mint_token
+
+    monkeypatch.setattr(console_app, "LIVE_RECHECK_S", 0.1)
+    issuer = Signer.generate()
+    trust = Trust()
+    trust.add(issuer, "operator", "issuer")
+    app = create_app(bus=bus, trust=trust)  # this object is the trust: changed in place below
+    async with serving(app, port=0) as url, httpx.AsyncClient(base_url=url) as client:
+        token = mint_token(issuer, name="ops", role="operator", tenant="*")
+        r = await client.post("/signin", data={"token": token}, headers={"Origin": url})
+        assert r.status_code == 303
+
+        async def lines_until_the_end() -> list[str]:
+            seen: list[str] = []
+            async with client.stream("GET", "/live") as live:
+                async for line in live.aiter_lines():
+                    seen.append(line)
+                    if line == "event: ready":
+                        trust.revoke(issuer.kid)
+            return seen
+
+        # The stream ends by itself, instead of running until the browser goes.
+        seen = await asyncio.wait_for(lines_until_the_end(), 10)
+    assert "event: ready" in seen
