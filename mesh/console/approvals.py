@@ -1,23 +1,27 @@
 """The approvals inbox's seam: what the console needs from human approvals (issue 15), and a
-stand-in until they exist.
+stand-in until an adapter over them is passed to `create_app(approvals=...)`.
 
-Human approvals (mesh/approvals.py, subjects `mesh.approval...`) are built apart from the
-console. The console asks two things of them, through `ApprovalSource`:
+The console asks two things, through `ApprovalSource`, always naming the signed-in `User`:
 
-- `pending(tenant)`: the approvals waiting, each with its evidence, for one tenant (or every
-  tenant when `tenant` is None: the operator);
-- `decide(approval_id, tenant=..., approve=..., reason=..., approver=...)`: submit one
-  approver's decision.
+- `pending(user)`: the approvals waiting for that person, with their evidence. Which requests
+  wait for whom (tenant, the approver roles a person's key claims, escalations) is the
+  approvals module's rule, so the adapter applies it; the console then checks the tenant once
+  more and shows only the user's tenant's.
+- `decide(approval_id, user=..., approve=..., reason=...)`: that person's answer.
 
-`NoApprovals` is the stand-in the console runs with until an adapter over mesh/approvals.py is
-passed to `create_app(approvals=...)`: the inbox page then says approvals are not available
-here, and its tests skip saying why. This is deliberately not a fake that pretends to work.
+`NoApprovals` is what the console runs with until then: the inbox page says approvals are not
+connected, and deciding raises. Deliberately not a fake that pretends to work.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mesh.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mesh.console.auth import User
 
 
 @dataclass(frozen=True)
@@ -30,9 +34,9 @@ class PendingApproval:
     event_type: str
     requested_at: float
     summary: str  # one line: what the approver is asked
-    evidence: dict[str, Any] = field(default_factory=dict)  # shown as it is (redacted)
-    # Who may answer, as `role:name`; empty: anyone of the tenant the approvals module lets.
-    approvers: tuple[str, ...] = ()
+    evidence: dict[str, Any] = field(default_factory=dict)  # shown as it is (masked)
+    who: tuple[str, ...] = ()  # who may answer (shown, e.g. the approver roles asked)
+    expires_at: float = 0.0  # when silence counts (0: not said)
 
 
 class ApprovalSource(Protocol):
@@ -40,11 +44,9 @@ class ApprovalSource(Protocol):
 
     available: bool
 
-    async def pending(self, tenant: str | None) -> list[PendingApproval]: ...
+    async def pending(self, user: User) -> list[PendingApproval]: ...
 
-    async def decide(
-        self, approval_id: str, *, tenant: str, approve: bool, reason: str, approver: str
-    ) -> None: ...
+    async def decide(self, approval_id: str, *, user: User, approve: bool, reason: str) -> None: ...
 
 
 class NoApprovals:
@@ -52,14 +54,10 @@ class NoApprovals:
 
     available = False
 
-    async def pending(self, tenant: str | None) -> list[PendingApproval]:
+    async def pending(self, user: User) -> list[PendingApproval]:
         return []
 
-    async def decide(
-        self, approval_id: str, *, tenant: str, approve: bool, reason: str, approver: str
-    ) -> None:
-        from mesh.errors import ConfigError
-
+    async def decide(self, approval_id: str, *, user: User, approve: bool, reason: str) -> None:
         raise ConfigError(
             "human approvals are not available in this console",
             hint="the console needs an approvals adapter (docs/console.md, 'Approvals')",

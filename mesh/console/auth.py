@@ -14,8 +14,9 @@ The smallest design that holds (docs/console.md, "Sign-in"):
 - Every action (a POST) needs the session's CSRF token in its form and an Origin (or Referer)
   that is the console's own; sign-in needs the Origin.
 
-Who may sign in: the operator (every tenant, every action), a tenant's reader or publisher
-(that tenant only, read only). Coordinators and agents are machines: refused.
+Who may sign in: the operator (every tenant, every action), a tenant's reader, publisher or
+human approver (that tenant only; they look, and a human answers their approvals). Coordinators,
+agents and the console itself are machines: refused.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from mesh.identity import ALL_TENANTS, Principal, TokenError, Trust, verify_toke
 
 COOKIE = "mesh_console"
 SESSION_MAX_S = 8 * 3600.0  # a session ends after this, or when its token would have
-SIGN_IN_ROLES = ("operator", "reader", "publisher")
+# `human`: a person who answers approval requests (issue 15), where that role exists.
+SIGN_IN_ROLES = ("operator", "reader", "publisher", "human")
 ACTING_ROLES = ("operator",)  # replay and purge (the bus lets no other role do them either)
 
 
@@ -88,7 +90,7 @@ def sign_in(trust: Trust, token: str, *, now: float | None = None) -> User:
     if principal.role not in SIGN_IN_ROLES:
         raise SignInError(
             f"a {principal.role} identity cannot sign in to the console "
-            "(use an operator, reader or publisher identity)"
+            "(use an operator, reader, publisher or human identity)"
         )
     header = jwt.get_unverified_header(token)
     claims = jwt.decode(token, options={"verify_signature": False})  # verified just above
