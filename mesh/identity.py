@@ -40,8 +40,16 @@ if TYPE_CHECKING:
 
 # `human`: a person of one tenant who answers approval requests (mesh.approvals); which
 # requests (the approver roles it holds) its trusted key's `claims` say.
-Role = Literal["operator", "coordinator", "agent", "publisher", "reader", "human"]
-ROLES: tuple[Role, ...] = ("operator", "coordinator", "agent", "publisher", "reader", "human")
+Role = Literal["operator", "coordinator", "agent", "publisher", "reader", "human", "console"]
+ROLES: tuple[Role, ...] = (
+    "operator",
+    "coordinator",
+    "agent",
+    "publisher",
+    "reader",
+    "human",
+    "console",
+)
 ALL_TENANTS = "*"
 
 # What each purpose may be signed by (the operator is the root of trust: it may sign anything).
@@ -60,8 +68,10 @@ Purpose = Literal[
 SIGNERS: dict[Purpose, tuple[Role, ...]] = {
     "decision": ("coordinator", "operator"),
     "ledger": ("coordinator", "operator"),
-    "audit": ("coordinator", "operator"),
-    "checkpoint": ("coordinator", "operator"),
+    # The web console records the replays its users ask for in the audit trail (mesh/console),
+    # as any audit writer does: the records and the checkpoints that anchor them.
+    "audit": ("coordinator", "operator", "console"),
+    "checkpoint": ("coordinator", "operator", "console"),
     "card": ("agent", "operator"),
     "token": ("operator",),
     # An event's publisher (the principal a decision records) is the key that signed it.

@@ -32,6 +32,14 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
   and reads `mesh.approval.T.>` as a reader does; the coordinator publishes requests and
   receipts (`mesh.approval.*.req.>`, `….receipt.>`) and consumes requests and answers through
   its durable `coordinator-approvals`.
+  `mesh.audit.T.>`, `mesh.checkpoint.T`), delivering to its own inbox; no reads by sequence.
+- console (the web console, mesh/console): reads the decisions, dead-letter, audit,
+  checkpoint and trace streams and the cards, ledger and dead-letter-body buckets of every
+  tenant (it scopes each signed-in user to their tenant itself); subscribes `mesh.evt.>`,
+  `mesh.decision.>` and `mesh.dlq.>` for live pages; asks `mesh.status.coordinator`; and
+  publishes what its operator users' replays need: the event to `mesh.evt.>`, the replay's
+  audit record to `mesh.audit.>` and its checkpoint to `mesh.checkpoint.>`. Purging is stream
+  admin: the operator's (`mesh dlq purge`).
 
 Every role may also publish to its own inbox (a caller cancels a stream there), `$JS.API.INFO`
 and `$JS.API.STREAM.NAMES` (stream names only: how a process checks that the mesh's streams
@@ -302,6 +310,33 @@ def permissions(user: NatsUser) -> dict[str, Any]:
                 f"{JS}.DIRECT.GET.{stream}.>",
             ]
         deny_pub += _APPROVALS_DURABLE_DENIED
+    elif role == "console":
+        pub += [
+            f"{subjects.EVENTS_ROOT}.>",  # a dead letter replayed to its subject
+            f"{subjects.AUDIT_ROOT}.>",  # and the replay's audit record,
+            f"{subjects.CHECKPOINT_ROOT}.>",  # and the checkpoint that anchors it
+            subjects.COORDINATOR_STATUS,  # breaker states (answers come to its inbox)
+        ]
+        for stream in (
+            subjects.DECISIONS_STREAM,
+            subjects.DLQ_STREAM,
+            subjects.AUDIT_STREAM,
+            subjects.CHECKPOINTS_STREAM,
+            subjects.TRACE_STREAM,
+            _CARDS,
+            _LEDGER,
+            _DLQ_BODIES,
+        ):
+            pub += _reads(stream)
+        # The audit and dead-letter scans delete their consumer when done (else each page
+        # waits for a refusal); nobody keeps a lasting consumer on these streams.
+        for stream in (subjects.AUDIT_STREAM, subjects.CHECKPOINTS_STREAM, subjects.DLQ_STREAM):
+            pub.append(f"{JS}.CONSUMER.DELETE.{stream}.*")
+        sub += [
+            f"{subjects.EVENTS_ROOT}.>",
+            f"{subjects.DECISIONS_ROOT}.>",
+            f"{subjects.DLQ_ROOT}.>",
+        ]
     else:  # pragma: no cover - Role is a closed set
         raise ConfigError(f"no NATS permissions for role {role!r}")
     perms: dict[str, Any] = {

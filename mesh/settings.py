@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     tenant: str = Field(default="default", description="Tenant used when none is given.")
     http_host: str = Field(default="127.0.0.1", description="Where agents serve A2A over HTTP.")
     http_port: int = Field(default=0, description="Agent HTTP port; 0 picks a free one.")
+    console_port: int = Field(
+        default=8780,
+        ge=-1,
+        le=65535,
+        description="Port of the web console `mesh up` serves on 127.0.0.1 (docs/console.md); "
+        "0 picks a free one, -1 serves none. Taken: a free one, with a warning.",
+    )
     grpc_port: int = Field(
         default=0,
         ge=-1,

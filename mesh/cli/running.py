@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from mesh.cli import console
 from mesh.cli._common import (
     EXIT_FAILED,
     JsonOption,
@@ -119,11 +120,20 @@ def up(
         ),
     ] = None,
     topology: TopologyOption = None,
+    console_port: Annotated[
+        int | None,
+        typer.Option(
+            min=-1,
+            max=65535,
+            help="Port of the web console on 127.0.0.1 (0: any free one; -1: no console; "
+            "default: MESH_CONSOLE_PORT, 8780).",
+        ),
+    ] = None,
 ) -> None:
     """Run NATS (embedded unless MESH_NATS_URL is set), the coordinators and the agents that
-    mesh.toml lists, until Ctrl-C."""
+    mesh.toml lists, and the web console, until Ctrl-C."""
     setup_logging(quiet=False)
-    _until_signal(_up(coordinators, replicas, cluster, topology))
+    _until_signal(_up(coordinators, replicas, cluster, topology, console_port))
 
 
 def _until_signal(coro: Coroutine[Any, Any, T]) -> T:
@@ -154,12 +164,16 @@ def _until_signal(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def _up(
-    coordinators: int | None, replicas: int | None, cluster: int | None, topology: Path | None
+    coordinators: int | None,
+    replicas: int | None,
+    cluster: int | None,
+    topology: Path | None,
+    console_port: int | None = None,
 ) -> None:
     from mesh import natsauth
     from mesh.bus import Bus, clear_state, redact, write_state
     from mesh.dev import topology as topo
-    from mesh.dev.launcher import HomeLock, Topology, issue_identities
+    from mesh.dev.launcher import HomeLock, Topology
     from mesh.identity import IdentityDir, identity_dir
     from mesh.server import LocalCluster
     from mesh.settings import get_settings
@@ -179,7 +193,8 @@ async def _up(
         ids = natsauth.resolve_identity_dir(settings) or IdentityDir.init(
             identity_dir(settings.home)
         )
-        issue_identities(ids, plan)  # before the server starts: it admits them from the start
+        # Before the server starts: it admits them from the start (the console's too).
+        console_id = console.issue_identities(ids, plan, console_port, settings)
         settings = settings.model_copy(
             update={"identity": ids.operator_path, "trust": ids.trust_path}
         )
@@ -240,6 +255,7 @@ async def _up(
             "try: mesh agents · mesh publish release.proposed @agents/samples/"
             "release_clean.json · mesh decisions · Ctrl-C to stop"
         )
+        await console.start_beside_up(stack, settings, url, console_id)
         await _until_stopped(processes)
 
 

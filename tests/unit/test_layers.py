@@ -1,6 +1,7 @@
 """The floor plan, checked: imports flow one way (README, "Layout").
 
-    agents ──▶ mesh core ◀── coordinator          shell (mesh.cli, mesh.dev, mesh.testing)
+    agents ──▶ mesh core ◀── coordinator          shell (mesh.cli, mesh.console, mesh.dev,
+                                                     │      mesh.testing)
                                                      └─▶ anything
 
 The library core never imports `coordinator`, `agents` or the shell, not even lazily inside a
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SHELL = ("mesh.cli", "mesh.dev", "mesh.testing")
+SHELL = ("mesh.cli", "mesh.console", "mesh.dev", "mesh.testing")
 
 
 def _module_name(path: Path) -> str:
