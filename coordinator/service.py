@@ -76,6 +76,11 @@ log = logging.getLogger(__name__)
 LEASE_S = 2.0  # how long a silent owner keeps an event before others may take it over
 ACK_WAIT_S = LEASE_S + 1.0  # redelivery comes only after the lease has lapsed
 MAX_DELIVER = 20  # bounded: crashes and busy-naks count; the last one is dead-lettered
+# While a live coordinator works on an event it says so this often (+WPI), whatever step it is
+# at: a redelivery then means the holder stopped (crashed, frozen, lost its NATS server), never
+# that a step was slow. Under CPU starvation, each slow step used to cost extra deliveries that
+# found the event busy or decided: work that made the starvation worse.
+KEEPALIVE_S = ACK_WAIT_S / 3
 _LIST_PAGE = 256  # JetStream answers a consumer list in pages of this many
 
 
@@ -236,7 +241,14 @@ class Coordinator:
 
     async def _guarded(self, msg: Msg) -> None:
         # A lost claim is left to its new owner; any other failure naks (redelivered later).
-        await settle.guarded(MsgDelivery(msg), self.handle(msg))
+        delivery = MsgDelivery(msg)
+        keepalive = asyncio.create_task(_keep_in_progress(delivery))
+        try:
+            await settle.guarded(delivery, self.handle(msg))
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
 
     async def _ask(self, ask: Ask) -> Vote:
         """The decision core's asker: one voter, over A2A on NATS (read at call time, so a
@@ -676,3 +688,12 @@ class MsgDelivery:
             # without the tenant prefix, is what `mesh publish` printed.
             event_id=subjects.event_id_of_msg_id(tenant, msg_id) if msg_id else None,
         )
+
+
+async def _keep_in_progress(delivery: MsgDelivery) -> None:
+    """Until cancelled: tell JetStream every `KEEPALIVE_S` that the event is still being worked
+    on (a failed +WPI is the connection's problem; the next one, or the redelivery, follows)."""
+    while True:
+        await asyncio.sleep(KEEPALIVE_S)
+        with contextlib.suppress(Exception):
+            await delivery.in_progress()
