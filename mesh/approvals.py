@@ -198,12 +198,18 @@ def person_of(trust: Trust, vote: HumanVote) -> TrustedKey | None:
     named `by`; with several, as after a rotation, the roles of all of them)."""
     if not vote.via:
         return trust.keys.get(vote.signer)
+    return person(trust, vote.by, vote.tenant)
+
+
+def person(trust: Trust, name: str, tenant: str) -> TrustedKey | None:
+    """The trusted person `name` of `tenant` (an active `human` key; with several, the roles
+    of all of them), or None."""
     found = [
         k
         for kid, k in trust.keys.items()
         if k.role == "human"
-        and k.name == vote.by
-        and k.tenant == vote.tenant
+        and k.name == name
+        and k.tenant == tenant
         and kid not in trust.revoked
         and not k.retired_at
     ]
