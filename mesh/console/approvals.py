@@ -158,7 +158,8 @@ class BusApprovals:
                     event_id=r.event_id,
                     event_type=r.event_type,
                     requested_at=r.asked_at,
-                    summary=f"{r.decision_type}: {r.voter} asked (round {r.round})",
+                    summary=f"{r.event_type} waits for a {' or '.join(r.roles)}"
+                    + (f" (escalated, round {r.round})" if r.round else ""),
                     evidence={
                         "event": r.event_data,
                         "votes": [_vote(v) for v in r.evidence],
