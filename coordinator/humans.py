@@ -11,11 +11,12 @@ Rules this module owns:
   (never approve); once every human voter has answered or is silent, the decision is made.
 - `answer`: a person's signed vote is accepted only if its signature verifies under a trusted
   human key of the request's tenant (or, answered via the web console, under a trusted console
-  key naming a trusted human of that tenant, who is then checked as below: `person_of`), it answers the request as the ledger has it (voter, a
-  round not in the future, the evidence shown), the voter has not answered, the request has not
-  expired, and the person may approve: a role asked so far (`_may_approve`, always) and, when
-  `mesh.authz` is there, Cedar's `approve` (`cedar_authorize`). Refused otherwise,
-  with the reason (the service audits every refusal and answers the person).
+  key naming a trusted human of that tenant, who is then checked as below: `person_of`), it
+  answers the request as the ledger has it (voter, a round not in the future, the evidence
+  shown), the voter has not answered, the request has not expired, and the person may approve:
+  a role asked so far (`_may_approve`, always) and, when `mesh.authz` is there, Cedar's
+  `approve` (`cedar_authorize`). Refused otherwise, with the reason (the service audits every
+  refusal and answers the person).
 - Every move is one compare-and-set on the ledger (`Ledger.change`): two coordinators applying
   the same answer or the same expiry at once write once; the decision is made once.
 """

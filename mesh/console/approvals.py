@@ -71,7 +71,8 @@ class Receipt:
 class ApprovalSource(Protocol):
     """What the console needs of human approvals; an adapter over mesh/approvals.py."""
 
-    available: bool
+    @property
+    def available(self) -> bool: ...  # whether answers can be given here at all
 
     async def pending(self, user: User) -> list[PendingApproval]: ...
 
@@ -88,9 +89,7 @@ class NoApprovals:
     async def pending(self, user: User) -> list[PendingApproval]:
         return []
 
-    async def decide(
-        self, approval_id: str, *, user: User, approve: bool, reason: str
-    ) -> Receipt:
+    async def decide(self, approval_id: str, *, user: User, approve: bool, reason: str) -> Receipt:
         raise ConfigError(
             "human approvals are not available in this console",
             hint="the console needs an approvals adapter (docs/console.md, 'Approvals')",
@@ -171,9 +170,7 @@ class BusApprovals:
             )
         return out
 
-    async def decide(
-        self, approval_id: str, *, user: User, approve: bool, reason: str
-    ) -> Receipt:
+    async def decide(self, approval_id: str, *, user: User, approve: bool, reason: str) -> Receipt:
         signer = self._signer()
         if signer is None:
             raise ConfigError("this console has no key to answer with")

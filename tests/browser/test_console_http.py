@@ -181,7 +181,13 @@ class FakeApprovals:
                 may_answer=True,
             ),
             PendingApproval(
-                "ap-globex", "globex", "e2", "release.proposed", 0.0, "ship globex?", may_answer=True
+                "ap-globex",
+                "globex",
+                "e2",
+                "release.proposed",
+                0.0,
+                "ship globex?",
+                may_answer=True,
             ),
             # Shown to look at, not to answer (the user holds no role asked).
             PendingApproval("ap-look", "acme", "e3", "release.proposed", 0.0, "look only"),
@@ -191,9 +197,7 @@ class FakeApprovals:
     async def pending(self, user: User) -> list[PendingApproval]:
         return list(self.items)
 
-    async def decide(
-        self, approval_id: str, *, user: User, approve: bool, reason: str
-    ) -> Receipt:
+    async def decide(self, approval_id: str, *, user: User, approve: bool, reason: str) -> Receipt:
         self.decided.append((approval_id, user.tenant, approve, reason, f"{user.role}:{user.name}"))
         return Receipt(False, "the coordinator said no")
 
