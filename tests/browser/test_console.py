@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from mesh import approvals
+from mesh.console import data
 from tests.browser.support import Console, shot, sign_in
 from tests.support.waits import eventually
 
@@ -248,6 +249,15 @@ async def test_a_person_approves_in_the_console_and_the_decision_arrives_live(
         "human via console",
         "approve",
     )
+
+    # The audit trail says who answered, and through what.
+    async def answered() -> list[dict[str, Any]]:
+        records = await data.audit_of_event(mesh.bus, "acme", event_id)
+        return [r for r in records if (r.get("data") or {}).get("act") == "answered"]
+
+    [record] = await eventually(answered, "the answer's audit record", timeout=30)
+    assert record["data"]["note"] == "answered via console by rita"
+    assert record["data"]["signed"]["via"] == "console"
     # And nothing waits any more.
     await page.goto(f"{console.url}/approvals")
     assert event_id not in await page.inner_text("main")
