@@ -10,11 +10,13 @@ Rules this module owns:
   request is published); a voter past its expiry is silent, counted as its `silence` says
   (never approve); once every human voter has answered or is silent, the decision is made.
 - `answer`: a person's signed vote is accepted only if its signature verifies under a trusted
-  human key of the request's tenant, it answers the request as the ledger has it (voter, a
-  round not in the future, the evidence shown), the voter has not answered, the request has not
-  expired, and the person may approve: a role asked so far (`_may_approve`, always) and, when
-  `mesh.authz` is there, Cedar's `approve` (`cedar_authorize`). Refused otherwise,
-  with the reason (the service audits every refusal and answers the person).
+  human key of the request's tenant (or, answered via the web console, under a trusted console
+  key naming a trusted human of that tenant, who is then checked as below: `person_of`), it
+  answers the request as the ledger has it (voter, a round not in the future, the evidence
+  shown), the voter has not answered, the request has not expired, and the person may approve:
+  a role asked so far (`_may_approve`, always) and, when `mesh.authz` is there, Cedar's
+  `approve` (`cedar_authorize`). Refused otherwise, with the reason (the service audits every
+  refusal and answers the person).
 - Every move is one compare-and-set on the ledger (`Ledger.change`): two coordinators applying
   the same answer or the same expiry at once write once; the decision is made once.
 """
@@ -33,7 +35,13 @@ from coordinator.decide import HUMAN_SILENT as SILENT
 from coordinator.decide import count, decision_of
 from coordinator.ledger import DecisionState, HumanWait, Ledger
 from coordinator.policy import HumanVoter
-from mesh.approvals import ApprovalRequest, HumanVote, evidence_digest, vote_refusal
+from mesh.approvals import (
+    ApprovalRequest,
+    HumanVote,
+    evidence_digest,
+    person_of,
+    vote_refusal,
+)
 from mesh.identity import Signer, Trust, TrustedKey
 from mesh.records import Decision, Vote
 from mesh.verdict import Verdict
@@ -182,7 +190,10 @@ class Desk:
             refusal = vote_refusal(self.trust, vote)
             if refusal is not None:
                 return Refused(f"answer not believed: {refusal}")
-            principal = self.trust.keys[vote.signer]
+            # Via the console: the person it names, as the trust file has them (never the
+            # console's own key, which holds no approver role).
+            principal = person_of(self.trust, vote)
+            assert principal is not None  # vote_refusal found them
         refused: list[str] = []
         decided: list[Decision] = []
         seen: list[DecisionState] = []
@@ -355,7 +366,7 @@ def _as_vote(vote: HumanVote, wait: HumanWait) -> Vote:
         counted_as=vote.answer,
         verdict=Verdict(vote.answer, [vote.reason] if vote.reason else []),
         latency_ms=round(max(0.0, vote.at - wait.asked_at) * 1000, 2),
-        brain="human",
+        brain=f"human via {vote.via}" if vote.via else "human",
         instance=vote.signer,
         signed_at=vote.at,
         signature=vote.signature,

@@ -238,7 +238,10 @@ class Inbox:
             await msg.ack()
             return
         trust = self.desk.trust
-        if trust is not None and vote.signer not in trust.keys and self.refresh_trust is not None:
+        unknown = trust is not None and (
+            vote.signer not in trust.keys or (vote.via and approvals.person_of(trust, vote) is None)
+        )
+        if unknown and self.refresh_trust is not None:
             self.refresh_trust()  # a key we do not know yet may be a person issued a moment ago
         with _span(
             f"approval answer {msg.subject}",
@@ -326,6 +329,8 @@ class Inbox:
         data: dict[str, Any] = {"act": "refused", "request_id": request_id, "why": why}
         if vote is not None:
             data |= {"by": vote.by, "signer": vote.signer, "answer": vote.answer, "at": vote.at}
+            if vote.via:
+                data["via"] = vote.via
         event_id = vote.event_id if vote is not None else request_id
         what = f"refused:{vote.signer}:{vote.at}" if vote is not None else "refused"
         await self.audit.append(
@@ -352,6 +357,11 @@ class Inbox:
                 "at": vote.at,
                 "evidence_sha256": vote.evidence_sha256,
                 "evidence": _evidence(shown),
+                **(
+                    {"via": vote.via, "note": f"answered via {vote.via} by {vote.by}"}
+                    if vote.via
+                    else {}
+                ),
                 # The whole signed answer: verifiable offline against the trust file.
                 "signed": msgspec.to_builtins(vote),
             },

@@ -15,6 +15,13 @@ with its own key (purpose "approval") over the vote without `signature`. The vot
 evidence it was shown by its SHA-256 (`evidence_digest`), so an answer given to other evidence
 is refused. The coordinator answers each vote with an `ApprovalReceipt` on
 `mesh.approval.<tenant>.receipt.<id>`: accepted, or refused and why (refusals are audited).
+
+Through the web console (`via = "console"`): the console never holds a person's key, so it
+signs the answer with its OWN key (a trusted `console` key, or the operator's) on behalf of
+the signed-in person it names in `by`. Believed only if the signer is such a key and `by` is a
+trusted, active `human` key of the vote's tenant (`person_of`): the console cannot invent
+people, and which roles the person holds is the trust file's word, not the console's. The
+desk then checks the person exactly as for a direct answer (role asked, Cedar's `approve`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from mesh import subjects
-from mesh.identity import Signer, Trust
+from mesh.identity import Role, Signer, Trust, TrustedKey, unb64, verify_with
 from mesh.records import Vote
 from mesh.votes import canonical
 
@@ -35,6 +42,10 @@ if TYPE_CHECKING:
     from mesh.bus import Bus
 
 Answer = Literal["approve", "reject"]
+VIA_CONSOLE = "console"
+# Who may sign an answer on a person's behalf: the console (and the operator, the root of
+# trust, who may sign anything; a console run as the operator's identity).
+ON_BEHALF_SIGNERS: tuple[Role, ...] = ("console", "operator")
 
 
 class ApprovalRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -74,7 +85,8 @@ class HumanVote(msgspec.Struct, omit_defaults=True, kw_only=True):
     evidence_sha256: str  # `ApprovalRequest.evidence_digest()` of what they were shown
     by: str  # the person's name (its identity's)
     at: float
-    signer: str = ""  # key id of the person's key
+    via: str = ""  # "console": signed by the console for `by` (empty: by the person's own key)
+    signer: str = ""  # key id of the person's key (via the console: the console's)
     signature: str = ""
 
 
@@ -121,8 +133,10 @@ def answer(
     answer: Answer,
     reason: str,
     at: float | None = None,
+    via: str = "",
 ) -> HumanVote:
-    """A person's signed answer to `request`."""
+    """A person's signed answer to `request` (`via` "console": `signer` is the console's key,
+    answering for the person `by`)."""
     vote = HumanVote(
         request_id=request.id,
         tenant=request.tenant,
@@ -134,14 +148,18 @@ def answer(
         evidence_sha256=request.evidence_digest(),
         by=by,
         at=round(time.time() if at is None else at, 3),
+        via=via,
         signer=signer.kid,
     )
     return msgspec.structs.replace(vote, signature=signer.sign("approval", _payload(vote)))
 
 
 def vote_refusal(trust: Trust, vote: HumanVote) -> str | None:
-    """Why this answer is not signed by a trusted person of its tenant (None: it is). Who may
-    answer which request is the coordinator's check (`coordinator.humans`)."""
+    """Why this answer is not signed by a trusted person of its tenant, or by a trusted
+    console for one (None: it is). Who may answer which request is the coordinator's check
+    (`coordinator.humans`), on `person_of(trust, vote)`."""
+    if vote.via:
+        return _on_behalf_refusal(trust, vote)
     refusal = trust.refusal(vote.signer, "approval", _payload(vote), vote.signature, at=vote.at)
     if refusal is not None:
         return refusal
@@ -151,6 +169,54 @@ def vote_refusal(trust: Trust, vote: HumanVote) -> str | None:
     if entry.name != vote.by:
         return f"key {vote.signer} is {entry.name!r}'s, not {vote.by!r}'s"
     return None
+
+
+def _on_behalf_refusal(trust: Trust, vote: HumanVote) -> str | None:
+    if vote.via != VIA_CONSOLE:
+        return f"answers come directly or via the console, not via {vote.via!r}"
+    if not vote.signature or not vote.signer:
+        return "unsigned"
+    if vote.signer in trust.revoked:
+        return f"key {vote.signer} is revoked"
+    entry = trust.keys.get(vote.signer)
+    if entry is None or entry.role not in ON_BEHALF_SIGNERS:
+        return f"key {vote.signer} is not a trusted console's: it may not answer for people"
+    if entry.retired_at and vote.at > entry.retired_at:
+        return f"key {vote.signer} was retired"
+    # The same purpose as a person's own answer: the signed bytes differ by `via`, and
+    # `trust.refusal` never lets a console key through without it (SIGNERS["approval"]).
+    if not verify_with(unb64(entry.public), "approval", _payload(vote), vote.signature):
+        return "signature does not verify"
+    if person_of(trust, vote) is None:
+        return f"{vote.by!r} is no trusted person of tenant {vote.tenant!r}"
+    return None
+
+
+def person_of(trust: Trust, vote: HumanVote) -> TrustedKey | None:
+    """The trusted person who answers: the signer's key for a direct answer; via the console,
+    the person it names, from the trust file (an active `human` key of the vote's tenant
+    named `by`; with several, as after a rotation, the roles of all of them)."""
+    if not vote.via:
+        return trust.keys.get(vote.signer)
+    return person(trust, vote.by, vote.tenant)
+
+
+def person(trust: Trust, name: str, tenant: str) -> TrustedKey | None:
+    """The trusted person `name` of `tenant` (an active `human` key; with several, the roles
+    of all of them), or None."""
+    found = [
+        k
+        for kid, k in trust.keys.items()
+        if k.role == "human"
+        and k.name == name
+        and k.tenant == tenant
+        and kid not in trust.revoked
+        and not k.retired_at
+    ]
+    if not found:
+        return None
+    claims = sorted({c for k in found for c in k.claims})
+    return msgspec.structs.replace(found[0], claims=claims)
 
 
 def encode(record: ApprovalRequest | HumanVote | ApprovalReceipt) -> bytes:

@@ -39,7 +39,10 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
   `mesh.decision.>` and `mesh.dlq.>` for live pages; asks `mesh.status.coordinator`; and
   publishes what its operator users' replays need: the event to `mesh.evt.>`, the replay's
   audit record to `mesh.audit.>` and its checkpoint to `mesh.checkpoint.>`. Purging is stream
-  admin: the operator's (`mesh dlq purge`).
+  admin: the operator's (`mesh dlq purge`). Approvals: reads MESH_APPROVALS and subscribes
+  `mesh.approval.>` (the inbox), publishes answers `mesh.approval.*.vote.>` that it signs on
+  behalf of its signed-in people (the desk checks the person, mesh.approvals); never the
+  coordinators' durable.
 
 Every role may also publish to its own inbox (a caller cancels a stream there), `$JS.API.INFO`
 and `$JS.API.STREAM.NAMES` (stream names only: how a process checks that the mesh's streams
@@ -326,8 +329,12 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             _CARDS,
             _LEDGER,
             _DLQ_BODIES,
+            subjects.APPROVALS_STREAM,  # the approvals inbox (requests, receipts)
         ):
             pub += _reads(stream)
+        # Its signed-in people's answers, which it signs on their behalf (mesh.approvals).
+        pub.append(subjects.approvals_filter(kind="vote"))
+        deny_pub += _APPROVALS_DURABLE_DENIED  # never the coordinators' timers and answers
         # The audit and dead-letter scans delete their consumer when done (else each page
         # waits for a refusal); nobody keeps a lasting consumer on these streams.
         for stream in (subjects.AUDIT_STREAM, subjects.CHECKPOINTS_STREAM, subjects.DLQ_STREAM):
@@ -336,6 +343,7 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             f"{subjects.EVENTS_ROOT}.>",
             f"{subjects.DECISIONS_ROOT}.>",
             f"{subjects.DLQ_ROOT}.>",
+            subjects.approvals_filter(),
         ]
     else:  # pragma: no cover - Role is a closed set
         raise ConfigError(f"no NATS permissions for role {role!r}")

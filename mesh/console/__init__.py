@@ -3,7 +3,8 @@
 Server-rendered pages (Starlette, Jinja2 templates, a few lines of plain JavaScript for live
 rows over server-sent events; no build step, no chart library), read from NATS on the signed-in
 user's behalf and only for their tenant. docs/console.md is the guide; `app` the routes,
-`auth` sign-in and CSRF, `data` what is read, `svg` the plots, `approvals` the inbox's seam.
+`auth` sign-in and CSRF, `data` what is read, `svg` the plots, `approvals` the inbox
+(answers signed on the person's behalf).
 
 Part of the shell (like `mesh.cli`): it may import `coordinator` (dead-letter replay and purge).
 """

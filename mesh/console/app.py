@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from mesh.bus import Bus
 from mesh.console import pages
-from mesh.console.approvals import ApprovalSource, NoApprovals
+from mesh.console.approvals import ApprovalSource, BusApprovals, NoApprovals
 from mesh.console.live import live
 from mesh.console.web import HERE, Console
 from mesh.errors import ConfigError
@@ -82,6 +82,10 @@ def create_app(
         approvals=approvals or NoApprovals(),
         settings=settings,
     )
+    if approvals is None and not insecure:
+        # The inbox over the bus, answering as this console's identity for its signed-in
+        # people (mesh.console.approvals); "not connected" when that identity cannot sign.
+        console.approvals = BusApprovals(lambda: console.bus, lambda: console.trust)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

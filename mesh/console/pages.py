@@ -310,6 +310,7 @@ async def approvals_page(request: Request) -> Response:
         pending=pending,
         redact=data.redact,
         done=request.query_params.get("done", ""),
+        receipt=request.query_params.get("receipt", ""),
     )
 
 
@@ -323,11 +324,23 @@ async def approval_decide(request: Request) -> Response:
     item = mine.get(approval_id)
     if item is None or not user.sees(item.tenant):
         raise Refused(404, "no such approval waiting for you")
+    if not item.may_answer:
+        raise Refused(403, f"a {user.role} may look but not answer (a person of the role asked)")
     choice = form.get("decision", "")
     reason = form.get("reason", "").strip()
     if choice not in ("approve", "deny") or not reason:
         raise Refused(400, "say approve or deny, with a reason")
-    await console.approvals.decide(
+    receipt = await console.approvals.decide(
         approval_id, user=user, approve=choice == "approve", reason=reason
     )
-    return RedirectResponse(f"/approvals?done={choice}d+{quote(approval_id)}", 303)
+    log.info(
+        "console: %s answered %s (%s): %s",
+        user.label,
+        approval_id,
+        choice,
+        {True: "accepted", False: "refused", None: "no receipt yet"}[receipt.accepted],
+    )
+    said = {True: "accepted", False: "REFUSED", None: "sent"}[receipt.accepted]
+    done = f"{choice} {approval_id}: {said}" + (f" ({receipt.why})" if receipt.why else "")
+    state = {True: "accepted", False: "refused", None: "sent"}[receipt.accepted]
+    return RedirectResponse(f"/approvals?done={quote(done)}&receipt={state}", 303)

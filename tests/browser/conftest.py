@@ -59,6 +59,44 @@ async def console(identities: IdentityDir) -> AsyncIterator[Console]:
             yield Console(url, mesh, identities)
 
 
+APPROVER_ROLE = "release-manager"
+
+
+@pytest.fixture
+async def approvals_console(identities: IdentityDir) -> AsyncIterator[Console]:
+    """A mesh whose `release.proposed` waits for a person (a release manager) after its three
+    reviewers, and the console run as its own `console` identity, as beside `mesh up` (not as
+    the operator): what it signs on a person's behalf must pass the desk as a console's. The
+    console's and the people's identities are issued before the server starts (it admits
+    the identities it knows then)."""
+    import tomllib
+
+    from agents.compliance_review.agent import agent as compliance
+    from agents.quality_review.agent import agent as quality
+    from agents.security_review.agent import agent as security
+    from coordinator.policy import DEFAULT_FILE
+    from mesh.console import create_app, serving
+    from mesh.settings import Settings
+    from mesh.testing import MeshHarness
+
+    console_id = identities.issue("console", "browser-console")
+    identities.issue("human", "rita", tenant="acme", claims=[APPROVER_ROLE])
+    identities.issue("human", "nick", tenant="acme", claims=["nurse"])
+    policies = tomllib.loads(DEFAULT_FILE.read_text())
+    policies["release.proposed"] |= {"humans": [{"role": APPROVER_ROLE, "wait_s": 600}]}
+    settings = Settings(heartbeat_s=0.3, card_ttl_s=1.5, no_agent_wait_s=1.0, http_port=0)
+    async with MeshHarness(
+        security, compliance, quality, policies=policies, settings=settings, timeout=30
+    ) as mesh:
+        app = create_app(
+            trust=load_trust(identities.trust_path),
+            trust_path=identities.trust_path,
+            settings=Settings(nats_url=mesh.url, identity=console_id),
+        )
+        async with serving(app, port=0) as url:
+            yield Console(url, mesh, identities)
+
+
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     from playwright.async_api import async_playwright

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,14 @@ from typing import Any
 from mesh.identity import IdentityDir, load_identity
 
 ROOT = Path(__file__).resolve().parents[2]
-SHOTS = ROOT / "docs" / "console"
+DOC_SHOTS = ROOT / "docs" / "console"
+# docs/console/*.png are rewritten only when asked (MESH_SCREENSHOTS=1): a plain `make test`
+# leaves the git tree clean, its screenshots going to a temporary folder (kept, to look at).
+SHOTS = (
+    DOC_SHOTS
+    if os.environ.get("MESH_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "mesh-console-screenshots"
+)
 CHROMIUM = os.environ.get("MESH_TEST_CHROMIUM") or shutil.which("chromium") or ""
 
 
@@ -25,6 +33,9 @@ class Console:
         """A bearer token as `mesh creds` issues it (the operator's: the run's own)."""
         if role == "operator":
             return load_identity(self.ids.operator_path).token
+        if role == "human":  # issued before the mesh started (with its roles): read it
+            path = self.ids.path / IdentityDir.file_name("human", name, tenant)
+            return load_identity(path).token
         path = self.ids.issue(role, name, tenant=tenant)  # type: ignore[arg-type]
         return load_identity(path).token
 

@@ -1,7 +1,8 @@
 """The console driven the way a person uses it, in headless Chromium: sign in, watch an event
 published with `mesh publish` become a decision live, open it, replay a dead letter, and see
-nothing of another tenant. Each test saves screenshots of the pages it visits into
-docs/console/ (docs/console.md shows them).
+nothing of another tenant, approve a waiting human approval and see the decision arrive. Each
+test saves screenshots of the pages it visits (into docs/console/, which docs/console.md shows,
+only with MESH_SCREENSHOTS=1: tests/browser/support.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from mesh import approvals
+from mesh.console import data
 from tests.browser.support import Console, shot, sign_in
 from tests.support.waits import eventually
 
@@ -189,13 +192,72 @@ async def test_a_tenant_sees_none_of_another_tenants_data(console: Console, brow
     assert await page.locator("button.replay").count() == 0
 
 
-async def test_approvals_inbox(console: Console, browser: Any) -> None:
-    page = await sign_in(browser, console, console.token())
+async def test_a_person_approves_in_the_console_and_the_decision_arrives_live(
+    approvals_console: Console, browser: Any
+) -> None:
+    console = approvals_console
+    mesh = console.mesh
+    # The reviewers approve; the policy then waits for a release manager.
+    event_id = await mesh.publish("release.proposed", _sample("release_clean.json"), tenant="acme")
+
+    async def asked() -> bool:
+        found = await approvals.inbox(mesh.bus, "acme", None)
+        return any(r.event_id == event_id and r.status == "open" for r in found.values())
+
+    await eventually(asked, "the release manager asked", timeout=60)
+
+    # Someone without the role asked sees nothing waiting; the operator looks, cannot answer.
+    nurse = await sign_in(browser, console, console.token("human", "nick", "acme"))
+    await nurse.goto(f"{console.url}/approvals")
+    await expect_page(nurse)
+    assert event_id not in await nurse.content()
+    operator = await sign_in(browser, console, console.token())
+    await operator.goto(f"{console.url}/approvals")
+    item = operator.locator(f"section.approval:has-text('{event_id}')")
+    await item.wait_for()
+    assert await item.locator("form").count() == 0
+
+    # The release manager: the evidence (the event, the agents' votes and reasons).
+    page = await sign_in(browser, console, console.token("human", "rita", "acme"))
+    watcher = await page.context.new_page()  # the decisions list, live, beside the inbox
+    watcher.set_default_timeout(WAIT_MS)
+    await watcher.goto(f"{console.url}/decisions")
+    await watcher.wait_for_selector("#live-state:has-text('live:')")
     await page.goto(f"{console.url}/approvals")
+    await expect_page(page)
+    item = page.locator(f"section.approval:has-text('{event_id}')")
+    votes = await item.locator("table.votes").inner_text()
+    assert "security-review" in votes and "no secrets" in votes
+    # The event's data (masked as a dead letter's preview).
+    assert "billing-api" in await item.locator("pre").inner_text()
+    assert "release-manager" in await item.inner_text()
     await shot(page, "approvals")
-    assert "not connected" in await page.inner_text("#approvals-unavailable")
-    # Approve a pending human approval and see the decision arrive: needs issue 15's part.
-    pytest.skip(
-        "approve and see the decision arrive: no adapter over mesh/approvals.py (issue 15) is "
-        "wired into the console yet (docs/console.md, Approvals)"
+    await item.locator("input[name=reason]").fill("reviewed the diff and the votes")
+    await item.locator("button.approve").click()
+    await page.wait_for_url("**/approvals?done=*")
+    done = page.locator("#done")
+    assert await done.get_attribute("data-receipt") == "accepted", await done.inner_text()
+
+    # The decision arrives on the live list without a reload, made with the person's vote.
+    row = watcher.locator(f"#decisions tr.decision[data-event='{event_id}']")
+    await row.wait_for()
+    assert "approved" in await row.inner_text()
+    decision = await mesh.decision(event_id)
+    human = decision.votes[-1]
+    assert (human.agent, human.brain, human.counted_as) == (
+        "human:rita",
+        "human via console",
+        "approve",
     )
+
+    # The audit trail says who answered, and through what.
+    async def answered() -> list[dict[str, Any]]:
+        records = await data.audit_of_event(mesh.bus, "acme", event_id)
+        return [r for r in records if (r.get("data") or {}).get("act") == "answered"]
+
+    [record] = await eventually(answered, "the answer's audit record", timeout=30)
+    assert record["data"]["note"] == "answered via console by rita"
+    assert record["data"]["signed"]["via"] == "console"
+    # And nothing waits any more.
+    await page.goto(f"{console.url}/approvals")
+    assert event_id not in await page.inner_text("main")

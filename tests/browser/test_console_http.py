@@ -17,7 +17,7 @@ import pytest
 from mesh import subjects
 from mesh.bus import Bus, read_stream
 from mesh.console import create_app
-from mesh.console.approvals import PendingApproval
+from mesh.console.approvals import PendingApproval, Receipt
 from mesh.console.auth import User
 from mesh.identity import IdentityDir, load_identity, load_trust
 from mesh.records import dead_letter, encoder
@@ -178,16 +178,28 @@ class FakeApprovals:
                 0.0,
                 "ship acme?",
                 {"diff": "+1", "api_key": "sk-secret"},
+                may_answer=True,
             ),
-            PendingApproval("ap-globex", "globex", "e2", "release.proposed", 0.0, "ship globex?"),
+            PendingApproval(
+                "ap-globex",
+                "globex",
+                "e2",
+                "release.proposed",
+                0.0,
+                "ship globex?",
+                may_answer=True,
+            ),
+            # Shown to look at, not to answer (the user holds no role asked).
+            PendingApproval("ap-look", "acme", "e3", "release.proposed", 0.0, "look only"),
         ]
         self.decided: list[tuple[str, str, bool, str, str]] = []
 
     async def pending(self, user: User) -> list[PendingApproval]:
         return list(self.items)
 
-    async def decide(self, approval_id: str, *, user: User, approve: bool, reason: str) -> None:
+    async def decide(self, approval_id: str, *, user: User, approve: bool, reason: str) -> Receipt:
         self.decided.append((approval_id, user.tenant, approve, reason, f"{user.role}:{user.name}"))
+        return Receipt(False, "the coordinator said no")
 
 
 async def test_the_inbox_shows_a_tenant_its_approvals_and_takes_a_decision(
@@ -211,9 +223,15 @@ async def test_the_inbox_shows_a_tenant_its_approvals_and_takes_a_decision(
             await post("ap-globex", {"csrf": csrf, "decision": "approve", "reason": "ok"})
         ).status_code == 404
         assert (await post("ap-acme", {"csrf": csrf, "decision": "approve"})).status_code == 400
+        assert page.count('<form method="post" action="/approvals/') == 1  # not ap-look's
+        look = await post("ap-look", {"csrf": csrf, "decision": "approve", "reason": "ok"})
+        assert look.status_code == 403 and "may look but not answer" in look.text
         assert approvals.decided == []
         r = await post("ap-acme", {"csrf": csrf, "decision": "deny", "reason": "no tests"})
         assert r.status_code == 303, r.text
+        # The receipt is what the user sees next: refused, and why.
+        shown = (await client.get(r.headers["location"])).text
+        assert "REFUSED" in shown and "the coordinator said no" in shown
     assert approvals.decided == [("ap-acme", "acme", False, "no tests", "reader:acme-approver")]
 
 

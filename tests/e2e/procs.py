@@ -43,6 +43,7 @@ def mesh_env(cwd: Path, *, fast_clocks: bool = True, **extra: str) -> dict[str, 
     env.update(
         MESH_HOME=str(cwd / ".mesh"),
         MESH_ALLOW_MODEL_REQUESTS="0",
+        MESH_CONSOLE_PORT="0",  # any free port: parallel `mesh up`s never collide on 8780
         PYTHONUNBUFFERED="1",
         COLUMNS="250",  # rich tables are not truncated or wrapped in the captured output
         TMPDIR=str(cwd),  # temp folders the product makes (demo logs, ports files) stay here

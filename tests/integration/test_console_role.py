@@ -13,7 +13,7 @@ import nats
 import pytest
 
 from coordinator import dlq as dlq_mod
-from mesh import subjects
+from mesh import approvals, subjects
 from mesh.audit import AuditLog
 from mesh.bus import Bus
 from mesh.console import data
@@ -89,6 +89,12 @@ async def test_the_console_identity_reads_every_tenant_and_replays(
         assert [s.tenant for s in states] == ["acme", "globex"] and all(s.ok for s in states)
         sub = await bus.nc.subscribe(f"{subjects.DECISIONS_ROOT}.>")  # live pages
         await sub.unsubscribe()
+        # The approvals inbox: reads every tenant's requests, publishes answers (signed for
+        # its people; the desk decides whether to believe them).
+        assert await approvals.inbox(bus, "*", trust) == {}
+        sub = await bus.nc.subscribe(subjects.approvals_filter())
+        await sub.unsubscribe()
+        await bus.publish(subjects.approval("acme", "vote", "tok.role"), b"{}")
 
         acme_seq = next(seq for seq, d in items if d.tenant == "acme")
         await dlq_mod.replay(bus, acme_seq)
@@ -106,6 +112,10 @@ async def test_the_console_identity_reads_every_tenant_and_replays(
         subjects.decision("acme", "release.decided", "forged"),
         f"{subjects.DLQ_ROOT}.acme.unknown_type",
         f"$KV.{subjects.DECISIONS_BUCKET}.acme.forged",
+        # Approvals: never a request or a receipt (the coordinator's), nor its durable.
+        subjects.approval("acme", "req", "tok.role"),
+        subjects.approval("acme", "receipt", "tok.role"),
+        f"$JS.API.CONSUMER.MSG.NEXT.{subjects.APPROVALS_STREAM}.{subjects.APPROVALS_DURABLE}",
     ],
 )
 async def test_the_console_identity_may_not(mesh: tuple[str, Path], attempt: str) -> None:

@@ -83,3 +83,19 @@ def test_plots_escape_labels_and_draw_what_they_are_given() -> None:
     cols = svg.stacked_columns("d", [("10:00", {"approved": 2, "rejected": 1}), ("10:01", {})])
     assert cols.count("<rect") == 2 + 3  # two stacked parts, three legend swatches
     assert "nothing yet" in svg.bars("empty", [])
+
+
+def test_the_inbox_answers_only_as_a_key_the_desk_believes_for_people() -> None:
+    from types import SimpleNamespace
+
+    from mesh.console.approvals import BusApprovals
+
+    def inbox(role: str) -> BusApprovals:
+        key = Signer.generate()
+        identity = SimpleNamespace(role=role, signing_seed="x", signer=lambda: key)
+        return BusApprovals(lambda: SimpleNamespace(identity=identity), Trust)  # type: ignore[arg-type, return-value]
+
+    assert inbox("console").available and inbox("operator").available
+    # A console run as a reader or publisher would sign answers the desk refuses: it says so.
+    assert not inbox("reader").available and not inbox("publisher").available
+    assert not BusApprovals(lambda: SimpleNamespace(identity=None), Trust).available  # type: ignore[arg-type, return-value]

@@ -303,6 +303,73 @@ async def test_a_forged_or_misdirected_answer_is_refused() -> None:
     assert state.decision.outcome == "rejected"
 
 
+async def test_an_answer_via_the_console_counts_for_the_person_it_names() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    people = People()
+    people.add("alice", "clinical-safety-officer")
+    console = Signer.generate()
+    people.trust.add(console, "console", "console")
+    await agents_vote(
+        store, clock, human_policy(), {"s1": (0.1, "approve"), "s2": (0.1, "approve")}
+    )
+    request = await request_now(store)
+    vote = approvals.answer(
+        console, request, by="alice", answer="approve", reason="seen", via="console"
+    )
+    settled = await desk(store, clock, trust=people.trust).answer(KEY, vote)
+    assert isinstance(settled, Settled) and settled.decision.outcome == "approved"
+    human = settled.decision.votes[-1]
+    assert (human.agent, human.brain, human.instance) == (
+        "human:alice",
+        "human via console",
+        console.kid,
+    )
+
+
+async def test_the_console_cannot_invent_people_nor_lend_them_roles() -> None:
+    store, clock = MemoryStore(), ManualClock()
+    people = People()
+    people.add("alice", "clinical-safety-officer")
+    people.add("mallory", "nurse")
+    people.add("eve", "clinical-safety-officer", tenant="other")
+    console, agent = Signer.generate(), Signer.generate()
+    people.trust.add(console, "console", "console")
+    people.trust.add(agent, "agent", "security-review")
+    await agents_vote(
+        store, clock, human_policy(), {"s1": (0.1, "approve"), "s2": (0.1, "approve")}
+    )
+    d = desk(store, clock, trust=people.trust)
+    request = await request_now(store)
+
+    def via(signer: Signer, by: str, **kw: Any) -> approvals.HumanVote:
+        return approvals.answer(signer, request, by=by, answer="approve", reason="ok", **kw)
+
+    async def why(vote: approvals.HumanVote) -> str:
+        got = await d.answer(KEY, vote)
+        assert isinstance(got, Refused), got
+        return got.why
+
+    # A person without the role asked: refused as if they had answered themselves.
+    assert "holds no role" in await why(via(console, "mallory", via="console"))
+    # Someone the trust file does not know (or of another tenant): the console made them up.
+    assert "no trusted person" in await why(via(console, "zed", via="console"))
+    assert "no trusted person" in await why(via(console, "eve", via="console"))
+    # Signed by a key that is not a console's: a person's own, an agent's, a stranger's.
+    for signer in (people.keys["alice"], agent, Signer.generate()):
+        assert "not a trusted console" in await why(via(signer, "alice", via="console"))
+    # A console key without `via` is no person either; an unknown `via` is refused.
+    assert "not trusted to sign approvals" in await why(via(console, "alice"))
+    assert "not via 'email'" in await why(via(console, "alice", via="email"))
+    # Tampered after signing (the person swapped): does not verify.
+    forged = msgspec.structs.replace(via(console, "mallory", via="console"), by="alice")
+    assert "does not verify" in await why(forged)
+    # A revoked console key answers for nobody.
+    people.trust.revoke(console.kid)
+    assert "revoked" in await why(via(console, "alice", via="console"))
+    state = await Ledger(store, "reader", LEASE_S).read(KEY)
+    assert state is not None and state.state == "awaiting_human"  # nothing was recorded
+
+
 # -- the authorization hook and the webhook ----------------------------------------------------
 async def test_cedar_is_asked_when_mesh_authz_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
     """The coordinator's second opinion (`cedar_authorize`) over mesh.authz's API: principal
