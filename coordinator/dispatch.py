@@ -109,22 +109,25 @@ def message(req: Ask) -> Message:
             **Budget.of_event(e).metadata(),  # what the event may spend (mesh.budget)
         },
     )
-    msg.parts.append(_data_part(e))  # a copy: the same message `user_message(data=)` builds
+    part = _data_part(e)
+    if part is not None:  # no data: no part, as `user_message(data=None)` builds it
+        msg.parts.append(part)  # a copy: the same message `user_message(data=)` builds
     return msg
 
 
 # The event's data as a message part, made once per event rather than once per voter: the
 # protobuf conversion was ~16% of the coordinator's CPU with 3 voters (bench --profile). Keyed
 # by the Event object (one per delivery, shared by its voters); the last few kept.
-_PARTS: dict[int, tuple[envelope.Event, Part]] = {}
+_PARTS: dict[int, tuple[envelope.Event, Part | None]] = {}
 _PARTS_KEPT = 64
 
 
-def _data_part(event: envelope.Event) -> Part:
+def _data_part(event: envelope.Event) -> Part | None:
     held = _PARTS.get(id(event))
     if held is not None and held[0] is event:
         return held[1]
-    part: Part = user_message(data=event.data).parts[0]
+    parts = user_message(data=event.data).parts
+    part: Part | None = parts[0] if parts else None
     if len(_PARTS) >= _PARTS_KEPT:
         del _PARTS[next(iter(_PARTS))]  # the oldest
     _PARTS[id(event)] = (event, part)

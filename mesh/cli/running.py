@@ -244,6 +244,8 @@ async def _up(
         stack.callback(processes.stop)
         processes.start(plan)
         await processes.wait_ready(bus, agents=plan.instances)
+        # Before "mesh is up": once that is printed, a stop signal finds nothing half-started.
+        await console.start_beside_up(stack, settings, url, console_id)
         out.print(
             f"[green]mesh is up[/green] · {where} · "
             f"{len(plan.processes())} processes from {_shown(plan.source)} "
@@ -255,7 +257,6 @@ async def _up(
             "try: mesh agents · mesh publish release.proposed @agents/samples/"
             "release_clean.json · mesh decisions · Ctrl-C to stop"
         )
-        await console.start_beside_up(stack, settings, url, console_id)
         await _until_stopped(processes)
 
 

@@ -1,4 +1,8 @@
-"""kill -9 an agent while it works on a vote: the decision still comes, by the timeout rule."""
+"""kill -9 an agent while it works on a vote: its call ends finding nobody listening, which is
+not silence (issue 12): the event is not decided by the outage. It waits for the voter (the
+answers it has kept) and, with nobody back within the wait, ends as a `no_agent` dead letter
+that names the voter. (A restarted voter would answer under a fresh deadline instead:
+tests/faults/test_unreachable_voter.py.)"""
 
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.timeout(1
 SLOW = "slow-review"
 SLOW_SKILL = "fault-slow-review"
 EVENTS = 3
+NO_AGENT_WAIT_S = 3.0  # read by the `procs` fixture: how long an event waits for its voter
 
 
-async def test_an_agent_killed_mid_task_counts_per_the_timeout_rule(
+async def test_an_agent_killed_mid_task_is_waited_for_then_dead_lettered_not_counted(
     bus: Bus, procs: ProcessMesh
 ) -> None:
     # Unanimous over the three reviewers and the slow agent; an unanswered vote rejects. The
@@ -63,7 +68,7 @@ async def test_an_agent_killed_mid_task_counts_per_the_timeout_rule(
 
     outcomes = Outcomes(bus)
     async with outcomes.watching():
-        missing = await outcomes.wait_all(ids, timeout=30, alive=running.alive)
+        missing = await outcomes.wait_all(ids, timeout=60, alive=running.alive)
     await outcomes.refresh()
     tally = outcomes.tally(ids)
     slow_votes = []
@@ -77,19 +82,13 @@ async def test_an_agent_killed_mid_task_counts_per_the_timeout_rule(
         f"slow-votes={[(v.outcome, v.counted_as, v.attempts) for v in slow_votes]}"
     )
 
-    assert not missing, f"no decision for {sorted(missing)}\n{procs.logs_tail()}"
+    assert not missing, f"no outcome for {sorted(missing)}\n{procs.logs_tail()}"
     assert not tally.doubled
     assert coordinator.alive
     for event_id in ids:
-        d = outcomes.decision(event_id)
-        assert d is not None
-        assert not outcomes.dead_letters(event_id)
-        assert d.outcome == "rejected", d
-        votes = {v.skill: v for v in d.votes}
-        assert set(votes) == set(skills)
-        for skill in samples.REVIEWER_SKILLS:
-            assert votes[skill].outcome == "voted" and votes[skill].counted_as == "approve"
-        slow_vote = votes[SLOW_SKILL]
-        assert slow_vote.agent == SLOW
-        assert slow_vote.outcome in ("timeout", "unavailable"), slow_vote
-        assert slow_vote.counted_as == "reject", slow_vote
+        # Never decided: an approval was impossible without the voter, and a rejection for
+        # its death would look like a judgement.
+        assert outcomes.decision(event_id) is None, outcomes.decision(event_id)
+        [dead] = outcomes.dead_letters(event_id)
+        assert dead.reason == "no_agent", dead
+        assert SLOW_SKILL in dead.error, dead
