@@ -41,9 +41,13 @@ if TYPE_CHECKING:
 
     from mesh.bus import Bus
     from mesh.envelope import Event
+    from mesh.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
+# What a vote refused for its budget says (mesh.agent.BUDGET_EXCEEDED): the start of its first
+# reason, and the coordinator's CallOutcome for it.
+BUDGET_EXCEEDED = "budget_exceeded"
 KV_TTL_S = 36 * 3600.0  # a day's key outlives its day; an event's outlives its decision
 _CAS_ATTEMPTS = 50
 
@@ -120,6 +124,18 @@ class CallScope:
 current: contextvars.ContextVar[CallScope | None] = contextvars.ContextVar(
     "mesh_call_scope", default=None
 )
+
+
+def refused_for_budget(verdict: Verdict | None) -> bool:
+    """Whether a verdict is an agent's refusal to spend past the budget: an abstention whose
+    first reason starts `budget_exceeded:`. Read from the signed verdict, not the artifact's
+    unsigned `brain`, so nobody on the path can relabel a vote as one."""
+    return (
+        verdict is not None
+        and verdict.vote == "abstain"
+        and bool(verdict.reasons)
+        and verdict.reasons[0].startswith(BUDGET_EXCEEDED + ":")
+    )
 
 
 def cost_micro_usd(
