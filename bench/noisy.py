@@ -11,11 +11,14 @@ decision received) is measured three ways, in this order:
 1. solo (nobody else publishing);
 2. with tenant `flood` publishing `flood_rate`/s at the same time, under its quota
    (`[tenants.flood] concurrent_calls`, the models file): the product as configured;
-3. the same flood with no quota for `flood` (the file rewritten; the agent re-reads it on its
-   next call): what the quota buys.
+3. the same flood answered at once by the model (the flood's volume alone, no slow call);
+4. the slow flood with no quota for `flood` (the file rewritten; the agent re-reads it on its
+   next call): what the quota buys;
+5. solo again (how much the machine's own load moved meanwhile).
 
-Target (issue 16): the steady tenant's p99 in run 2 within 10 % of run 1. Run 3 is shown, not
-judged. Every flood event that would exceed the quota is refused at once (`budget_exceeded`).
+Target (issue 16): the steady tenant's p99 in run 2 within 10 % of run 1. The others are
+shown, not judged. A flood call that would exceed the quota is refused at once
+(`budget_exceeded`).
 
 `python -m bench.noisy` is also the agent process (`NOISY_AGENT` names it).
 """
@@ -57,7 +60,7 @@ class Opts(Sized):
     steady_rate: float = 20.0  # events/s of the steady tenant
     flood_rate: float = 20.0  # events/s of the flooding tenant
     delay_s: float = 2.0  # the model's answer time for the flooding tenant
-    quota: int = 2  # the flooding tenant's concurrent model calls (per agent process)
+    quota: int = 2  # the flooding tenant's concurrent model calls (in the mesh)
 
 
 @dataclass
@@ -183,11 +186,11 @@ class NoisyMesh(BenchMesh):
         )
 
 
-def _responder(delay_s: float) -> Any:
+def _responder(delay: dict[str, float]) -> Any:
     async def respond(body: dict[str, Any]) -> dict[str, Any]:
         # The tenant's event ids start with its name (`b<run>-flood-<n>`): its requests are slow.
-        if f"-{FLOOD}-" in json.dumps(body.get("messages", "")):
-            await asyncio.sleep(delay_s)
+        if delay["s"] and f"-{FLOOD}-" in json.dumps(body.get("messages", "")):
+            await asyncio.sleep(delay["s"])
         return {"vote": "approve", "reasons": ["scripted"]}
 
     return respond
@@ -202,7 +205,8 @@ async def run(opts: Opts) -> dict[str, Any]:
         work = Path(tmp)
         models = work / "models.toml"
         models_file(models, opts.quota)
-        async with FakeAnthropic(_responder(opts.delay_s)) as fake:
+        delay = {"s": opts.delay_s}
+        async with FakeAnthropic(_responder(delay)) as fake:
             mesh = NoisyMesh(work, fake, models, settle_s=5.0 if opts.short else 30.0)
             try:
                 await mesh.start()
@@ -211,6 +215,10 @@ async def run(opts: Opts) -> dict[str, Any]:
                     await mesh.run("solo", opts, flood=False),
                     await mesh.run(f"with {FLOOD} (quota {opts.quota})", opts, flood=True),
                 ]
+                # The same events answered at once: what the flood's volume costs by itself.
+                delay["s"] = 0.0
+                runs.append(await mesh.run(f"with {FLOOD}, fast model (quota)", opts, flood=True))
+                delay["s"] = opts.delay_s
                 models_file(models, None)
                 runs.append(await mesh.run(f"with {FLOOD} (no quota)", opts, flood=True))
                 models_file(models, opts.quota)
@@ -221,7 +229,7 @@ async def run(opts: Opts) -> dict[str, Any]:
 
 
 def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
-    solo, quota, free, again = runs
+    solo, quota, fast, free, again = runs
     rows = []
     for r in runs:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted((r.flood_outcomes or {}).items()))
@@ -253,8 +261,9 @@ def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
         "## Noisy neighbour\n\n"
         f"Tenant `{STEADY}` publishes {opts.steady_rate:g} events/s for {opts.seconds:g} s; "
         f"tenant `{FLOOD}` {opts.flood_rate:g}/s whose model calls take {opts.delay_s:g} s "
-        f"(quota: {opts.quota} at once per agent process). One agent (capacity 16) decides both; "
-        "latency is publish → decision received.\n\n"
+        f"(quota: {opts.quota} model calls at once in the mesh). One agent decides both; "
+        "latency is publish → decision received. The fast-model run floods with the same "
+        "events answered at once: what the flood's volume costs without any slow call.\n\n"
         f"{table}\n\n"
         f"{STEADY} p99 with the flood (under its quota) / solo: **{ratio:.2f}x** "
         "(target ≤ 1.10x)."
@@ -262,6 +271,7 @@ def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
     results = {
         "noisy_steady_p99_solo_ms": num(solo.p(99)),
         "noisy_steady_p99_flood_ms": num(quota.p(99)),
+        "noisy_steady_p99_flood_fast_model_ms": num(fast.p(99)),
         "noisy_steady_p99_flood_no_quota_ms": num(free.p(99)),
         "noisy_steady_p99_solo_again_ms": num(again.p(99)),
         "noisy_steady_p99_ratio": num(ratio, 3),

@@ -240,7 +240,9 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             f"{JS}.STREAM.INFO.{subjects.TRACE_STREAM}",
             *_kv_key_reads(subjects.TASKS_BUCKET, f"{a}.>"),
             # Budgets (mesh.budget): every agent reserves and settles model spend of any
-            # tenant's events and days, so it reads and writes the whole bucket.
+            # tenant's events and days, and takes its call slots, so it reads and writes the
+            # whole bucket. Not pinned per agent: the counters are shared by every voter of an
+            # event and need one compare-and-set key (docs/budgets.md, "Who may write").
             f"$KV.{subjects.BUDGETS_BUCKET}.>",
             *_reads(_BUDGETS),
             # Delegation (mesh.delegate): finds agents by skill in the registry and calls them
