@@ -19,8 +19,9 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
   and reads only its own task keys (direct gets and watches, the key in the API subject);
   subscribes callers' stream cancels (`_INBOX.*.*.cancel`); publishes output events
   `mesh.evt.>` and `mesh.trace.>`; binds its event handlers' durables on MESH_EVENTS; reads and
-  writes the budgets bucket `$KV.mesh_budgets.>` (model spend of every tenant's events); reads
-  the cards bucket and sends A2A requests `mesh.a2a.>` (delegation: the callee checks its token).
+  writes the budgets bucket `$KV.mesh_budgets.>` (model spend and call slots of every tenant);
+  reads the cards bucket and sends A2A requests `mesh.a2a.>` (delegation: the callee checks its
+  token).
 - agent A also declares schedules `mesh.sched.def.>`, reads them back and relays their
   firings through the durable `schedule-relay` (`mesh.schedules`).
 - publisher of T: publishes `mesh.evt.T.>` (acks come to its inbox).
