@@ -129,7 +129,7 @@ class NoisyMesh(BenchMesh):
         )
         await self.bus.publish_event(event)
 
-    async def offer(self, tenant: str, rate: float, seconds: float) -> dict[str, float]:
+    async def publish_at(self, tenant: str, rate: float, seconds: float) -> dict[str, float]:
         """Publish `rate`/s for `seconds` on a fixed schedule; event id → when it was sent."""
         sent: dict[str, float] = {}
         pending: set[asyncio.Task[None]] = set()
@@ -158,9 +158,9 @@ class NoisyMesh(BenchMesh):
     async def run(self, label: str, opts: Opts, *, flood: bool) -> Run:
         await self.settle()
         calls0 = len(self.fake.requests)
-        work = [self.offer(STEADY, opts.steady_rate, opts.seconds)]
+        work = [self.publish_at(STEADY, opts.steady_rate, opts.seconds)]
         if flood:
-            work.append(self.offer(FLOOD, opts.flood_rate, opts.seconds))
+            work.append(self.publish_at(FLOOD, opts.flood_rate, opts.seconds))
         sents = await asyncio.gather(*work)
         steady = sents[0]
         flood_sent = sents[1] if flood else {}

@@ -14,6 +14,7 @@ from mesh import Agent, Verdict, budget, subjects
 from mesh.a2a.client import AgentClient, status_text, task_of, task_state, user_message
 from mesh.bus import Bus
 from mesh.delegate import delegate
+from mesh.errors import BudgetExceededError
 from mesh.identity import IdentityDir
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
@@ -97,7 +98,7 @@ async def test_a_tenants_concurrency_quota_holds_across_agent_processes(
                     return ledger.model_call(scope, model="m", prompt_text="x", max_tokens=5)
 
                 async with call(first):
-                    with pytest.raises(budget.BudgetExceededError) as refused:
+                    with pytest.raises(BudgetExceededError) as refused:
                         async with call(second):
                             pytest.fail("two calls at once in the mesh with a quota of one")
                     assert refused.value.limit == "tenant_concurrent_calls"
@@ -107,10 +108,10 @@ async def test_a_tenants_concurrency_quota_holds_across_agent_processes(
                 kv = await op.kv(subjects.BUDGETS_BUCKET)
                 key = subjects.budget_slot_key("noisy", 0)
                 await kv.put(key, msgspec.json.encode(budget.Lease(until=time.time() + 3600)))
-                with pytest.raises(budget.BudgetExceededError):
+                with pytest.raises(BudgetExceededError):
                     async with call(first):
                         pass
                 await kv.put(key, msgspec.json.encode(budget.Lease(until=time.time() - 1)))
                 async with call(first):
-                    held = msgspec.json.decode((await kv.get(key)).value, type=budget.Lease)
+                    held = msgspec.json.decode((await kv.get(key)).value or b"", type=budget.Lease)
                     assert held.until > time.time()

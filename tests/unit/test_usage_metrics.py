@@ -25,7 +25,7 @@ class Recorder:
 
 @pytest.fixture
 def recorded(monkeypatch: pytest.MonkeyPatch) -> telemetry.Meters:
-    fake = telemetry.Meters(**{name: Recorder() for name in telemetry.Meters.__annotations__})
+    fake = telemetry.Meters(**{n: Recorder() for n in telemetry.Meters.__annotations__})  # type: ignore[arg-type]
     monkeypatch.setattr(telemetry, "_meters", fake)
     return fake
 
