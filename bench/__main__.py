@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.common import RESULTS, fmt, loadavg, machine_info, md_table
 
-ALL = ("transport", "decisions", "resources", "signing")
+ALL = ("transport", "decisions", "resources", "signing", "noisy")
 
 # (label, result key, comparison, threshold, unit)
 TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
@@ -36,6 +36,13 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("≥ 1000 decisions/s with 3 voters", "decisions_per_s_3_voters", ">=", 1000, "/s"),
     ("decision p99 < 50 ms at half of max load", "decision_p99_ms_half_load", "<", 50, "ms"),
     ("idle agent RSS ≤ 80 MB", "agent_idle_rss_mb", "<=", 80, "MB"),
+    (
+        "steady tenant p99 with a flooding neighbour ≤ 1.1x solo",
+        "noisy_steady_p99_ratio",
+        "<=",
+        1.1,
+        "x",
+    ),
 )
 
 REQUIRED = (
@@ -114,6 +121,10 @@ async def _main(args: argparse.Namespace) -> int:
             from bench import signing
 
             out = await signing.run(signing.Opts.make(size))
+        elif name == "noisy":
+            from bench import noisy
+
+            out = await noisy.run(noisy.Opts.make(size))
         else:
             from bench import resources
 

@@ -189,7 +189,7 @@ TAKEN_OVER_LATE = "asked by a coordinator that failed"
 HUMAN_SILENT = "no answer from a person"
 # Kept across a release: answers (a voter who answered is not asked again). Silence is not
 # kept: under the fresh deadline its voter is asked again.
-_KEPT = ("voted", "invalid", "error")
+_KEPT = ("voted", "invalid", "error", "budget_exceeded")
 
 
 def unreachable(vote: Vote) -> bool:
@@ -226,6 +226,8 @@ def silent(policy: Policy, votes: Mapping[str, Vote]) -> dict[str, Silent]:
             continue  # a vote, or not needed (decide_early): neither is silence
         human = policy.human(skill)
         says = human.silence if human is not None else policy.timeout_counts_as
+        if v.outcome == "budget_exceeded":
+            says = policy.budget_exceeded
         counts = v.counted_as or ("no_quorum" if says == "no_quorum" else "absent")
         out[skill] = Silent(what=what_happened(v), counts_as=counts)
     return out
@@ -248,6 +250,8 @@ def what_happened(vote: Vote) -> str:
         return f"unavailable ({error})" if error else "unavailable"
     if vote.outcome == "invalid":
         return f"invalid answer ({error})" if error else "invalid answer"
+    if vote.outcome == "budget_exceeded":
+        return "budget_exceeded"
     return f"failed ({error})" if error else "failed"
 
 
@@ -642,7 +646,8 @@ def _settled(policy: Policy, votes: Mapping[str, Vote]) -> bool:
     early = count(policy, votes, final=False).outcome
     # A voter still asked may yet fall silent, and under "no_quorum" its silence forbids an
     # approval that its vote could not stop.
-    return early == "rejected" or (early == "approved" and policy.timeout_counts_as != "no_quorum")
+    no_quorum = "no_quorum" in (policy.timeout_counts_as, policy.budget_exceeded)
+    return early == "rejected" or (early == "approved" and not no_quorum)
 
 
 def _late(vote: Vote, policy: Policy) -> Vote:

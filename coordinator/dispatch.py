@@ -49,7 +49,7 @@ from mesh.a2a.client import (
     user_message,
     verdict_of,
 )
-from mesh.budget import Budget
+from mesh.budget import Budget, refused_for_budget
 from mesh.errors import (
     AgentBusyError,
     AgentCallError,
@@ -202,7 +202,8 @@ def _answered(
     for this question; `invalid` otherwise."""
     view = router.view
     if not view.checks_votes:  # MESH_INSECURE=bus (the registry said so once, loudly)
-        return _vote(req, started, attempts, "voted", task=task, verdict=verdict, counted=True)
+        vote = _vote(req, started, attempts, "voted", task=task, verdict=verdict, counted=True)
+        return _budgeted(req, vote)
     question = votes.Question(
         agent=req.agent,
         tenant=req.event.tenant,
@@ -227,9 +228,21 @@ def _answered(
         )
         return _vote(req, started, attempts, "invalid", verdict=verdict, error=reason)
     assert isinstance(signed, votes.VoteSignature)
-    vote = _vote(req, started, attempts, "voted", task=task, verdict=verdict, counted=True)
+    vote = _budgeted(
+        req, _vote(req, started, attempts, "voted", task=task, verdict=verdict, counted=True)
+    )
     return msgspec.structs.replace(
         vote, instance=signed.instance, signed_at=signed.at, signature=signed.signature
+    )
+
+
+def _budgeted(req: Ask, vote: Vote) -> Vote:
+    """A refusal to spend past the budget is no judgement: counted as the policy says."""
+    if not refused_for_budget(vote.verdict):
+        return vote
+    counts = req.policy.budget_exceeded
+    return msgspec.structs.replace(
+        vote, outcome="budget_exceeded", counted_as=None if counts == "no_quorum" else counts
     )
 
 

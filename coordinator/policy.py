@@ -20,6 +20,7 @@ _ROLE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # `_` too: Cedar group ids use 
 
 HUMAN_PREFIX = "human:"  # a human voter's name in the electorate: `human:<role>`
 AskHumans = Literal["always", "on_disagreement", "on_low_confidence"]
+BudgetCount = Literal["reject", "abstain", "no_quorum"]
 
 
 class Escalation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -83,6 +84,11 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Required (and only then accepted) when the count above lets silence approve: "approve",
     # or the silence of a voter the rule cannot do without counting as anything that approves.
     silence_reason: str = ""
+    # What a voter that refused to spend past the event's budget counts as (its signed
+    # abstention saying `budget_exceeded`, mesh.budget). Never "approve": running out of money
+    # must not approve; "abstain" is refused where it would let a voter the rule cannot do
+    # without be skipped (docs/budgets.md).
+    budget_exceeded: BudgetCount = "reject"
     decision_type: str = ""
     decide_early: bool = False  # publish as soon as the outcome cannot change
     # What to do when the votes make no quorum: publish a `no_quorum` decision (consumers
@@ -137,6 +143,13 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"{approving}; silence never approves unless the policy says why "
                 '(timeout_counts_as = "reject" or "no_quorum", or a silence_reason)'
             )
+        skipped = self._needed(self.budget_exceeded)
+        if skipped:
+            raise ValueError(
+                f"budget_exceeded = {self.budget_exceeded!r} would approve without "
+                f"{', '.join(skipped)} (the rule cannot do without it) once its budget runs out; "
+                'use budget_exceeded = "reject" or "no_quorum"'
+            )
         if self.silence_reason and not approving:
             raise ValueError(
                 "silence_reason is only for a timeout_counts_as that lets silence approve"
@@ -151,7 +164,15 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         lets a hung, flooded or failing reviewer approve by saying nothing."""
         if self.timeout_counts_as == "approve":
             return "any unanswered voter counts as approve"
-        silence = Silent(what="no answer", counts_as=self.timeout_counts_as)
+        needed = self._needed(self.timeout_counts_as)
+        if not needed:
+            return ""
+        return f"the rule cannot do without {', '.join(needed)}, yet silence there approves"
+
+    def _needed(self, counts_as: SilenceCount) -> list[str]:
+        """The skills the rule cannot do without whose silence, counted as `counts_as`, still
+        lets the others approve."""
+        silence = Silent(what="no answer", counts_as=counts_as)
         needed = []
         voters = self.voters
         for skill in self.skills:
@@ -162,9 +183,7 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             quiet = tally(self.rule, voters, others, final=True, silent={skill: silence})
             if quiet.outcome == "approved":
                 needed.append(skill)
-        if not needed:
-            return ""
-        return f"the rule cannot do without {', '.join(needed)}, yet silence there approves"
+        return needed
 
 
 class Policies:

@@ -10,8 +10,9 @@ worst case does not fit is not made: `BudgetExceededError`, and the agent votes
 `budget_exceeded` (mesh.agent).
 
 Per-tenant quotas (models file `[tenants.<t>]`, docs/budgets.md): cost per UTC day (same bucket,
-`day.<tenant>.<date>`) and model calls at once per agent process; a tenant past either is
-refused at once, so its runaway never takes the slots or the spend of the others.
+`day.<tenant>.<date>`) and model calls at once in the whole mesh (leased slots
+`conc.<tenant>.<i>`, same bucket); a tenant past either is refused at once, so its runaway never
+takes the slots or the spend of the others.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import contextlib
 import contextvars
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -41,10 +44,17 @@ if TYPE_CHECKING:
 
     from mesh.bus import Bus
     from mesh.envelope import Event
+    from mesh.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
-KV_TTL_S = 36 * 3600.0  # a day's key outlives its day; an event's outlives its decision
+# What a vote refused for its budget says (mesh.agent.BUDGET_EXCEEDED): the start of its first
+# reason, and the coordinator's CallOutcome for it.
+BUDGET_EXCEEDED = "budget_exceeded"
+KV_TTL_S = 36 * 3600.0
+# A model-call slot's lease: twice the model timeout, at least this (a holder that died gives its
+# slot back after the lease at most; a live call ends at its timeout, well inside it).
+LEASE_MIN_S = 60.0  # a day's key outlives its day; an event's outlives its decision
 _CAS_ATTEMPTS = 50
 
 
@@ -122,6 +132,18 @@ current: contextvars.ContextVar[CallScope | None] = contextvars.ContextVar(
 )
 
 
+def refused_for_budget(verdict: Verdict | None) -> bool:
+    """Whether a verdict is an agent's refusal to spend past the budget: an abstention whose
+    first reason starts `budget_exceeded:`. Read from the signed verdict, not the artifact's
+    unsigned `brain`, so nobody on the path can relabel a vote as one."""
+    return (
+        verdict is not None
+        and verdict.vote == "abstain"
+        and bool(verdict.reasons)
+        and verdict.reasons[0].startswith(BUDGET_EXCEEDED + ":")
+    )
+
+
 def cost_micro_usd(
     model: str, input_tokens: int, output_tokens: int, settings: Settings | None = None
 ) -> int:
@@ -146,7 +168,8 @@ class BudgetLedger:
         self._kv: KeyValue | None = None
         self._memory: dict[str, bytes] = {}
         self._lock = asyncio.Lock()
-        self._active: dict[str, int] = {}
+        self._active: dict[str, int] = {}  # concurrency without a bus (see _take_slot)
+        self._holder = f"{socket.gethostname()}:{os.getpid()}"
 
     async def _bucket(self) -> KeyValue | None:
         if self.bus is None:
@@ -236,13 +259,7 @@ class BudgetLedger:
                 limit="wall_clock",
             )
         quota = tenant_quota(scope.tenant, self.settings)
-        cap = quota.concurrent_calls
-        if cap is not None and self._active.get(scope.tenant, 0) >= cap:
-            raise BudgetExceededError(
-                f"tenant {scope.tenant}: already {cap} model call(s) at once here (its quota)",
-                limit="tenant_concurrent_calls",
-            )
-        self._active[scope.tenant] = self._active.get(scope.tenant, 0) + 1
+        slot = await self._take_slot(scope.tenant, quota.concurrent_calls)
         reserved: list[tuple[str, Spent]] = []
         reservation = Reservation(worst=worst, settings=self.settings)
         try:
@@ -265,7 +282,7 @@ class BudgetLedger:
                 ) from e
             yield reservation
         finally:
-            self._active[scope.tenant] -= 1
+            await self._give_back(scope.tenant, slot)
             for key, held in reserved:
                 # Give back what was held beyond the real figure (all but the attempt itself
                 # when the call failed before saying what it cost).
@@ -279,6 +296,87 @@ class BudgetLedger:
                     await self._add(key, back)
                 except Exception:  # settling is best effort: the reservation errs high
                     log.warning("could not settle budget key %s", key, exc_info=True)
+
+    async def _take_slot(self, tenant: str, cap: int | None) -> tuple[str, int] | None:
+        """One of the tenant's `cap` model-call slots, or BudgetExceededError at once (never
+        queued: a flood must not hold others' A2A slots while it waits).
+
+        With a bus, the slots are keys `conc.<tenant>.<i>` of the budgets bucket, shared by every
+        agent process: a slot is taken by creating its key (atomic), given back by deleting it
+        at the revision written. A holder that dies without giving it back holds it for
+        `lease_s` at most: an expired lease is taken over with a compare-and-set. Cost: one
+        create when a slot is free, up to 2·cap round trips to refuse. No bus: counted here."""
+        if cap is None:
+            return None
+        kv = await self._bucket()
+        if kv is None:
+            if self._active.get(tenant, 0) >= cap:
+                raise _over_concurrency(tenant, cap)
+            self._active[tenant] = self._active.get(tenant, 0) + 1
+            return None
+        lease_s = max(LEASE_MIN_S, 2 * self.settings.model_timeout_s)
+        try:
+            for i in range(cap):
+                key = subjects.budget_slot_key(tenant, i)
+                now = time.time()
+                lease = msgspec.json.encode(Lease(until=now + lease_s, holder=self._holder))
+                try:
+                    return key, await kv.create(key, lease)
+                except Exception as e:
+                    if not _taken(e):
+                        raise
+                try:
+                    entry = await kv.get(key)
+                except KeyNotFoundError:
+                    continue  # given back meanwhile: the next caller takes it
+                held = msgspec.json.decode(entry.value or b"{}", type=Lease)
+                if held.until >= now or entry.revision is None:
+                    continue
+                try:  # an expired lease (its holder died): taken over
+                    return key, await kv.update(key, lease, last=entry.revision)
+                except Exception as e:
+                    if not _taken(e):
+                        raise
+        except BudgetExceededError:
+            raise
+        except Exception as e:
+            # Fail closed, as for spending: no call whose slot cannot be recorded.
+            raise ModelCallError(
+                f"budget store unavailable, model call not made: {e!r}", retryable=True
+            ) from e
+        raise _over_concurrency(tenant, cap)
+
+    async def _give_back(self, tenant: str, slot: tuple[str, int] | None) -> None:
+        if slot is None:
+            if tenant in self._active:
+                self._active[tenant] -= 1
+            return
+        kv = await self._bucket()
+        assert kv is not None
+        key, revision = slot
+        try:
+            await kv.delete(key, last=revision)
+        except Exception:  # taken over after its lease ran out, or the store is down
+            log.warning("could not give back model-call slot %s", key, exc_info=True)
+
+
+class Lease(msgspec.Struct, omit_defaults=True):
+    until: float  # Unix time after which another call may take the slot over
+    holder: str = ""  # who holds it (a process), for whoever reads the bucket
+
+
+def _taken(e: Exception) -> bool:
+    if isinstance(e, KeyWrongLastSequenceError):
+        return True
+    text = str(e).lower()
+    return "wrong last sequence" in text or "key exists" in text
+
+
+def _over_concurrency(tenant: str, cap: int) -> BudgetExceededError:
+    return BudgetExceededError(
+        f"tenant {tenant}: already {cap} model call(s) at once in the mesh (its quota)",
+        limit="tenant_concurrent_calls",
+    )
 
 
 @dataclass

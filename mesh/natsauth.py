@@ -19,8 +19,9 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
   and reads only its own task keys (direct gets and watches, the key in the API subject);
   subscribes callers' stream cancels (`_INBOX.*.*.cancel`); publishes output events
   `mesh.evt.>` and `mesh.trace.>`; binds its event handlers' durables on MESH_EVENTS; reads and
-  writes the budgets bucket `$KV.mesh_budgets.>` (model spend and call slots of every tenant); reads
-  the cards bucket and sends A2A requests `mesh.a2a.>` (delegation: the callee checks its token).
+  writes the budgets bucket `$KV.mesh_budgets.>` (model spend and call slots of every tenant);
+  reads the cards bucket and sends A2A requests `mesh.a2a.>` (delegation: the callee checks its
+  token).
 - agent A also declares schedules `mesh.sched.def.>`, reads them back and relays their
   firings through the durable `schedule-relay` (`mesh.schedules`).
 - publisher of T: publishes `mesh.evt.T.>` (acks come to its inbox).
@@ -243,7 +244,9 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             f"{JS}.STREAM.INFO.{subjects.TRACE_STREAM}",
             *_kv_key_reads(subjects.TASKS_BUCKET, f"{a}.>"),
             # Budgets (mesh.budget): every agent reserves and settles model spend of any
-            # tenant's events and days, so it reads and writes the whole bucket.
+            # tenant's events and days, and takes its call slots, so it reads and writes the
+            # whole bucket. Not pinned per agent: the counters are shared by every voter of an
+            # event and need one compare-and-set key (docs/budgets.md, "Who may write").
             f"$KV.{subjects.BUDGETS_BUCKET}.>",
             *_reads(_BUDGETS),
             # Delegation (mesh.delegate): finds agents by skill in the registry and calls them

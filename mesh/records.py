@@ -30,7 +30,11 @@ from mesh.verdict import Choice, Verdict
 
 # `invalid`: an answer that did not prove it came from the agent asked (unsigned, wrongly signed,
 # or signed for another event, skill or question); counted as the policy counts failures.
-CallOutcome = Literal["voted", "timeout", "unavailable", "error", "cancelled", "invalid"]
+# `budget_exceeded`: a signed abstention refusing to spend past the event's budget (mesh.budget);
+# counted as the policy's `budget_exceeded` says.
+CallOutcome = Literal[
+    "voted", "timeout", "unavailable", "error", "cancelled", "invalid", "budget_exceeded"
+]
 DecisionOutcome = Literal["approved", "rejected", "no_quorum"]
 
 

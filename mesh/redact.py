@@ -21,8 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry import metrics
-
+from mesh import telemetry
 from mesh.errors import ConfigError
 
 
@@ -84,18 +83,6 @@ DETECTORS: tuple[Detector, ...] = (
 DETECTOR_KINDS = frozenset(d.kind for d in DETECTORS)
 
 _PLACEHOLDER = re.compile(r"\[\[([A-Z_]+)_(\d+)\]\]")
-
-_counter: metrics.Counter | None = None
-
-
-def _redactions() -> metrics.Counter:
-    global _counter  # noqa: PLW0603  # one instrument per process
-    if _counter is None:
-        _counter = metrics.get_meter("mesh").create_counter(
-            "mesh.redactions", unit="{value}", description="values masked before a model call"
-        )
-    return _counter
-
 
 _PATH_STEP = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\*|\d+)\]")
 
@@ -192,7 +179,7 @@ class Redactor:
             value = _scan(value, self.detectors, placeholder)
         out.value = value
         for kind, n in out.counts.items():
-            _redactions().add(n, {"agent": agent, "kind": kind})
+            telemetry.meters().redactions.add(n, {"agent": agent, "kind": kind})
         return out
 
 

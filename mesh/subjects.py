@@ -18,7 +18,8 @@ DECISIONS_BUCKET = "mesh_decisions"
 # name is the body's SHA-256 (hex), so a body is kept once however often it is dead-lettered.
 DLQ_BODIES_BUCKET = "mesh_dlq_bodies"
 # Budget use (mesh.budget): `evt.<tenant>.<event token>` (what an event's calls spent) and
-# `day.<tenant>.<YYYY-MM-DD>` (a tenant's cost that UTC day); agents write, `mesh budgets` reads.
+# `day.<tenant>.<YYYY-MM-DD>` (a tenant's cost that UTC day), `conc.<tenant>.<slot>` (a model call
+# in flight, a lease); agents write, `mesh budgets` reads.
 BUDGETS_BUCKET = "mesh_budgets"
 CHECKPOINTS_STREAM = "MESH_CHECKPOINTS"  # signed audit checkpoints, kept apart from MESH_AUDIT
 TRACE_STREAM = "MESH_TRACES"  # spans kept for `mesh trace` when MESH_TRACE_STREAM is on
@@ -197,6 +198,11 @@ def budget_event_key(tenant: str, event_token: str) -> str:
 
 def budget_day_key(tenant: str, day: str) -> str:
     return f"day.{tenant}.{day}"
+
+
+def budget_slot_key(tenant: str, slot: int) -> str:
+    """One of a tenant's model-call slots (mesh.budget: its `concurrent_calls`, mesh-wide)."""
+    return f"conc.{tenant}.{slot}"
 
 
 # A2A message metadata of a call's context: what is left of its budget (mesh.budget.Budget as

@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace.export import (
 )
 
 from mesh import subjects
+from mesh.providers import price_of
 from mesh.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class Meters:
     dead_letters: metrics.Counter
     tokens: metrics.Counter
     cost: metrics.Counter
+    redactions: metrics.Counter
 
 
 _meters: Meters | None = None
@@ -141,6 +143,11 @@ def meters() -> Meters:
             cost=m.create_counter(
                 "mesh.gen_ai.cost", unit="USD", description="Model cost by agent and tenant"
             ),
+            redactions=m.create_counter(
+                "mesh.redactions",
+                unit="{value}",
+                description="Values masked before a model call, by agent and kind",
+            ),
         )
     return _meters
 
@@ -155,16 +162,13 @@ call_labels: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
 def record_usage(model: str, input_tokens: int, output_tokens: int) -> None:
     """Token and cost counters, labelled by model and the current call's agent and tenant.
 
-    Prices (USD per million tokens) come from MESH_PRICE_INPUT_PER_MTOK and
-    MESH_PRICE_OUTPUT_PER_MTOK: set them to your contract; unset, no cost is recorded."""
+    Priced by `mesh.providers.price_of`, the one source budgets use too: the models file's
+    `[prices]`, else MESH_PRICE_*, else the shipped table (docs/budgets.md)."""
     labels = {"model": model, **call_labels.get()}
     m = meters()
     m.tokens.add(input_tokens, {**labels, "type": "input"})
     m.tokens.add(output_tokens, {**labels, "type": "output"})
-    settings = get_settings()
-    price_in, price_out = settings.price_input_per_mtok, settings.price_output_per_mtok
-    if price_in is None or price_out is None:
-        return
+    price_in, price_out = price_of(model)
     m.cost.add((input_tokens * price_in + output_tokens * price_out) / 1e6, labels)
 
 

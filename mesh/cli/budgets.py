@@ -36,6 +36,8 @@ async def budgets(
         for key in sorted(keys):
             kind, _, rest = key.partition(".")
             who, _, what = rest.partition(".")
+            if kind not in ("day", "evt"):
+                continue  # `conc.`: model-call slots in flight (leases), not spend
             if tenant is not None and who != tenant:
                 continue
             if kind == "day" and what != day:

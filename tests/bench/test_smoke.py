@@ -45,6 +45,7 @@ def test_every_benchmark_runs_and_writes_its_results(tmp_path: Path) -> None:
         assert doc["results"][key] == value, key
     md = (tmp_path / "smoke.md").read_text()
     assert "## Targets" in md and "## Transport floor" in md and "## Resources" in md
+    assert "## Noisy neighbour" in md
     # Its tables were printed too.
     assert "| transport |" in out and "## Decisions end to end" in out
     assert not (tmp_path / "latest.json").exists()  # a smoke run never passes for a full one

@@ -94,9 +94,14 @@ async def test_an_event_whose_budget_runs_out_gets_budget_exceeded_votes(
     assert brains == ["budget_exceeded", "budget_exceeded", "claude:claude-sonnet-5-5"]
     for v in decided.votes:
         if v.brain == "budget_exceeded":
-            assert v.outcome == "voted" and v.verdict is not None
+            assert v.outcome == "budget_exceeded" and v.verdict is not None
+            assert v.counted_as == "reject"  # the policy's default
             assert v.verdict.reasons[0].startswith("budget_exceeded: event ")
             assert "tokens" in v.verdict.reasons[0]
+    # Counted as abstentions, one approval would have carried the majority: running out of
+    # budget must not approve. The reason says what the policy made of them.
+    assert decided.outcome == "rejected"
+    assert decided.reason.count("budget_exceeded → counted as reject (policy)") == 2
     # What the event spent, settled to the real figure, is in the budgets bucket.
     ledger = budget.BudgetLedger(bus)
     spent = await ledger.read(subjects.budget_event_key("default", event.id))

@@ -77,6 +77,10 @@ async def test_mesh_budgets_shows_use_and_limits(
         scope, model="claude-haiku-4-5", prompt_text="x", max_tokens=10
     ) as r:
         r.settle("claude-haiku-4-5", 1000, 200)  # $1/$5 per MTok: 1000 + 1000 micro-USD
+    from mesh import subjects
+
+    kv = await bus.kv(subjects.BUDGETS_BUCKET)  # a model call in flight holds a slot: no spend
+    await kv.put(subjects.budget_slot_key("acme", 0), b'{"until": 1e12}')
     env = {
         **os.environ,
         "MESH_NATS_URL": nats_server.url,
@@ -96,6 +100,7 @@ async def test_mesh_budgets_shows_use_and_limits(
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
+    assert len(json.loads(out)) == 2
     rows = {r["kind"]: r for r in json.loads(out)}
     assert rows["tenant-day"]["tenant"] == "acme"
     assert rows["tenant-day"]["costUsd"] == 0.002

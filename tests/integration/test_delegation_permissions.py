@@ -3,15 +3,18 @@ A2A requests) and keep an event's budget (read and write the budgets bucket)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from mesh import Agent, Verdict, budget, subjects
 from mesh.a2a.client import AgentClient, status_text, task_of, task_state, user_message
 from mesh.bus import Bus
 from mesh.delegate import delegate
+from mesh.errors import BudgetExceededError
 from mesh.identity import IdentityDir
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
@@ -67,3 +70,48 @@ async def test_an_agent_may_delegate_and_spend_under_its_own_identity(
                 subjects.budget_event_key("acme", "evt-perm")
             )
     assert (spent.tokens, spent.tool_calls) == (2, 2)  # one model call, one delegation
+
+
+async def test_a_tenants_concurrency_quota_holds_across_agent_processes(
+    identities: IdentityDir, tmp_path: Path
+) -> None:
+    """Two agents (two identities, two connections: as two processes would be) share the tenant's
+    `concurrent_calls` through the budgets bucket; a dead holder's slot comes back after its
+    lease."""
+    models = tmp_path / "models.toml"
+    models.write_text("[tenants.noisy]\nconcurrent_calls = 1\n")
+    scope = budget.CallScope(tenant="noisy", event_id="evt-conc")
+    ids = {n: identities.issue("agent", n) for n in ("conc-one", "conc-two")}
+    with EmbeddedServer(auth=identities) as server:
+
+        def as_(name: str) -> Settings:
+            return Settings(nats_url=server.url, identity=ids[name], models_file=models)
+
+        async with await Bus.connect(server.url) as op:
+            await op.ensure()
+            one, two = as_("conc-one"), as_("conc-two")
+            async with await Bus.connect(settings=one) as b1, await Bus.connect(settings=two) as b2:
+                first = budget.BudgetLedger(b1, settings=one)
+                second = budget.BudgetLedger(b2, settings=two)
+
+                def call(ledger: budget.BudgetLedger) -> Any:
+                    return ledger.model_call(scope, model="m", prompt_text="x", max_tokens=5)
+
+                async with call(first):
+                    with pytest.raises(BudgetExceededError) as refused:
+                        async with call(second):
+                            pytest.fail("two calls at once in the mesh with a quota of one")
+                    assert refused.value.limit == "tenant_concurrent_calls"
+                async with call(second):  # given back: the other process may call now
+                    pass
+                # A holder that died mid-call: its lease, once past, is taken over.
+                kv = await op.kv(subjects.BUDGETS_BUCKET)
+                key = subjects.budget_slot_key("noisy", 0)
+                await kv.put(key, msgspec.json.encode(budget.Lease(until=time.time() + 3600)))
+                with pytest.raises(BudgetExceededError):
+                    async with call(first):
+                        pass
+                await kv.put(key, msgspec.json.encode(budget.Lease(until=time.time() - 1)))
+                async with call(first):
+                    held = msgspec.json.decode((await kv.get(key)).value or b"", type=budget.Lease)
+                    assert held.until > time.time()

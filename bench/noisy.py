@@ -1,0 +1,293 @@
+"""Noisy neighbour: does one tenant's flood of slow model calls slow another tenant down?
+
+One mesh (nats-server, a coordinator and one prompted agent as OS processes): the agent's brain
+is the chain `anthropic:claude-sonnet-5-5,rules` pointed at a local Anthropic-compatible fake
+(in this process, `mesh.testing.fake_anthropic`) that answers tenant `flood`'s requests after
+`delay_s` and everyone else's at once. Event type `noisy.vote` is decided by that one agent.
+
+Tenant `steady` publishes at `steady_rate`/s (open loop) for `seconds`; its p99 (publish →
+decision received) is measured three ways, in this order:
+
+1. solo (nobody else publishing);
+2. with tenant `flood` publishing `flood_rate`/s at the same time, under its quota
+   (`[tenants.flood] concurrent_calls`, the models file): the product as configured;
+3. the same flood answered at once by the model (the flood's volume alone, no slow call);
+4. the slow flood with no quota for `flood` (the file rewritten; the agent re-reads it on its
+   next call): what the quota buys;
+5. solo again (how much the machine's own load moved meanwhile).
+
+Target (issue 16): the steady tenant's p99 in run 2 within 10 % of run 1. The others are
+shown, not judged. A flood call that would exceed the quota is refused at once
+(`budget_exceeded`).
+
+`python -m bench.noisy` is also the agent process (`NOISY_AGENT` names it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from bench.common import Sized, banner, fmt, md_table, note, num, pct
+from bench.harness import BenchMesh
+from mesh import envelope, subjects
+from mesh.bus import Bus
+from mesh.server import EmbeddedServer
+from mesh.testing.fake_anthropic import FakeAnthropic
+from tests.support import samples
+from tests.support.launcher import ProcessMesh
+
+AGENT = "noisy-reviewer"
+SKILL = "noisy-vote"
+EVENT_TYPE = "noisy.vote"
+STEADY, FLOOD = "steady", "flood"
+MODEL = "claude-sonnet-5-5"
+
+
+@dataclass
+class Opts(Sized):
+    SIZES: ClassVar[dict[str, dict[str, Any]]] = {
+        "quick": {"seconds": 10.0, "steady_rate": 20.0, "flood_rate": 20.0},
+        "smoke": {"seconds": 2.0, "steady_rate": 5.0, "flood_rate": 5.0, "delay_s": 0.5},
+    }
+    seconds: float = 30.0
+    steady_rate: float = 20.0  # events/s of the steady tenant
+    flood_rate: float = 20.0  # events/s of the flooding tenant
+    delay_s: float = 2.0  # the model's answer time for the flooding tenant
+    quota: int = 2  # the flooding tenant's concurrent model calls (in the mesh)
+
+
+@dataclass
+class Run:
+    label: str
+    lat_ms: list[float]
+    sent: int
+    flood_sent: int = 0
+    flood_decided: int = 0
+    flood_outcomes: dict[str, int] | None = None
+    model_calls: int = 0
+
+    def p(self, q: float) -> float:
+        return pct(sorted(self.lat_ms), q)
+
+
+def models_file(path: Path, quota: int | None) -> None:
+    text = f"[tenants.{FLOOD}]\nconcurrent_calls = {quota}\n" if quota is not None else ""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # whole or not at all: the agent may read it any time
+
+
+class NoisyMesh(BenchMesh):
+    def __init__(self, work: Path, fake: FakeAnthropic, models: Path, settle_s: float) -> None:
+        super().__init__(work, voter_counts=[], settle_s=settle_s)
+        self.fake = fake
+        self.models = models
+
+    async def start(self) -> None:
+        self.server = EmbeddedServer(store_dir=self.work / "js").start()
+        self.bus = await Bus.connect(self.server.url, name="bench-noisy")
+        await self.bus.ensure()
+        await self.bus.nc.subscribe(f"{subjects.DECISIONS_ROOT}.>", cb=self._on_decision)
+        self.procs = ProcessMesh(self.server.url, self.work, server=self.server)
+        policy = self.procs.policy(
+            {
+                EVENT_TYPE: samples.policy(
+                    [SKILL],
+                    rule={"kind": "majority"},
+                    agent_timeout_s=10.0,
+                    deadline_s=20.0,
+                    decision_type="noisy.decided",
+                )
+            }
+        )
+        self.coordinator = self.procs.coordinator(policy, name="coordinator-noisy")
+        samples.write_card(self.procs.cards, AGENT, SKILL)
+        env = {
+            "MESH_CARDS_DIR": str(self.procs.cards),
+            "NOISY_AGENT": AGENT,
+            "ANTHROPIC_BASE_URL": self.fake.base_url,
+            "ANTHROPIC_API_KEY": "bench-key-for-the-local-fake",
+            "MESH_MODEL": f"anthropic:{MODEL},rules",
+            "MESH_MODELS_FILE": str(self.models),
+        }
+        ident = self.procs.identity("agent", AGENT)
+        self.reviewers[AGENT] = self.procs.spawn(AGENT, "bench.noisy", env, identity=ident)
+        await self._wait_registered([AGENT], [self.reviewers[AGENT]])
+
+    async def publish(self, tenant: str, eid: str) -> None:
+        assert self.bus is not None
+        data = {"id": eid, "vote": "approve"}
+        event = envelope.new_event(
+            EVENT_TYPE, data, event_id=eid, source="mesh://bench", tenant=tenant
+        )
+        await self.bus.publish_event(event)
+
+    async def publish_at(self, tenant: str, rate: float, seconds: float) -> dict[str, float]:
+        """Publish `rate`/s for `seconds` on a fixed schedule; event id → when it was sent."""
+        sent: dict[str, float] = {}
+        pending: set[asyncio.Task[None]] = set()
+        t0 = time.perf_counter()
+        for i in range(max(1, int(rate * seconds))):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            eid = self._next_id(tenant)
+            sent[eid] = time.perf_counter()
+            task = asyncio.create_task(self.publish(tenant, eid))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.wait(pending, timeout=30)
+        return sent
+
+    async def drain(self, sent: dict[str, float], bound_s: float) -> bool:
+        until = time.monotonic() + bound_s
+        while time.monotonic() < until:
+            if all(e in self.recv for e in sent):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def run(self, label: str, opts: Opts, *, flood: bool) -> Run:
+        await self.settle()
+        calls0 = len(self.fake.requests)
+        work = [self.publish_at(STEADY, opts.steady_rate, opts.seconds)]
+        if flood:
+            work.append(self.publish_at(FLOOD, opts.flood_rate, opts.seconds))
+        sents = await asyncio.gather(*work)
+        steady = sents[0]
+        flood_sent = sents[1] if flood else {}
+        drained = await self.drain(steady, 30.0 + opts.seconds)
+        # The flood's own decisions are not measured, only what they leave behind.
+        if flood and not await self.drain(flood_sent, 10.0):
+            await self.purge()
+        if not drained:
+            note(f"{label}: not every steady event was decided within the drain bound")
+        lat = [(self.recv[e][0] - t) * 1000 for e, t in steady.items() if e in self.recv]
+        outcomes: dict[str, int] = {}
+        for e in flood_sent:
+            if e in self.recv:
+                outcomes[self.recv[e][1]] = outcomes.get(self.recv[e][1], 0) + 1
+        return Run(
+            label,
+            lat,
+            len(steady),
+            flood_sent=len(flood_sent),
+            flood_decided=sum(outcomes.values()),
+            flood_outcomes=outcomes,
+            model_calls=len(self.fake.requests) - calls0,
+        )
+
+
+def _responder(delay: dict[str, float]) -> Any:
+    async def respond(body: dict[str, Any]) -> dict[str, Any]:
+        # The tenant's event ids start with its name (`b<run>-flood-<n>`): its requests are slow.
+        if delay["s"] and f"-{FLOOD}-" in json.dumps(body.get("messages", "")):
+            await asyncio.sleep(delay["s"])
+        return {"vote": "approve", "reasons": ["scripted"]}
+
+    return respond
+
+
+async def run(opts: Opts) -> dict[str, Any]:
+    banner(
+        f"noisy neighbour: {STEADY} at {opts.steady_rate:g}/s for {opts.seconds:g}s, "
+        f"{FLOOD} at {opts.flood_rate:g}/s with {opts.delay_s:g}s model calls"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-noisy-") as tmp:
+        work = Path(tmp)
+        models = work / "models.toml"
+        models_file(models, opts.quota)
+        delay = {"s": opts.delay_s}
+        async with FakeAnthropic(_responder(delay)) as fake:
+            mesh = NoisyMesh(work, fake, models, settle_s=5.0 if opts.short else 30.0)
+            try:
+                await mesh.start()
+                await mesh.ready(EVENT_TYPE, {"id": "probe"})
+                runs = [
+                    await mesh.run("solo", opts, flood=False),
+                    await mesh.run(f"with {FLOOD} (quota {opts.quota})", opts, flood=True),
+                ]
+                # The same events answered at once: what the flood's volume costs by itself.
+                delay["s"] = 0.0
+                runs.append(await mesh.run(f"with {FLOOD}, fast model (quota)", opts, flood=True))
+                delay["s"] = opts.delay_s
+                models_file(models, None)
+                runs.append(await mesh.run(f"with {FLOOD} (no quota)", opts, flood=True))
+                models_file(models, opts.quota)
+                runs.append(await mesh.run("solo again", opts, flood=False))
+            finally:
+                await mesh.close()
+    return _report(opts, runs)
+
+
+def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
+    solo, quota, fast, free, again = runs
+    rows = []
+    for r in runs:
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted((r.flood_outcomes or {}).items()))
+        rows.append(
+            (
+                r.label,
+                f"{len(r.lat_ms)}/{r.sent}",
+                fmt(r.p(50), 1),
+                fmt(r.p(99), 1),
+                f"{r.flood_decided}/{r.flood_sent}" if r.flood_sent else "-",
+                outcomes or "-",
+                r.model_calls,
+            )
+        )
+    ratio = quota.p(99) / solo.p(99) if solo.lat_ms and quota.lat_ms else float("nan")
+    table = md_table(
+        [
+            "run",
+            f"{STEADY} decided",
+            "p50 ms",
+            "p99 ms",
+            f"{FLOOD} decided",
+            f"{FLOOD} outcomes",
+            "model calls",
+        ],
+        rows,
+    )
+    md = (
+        "## Noisy neighbour\n\n"
+        f"Tenant `{STEADY}` publishes {opts.steady_rate:g} events/s for {opts.seconds:g} s; "
+        f"tenant `{FLOOD}` {opts.flood_rate:g}/s whose model calls take {opts.delay_s:g} s "
+        f"(quota: {opts.quota} model calls at once in the mesh). One agent decides both; "
+        "latency is publish → decision received. The fast-model run floods with the same "
+        "events answered at once: what the flood's volume costs without any slow call.\n\n"
+        f"{table}\n\n"
+        f"{STEADY} p99 with the flood (under its quota) / solo: **{ratio:.2f}x** "
+        "(target ≤ 1.10x)."
+    )
+    results = {
+        "noisy_steady_p99_solo_ms": num(solo.p(99)),
+        "noisy_steady_p99_flood_ms": num(quota.p(99)),
+        "noisy_steady_p99_flood_fast_model_ms": num(fast.p(99)),
+        "noisy_steady_p99_flood_no_quota_ms": num(free.p(99)),
+        "noisy_steady_p99_solo_again_ms": num(again.p(99)),
+        "noisy_steady_p99_ratio": num(ratio, 3),
+    }
+    print(md, flush=True)
+    return {"results": results, "markdown": md}
+
+
+if __name__ == "__main__":
+    from mesh import Agent, Verdict
+    from tests.support.samples import Proposal
+
+    agent = Agent(os.environ["NOISY_AGENT"], prompt="Vote on the proposal.")
+
+    def rules(p: Proposal) -> Verdict:
+        return Verdict.approve("rules: the model chain fell through")
+
+    agent.rules(rules)
+    agent.main()
