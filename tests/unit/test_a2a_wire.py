@@ -295,3 +295,79 @@ def test_the_fast_path_reads_what_it_models_and_passes_on_the_rest() -> None:
     assert view.data == {"vote": "approve", "n": float(2**60 + 1), "m": float(-(2**70))}
     assert type(view.first_metadata["inputTokens"]) is float  # as a protobuf Struct has it
     assert "TASK_STATE_COMPLETED" in repr(view)
+
+
+# -- the agent's side: the lean reply's history rendered from the request's JSON ----------------
+HISTORY_PARAMS: list[Any] = [
+    {"message": {"messageId": "m", "role": "ROLE_USER", "parts": [{"text": "hi"}]}},
+    {
+        "message": {
+            "role": "ROLE_USER",
+            "messageId": "m-2",
+            "contextId": "c",
+            "metadata": {"n": 1, "big": 2**60 + 1, "s": "ü"},
+            "parts": [
+                {"mediaType": "application/json", "data": {"x": [1, 2.5, None, {"y": True}]}},
+                {"text": "日本 🚀", "metadata": {}, "filename": ""},
+                {"data": "just a string"},
+                {"data": None},
+            ],
+        }
+    },
+]
+_M = {"messageId": "m", "role": "ROLE_USER"}
+NOT_RENDERED: list[Any] = [
+    None,
+    {"message": {"message_id": "m", "role": "ROLE_USER", "parts": [{"text": "hi"}]}},
+    {"message": {"messageId": "m", "role": 1, "parts": [{"text": "hi"}]}},
+    {"message": {"messageId": "m", "role": "ROLE_USER", "parts": [{"text": "a", "data": 1}]}},
+    {"message": {"messageId": "m", "role": "ROLE_USER", "parts": [{"url": "u"}]}},
+    {"message": {"messageId": "m", "role": "ROLE_USER", "parts": [{"text": 5}]}},
+    {
+        "message": {
+            "messageId": "m",
+            "role": "ROLE_USER",
+            "parts": [{"text": "x"}],
+            "extensions": [],
+        }
+    },
+    {"message": {"messageId": "m", "role": "ROLE_USER", "parts": [{"data": {"x": 10**400}}]}},
+    {
+        "message": {
+            "messageId": "m",
+            "role": "ROLE_USER",
+            "contextId": "other",
+            "parts": [{"text": "x"}],
+        }
+    },
+]
+
+
+def _order(value: Any) -> Any:
+    """The member order of every object but Struct values (data, metadata: protobuf maps)."""
+    if isinstance(value, dict):
+        return [(k, None if k in ("data", "metadata") else _order(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [_order(v) for v in value]
+    return None
+
+
+@pytest.mark.parametrize("params", HISTORY_PARAMS)
+def test_the_lean_history_prints_as_the_message_does(params: Any) -> None:
+    from google.protobuf.json_format import ParseDict
+
+    from mesh.a2a.lean import _history_json
+
+    message = ParseDict(params["message"], Message())
+    message.task_id, message.context_id = "t", "c"
+    printed = MessageToDict(message)
+    rendered = _history_json(params, "t", "c")
+    assert json.dumps(rendered, sort_keys=True) == json.dumps(printed, sort_keys=True)
+    assert _order(rendered) == _order(printed)
+
+
+@pytest.mark.parametrize("params", NOT_RENDERED)
+def test_the_lean_history_leaves_the_rest_to_protobuf(params: Any) -> None:
+    from mesh.a2a.lean import _history_json
+
+    assert _history_json(params, "t", "c") is None
