@@ -14,8 +14,11 @@ one replica, `headers` go with the request (a W3C traceparent). `open` gives a2a
 Failures are mesh errors: `AgentUnavailableError` (nobody listening), `AgentTimeoutError`,
 `AgentCallError` with the JSON-RPC `.code`.
 
+`send_lean` is `send` without protobuf on the way (mesh.a2a.wire: the coordinator's path): an
+`OutgoingMessage` in, a `TaskView` out (or, for a reply it does not model, what `send` returns).
+
 The readers (`task_state`, `status_text`, `verdict_of`, `artifact_metadata`, `status_time`)
-take a `Task`, or a Task's JSON as the wire carries it (a GetTask `result`).
+take a `Task`, a `TaskView`, or a Task's JSON as the wire carries it (a GetTask `result`).
 """
 
 from __future__ import annotations
