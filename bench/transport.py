@@ -1,9 +1,10 @@
 """Transport floor: one ~1 KiB A2A SendMessage to a trivial agent, three ways, in one run.
 
 (a) raw nats-py request/reply to a responder process that answers canned bytes (the floor);
-(b) A2A over NATS: `mesh.a2a.AgentClient.send` (a2a-sdk's typed objects) to the test voting
-    agent (`tests.support.voter`: `Agent.main`, as shipped, its own process), which answers at
-    once;
+(b) A2A over NATS: `mesh.a2a.AgentClient.send_lean` (the coordinator's client: msgspec request
+    and reply view, mesh/a2a/wire.py; the row "typed client" is `AgentClient.send`, a2a-sdk's
+    protobuf objects, the client before) to the test voting agent (`tests.support.voter`:
+    `Agent.main`, as shipped, its own process), which answers at once;
 (c) A2A over HTTP: the same agent process's uvicorn endpoint, httpx keep-alive client,
     header `A2A-Version: 1.0` (and a minimal client, to show what httpx itself costs).
 
@@ -24,6 +25,7 @@ import contextlib
 import itertools
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,15 @@ import httpx
 from bench import profile
 from bench.common import Proc, Sized, banner, fmt, md_table, note, num, pct
 from mesh import subjects
-from mesh.a2a import AgentClient, jsonrpc, task_of, task_state, user_message
+from mesh.a2a import (
+    AgentClient,
+    OutgoingMessage,
+    data_part,
+    jsonrpc,
+    task_of,
+    task_state,
+    user_message,
+)
 from mesh.bus import Bus
 from mesh.dev.launcher import Child
 from mesh.registry import Registry
@@ -281,6 +291,31 @@ def _a2a_headers(bus: Bus) -> dict[str, str]:
     return {"A2A-Version": "1.0", subjects.H_AUTHORIZATION: f"Bearer {bus.identity.token}"}
 
 
+def _nats_calls(client: AgentClient) -> tuple[Callable[[str], Call], Callable[[str], Call]]:
+    """Calls to an agent over NATS: as the coordinator makes them, and with the typed client."""
+    # The coordinator's way (coordinator/dispatch.py): the data part's JSON made once per
+    # event (here: once, one payload), the message and the reply in msgspec
+    # (`AgentClient.send_lean`, mesh/a2a/wire.py).
+    part = data_part(PAYLOAD)
+
+    def a2a_nats(agent: str) -> Call:
+        async def call() -> bool:
+            message = OutgoingMessage(message_id=str(uuid.uuid4()), role="ROLE_USER", parts=[part])
+            sent = await client.send_lean(agent, message, timeout=5)
+            return task_state(task_of(sent)) == "TASK_STATE_COMPLETED"
+
+        return call
+
+    def a2a_nats_typed(agent: str) -> Call:
+        async def call() -> bool:
+            sent = await client.send(agent, user_message(data=PAYLOAD), timeout=5)
+            return task_state(task_of(sent)) == "TASK_STATE_COMPLETED"
+
+        return call
+
+    return a2a_nats, a2a_nats_typed
+
+
 async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[str, Any]:
     nats = Proc(server.pid or 0, "nats-server")
     bus = await Bus.connect(server.url, name="bench-transport")
@@ -315,12 +350,7 @@ async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[s
             await nc.request(RAW_SUBJECT, probe, timeout=5, headers=a2a_headers)
             return True
 
-        def a2a_nats(agent: str) -> Call:
-            async def call() -> bool:
-                sent = await client.send(agent, user_message(data=PAYLOAD), timeout=5)
-                return task_state(task_of(sent)) == "TASK_STATE_COMPLETED"
-
-            return call
+        a2a_nats, a2a_nats_typed = _nats_calls(client)
 
         headers = {"Content-Type": "application/json", **a2a_headers}
 
@@ -358,6 +388,14 @@ async def _run(opts: Opts, server: EmbeddedServer, procs: ProcessMesh) -> dict[s
             (
                 Stats("a2a_nats", "A2A over NATS (as shipped: lean path)", agent_proc),
                 a2a_nats(AGENT),
+            ),
+            (
+                Stats(
+                    "a2a_nats_typed",
+                    "A2A over NATS, typed client (AgentClient.send: protobuf)",
+                    agent_proc,
+                ),
+                a2a_nats_typed(AGENT),
             ),
             (
                 Stats("a2a_nats_sdk", "A2A over NATS, SDK path (MESH_A2A_LEAN=0)", sdk_proc),
@@ -440,7 +478,7 @@ async def _profile(
     seconds = 3.0 if opts.short else 8.0
     parts: list[str] = []
     out: dict[str, Any] = {}
-    wanted = {"a2a_nats", "a2a_nats_sdk", "a2a_nats_mem", "a2a_http"}
+    wanted = {"a2a_nats", "a2a_nats_typed", "a2a_nats_sdk", "a2a_nats_mem", "a2a_http"}
     for st, call in plan:
         if st.name not in wanted:
             continue

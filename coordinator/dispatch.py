@@ -32,7 +32,7 @@ import sys
 import time
 
 import msgspec
-from a2a.types import Message, Part, Task
+from a2a.types import Message, Task
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from coordinator.decide import NOBODY_LISTENING, TAKEN_OVER_LATE, Ask, unanswered
@@ -40,7 +40,7 @@ from coordinator.policy import Policy
 from coordinator.routing import BreakerOpen, Router, is_busy
 from mesh import envelope, subjects, telemetry, votes
 from mesh._internal.retry import RetryPolicy
-from mesh.a2a import jsonrpc
+from mesh.a2a import jsonrpc, wire
 from mesh.a2a.client import (
     AgentClient,
     artifact_metadata,
@@ -49,6 +49,7 @@ from mesh.a2a.client import (
     user_message,
     verdict_of,
 )
+from mesh.a2a.wire import OutgoingMessage, TaskView
 from mesh.budget import Budget, refused_for_budget
 from mesh.errors import (
     AgentBusyError,
@@ -96,38 +97,51 @@ def _infra_pause(e: AgentCallError, infra_failures: int, deadline: float) -> flo
     return wait if time.monotonic() + wait < deadline else None
 
 
-def message(req: Ask) -> Message:
+def message(req: Ask) -> OutgoingMessage | Message:
+    """The question to one voter: the event's data and what the voter signs its answer for. As
+    msgspec-made JSON (mesh.a2a.wire), equal to what `user_message` would print; as a protobuf
+    Message when the data is something only that path says how to handle (`wire.struct_value`
+    refuses it: e.g. a non-finite number, which it refuses where it always did, in the call)."""
     e = req.event
-    msg = user_message(
-        message_id=subjects.vote_message_id(e.tenant, e.id, req.skill),
-        # What the voter signs its answer for (mesh.votes), with the messageId.
-        metadata={
-            "eventId": e.id,
-            "eventType": e.type,
-            "tenant": e.tenant,
-            "skill": req.skill,
-            **Budget.of_event(e).metadata(),  # what the event may spend (mesh.budget)
-        },
-    )
-    part = _data_part(e)
-    if part is not None:  # no data: no part, as `user_message(data=None)` builds it
-        msg.parts.append(part)  # a copy: the same message `user_message(data=)` builds
-    return msg
+    message_id = subjects.vote_message_id(e.tenant, e.id, req.skill)
+    metadata = {
+        "eventId": e.id,
+        "eventType": e.type,
+        "tenant": e.tenant,
+        "skill": req.skill,
+        **Budget.of_event(e).metadata(),  # what the event may spend (mesh.budget)
+    }
+    part = _data_part(e) if e.data is not None else None
+    if part is not None:
+        try:
+            return OutgoingMessage(
+                message_id=message_id,
+                role="ROLE_USER",
+                parts=[part],
+                metadata=wire.struct_value(msgspec.to_builtins(metadata)),
+            )
+        except ValueError:
+            pass
+    # No data (no part, as `user_message(data=None)` builds it), or data only protobuf carries.
+    return user_message(data=e.data, message_id=message_id, metadata=metadata)
 
 
-# The event's data as a message part, made once per event rather than once per voter: the
-# protobuf conversion was ~16% of the coordinator's CPU with 3 voters (bench --profile). Keyed
-# by the Event object (one per delivery, shared by its voters); the last few kept.
-_PARTS: dict[int, tuple[envelope.Event, Part | None]] = {}
+# The event's data as a message part's JSON, made once per event rather than once per voter
+# (protobuf conversion was ~16% of the coordinator's CPU with 3 voters: bench --profile). Keyed
+# by the Event object (one per delivery, shared by its voters); the last few kept. None: data
+# the msgspec path does not carry (`message` takes the protobuf one).
+_PARTS: dict[int, tuple[envelope.Event, msgspec.Raw | None]] = {}
 _PARTS_KEPT = 64
 
 
-def _data_part(event: envelope.Event) -> Part | None:
+def _data_part(event: envelope.Event) -> msgspec.Raw | None:
     held = _PARTS.get(id(event))
     if held is not None and held[0] is event:
         return held[1]
-    parts = user_message(data=event.data).parts
-    part: Part | None = parts[0] if parts else None
+    try:
+        part: msgspec.Raw | None = wire.data_part(event.data)
+    except (ValueError, TypeError):
+        part = None
     if len(_PARTS) >= _PARTS_KEPT:
         del _PARTS[next(iter(_PARTS))]  # the oldest
     _PARTS[id(event)] = (event, part)
@@ -168,7 +182,7 @@ def _vote(
     attempts: int,
     outcome: CallOutcome,
     *,
-    task: Task | None = None,
+    task: Task | TaskView | None = None,
     verdict: Verdict | None = None,
     counted: bool = False,
     error: str = "",
@@ -191,8 +205,8 @@ def _vote(
 def _answered(
     router: Router,
     req: Ask,
-    msg: Message,
-    task: Task,
+    msg: Message | OutgoingMessage,
+    task: Task | TaskView,
     verdict: Verdict,
     *,
     started: float,
@@ -277,7 +291,7 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
         route = router.route(req.agent, avoid=frozenset(failed))
         try:
             async with router.call(route, slow_s=policy.agent_timeout_s / 2):
-                result = await client.send(
+                result = await client.send_lean(
                     req.agent,
                     msg,
                     timeout=min(policy.agent_timeout_s, remaining),
@@ -347,11 +361,15 @@ def _failed(
 
 
 async def _recover(
-    client: AgentClient, router: Router, req: Ask, msg: Message, started: float
+    client: AgentClient,
+    router: Router,
+    req: Ask,
+    msg: Message | OutgoingMessage,
+    started: float,
 ) -> Vote:
     route = router.route(req.agent)
     try:
-        result = await client.send(
+        result = await client.send_lean(
             req.agent,
             msg,
             timeout=min(req.policy.agent_timeout_s, req.grace_s),

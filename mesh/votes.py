@@ -31,6 +31,7 @@ from a2a.types import Task
 from google.protobuf.json_format import MessageToDict
 
 from mesh import subjects
+from mesh.a2a.wire import TaskView
 from mesh.identity import Signer, verify_with
 from mesh.signing import CLOCK_SKEW_S, Binding
 
@@ -116,21 +117,29 @@ class VoteSigner:
         return {"instance": self.instance, "at": when, "signature": sig}
 
 
-def signed_output(task: Task) -> tuple[Any, VoteSignature | str]:
+def signed_output(task: Task | TaskView) -> tuple[Any, VoteSignature | str]:
     """The task's answer (its first data part, the one `verdict_of` reads) and the signature
-    its artifact carries, or why there is none usable."""
+    its artifact carries, or why there is none usable. A `TaskView` (the client's fast path)
+    holds both already, as `MessageToDict` gives them."""
+    if isinstance(task, TaskView):
+        if task.data is msgspec.UNSET:
+            return None, "no data part to verify"
+        return _signed(task.data, task.data_metadata.get(SIGNATURE_KEY))
     for artifact in task.artifacts:
         for part in artifact.parts:
             if part.HasField("data"):
                 output = MessageToDict(part.data)
-                meta = MessageToDict(artifact.metadata).get(SIGNATURE_KEY)
-                if meta is None:
-                    return output, "unsigned vote"
-                try:
-                    return output, msgspec.convert(meta, VoteSignature, strict=False)
-                except msgspec.ValidationError as e:
-                    return output, f"malformed vote signature ({e})"
+                return _signed(output, MessageToDict(artifact.metadata).get(SIGNATURE_KEY))
     return None, "no data part to verify"
+
+
+def _signed(output: Any, meta: Any) -> tuple[Any, VoteSignature | str]:
+    if meta is None:
+        return output, "unsigned vote"
+    try:
+        return output, msgspec.convert(meta, VoteSignature, strict=False)
+    except msgspec.ValidationError as e:
+        return output, f"malformed vote signature ({e})"
 
 
 def refusal(

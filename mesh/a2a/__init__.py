@@ -5,6 +5,9 @@
     task = await AgentClient(bus).send("security-review", user_message(data=release), timeout=5)
     verdict_of(task)
 
+`AgentClient.send_lean` is the same call without protobuf on the way (what the coordinator
+uses): an `OutgoingMessage` (its data part made once by `data_part`) in, a `TaskView` out,
+which the readers below read like a Task.
 `NatsTransport` is an a2a-sdk `ClientTransport` for the NATS binding (docs/a2a-nats-binding.md);
 `register(factory, nc, token=…)` teaches an a2a-sdk `ClientFactory` the `NATS+JSONRPC` binding.
 Agents authenticate every call: `AgentClient(bus)` sends the Bus identity's bearer token, and
@@ -24,10 +27,13 @@ __all__ = [
     "BearerCredentials",
     "CallOptions",
     "NatsTransport",
+    "OutgoingMessage",
+    "TaskView",
     "artifact_metadata",
     "bearer_interceptor",
     "call_context",
     "client_factory",
+    "data_part",
     "register",
     "status_text",
     "status_time",
@@ -40,10 +46,17 @@ __all__ = [
 # which must not pull in the client side.
 _TRANSPORT = {"NATS_BINDING", "CallOptions", "NatsTransport", "call_context", "client_factory"}
 _TRANSPORT |= {"register", "BearerCredentials", "bearer_interceptor"}
+_WIRE = {"OutgoingMessage", "TaskView", "data_part"}  # send_lean's (mesh.a2a.wire)
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        module = "mesh.a2a.transport" if name in _TRANSPORT else "mesh.a2a.client"
+        module = (
+            "mesh.a2a.transport"
+            if name in _TRANSPORT
+            else "mesh.a2a.wire"
+            if name in _WIRE
+            else "mesh.a2a.client"
+        )
         return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'mesh.a2a' has no attribute {name!r}")

@@ -14,8 +14,11 @@ one replica, `headers` go with the request (a W3C traceparent). `open` gives a2a
 Failures are mesh errors: `AgentUnavailableError` (nobody listening), `AgentTimeoutError`,
 `AgentCallError` with the JSON-RPC `.code`.
 
+`send_lean` is `send` without protobuf on the way (mesh.a2a.wire: the coordinator's path): an
+`OutgoingMessage` in, a `TaskView` out (or, for a reply it does not model, what `send` returns).
+
 The readers (`task_state`, `status_text`, `verdict_of`, `artifact_metadata`, `status_time`)
-take a `Task`, or a Task's JSON as the wire carries it (a GetTask `result`).
+take a `Task`, a `TaskView`, or a Task's JSON as the wire carries it (a GetTask `result`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import dataclasses
 import uuid
 from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC
-from typing import Any, Unpack
+from typing import Any, Unpack, overload
 
 import msgspec
 from a2a.client import Client, ClientConfig
@@ -39,6 +42,7 @@ from a2a.types import (
     Role,
     SendMessageConfiguration,
     SendMessageRequest,
+    SendMessageResponse,
     StreamResponse,
     Task,
     TaskState,
@@ -49,19 +53,24 @@ from google.protobuf.json_format import MessageToDict
 from nats.aio.client import Client as NATS
 
 from mesh import subjects
+from mesh.a2a import jsonrpc
 from mesh.a2a.transport import (
     DEFAULT_TIMEOUT_S,
     NATS_BINDING,
     CallOptions,
     NatsTransport,
+    _ids,
     bearer_interceptor,
     call_context,
     client_factory,
 )
+from mesh.a2a.wire import OutgoingMessage, TaskView, read_send_reply
 from mesh.bus import Bus
 from mesh.cards import nats_interface
 from mesh.errors import AgentCallError, AgentTimeoutError, ConfigError
 from mesh.verdict import Verdict
+
+_TRANSPORTS_KEPT = 1024  # send_lean's transports, one per agent name (names are few)
 
 
 class AgentClient:
@@ -86,6 +95,7 @@ class AgentClient:
                     "a token), or MESH_INSECURE=a2a to call agents that check nobody",
                 )
         self.token = token or None
+        self._transports: dict[str, NatsTransport] = {}  # send_lean's, by agent name
 
     def transport(self, agent: str, *, subject: str | None = None) -> NatsTransport:
         """The a2a-sdk transport to `agent` (its shared subject, or `subject`)."""
@@ -111,6 +121,41 @@ class AgentClient:
         request = SendMessageRequest(message=message, configuration=configuration)
         context = call_context(timeout=timeout, **options)
         response = await self.transport(agent).send_message(request, context=context)
+        if response.HasField("message"):
+            return response.message
+        return response.task
+
+    async def send_lean(
+        self,
+        agent: str,
+        message: Message | OutgoingMessage,
+        *,
+        timeout: float,
+        max_timeout: float | None = None,
+        subject: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> TaskView | Task | Message:
+        """`send` without protobuf on the way (mesh.a2a.wire): the request's JSON made with
+        msgspec (`message` an `OutgoingMessage`, or a Message printed as `send` prints it), the
+        reply's Task read into a `TaskView` — what the readers here and `votes.signed_output`
+        read, the protobuf Task only on demand. A reply the view does not model (an error, a
+        Message, anything unusual) is read as `send` reads it: the same result or error."""
+        self._check()
+        transport = self._transports.get(agent)
+        if transport is None:
+            if len(self._transports) >= _TRANSPORTS_KEPT:
+                self._transports.clear()
+            transport = self._transports[agent] = self.transport(agent)
+        params = {"message": MessageToDict(message) if isinstance(message, Message) else message}
+        body = jsonrpc.request_body("SendMessage", params, next(_ids))
+        to, silence, cap, request_headers = transport.options(
+            timeout=timeout, max_timeout=max_timeout, subject=subject, headers=headers
+        )
+        reply = await transport.exchange(body, to, silence, cap, request_headers)
+        view = read_send_reply(reply)
+        if view is not None:
+            return view
+        response = transport.parse(transport.result(reply), SendMessageResponse())
         if response.HasField("message"):
             return response.message
         return response.task
@@ -232,26 +277,40 @@ def user_message(
 
 
 # -- reading results ----------------------------------------------------------------------------
-def task_of(result: Task | Message) -> Task:
+# Each reader takes a Task, a Task's JSON, or the TaskView `send_lean` returns (read the same).
+AnyTask = Task | TaskView | Mapping[str, Any]
+
+
+@overload
+def task_of(result: Task | Message) -> Task: ...
+@overload
+def task_of(result: TaskView | Task | Message) -> TaskView | Task: ...
+def task_of(result: Task | TaskView | Message) -> Task | TaskView:
     """The Task of a SendMessage result; ValueError if the agent answered with a Message."""
     if isinstance(result, Message):
         raise ValueError("the agent answered with a message, not a task")
     return result
 
 
-def task_state(task: Task | Mapping[str, Any]) -> str:
+def task_state(task: AnyTask) -> str:
     """The task's state by its wire name (TASK_STATE_COMPLETED, …)."""
+    if isinstance(task, TaskView):
+        return task.state_name
     return str(TaskState.Name(_task(task).status.state))
 
 
-def status_text(task: Task | Mapping[str, Any]) -> str:
+def status_text(task: AnyTask) -> str:
     """The text parts of the task's status message, joined by spaces."""
+    if isinstance(task, TaskView):
+        return task.status_text
     return " ".join(p.text for p in _task(task).status.message.parts if p.HasField("text"))
 
 
-def verdict_of(task: Task | Mapping[str, Any]) -> Verdict:
+def verdict_of(task: AnyTask) -> Verdict:
     """The Verdict in a completed task's artifact (its first data part); ValueError if the task
     did not complete or carries none."""
+    if isinstance(task, TaskView):
+        return task.verdict()
     t = _task(task)
     if t.status.state != TaskState.TASK_STATE_COMPLETED:
         detail = status_text(t)
@@ -263,9 +322,11 @@ def verdict_of(task: Task | Mapping[str, Any]) -> Verdict:
     raise ValueError("completed task has no verdict data part")
 
 
-def artifact_metadata(task: Task | Mapping[str, Any]) -> dict[str, Any]:
+def artifact_metadata(task: AnyTask) -> dict[str, Any]:
     """The metadata of the task's first artifact (the mesh runtime puts `brain`, `pid` and
     token counts there); empty if it has none."""
+    if isinstance(task, TaskView):
+        return task.first_metadata
     t = _task(task)
     if not t.artifacts:
         return {}
@@ -273,8 +334,10 @@ def artifact_metadata(task: Task | Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def status_time(task: Task | Mapping[str, Any]) -> float | None:
+def status_time(task: AnyTask) -> float | None:
     """When the task reached its current status (Unix time), if the agent said."""
+    if isinstance(task, TaskView):
+        return task.status_time
     status = _task(task).status
     if not status.HasField("timestamp"):
         return None

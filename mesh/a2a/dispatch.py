@@ -58,6 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# `ServerCallContext.state` key: the request's `params` as decoded JSON (mesh.a2a.lean renders
+# the reply's history from it rather than printing the parsed message back).
+PARAMS_JSON = "mesh.params_json"
+
 MAX_BODY = 4 * 1024 * 1024  # larger requests get -32600 instead of being parsed
 
 # The request message of every method (the A2A 1.0 JSON-RPC names).
@@ -238,6 +242,7 @@ async def dispatch(
         context.tenant = getattr(params, "tenant", "")
         context.state["method"] = method
         context.state["request_id"] = request_id
+        context.state[PARAMS_JSON] = request.get("params")  # the lean path renders from it
         if method in jsonrpc.STREAMING_METHODS:
             first, events = await _open_stream(handler, method, params, context)
             return Stream(_frames(first, events, request_id), method, request_id)

@@ -68,7 +68,9 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message as ProtoMessage
 
+from mesh.a2a.dispatch import PARAMS_JSON
 from mesh.a2a.taskstore import JetStreamTaskStore
+from mesh.a2a.wire import struct_value
 
 if TYPE_CHECKING:
     from mesh.a2a.handler import MeshRequestHandler
@@ -170,7 +172,7 @@ class LeanSend:
             )
         # As a2a-sdk's TaskUpdater stamps it: microseconds, UTC.
         status.timestamp.FromDatetime(datetime.now(UTC))
-        task = Task(id=task_id, context_id=context_id, status=status, history=[message])
+        task = Task(id=task_id, context_id=context_id, status=status)
         if outcome.artifact_parts:
             task.artifacts.append(
                 Artifact(
@@ -180,8 +182,16 @@ class LeanSend:
                     metadata=outcome.artifact_metadata,
                 )
             )
-        # The task's JSON, made once: the reply and the stored record both carry it.
+        # The task's JSON, made once: the reply and the stored record both carry it. Its
+        # history is the request's message: rendered from the request's own JSON where that
+        # prints as `MessageToDict` would (`_history_json`), as the largest part of the reply
+        # (it echoes the payload) was most of the printing's cost (bench/README.md).
         rendered = MessageToDict(task)
+        rendered["history"] = [
+            _history_json(context.state.get(PARAMS_JSON), task_id, context_id)
+            or MessageToDict(message)
+        ]
+        task.history.append(message)
         store = self.handler.versioned_store
         # One write, the final task, acknowledged before the reply goes (docs/bindings.md).
         if isinstance(store, JetStreamTaskStore):
@@ -200,6 +210,71 @@ class LeanSend:
 
 
 _RENDERED_MAX = 1024
+
+# What `MessageToDict` prints of a new task's user message, in its order (field numbers), and of
+# its parts: a request whose message has anything else is printed from protobuf instead.
+_MESSAGE_KEYS = frozenset({"messageId", "contextId", "role", "parts", "metadata"})
+_PART_KEYS = ("text", "data", "metadata", "filename", "mediaType")
+
+
+def _history_json(params: Any, task_id: str, context_id: str) -> dict[str, Any] | None:
+    """`MessageToDict` of the request's message with `task_id` and `context_id` set, made from
+    the request's JSON `params` (numbers as doubles, as protobuf's Struct holds them); None when
+    the JSON is not in the one canonical form this reproduces exactly (then print the message)."""
+    message = params.get("message") if isinstance(params, dict) else None
+    if not isinstance(message, dict) or not message.keys() <= _MESSAGE_KEYS:
+        return None
+    message_id, role, parts = message.get("messageId"), message.get("role"), message.get("parts")
+    if not isinstance(message_id, str) or not message_id or role != "ROLE_USER":
+        return None
+    if not isinstance(parts, list) or not parts:
+        return None
+    given_context = message.get("contextId", "")
+    if not isinstance(given_context, str) or (given_context and given_context != context_id):
+        return None
+    out: dict[str, Any] = {
+        "messageId": message_id,
+        "contextId": context_id,
+        "taskId": task_id,
+        "role": role,
+    }
+    try:
+        out["parts"] = [_part_json(part) for part in parts]
+        if "metadata" in message and message["metadata"] is not None:
+            if not isinstance(message["metadata"], dict):
+                return None
+            out["metadata"] = struct_value(message["metadata"])
+    except (ValueError, TypeError):
+        return None
+    return out
+
+
+def _part_json(part: Any) -> dict[str, Any]:
+    if not isinstance(part, dict) or not part.keys() <= set(_PART_KEYS):
+        raise ValueError("not a part this renders")
+    if ("text" in part) == ("data" in part):  # exactly one content (eligible: no raw, no url)
+        raise ValueError("not one content")
+    out: dict[str, Any] = {}
+    for key in _PART_KEYS:
+        if key not in part:
+            continue
+        value = part[key]
+        if key == "data":
+            out[key] = struct_value(value)
+        elif key == "metadata":
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ValueError("metadata not an object")
+            out[key] = struct_value(value)
+        elif isinstance(value, str):
+            if value:  # an empty string is the default: not printed
+                out[key] = value
+            elif key == "text":
+                raise ValueError("empty text")
+        else:
+            raise ValueError(f"{key} not a string")
+    return out
 
 
 @functools.cache

@@ -217,6 +217,13 @@ class NatsTransport(ClientTransport):
         """One unary JSON-RPC call; its `result` as JSON."""
         subject, silence, cap, headers = self._options(context)
         body = jsonrpc.request_body(method, dict(params), next(_ids))
+        return self._result(await self.exchange(body, subject, silence, cap, headers))
+
+    async def exchange(
+        self, body: bytes, subject: str, silence: float, cap: float | None, headers: dict[str, str]
+    ) -> bytes:
+        """Send one unary request `body` (a JSON-RPC request) and return the answer's bytes,
+        unread; the mesh errors for nobody listening, silence and a body too large."""
         if cap is not None and cap > silence:
             return await self._call_with_progress(subject, body, silence, cap, headers)
         try:
@@ -227,7 +234,8 @@ class NatsTransport(ClientTransport):
             raise AgentTimeoutError(self.agent, silence) from None
         except MaxPayloadError:
             raise self._too_large(body) from None
-        return self._result(reply.data)
+        data: bytes = reply.data
+        return data
 
     async def stream_json(
         self, method: str, params: Mapping[str, Any], *, context: ClientCallContext | None = None
@@ -290,15 +298,28 @@ class NatsTransport(ClientTransport):
     ) -> tuple[str, float, float | None, dict[str, str]]:
         """(subject, silence timeout, overall cap, request headers) of one call."""
         state = context.state if context is not None else {}
-        subject = state.get(STATE_SUBJECT) or self.subject
-        silence = self.timeout
-        if context is not None and context.timeout is not None:
-            silence = context.timeout
-        cap = state.get(STATE_MAX_TIMEOUT, self.max_timeout)
-        headers = {subjects.H_A2A_VERSION: subjects.A2A_VERSION, **self.headers}
-        if context is not None and context.service_parameters:
-            headers.update(context.service_parameters)
-        return str(subject), float(silence), cap, headers
+        return self.options(
+            timeout=context.timeout if context is not None else None,
+            max_timeout=state.get(STATE_MAX_TIMEOUT, self.max_timeout),
+            subject=state.get(STATE_SUBJECT),
+            headers=context.service_parameters if context is not None else None,
+        )
+
+    def options(
+        self,
+        *,
+        timeout: float | None,
+        max_timeout: float | None,
+        subject: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> tuple[str, float, float | None, dict[str, str]]:
+        """(subject, silence timeout, overall cap, request headers) of one call given its
+        options (None: this transport's default; `max_timeout` None: no cap)."""
+        silence = self.timeout if timeout is None else timeout
+        request_headers = {subjects.H_A2A_VERSION: subjects.A2A_VERSION, **self.headers}
+        if headers:
+            request_headers.update(headers)
+        return str(subject or self.subject), float(silence), max_timeout, request_headers
 
     async def _typed(
         self, method: str, request: Proto, into: P, context: ClientCallContext | None
@@ -316,7 +337,7 @@ class NatsTransport(ClientTransport):
 
     async def _call_with_progress(
         self, subject: str, body: bytes, silence: float, cap: float, headers: dict[str, str]
-    ) -> Any:
+    ) -> bytes:
         nc = self.nc
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
@@ -333,7 +354,8 @@ class NatsTransport(ClientTransport):
                     raise AgentUnavailableError(self.agent)
                 if (reply.headers or {}).get(subjects.H_STATUS) == subjects.STATUS_WORKING:
                     continue  # alive and working: the silence timer starts again
-                return self._result(reply.data)
+                data: bytes = reply.data
+                return data
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -351,6 +373,10 @@ class NatsTransport(ClientTransport):
             waited = time.monotonic() - started
             raise AgentTimeoutError(self.agent, min(waited, cap) if cap else waited) from None
         return msg
+
+    def result(self, body: bytes) -> Any:
+        """The `result` of a unary answer's bytes; its error as a mesh error."""
+        return self._result(body)
 
     def _result(self, body: bytes) -> Any:
         try:
@@ -382,6 +408,10 @@ class NatsTransport(ClientTransport):
                 self.agent, "stream frame holds no object", code=jsonrpc.INVALID_AGENT_RESPONSE
             )
         return result
+
+    def parse(self, result: Any, into: P) -> P:
+        """`result` (a JSON object) parsed into `into`; AgentCallError if it is not one."""
+        return self._parse(result, into)
 
     def _parse(self, result: Any, into: P) -> P:
         if not isinstance(result, dict):
