@@ -137,6 +137,10 @@ class _Client:
         result: Task = self.answer(message)
         return result
 
+    async def send_lean(self, agent: str, message: Any, **kw: Any) -> Task:
+        # The coordinator's path (mesh.a2a.wire): the same answers, the readers take a Task too.
+        return await self.send(agent, message, **kw)
+
 
 def _answer(signer: VoteSigner | None, vote: str = "approve", *, meta: Any = None) -> Any:
     def build(message: Message) -> Task:
