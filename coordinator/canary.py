@@ -339,7 +339,8 @@ class Book:
             await self.kv.get(key_of(agent, version))
         except KeyNotFoundError:
             return False
-        await self.kv.purge(key_of(agent, version))
+        # A delete marker, not a purge: the bucket refuses rollups (`Bus._harden`).
+        await self.kv.delete(key_of(agent, version))
         self._stopped = self._stopped - {(agent, version)}
         return True
 

@@ -6,7 +6,7 @@ says (default approve) after `delay_s` seconds, and logs `voter <name> received 
 when a payload carries a `fault_tag`, so a test can wait until it is mid-task. The benchmarks
 use it as their trivial agent (no tag, no delay: it answers at once). With `VOTER_CONTRARY=1`
 it votes the opposite of what the payload asks (approve ↔ reject): a candidate version that
-disagrees (tests/integration/test_canary.py).
+disagrees (tests/integration/test_canary_gate.py).
 """
 
 from __future__ import annotations

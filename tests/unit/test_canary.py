@@ -1,6 +1,6 @@
 """Canary and shadow candidates (coordinator.canary) through the decision core: sticky shares,
 shadow votes that never count, stopped candidates that get no traffic, and the gate's counts
-over a KV bucket (an in-memory one here; tests/integration/test_canary.py uses nats-server)."""
+over a KV bucket (an in-memory one here; tests/integration/test_canary_gate.py uses nats-server)."""
 
 from __future__ import annotations
 
@@ -322,7 +322,7 @@ class _KV:
             raise NoKeysError
         return list(self.data)
 
-    async def purge(self, key: str) -> None:
+    async def delete(self, key: str) -> None:
         self.data.pop(key, None)
 
 

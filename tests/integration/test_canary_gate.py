@@ -12,11 +12,14 @@ from pathlib import Path
 import msgspec
 import pytest
 from nats.aio.msg import Msg
+from typer.testing import CliRunner
 
 from coordinator.canary import ALERT_KIND, SYSTEM_TENANT, CanaryState, key_of
 from mesh import envelope, subjects
 from mesh.audit import AuditRecord
 from mesh.bus import Bus
+from mesh.cli import app
+from mesh.cli._common import EXIT_NOT_FOUND
 from mesh.registry import Registry
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
@@ -142,3 +145,25 @@ async def test_a_shadow_candidate_that_disagrees_is_stopped_audited_and_alerted(
 async def _counted(state: object, i: int) -> bool:
     s = await state()  # type: ignore[operator]
     return s is not None and s.compared >= i + 1
+
+
+def test_mesh_canary_stop_status_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By hand: `mesh canary stop` stops (state, audit record), `status` shows it, `resume`
+    forgets it, and resuming what the gate never counted is "not found"."""
+    cand = "2.0+0123456789ab"
+    with EmbeddedServer() as server:
+        monkeypatch.setenv("MESH_NATS_URL", server.url)
+        runner = CliRunner()
+        assert runner.invoke(app, ["canary", "status", "--json"]).stdout.strip() == "[]"
+        stopped = runner.invoke(app, ["canary", "stop", AGENT, cand, "--reason", "bad canary"])
+        assert stopped.exit_code == 0, stopped.output
+        status = runner.invoke(app, ["canary", "status", "--json"])
+        [row] = msgspec.json.decode(status.stdout)
+        assert (row["agent"], row["version"], row["state"]) == (AGENT, cand, "stopped")
+        assert row["reason"] == "bad canary"
+        audited = runner.invoke(app, ["audit", "ls", "--json", "--tenant", SYSTEM_TENANT])
+        assert any(r["kind"] == "canary_stopped" for r in msgspec.json.decode(audited.stdout))
+        assert runner.invoke(app, ["canary", "resume", AGENT, cand]).exit_code == 0
+        assert runner.invoke(app, ["canary", "status", "--json"]).stdout.strip() == "[]"
+        missing = runner.invoke(app, ["canary", "resume", AGENT, cand])
+        assert missing.exit_code == EXIT_NOT_FOUND, missing.output
