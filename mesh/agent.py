@@ -157,11 +157,17 @@ class Agent:
             raise ConfigError(f"card {self._card_source} is named {card.name!r}, not {self.name!r}")
         return card
 
-    def version(self, brain: Brain | None = None, *, card_version: str = "") -> str:
+    def version(
+        self,
+        brain: Brain | None = None,
+        *,
+        card_version: str = "",
+        settings: Settings | None = None,
+    ) -> str:
         """This agent's composite version (`mesh.versions`): `label+hash12` of its code,
         prompt, brain chain and tools; `brain` as `serve` picked it."""
         return versions.composite(
-            versions.label_of(self._version_label, card_version),
+            versions.label_of(self._version_label, card_version, settings),
             code=versions.code_of(self._handler),
             prompt=self.system_prompt(),
             model=versions.brain_config(brain),
@@ -221,7 +227,7 @@ class Agent:
         brain = self.brain() if self._handler or not self.event_handlers else None
         log.info("agent %s: brain %s", self.name, brain.name if brain else "none (events only)")
         # Computed once, at start: the card carries it (signed), so every reader agrees.
-        version = self.version(brain, card_version=card.version)
+        version = self.version(brain, card_version=card.version, settings=settings)
         card.version = version
         if brain is not None:
             for line in await probe(brain, local_only=not model_requests_allowed()):

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-ENV_LABEL = "MESH_AGENT_VERSION"
+from mesh.settings import Settings, get_settings
+
 VERSION_KEY = "meshVersion"  # the artifact metadata entry that carries it
 HASH_LEN = 12
 _enc = msgspec.json.Encoder(order="sorted")
@@ -54,9 +54,11 @@ def composite(
     return f"{label or '0'}+{digest}"
 
 
-def label_of(explicit: str | None, card_version: str) -> str:
-    """The human label: explicit, else MESH_AGENT_VERSION, else the card's version."""
-    return explicit or os.environ.get(ENV_LABEL, "").strip() or card_version
+def label_of(explicit: str | None, card_version: str, settings: Settings | None = None) -> str:
+    """The human label: explicit, else MESH_AGENT_VERSION (`Settings.agent_version`), else the
+    card's version."""
+    configured = (settings or get_settings()).agent_version.strip()
+    return explicit or configured or card_version
 
 
 def code_of(fn: Callable[..., Any] | None) -> dict[str, str]:

@@ -115,3 +115,34 @@ async def canary_resume(agent: AgentArg, version: VersionArg, json_out: JsonOpti
         print_json({"agent": agent, "version": version, "state": "running"})
     else:
         out.print(f"{agent} {version}: resumed (counted from zero)")
+
+
+@app.command("version")
+@command
+async def canary_version(
+    module: Annotated[str, typer.Argument(help="e.g. agents.security_review")],
+    json_out: JsonOption = False,
+) -> None:
+    """The composite version MODULE's agent would run with here (this environment: its
+    MESH_MODEL, MESH_AGENT_VERSION, ...), without starting it: what a policy's canary names."""
+    import importlib
+
+    from mesh.errors import ConfigError
+
+    name = module if module.endswith(".agent") else f"{module}.agent"
+    try:
+        mod = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise NotFoundError(
+            f"cannot import {module}: {e}",
+            hint="give a package with an agent.py, e.g. agents.security_review",
+        ) from None
+    agent = getattr(mod, "agent", None)
+    if agent is None:
+        raise ConfigError(f"{mod.__name__} defines no `agent`")
+    brain = agent.brain() if agent.output_type is not None else None
+    version = agent.version(brain, card_version=agent.card().version)
+    if json_out:
+        print_json({"agent": agent.name, "version": version})
+    else:
+        out.print(version)

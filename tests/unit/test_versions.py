@@ -12,8 +12,9 @@ import pytest
 
 from mesh.agent import Agent
 from mesh.models import AbstainBrain, ChainBrain, ClaudeBrain, RulesBrain
+from mesh.settings import Settings
 from mesh.verdict import Verdict
-from mesh.versions import ENV_LABEL, HASH_LEN, split
+from mesh.versions import HASH_LEN, split
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,10 +81,12 @@ def test_the_label_is_the_human_part_only() -> None:
 def test_the_label_falls_back_to_the_environment_then_the_card(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(ENV_LABEL, "canary-7")
-    assert split(_agent(label=None).version(None, card_version="1.0.0"))[0] == "canary-7"
-    monkeypatch.delenv(ENV_LABEL)
-    assert split(_agent(label=None).version(None, card_version="1.0.0"))[0] == "1.0.0"
+    monkeypatch.setenv("MESH_AGENT_VERSION", "canary-7")
+    labelled = _agent(label=None).version(None, card_version="1.0.0", settings=Settings())
+    assert split(labelled)[0] == "canary-7"
+    monkeypatch.delenv("MESH_AGENT_VERSION")
+    plain = _agent(label=None).version(None, card_version="1.0.0", settings=Settings())
+    assert split(plain)[0] == "1.0.0"
 
 
 _SHIPPED = (
@@ -116,3 +119,21 @@ def test_a_restart_of_the_same_agent_gives_the_same_version() -> None:
         )
         != first
     )
+
+
+def test_mesh_canary_version_says_what_the_agent_would_run_as(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`mesh canary version MODULE`: the version a start here would register (so a policy can
+    name a candidate before it takes any event)."""
+    import msgspec
+    from typer.testing import CliRunner
+
+    from mesh.cli import app
+
+    monkeypatch.setenv("MESH_AGENT_VERSION", "2.0")
+    ran = CliRunner().invoke(app, ["canary", "version", "agents.security_review", "--json"])
+    assert ran.exit_code == 0, ran.output
+    shown = msgspec.json.decode(ran.stdout)
+    assert shown["agent"] == "security-review"
+    assert shown["version"] == _shipped("3", MESH_AGENT_VERSION="2.0")
