@@ -167,3 +167,59 @@ def test_mesh_canary_stop_status_resume(monkeypatch: pytest.MonkeyPatch) -> None
         assert runner.invoke(app, ["canary", "status", "--json"]).stdout.strip() == "[]"
         missing = runner.invoke(app, ["canary", "resume", AGENT, cand])
         assert missing.exit_code == EXIT_NOT_FOUND, missing.output
+
+
+async def test_a_canary_that_disagrees_with_its_peers_is_stopped_and_stable_takes_over(
+    procs: ProcessMesh, bus: Bus
+) -> None:
+    """Canary mode, all events to the candidate (share 1.0): its vote counts (the decisions are
+    rejected) and disagrees with the peer voter's; past the gate it is stopped and the next
+    events are answered by the stable version."""
+    peer = procs.voter("peer", "peer-review")
+    stable = procs.voter(AGENT, SKILL, {"MESH_AGENT_VERSION": "1.0"})
+    candidate = procs.voter(AGENT, SKILL, {"MESH_AGENT_VERSION": "2.0", "VOTER_CONTRARY": "1"})
+    await procs.wait_agents(
+        bus, [AGENT, "peer"], pids=[peer.proc.pid, stable.proc.pid, candidate.proc.pid]
+    )
+    versions = await _versions(bus)
+    cand = versions["2.0"]
+    canary = {"agent": AGENT, "version": cand, "share": 1.0, "min_sample": MIN_SAMPLE}
+    body = samples.policy(
+        ["peer-review", SKILL], decision_type="vote.canary.decided", canary=canary
+    )
+    coordinator = procs.coordinator(procs.policy({TYPE: body}))
+    await procs.wait_consuming(coordinator)
+    alive = all_alive(peer, stable, candidate, coordinator)
+    kv = await bus.kv(subjects.CANARIES_BUCKET)
+
+    async def stopped() -> bool:
+        try:
+            entry = await kv.get(key_of(AGENT, cand))
+        except Exception:
+            return False
+        return msgspec.json.decode(entry.value, type=CanaryState).state == "stopped"
+
+    outcomes = Outcomes(bus)
+    async with outcomes.watching():
+        before = [f"k{i}" for i in range(MIN_SAMPLE)]
+        for event_id in before:
+            await bus.publish_event(
+                envelope.new_event(TYPE, {"vote": "approve"}, tenant="acme", event_id=event_id)
+            )
+        assert not await outcomes.wait_all(before, timeout=30, alive=alive), procs.logs_tail()
+        for event_id in before:
+            d = outcomes.decision(event_id)
+            assert d is not None and d.outcome == "rejected"  # the canary's vote counted
+            assert [v.version for v in d.votes if v.agent == AGENT] == [cand]
+        await eventually(stopped, "the canary stopped by the gate", timeout=15)
+        # Every coordinator re-reads the bucket each second; this one stopped it itself.
+        after = [f"k-after-{i}" for i in range(3)]
+        for event_id in after:
+            await bus.publish_event(
+                envelope.new_event(TYPE, {"vote": "approve"}, tenant="acme", event_id=event_id)
+            )
+        assert not await outcomes.wait_all(after, timeout=30, alive=alive), procs.logs_tail()
+        for event_id in after:
+            d = outcomes.decision(event_id)
+            assert d is not None and d.outcome == "approved", d
+            assert [v.version for v in d.votes if v.agent == AGENT] == [versions["1.0"]]
