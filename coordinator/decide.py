@@ -61,6 +61,8 @@ from typing import Any, Protocol
 
 import msgspec
 
+from coordinator import canary
+from coordinator.canary import VersionFilter
 from coordinator.clock import Clock
 from coordinator.ledger import (
     Busy,
@@ -85,6 +87,9 @@ WAIT_FIRST_S = 0.5
 WAIT_MAX_S = 5.0
 CUTOFF_SLACK_S = 1.0  # how long past the deadline the core waits for an asker to stop itself
 TAKEOVER_GRACE_MAX_S = 1.0  # after a take-over: how long votes in flight at the crash may take
+# Once the counted votes are in, how long a shadow candidate still asked may take to answer
+# (never past the deadline): shadows never hold a decision longer than this.
+SHADOW_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,9 @@ class Ask:
     deadline: float  # on the clock's monotonic time
     deadline_wall: float = 0.0  # the same deadline on the wall clock (as the ledger keeps it)
     grace_s: float = 0.0  # after a take-over past the deadline: one re-ask this long
+    # Which replicas may answer, by version (coordinator.canary); None: any.
+    versions: VersionFilter | None = None
+    shadow: bool = False  # a candidate asked in shadow: its vote is recorded, never counted
 
 
 class Asker(Protocol):
@@ -313,6 +321,7 @@ def decision_of(
     trace_id: str = "",
     principal: str = "",
     signer: Signer | None = None,
+    shadow_votes: list[Vote] | None = None,
 ) -> Decision:
     """The one builder of a decision: what `votes` make under the policy's rule (voters with no
     vote did not vote), signed when there is a `signer`."""
@@ -333,6 +342,8 @@ def decision_of(
         coordinator=coordinator,
         takeovers=takeovers,
         principal=principal,
+        # Recorded beside the tally, never in it: `result` above saw only `votes`.
+        shadow_votes=list(shadow_votes or []),
     )
     return decision if signer is None else sign_decision(signer, decision)
 
@@ -342,13 +353,22 @@ class Decider:
     records it, so what is published, even again after a crash, is the signed one."""
 
     def __init__(
-        self, ledger: Ledger, ask: Asker, clock: Clock, *, name: str, signer: Signer | None = None
+        self,
+        ledger: Ledger,
+        ask: Asker,
+        clock: Clock,
+        *,
+        name: str,
+        signer: Signer | None = None,
+        stopped: Callable[[], frozenset[tuple[str, str]]] | None = None,
     ) -> None:
         self.ledger = ledger
         self.ask = ask
         self.clock = clock
         self.name = name
         self.signer = signer
+        # (agent, version) of candidates the canary gate stopped (coordinator.canary.Book).
+        self.stopped = stopped or frozenset
 
     async def run(
         self, job: Job, *, on_renew: Callable[[], Awaitable[None]] | None = None
@@ -392,7 +412,15 @@ class Decider:
             # A take-over (or a re-claim) with a voter nobody can ask: released, not decided.
             return await self._release(got, job, got.state.votes, dict.fromkeys(missing, _NO_AGENT))
 
-        votes = await self.collect(got, job, on_renew=on_renew)
+        # Candidates asked in shadow (the policy's `shadow`): alongside, never in the votes
+        # (so never in a tally); waited for `SHADOW_GRACE_S` at most once the counted votes
+        # are in; not saved before the decision (a release or a crash asks them again).
+        shadow_asks = self._shadow_asks(job, got)
+        try:
+            votes = await self.collect(got, job, on_renew=on_renew)
+            await self._shadow_wait(shadow_asks, got)
+        finally:
+            shadows = await _shadow_votes(job, shadow_asks)
         gone = {s: v for s, v in votes.items() if unreachable(v)}
         if gone:
             rest = {s: v for s, v in votes.items() if s not in gone}
@@ -406,7 +434,7 @@ class Decider:
         if asked:
             return await self._await_humans(got, job, votes, asked)
         votes = {**votes, **not_asked(policy, asked)}
-        decision = self.decide(job, votes, got)
+        decision = self.decide(job, votes, got, shadows=shadows)
         if decision.outcome == "no_quorum" and policy.on_no_quorum == "dead_letter":
             return Undecidable("no_quorum", decision.reason, got)
         final = msgspec.structs.replace(got.state, state="decided", decision=decision)
@@ -514,8 +542,10 @@ class Decider:
     async def collect(
         self, claim: Claim, job: Job, *, on_renew: Callable[[], Awaitable[None]] | None = None
     ) -> dict[str, Vote]:
-        """Every voter's vote, by the deadline; saved to the ledger as they come."""
+        """Every voter's vote, by the deadline; saved to the ledger as they come. A voter whose
+        agent has a canary or a shadow candidate is asked on the replicas `canary.steer` says."""
         policy = job.policy
+        stopped = self.stopped()
         # The deadline is wall-clock in the ledger (it survives take-overs); here, monotonic.
         now = self.clock.monotonic()
         deadline = now + max(0.0, claim.state.deadline_at - self.clock.time())
@@ -535,6 +565,9 @@ class Decider:
                         deadline=deadline,
                         deadline_wall=claim.state.deadline_at,
                         grace_s=grace,
+                        versions=canary.steer(
+                            policy.canary, policy.shadow, agent, job.event, stopped
+                        ),
                     )
                 )
             ): skill
@@ -606,8 +639,63 @@ class Decider:
             )
         return votes
 
-    def decide(self, job: Job, votes: Mapping[str, Vote], claim: Claim) -> Decision:
-        """The decision the votes make under the policy's rule (missing voters did not vote)."""
+    def _deadline(self, claim: Claim) -> float:
+        """The claim's deadline (wall clock in the ledger) on the monotonic clock."""
+        return self.clock.monotonic() + max(0.0, claim.state.deadline_at - self.clock.time())
+
+    def _shadow_asks(self, job: Job, claim: Claim) -> dict[asyncio.Future[Vote], str]:
+        """The candidates asked in shadow on this event (`coordinator.canary.shadow_of`),
+        each only on a replica of its version."""
+        policy = job.policy
+        if policy.shadow is None:
+            return {}
+        deadline, deadline_wall = self._deadline(claim), claim.state.deadline_at
+        stopped = self.stopped()
+        only = VersionFilter(only=policy.shadow.version, strict=True)
+        voters = [(s, a) for s, a in job.agents.items() if s in policy.skills]
+        return {
+            asyncio.ensure_future(
+                self.ask(
+                    Ask(
+                        skill=skill,
+                        agent=job.agents[skill],
+                        event=job.event,
+                        policy=policy,
+                        deadline=deadline,
+                        deadline_wall=deadline_wall,
+                        versions=only,
+                        shadow=True,
+                    )
+                )
+            ): skill
+            for skill in canary.shadow_of(policy.shadow, voters, job.event, stopped)
+        }
+
+    async def _shadow_wait(self, shadows: Mapping[asyncio.Future[Vote], str], claim: Claim) -> None:
+        """Give shadow asks still out `SHADOW_GRACE_S` more (never past the deadline)."""
+        waiting = [t for t in shadows if not t.done()]
+        grace_s = min(SHADOW_GRACE_S, max(0.0, self._deadline(claim) - self.clock.monotonic()))
+        if not waiting or grace_s <= 0:
+            return
+        timer = asyncio.ensure_future(self.clock.sleep(grace_s))
+        try:
+            while waiting and not timer.done():
+                watched: set[asyncio.Future[Any]] = {*waiting, timer}
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                waiting = [t for t in waiting if not t.done()]
+        finally:
+            timer.cancel()
+
+    def decide(
+        self,
+        job: Job,
+        votes: Mapping[str, Vote],
+        claim: Claim,
+        *,
+        shadows: list[Vote] | None = None,
+    ) -> Decision:
+        """The decision the votes make under the policy's rule (missing voters did not vote);
+        `shadows` recorded beside it, never counted."""
         return decision_of(
             job.policy,
             votes,
@@ -620,6 +708,7 @@ class Decider:
             trace_id=job.trace_id,
             principal=job.principal,
             signer=self.signer,
+            shadow_votes=shadows,
         )
 
     async def _keep_lease(
@@ -637,6 +726,30 @@ class Decider:
             if on_renew is not None:
                 with contextlib.suppress(Exception):
                     await on_renew()
+
+
+async def _shadow_votes(job: Job, shadows: Mapping[asyncio.Future[Vote], str]) -> list[Vote]:
+    """The shadow asks' votes, marked shadow and counted as nothing; one still out is
+    cancelled here (and recorded `cancelled`)."""
+    out = []
+    left = [t for t in shadows if not t.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        await asyncio.wait(left)
+    for task, skill in shadows.items():
+        vote = (
+            task.result()
+            if task.done() and not task.cancelled()
+            else Vote(
+                skill=skill,
+                agent=job.agents[skill],
+                outcome="cancelled",
+                error="shadow: no answer by the time the counted votes were in",
+            )
+        )
+        out.append(msgspec.structs.replace(vote, shadow=True, counted_as=None))
+    return out
 
 
 def _settled(policy: Policy, votes: Mapping[str, Vote]) -> bool:

@@ -37,8 +37,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from coordinator.decide import NOBODY_LISTENING, TAKEN_OVER_LATE, Ask, unanswered
 from coordinator.policy import Policy
-from coordinator.routing import BreakerOpen, Router, is_busy
-from mesh import envelope, subjects, telemetry, votes
+from coordinator.routing import BreakerOpen, NoReplica, Router, is_busy
+from mesh import envelope, subjects, telemetry, versions, votes
 from mesh._internal.retry import RetryPolicy
 from mesh.a2a import jsonrpc, wire
 from mesh.a2a.client import (
@@ -190,6 +190,7 @@ def _vote(
     """A Vote: counted as the verdict's choice, or as the policy says for no usable answer."""
     meta = artifact_metadata(task) if task is not None else {}
     return Vote(
+        shadow=req.shadow,
         skill=req.skill,
         agent=req.agent,
         outcome=outcome,
@@ -217,7 +218,9 @@ def _answered(
     view = router.view
     if not view.checks_votes:  # MESH_INSECURE=bus (the registry said so once, loudly)
         vote = _vote(req, started, attempts, "voted", task=task, verdict=verdict, counted=True)
-        return _budgeted(req, vote)
+        # Nothing is checked in this mode: the answer's own word is all there is.
+        claimed = str(artifact_metadata(task).get(versions.VERSION_KEY, ""))
+        return msgspec.structs.replace(_budgeted(req, vote), version=claimed)
     question = votes.Question(
         agent=req.agent,
         tenant=req.event.tenant,
@@ -245,8 +248,15 @@ def _answered(
     vote = _budgeted(
         req, _vote(req, started, attempts, "voted", task=task, verdict=verdict, counted=True)
     )
+    # The version is the signing instance's, as its verified card says: the signature proves
+    # which instance answered and the card signature what that instance runs, so an answer
+    # cannot claim another version (what its metadata says is not read).
     return msgspec.structs.replace(
-        vote, instance=signed.instance, signed_at=signed.at, signature=signed.signature
+        vote,
+        instance=signed.instance,
+        signed_at=signed.at,
+        signature=signed.signature,
+        version=view.version(req.agent, signed.instance),
     )
 
 
@@ -288,7 +298,12 @@ async def _ask(client: AgentClient, router: Router, req: Ask) -> Vote:
                 return await _recover(client, router, req, msg, started)
             break
         attempts += 1
-        route = router.route(req.agent, avoid=frozenset(failed))
+        try:
+            route = router.route(req.agent, avoid=frozenset(failed), versions=req.versions)
+        except NoReplica as e:
+            # A canary's or shadow's version filter admits no live replica: asking any other
+            # version is what it forbids; nothing to retry until one registers.
+            return _vote(req, started, attempts, "unavailable", error=str(e))
         try:
             async with router.call(route, slow_s=policy.agent_timeout_s / 2):
                 result = await client.send_lean(
@@ -367,7 +382,10 @@ async def _recover(
     msg: Message | OutgoingMessage,
     started: float,
 ) -> Vote:
-    route = router.route(req.agent)
+    try:
+        route = router.route(req.agent, versions=req.versions)
+    except NoReplica as e:
+        return _vote(req, started, 1, "unavailable", error=str(e))
     try:
         result = await client.send_lean(
             req.agent,

@@ -10,6 +10,7 @@ from typing import Literal
 
 import msgspec
 
+from coordinator.canary import Rollout
 from coordinator.quorum import QuorumRule, SilenceCount, Silent, tally
 from mesh.errors import PolicyError
 from mesh.verdict import Choice
@@ -102,6 +103,11 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     humans: list[HumanVoter] = []
     ask_humans: AskHumans = "always"
     confidence_below: float = 0.0
+    # A candidate version of one voter's agent (coordinator.canary, docs/versions.md): `canary`
+    # answers a sticky share of the events instead of the stable version; `shadow` is asked as
+    # well, its vote recorded and never counted. Either is stopped past its disagreement gate.
+    canary: Rollout | None = None
+    shadow: Rollout | None = None
 
     @property
     def voters(self) -> list[str]:
@@ -133,6 +139,12 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.confidence_below and self.ask_humans != "on_low_confidence":
             raise ValueError('confidence_below is only for ask_humans = "on_low_confidence"')
         self.rule.validate(len(self.voters))
+        for name, rollout in (("canary", self.canary), ("shadow", self.shadow)):
+            if rollout is not None:
+                try:
+                    rollout.check()
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
         unknown = sorted(set(self.rule.vetoes) - set(self.voters))
         if unknown:
             raise ValueError(f"veto holders {unknown} are not among the skills or humans")

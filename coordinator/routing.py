@@ -50,6 +50,7 @@ from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import Context, OpenedState
 
 from coordinator.admission import AimdLimit
+from coordinator.canary import VersionFilter
 from mesh import subjects
 from mesh.a2a import jsonrpc
 from mesh.errors import AgentBusyError, AgentCallError, AgentTimeoutError, AgentUnavailableError
@@ -85,6 +86,10 @@ class Route:
     agent: str
     subject: str
     breaker_key: str  # `<agent>.<instance>`, or `<agent>` for the shared subject
+
+
+class NoReplica(AgentCallError):
+    """No live replica of the version a call must go to (`VersionFilter`)."""
 
 
 def is_busy(e: BaseException) -> bool:
@@ -124,8 +129,16 @@ class Router:
         self._breakers: dict[str, Breaker] = {}
         self._replicas: dict[str, _Replica] = {}
 
-    def route(self, agent: str, *, avoid: frozenset[str] = frozenset()) -> Route:
+    def route(
+        self,
+        agent: str,
+        *,
+        avoid: frozenset[str] = frozenset(),
+        versions: VersionFilter | None = None,
+    ) -> Route:
         direct = [r for r in self.view.instances(agent) if r.direct_subject]
+        if versions is not None:
+            direct = self._of_versions(agent, direct, versions)
         usable = [r for r in direct if not self.is_open(r.key)]
         fresh = [r for r in usable if r.key not in avoid]
         candidates = fresh or usable
@@ -135,6 +148,19 @@ class Router:
             return Route(agent, subjects.a2a(agent), agent)
         pick = max(candidates, key=lambda r: (self._room(r.key, self._ceiling(r)), random.random()))
         return Route(agent, pick.direct_subject, pick.key)
+
+    def _of_versions(
+        self, agent: str, regs: list[Registration], versions: VersionFilter
+    ) -> list[Registration]:
+        """The replicas `versions` admits. The shared subject reaches any version, so a
+        filtered call never falls back to it: no replica that may answer is `NoReplica`."""
+        fits = [r for r in regs if versions.admits(r.version)]
+        if not fits and versions.only and not versions.strict:
+            fits = [r for r in regs if r.version not in versions.never | {versions.only}]
+        if not fits and (versions.strict or versions.only or regs):
+            what = f"version {versions.only}" if versions.only else "a version it may ask"
+            raise NoReplica(agent, f"no live replica of {agent} runs {what}")
+        return fits
 
     def capacity(self, agent: str) -> int:
         """Calls `agent` can take at once now: the sum of its usable replicas' limits (a

@@ -38,9 +38,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry.trace import SpanKind
 
-from coordinator import admission, dispatch, dlq, settle
+from coordinator import admission, canary, dispatch, dlq, settle
 from coordinator.clock import SYSTEM_CLOCK
-from coordinator.decide import Ask, AwaitingHuman, Decider, Job
+from coordinator.decide import Ask, AwaitingHuman, Decided, Decider, Job
 from coordinator.humans import Desk, cedar_authorize
 from coordinator.inbox import Inbox
 from coordinator.ledger import (
@@ -121,6 +121,7 @@ class Coordinator:
         self._settler: Settler | None = None
         self._inbox: Inbox | None = None  # decisions waiting for people (coordinator.inbox)
         self._loop: PullLoop[Msg] | None = None
+        self._gate: canary.Gate | None = None  # the canary gate (coordinator.canary)
 
     @property
     def ledger(self) -> Ledger:
@@ -139,8 +140,14 @@ class Coordinator:
         contracts.check_all()
         await self.bus.ensure()
         self._ledger = await Ledger.on_bus(self.bus, self.name, LEASE_S)
+        gate = self._gate = await canary.Gate.on_bus(self.bus, self.audit, name=self.name)
         self._decider = Decider(
-            self._ledger, self._ask, SYSTEM_CLOCK, name=self.name, signer=self.signer
+            self._ledger,
+            self._ask,
+            SYSTEM_CLOCK,
+            name=self.name,
+            signer=self.signer,
+            stopped=lambda: gate.book.stopped,
         )
         self._settler = Settler(self._ledger, self)
         desk = Desk(
@@ -195,12 +202,14 @@ class Coordinator:
             drain_s=longest + 5,  # on stop, finish what was started (each is deadline-bounded)
         )
         checkpoints = asyncio.create_task(self._checkpoint_every(CHECKPOINT_EVERY_S))
+        canaries = asyncio.create_task(gate.book.follow())
         try:
             await self._loop.run(stop)
         finally:
             with contextlib.suppress(Exception):
                 await inbox  # stops with `stop`; its failure must not hide ours
             checkpoints.cancel()
+            canaries.cancel()
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
                 await status_sub.unsubscribe()
@@ -398,6 +407,8 @@ class Coordinator:
             await delivery.ack()
             return
         await self.settler.settle(delivery, event, outcome, unverified)
+        if isinstance(outcome, Decided) and self._gate is not None:
+            await self._gate.after(outcome.decision, policy.canary, policy.shadow)
 
     async def _may_publish(self, msg: Msg, event: envelope.Event, principal: str) -> bool:
         """Cedar: may this publisher publish this event type for this tenant? If not, the
@@ -521,6 +532,7 @@ class Coordinator:
                 # Every vote inside the one record (records before issue 14 had one "vote"
                 # record each after it; both shapes verify alike).
                 "votes": [msgspec.to_builtins(v) for v in d.votes],
+                **({"shadow_votes": msgspec.to_builtins(d.shadow_votes)} if d.shadow_votes else {}),
             },
             msg_id=subjects.audit_msg_id("decision", ref),
         )

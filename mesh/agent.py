@@ -47,7 +47,7 @@ from a2a.types import AgentCard, Message, Part, TaskState
 from google.protobuf import struct_pb2
 from opentelemetry.trace import SpanKind
 
-from mesh import budget, subjects, telemetry
+from mesh import budget, subjects, telemetry, versions
 from mesh._internal import http as http_server
 from mesh.a2a.auth import Authenticator
 from mesh.a2a.lean import Outcome
@@ -90,8 +90,10 @@ class Agent:
         *,
         card: str | Path | None = None,
         prompt: str | Path | None = None,
+        version: str | None = None,
     ) -> None:
         self.name = name
+        self._version_label = version  # the human part of the composite version (mesh.versions)
         self._card_source = card or name
         self._prompt = prompt
         self._handler: Callable[..., Any] | None = None
@@ -155,6 +157,23 @@ class Agent:
             raise ConfigError(f"card {self._card_source} is named {card.name!r}, not {self.name!r}")
         return card
 
+    def version(
+        self,
+        brain: Brain | None = None,
+        *,
+        card_version: str = "",
+        settings: Settings | None = None,
+    ) -> str:
+        """This agent's composite version (`mesh.versions`): `label+hash12` of its code,
+        prompt, brain chain and tools; `brain` as `serve` picked it."""
+        return versions.composite(
+            versions.label_of(self._version_label, card_version, settings),
+            code=versions.code_of(self._handler),
+            prompt=self.system_prompt(),
+            model=versions.brain_config(brain),
+            tools=versions.tools_of(brain),
+        )
+
     def system_prompt(self) -> str | None:
         if self._prompt is None:
             return None
@@ -207,6 +226,9 @@ class Agent:
         # Events-only agents have no brain: A2A messages are answered with a rejection.
         brain = self.brain() if self._handler or not self.event_handlers else None
         log.info("agent %s: brain %s", self.name, brain.name if brain else "none (events only)")
+        # Computed once, at start: the card carries it (signed), so every reader agrees.
+        version = self.version(brain, card_version=card.version, settings=settings)
+        card.version = version
         if brain is not None:
             for line in await probe(brain, local_only=not model_requests_allowed()):
                 log.warning("agent %s: %s", self.name, line)
@@ -251,6 +273,7 @@ class Agent:
                 VoteSigner(self.name, instance, key),
                 ledger=budget.BudgetLedger(bus, settings=settings),
                 bus=bus,
+                version=version,
             )
             server = A2AServer(
                 bound.card,
@@ -369,12 +392,14 @@ class _Executor(AgentExecutor):
         *,
         ledger: budget.BudgetLedger | None = None,
         bus: Bus | None = None,
+        version: str = "",
     ) -> None:
         self.agent = agent
         self.brain = brain
         self.votes = votes
         self.ledger = ledger
         self.bus = bus
+        self.version = version
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         message = context.message
@@ -495,6 +520,9 @@ class _Executor(AgentExecutor):
                 "inputTokens": thought.usage.input_tokens,
                 "outputTokens": thought.usage.output_tokens,
                 "pid": os.getpid(),
+                # Informational: the coordinator takes a vote's version from the signing
+                # instance's verified card, never from here.
+                versions.VERSION_KEY: self.version,
                 SIGNATURE_KEY: self.votes.sign(question, output),
             },
         )

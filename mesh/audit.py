@@ -62,6 +62,7 @@ Kind = Literal[
     "authz_policy",  # an authorization policy set taken or refused (mesh.authz)
     "forbidden",  # an act an authorization policy denied (mesh.authz)
     "approval",  # a person asked, escalated, answered, refused or silent (coordinator.humans)
+    "canary_stopped",  # a candidate version stopped by the canary gate (coordinator.canary)
 ]
 GENESIS = "0" * 64
 SYSTEM_TENANT = "_mesh"  # the chain for acts that belong to no tenant (policy changes, purges)

@@ -523,6 +523,8 @@ class Bus:
             )
         # Budget use by event and tenant-day (mesh.budget), as BudgetLedger asks for it.
         await self.kv(subjects.BUDGETS_BUCKET, ttl_s=36 * 3600.0)
+        # Canary and shadow candidates' counts and stop state (coordinator.canary).
+        await self.kv(subjects.CANARIES_BUCKET)
         if self.settings.task_store == "jetstream":
             # As JetStreamTaskStore.open asks for it: one revision per task, the TTL set.
             await self.kv(subjects.TASKS_BUCKET, ttl_s=self.settings.task_ttl_s or None)

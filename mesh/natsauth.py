@@ -102,6 +102,7 @@ _TASKS = subjects.kv_stream(subjects.TASKS_BUCKET)
 _LEDGER = subjects.kv_stream(subjects.DECISIONS_BUCKET)
 _DLQ_BODIES = subjects.obj_stream(subjects.DLQ_BODIES_BUCKET)
 _BUDGETS = subjects.kv_stream(subjects.BUDGETS_BUCKET)
+_CANARIES = subjects.kv_stream(subjects.CANARIES_BUCKET)
 
 # Admin of streams, buckets and the cluster: the operator's alone, denied to every other role.
 ADMIN = [
@@ -200,6 +201,10 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             f"{subjects.CHECKPOINT_ROOT}.>",
             f"{subjects.TRACE_ROOT}.>",
             f"$KV.{subjects.DECISIONS_BUCKET}.>",
+            # Canary gate (coordinator.canary): counts and stops, shared by all coordinators;
+            # and the alert a stop raises.
+            f"$KV.{subjects.CANARIES_BUCKET}.>",
+            f"{subjects.ALERT_ROOT}.>",
             # Dead-lettered bodies too large for their record, kept by reference.
             subjects.obj_subjects(subjects.DLQ_BODIES_BUCKET),
             f"{subjects.A2A_ROOT}.>",
@@ -224,6 +229,7 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             _CARDS,
             _LEDGER,
             _DLQ_BODIES,
+            _CANARIES,
         ):
             pub += _reads(stream)
         sub += [

@@ -51,6 +51,11 @@ class Vote(msgspec.Struct, omit_defaults=True):
     instance: str = ""  # the agent instance that answered (its card binds the key it signed with)
     signed_at: float = 0.0  # when the instance signed the verdict (its clock)
     signature: str = ""  # the instance's Ed25519 signature over the vote (see mesh.votes)
+    # The composite version (mesh.versions) of the instance that answered, from its verified
+    # card (the signature binds the answer to that instance, the card signature its version).
+    version: str = ""
+    # Asked in shadow (coordinator.canary): recorded and compared, never counted.
+    shadow: bool = False
 
 
 class Decision(msgspec.Struct, omit_defaults=True):
@@ -70,6 +75,9 @@ class Decision(msgspec.Struct, omit_defaults=True):
     principal: str = ""  # who published the event, from its verified NATS credentials
     signer: str = ""  # key id of the coordinator key that signed this decision
     signature: str = ""  # Ed25519 over the decision without `signature` (purpose "decision")
+    # Votes of candidate versions asked in shadow (policy `shadow`): each `shadow=True`, none
+    # in the tally. Last, and omitted when empty, so older decisions encode as they did.
+    shadow_votes: list[Vote] = []
 
 
 DlqReason = Literal[

@@ -78,6 +78,9 @@ class Registration(msgspec.Struct, frozen=True):
     pid: int = 0
     direct_subject: str = ""  # this replica's own A2A subject ("" if it has none)
     capacity: int = 0  # requests worked on at once; 0 = not declared (advisory, unsigned)
+    # The composite version (mesh.versions): a copy of the signed card's `version`, checked
+    # against it by readers (`_mismatch`); "" in entries written before it existed.
+    version: str = ""
 
     @property
     def key(self) -> str:
@@ -283,6 +286,7 @@ class Registry:
                 pid=os.getpid(),
                 direct_subject=bound.direct_subject,
                 capacity=capacity,
+                version=bound.card.version,
             )
 
         reg = current()
@@ -616,6 +620,17 @@ class RegistryView:
             {r.agent for r in self._entries.values() if skill in r.skills and self._usable(r, now)}
         )
 
+    def version(self, agent: str, instance: str) -> str:
+        """The version `agent`'s instance `instance` runs, as its verified card says ("" when
+        this view holds no entry for it: it left, or was never believed)."""
+        if not subjects.valid_token(instance):
+            return ""
+        reg = self._entries.get(subjects.card_key(agent, instance))
+        if reg is None or subjects.card_key(agent, instance) not in self._bindings:
+            # Not checked (MESH_INSECURE=bus) or not believed: the wrapper's word only.
+            return reg.version if reg is not None and not self.checks_votes else ""
+        return str(reg.card.get("version", ""))
+
     def binding(self, agent: str, instance: str) -> Binding | None:
         """The verified binding of `agent`'s instance `instance` (the key its votes verify
         with), while it is registered and for `DEPARTED_KEEP_S` after it left; None if this
@@ -662,6 +677,8 @@ def _mismatch(reg: Registration, key: str, binding: Binding) -> str | None:
         return "registration does not match its signed card (direct subject)"
     if binding.subjects != instance_subjects(reg.agent, reg.direct_subject):
         return "registration does not match its signed card (subjects)"
+    if reg.version and reg.version != card.get("version"):
+        return "registration does not match its signed card (version)"
     return None
 
 

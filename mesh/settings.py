@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         description="Agent processes (`Agent.main`) run on uvloop when it is installed; false "
         "keeps asyncio's own loop.",
     )
+    agent_version: str = Field(
+        default="",
+        description="The human label of an agent's composite version (`label+hash12`, "
+        "docs/versions.md), unless `Agent(version=...)` gives one; empty: the card's `version`.",
+    )
     cards_dir: Path | None = Field(
         default=None,
         description='Folder of the A2A Agent Cards (`<agent name>.json`); `Agent("four-eyes")` '

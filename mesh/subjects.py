@@ -21,6 +21,8 @@ DLQ_BODIES_BUCKET = "mesh_dlq_bodies"
 # `day.<tenant>.<YYYY-MM-DD>` (a tenant's cost that UTC day), `conc.<tenant>.<slot>` (a model call
 # in flight, a lease); agents write, `mesh budgets` reads.
 BUDGETS_BUCKET = "mesh_budgets"
+# Canary and shadow candidates' counts and state (coordinator.canary), key `<agent>.<hash>`.
+CANARIES_BUCKET = "mesh_canaries"
 CHECKPOINTS_STREAM = "MESH_CHECKPOINTS"  # signed audit checkpoints, kept apart from MESH_AUDIT
 TRACE_STREAM = "MESH_TRACES"  # spans kept for `mesh trace` when MESH_TRACE_STREAM is on
 
@@ -32,6 +34,7 @@ AUDIT_ROOT = "mesh.audit"
 CHECKPOINT_ROOT = "mesh.checkpoint"  # mesh.checkpoint.<tenant>
 A2A_ROOT = "mesh.a2a"
 TRACE_ROOT = "mesh.trace"  # mesh.trace.<trace id>
+ALERT_ROOT = "mesh.alert"  # mesh.alert.<tenant>.<kind>: core NATS, for whoever listens
 COORDINATOR_STATUS = "mesh.status.coordinator"  # every coordinator answers (no queue group)
 
 # Durable consumer of the coordinator (shared by every coordinator instance)
@@ -242,6 +245,11 @@ def audit_msg_id(record: Literal["decision", "vote", "dlq", "forbidden"], *parts
 def checkpoint(tenant: str) -> str:
     """`mesh.checkpoint.<tenant>`: the signed checkpoints of one tenant's audit chain."""
     return f"{CHECKPOINT_ROOT}.{tenant}"
+
+
+def alert(tenant: str, kind: str) -> str:
+    """`mesh.alert.<tenant>.<kind>` (e.g. `canary_stopped`); `alert("*", ">")` all of them."""
+    return f"{ALERT_ROOT}.{tenant}.{kind}"
 
 
 def audit(tenant: str, kind: str) -> str:

@@ -2,7 +2,7 @@
 
 The commands live by group in this package (`running`, `events`, `dlq`, `audit`, `status`,
 `creds`, `scaffold`, `schema`, `authz`, `console`, `approvals`, `budgets`, `schedules`,
-`evaluate`);
+`evaluate`, `canary`);
 this module builds the app from them, in the order `mesh --help` lists them. Heavy modules
 (the bus, the coordinator, the agents) are imported inside each command, so `mesh --help`
 and a mistyped option stay fast. Conventions every command keeps (docs/cli.md): `-h`/`--help`,
@@ -22,6 +22,7 @@ from mesh.cli import (
     audit,
     authz,
     budgets,
+    canary,
     console,
     creds,
     dlq,
@@ -78,6 +79,7 @@ app.add_typer(scaffold.app, name="new")
 app.command("budgets")(budgets.budgets)
 app.add_typer(authz.app, name="authz")
 app.add_typer(schedules.app, name="schedules")
+app.add_typer(canary.app, name="canary")
 app.add_typer(console.app, name="console")
 
 # -- running the mesh

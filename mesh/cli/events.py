@@ -197,6 +197,8 @@ async def list_agents(json_out: JsonOption = False) -> None:
                     "agent": r.agent,
                     "instance": r.instance,
                     "skills": list(r.skills),
+                    # The composite version (mesh.versions): what a canary or shadow names.
+                    "version": r.version or r.card.get("version", ""),
                     "interfaces": r.card.get("supportedInterfaces", []),
                     "seen_at": r.seen_at,
                     "pid": r.pid,
@@ -206,7 +208,7 @@ async def list_agents(json_out: JsonOption = False) -> None:
         )
         return
     table = Table(title=f"{len(regs)} live agent instance(s)")
-    for col in ("agent", "instance", "skills", "http", "seen", "pid"):
+    for col in ("agent", "instance", "version", "skills", "http", "seen", "pid"):
         table.add_column(col)
     now = time.time()
     for r in regs:
@@ -221,6 +223,7 @@ async def list_agents(json_out: JsonOption = False) -> None:
         table.add_row(
             r.agent,
             r.instance,
+            r.version or str(r.card.get("version", "")),
             ", ".join(r.skills),
             http,
             f"{now - r.seen_at:.1f}s ago",

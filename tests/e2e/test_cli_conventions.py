@@ -211,6 +211,7 @@ async def test_json_width_and_codes_against_a_running_mesh(tmp_path: Path) -> No
         [live] = await ok_json("agents")
         url = next(i["url"] for i in live["interfaces"] if i["protocolBinding"] == "JSONRPC")
         assert live["agent"] == "security-review" and live["skills"], live
+        assert live["version"].startswith("1.0.0+"), live  # mesh.versions: label+hash12
         [decision] = [d for d in await ok_json("decisions") if d["event_id"] == event_id]
         assert decision["valid"] and decision["outcome"] == "approved", decision
         assert await ok_json("dlq") == [] and await ok_json("dlq", "ls") == []
@@ -226,7 +227,7 @@ async def test_json_width_and_codes_against_a_running_mesh(tmp_path: Path) -> No
         table = await _mesh(["agents"], wide, tmp_path)
         assert table.returncode == OK, str(table)
         [row] = [ln for ln in table.stdout.splitlines() if live["instance"] in ln]
-        assert url in row and "security-review" in row, table.stdout
+        assert url in row and "security-review" in row and live["version"] in row, table.stdout
 
         # Not found, unavailable, verification failed: distinct codes, one line each.
         shown = await _mesh(["dlq", "show", "999", "--json"], env, tmp_path)

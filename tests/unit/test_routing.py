@@ -10,10 +10,11 @@ from a2a.helpers import new_data_part
 from a2a.types import Artifact, Message, Task, TaskState, TaskStatus
 
 from coordinator import dispatch
+from coordinator.canary import VersionFilter
 from coordinator.decide import Ask, unreachable
 from coordinator.policy import Policy
 from coordinator.quorum import QuorumRule
-from coordinator.routing import DEFAULT_CAPACITY, Route, Router
+from coordinator.routing import DEFAULT_CAPACITY, NoReplica, Route, Router
 from mesh import envelope
 from mesh.a2a import jsonrpc
 from mesh.errors import AgentBusyError, AgentCallError, AgentTimeoutError, AgentUnavailableError
@@ -21,6 +22,7 @@ from mesh.identity import Signer, b64
 from mesh.registry import Registration
 from mesh.signing import Binding
 from mesh.verdict import Verdict
+from mesh.versions import VERSION_KEY
 from mesh.votes import SIGNATURE_KEY, VoteSigner
 
 
@@ -124,6 +126,13 @@ class _SignedView(_View):
         b = self.bound
         return b if b is not None and (b.agent, b.instance) == (agent, instance) else None
 
+    def version(self, agent: str, instance: str) -> str:
+        """What the instance's verified card says it runs (mesh.versions)."""
+        return CARD_VERSION if self.binding(agent, instance) is not None else ""
+
+
+CARD_VERSION = "2.0+0123456789ab"
+
 
 class _Client:
     """Answers every SendMessage with the task `answer(message)` builds; counts the calls."""
@@ -187,6 +196,7 @@ async def test_a_vote_signed_for_the_question_counts_and_is_recorded() -> None:
     vote = await dispatch.ask(client, Router(_SignedView(binding)), _ask())  # type: ignore[arg-type]
     assert vote.outcome == "voted" and vote.counted_as == "approve"
     assert vote.instance == "i1" and vote.signature and vote.signed_at > 0
+    assert vote.version == CARD_VERSION  # from the signing instance's verified card
     (msg,) = client.calls
     assert dict(msg.metadata) == {
         "eventId": "e1",
@@ -507,3 +517,55 @@ async def test_a_take_over_without_an_answer_in_time_asks_again_rather_than_coun
     )  # type: ignore[arg-type]
     assert vote.outcome == "unavailable" and vote.counted_as == "reject", vote
     assert unreachable(vote), vote.error
+
+
+# -- versions: a vote's version is its card's; routing by version (coordinator.canary) -------------
+async def test_a_vote_claiming_another_version_is_recorded_with_its_cards() -> None:
+    signer, binding = _instance()
+    build = _answer(signer)
+
+    def lying(message: Message) -> Task:
+        task: Task = build(message)
+        task.artifacts[0].metadata.update({VERSION_KEY: "9.9+ffffffffffff"})  # not signed
+        return task
+
+    vote = await dispatch.ask(_Client(lying), Router(_SignedView(binding)), _ask())  # type: ignore[arg-type]
+    assert vote.outcome == "voted" and vote.version == CARD_VERSION
+
+
+def _versioned(instance: str, version: str) -> Registration:
+    return msgspec.structs.replace(_reg(instance), version=version)
+
+
+def test_a_version_filter_routes_only_to_the_replicas_it_admits() -> None:
+    view = _View(_versioned("a", "1+old"), _versioned("b", "2+new"), _versioned("c", "1+old"))
+    router = Router(view)  # type: ignore[arg-type]
+    only = VersionFilter(only="2+new")
+    never = VersionFilter(never=frozenset({"2+new"}))
+    assert {router.route("rev", versions=only).breaker_key for _ in range(20)} == {"rev.b"}
+    assert {router.route("rev", versions=never).breaker_key for _ in range(40)} == {
+        "rev.a",
+        "rev.c",
+    }
+
+
+def test_a_canary_with_no_candidate_replica_falls_back_to_stable_but_strict_refuses() -> None:
+    router = Router(_View(_versioned("a", "1+old")))  # type: ignore[arg-type]
+    assert router.route("rev", versions=VersionFilter(only="2+new")).breaker_key == "rev.a"
+    with pytest.raises(NoReplica):
+        router.route("rev", versions=VersionFilter(only="2+new", strict=True))
+    # A stopped candidate: never it, not even through the shared subject.
+    only_candidate = Router(_View(_versioned("b", "2+new")))  # type: ignore[arg-type]
+    with pytest.raises(NoReplica):
+        only_candidate.route("rev", versions=VersionFilter(never=frozenset({"2+new"}), strict=True))
+
+
+async def test_a_shadow_ask_with_no_candidate_replica_is_unavailable_and_asks_no_one() -> None:
+    signer, binding = _instance()
+    client = _Client(_answer(signer))
+    ask = dataclasses.replace(
+        _ask(), versions=VersionFilter(only="2+new", strict=True), shadow=True
+    )
+    vote = await dispatch.ask(client, Router(_SignedView(binding)), ask)  # type: ignore[arg-type]
+    assert vote.outcome == "unavailable" and vote.shadow and "2+new" in vote.error
+    assert client.calls == []
