@@ -46,7 +46,7 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self, Unpack
@@ -60,6 +60,7 @@ from nats.aio.subscription import Subscription
 from mesh import subjects
 from mesh.a2a.client import AgentClient
 from mesh.a2a.transport import CallOptions
+from mesh.a2a.wire import OutgoingMessage, TaskView
 from mesh.bus import Bus
 from mesh.verdict import Verdict
 
@@ -369,6 +370,26 @@ class FaultyClient(AgentClient):
         options["subject"] = self.faults.subject_for(options.get("subject") or subjects.a2a(agent))
         return await super().send(
             agent, message, timeout=timeout, configuration=configuration, **options
+        )
+
+    async def send_lean(
+        self,
+        agent: str,
+        message: Message | OutgoingMessage,
+        *,
+        timeout: float,
+        max_timeout: float | None = None,
+        subject: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> TaskView | Task | Message:
+        # The coordinator's path (mesh.a2a.wire): through the proxy as well.
+        return await super().send_lean(
+            agent,
+            message,
+            timeout=timeout,
+            max_timeout=max_timeout,
+            subject=self.faults.subject_for(subject or subjects.a2a(agent)),
+            headers=headers,
         )
 
 

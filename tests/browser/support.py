@@ -13,11 +13,11 @@ from mesh.identity import IdentityDir, load_identity
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC_SHOTS = ROOT / "docs" / "console"
-# docs/console/*.png are rewritten only when asked (MESH_SCREENSHOTS=1): a plain `make test`
+# docs/console/*.png are rewritten only when asked (UPDATE_SCREENSHOTS=1): a plain `make test`
 # leaves the git tree clean, its screenshots going to a temporary folder (kept, to look at).
 SHOTS = (
     DOC_SHOTS
-    if os.environ.get("MESH_SCREENSHOTS") == "1"
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1"
     else Path(tempfile.gettempdir()) / "mesh-console-screenshots"
 )
 CHROMIUM = os.environ.get("MESH_TEST_CHROMIUM") or shutil.which("chromium") or ""

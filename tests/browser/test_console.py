@@ -2,7 +2,7 @@
 published with `mesh publish` become a decision live, open it, replay a dead letter, and see
 nothing of another tenant, approve a waiting human approval and see the decision arrive. Each
 test saves screenshots of the pages it visits (into docs/console/, which docs/console.md shows,
-only with MESH_SCREENSHOTS=1: tests/browser/support.py).
+only with UPDATE_SCREENSHOTS=1: tests/browser/support.py).
 """
 
 from __future__ import annotations
