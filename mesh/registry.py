@@ -309,10 +309,11 @@ class Registry:
                     if bound.refresh():
                         log.debug("registry: re-signed the card of %s", reg.key)
                     # Bounded: a put stuck behind a slow server must not hold back the next
-                    # beat (the entry lives only `ttl_s` without one).
-                    await asyncio.wait_for(
-                        kv.put(reg.key, _enc.encode(current())), timeout=put_timeout
-                    )
+                    # beat (the entry lives only `ttl_s` without one). `asyncio.timeout`, not
+                    # `wait_for`: on Python 3.11 `wait_for` can swallow a cancel that lands as
+                    # the put completes, and this loop then outlived its agent's shutdown.
+                    async with asyncio.timeout(put_timeout):
+                        await kv.put(reg.key, _enc.encode(current()))
                 except Exception as e:  # a missed beat is survivable; the retry may land
                     failed += 1
                     wait = retry.delay(failed)

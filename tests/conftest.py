@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import inspect
 import os
 import sys
 import threading
@@ -126,19 +128,41 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     """A test that hangs gets every pending asyncio task's stack printed shortly before
     pytest-timeout kills it: its own thread dump shows only an event loop idle in `select`,
     which says nothing about what the test was waiting for."""
+    with _hang_report(item, "call"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
+    """The same for a fixture's setup that hangs."""
+    with _hang_report(item, "setup"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object]:
+    """The same for a fixture's teardown that hangs (an async fixture's `finally`)."""
+    with _hang_report(item, "teardown"):
+        return (yield)
+
+
+@contextlib.contextmanager
+def _hang_report(item: pytest.Item, when: str) -> Iterator[None]:
     marker = item.get_closest_marker("timeout")
     timeout = (
         float(marker.args[0])
         if marker and marker.args
-        else float(item.config.getini("timeout") or 0)
+        else float(item.config.getoption("timeout", None) or item.config.getini("timeout") or 0)
     )
     timer = None
     if timeout > HANG_REPORT_BEFORE_S * 2:
-        timer = threading.Timer(timeout - HANG_REPORT_BEFORE_S, _report_hang, args=(item.nodeid,))
+        timer = threading.Timer(
+            timeout - HANG_REPORT_BEFORE_S, _report_hang, args=(f"{item.nodeid} ({when})",)
+        )
         timer.daemon = True
         timer.start()
     try:
-        return (yield)
+        yield
     finally:
         if timer is not None:
             timer.cancel()
@@ -153,6 +177,33 @@ def _report_hang(nodeid: str) -> None:
     ]
     for task in tasks:
         out.append(f"--- {task.get_name()}: {task.get_coro()!r}")
-        for frame in task.get_stack(limit=12):
-            out.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        # The whole await chain (a task's own stack shows only its outermost coroutine).
+        awaited: object = task.get_coro()
+        for _ in range(30):
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is not None:
+                out.append(
+                    f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
+                )
+            nxt = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+            if nxt is None:
+                if awaited is not task.get_coro():
+                    out.append(f"    awaiting {awaited!r}")
+                break
+            awaited = nxt
+    # Async generators (fixtures, context managers) suspended in an await: where they wait.
+    for gen in [o for o in gc.get_objects() if inspect.isasyncgen(o) and o.ag_await is not None]:
+        out.append(f"--- async generator {gen.ag_code.co_qualname}")
+        awaited = gen
+        for _ in range(30):
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is not None:
+                out.append(
+                    f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
+                )
+            nxt = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+            if nxt is None:
+                out.append(f"    awaiting {awaited!r}")
+                break
+            awaited = nxt
     print("\n".join(out), file=sys.stderr, flush=True)

@@ -35,6 +35,7 @@ from a2a.utils.proto_utils import parse_lenient
 from google.protobuf.timestamp_pb2 import Timestamp
 from msgspec import UNSET, UnsetType
 
+from mesh.errors import MeshError
 from mesh.verdict import Verdict
 
 __all__ = ["OutgoingMessage", "TaskView", "data_part", "read_send_reply", "struct_value"]
@@ -57,8 +58,9 @@ class OutgoingMessage(msgspec.Struct, omit_defaults=True, rename="camel"):
     context_id: str = ""
 
 
-class _Unusual(Exception):
-    """Something the view does not model: the caller takes the typed path."""
+class _Unusual(MeshError):
+    """Something the view does not model: the caller takes the typed path (never leaves this
+    module; a MeshError all the same, as every exception class here is)."""
 
 
 def struct_value(value: Any) -> Any:
