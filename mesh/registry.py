@@ -349,9 +349,14 @@ class Registry:
         try:
             yield reg
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Cancelled until it is done: on Python 3.11 a cancel that lands as a put completes
+            # can be swallowed (by a timeout or the client), and the beat then sleeps on; one
+            # `await task` after one cancel hung an agent's shutdown for good.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
             with contextlib.suppress(Exception):
                 await kv.delete(reg.key)
 
