@@ -118,10 +118,11 @@ class _Outcomes:
 
     async def wait(self, event_id: str, timeout: float) -> Decision | DeadLetter | None:
         async with self.arrived:
+            # `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` can swallow a Ctrl-C
+            # that lands as the outcome arrives, and the demo then ran on after "stopping…".
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.arrived.wait_for(lambda: event_id in self.by_id), timeout
-                )
+                async with asyncio.timeout(timeout):
+                    await self.arrived.wait_for(lambda: event_id in self.by_id)
             return self.by_id.get(event_id)
 
 
