@@ -686,6 +686,14 @@ class Bus:
                     raise denied from None
                 raise
 
+    def event_msg_id(self, tenant: str, event_id: str) -> str:
+        """The `Nats-Msg-Id` this process gives an event: tagged with its key when it has one,
+        so a publisher of another tenant cannot take the id first (`subjects.event_msg_id`)."""
+        if self._signer is None:
+            return subjects.event_msg_id(tenant, event_id)
+        tag = self._signer.tag(subjects.event_msg_tag_payload(tenant, event_id))
+        return subjects.event_msg_id(tenant, event_id, tag)
+
     async def publish_event(self, event: envelope.Event, *, binary: bool = False) -> PubAck:
         """Publish a domain event, signed; its id (per tenant) deduplicates re-publishes.
 
@@ -701,7 +709,7 @@ class Bus:
             subjects.event(event.tenant, event.type),
             body,
             headers=headers,
-            msg_id=subjects.event_msg_id(event.tenant, event.id),
+            msg_id=self.event_msg_id(event.tenant, event.id),
             # An event that carries its producer's trace (CloudEvents `traceparent`) continues it.
             parent=telemetry.extract({subjects.H_TRACEPARENT: event.traceparent})
             if event.traceparent

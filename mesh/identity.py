@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import logging
 import os
 import stat
@@ -129,6 +130,14 @@ class Signer:
 
     def sign(self, purpose: Purpose, payload: bytes) -> str:
         return b64(self._key.sign(_message(purpose, payload)))
+
+    def tag(self, payload: bytes) -> str:
+        """A short keyed digest of `payload` (22 characters): the same every time for this
+        key, and nobody without the key can compute it. HMAC-SHA256 under a key derived from
+        the private key, cut to 128 bits: an unguessable name, not a signature (nothing
+        verifies it; `subjects.event_msg_id` uses it so another tenant cannot take an id)."""
+        secret = hashlib.sha256(b"mesh tag key\0" + self._key.private_bytes_raw()).digest()
+        return b64(hmac.new(secret, payload, hashlib.sha256).digest()[:16])
 
     def __repr__(self) -> str:
         return f"Signer(kid={self.kid})"

@@ -28,7 +28,7 @@ every relay and publishes each as an ordinary domain event:
   permissions (operator and agents: `mesh.natsauth`), and the event's `source` names the
   schedule (`mesh://schedule/<tenant>/<name>`).
 
-Its message id is the event's (`<tenant>:<id>`), so a relay that dies between publishing and
+Its message id is the event's (tenant and id, tagged with the relay's key), so a relay that dies between publishing and
 acking adds nothing; past the duplicate window the ledger still decides an id once.
 """
 

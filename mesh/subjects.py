@@ -129,10 +129,22 @@ def card_key(agent: str, instance: str) -> str:
     return f"{agent}.{instance}"
 
 
-def event_msg_id(tenant: str, event_id: str) -> str:
-    """`Nats-Msg-Id` of a published event, `<tenant>:<event id>`: the stream's duplicate window
-    drops a re-publish (the same id in two tenants is two events)."""
-    return f"{tenant}:{event_id}"
+def event_msg_id(tenant: str, event_id: str, tag: str = "") -> str:
+    """`Nats-Msg-Id` of a published event: the stream's duplicate window drops a re-publish (the
+    same id in two tenants is two events).
+
+    `<tenant>~<tag>:<event id>` when the publisher has a key, `tag` being its keyed digest of
+    tenant and id (`Signer.tag`, via `event_msg_tag`). JetStream de-duplicates ids per stream,
+    not per subject, so with a bare `<tenant>:<event id>` a publisher of tenant A could publish
+    first under B's next id and have the server drop B's event as a duplicate; nobody but B's
+    publisher can compute B's tag. Without a key (insecure bus, foreign producers) it is
+    `<tenant>:<event id>`."""
+    return f"{tenant}~{tag}:{event_id}" if tag else f"{tenant}:{event_id}"
+
+
+def event_msg_tag_payload(tenant: str, event_id: str) -> bytes:
+    """What a publisher's `Signer.tag` covers for an event's message id."""
+    return f"event-msg-id\0{tenant}\0{event_id}".encode()
 
 
 def decision(tenant: str, decision_type: str, event_token: str) -> str:
@@ -192,7 +204,16 @@ def a2a_subject_of_url(url: str) -> str | None:
 
 def event_id_of_msg_id(tenant: str, msg_id: str) -> str:
     """The producer's event id inside an event's message id (the inverse of `event_msg_id`)."""
+    tagged = f"{tenant}~"
+    if (
+        msg_id.startswith(tagged)
+        and msg_id[len(tagged) + _TAG_LEN : len(tagged) + _TAG_LEN + 1] == ":"
+    ):
+        return msg_id[len(tagged) + _TAG_LEN + 1 :]
     return msg_id.removeprefix(f"{tenant}:")
+
+
+_TAG_LEN = 22  # base64url of 16 bytes, no padding (`Signer.tag`)
 
 
 def budget_event_key(tenant: str, event_token: str) -> str:

@@ -97,7 +97,7 @@ async def publish(
                 await bus.publish(
                     subjects.event(tenant, event_type),
                     raw,
-                    msg_id=subjects.event_msg_id(tenant, event_id),
+                    msg_id=bus.event_msg_id(tenant, event_id),
                 )
             else:
                 ack = await bus.publish_event(event)

@@ -195,7 +195,7 @@ async def run_cases(
                 await publisher.publish(
                     subjects.event("default", case.event_type),
                     case.raw,
-                    msg_id=f"default:{event_id}",
+                    msg_id=publisher.event_msg_id("default", event_id),
                 )
             else:
                 assert case.sample is not None

@@ -126,6 +126,7 @@ def cast(identities: IdentityDir) -> dict[str, Path]:
         "agent": identities.issue("agent", "quality-review"),
         "security": identities.issue("agent", "security-review"),
         "publisher": identities.issue("publisher", "pub-a", tenant="acme"),
+        "publisher_b": identities.issue("publisher", "pub-b", tenant="globex"),
         "reader_a": identities.issue("reader", "read-a", tenant="acme"),
         "reader_b": identities.issue("reader", "read-b", tenant="globex"),
     }
@@ -286,6 +287,32 @@ async def test_a_publisher_publishes_its_tenants_events_only(
     async with await Bus.connect(server.url) as op:
         info = await op.js.stream_info(subjects.DECISIONS_STREAM)
         assert info.state.messages == seeded["decisions"]
+
+
+async def test_a_publisher_cannot_take_another_tenants_event_id(
+    server: EmbeddedServer, seeded: dict[str, int], cast: dict[str, Path]
+) -> None:
+    """JetStream de-duplicates message ids per stream: a publisher of acme publishing (on its
+    own subjects) under the id globex's next event will have must not make the server drop
+    globex's event as a duplicate. Both id shapes an attacker could try are taken first."""
+    victim_id = "ticket-4711"
+    async with await Bus.connect(settings=as_(cast["publisher"], server.url)) as attacker:
+        squat = subjects.event("acme", "release.proposed")
+        for msg_id in (
+            subjects.event_msg_id("globex", victim_id),  # the untagged shape
+            attacker.event_msg_id("globex", victim_id),  # tagged with the attacker's own key
+        ):
+            ack = await attacker.publish(squat, b"{}", msg_id=msg_id)
+            assert not ack.duplicate
+    event = envelope.new_event(
+        "release.proposed", {"id": "r9"}, tenant="globex", event_id=victim_id
+    )
+    async with await Bus.connect(settings=as_(cast["publisher_b"], server.url)) as victim:
+        first = await victim.publish_event(event)
+        assert not first.duplicate, "another tenant's message took this event's id"
+        # Its own re-publish (a retry after a crash) is still a duplicate, as promised.
+        again = await victim.publish_event(event)
+        assert again.duplicate and again.seq == first.seq
 
 
 MESH_STREAMS = [

@@ -158,3 +158,21 @@ def test_trust_round_trips(ids: IdentityDir) -> None:
     trust = ids.trust()
     assert isinstance(trust, Trust)
     assert trust.kids(["coordinator"])
+
+
+def test_a_tag_is_the_keys_own_and_the_same_every_time() -> None:
+    from mesh import subjects
+
+    a, b = Signer.generate(), Signer.generate()
+    payload = subjects.event_msg_tag_payload("globex", "ticket-4711")
+    assert a.tag(payload) == a.tag(payload) != b.tag(payload)
+    assert a.tag(payload) != a.tag(subjects.event_msg_tag_payload("globex", "ticket-4712"))
+    assert len(a.tag(payload)) == 22
+    # The message id gives its event id back, with or without a tag, whatever the id holds.
+    for event_id in ("ticket-4711", "a:b~c", "x" * 30):
+        tagged = subjects.event_msg_id("globex", event_id, a.tag(payload))
+        assert subjects.event_id_of_msg_id("globex", tagged) == event_id
+        assert (
+            subjects.event_id_of_msg_id("globex", subjects.event_msg_id("globex", event_id))
+            == event_id
+        )
