@@ -57,8 +57,11 @@ class TaskPool:
 
     async def wait_free(self, timeout: float) -> bool:
         """Until at least one slot is free (True), or `timeout` passed (False)."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands as the
+        # slot comes free, and the pull loop that waits here would run on after its stop.
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._slots.acquire()
         except TimeoutError:
             return False
         self._slots.release()

@@ -101,8 +101,11 @@ class _Live:
             await nc.flush()
             yield {"event": "ready", "data": "subscribed"}
             while True:
+                # asyncio.timeout: 3.11's wait_for can swallow the cancel of a closed stream
+                # that lands as an item arrives, and this loop would run on.
                 try:
-                    kind, html = await asyncio.wait_for(self.queue.get(), LIVE_RECHECK_S)
+                    async with asyncio.timeout(LIVE_RECHECK_S):
+                        kind, html = await self.queue.get()
                 except TimeoutError:
                     kind, html = "", ""
                 if not self._signed_in():
