@@ -28,8 +28,9 @@ every relay and publishes each as an ordinary domain event:
   permissions (operator and agents: `mesh.natsauth`), and the event's `source` names the
   schedule (`mesh://schedule/<tenant>/<name>`).
 
-Its message id is the event's (tenant and id, tagged with the relay's key), so a relay that dies between publishing and
-acking adds nothing; past the duplicate window the ledger still decides an id once.
+Its message id is the event's (tenant and id, tagged with the relay's key), so a relay that
+dies between publishing and acking adds nothing; past the duplicate window the ledger still
+decides an id once.
 """
 
 from __future__ import annotations
@@ -169,18 +170,16 @@ def schedule(
     """A recurring schedule (`every` or `cron`), checked; `declare` puts it on the bus."""
     if isinstance(every, timedelta):
         every = f"{int(every.total_seconds())}s"
-    try:
-        return Schedule(
-            name=name,
-            event_type=event_type,
-            tenant=tenant,
-            data=data,
-            every=every,
-            cron=cron,
-            time_zone=time_zone,
-        )
-    except ValueError as e:
-        raise ConfigError(f"bad schedule {name!r}: {e}") from None
+    return _checked(
+        f"schedule {name!r}",
+        name=name,
+        event_type=event_type,
+        tenant=tenant,
+        data=data,
+        every=every,
+        cron=cron,
+        time_zone=time_zone,
+    )
 
 
 def one_shot(
@@ -199,17 +198,23 @@ def one_shot(
         raise ConfigError("a follow-up needs its event id (the id makes it idempotent)")
     when = (now or datetime.now(UTC)) + at if isinstance(at, timedelta) else at
     name = "at-" + uuid.uuid5(FIRING_NAMESPACE, f"{tenant}/{event_id}").hex
+    return _checked(
+        f"follow-up {event_id!r}",
+        name=name,
+        event_type=event_type,
+        tenant=tenant,
+        data=data,
+        at=when,
+        event_id=event_id,
+    )
+
+
+def _checked(what: str, **fields: Any) -> Schedule:
+    """A `Schedule` from `fields`, or one `ConfigError` line naming `what` was wrong."""
     try:
-        return Schedule(
-            name=name,
-            event_type=event_type,
-            tenant=tenant,
-            data=data,
-            at=when,
-            event_id=event_id,
-        )
+        return Schedule(**fields)
     except ValueError as e:
-        raise ConfigError(f"bad follow-up {event_id!r}: {e}") from None
+        raise ConfigError(f"bad {what}: {e}") from None
 
 
 def firing_event(sched: Schedule, *, seq: int, stored: datetime) -> envelope.Event:
