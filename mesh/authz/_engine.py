@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import cedarpy
 
+from mesh.approvals import approver_role
 from mesh.authz._source import (
     ENTITIES_FILE,
     POLICY_SUFFIX,
@@ -23,7 +24,6 @@ from mesh.authz._source import (
     digest,
     load,
 )
-from mesh.approvals import approver_role
 from mesh.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import mesh.authz as authz
 from coordinator import policy as policies
 from coordinator.clock import ManualClock
 from coordinator.humans import Settled, cedar_authorize
 from coordinator.ledger import MemoryStore
+from mesh import authz
 from mesh.approvals import approver_role, role_problem
 from mesh.errors import PolicyError
 from tests.unit.test_decide import KEY
