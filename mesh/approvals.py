@@ -44,9 +44,16 @@ if TYPE_CHECKING:
 
 Answer = Literal["approve", "reject"]
 VIA_CONSOLE = "console"
+VIA_A2A = "a2a"  # the inbox served as an A2A agent by a coordinator (coordinator.approval_tasks)
 # Who may sign an answer on a person's behalf: the console (and the operator, the root of
 # trust, who may sign anything; a console run as the operator's identity).
 ON_BEHALF_SIGNERS: tuple[Role, ...] = ("console", "operator")
+# Which keys may sign for a person, by the way the answer came: the web console's, or a
+# coordinator serving the inbox over A2A (the person proved by their bearer token there).
+SIGNERS_VIA: dict[str, tuple[Role, ...]] = {
+    VIA_CONSOLE: ON_BEHALF_SIGNERS,
+    VIA_A2A: ("coordinator", "operator"),
+}
 
 
 def approver_role(role: str) -> str:
@@ -198,15 +205,17 @@ def vote_refusal(trust: Trust, vote: HumanVote) -> str | None:
 
 
 def _on_behalf_refusal(trust: Trust, vote: HumanVote) -> str | None:
-    if vote.via != VIA_CONSOLE:
-        return f"answers come directly or via the console, not via {vote.via!r}"
+    signers = SIGNERS_VIA.get(vote.via)
+    if signers is None:
+        return f"answers come directly, via the console or via A2A, not via {vote.via!r}"
     if not vote.signature or not vote.signer:
         return "unsigned"
     if vote.signer in trust.revoked:
         return f"key {vote.signer} is revoked"
     entry = trust.keys.get(vote.signer)
-    if entry is None or entry.role not in ON_BEHALF_SIGNERS:
-        return f"key {vote.signer} is not a trusted console's: it may not answer for people"
+    if entry is None or entry.role not in signers:
+        who = "console" if vote.via == VIA_CONSOLE else "coordinator"
+        return f"key {vote.signer} is not a trusted {who}'s: it may not answer for people"
     if entry.retired_at and vote.at > entry.retired_at:
         return f"key {vote.signer} was retired"
     # The same purpose as a person's own answer: the signed bytes differ by `via`, and
