@@ -93,3 +93,24 @@ async def test_a_person_whose_trust_file_says_underscores_approves_under_regulat
     d = desk(store, clock, trust=people.trust, authorize=authorize)
     got = await d.answer(KEY, people.answer("alice", request, yes=True))
     assert isinstance(got, Settled), got
+
+
+def test_creds_issue_a_person_in_the_one_spelling(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mesh.cli import app
+    from mesh.identity import IdentityDir, load_trust
+
+    ids = IdentityDir.init(tmp_path / "identity")
+    ran = CliRunner().invoke(
+        app,
+        ["creds", "human", "lee", "--tenant", "clinic", "--role", "Clinical_Safety_Officer"]
+        + ["--dir", str(ids.path)],
+    )
+    assert ran.exit_code == 0, ran.output
+    [lee] = [k for k in load_trust(ids.trust_path).keys.values() if k.name == "lee"]
+    assert lee.claims == ["clinical-safety-officer"]
+    bad = CliRunner().invoke(
+        app, ["creds", "human", "x", "--tenant", "clinic", "--role", "a b", "--dir", str(ids.path)]
+    )
+    assert bad.exit_code != 0 and "approver role 'a b'" in bad.output
