@@ -102,11 +102,8 @@ def test_creds_issue_a_person_in_the_one_spelling(tmp_path: Path) -> None:
     from mesh.identity import IdentityDir, load_trust
 
     ids = IdentityDir.init(tmp_path / "identity")
-    ran = CliRunner().invoke(
-        app,
-        ["creds", "human", "lee", "--tenant", "clinic", "--role", "Clinical_Safety_Officer"]
-        + ["--dir", str(ids.path)],
-    )
+    issue = ["creds", "human", "lee", "--tenant", "clinic", "--dir", str(ids.path)]
+    ran = CliRunner().invoke(app, [*issue, "--role", "Clinical_Safety_Officer"])
     assert ran.exit_code == 0, ran.output
     [lee] = [k for k in load_trust(ids.trust_path).keys.values() if k.name == "lee"]
     assert lee.claims == ["clinical-safety-officer"]
