@@ -289,7 +289,8 @@ async def test_over_http_a_person_lists_answers_and_hears_of_it(clinic: dict[str
 
 async def test_over_nats_the_inbox_pushes_an_escalation(clinic: dict[str, Any]) -> None:
     """The coordinator's own inbox agent, over NATS: a push config on the task hears the
-    escalation the inbox makes (round 1: the head of safety may answer too)."""
+    escalation the inbox makes (round 1: the head of safety may answer too), then the answer
+    given over NATS."""
     bus: Bus = clinic["bus"]
     tenant: str = clinic["tenant"]
     alice = clinic["people"]["alice"]
@@ -317,3 +318,11 @@ async def test_over_nats_the_inbox_pushes_an_escalation(clinic: dict[str, Any]) 
         now = await client.get_task(GetTaskRequest(id=task.id))
         assert now.status.state == TaskState.TASK_STATE_INPUT_REQUIRED
         assert int(now.metadata["round"]) == 1
+        # Answered over NATS too: a deny is an accepted answer that rejects the change.
+        done = await send(client, follow_up(now, {"answer": "deny", "reason": "not assessed"}))
+        assert done.status.state == TaskState.TASK_STATE_COMPLETED, done.status
+        decision = await decision_of(bus, tenant, event.id)
+        assert decision.outcome == "rejected"
+        await eventually(
+            lambda: "TASK_STATE_COMPLETED" in receiver.states(task.id), "the push", timeout=30
+        )
