@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from mesh.authz import ToolGuard
     from mesh.settings import Settings
 
+__all__ = ["ModelTool", "ToolRunner", "ToolUse", "default_guard", "model_tool"]
+
 log = logging.getLogger(__name__)
 
 ToolFn = Callable[..., Awaitable[Any]]
