@@ -48,6 +48,7 @@ from mesh.bus import Bus
 from mesh.records import Vote, event_token
 
 if TYPE_CHECKING:
+    from coordinator.approval_tasks import ApprovalsAgent
     from coordinator.settle import Settler
 
 log = logging.getLogger(__name__)
@@ -117,15 +118,34 @@ class Inbox:
         self.refresh_trust = refresh_trust
         self.url_policy = PushUrlPolicy(allow_private=allow_private)
         self._http: httpx.AsyncClient | None = None
+        # The inbox as an A2A agent (coordinator.approval_tasks), made in `run` (serve_a2a).
+        self.a2a: ApprovalsAgent | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def run(self, stop: asyncio.Event, *, concurrency: int = 16) -> None:
+    async def run(
+        self, stop: asyncio.Event, *, concurrency: int = 16, serve_a2a: bool = True
+    ) -> None:
+        """Work on the approvals stream until `stop`; with `serve_a2a`, also answer A2A over
+        NATS as the `approvals` agent (coordinator.approval_tasks)."""
+        sub = None
+        if serve_a2a:
+            from coordinator.approval_tasks import ApprovalsAgent
+
+            self.a2a = ApprovalsAgent.from_bus(self.bus, self.desk.signer)
+            if self.a2a is not None:
+                sub = await self.a2a.subscribe(self.bus.nc)
         try:
             await self._run(stop, concurrency)
         except Exception:
             # Said loudly: decisions waiting for people would wait for ever (the events go on).
             log.exception("the approval inbox stopped; decisions waiting for people are stuck")
             raise
+        finally:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            if self.a2a is not None:
+                await self.a2a.aclose()
 
     async def _run(self, stop: asyncio.Event, concurrency: int) -> None:
         psub = await self.bus.js.pull_subscribe_bind(
@@ -306,6 +326,8 @@ class Inbox:
         )
         if request.status == "open":
             await self._notify(signed)
+        if self.a2a is not None:
+            await self.a2a.changed(signed)  # the A2A tasks of its people (push configs)
 
     async def _receipt(
         self, tenant: str, request_id: str, vote: HumanVote | None, *, accepted: bool, why: str = ""

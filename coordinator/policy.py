@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -12,11 +11,11 @@ import msgspec
 
 from coordinator.canary import Rollout
 from coordinator.quorum import QuorumRule, SilenceCount, Silent, tally
+from mesh.approvals import role_problem
 from mesh.errors import PolicyError
 from mesh.verdict import Choice
 
 DEFAULT_FILE = Path(__file__).with_name("policies.toml")
-_ROLE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # `_` too: Cedar group ids use it
 
 
 HUMAN_PREFIX = "human:"  # a human voter's name in the electorate: `human:<role>`
@@ -56,8 +55,9 @@ class HumanVoter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def check(self) -> None:
         for role in self.roles():
-            if not _ROLE.fullmatch(role):
-                raise ValueError(f"human role {role!r}: use lowercase letters, digits, '-' and '_'")
+            problem = role_problem(role)  # one spelling, everywhere (mesh.approvals)
+            if problem is not None:
+                raise ValueError(f"human: {problem}")
         if len(set(self.roles())) != len(self.roles()):
             raise ValueError(f"human {self.role!r}: a role is named twice in its chain")
         if self.wait_s <= 0:

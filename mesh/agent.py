@@ -77,6 +77,7 @@ from mesh.models import (
 )
 from mesh.registry import Registration, Registry, new_instance_id
 from mesh.settings import Settings, get_settings
+from mesh.tools import ModelTool
 from mesh.verdict import Verdict
 from mesh.votes import SIGNATURE_KEY, VoteSigner
 
@@ -91,8 +92,11 @@ class Agent:
         card: str | Path | None = None,
         prompt: str | Path | None = None,
         version: str | None = None,
+        tools: Sequence[ModelTool] = (),
     ) -> None:
         self.name = name
+        # What its models may call (mesh.tools), each call guarded by Cedar before it runs.
+        self.tools: list[ModelTool] = list(tools)
         self._version_label = version  # the human part of the composite version (mesh.versions)
         self._card_source = card or name
         self._prompt = prompt
@@ -191,6 +195,7 @@ class Agent:
             rules=self._handler,
             system_prompt=self.system_prompt(),
             output_type=self.output_type,
+            tools=self.tools,
         )
 
     @contextlib.contextmanager

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -43,9 +44,41 @@ if TYPE_CHECKING:
 
 Answer = Literal["approve", "reject"]
 VIA_CONSOLE = "console"
+VIA_A2A = "a2a"  # the inbox served as an A2A agent by a coordinator (coordinator.approval_tasks)
 # Who may sign an answer on a person's behalf: the console (and the operator, the root of
 # trust, who may sign anything; a console run as the operator's identity).
 ON_BEHALF_SIGNERS: tuple[Role, ...] = ("console", "operator")
+# Which keys may sign for a person, by the way the answer came: the web console's, or a
+# coordinator serving the inbox over A2A (the person proved by their bearer token there).
+SIGNERS_VIA: dict[str, tuple[Role, ...]] = {
+    VIA_CONSOLE: ON_BEHALF_SIGNERS,
+    VIA_A2A: ("coordinator", "operator"),
+}
+
+
+def approver_role(role: str) -> str:
+    """The one spelling of an approver role (and of the Cedar group that holds it): lowercase,
+    words joined by '-' (`clinical_safety_officer`, ` Clinical-Safety-Officer` →
+    `clinical-safety-officer`). Policies refuse another spelling (`coordinator.policy`),
+    credentials are issued in it (`mesh creds human --role`), a person's roles are read in it
+    (`person_of`, so an older trust file holding `_` still matches) and Cedar sees only it
+    (`mesh.authz`: group ids, the `role` of an approval's context, entities.json; a policy that
+    names a group or role with `_` is refused, file and line): the two spellings cannot
+    disagree any more."""
+    return role.strip().lower().replace("_", "-")
+
+
+ROLE_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def role_problem(role: str) -> str | None:
+    """Why `role` is not an approver role as written (None: it is)."""
+    if ROLE_PATTERN.fullmatch(role):
+        return None
+    fixed = approver_role(role)
+    if fixed != role and ROLE_PATTERN.fullmatch(fixed):
+        return f"approver role {role!r} is spelled {fixed!r} (lowercase, words joined by '-')"
+    return f"approver role {role!r}: use lowercase letters, digits and '-'"
 
 
 class ApprovalRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -172,15 +205,17 @@ def vote_refusal(trust: Trust, vote: HumanVote) -> str | None:
 
 
 def _on_behalf_refusal(trust: Trust, vote: HumanVote) -> str | None:
-    if vote.via != VIA_CONSOLE:
-        return f"answers come directly or via the console, not via {vote.via!r}"
+    signers = SIGNERS_VIA.get(vote.via)
+    if signers is None:
+        return f"answers come directly, via the console or via A2A, not via {vote.via!r}"
     if not vote.signature or not vote.signer:
         return "unsigned"
     if vote.signer in trust.revoked:
         return f"key {vote.signer} is revoked"
     entry = trust.keys.get(vote.signer)
-    if entry is None or entry.role not in ON_BEHALF_SIGNERS:
-        return f"key {vote.signer} is not a trusted console's: it may not answer for people"
+    if entry is None or entry.role not in signers:
+        who = "console" if vote.via == VIA_CONSOLE else "coordinator"
+        return f"key {vote.signer} is not a trusted {who}'s: it may not answer for people"
     if entry.retired_at and vote.at > entry.retired_at:
         return f"key {vote.signer} was retired"
     # The same purpose as a person's own answer: the signed bytes differ by `via`, and
@@ -197,8 +232,14 @@ def person_of(trust: Trust, vote: HumanVote) -> TrustedKey | None:
     the person it names, from the trust file (an active `human` key of the vote's tenant
     named `by`; with several, as after a rotation, the roles of all of them)."""
     if not vote.via:
-        return trust.keys.get(vote.signer)
+        key = trust.keys.get(vote.signer)
+        return None if key is None else _roles_spelled(key)
     return person(trust, vote.by, vote.tenant)
+
+
+def _roles_spelled(key: TrustedKey) -> TrustedKey:
+    claims = sorted({approver_role(c) for c in key.claims})
+    return key if claims == list(key.claims) else msgspec.structs.replace(key, claims=claims)
 
 
 def person(trust: Trust, name: str, tenant: str) -> TrustedKey | None:
@@ -215,7 +256,7 @@ def person(trust: Trust, name: str, tenant: str) -> TrustedKey | None:
     ]
     if not found:
         return None
-    claims = sorted({c for k in found for c in k.claims})
+    claims = sorted({approver_role(c) for k in found for c in k.claims})
     return msgspec.structs.replace(found[0], claims=claims)
 
 

@@ -30,7 +30,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import msgspec
 from opentelemetry.trace import SpanKind
@@ -47,13 +47,16 @@ from mesh.errors import (
 from mesh.providers import ModelSpec, agent_models, build_client, startup_problems
 from mesh.redact import Redactor
 from mesh.settings import Settings, get_settings
+from mesh.tools import ModelTool, ToolRunner, ToolUse
 from mesh.verdict import Verdict
 
 if TYPE_CHECKING:
     # Imported for real only by ClaudeBrain: the SDK costs ~40 MB of memory, which an agent on
     # the rules brain should not pay (measured: idle agent 110 MB → 69 MB).
     import anthropic
-    from anthropic.types import MessageParam, ToolChoiceToolParam, ToolParam
+    from anthropic.types import MessageParam, ToolChoiceParam, ToolParam
+
+    from mesh.authz import ToolGuard
 
     Client = (
         anthropic.AsyncAnthropic | anthropic.AsyncAnthropicBedrock | anthropic.AsyncAnthropicVertex
@@ -77,11 +80,13 @@ class Usage(msgspec.Struct, frozen=True):
 
 
 class Thought(msgspec.Struct, Generic[OutT], frozen=True):
-    """What a brain produced: the typed output, which brain produced it, and what it cost."""
+    """What a brain produced: the typed output, which brain produced it, what it cost, and the
+    tool calls its model asked for on the way (`mesh.tools`: run, denied by policy, failed)."""
 
     output: OutT
     brain: str
     usage: Usage = msgspec.field(default_factory=Usage)
+    tool_uses: tuple[ToolUse, ...] = ()
 
 
 class Brain(Protocol):
@@ -170,7 +175,11 @@ class RulesBrain:
 
 
 class ClaudeBrain:
-    """Claude via the Messages API, forced to answer through one tool typed as `output_type`."""
+    """Claude via the Messages API, forced to answer through one tool typed as `output_type`.
+
+    `tools` (mesh.tools.ModelTool) are offered next to that answer tool: the model may call
+    them (each call guarded by Cedar first: `guard`, default `mesh.authz.tool_guard` from the
+    settings, for `agent`) for up to `max_tool_rounds` turns before it must answer."""
 
     def __init__(
         self,
@@ -184,6 +193,11 @@ class ClaudeBrain:
         max_retries: int = 2,
         redactor: Redactor | None = None,
         provider: str = "anthropic",
+        tools: list[ModelTool] | None = None,
+        guard: ToolGuard | None = None,
+        agent: str = "",
+        max_tool_rounds: int = 8,
+        settings: Settings | None = None,
     ) -> None:
         self.system_prompt = system_prompt
         self.output_type = output_type
@@ -208,6 +222,15 @@ class ClaudeBrain:
             ),
             "input_schema": tool_schema(output_type),
         }
+        self.runner = ToolRunner(tools or [], agent=agent, guard=guard, settings=settings)
+        if self.tool_name in self.runner.tools:
+            raise ConfigError(f"a tool may not be named {self.tool_name}: the answer tool is")
+        self.max_tool_rounds = max_tool_rounds
+
+    @property
+    def tools(self) -> list[ToolParam]:
+        """Every tool the model is given: the answer tool first, then the agent's."""
+        return [self.tool, *self.runner.params()]  # type: ignore[list-item]
 
     def _check_allowed(self) -> None:
         if model_requests_allowed():
@@ -252,37 +275,35 @@ class ClaudeBrain:
             data = masked.value
         content = msgspec.json.encode(data).decode()
         messages: list[MessageParam] = [{"role": "user", "content": content}]
-        tool_choice: ToolChoiceToolParam = {"type": "tool", "name": self.tool_name}
-        timeout = self.timeout_s
-        left = scope.budget.remaining_s() if scope else None
-        if left is not None:
-            timeout = max(0.001, min(timeout, left))
-        ledger = scope.ledger if scope and scope.ledger else None
-        async with contextlib.AsyncExitStack() as stack:
-            reservation = None
-            if ledger is not None and scope is not None:
-                # Raises BudgetExceededError before any request when the worst case won't fit.
-                reservation = await stack.enter_async_context(
-                    ledger.model_call(
-                        scope,
-                        model=self.model,
-                        prompt_text=self.system_prompt + content + str(self.tool),
-                        max_tokens=self.max_tokens,
-                    )
-                )
-            response = await self._create(messages, tool_choice, timeout)
-            if reservation is not None:
-                reservation.settle(
-                    self.model, response.usage.input_tokens, response.usage.output_tokens
-                )
-        usage = Usage(
-            input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens
+        # With tools of its own the model may call them first; without, it must answer.
+        tool_choice: ToolChoiceParam = (
+            {"type": "any"} if self.runner.tools else {"type": "tool", "name": self.tool_name}
         )
-        calls = [
-            block
-            for block in response.content
-            if isinstance(block, ToolUseBlock) and block.name == self.tool_name
-        ]
+        usage = Usage()
+        uses: list[ToolUse] = []
+        for turn in range(self.max_tool_rounds + 1):
+            if turn == self.max_tool_rounds:  # the last turn: answer now
+                tool_choice = {"type": "tool", "name": self.tool_name}
+            # What this turn sends, as the budget's estimate reads it.
+            asked = content if len(messages) == 1 else str(messages)
+            response = await self._turn(messages, tool_choice, scope, asked)
+            usage = Usage(
+                input_tokens=usage.input_tokens + response.usage.input_tokens,
+                output_tokens=usage.output_tokens + response.usage.output_tokens,
+            )
+            blocks = [b for b in response.content if isinstance(b, ToolUseBlock)]
+            calls = [b for b in blocks if b.name == self.tool_name]
+            if calls or not blocks or not self.runner.tools:
+                break
+            results: list[Any] = []
+            for block in blocks:
+                args = masked.restore(block.input) if masked is not None else block.input
+                result, use = await self.runner.run(block.id, block.name, args)
+                results.append(result)
+                uses.append(use)
+            said = [b.model_dump(exclude_none=True) for b in response.content]
+            messages.append(cast("MessageParam", {"role": "assistant", "content": said}))
+            messages.append({"role": "user", "content": results})
         if not calls:
             raise ModelOutputError(
                 f"{self.name}: no {self.tool_name} call in the answer "
@@ -302,10 +323,42 @@ class ClaudeBrain:
             usage.input_tokens,
             usage.output_tokens,
         )
-        return Thought(output=output, brain=self.name, usage=usage)
+        return Thought(output=output, brain=self.name, usage=usage, tool_uses=tuple(uses))
+
+    async def _turn(
+        self,
+        messages: list[MessageParam],
+        tool_choice: ToolChoiceParam,
+        scope: budget.CallScope | None,
+        asked: str,
+    ) -> anthropic.types.Message:
+        """One request to the model, under its budget (reserved before, settled after)."""
+        timeout = self.timeout_s
+        left = scope.budget.remaining_s() if scope else None
+        if left is not None:
+            timeout = max(0.001, min(timeout, left))
+        offered = str(self.tool) if not self.runner.tools else str(self.tools)
+        async with contextlib.AsyncExitStack() as stack:
+            reservation = None
+            if scope is not None and scope.ledger is not None:
+                # Raises BudgetExceededError before any request when the worst case won't fit.
+                reservation = await stack.enter_async_context(
+                    scope.ledger.model_call(
+                        scope,
+                        model=self.model,
+                        prompt_text=self.system_prompt + asked + offered,
+                        max_tokens=self.max_tokens,
+                    )
+                )
+            response = await self._create(messages, tool_choice, timeout)
+            if reservation is not None:
+                reservation.settle(
+                    self.model, response.usage.input_tokens, response.usage.output_tokens
+                )
+            return response
 
     async def _create(
-        self, messages: list[MessageParam], tool_choice: ToolChoiceToolParam, timeout: float
+        self, messages: list[MessageParam], tool_choice: ToolChoiceParam, timeout: float
     ) -> anthropic.types.Message:
         import anthropic
 
@@ -314,7 +367,7 @@ class ClaudeBrain:
                 model=self.model,
                 max_tokens=self.max_tokens,
                 system=self.system_prompt,
-                tools=[self.tool],
+                tools=self.tools,
                 tool_choice=tool_choice,
                 messages=messages,
                 timeout=timeout,
@@ -388,8 +441,10 @@ def build_brain(
     system_prompt: str | None,
     output_type: type[Any],
     settings: Settings | None = None,
+    tools: list[ModelTool] | None = None,
 ) -> tuple[Brain, list[str]]:
-    """The agent's configured brain and what the start-up check found (one line each)."""
+    """The agent's configured brain and what the start-up check found (one line each).
+    `tools` go to its models (mesh.tools), each call guarded by Cedar for `agent`."""
     conf = agent_models(agent, settings)
     has_prompt = bool(system_prompt and system_prompt.strip())
     redactor = Redactor(fields=conf.redact_fields, detectors=conf.redact_detectors)
@@ -426,6 +481,9 @@ def build_brain(
                     timeout_s=conf.timeout_s,
                     redactor=redactor or None,
                     provider=entry.provider,
+                    tools=tools,
+                    agent=agent,
+                    settings=settings,
                 )
             )
             timeouts.append(conf.timeout_s)
@@ -458,15 +516,17 @@ def select_brain(
     output_type: type[Any],
     agent: str = "",
     settings: Settings | None = None,
+    tools: list[ModelTool] | None = None,
 ) -> Brain:
     """The brain `agent`'s configuration names (docs/models.md), start-up problems logged as
-    warnings that say what the agent will do instead."""
+    warnings that say what the agent will do instead. `tools`: what its models may call."""
     brain, notes = build_brain(
         agent=agent,
         rules=rules,
         system_prompt=system_prompt,
         output_type=output_type,
         settings=settings,
+        tools=tools,
     )
     for note in notes:
         log.warning("brain of %s: %s", agent or "agent", note)

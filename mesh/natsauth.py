@@ -13,7 +13,9 @@ agent's name, `<inbox>` the identity's own reply inboxes (`Identity.inbox_prefix
   durable `coordinator` (reads an event by sequence to dead-letter it, and lists the stream's
   consumers to see whether an ignored type has a handler); reads the decisions, dead-letter,
   audit, checkpoint and trace streams and the cards, ledger and dead-letter-body buckets;
-  subscribes `mesh.status.coordinator` and MESH_EVENTS' give-up advisories.
+  subscribes `mesh.status.coordinator` and MESH_EVENTS' give-up advisories; serves the
+  approval inbox as an A2A agent (subscribes `mesh.a2a.approvals`, publishes the answers it
+  signs for people `mesh.approval.*.vote.>`).
 - agent A: subscribes `mesh.a2a.A` and `mesh.a2a.A.*` and answers on the reply subjects of
   the requests it got (`allow_responses`); writes `$KV.mesh_cards.A.>` and `$KV.mesh_tasks.A.>`
   and reads only its own task keys (direct gets and watches, the key in the API subject);
@@ -211,6 +213,8 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             # Approval requests and receipts (people answer on `…vote…`: coordinator.inbox).
             subjects.approvals_filter(kind="req"),
             subjects.approvals_filter(kind="receipt"),
+            # Answers it signs for people who answer over A2A (coordinator.approval_tasks).
+            subjects.approvals_filter(kind="vote"),
             *_consumer(subjects.APPROVALS_STREAM, subjects.APPROVALS_DURABLE),
             # Events: read by sequence (dead letters copy the original) and through its durable.
             f"{JS}.STREAM.INFO.{subjects.EVENTS_STREAM}",
@@ -234,6 +238,9 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             pub += _reads(stream)
         sub += [
             subjects.COORDINATOR_STATUS,
+            # The approval inbox served as an A2A agent (coordinator.approval_tasks).
+            subjects.a2a(subjects.APPROVALS_AGENT),
+            subjects.a2a_instance(subjects.APPROVALS_AGENT, "*"),
             subjects.max_deliveries_advisory(subjects.EVENTS_STREAM, "*"),
             subjects.terminated_advisory(subjects.EVENTS_STREAM, "*"),
         ]

@@ -33,6 +33,7 @@ DLQ_ROOT = "mesh.dlq"
 AUDIT_ROOT = "mesh.audit"
 CHECKPOINT_ROOT = "mesh.checkpoint"  # mesh.checkpoint.<tenant>
 A2A_ROOT = "mesh.a2a"
+APPROVALS_AGENT = "approvals"  # the approval inbox as an A2A agent (coordinator.approval_tasks)
 TRACE_ROOT = "mesh.trace"  # mesh.trace.<trace id>
 ALERT_ROOT = "mesh.alert"  # mesh.alert.<tenant>.<kind>: core NATS, for whoever listens
 COORDINATOR_STATUS = "mesh.status.coordinator"  # every coordinator answers (no queue group)

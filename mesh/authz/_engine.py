@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import cedarpy
 
+from mesh.approvals import approver_role
 from mesh.authz._source import (
     ENTITIES_FILE,
     POLICY_SUFFIX,
@@ -74,12 +75,13 @@ def _tenant_parent(tenant: str) -> tuple[tuple[str, str], ...]:
 def identity(role: str, name: str, *, tenant: str = "*", groups: Iterable[str] = ()) -> Entity:
     """A mesh identity as a principal: `Mesh::Identity::"<role>:<name>"`. `tenant`: its one
     tenant, "*" for all, "" unknown. `groups`: groups it is in besides those entities.json
-    gives it (only what a verified credential says, never what a request claims)."""
+    gives it (only what a verified credential says, never what a request claims), in the one
+    spelling of roles and groups (`mesh.approvals.approver_role`)."""
     return Entity(
         "Identity",
         f"{role}:{name}",
         {"role": role, "name": name, "tenant": tenant},
-        _tenant_parent(tenant) + tuple(("Group", g) for g in groups),
+        _tenant_parent(tenant) + tuple(("Group", approver_role(g)) for g in groups),
     )
 
 
@@ -341,6 +343,10 @@ class Authorizer:
     ) -> Decision:
         self.refresh()
         policies = self._set  # one set for the whole question, whatever a reload does
+        role = (context or {}).get("role")
+        if isinstance(role, str) and context is not None:
+            # The role an approval asks for, in the spelling policies are held to.
+            context = {**context, "role": approver_role(role)}
         # Cedar's answer depends on nothing but the request and the set: the same question
         # (the coordinator asks one per event, mostly the same) is answered from memory.
         key = json.dumps(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import cedarpy
 
+from mesh.approvals import approver_role
 from mesh.errors import ConfigError
 
 SCHEMA_SUFFIX = ".cedarschema"
@@ -171,6 +172,7 @@ def check_file(path: Path, schema: cedarpy.Schema) -> list[tuple[str, dict[str, 
         error = _parse_error(stmt.text)
         if error is not None:
             raise PolicyFileError(f"{path}:{_error_line(stmt, error)}", error)
+        _check_spelling(path, stmt)
         doc = json.loads(cedarpy.policies_to_json_str(stmt.text))
         if doc.get("templates"):
             raise PolicyFileError(
@@ -189,6 +191,42 @@ def check_file(path: Path, schema: cedarpy.Schema) -> list[tuple[str, dict[str, 
     return out
 
 
+# A group id, or the role an approval asks for, as a policy writes it.
+_ROLE_LITERALS = re.compile(r'Group::"([^"\\]*)"|context\.role\s*==\s*"([^"\\]*)"')
+
+
+def _check_spelling(path: Path, stmt: Statement) -> None:
+    """Refuse a group or approval role spelled otherwise than the mesh spells roles
+    (`mesh.approvals.approver_role`: `clinical-safety-officer`): every group id and role the
+    mesh asks about is in that spelling, so such a policy could never match."""
+    for m in _ROLE_LITERALS.finditer(stmt.text):
+        written = m.group(1) if m.group(1) is not None else m.group(2)
+        spelled = approver_role(written)
+        if written != spelled:
+            line = stmt.line + stmt.text.count("\n", 0, m.start())
+            raise PolicyFileError(
+                f"{path}:{line}",
+                f"{written!r}: groups and approver roles are spelled {spelled!r} (lowercase, "
+                "words joined by '-'), the one spelling the mesh asks about",
+            )
+
+
+def _spelled(entity: dict[str, object]) -> dict[str, object]:
+    """An entities.json entry with its group ids (its own, its parents') in the one spelling."""
+
+    def uid(ref: object) -> object:
+        if isinstance(ref, dict) and str(ref.get("type", "")).endswith("::Group"):
+            return {**ref, "id": approver_role(str(ref.get("id", "")))}
+        return ref
+
+    parents = entity.get("parents")
+    return {
+        **entity,
+        "uid": uid(entity["uid"]),
+        **({"parents": [uid(p) for p in parents]} if isinstance(parents, list) else {}),
+    }
+
+
 def load_entities(path: Path) -> tuple[dict[str, object], ...]:
     text = _read(path)
     try:
@@ -203,7 +241,7 @@ def load_entities(path: Path) -> tuple[dict[str, object], ...]:
         cedarpy.Entities.from_json_str(text)
     except ValueError as e:
         raise PolicyFileError(f"{path}:1", f"Cedar entities: {e}") from None
-    return tuple(doc)
+    return tuple(_spelled(x) for x in doc)
 
 
 def load(policy_files: list[Path], schema_path: Path, entities_path: Path | None = None) -> Loaded:

@@ -154,7 +154,16 @@ def human(
     out_file: OutOption = None,
 ) -> None:
     """A person: answers one tenant's approval requests for the roles they hold."""
-    _issue("human", name, tenant, folder, out_file, claims=role)
+    from mesh.approvals import approver_role, role_problem
+
+    # Roles have one spelling (`clinical-safety-officer`): `clinical_safety_officer` is issued
+    # as that, so it matches policies and Cedar groups whichever way it was typed.
+    claims = [approver_role(r) for r in role]
+    with user_errors():
+        for r in claims:
+            if (problem := role_problem(r)) is not None:
+                raise ConfigError(problem, hint="e.g. --role clinical-safety-officer")
+    _issue("human", name, tenant, folder, out_file, claims=claims)
 
 
 @app.command("coordinator")

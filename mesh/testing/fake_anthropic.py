@@ -106,15 +106,24 @@ def tool_use_message(
     request: dict[str, Any], tool_input: dict[str, Any], *, tool_name: str | None = None
 ) -> dict[str, Any]:
     """A Messages API response whose only content is one call of the requested tool."""
-    n = next(_ids)
     name = tool_name or requested_tool(request) or "submit_verdict"
+    return tool_calls_message(request, [(name, tool_input)])
+
+
+def tool_calls_message(
+    request: dict[str, Any], calls: list[tuple[str, dict[str, Any]]]
+) -> dict[str, Any]:
+    """A Messages API response calling each (tool name, input) of `calls`, in order: a model
+    that uses the agent's tools before it answers (`turns` scripts the conversation)."""
+    n = next(_ids)
     return {
         "id": f"msg_fake_{n:020d}",
         "type": "message",
         "role": "assistant",
         "model": request.get("model", "fake"),
         "content": [
-            {"type": "tool_use", "id": f"toolu_fake_{n:020d}", "name": name, "input": tool_input}
+            {"type": "tool_use", "id": f"toolu_fake_{n:020d}_{i}", "name": name, "input": args}
+            for i, (name, args) in enumerate(calls)
         ],
         "stop_reason": "tool_use",
         "stop_sequence": None,
@@ -122,9 +131,30 @@ def tool_use_message(
             "input_tokens": _estimate_tokens(request.get("messages", []))
             + _estimate_tokens(request.get("system", ""))
             + _estimate_tokens(request.get("tools", [])),
-            "output_tokens": _estimate_tokens(tool_input),
+            "output_tokens": _estimate_tokens([args for _, args in calls]),
         },
     }
+
+
+def turns(*answers: dict[str, Any] | Responder) -> Responder:
+    """A responder for a conversation: the i-th request gets the i-th answer (the last one
+    repeats). An answer is what a responder returns (the forced tool's input, or a whole
+    message such as `tool_calls_message`'s) or a responder itself.
+
+        FakeAnthropic(turns(
+            lambda req: tool_calls_message(req, [("lookup_formulary", {"drug": "x"})]),
+            {"vote": "approve", "reasons": ["in the formulary"]},
+        ))
+    """
+    if not answers:
+        raise ValueError("turns() needs at least one answer")
+    count = itertools.count()
+
+    def respond(request: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
+        answer = answers[min(next(count), len(answers) - 1)]
+        return answer(request) if callable(answer) else dict(answer)
+
+    return respond
 
 
 def text_message(request: dict[str, Any], text: str) -> dict[str, Any]:

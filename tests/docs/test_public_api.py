@@ -1,5 +1,5 @@
 """The docs teach the public API only: `mesh` (its `__all__`), `mesh.a2a`, `mesh.authz`,
-`mesh.schedules` and `mesh.testing` (its fixtures and faults modules too).
+`mesh.schedules`, `mesh.tools` and `mesh.testing` (its fixtures and faults modules too).
 
 Everything else under `mesh/` is implementation a newcomer should not need; `mesh._internal` in
 particular may change without notice (its package docstring says so).
@@ -19,6 +19,7 @@ PUBLIC_MODULES = {
     "mesh.a2a",
     "mesh.authz",
     "mesh.schedules",
+    "mesh.tools",
     "mesh.testing",
     "mesh.testing.fixtures",
     "mesh.testing.faults",
@@ -45,7 +46,7 @@ def test_docs_import_only_the_public_api(where: str, code: str) -> None:
                     assert alias.name in PUBLIC_MODULES, f"{where}: imports {alias.name}"
 
 
-@pytest.mark.parametrize("module", ["mesh", "mesh.a2a", "mesh.authz", "mesh.testing"])
+@pytest.mark.parametrize("module", ["mesh", "mesh.a2a", "mesh.authz", "mesh.testing", "mesh.tools"])
 def test_every_public_name_resolves(module: str) -> None:
     package = importlib.import_module(module)
     for name in package.__all__:
