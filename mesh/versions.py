@@ -113,6 +113,9 @@ def tools_of(brain: Any) -> list[Any]:
     inner = getattr(brain, "brains", None)
     if inner is not None:
         return [t for b in inner for t in tools_of(b)]
+    tools = getattr(brain, "tools", None)  # a model brain: its answer tool and the agent's
+    if isinstance(tools, list):
+        return list(tools)
     tool = getattr(brain, "tool", None)
     return [tool] if tool is not None else []
 

@@ -137,3 +137,23 @@ def test_mesh_canary_version_says_what_the_agent_would_run_as(
     shown = msgspec.json.decode(ran.stdout)
     assert shown["agent"] == "security-review"
     assert shown["version"] == _shipped("3", MESH_AGENT_VERSION="2.0")
+
+
+def test_a_tool_the_model_may_call_is_part_of_the_version() -> None:
+    from mesh.tools import model_tool
+
+    @model_tool(description="Look a drug up in the formulary.")
+    async def formulary(drug: str) -> str:
+        return drug
+
+    def with_tools(*tools: object) -> ClaudeBrain:
+        return ClaudeBrain(
+            system_prompt="Review releases.",
+            output_type=Verdict,
+            model="claude-sonnet-4-5",
+            client=object(),  # type: ignore[arg-type]
+            tools=list(tools),  # type: ignore[arg-type]
+        )
+
+    assert _agent().version(with_tools()) == _agent().version(_claude())
+    assert _agent().version(with_tools(formulary)) != _agent().version(with_tools())
