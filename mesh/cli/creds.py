@@ -280,8 +280,9 @@ def compose(
     from mesh.dev import topology as topo
 
     with user_errors():
-        ids = IdentityDir.init(target / "identity")
+        # The plan (and the settings it reads) first: a mistake there writes nothing.
         plan = topo.load(topo.find()).plan(cluster=True)
+        ids = IdentityDir.init(target / "identity")
         wanted: list[tuple[Role, str, str]] = [("coordinator", "coordinator", ALL_TENANTS)]
         wanted += [("agent", topo.agent_name(a, plan.root), ALL_TENANTS) for a in plan.agents]
         wanted.append(("publisher", "cli", os.environ.get("MESH_TENANT") or "default"))

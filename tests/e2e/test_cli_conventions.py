@@ -22,21 +22,65 @@ pytestmark = pytest.mark.e2e
 
 OK, FAILED, USAGE, CONFIG, NOT_FOUND, UNAVAILABLE, VERIFY = 0, 1, 2, 3, 4, 5, 6
 
-# Every command that lists or shows something, as `mesh` spells it: each takes --json.
+# Every command that lists or shows something, as `mesh` spells it: each takes --json, and
+# docs/cli.md's --json table names it.
 JSON_COMMANDS = [
     ("agents",),
+    ("approvals", "ls"),
+    ("approvals", "show"),
+    ("audit", "ls"),
+    ("audit", "verify"),
+    ("authz", "ask"),
+    ("authz", "check"),
+    ("authz", "show"),
+    ("budgets",),
+    ("canary", "resume"),
+    ("canary", "status"),
+    ("canary", "stop"),
+    ("canary", "version"),
+    ("creds", "list"),
     ("decisions",),
+    ("demo",),
     ("dlq",),
     ("dlq", "ls"),
     ("dlq", "show"),
-    ("audit", "ls"),
-    ("audit", "verify"),
+    ("eval",),
+    ("schedules", "add"),
+    ("schedules", "ls"),
+    ("schema",),
     ("status",),
     ("trace",),
-    ("creds", "list"),
-    ("demo",),
-    ("schema",),
 ]
+# Every other command, and why it has no --json: a new command must be put in one of the two.
+NOT_LISTINGS = {
+    ("approvals", "approve"): "an action (its receipt is one line)",
+    ("approvals", "deny"): "an action (its receipt is one line)",
+    ("audit", "export"): "writes a file",
+    ("call",): "always prints JSON (the task)",
+    ("console",): "a server",
+    ("console", "token"): "prints the token alone",
+    ("coordinator",): "a long-running process",
+    ("creds", "agent"): "issues an identity file",
+    ("creds", "compose"): "writes a folder",
+    ("creds", "conf"): "writes a file",
+    ("creds", "coordinator"): "issues an identity file",
+    ("creds", "human"): "issues an identity file",
+    ("creds", "operator"): "issues an identity file",
+    ("creds", "publisher"): "issues an identity file",
+    ("creds", "reader"): "issues an identity file",
+    ("creds", "revoke"): "an action",
+    ("dlq", "purge"): "an action",
+    ("dlq", "replay"): "prints the new message id alone",
+    ("ensure",): "an action",
+    ("eval-export",): "writes a dataset file",
+    ("new", "agent"): "writes files (it lists what it wrote)",
+    ("publish",): "prints the event id alone",
+    ("run",): "a long-running process",
+    ("schedules", "rm"): "an action",
+    ("schedules", "run"): "a long-running process",
+    ("up",): "a long-running process",
+}
+CLI_DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
 
 def _commands(cmd: Any = None, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -86,14 +130,53 @@ def test_shell_completion_is_on() -> None:
     assert "--install-completion" in shown and "--show-completion" in shown, shown
 
 
-def test_every_listing_takes_json() -> None:
+def _leaves() -> list[tuple[str, ...]]:
+    """Every runnable command: the leaves, and groups that run on their own (`mesh dlq`)."""
     root = get_command(app)
+    found = []
+    for path in _commands()[1:]:
+        cmd: Any = root
+        for name in path:
+            cmd = cmd.commands[name]
+        if not getattr(cmd, "commands", None) or getattr(cmd, "invoke_without_command", False):
+            found.append(path)
+    return found
+
+
+def test_every_listing_takes_json() -> None:
+    leaves = _leaves()
+    unsorted = set(leaves) - set(JSON_COMMANDS) - set(NOT_LISTINGS)
+    assert not unsorted, f"new commands: put each in JSON_COMMANDS or NOT_LISTINGS: {unsorted}"
+    assert not (set(JSON_COMMANDS) | set(NOT_LISTINGS)) - set(leaves), "gone commands listed"
+    root = get_command(app)
+    doc = CLI_DOC.read_text()
+    table = doc[doc.index("## `--json`") : doc.index("## Output to a pipe")]
     for path in JSON_COMMANDS:
         cmd: Any = root
         for name in path:
             cmd = cmd.commands[name]
         options = {o for p in cmd.params for o in p.opts}
         assert "--json" in options, f"mesh {' '.join(path)} has no --json"
+        assert f"`mesh {' '.join(path)}" in table, f"docs/cli.md's --json table lacks {path}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["schema", "--json"],
+        ["schema", "release.proposed", "--json"],
+        ["authz", "show", "--json"],
+        ["authz", "check", str(CLI_DOC.parents[1] / "mesh/authz/policies/default"), "--json"],
+        ["canary", "version", "agents.security_review", "--json"],
+        ["creds", "list", "--json"],
+    ],
+    ids=lambda args: " ".join(a for a in args if "/" not in a),
+)
+def test_json_without_a_server_is_one_document(tmp_path: Path, args: list[str]) -> None:
+    """The --json commands that need no server: one JSON document on stdout, nothing else."""
+    ran = run_mesh(args, cwd=tmp_path, env=mesh_env(tmp_path))
+    assert ran.returncode == OK, str(ran)
+    assert isinstance(json.loads(ran.stdout), dict | list), ran.stdout
 
 
 # -- settings, exit codes, conflicting arguments (no server needed) ------------------------------
