@@ -194,6 +194,78 @@ def test_a_bad_setting_is_one_line_naming_it(
         assert "pydantic" not in line and "validation error" not in line, line
 
 
+# What each command is given in the sweep below: arguments that pass its own checks, so the
+# first thing it meets is the bad setting. Absent: commands that read no setting at all.
+SWEEP_ARGS: dict[tuple[str, ...], list[str]] = {
+    ("approvals", "approve"): ["x", "--reason", "checked"],
+    ("approvals", "deny"): ["x", "--reason", "checked"],
+    ("approvals", "show"): ["x"],
+    ("audit", "export"): ["audit.jsonl"],
+    ("authz", "ask"): ["publisher:billing", "publish", 'EventType::"acme/t"'],
+    ("call",): ["nobody", "{}"],
+    ("canary", "resume"): ["a", "1"],
+    ("canary", "stop"): ["a", "1"],
+    ("canary", "version"): ["agents.security_review"],
+    ("creds", "agent"): ["a"],
+    ("creds", "conf"): ["--out", "auth.conf"],
+    ("creds", "coordinator"): ["c"],
+    ("creds", "human"): ["h", "--tenant", "acme", "--role", "cab"],
+    ("creds", "publisher"): ["p", "--tenant", "acme"],
+    ("creds", "reader"): ["r", "--tenant", "acme"],
+    ("dlq", "purge"): ["--yes"],
+    ("dlq", "replay"): ["1"],
+    ("dlq", "show"): ["1"],
+    ("eval",): ["cases.jsonl", "--agent", "a"],
+    ("eval-export",): ["out.jsonl"],
+    ("publish",): ["release.proposed", "{}"],
+    ("run",): ["agents.security_review"],
+    ("schedules", "add"): ["n", "a.b", "--every", "1h"],
+    ("schedules", "rm"): ["n"],
+    ("trace",): ["x"],
+}
+READS_NO_SETTING = {
+    ("authz", "check"),  # policy files only
+    ("new", "agent"),  # writes templates
+    ("console", "token"),  # reads the identity file it is given
+    ("creds", "revoke"),  # reads the identity file it is given first
+}
+# Processes (they would configure logging, or start servers, in this test's process if the
+# setting were not refused first): run as `mesh` processes.
+AS_PROCESS = {("up",), ("run",), ("coordinator",), ("console",), ("schedules", "run"), ("demo",)}
+
+
+def test_a_bad_setting_is_one_line_on_every_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every command that reads settings says a bad one in one line naming it, exit code 3,
+    before it does anything (nothing is written in the folder it runs in)."""
+    (tmp_path / "cases.jsonl").write_text('{"data": {}, "expected": "approve"}\n')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    env = mesh_env(tmp_path, MESH_HTTP_PORT="abc")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for path in _leaves():
+        if path in READS_NO_SETTING:
+            continue
+        args = [*path, *SWEEP_ARGS.get(path, [])]
+        where = f"mesh {' '.join(args)}"
+        if path in AS_PROCESS:
+            ran = run_mesh(args, cwd=tmp_path, env=env)
+            code, stdout, stderr = ran.returncode, ran.stdout, ran.stderr
+        else:
+            result = runner.invoke(app, args, env=env, terminal_width=200)
+            assert result.exception is None or isinstance(result.exception, SystemExit), (
+                f"{where}: {result.exception!r}"
+            )
+            code, stdout, stderr = result.exit_code, result.stdout, result.stderr
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert code == CONFIG and stdout.strip() == "", f"{where}: {code} {stdout}{stderr}"
+        assert len(lines) == 1 and lines[0].startswith("error: MESH_HTTP_PORT='abc'"), (
+            f"{where}: {stderr}"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a command wrote before failing"
+
+
 def test_exit_codes_without_a_server(tmp_path: Path) -> None:
     env = mesh_env(tmp_path)
 
