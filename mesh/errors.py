@@ -182,3 +182,19 @@ class AuditContentionError(MeshRuntimeError):
         super().__init__(f"audit chain of {tenant}: lost {attempts} races in a row")
         self.tenant = tenant
         self.attempts = attempts
+
+
+def exit_code(error: MeshError) -> int:
+    """The exit code a process ends with for `error`: the same for the `mesh` command and the
+    long-running processes (`mesh run`, `mesh coordinator`, `mesh schedules run`), as
+    docs/cli.md lists them — 4 not found, 5 unavailable, 3 configuration or input, 1 any other.
+    (2 is click's usage error, 6 a failed verification, 130 an interrupt: never an error's.)"""
+    if isinstance(error, NotFoundError):
+        return 4
+    if isinstance(
+        error, NotConnectedError | NoAnswerError | AgentUnavailableError | AgentTimeoutError
+    ):
+        return 5
+    if isinstance(error, ConfigError):
+        return 3
+    return 1

@@ -38,7 +38,7 @@ from mesh.a2a.auth import Authenticator
 from mesh.a2a.server import A2AServer, GrpcListener
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
-from mesh.errors import ConfigError, MeshError
+from mesh.errors import ConfigError, MeshError, exit_code
 from mesh.registry import Registration, Registry, new_instance_id
 from mesh.settings import Settings, get_settings
 
@@ -182,7 +182,7 @@ def main() -> None:
         asyncio.run(_run_forever(without_a2a_auth(get_settings())))
     except MeshError as e:
         log.error("%s", e)
-        raise SystemExit(2) from None
+        raise SystemExit(exit_code(e)) from None
 
 
 async def _run_forever(settings: Settings) -> None:

@@ -58,22 +58,11 @@ T = TypeVar("T")
 
 
 def exit_code(e: MeshError) -> int:
-    """The one place a mesh error becomes an exit code (see the module docstring)."""
-    from mesh.errors import (
-        AgentTimeoutError,
-        AgentUnavailableError,
-        NoAnswerError,
-        NotConnectedError,
-        NotFoundError,
-    )
+    """The one place a mesh error becomes an exit code (see the module docstring); the
+    long-running processes use the same (`mesh.errors.exit_code`)."""
+    from mesh.errors import exit_code as code
 
-    if isinstance(e, NotFoundError):
-        return EXIT_NOT_FOUND
-    if isinstance(e, NotConnectedError | NoAnswerError | AgentUnavailableError | AgentTimeoutError):
-        return EXIT_UNAVAILABLE
-    if isinstance(e, ConfigError):
-        return EXIT_CONFIG
-    return EXIT_FAILED
+    return code(e)
 
 
 def settings_error(e: Exception) -> str | None:

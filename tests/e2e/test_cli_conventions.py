@@ -280,6 +280,11 @@ def test_exit_codes_without_a_server(tmp_path: Path) -> None:
     assert "cannot import" in _one_line(ran("run", "agents.nope"), NOT_FOUND)
     assert "no NATS server" in _one_line(ran("agents", "--json"), UNAVAILABLE)
     assert "no NATS server" in _one_line(ran("status"), UNAVAILABLE)
+    # The long-running processes log the error, and end with the same code.
+    for process in (["coordinator"], ["schedules", "run"]):
+        logged = ran(*process)
+        assert logged.returncode == UNAVAILABLE, str(logged)
+        assert "no NATS server" in logged.stderr and "Traceback" not in logged.stderr, str(logged)
 
 
 RELEASE = json.loads(
