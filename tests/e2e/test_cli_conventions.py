@@ -179,6 +179,18 @@ def test_json_without_a_server_is_one_document(tmp_path: Path, args: list[str]) 
     assert isinstance(json.loads(ran.stdout), dict | list), ran.stdout
 
 
+def test_every_command_prints_through_the_shared_consoles() -> None:
+    """Full width when piped is decided once (mesh.cli._common.out/err): a command module
+    with a rich Console of its own would cut its tables at 80 columns in a pipe again."""
+    cli = Path(__file__).resolve().parents[2] / "mesh" / "cli"
+    own = [
+        p.name
+        for p in sorted(cli.rglob("*.py"))
+        if p.name != "_common.py" and "Console(" in p.read_text()
+    ]
+    assert not own, f"{own} make a rich Console of their own: use mesh.cli._common.out/err"
+
+
 # -- settings, exit codes, conflicting arguments (no server needed) ------------------------------
 @pytest.mark.parametrize(
     ("variable", "value", "expects"),
