@@ -393,6 +393,11 @@ async def test_json_width_and_codes_against_a_running_mesh(tmp_path: Path) -> No
         [coordinator] = await ok_json("status")
         assert coordinator["name"] == "harness-coordinator", coordinator
         assert any(i["role"] == "operator" for i in await ok_json("creds", "list"))
+        # The listings added since: each one JSON document (nothing to list here, but listed).
+        assert isinstance(await ok_json("budgets"), list)
+        assert await ok_json("canary", "status") == []
+        assert (await ok_json("schedules", "ls"))["schedules"] == []
+        assert await ok_json("approvals", "ls", "--tenant", "default") == []
 
         # Piped, no COLUMNS: every row whole on its line (rich would cut at 80 columns).
         wide = {k: v for k, v in env.items() if k != "COLUMNS"}
