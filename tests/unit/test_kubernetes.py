@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from mesh.dev import topology
+from mesh.dev.launcher import SCHEDULER
 from mesh.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,6 +175,8 @@ def test_mesh_probes_run_the_healthcheck_the_image_ships(objects: list[dict[str,
             args = c.get("args") or []
             if args[:1] == ["run"]:
                 want = [*HEALTHCHECK, "agent", name]
+            elif args == ["schedules", "run"]:
+                want = [*HEALTHCHECK, "relay"]
             else:
                 assert args == ["coordinator"], f"{name}: {args}"
                 want = [*HEALTHCHECK, "coordinator"]
@@ -299,6 +302,8 @@ def test_every_mesh_process_runs_as_its_own_identity(objects: list[dict[str, Any
             expected = "mesh-identity-coordinator"
         elif args[:1] == ["run"]:
             expected = f"mesh-identity-agent-{name}"
+        elif args == ["schedules", "run"]:
+            expected = f"mesh-identity-agent-{SCHEDULER}"  # as the relay `mesh up` starts
         else:
             assert args == ["ensure"], f"{name}: {args}"
             expected = "mesh-identity-operator"
@@ -309,6 +314,16 @@ def test_every_mesh_process_runs_as_its_own_identity(objects: list[dict[str, Any
 
 
 # -- what runs ----------------------------------------------------------------------------------
+def test_two_schedule_relays(objects: list[dict[str, Any]]) -> None:
+    """Declared schedules fire into decisions here too: `mesh up` starts a relay."""
+    relays = [
+        d
+        for d in _of(objects, "Deployment").values()
+        if [c.get("args") for c in _containers(_pod(d), init=False)] == [["schedules", "run"]]
+    ]
+    assert sum(d["spec"]["replicas"] for d in relays) >= 2, "no schedule relay, or only one"
+
+
 def test_two_coordinators(objects: list[dict[str, Any]]) -> None:
     coordinator = _of(objects, "Deployment")["coordinator"]
     assert coordinator["spec"]["replicas"] >= 2
