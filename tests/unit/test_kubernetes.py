@@ -412,3 +412,16 @@ def test_ingress_is_denied_unless_allowed(objects: list[dict[str, Any]]) -> None
     }
     assert 8222 not in allowed_ports, "the NATS monitor port answers without auth"
     assert {4222, 6222, 8000} <= allowed_ports
+
+
+def test_traces_use_the_protocol_of_the_exporter_mesh_builds(objects: list[dict[str, Any]]) -> None:
+    """As in compose: the protocol the ConfigMap asks for is the one the exporter mesh.telemetry
+    builds speaks, and that exporter is installed (a grpc protocol would send nothing)."""
+    import importlib.util
+
+    config = _of(objects, "ConfigMap")["mesh-config"]["data"]
+    source = (ROOT / "mesh" / "telemetry.py").read_text()
+    built = set(re.findall(r"opentelemetry\.exporter\.otlp\.proto\.(\w+)\.trace_exporter", source))
+    assert built == {"http"}, f"mesh.telemetry builds {sorted(built)}"
+    assert config["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf", config
+    assert importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http.trace_exporter")
