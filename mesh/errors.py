@@ -198,3 +198,22 @@ def exit_code(error: MeshError) -> int:
     if isinstance(error, ConfigError):
         return 3
     return 1
+
+
+def settings_problem(error: Exception) -> str | None:
+    """A `MESH_*` variable that does not parse (the pydantic ValidationError `Settings()`
+    raises), as one line naming it and what it expects; None for any other error. What the
+    `mesh` command prints, and what a process's `main` logs instead of pydantic's traceback."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError) or error.title != "Settings":
+        return None
+    from mesh.bus import redact
+
+    parts = []
+    for problem in error.errors():
+        name = "MESH_" + "_".join(str(p) for p in problem["loc"]).upper()
+        value = redact(str(problem.get("input", "")))
+        value = value if len(value) <= 40 else value[:37] + "..."
+        parts.append(f"{name}={value!r}: {problem['msg'][:1].lower()}{problem['msg'][1:]}")
+    return "; ".join(parts)

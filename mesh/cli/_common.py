@@ -68,19 +68,9 @@ def exit_code(e: MeshError) -> int:
 def settings_error(e: Exception) -> str | None:
     """A `MESH_*` variable that does not parse, as one line naming it and what it expects
     (pydantic's report is a traceback's worth); None for any other validation error."""
-    from pydantic import ValidationError
+    from mesh.errors import settings_problem
 
-    if not isinstance(e, ValidationError) or e.title != "Settings":
-        return None
-    from mesh.bus import redact
-
-    parts = []
-    for problem in e.errors():
-        name = "MESH_" + "_".join(str(p) for p in problem["loc"]).upper()
-        value = redact(str(problem.get("input", "")))
-        value = value if len(value) <= 40 else value[:37] + "..."
-        parts.append(f"{name}={value!r}: {problem['msg'][:1].lower()}{problem['msg'][1:]}")
-    return "; ".join(parts)
+    return settings_problem(e)
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print it as JSON (for scripts).")]

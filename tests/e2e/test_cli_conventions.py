@@ -299,6 +299,35 @@ def test_exit_codes_without_a_server(tmp_path: Path) -> None:
         assert "no NATS server" in logged.stderr and "Traceback" not in logged.stderr, str(logged)
 
 
+def test_the_conformance_launcher_keeps_the_codes(tmp_path: Path) -> None:
+    """`python -m agents.conformance` (the TCK's agent, docs/bindings.md): a bad setting is one
+    line and 3, no NATS server 5 — not a traceback, not usage's 2."""
+    import subprocess
+    import sys
+
+    def launch(**extra: str) -> subprocess.CompletedProcess[str]:
+        env = mesh_env(tmp_path, **{"MESH_HTTP_PORT": "0", "MESH_GRPC_PORT": "-1", **extra})
+        return subprocess.run(
+            [sys.executable, "-m", "agents.conformance"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    bad = launch(MESH_HTTP_PORT="abc")
+    assert bad.returncode == CONFIG, bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: MESH_HTTP_PORT='abc': input should be a valid integer, unable to parse string as "
+        "an integer"
+    ], bad.stderr
+    alone = launch()
+    assert alone.returncode == UNAVAILABLE, alone.stderr
+    assert "no NATS server" in alone.stderr and "Traceback" not in alone.stderr, alone.stderr
+
+
 RELEASE = json.loads(
     (Path(__file__).resolve().parents[2] / "agents/samples/release_clean.json").read_text()
 )
