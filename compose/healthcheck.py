@@ -2,6 +2,7 @@
 
     python /app/healthcheck.py agent [NAME]   # the agent's A2A card answers on MESH_HTTP_PORT
     python /app/healthcheck.py coordinator    # NATS and JetStream answer, the durable exists
+    python /app/healthcheck.py relay          # the same for the schedule relay's durable
 
 Exit 0 when healthy, 1 otherwise, with one line saying why (`docker inspect` shows it).
 Standard library plus nats-py (already in the image); configuration only from the environment,
@@ -11,6 +12,8 @@ The agent check is a real per-process check: the agent's own HTTP server must an
 coordinator serves no HTTP, so its check proves what this container needs (its NATS cluster is
 reachable, JetStream answers, the shared `coordinator` durable consumer exists) — it is a
 liveness check of the coordinator's dependencies, not proof that this very process is pulling.
+The schedule relay (`mesh schedules run`) serves no HTTP either: its check is the same, for its
+`schedule-relay` durable on MESH_SCHEDULES.
 It connects as the container's own identity (MESH_IDENTITY: its nkey and its reply inboxes),
 as the coordinator itself does; the servers admit nobody else.
 """
@@ -30,6 +33,13 @@ CARD_PATH = "/.well-known/agent-card.json"
 # needs nothing of the mesh but nats-py, and tests/unit/test_compose.py pins them to mesh's.
 EVENTS_STREAM = "MESH_EVENTS"
 COORDINATOR_DURABLE = "coordinator"
+SCHEDULES_STREAM = "MESH_SCHEDULES"
+RELAY_DURABLE = "schedule-relay"
+# What each NATS-only process needs to exist: (stream, durable consumer).
+DURABLES = {
+    "coordinator": (EVENTS_STREAM, COORDINATOR_DURABLE),
+    "relay": (SCHEDULES_STREAM, RELAY_DURABLE),
+}
 INBOX_ROOT = "_INBOX"  # an identity's inboxes: _INBOX.<first 16 of its public nkey, lower>
 
 
@@ -72,9 +82,18 @@ async def check_coordinator(
 ) -> str | None:
     """None when NATS answers (to `identity`), JetStream is enabled and the coordinator
     durable exists."""
+    return await check_durable(servers, "coordinator", timeout=timeout, identity=identity)
+
+
+async def check_durable(
+    servers: list[str], process: str, *, timeout: float = 4.0, identity: str | None = None
+) -> str | None:
+    """None when NATS answers (to `identity`), JetStream is enabled and the durable consumer
+    `process` (a key of DURABLES) works through exists."""
     import nats
     from nats.js.errors import NotFoundError
 
+    stream, durable = DURABLES[process]
     if not servers:
         return "MESH_NATS_URL is not set"
     errors: list[Exception] = []
@@ -107,9 +126,9 @@ async def check_coordinator(
     try:
         js = nc.jetstream(timeout=timeout)
         await js.account_info()
-        await js.consumer_info(EVENTS_STREAM, COORDINATOR_DURABLE)
+        await js.consumer_info(stream, durable)
     except NotFoundError:
-        return f"no {COORDINATOR_DURABLE!r} consumer on {EVENTS_STREAM} yet"
+        return f"no {durable!r} consumer on {stream} yet"
     except Exception as e:
         return f"JetStream did not answer: {e or type(e).__name__}"
     finally:
@@ -121,8 +140,8 @@ async def check_coordinator(
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in ("agent", "coordinator"):
-        sys.stderr.write("usage: healthcheck.py agent [NAME] | coordinator\n")
+    if not args or args[0] not in ("agent", *DURABLES):
+        sys.stderr.write("usage: healthcheck.py agent [NAME] | coordinator | relay\n")
         return 2
     if args[0] == "agent":
         port = int(os.environ.get("MESH_HTTP_PORT") or "0")
@@ -133,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         servers = [u.strip() for u in os.environ.get("MESH_NATS_URL", "").split(",") if u.strip()]
         identity = os.environ.get("MESH_IDENTITY") or None
-        problem = asyncio.run(check_coordinator(servers, identity=identity))
+        problem = asyncio.run(check_durable(servers, args[0], identity=identity))
     if problem:
         sys.stderr.write(f"unhealthy: {problem}\n")
         return 1

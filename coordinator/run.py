@@ -11,7 +11,7 @@ from coordinator.dlq import AdvisoryDeadLetters
 from coordinator.service import Coordinator
 from mesh import telemetry
 from mesh.bus import Bus
-from mesh.errors import MeshError
+from mesh.errors import MeshError, exit_code
 from mesh.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,6 @@ def main() -> None:
         asyncio.run(_main())
     except MeshError as e:
         log.error("%s", e)
-        raise SystemExit(2) from None
+        raise SystemExit(exit_code(e)) from None  # 5 with no NATS server, 3 for configuration
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place: no traceback
         raise SystemExit(130) from None

@@ -182,3 +182,38 @@ class AuditContentionError(MeshRuntimeError):
         super().__init__(f"audit chain of {tenant}: lost {attempts} races in a row")
         self.tenant = tenant
         self.attempts = attempts
+
+
+def exit_code(error: MeshError) -> int:
+    """The exit code a process ends with for `error`: the same for the `mesh` command and the
+    long-running processes (`mesh run`, `mesh coordinator`, `mesh schedules run`), as
+    docs/cli.md lists them — 4 not found, 5 unavailable, 3 configuration or input, 1 any other.
+    (2 is click's usage error, 6 a failed verification, 130 an interrupt: never an error's.)"""
+    if isinstance(error, NotFoundError):
+        return 4
+    if isinstance(
+        error, NotConnectedError | NoAnswerError | AgentUnavailableError | AgentTimeoutError
+    ):
+        return 5
+    if isinstance(error, ConfigError):
+        return 3
+    return 1
+
+
+def settings_problem(error: Exception) -> str | None:
+    """A `MESH_*` variable that does not parse (the pydantic ValidationError `Settings()`
+    raises), as one line naming it and what it expects; None for any other error. What the
+    `mesh` command prints, and what a process's `main` logs instead of pydantic's traceback."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError) or error.title != "Settings":
+        return None
+    from mesh.bus import redact
+
+    parts = []
+    for problem in error.errors():
+        name = "MESH_" + "_".join(str(p) for p in problem["loc"]).upper()
+        value = redact(str(problem.get("input", "")))
+        value = value if len(value) <= 40 else value[:37] + "..."
+        parts.append(f"{name}={value!r}: {problem['msg'][:1].lower()}{problem['msg'][1:]}")
+    return "; ".join(parts)

@@ -484,7 +484,7 @@ def main() -> None:
 
     from mesh._internal.logs import configure
     from mesh.bus import Bus
-    from mesh.errors import MeshError
+    from mesh.errors import MeshError, exit_code
 
     configure()
 
@@ -501,7 +501,7 @@ def main() -> None:
         asyncio.run(_main())
     except MeshError as e:
         log.error("%s", e)
-        raise SystemExit(2) from None
+        raise SystemExit(exit_code(e)) from None  # as the `mesh` command's (docs/cli.md)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 

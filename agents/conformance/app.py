@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from mesh.a2a.auth import Authenticator
 from mesh.a2a.server import A2AServer, GrpcListener
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
-from mesh.errors import ConfigError, MeshError
+from mesh.errors import ConfigError, MeshError, exit_code, settings_problem
 from mesh.registry import Registration, Registry, new_instance_id
 from mesh.settings import Settings, get_settings
 
@@ -177,12 +178,17 @@ def without_a2a_auth(settings: Settings) -> Settings:
 def main() -> None:
     from mesh._internal.logs import configure
 
+    try:
+        settings = get_settings()
+    except ValueError as e:  # a MESH_* variable that does not parse: one line, not a traceback
+        sys.stderr.write(f"error: {settings_problem(e) or e}\n")  # (logging reads settings too)
+        raise SystemExit(3) from None
     configure()
     try:
-        asyncio.run(_run_forever(without_a2a_auth(get_settings())))
+        asyncio.run(_run_forever(without_a2a_auth(settings)))
     except MeshError as e:
         log.error("%s", e)
-        raise SystemExit(2) from None
+        raise SystemExit(exit_code(e)) from None
 
 
 async def _run_forever(settings: Settings) -> None:

@@ -58,40 +58,19 @@ T = TypeVar("T")
 
 
 def exit_code(e: MeshError) -> int:
-    """The one place a mesh error becomes an exit code (see the module docstring)."""
-    from mesh.errors import (
-        AgentTimeoutError,
-        AgentUnavailableError,
-        NoAnswerError,
-        NotConnectedError,
-        NotFoundError,
-    )
+    """The one place a mesh error becomes an exit code (see the module docstring); the
+    long-running processes use the same (`mesh.errors.exit_code`)."""
+    from mesh.errors import exit_code as code
 
-    if isinstance(e, NotFoundError):
-        return EXIT_NOT_FOUND
-    if isinstance(e, NotConnectedError | NoAnswerError | AgentUnavailableError | AgentTimeoutError):
-        return EXIT_UNAVAILABLE
-    if isinstance(e, ConfigError):
-        return EXIT_CONFIG
-    return EXIT_FAILED
+    return code(e)
 
 
 def settings_error(e: Exception) -> str | None:
     """A `MESH_*` variable that does not parse, as one line naming it and what it expects
     (pydantic's report is a traceback's worth); None for any other validation error."""
-    from pydantic import ValidationError
+    from mesh.errors import settings_problem
 
-    if not isinstance(e, ValidationError) or e.title != "Settings":
-        return None
-    from mesh.bus import redact
-
-    parts = []
-    for problem in e.errors():
-        name = "MESH_" + "_".join(str(p) for p in problem["loc"]).upper()
-        value = redact(str(problem.get("input", "")))
-        value = value if len(value) <= 40 else value[:37] + "..."
-        parts.append(f"{name}={value!r}: {problem['msg'][:1].lower()}{problem['msg'][1:]}")
-    return "; ".join(parts)
+    return settings_problem(e)
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print it as JSON (for scripts).")]

@@ -30,6 +30,7 @@ def check(
             help="The Cedar schema (default: a folder's own *.cedarschema, else the shipped one)."
         ),
     ] = None,
+    json_out: JsonOption = False,
 ) -> None:
     """Check policy files as the mesh would load them: parsed, and type-checked against the
     schema; the first problem is printed as `file:line: message` (exit code 3)."""
@@ -55,6 +56,17 @@ def check(
         if not files:
             raise ConfigError("no .cedar files to check", hint="give .cedar files or folders")
         loaded = _source.load(files, found_schema or SHIPPED_SCHEMA, entities)
+        if json_out:  # a problem is an error line on stderr and exit code 3, as without --json
+            print_json(
+                {
+                    "ok": True,
+                    "files": [str(f) for f in files],
+                    "schema": str(found_schema or SHIPPED_SCHEMA),
+                    "policies": list(loaded.ids),
+                    "sha256": loaded.sha256,
+                }
+            )
+            return
         out.print(
             f"ok: {len(loaded.ids)} policies in {len(files)} file(s), sha256 {loaded.sha256}",
             highlight=False,

@@ -284,15 +284,20 @@ def compose(
     ] = Path("compose/secrets"),
 ) -> None:
     """Everything compose/docker-compose.yml needs, in a git-ignored folder: an identity per
-    mesh service, the NATS servers' authorization, and certificates for mTLS between them."""
+    mesh service (the schedule relay's too), the NATS servers' authorization, and certificates
+    for mTLS between them."""
     from mesh import natsauth
     from mesh.dev import topology as topo
+    from mesh.dev.launcher import SCHEDULER
 
     with user_errors():
-        ids = IdentityDir.init(target / "identity")
+        # The plan (and the settings it reads) first: a mistake there writes nothing.
         plan = topo.load(topo.find()).plan(cluster=True)
+        ids = IdentityDir.init(target / "identity")
         wanted: list[tuple[Role, str, str]] = [("coordinator", "coordinator", ALL_TENANTS)]
         wanted += [("agent", topo.agent_name(a, plan.root), ALL_TENANTS) for a in plan.agents]
+        # The schedule relay signs the events it publishes as this agent (as under `mesh up`).
+        wanted.append(("agent", SCHEDULER, ALL_TENANTS))
         wanted.append(("publisher", "cli", os.environ.get("MESH_TENANT") or "default"))
         for role, name, tenant in wanted:
             natsauth.ensure_identity(ids, role, name, tenant=tenant)

@@ -248,7 +248,8 @@ async def _up(
         await console.start_beside_up(stack, settings, url, console_id)
         out.print(
             f"[green]mesh is up[/green] · {where} · "
-            f"{len(plan.processes())} processes from {_shown(plan.source)} "
+            f"{len(plan.processes())} process{'' if len(plan.processes()) == 1 else 'es'} "
+            f"from {_shown(plan.source)} "
             "(and a schedule relay) · "
             f"logs in {settings.home / 'logs'} · identities in {_shown(ids.path)}",
             soft_wrap=True,

@@ -22,21 +22,65 @@ pytestmark = pytest.mark.e2e
 
 OK, FAILED, USAGE, CONFIG, NOT_FOUND, UNAVAILABLE, VERIFY = 0, 1, 2, 3, 4, 5, 6
 
-# Every command that lists or shows something, as `mesh` spells it: each takes --json.
+# Every command that lists or shows something, as `mesh` spells it: each takes --json, and
+# docs/cli.md's --json table names it.
 JSON_COMMANDS = [
     ("agents",),
+    ("approvals", "ls"),
+    ("approvals", "show"),
+    ("audit", "ls"),
+    ("audit", "verify"),
+    ("authz", "ask"),
+    ("authz", "check"),
+    ("authz", "show"),
+    ("budgets",),
+    ("canary", "resume"),
+    ("canary", "status"),
+    ("canary", "stop"),
+    ("canary", "version"),
+    ("creds", "list"),
     ("decisions",),
+    ("demo",),
     ("dlq",),
     ("dlq", "ls"),
     ("dlq", "show"),
-    ("audit", "ls"),
-    ("audit", "verify"),
+    ("eval",),
+    ("schedules", "add"),
+    ("schedules", "ls"),
+    ("schema",),
     ("status",),
     ("trace",),
-    ("creds", "list"),
-    ("demo",),
-    ("schema",),
 ]
+# Every other command, and why it has no --json: a new command must be put in one of the two.
+NOT_LISTINGS = {
+    ("approvals", "approve"): "an action (its receipt is one line)",
+    ("approvals", "deny"): "an action (its receipt is one line)",
+    ("audit", "export"): "writes a file",
+    ("call",): "always prints JSON (the task)",
+    ("console",): "a server",
+    ("console", "token"): "prints the token alone",
+    ("coordinator",): "a long-running process",
+    ("creds", "agent"): "issues an identity file",
+    ("creds", "compose"): "writes a folder",
+    ("creds", "conf"): "writes a file",
+    ("creds", "coordinator"): "issues an identity file",
+    ("creds", "human"): "issues an identity file",
+    ("creds", "operator"): "issues an identity file",
+    ("creds", "publisher"): "issues an identity file",
+    ("creds", "reader"): "issues an identity file",
+    ("creds", "revoke"): "an action",
+    ("dlq", "purge"): "an action",
+    ("dlq", "replay"): "prints the new message id alone",
+    ("ensure",): "an action",
+    ("eval-export",): "writes a dataset file",
+    ("new", "agent"): "writes files (it lists what it wrote)",
+    ("publish",): "prints the event id alone",
+    ("run",): "a long-running process",
+    ("schedules", "rm"): "an action",
+    ("schedules", "run"): "a long-running process",
+    ("up",): "a long-running process",
+}
+CLI_DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
 
 def _commands(cmd: Any = None, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -86,14 +130,65 @@ def test_shell_completion_is_on() -> None:
     assert "--install-completion" in shown and "--show-completion" in shown, shown
 
 
-def test_every_listing_takes_json() -> None:
+def _leaves() -> list[tuple[str, ...]]:
+    """Every runnable command: the leaves, and groups that run on their own (`mesh dlq`)."""
     root = get_command(app)
+    found = []
+    for path in _commands()[1:]:
+        cmd: Any = root
+        for name in path:
+            cmd = cmd.commands[name]
+        if not getattr(cmd, "commands", None) or getattr(cmd, "invoke_without_command", False):
+            found.append(path)
+    return found
+
+
+def test_every_listing_takes_json() -> None:
+    leaves = _leaves()
+    unsorted = set(leaves) - set(JSON_COMMANDS) - set(NOT_LISTINGS)
+    assert not unsorted, f"new commands: put each in JSON_COMMANDS or NOT_LISTINGS: {unsorted}"
+    assert not (set(JSON_COMMANDS) | set(NOT_LISTINGS)) - set(leaves), "gone commands listed"
+    root = get_command(app)
+    doc = CLI_DOC.read_text()
+    table = doc[doc.index("## `--json`") : doc.index("## Output to a pipe")]
     for path in JSON_COMMANDS:
         cmd: Any = root
         for name in path:
             cmd = cmd.commands[name]
         options = {o for p in cmd.params for o in p.opts}
         assert "--json" in options, f"mesh {' '.join(path)} has no --json"
+        assert f"`mesh {' '.join(path)}" in table, f"docs/cli.md's --json table lacks {path}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["schema", "--json"],
+        ["schema", "release.proposed", "--json"],
+        ["authz", "show", "--json"],
+        ["authz", "check", str(CLI_DOC.parents[1] / "mesh/authz/policies/default"), "--json"],
+        ["canary", "version", "agents.security_review", "--json"],
+        ["creds", "list", "--json"],
+    ],
+    ids=lambda args: " ".join(a for a in args if "/" not in a),
+)
+def test_json_without_a_server_is_one_document(tmp_path: Path, args: list[str]) -> None:
+    """The --json commands that need no server: one JSON document on stdout, nothing else."""
+    ran = run_mesh(args, cwd=tmp_path, env=mesh_env(tmp_path))
+    assert ran.returncode == OK, str(ran)
+    assert isinstance(json.loads(ran.stdout), dict | list), ran.stdout
+
+
+def test_every_command_prints_through_the_shared_consoles() -> None:
+    """Full width when piped is decided once (mesh.cli._common.out/err): a command module
+    with a rich Console of its own would cut its tables at 80 columns in a pipe again."""
+    cli = Path(__file__).resolve().parents[2] / "mesh" / "cli"
+    own = [
+        p.name
+        for p in sorted(cli.rglob("*.py"))
+        if p.name != "_common.py" and "Console(" in p.read_text()
+    ]
+    assert not own, f"{own} make a rich Console of their own: use mesh.cli._common.out/err"
 
 
 # -- settings, exit codes, conflicting arguments (no server needed) ------------------------------
@@ -111,6 +206,78 @@ def test_a_bad_setting_is_one_line_naming_it(
         assert "pydantic" not in line and "validation error" not in line, line
 
 
+# What each command is given in the sweep below: arguments that pass its own checks, so the
+# first thing it meets is the bad setting. Absent: commands that read no setting at all.
+SWEEP_ARGS: dict[tuple[str, ...], list[str]] = {
+    ("approvals", "approve"): ["x", "--reason", "checked"],
+    ("approvals", "deny"): ["x", "--reason", "checked"],
+    ("approvals", "show"): ["x"],
+    ("audit", "export"): ["audit.jsonl"],
+    ("authz", "ask"): ["publisher:billing", "publish", 'EventType::"acme/t"'],
+    ("call",): ["nobody", "{}"],
+    ("canary", "resume"): ["a", "1"],
+    ("canary", "stop"): ["a", "1"],
+    ("canary", "version"): ["agents.security_review"],
+    ("creds", "agent"): ["a"],
+    ("creds", "conf"): ["--out", "auth.conf"],
+    ("creds", "coordinator"): ["c"],
+    ("creds", "human"): ["h", "--tenant", "acme", "--role", "cab"],
+    ("creds", "publisher"): ["p", "--tenant", "acme"],
+    ("creds", "reader"): ["r", "--tenant", "acme"],
+    ("dlq", "purge"): ["--yes"],
+    ("dlq", "replay"): ["1"],
+    ("dlq", "show"): ["1"],
+    ("eval",): ["cases.jsonl", "--agent", "a"],
+    ("eval-export",): ["out.jsonl"],
+    ("publish",): ["release.proposed", "{}"],
+    ("run",): ["agents.security_review"],
+    ("schedules", "add"): ["n", "a.b", "--every", "1h"],
+    ("schedules", "rm"): ["n"],
+    ("trace",): ["x"],
+}
+READS_NO_SETTING = {
+    ("authz", "check"),  # policy files only
+    ("new", "agent"),  # writes templates
+    ("console", "token"),  # reads the identity file it is given
+    ("creds", "revoke"),  # reads the identity file it is given first
+}
+# Processes (they would configure logging, or start servers, in this test's process if the
+# setting were not refused first): run as `mesh` processes.
+AS_PROCESS = {("up",), ("run",), ("coordinator",), ("console",), ("schedules", "run"), ("demo",)}
+
+
+def test_a_bad_setting_is_one_line_on_every_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every command that reads settings says a bad one in one line naming it, exit code 3,
+    before it does anything (nothing is written in the folder it runs in)."""
+    (tmp_path / "cases.jsonl").write_text('{"data": {}, "expected": "approve"}\n')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    env = mesh_env(tmp_path, MESH_HTTP_PORT="abc")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for path in _leaves():
+        if path in READS_NO_SETTING:
+            continue
+        args = [*path, *SWEEP_ARGS.get(path, [])]
+        where = f"mesh {' '.join(args)}"
+        if path in AS_PROCESS:
+            ran = run_mesh(args, cwd=tmp_path, env=env)
+            code, stdout, stderr = ran.returncode, ran.stdout, ran.stderr
+        else:
+            result = runner.invoke(app, args, env=env, terminal_width=200)
+            assert result.exception is None or isinstance(result.exception, SystemExit), (
+                f"{where}: {result.exception!r}"
+            )
+            code, stdout, stderr = result.exit_code, result.stdout, result.stderr
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert code == CONFIG and stdout.strip() == "", f"{where}: {code} {stdout}{stderr}"
+        assert len(lines) == 1 and lines[0].startswith("error: MESH_HTTP_PORT='abc'"), (
+            f"{where}: {stderr}"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a command wrote before failing"
+
+
 def test_exit_codes_without_a_server(tmp_path: Path) -> None:
     env = mesh_env(tmp_path)
 
@@ -125,6 +292,40 @@ def test_exit_codes_without_a_server(tmp_path: Path) -> None:
     assert "cannot import" in _one_line(ran("run", "agents.nope"), NOT_FOUND)
     assert "no NATS server" in _one_line(ran("agents", "--json"), UNAVAILABLE)
     assert "no NATS server" in _one_line(ran("status"), UNAVAILABLE)
+    # The long-running processes log the error, and end with the same code.
+    for process in (["coordinator"], ["schedules", "run"]):
+        logged = ran(*process)
+        assert logged.returncode == UNAVAILABLE, str(logged)
+        assert "no NATS server" in logged.stderr and "Traceback" not in logged.stderr, str(logged)
+
+
+def test_the_conformance_launcher_keeps_the_codes(tmp_path: Path) -> None:
+    """`python -m agents.conformance` (the TCK's agent, docs/bindings.md): a bad setting is one
+    line and 3, no NATS server 5 — not a traceback, not usage's 2."""
+    import subprocess
+    import sys
+
+    def launch(**extra: str) -> subprocess.CompletedProcess[str]:
+        env = mesh_env(tmp_path, **{"MESH_HTTP_PORT": "0", "MESH_GRPC_PORT": "-1", **extra})
+        return subprocess.run(
+            [sys.executable, "-m", "agents.conformance"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    bad = launch(MESH_HTTP_PORT="abc")
+    assert bad.returncode == CONFIG, bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: MESH_HTTP_PORT='abc': input should be a valid integer, unable to parse string as "
+        "an integer"
+    ], bad.stderr
+    alone = launch()
+    assert alone.returncode == UNAVAILABLE, alone.stderr
+    assert "no NATS server" in alone.stderr and "Traceback" not in alone.stderr, alone.stderr
 
 
 RELEASE = json.loads(
@@ -221,6 +422,11 @@ async def test_json_width_and_codes_against_a_running_mesh(tmp_path: Path) -> No
         [coordinator] = await ok_json("status")
         assert coordinator["name"] == "harness-coordinator", coordinator
         assert any(i["role"] == "operator" for i in await ok_json("creds", "list"))
+        # The listings added since: each one JSON document (nothing to list here, but listed).
+        assert isinstance(await ok_json("budgets"), list)
+        assert await ok_json("canary", "status") == []
+        assert (await ok_json("schedules", "ls"))["schedules"] == []
+        assert await ok_json("approvals", "ls", "--tenant", "default") == []
 
         # Piped, no COLUMNS: every row whole on its line (rich would cut at 80 columns).
         wide = {k: v for k, v in env.items() if k != "COLUMNS"}

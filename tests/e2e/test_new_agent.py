@@ -68,6 +68,17 @@ def test_new_agent_passes_its_own_tests(tmp_path: Path, monkeypatch: pytest.Monk
         )
         assert linted.returncode == 0, linted.stdout + linted.stderr
 
+    # `make test` type-checks agents/ strictly (the repository's mypy settings, copied above).
+    typed = subprocess.run(
+        [sys.executable, "-m", "mypy", "agents/my_checker"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert typed.returncode == 0, typed.stdout + typed.stderr
+
     # Its tests, as generated, with pytest in the scaffolded folder: a real nats-server.
     env.pop("PYTHONPATH", None)
     ran = subprocess.run(

@@ -1,5 +1,5 @@
 """`mesh up` and `mesh demo` run what mesh.toml says, and refuse a wrong one before starting
-anything: one line naming the file and the key, a hint, exit code 2, no traceback."""
+anything: one line naming the file and the key, a hint, exit code 3, no traceback."""
 
 from __future__ import annotations
 

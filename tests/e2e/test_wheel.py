@@ -14,6 +14,7 @@ Nothing is ever written into the dev venv: the symlinks are read, never installe
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -121,6 +122,11 @@ def test_an_installed_wheel_runs_a_shipped_agent(tmp_path: Path, identities: Ide
         "mesh/authz/mesh.cedarschema",  # the coordinator refuses to start without it
         "mesh/authz/policies/default/mesh.cedar",
         "mesh/authz/policies/regulated/clinic.cedar",
+        "mesh/schemas/release.proposed.schema.json",  # mesh schema, checks at publish
+        "agents/rules.toml",  # the reviewers' domain rules (allowed regions…)
+        "agents/datasets/reviewers.jsonl",  # mesh eval's cases
+        "mesh/console/templates/base.html",  # the web console
+        "mesh/console/static/console.js",
     ):
         assert needed in names, f"{wheel.name} lacks {needed}"
 
@@ -160,6 +166,11 @@ def test_an_installed_wheel_runs_a_shipped_agent(tmp_path: Path, identities: Ide
         assert path.startswith(site), f"imported from outside the fresh venv: {where}"
     version = wheel.name.split("-")[1]
     assert where[3] == version, where
+    # The installed command: its version, and a shipped event schema, from outside the tree.
+    assert _run([str(bindir / "mesh"), "--version"], cwd=work, env=env) == f"mesh {version}\n"
+    schema = _run([str(bindir / "mesh"), "schema", "release.proposed"], cwd=work, env=env)
+    assert json.loads(schema)["$id"] == "urn:quorum-mesh:event:release.proposed", schema
+
     # Without the server extra, starting a server is one clear error naming the extra.
     no_server = subprocess.run(
         [str(python), "-c", "from mesh.server import find_binary; find_binary()"],

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from mesh.dev import topology
+from mesh.dev.launcher import SCHEDULER
 from mesh.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -291,6 +292,26 @@ def test_mesh_processes_use_the_cluster_with_replicated_streams(services: dict[s
 def test_two_coordinators(services: dict[str, Any]) -> None:
     coords = {n: s for n, s in _mesh(services).items() if _command(s) == ["coordinator"]}
     assert sum(_replicas(s) for s in coords.values()) >= 2, f"coordinators: {sorted(coords)}"
+
+
+def test_every_agent_of_mesh_toml_runs_at_least_twice(services: dict[str, Any]) -> None:
+    """Not only the reviewers: every agent `mesh up` would start (the triage agent too)."""
+    running = {
+        _command(svc)[1]: _replicas(svc)
+        for svc in _mesh(services).values()
+        if _command(svc)[:1] == ["run"]
+    }
+    shipped = topology.load(ROOT / topology.FILE_NAME)
+    for run in shipped.plan(cluster=True).agents:
+        assert running.get(run.module, 0) >= 2, f"{run.module}: not in compose twice"
+
+
+def test_two_schedule_relays_sign_as_the_scheduler(services: dict[str, Any]) -> None:
+    """Declared schedules fire into decisions in compose too (`mesh up` starts a relay)."""
+    relays = [s for s in _mesh(services).values() if _command(s) == ["schedules", "run"]]
+    assert sum(_replicas(s) for s in relays) >= 2, "no schedule relay, or only one"
+    for svc in relays:
+        assert _healthcheck_test(svc)[-3:] == ["python", "/app/healthcheck.py", "relay"]
 
 
 def test_every_reviewer_runs_at_least_twice(services: dict[str, Any]) -> None:
@@ -836,6 +857,8 @@ def test_healthcheck_names_match_the_mesh(hc: ModuleType) -> None:
 
     assert hc.EVENTS_STREAM == subjects.EVENTS_STREAM
     assert hc.COORDINATOR_DURABLE == subjects.COORDINATOR_DURABLE
+    assert hc.SCHEDULES_STREAM == subjects.SCHEDULES_STREAM
+    assert hc.RELAY_DURABLE == subjects.SCHEDULE_RELAY_DURABLE
     assert hc.CARD_PATH == AGENT_CARD_WELL_KNOWN_PATH
 
 
@@ -889,6 +912,7 @@ def test_healthcheck_main_needs_a_fixed_port(
     assert hc.main([]) == 2
     monkeypatch.setenv("MESH_NATS_URL", "")
     assert hc.main(["coordinator"]) == 1
+    assert hc.main(["relay"]) == 1
 
 
 def test_coordinator_healthcheck_without_nats(hc: ModuleType) -> None:
@@ -925,6 +949,38 @@ async def test_coordinator_healthcheck_against_a_real_server(
                 ConsumerConfig(durable_name=subjects.COORDINATOR_DURABLE),
             )
         assert await hc.check_coordinator([server.url], identity=coordinator) is None
+
+
+@pytest.mark.integration
+async def test_relay_healthcheck_against_a_real_server(hc: ModuleType, identities: Any) -> None:
+    """The relay's check, as its own identity (the agent `scheduler`): sick until a relay
+    has made the durable, healthy once one runs."""
+    import asyncio as aio
+
+    from mesh import schedules
+    from mesh.bus import Bus
+    from mesh.server import EmbeddedServer
+    from tests.support.waits import eventually
+
+    relay = str(identities.issue("agent", SCHEDULER))
+    with EmbeddedServer() as server:
+        async with await Bus.connect(server.url, name="test") as bus:
+            await bus.ensure()
+        problem = await hc.check_durable([server.url], "relay", identity=relay)
+        assert "'schedule-relay' consumer on MESH_SCHEDULES" in (problem or ""), problem
+        stop = aio.Event()
+        as_relay = Settings(identity=Path(relay))
+        async with await Bus.connect(server.url, name="relay", settings=as_relay) as bus:
+            running = aio.create_task(schedules.Relay(bus).run(stop))
+
+            async def healthy() -> bool:
+                return await hc.check_durable([server.url], "relay", identity=relay) is None
+
+            try:
+                await eventually(healthy, "the relay's durable exists", timeout=20)
+            finally:
+                stop.set()
+                await running
 
 
 # -- no anonymous access: NATS users, route mTLS, an identity per service ----------------------
@@ -979,6 +1035,8 @@ def test_every_mesh_service_runs_as_its_own_identity(services: dict[str, Any]) -
         elif cmd[:1] == ["run"]:
             run = topology.AgentRun(cmd[1].rsplit(".", 1)[-1].replace("_", "-"), cmd[1], 1)
             expected = f"agent-{topology.agent_name(run, ROOT)}.json"
+        elif cmd == ["schedules", "run"]:
+            expected = f"agent-{SCHEDULER}.json"  # as the relay `mesh up` starts
         else:
             assert cmd == ["ensure"], f"{name}: {cmd}"
             expected = "operator.json"

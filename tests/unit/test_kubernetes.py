@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from mesh.dev import topology
+from mesh.dev.launcher import SCHEDULER
 from mesh.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,6 +175,8 @@ def test_mesh_probes_run_the_healthcheck_the_image_ships(objects: list[dict[str,
             args = c.get("args") or []
             if args[:1] == ["run"]:
                 want = [*HEALTHCHECK, "agent", name]
+            elif args == ["schedules", "run"]:
+                want = [*HEALTHCHECK, "relay"]
             else:
                 assert args == ["coordinator"], f"{name}: {args}"
                 want = [*HEALTHCHECK, "coordinator"]
@@ -299,6 +302,8 @@ def test_every_mesh_process_runs_as_its_own_identity(objects: list[dict[str, Any
             expected = "mesh-identity-coordinator"
         elif args[:1] == ["run"]:
             expected = f"mesh-identity-agent-{name}"
+        elif args == ["schedules", "run"]:
+            expected = f"mesh-identity-agent-{SCHEDULER}"  # as the relay `mesh up` starts
         else:
             assert args == ["ensure"], f"{name}: {args}"
             expected = "mesh-identity-operator"
@@ -309,6 +314,16 @@ def test_every_mesh_process_runs_as_its_own_identity(objects: list[dict[str, Any
 
 
 # -- what runs ----------------------------------------------------------------------------------
+def test_two_schedule_relays(objects: list[dict[str, Any]]) -> None:
+    """Declared schedules fire into decisions here too: `mesh up` starts a relay."""
+    relays = [
+        d
+        for d in _of(objects, "Deployment").values()
+        if [c.get("args") for c in _containers(_pod(d), init=False)] == [["schedules", "run"]]
+    ]
+    assert sum(d["spec"]["replicas"] for d in relays) >= 2, "no schedule relay, or only one"
+
+
 def test_two_coordinators(objects: list[dict[str, Any]]) -> None:
     coordinator = _of(objects, "Deployment")["coordinator"]
     assert coordinator["spec"]["replicas"] >= 2
@@ -397,3 +412,16 @@ def test_ingress_is_denied_unless_allowed(objects: list[dict[str, Any]]) -> None
     }
     assert 8222 not in allowed_ports, "the NATS monitor port answers without auth"
     assert {4222, 6222, 8000} <= allowed_ports
+
+
+def test_traces_use_the_protocol_of_the_exporter_mesh_builds(objects: list[dict[str, Any]]) -> None:
+    """As in compose: the protocol the ConfigMap asks for is the one the exporter mesh.telemetry
+    builds speaks, and that exporter is installed (a grpc protocol would send nothing)."""
+    import importlib.util
+
+    config = _of(objects, "ConfigMap")["mesh-config"]["data"]
+    source = (ROOT / "mesh" / "telemetry.py").read_text()
+    built = set(re.findall(r"opentelemetry\.exporter\.otlp\.proto\.(\w+)\.trace_exporter", source))
+    assert built == {"http"}, f"mesh.telemetry builds {sorted(built)}"
+    assert config["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf", config
+    assert importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http.trace_exporter")
