@@ -23,10 +23,10 @@ def _scenario(tracer: trace.Tracer) -> list[Any]:
         seen.append(telemetry.inject())
         with tracer.start_as_current_span("inner", kind=trace.SpanKind.CLIENT) as inner:
             seen.append((telemetry.inject(), inner.is_recording()))
-        with pytest.raises(ValueError):
-            with tracer.start_as_current_span("failing", context=telemetry.extract(OTHER)):
-                seen.append(telemetry.inject())
-                raise ValueError("propagates")
+        failing = tracer.start_as_current_span("failing", context=telemetry.extract(OTHER))
+        with pytest.raises(ValueError), failing:
+            seen.append(telemetry.inject())
+            raise ValueError("propagates")
         seen.append(telemetry.inject())
     seen.append(telemetry.inject())
     return seen
