@@ -58,6 +58,7 @@ from opentelemetry.trace import SpanKind
 
 from mesh import budget, subjects, telemetry, versions
 from mesh._internal import http as http_server
+from mesh._internal.loop import run as run_loop
 from mesh.a2a.auth import Authenticator
 from mesh.a2a.lean import NO_DATA, LeanMessage, Outcome
 from mesh.a2a.server import A2AServer, GrpcListener
@@ -350,20 +351,8 @@ class Agent:
 
 
 def _run(main: Coroutine[Any, Any, None], *, uvloop: bool) -> None:
-    """`asyncio.run(main)`, on uvloop when it is installed and `uvloop` (MESH_UVLOOP) is on: the
-    event loop and nats-py's socket I/O are a large share of an agent's CPU per request
-    (bench/README.md). Only the agent's own process: a library never swaps the loop of an
-    application that embeds it (`Agent.serve` runs on whatever loop it is given)."""
-    factory = None
-    if uvloop:
-        try:
-            import uvloop as _uvloop  # optional: not every install has it
-        except ImportError:
-            log.debug("uvloop not installed: asyncio's own event loop")
-        else:
-            factory = _uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main)
+    """The agent process's loop: uvloop unless MESH_UVLOOP=0 (mesh._internal.loop)."""
+    run_loop(main, uvloop=uvloop)
 
 
 @dataclass

@@ -48,10 +48,10 @@ write is acknowledged (docs/bindings.md, "What is durable when"). MESH_A2A_LEAN=
 from __future__ import annotations
 
 import functools
+import time
 import uuid
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from a2a.helpers import get_data_parts, get_message_text
@@ -371,8 +371,11 @@ def _task(task_id: str, context_id: str, outcome: Outcome) -> Task:
                 parts=outcome.reason,
             )
         )
-    # As a2a-sdk's TaskUpdater stamps it: microseconds, UTC.
-    status.timestamp.FromDatetime(datetime.now(UTC))
+    # As a2a-sdk's TaskUpdater stamps it (`FromDatetime(datetime.now(UTC))`): microseconds,
+    # UTC; without protobuf's `timegm` of a time tuple.
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    status.timestamp.seconds = seconds
+    status.timestamp.nanos = micros * 1000
     task = Task(id=task_id, context_id=context_id, status=status)
     if outcome.artifact_parts:
         task.artifacts.append(
