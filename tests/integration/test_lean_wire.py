@@ -385,6 +385,26 @@ async def test_concurrent_repeats_get_the_whole_task(
         assert tasks[0]["history"][0]["messageId"].startswith("m-together-")
 
 
+@pytest.mark.parametrize("store", ["jetstream", "memory"])
+async def test_lean_task_reads_back_alike(
+    mod_bus: Bus,
+    tmp_path: Path,
+    lean_calls: list[str],
+    store: str,
+) -> None:
+    """A task the lean path answered from JSON reads back (GetTask) as it was answered, history
+    included, from either task store: the JetStream store keeps the task's JSON, the memory
+    store the protobuf task given its history."""
+    settings = mod_bus.settings.model_copy(update={"a2a_lean": True, "task_store": store})
+    async with _agent(tmp_path, f"lean-{store}").serve(mod_bus, http=False, settings=settings) as on:
+        body = _send(f"m-read-{store}", metadata=_META)
+        task = json.loads(await _ask(mod_bus, on, body, V1))["result"]["task"]
+        assert lean_calls == [f"m-read-{store}"]
+        got = json.loads(await _ask(mod_bus, on, _rpc("GetTask", {"id": task["id"]}), V1))
+        assert got["result"] == task
+        assert task["history"][0]["parts"][0]["data"] == {"vote": "approve", "n": 3.0}
+
+
 async def test_lean_vote_is_signed_by_the_instance(
     mod_bus: Bus, pair: tuple[RunningAgent, RunningAgent], lean_calls: list[str]
 ) -> None:
