@@ -396,7 +396,8 @@ async def test_lean_task_reads_back_alike(
     included, from either task store: the JetStream store keeps the task's JSON, the memory
     store the protobuf task given its history."""
     settings = mod_bus.settings.model_copy(update={"a2a_lean": True, "task_store": store})
-    async with _agent(tmp_path, f"lean-{store}").serve(mod_bus, http=False, settings=settings) as on:
+    agent = _agent(tmp_path, f"lean-{store}")
+    async with agent.serve(mod_bus, http=False, settings=settings) as on:
         body = _send(f"m-read-{store}", metadata=_META)
         task = json.loads(await _ask(mod_bus, on, body, V1))["result"]["task"]
         assert lean_calls == [f"m-read-{store}"]
