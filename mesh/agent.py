@@ -28,29 +28,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast, get_type_hints
 
 import msgspec
-from a2a.helpers import get_data_parts, get_message_text, new_data_part, new_task_from_user_message
+from a2a.helpers import new_data_part, new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.context import ServerCallContext
 from a2a.server.events import EventQueue
 from a2a.server.tasks import InMemoryTaskStore, TaskStore, TaskUpdater
-from a2a.types import AgentCard, Message, Part, TaskState
+from a2a.types import AgentCard, Part, TaskState
 from google.protobuf import struct_pb2
 from opentelemetry.trace import SpanKind
 
 from mesh import budget, subjects, telemetry, versions
 from mesh._internal import http as http_server
+from mesh._internal.loop import run as run_loop
 from mesh.a2a.auth import Authenticator
-from mesh.a2a.lean import Outcome
+from mesh.a2a.lean import NO_DATA, LeanMessage, Outcome
 from mesh.a2a.server import A2AServer, GrpcListener
 from mesh.a2a.taskstore import JetStreamTaskStore
 from mesh.bus import Bus
@@ -346,20 +356,8 @@ class Agent:
 
 
 def _run(main: Coroutine[Any, Any, None], *, uvloop: bool) -> None:
-    """`asyncio.run(main)`, on uvloop when it is installed and `uvloop` (MESH_UVLOOP) is on: the
-    event loop and nats-py's socket I/O are a large share of an agent's CPU per request
-    (bench/README.md). Only the agent's own process: a library never swaps the loop of an
-    application that embeds it (`Agent.serve` runs on whatever loop it is given)."""
-    factory = None
-    if uvloop:
-        try:
-            import uvloop as _uvloop  # optional: not every install has it
-        except ImportError:
-            log.debug("uvloop not installed: asyncio's own event loop")
-        else:
-            factory = _uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main)
+    """The agent process's loop: uvloop unless MESH_UVLOOP=0 (mesh._internal.loop)."""
+    run_loop(main, uvloop=uvloop)
 
 
 @dataclass
@@ -409,17 +407,17 @@ class _Executor(AgentExecutor):
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         message = context.message
         assert message is not None
-        with self._span(context.call_context, message, context.context_id or ""):
-            await self._execute(message, context, event_queue)
+        view = LeanMessage.of(message)
+        with self._span(context.call_context, view.metadata, context.context_id or ""):
+            await self._execute(view, context, event_queue)
 
     @contextlib.contextmanager
     def _span(
-        self, call: ServerCallContext | None, message: Message, context_id: str
+        self, call: ServerCallContext | None, metadata: Mapping[str, Any], context_id: str
     ) -> Iterator[None]:
         """One task, under an `invoke_agent` server span that continues the caller's trace (the
         request headers carry it, over HTTP and over NATS alike)."""
         headers = (call.state.get("headers") if call is not None else None) or {}
-        metadata = dict(message.metadata)
         labels = {"agent": self.agent.name, "tenant": str(metadata.get("tenant", ""))}
         token = telemetry.call_labels.set(labels)
         try:
@@ -455,13 +453,15 @@ class _Executor(AgentExecutor):
             telemetry.call_labels.reset(token)
 
     async def _execute(
-        self, message: Message, context: RequestContext, event_queue: EventQueue
+        self, view: LeanMessage, context: RequestContext, event_queue: EventQueue
     ) -> None:
+        message = context.message
+        assert message is not None
         # a2a-sdk requires the Task to be enqueued before any status update.
         task = context.current_task or new_task_from_user_message(message)
         await event_queue.enqueue_event(task)
         updater = TaskUpdater(event_queue, task.id, task.context_id)
-        outcome = await self._outcome(message, updater.start_work)
+        outcome = await self._outcome(view, updater.start_work)
         if outcome.artifact_parts:
             await updater.add_artifact(
                 outcome.artifact_parts,
@@ -477,12 +477,12 @@ class _Executor(AgentExecutor):
         brain = self.agent._override or self.brain
         return brain is None or isinstance(brain, RulesBrain)
 
-    async def answer(self, message: Message, context: ServerCallContext) -> Outcome:
-        with self._span(context, message, message.context_id):
+    async def answer(self, message: LeanMessage, context: ServerCallContext) -> Outcome:
+        with self._span(context, message.metadata, message.context_id):
             return await self._outcome(message, None)
 
     async def _outcome(
-        self, message: Message, start_work: Callable[[], Awaitable[None]] | None
+        self, message: LeanMessage, start_work: Callable[[], Awaitable[None]] | None
     ) -> Outcome:
         """What the agent answers `message`; `start_work` marks the task working before a
         model is asked (the SDK path's `working` state)."""
@@ -492,7 +492,7 @@ class _Executor(AgentExecutor):
             text = f"{self.agent.name} only reacts to events ({types}); it takes no messages"
             return Outcome(TaskState.TASK_STATE_REJECTED, reason=[Part(text=text)])
         try:
-            payload = self.agent.decode_input(_payload(message))
+            payload = self._input(message)
         except InputError as e:
             return Outcome(TaskState.TASK_STATE_REJECTED, reason=[Part(text=str(e))])
         if start_work is not None and not isinstance(brain, RulesBrain):
@@ -515,7 +515,7 @@ class _Executor(AgentExecutor):
         output = msgspec.to_builtins(thought.output)
         # Signed by this instance for the question as asked (mesh.votes): the coordinator
         # counts the answer only if the signature verifies with the key our card binds.
-        question = self.votes.question(message.message_id, dict(message.metadata))
+        question = self.votes.question(message.message_id, message.metadata)
         return Outcome(
             TaskState.TASK_STATE_COMPLETED,
             artifact_parts=[_data_part(output)],
@@ -532,6 +532,26 @@ class _Executor(AgentExecutor):
             },
         )
 
+    def _input(self, message: LeanMessage) -> Any:
+        """The handler's typed input, decoded straight from the request's JSON on the lean
+        path. Its objects' member order differs from the SDK path's (a protobuf map's): where
+        that order could reach the handler (a dict or untyped field) or an error's text (which
+        names the first bad field), the data is put in the SDK path's order first, so both
+        paths hand the handler the same value and answer the same error."""
+        if message.json_order and not self._order_free:
+            message.data, message.json_order = message.in_protobuf_order(), False
+        try:
+            return self.agent.decode_input(_payload(message))
+        except InputError:
+            if not message.json_order:
+                raise
+            message.data, message.json_order = message.in_protobuf_order(), False
+            return self.agent.decode_input(_payload(message))
+
+    @functools.cached_property
+    def _order_free(self) -> bool:
+        return _order_free(msgspec.inspect.type_info(self.agent.input_type), set())
+
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         # Handlers run to completion quickly; cancelling marks the task so clients stop waiting.
         if context.current_task is not None:
@@ -546,6 +566,47 @@ class _Executor(AgentExecutor):
 BUDGET_EXCEEDED = "budget_exceeded"
 
 
+def _order_free(info: msgspec.inspect.Type, seen: set[type]) -> bool:
+    """Whether a value of this type, decoded from a JSON object, is the same whatever the
+    order of the object's members (objects become Structs, dataclasses… never dicts)."""
+    mi = msgspec.inspect
+    if isinstance(info, mi.StructType | mi.DataclassType):
+        if info.cls in seen:
+            return True
+        seen.add(info.cls)
+        return all(_order_free(f.type, seen) for f in info.fields)
+    if isinstance(info, mi.ListType | mi.VarTupleType | mi.SetType | mi.FrozenSetType):
+        return _order_free(info.item_type, seen)
+    if isinstance(info, mi.NamedTupleType):
+        return all(_order_free(f.type, seen) for f in info.fields)
+    if isinstance(info, mi.TupleType):
+        return all(_order_free(t, seen) for t in info.item_types)
+    if isinstance(info, mi.UnionType):
+        return all(_order_free(t, seen) for t in info.types)
+    if isinstance(info, mi.DictType | mi.TypedDictType | mi.AnyType | mi.CustomType):
+        return False
+    return isinstance(info, _SCALARS)
+
+
+_SCALARS = (
+    msgspec.inspect.NoneType,
+    msgspec.inspect.BoolType,
+    msgspec.inspect.IntType,
+    msgspec.inspect.FloatType,
+    msgspec.inspect.StrType,
+    msgspec.inspect.BytesType,
+    msgspec.inspect.ByteArrayType,
+    msgspec.inspect.EnumType,
+    msgspec.inspect.LiteralType,
+    msgspec.inspect.DateTimeType,
+    msgspec.inspect.DateType,
+    msgspec.inspect.TimeType,
+    msgspec.inspect.TimeDeltaType,
+    msgspec.inspect.UUIDType,
+    msgspec.inspect.DecimalType,
+)
+
+
 def _int(value: Any) -> int:
     try:
         return int(value)
@@ -553,11 +614,10 @@ def _int(value: Any) -> int:
         return 0
 
 
-def _payload(message: Any) -> Any:
-    data = get_data_parts(message.parts)
-    if data:
-        return data[0]
-    text = get_message_text(message).strip()
+def _payload(message: LeanMessage) -> Any:
+    if message.data is not NO_DATA:
+        return message.data
+    text = message.text.strip()
     if not text:
         raise InputError("the message has no data part and no text")
     try:

@@ -118,6 +118,10 @@ REWATCH_AFTER_MIN_S = 1.0
 REWATCH_FIRST_S = 0.5
 REWATCH_MAX_S = 5.0
 REWATCH_TIMEOUT_S = 5.0
+# How long a new view waits for its watcher's replay, and a stop for its watcher (bounded:
+# NATS may be gone).
+READY_TIMEOUT_S = 5.0
+UNWATCH_TIMEOUT_S = 1.0
 
 
 def new_instance_id() -> str:
@@ -405,6 +409,8 @@ class RegistryView:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._entries: dict[str, Registration] = {}
+        # The same entries by agent name: a route asks for one agent's instances per event.
+        self._by_agent: dict[str, dict[str, Registration]] = {}
         self._bindings: dict[str, Binding] = {}  # by key: the verified binding of each entry
         self._departed: OrderedDict[str, tuple[Binding, float]] = OrderedDict()  # → forget at
         self._task: asyncio.Task[None] | None = None
@@ -480,7 +486,10 @@ class RegistryView:
         self.current_since = time.time()
         await self._watch()
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout=5)
+            # `asyncio.timeout`, not `wait_for` (here and below): on Python 3.11 `wait_for` can
+            # swallow a cancel that lands as what it waits for completes (commit d7122e0).
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                await self._ready.wait()
         except TimeoutError:
             # An empty bucket may not send the end-of-initial marker on every server version.
             self._ready.set()
@@ -506,7 +515,8 @@ class RegistryView:
         task, watcher, self._task, self._watcher = self._task, self._watcher, None, None
         if watcher is not None:
             with contextlib.suppress(Exception):  # NATS may be gone: bounded, best effort
-                await asyncio.wait_for(watcher.stop(), timeout=1.0)
+                async with asyncio.timeout(UNWATCH_TIMEOUT_S):
+                    await watcher.stop()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -539,7 +549,7 @@ class RegistryView:
                 else CardCheck("does not decode")
             )
             if reg is not None and checked.refusal is None:
-                self._entries[entry.key] = reg
+                self._keep(entry.key, reg)
                 if checked.binding is not None:
                     self._bindings[entry.key] = checked.binding
                     self._departed.pop(entry.key, None)
@@ -586,7 +596,8 @@ class RegistryView:
                 )
             await self._unwatch()
             try:
-                await asyncio.wait_for(self._watch(), timeout=REWATCH_TIMEOUT_S)
+                async with asyncio.timeout(REWATCH_TIMEOUT_S):
+                    await self._watch()
             except Exception as e:  # NATS unhealthy: try again later, entries kept
                 self._nats_trouble = True
                 failures += 1
@@ -599,9 +610,25 @@ class RegistryView:
             )
             outage_since, failures = None, 0
 
+    def _keep(self, key: str, reg: Registration) -> None:
+        old = self._entries.get(key)
+        if old is not None and old.agent != reg.agent:
+            self._unindex(key, old.agent)
+        self._entries[key] = reg
+        self._by_agent.setdefault(reg.agent, {})[key] = reg
+
+    def _unindex(self, key: str, agent: str) -> None:
+        entries = self._by_agent.get(agent)
+        if entries is not None:
+            entries.pop(key, None)
+            if not entries:
+                del self._by_agent[agent]
+
     def _forget(self, key: str) -> None:
         """The entry at `key` is gone (or refused): its binding is kept a while (`binding`)."""
-        self._entries.pop(key, None)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._unindex(key, old.agent)
         binding = self._bindings.pop(key, None)
         if binding is not None:
             _remember(self._departed, key, (binding, time.time() + DEPARTED_KEEP_S))
@@ -617,7 +644,10 @@ class RegistryView:
 
     def instances(self, agent: str) -> list[Registration]:
         now = self._as_of()
-        return [r for r in self._entries.values() if r.agent == agent and self._usable(r, now)]
+        entries = self._by_agent.get(agent)
+        if not entries:
+            return []
+        return [r for r in entries.values() if self._usable(r, now)]
 
     def agents_with_skill(self, skill: str) -> list[str]:
         """Names of agents with at least one live instance that has `skill` (sorted)."""

@@ -109,7 +109,8 @@ class Settings(BaseSettings):
     )
     uvloop: bool = Field(
         default=True,
-        description="Agent processes (`Agent.main`) run on uvloop when it is installed; false "
+        description="Agent processes (`Agent.main`) and the coordinator (`python -m "
+        "coordinator`) run on uvloop when it is installed; false "
         "keeps asyncio's own loop.",
     )
     agent_version: str = Field(

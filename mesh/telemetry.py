@@ -70,7 +70,51 @@ def enabled() -> bool:
 
 
 def tracer() -> trace.Tracer:
+    """The mesh's tracer; while no tracer provider that records is set (nothing exports), one
+    whose spans cost next to nothing and still carry an incoming trace context onwards."""
+    if isinstance(trace.get_tracer_provider(), _NOT_RECORDING):
+        return _FREE
     return trace.get_tracer(_SCOPE)
+
+
+# The API's providers that record nothing: its no-op one and, while no provider is set, its proxy.
+_NOT_RECORDING = (trace.NoOpTracerProvider, trace.ProxyTracerProvider)
+
+
+class _FreeSpan:
+    """`NoOpTracer.start_as_current_span`'s effect without its generator-based context manager,
+    `use_span` and attribute handling: the current span becomes what the no-op tracer makes
+    current (a non-recording span with the given context's span context), only when a
+    `context` is given (without one, the no-op tracer makes the current span current again)."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: otel_context.Context | None) -> None:
+        self._context = context
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span:
+        if self._context is None:
+            return trace.get_current_span()
+        span = trace.get_current_span(self._context)
+        if not isinstance(span, trace.NonRecordingSpan):
+            span = trace.NonRecordingSpan(span.get_span_context())
+        self._token = otel_context.attach(trace.set_span_in_context(span))
+        return span
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
+class _FreeTracer(trace.NoOpTracer):
+    def start_as_current_span(  # type: ignore[override]
+        self, name: str, context: otel_context.Context | None = None, **_: Any
+    ) -> _FreeSpan:
+        return _FreeSpan(context)
+
+
+_FREE = _FreeTracer()
 
 
 # -- context over NATS headers ----------------------------------------------------------------

@@ -234,11 +234,15 @@ async def dispatch(
         model = METHODS.get(method)
         if model is None:
             return error_answer(request_id, UnknownMethod(), method)
-        try:
-            # Unknown fields are ignored for forward compatibility (as a2a-sdk does).
-            params = ParseDict(request.get("params", {}), model(), ignore_unknown_fields=True)
-        except Exception as e:
-            return error_answer(request_id, InvalidParamsError(data={"parseError": str(e)}), method)
+        # The lean path reads the SendMessage requests it takes from their JSON (no protobuf).
+        params = lean.parse(request.get("params")) if lean and method == "SendMessage" else None
+        if params is None:
+            try:
+                # Unknown fields are ignored for forward compatibility (as a2a-sdk does).
+                params = ParseDict(request.get("params", {}), model(), ignore_unknown_fields=True)
+            except Exception as e:
+                error = InvalidParamsError(data={"parseError": str(e)})
+                return error_answer(request_id, error, method)
         context.tenant = getattr(params, "tenant", "")
         context.state["method"] = method
         context.state["request_id"] = request_id

@@ -22,6 +22,13 @@ Eligibility (`eligible`), everything else goes to the SDK's handler unchanged:
   events-only agent's rejection). A model brain takes seconds, so the SDK's `working` state and
   its store writes are worth keeping there.
 
+A request whose JSON is in the one canonical form (camelCase members, the role by name, numbers
+a double holds: what every mesh client sends) is read straight from its JSON (`LeanSend.parse`,
+`LeanRequest`): no protobuf message is made of it, and the agent decodes the handler's typed
+input from the JSON (mesh.agent; where a protobuf map's member order could show, in the handler's
+input or an error's text, the data is put in the SDK path's order first). Any other eligible
+request is parsed into protobuf first, as before.
+
 What it keeps from the SDK path, by running the same code: JSON-RPC validation, the A2A-Version
 check, params parsing and the error mapping (`dispatch`); authentication (the binding, before the
 dispatch); required extensions and messageId idempotency (`MeshRequestHandler.send_once`, the
@@ -41,12 +48,13 @@ write is acknowledged (docs/bindings.md, "What is durable when"). MESH_A2A_LEAN=
 from __future__ import annotations
 
 import functools
+import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from a2a.helpers import get_data_parts, get_message_text
 from a2a.server.cluster import TaskVersion, VersionedEvent
 from a2a.server.context import ServerCallContext
 from a2a.types import (
@@ -65,8 +73,9 @@ from google.api.field_behavior_pb2 import (  # type: ignore[import-untyped]
     field_behavior,
 )
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, ParseDict
 from google.protobuf.message import Message as ProtoMessage
+from google.protobuf.struct_pb2 import Struct, Value
 
 from mesh.a2a.dispatch import PARAMS_JSON
 from mesh.a2a.taskstore import JetStreamTaskStore
@@ -88,6 +97,48 @@ class Outcome:
     artifact_metadata: dict[str, Any] | None = None
 
 
+# `LeanMessage.data` when the message has no data part.
+NO_DATA: Any = object()
+
+
+@dataclass(slots=True)
+class LeanMessage:
+    """What the agent reads of a new task's user message, in the forms the SDK path reads them:
+    `metadata` as `dict(message.metadata)` gives it (numbers floats, nested objects `Struct`s),
+    `data` the first data part as `a2a.helpers.get_data_parts` gives it (or `NO_DATA`), `text`
+    the text parts as `get_message_text` joins them."""
+
+    message_id: str
+    context_id: str
+    task_id: str
+    metadata: Mapping[str, Any]
+    data: Any
+    text: str
+    # Whether `data`'s objects keep the request's member order. A protobuf Struct is a map: the
+    # SDK path's objects come in its hash order instead (which the agent must reproduce where
+    # the order can show: `in_protobuf_order`).
+    json_order: bool = False
+
+    def in_protobuf_order(self) -> Any:
+        """`data` with its objects' members in the order the SDK path's `get_data_parts` gives."""
+        if not self.json_order or self.data is NO_DATA:
+            return self.data
+        return MessageToDict(ParseDict(self.data, Value()))
+
+    @classmethod
+    def of(cls, message: Message) -> LeanMessage:
+        """The view of a protobuf message (the SDK path's, and a lean request parsed by it)."""
+        found = get_data_parts(message.parts)
+        return cls(
+            message_id=message.message_id,
+            context_id=message.context_id,
+            task_id=message.task_id,
+            metadata=dict(message.metadata),
+            data=found[0] if found else NO_DATA,
+            text=get_message_text(message),
+        )
+
+
 class Answerer(Protocol):
     """The agent side of the lean path (mesh.agent implements it)."""
 
@@ -95,10 +146,61 @@ class Answerer(Protocol):
         """Whether the next message is answered at once (no intermediate task states)."""
         ...
 
-    def answer(self, message: Message, context: ServerCallContext) -> Awaitable[Outcome]:
-        """The outcome of `message` (its taskId and contextId already set), under the same
-        span and with the same signature as the SDK path."""
+    def answer(self, message: LeanMessage, context: ServerCallContext) -> Awaitable[Outcome]:
+        """The outcome of `message` (its taskId and contextId set), under the same span and
+        with the same signature as the SDK path."""
         ...
+
+
+@dataclass(slots=True)
+class LeanRequest:
+    """A SendMessage's params taken straight from the request's JSON (`LeanSend.parse`), for
+    the requests whose JSON is in the one canonical form this reads exactly as json_format's
+    `ParseDict` would: no protobuf message is made of it (the data part's `Struct` was most of
+    the request's parse cost, bench/README.md)."""
+
+    tenant: ClassVar[str] = ""  # eligible requests have none (dispatch reads it)
+    message_id: str
+    context_id: str  # as given ("" for a new context)
+    metadata: dict[str, Any] | None  # struct-valued (`wire.struct_value`), None when absent
+    parts: list[dict[str, Any]]  # as `MessageToDict` prints them (`_part_json`)
+
+    def skeleton(self) -> SendMessageRequest:
+        """The fields the messageId de-duplication reads (`MeshRequestHandler.send_once`)."""
+        message = Message(
+            message_id=self.message_id, context_id=self.context_id, role=Role.ROLE_USER
+        )
+        return SendMessageRequest(message=message)
+
+    def view(self, task_id: str, context_id: str) -> LeanMessage:
+        data = NO_DATA
+        texts = []
+        for part in self.parts:
+            if "data" in part:
+                if data is NO_DATA:
+                    data = part["data"]
+            else:
+                texts.append(part["text"])
+        metadata: dict[str, Any] = {}
+        if self.metadata:
+            struct = Struct()
+            struct.update(self.metadata)
+            metadata = dict(struct)
+        text = "\n".join(texts)
+        return LeanMessage(self.message_id, context_id, task_id, metadata, data, text, True)
+
+    def history(self, task_id: str, context_id: str) -> dict[str, Any]:
+        """`MessageToDict` of the message with the task's ids set."""
+        out: dict[str, Any] = {
+            "messageId": self.message_id,
+            "contextId": context_id,
+            "taskId": task_id,
+            "role": "ROLE_USER",
+            "parts": self.parts,
+        }
+        if self.metadata is not None:
+            out["metadata"] = self.metadata
+        return out
 
 
 class LeanSend:
@@ -111,8 +213,39 @@ class LeanSend:
         # store and the reply).
         self._rendered: dict[str, dict[str, Any]] = {}
 
-    def eligible(self, params: SendMessageRequest) -> bool:
+    def parse(self, params: Any) -> LeanRequest | None:
+        """The lean request of a SendMessage's JSON `params`, when it is eligible (the module
+        doc's rules) and in the canonical form `LeanRequest` reads exactly as `ParseDict`
+        would (camelCase members, the role's name, no null where a message goes, numbers a
+        double holds); None: parse it into protobuf as every other request."""
+        if type(params) is not dict or params.keys() != {"message"}:
+            return None
+        if self.handler.validates_input_modes or not self.answerer.immediate():
+            return None
+        message = params["message"]
+        if type(message) is not dict or not message.keys() <= _MESSAGE_KEYS:
+            return None
+        message_id, parts = message.get("messageId"), message.get("parts")
+        context_id = message.get("contextId", "")
+        if type(message_id) is not str or not message_id or message.get("role") != "ROLE_USER":
+            return None
+        if type(context_id) is not str or type(parts) is not list or not parts:
+            return None
+        metadata = message.get("metadata")
+        if metadata is not None and type(metadata) is not dict:
+            return None
+        try:
+            rendered = [_part_json(part) for part in parts]
+            if metadata is not None:
+                metadata = struct_value(metadata)
+        except (ValueError, TypeError):
+            return None
+        return LeanRequest(message_id, context_id, metadata, rendered)
+
+    def eligible(self, params: SendMessageRequest | LeanRequest) -> bool:
         """Whether `params` may take the lean path (the module doc lists the rules)."""
+        if isinstance(params, LeanRequest):
+            return True  # `parse` checked it
         if (
             params.HasField("configuration")
             or params.HasField("metadata")
@@ -134,14 +267,33 @@ class LeanSend:
                 return False
         return self.answerer.immediate()
 
-    async def send(self, params: SendMessageRequest, context: ServerCallContext) -> dict[str, Any]:
+    async def send(
+        self, params: SendMessageRequest | LeanRequest, context: ServerCallContext
+    ) -> dict[str, Any]:
         """SendMessage for an eligible request, as the JSON-RPC `result`: idempotent by messageId
         exactly as the SDK path (one map for both), then `_run`."""
-        sent = await self.handler.send_once(params, context, self._checked)
+        if isinstance(params, LeanRequest):
+            request = params
+
+            async def run(_: SendMessageRequest, context: ServerCallContext) -> Task:
+                return await self._run_json(request, context)
+
+            sent = await self.handler.send_once(params.skeleton(), context, run)
+        else:
+            sent = await self.handler.send_once(params, context, self._checked)
         if isinstance(sent, Message):  # a repeat of a message the SDK path answered with one
             return {"message": MessageToDict(sent)}
         rendered = self._rendered.pop(sent.id, None)
-        return {"task": rendered if rendered is not None else MessageToDict(sent)}
+        if rendered is not None:
+            return {"task": rendered}
+        if not sent.history:
+            # A concurrent repeat of a lean JSON request: its Task carries no history (the
+            # store's record has it, as a repeat that comes later reads it).
+            stored = await self.handler.task_store.get(sent.id, context)
+            latest = getattr(stored, "task", stored)  # a versioned store wraps it
+            if isinstance(latest, Task):
+                sent = latest
+        return {"task": MessageToDict(sent)}
 
     async def _checked(self, params: SendMessageRequest, context: ServerCallContext) -> Task:
         # Where the SDK checks them (its `validate_request_params`, inside `on_message_send`):
@@ -158,30 +310,8 @@ class LeanSend:
         message.CopyFrom(params.message)
         message.task_id = task_id
         message.context_id = context_id
-        outcome = await self.answerer.answer(message, context)
-        status = TaskStatus(state=outcome.state)
-        if outcome.reason:
-            status.message.CopyFrom(
-                Message(
-                    role=Role.ROLE_AGENT,
-                    task_id=task_id,
-                    context_id=context_id,
-                    message_id=str(uuid.uuid4()),
-                    parts=outcome.reason,
-                )
-            )
-        # As a2a-sdk's TaskUpdater stamps it: microseconds, UTC.
-        status.timestamp.FromDatetime(datetime.now(UTC))
-        task = Task(id=task_id, context_id=context_id, status=status)
-        if outcome.artifact_parts:
-            task.artifacts.append(
-                Artifact(
-                    artifact_id=str(uuid.uuid4()),
-                    name=outcome.artifact_name,
-                    parts=outcome.artifact_parts,
-                    metadata=outcome.artifact_metadata,
-                )
-            )
+        outcome = await self.answerer.answer(LeanMessage.of(message), context)
+        task = _task(task_id, context_id, outcome)
         # The task's JSON, made once: the reply and the stored record both carry it. Its
         # history is the request's message: rendered from the request's own JSON where that
         # prints as `MessageToDict` would (`_history_json`), as the largest part of the reply
@@ -192,6 +322,25 @@ class LeanSend:
             or MessageToDict(message)
         ]
         task.history.append(message)
+        return await self._store(task, rendered, context)
+
+    async def _run_json(self, request: LeanRequest, context: ServerCallContext) -> Task:
+        task_id = str(uuid.uuid4())
+        context_id = request.context_id or str(uuid.uuid4())
+        outcome = await self.answerer.answer(request.view(task_id, context_id), context)
+        task = _task(task_id, context_id, outcome)
+        rendered = MessageToDict(task)
+        history = request.history(task_id, context_id)
+        rendered["history"] = [history]
+        if not isinstance(self.handler.versioned_store, JetStreamTaskStore):
+            # Other stores keep the protobuf task: give it its history (JetStream's stores the
+            # JSON, history included, and a repeat reads it from there).
+            task.history.append(ParseDict(history, Message()))
+        return await self._store(task, rendered, context)
+
+    async def _store(
+        self, task: Task, rendered: dict[str, Any], context: ServerCallContext
+    ) -> Task:
         store = self.handler.versioned_store
         # One write, the final task, acknowledged before the reply goes (docs/bindings.md).
         if isinstance(store, JetStreamTaskStore):
@@ -202,11 +351,42 @@ class LeanSend:
             )
         stream = self.handler.event_stream
         if stream is not None:  # SubscribeToTask on other replicas (a no-op for JetStream's)
-            await stream.publish(task_id, VersionedEvent(event=task, version=version))
+            await stream.publish(task.id, VersionedEvent(event=task, version=version))
         if len(self._rendered) >= _RENDERED_MAX:  # only a caller cancelled mid-way leaves one
             self._rendered.clear()
-        self._rendered[task_id] = rendered
+        self._rendered[task.id] = rendered
         return task
+
+
+def _task(task_id: str, context_id: str, outcome: Outcome) -> Task:
+    """The final task of `outcome`, without its history."""
+    status = TaskStatus(state=outcome.state)
+    if outcome.reason:
+        status.message.CopyFrom(
+            Message(
+                role=Role.ROLE_AGENT,
+                task_id=task_id,
+                context_id=context_id,
+                message_id=str(uuid.uuid4()),
+                parts=outcome.reason,
+            )
+        )
+    # As a2a-sdk's TaskUpdater stamps it (`FromDatetime(datetime.now(UTC))`): microseconds,
+    # UTC; without protobuf's `timegm` of a time tuple.
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    status.timestamp.seconds = seconds
+    status.timestamp.nanos = micros * 1000
+    task = Task(id=task_id, context_id=context_id, status=status)
+    if outcome.artifact_parts:
+        task.artifacts.append(
+            Artifact(
+                artifact_id=str(uuid.uuid4()),
+                name=outcome.artifact_name,
+                parts=outcome.artifact_parts,
+                metadata=outcome.artifact_metadata,
+            )
+        )
+    return task
 
 
 _RENDERED_MAX = 1024

@@ -10,6 +10,7 @@ signature's time and bytes (the signature covers its own time).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -22,7 +23,7 @@ import pytest
 import pytest_asyncio
 
 from mesh import Agent
-from mesh.a2a.lean import LeanSend
+from mesh.a2a.lean import LeanRequest, LeanSend
 from mesh.agent import RunningAgent
 from mesh.bus import Bus
 from mesh.errors import MeshError
@@ -117,7 +118,9 @@ def lean_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     original = LeanSend.send
 
     async def send(self: LeanSend, params: Any, context: Any) -> Any:
-        served.append(params.message.message_id)
+        # A LeanRequest: read from the JSON; a SendMessageRequest: parsed by protobuf first.
+        lean_json = isinstance(params, LeanRequest)
+        served.append(params.message_id if lean_json else params.message.message_id)
         return await original(self, params, context)
 
     monkeypatch.setattr(LeanSend, "send", send)
@@ -340,6 +343,67 @@ async def test_repeat_returns_the_first_task_on_both_paths(
         assert again["id"] == first["id"]
         assert again["artifacts"] == first["artifacts"]
         assert again["status"] == first["status"]
+
+
+async def test_canonical_requests_skip_protobuf(
+    mod_bus: Bus,
+    pair: tuple[RunningAgent, RunningAgent],
+    lean_calls: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request in the canonical JSON form is answered from its JSON (LeanSend._run, the
+    protobuf route, is not called); one in another form (proto field names) still takes the
+    lean path through protobuf, with the same answer."""
+    on, _ = pair
+    routes: list[str] = []
+    original = LeanSend._run
+
+    async def run(self: LeanSend, params: Any, context: Any) -> Any:
+        routes.append(params.message.message_id)
+        return await original(self, params, context)
+
+    monkeypatch.setattr(LeanSend, "_run", run)
+    canonical = json.loads(await _ask(mod_bus, on, _send("m-json", metadata=_META), V1))
+    assert lean_calls == ["m-json"] and routes == []
+    other = {"message": {"message_id": "m-proto", "role": "ROLE_USER", "parts": [{"data": {}}]}}
+    proto = json.loads(await _ask(mod_bus, on, _rpc("SendMessage", other), V1))
+    assert routes == ["m-proto"]
+    for reply in (canonical, proto):
+        assert reply["result"]["task"]["status"]["state"] == "TASK_STATE_COMPLETED"
+
+
+async def test_concurrent_repeats_get_the_whole_task(
+    mod_bus: Bus, pair: tuple[RunningAgent, RunningAgent]
+) -> None:
+    """Repeats of one messageId sent at once wait for the first answer; each gets the whole
+    task, history included (the lean JSON route's repeat reads it from the task store)."""
+    for running in pair:
+        body = _send(f"m-together-{running.subject}", metadata=_META)
+        replies = await asyncio.gather(*(_ask(mod_bus, running, body, V1) for _ in range(4)))
+        tasks = [json.loads(r)["result"]["task"] for r in replies]
+        assert all(t == tasks[0] for t in tasks[1:])
+        assert tasks[0]["history"][0]["messageId"].startswith("m-together-")
+
+
+@pytest.mark.parametrize("store", ["jetstream", "memory"])
+async def test_lean_task_reads_back_alike(
+    mod_bus: Bus,
+    tmp_path: Path,
+    lean_calls: list[str],
+    store: str,
+) -> None:
+    """A task the lean path answered from JSON reads back (GetTask) as it was answered, history
+    included, from either task store: the JetStream store keeps the task's JSON, the memory
+    store the protobuf task given its history."""
+    settings = mod_bus.settings.model_copy(update={"a2a_lean": True, "task_store": store})
+    agent = _agent(tmp_path, f"lean-{store}")
+    async with agent.serve(mod_bus, http=False, settings=settings) as on:
+        body = _send(f"m-read-{store}", metadata=_META)
+        task = json.loads(await _ask(mod_bus, on, body, V1))["result"]["task"]
+        assert lean_calls == [f"m-read-{store}"]
+        got = json.loads(await _ask(mod_bus, on, _rpc("GetTask", {"id": task["id"]}), V1))
+        assert got["result"] == task
+        assert task["history"][0]["parts"][0]["data"] == {"vote": "approve", "n": 3.0}
 
 
 async def test_lean_vote_is_signed_by_the_instance(

@@ -371,3 +371,40 @@ def test_the_lean_history_leaves_the_rest_to_protobuf(params: Any) -> None:
     from mesh.a2a.lean import _history_json
 
     assert _history_json(params, "t", "c") is None
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "2026-11-30T23:19:17.123456Z",
+        "2026-11-30T23:19:17Z",
+        "2026-11-30T23:19:17.1Z",
+        "2026-11-30T23:19:17.123456789Z",
+        "1970-01-01T00:00:00.000001Z",
+        "2024-02-29T12:00:00.5Z",
+        "0001-01-01T00:00:00Z",
+        "9999-12-31T23:59:59.999999999Z",
+        "2026-11-30T23:19:17.123+01:00",  # an offset: protobuf's reader
+        "2026-02-30T00:00:00Z",  # no such day
+        "2026-11-30T23:19:60Z",
+        "2026-11-30 23:19:17Z",
+        "",
+    ],
+)
+def test_status_time_is_protobufs(stamp: str) -> None:
+    """The reply's status time, read without strptime, is the float protobuf's Timestamp gives,
+    and what protobuf refuses is refused."""
+    from datetime import UTC
+
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from mesh.a2a.wire import _timestamp, _Unusual
+
+    ts = Timestamp()
+    try:
+        ts.FromJsonString(stamp)
+    except ValueError:
+        with pytest.raises(_Unusual):
+            _timestamp(stamp)
+        return
+    assert _timestamp(stamp) == float(ts.ToDatetime(tzinfo=UTC).timestamp())

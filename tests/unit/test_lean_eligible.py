@@ -7,19 +7,20 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import msgspec
 import pytest
 import uvloop
 from a2a.helpers import new_data_part
 from a2a.server.context import ServerCallContext
-from a2a.types import Message, SendMessageRequest
+from a2a.types import SendMessageRequest
 from a2a.utils.errors import InvalidParamsError
 from a2a.utils.proto_utils import validate_proto_required_fields
 from google.protobuf.json_format import ParseDict
 from hypothesis import HealthCheck, given, settings
 
 from mesh.a2a.handler import MeshRequestHandler
-from mesh.a2a.lean import LeanSend, Outcome, _required_fields_set
-from mesh.agent import _data_part, _run
+from mesh.a2a.lean import LeanMessage, LeanSend, Outcome, _required_fields_set
+from mesh.agent import _data_part, _order_free, _run
 from tests.support import strategies
 
 
@@ -34,7 +35,7 @@ class _Answerer:
     def immediate(self) -> bool:
         return self._immediate
 
-    async def answer(self, message: Message, context: ServerCallContext) -> Outcome:
+    async def answer(self, message: LeanMessage, context: ServerCallContext) -> Outcome:
         raise AssertionError("not called here")
 
 
@@ -155,3 +156,34 @@ def test_vote_data_part_is_the_sdk_helpers(value: Any) -> None:
     Part a2a-sdk's `new_data_part` builds, for any JSON value (`==` on protobuf messages
     compares presence too: `[]` and `{}` are set values, not an empty Value)."""
     assert _data_part(value) == new_data_part(value, media_type="application/json")
+
+
+class _Inner(msgspec.Struct):
+    n: int
+    tags: list[str]
+
+
+class _Free(msgspec.Struct):
+    a: str
+    inner: _Inner | None = None
+    many: list[_Inner] = []
+
+
+class _Mapped(msgspec.Struct):
+    a: str
+    labels: dict[str, str] = {}
+
+
+class _Deep(msgspec.Struct):
+    inner: list[_Mapped] = []
+
+
+def test_order_free_input_types() -> None:
+    """Input types whose decoded value cannot depend on a JSON object's member order (the lean
+    path decodes those straight from the request's JSON) and those that can (a dict, Any)."""
+
+    def free(t: Any) -> bool:
+        return _order_free(msgspec.inspect.type_info(t), set())
+
+    assert free(_Free) and free(list[_Free]) and free(str)
+    assert not free(_Mapped) and not free(_Deep) and not free(dict) and not free(Any)
