@@ -1,4 +1,4 @@
-"""`python -m bench.micro_wave3`: each of issue 14 wave 3's hot-path changes, before vs after.
+"""`python -m bench.hotpath`: each of the fast path's hot-path changes (issue 14), before vs after.
 
 One process, timeit (best of 5 repeats), µs per call. Not part of `python -m bench`: unlike the
 benchmarks it reaches into private names, because each "before" is the replaced code rebuilt from
