@@ -37,9 +37,9 @@ async def serve(stop: asyncio.Event | None = None) -> None:
 
 
 def main() -> None:
-    from mesh._internal.logs import configure
+    from mesh._internal.logs import configure_process
 
-    configure()
+    configure_process()
 
     async def _main() -> None:
         stop = asyncio.Event()

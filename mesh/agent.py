@@ -333,15 +333,16 @@ class Agent:
 
     def main(self) -> None:
         """Run until SIGINT/SIGTERM (what `mesh run` and `python -m agents.X` call)."""
-        from mesh._internal.logs import configure
+        from mesh._internal.logs import configure_process
+        from mesh.errors import exit_code
 
-        configure()
+        configure_process()
         telemetry.setup(f"mesh-agent-{self.name}")
         try:
             _run(self._run_forever(), uvloop=get_settings().uvloop)
         except MeshError as e:
             log.error("%s", e)
-            raise SystemExit(2) from None
+            raise SystemExit(exit_code(e)) from None  # the `mesh` command's codes (docs/cli.md)
         except KeyboardInterrupt:  # Ctrl-C before the loop's handlers were in place
             raise SystemExit(130) from None
 
@@ -353,6 +354,23 @@ class Agent:
         async with self.serve():
             await stop.wait()
             log.info("agent %s: stopping (draining in-flight work)", self.name)
+
+
+def run_agent_module(package: str | None) -> None:
+    """`python -m <package>`: run the `agent` its `agent.py` defines, as `mesh run` does (an
+    agent's `__main__.py` is `run_agent_module(__package__)`).
+
+    Settings are checked before the module is imported, because an agent module may read them
+    as it is defined (a prompt rendered from a rules file): a `MESH_*` variable that does not
+    parse is one line and exit code 3 there too, not an import-time traceback."""
+    import importlib
+
+    from mesh._internal.logs import configure_process
+
+    if not package:
+        raise SystemExit("error: run_agent_module(__package__) belongs in a package's __main__.py")
+    configure_process()
+    importlib.import_module(f"{package}.agent").agent.main()
 
 
 def _run(main: Coroutine[Any, Any, None], *, uvloop: bool) -> None:

@@ -482,11 +482,11 @@ def main() -> None:
     starts, as the `scheduler` agent identity; `mesh schedules run` is the same from a shell)."""
     import signal
 
-    from mesh._internal.logs import configure
+    from mesh._internal.logs import configure_process
     from mesh.bus import Bus
     from mesh.errors import MeshError, exit_code
 
-    configure()
+    configure_process()
 
     async def _main() -> None:
         stop = asyncio.Event()

@@ -1,5 +1,5 @@
 """`python -m agents.compliance_review` — the same as `mesh run agents.compliance_review`."""
 
-from agents.compliance_review.agent import agent
+from mesh.agent import run_agent_module
 
-agent.main()
+run_agent_module(__package__)

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from mesh.a2a.auth import Authenticator
 from mesh.a2a.server import A2AServer, GrpcListener
 from mesh.bus import Bus
 from mesh.cards import load_card, with_interfaces
-from mesh.errors import ConfigError, MeshError, exit_code, settings_problem
+from mesh.errors import ConfigError, MeshError, exit_code
 from mesh.registry import Registration, Registry, new_instance_id
 from mesh.settings import Settings, get_settings
 
@@ -176,16 +175,11 @@ def without_a2a_auth(settings: Settings) -> Settings:
 
 
 def main() -> None:
-    from mesh._internal.logs import configure
+    from mesh._internal.logs import configure_process
 
+    configure_process()  # a MESH_* variable that does not parse: one line and 3, no traceback
     try:
-        settings = get_settings()
-    except ValueError as e:  # a MESH_* variable that does not parse: one line, not a traceback
-        sys.stderr.write(f"error: {settings_problem(e) or e}\n")  # (logging reads settings too)
-        raise SystemExit(3) from None
-    configure()
-    try:
-        asyncio.run(_run_forever(without_a2a_auth(settings)))
+        asyncio.run(_run_forever(without_a2a_auth(get_settings())))
     except MeshError as e:
         log.error("%s", e)
         raise SystemExit(exit_code(e)) from None

@@ -1,5 +1,5 @@
 """`python -m agents.quality_review` — the same as `mesh run agents.quality_review`."""
 
-from agents.quality_review.agent import agent
+from mesh.agent import run_agent_module
 
-agent.main()
+run_agent_module(__package__)

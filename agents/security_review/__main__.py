@@ -1,5 +1,5 @@
 """`python -m agents.security_review` — the same as `mesh run agents.security_review`."""
 
-from agents.security_review.agent import agent
+from mesh.agent import run_agent_module
 
-agent.main()
+run_agent_module(__package__)

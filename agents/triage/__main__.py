@@ -1,5 +1,5 @@
 """`python -m agents.triage` — the same as `mesh run agents.triage`."""
 
-from agents.triage.agent import agent
+from mesh.agent import run_agent_module
 
-agent.main()
+run_agent_module(__package__)

@@ -33,6 +33,23 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+def configure_process() -> None:
+    """`configure()` for a long-running process's `main` (an agent, the coordinator, the
+    schedule relay): a `MESH_*` variable that does not parse is one `error:` line and exit
+    code 3, as the `mesh` command says it (docs/cli.md), not pydantic's traceback."""
+    from mesh.errors import settings_problem
+
+    try:
+        get_settings()
+    except ValueError as e:
+        line = settings_problem(e)
+        if line is None:
+            raise
+        sys.stderr.write(f"error: {line}\n")
+        raise SystemExit(3) from None
+    configure()
+
+
 def configure(fmt: str | None = None, level: str | None = None) -> None:
     settings = get_settings()
     fmt = fmt or settings.log_format

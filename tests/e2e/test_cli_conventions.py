@@ -299,16 +299,20 @@ def test_exit_codes_without_a_server(tmp_path: Path) -> None:
         assert "no NATS server" in logged.stderr and "Traceback" not in logged.stderr, str(logged)
 
 
-def test_the_conformance_launcher_keeps_the_codes(tmp_path: Path) -> None:
-    """`python -m agents.conformance` (the TCK's agent, docs/bindings.md): a bad setting is one
-    line and 3, no NATS server 5 — not a traceback, not usage's 2."""
+@pytest.mark.parametrize(
+    "module", ["agents.conformance", "agents.security_review", "coordinator", "mesh.schedules"]
+)
+def test_the_long_running_processes_keep_the_codes(tmp_path: Path, module: str) -> None:
+    """`python -m …` of an agent (the TCK's conformance agent, a shipped reviewer), the
+    coordinator and the schedule relay: a bad setting is one line and 3, no NATS server 5 —
+    not a traceback, not usage's 2."""
     import subprocess
     import sys
 
     def launch(**extra: str) -> subprocess.CompletedProcess[str]:
         env = mesh_env(tmp_path, **{"MESH_HTTP_PORT": "0", "MESH_GRPC_PORT": "-1", **extra})
         return subprocess.run(
-            [sys.executable, "-m", "agents.conformance"],
+            [sys.executable, "-m", module],
             cwd=tmp_path,
             env=env,
             capture_output=True,
