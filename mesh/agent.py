@@ -331,8 +331,25 @@ class Agent:
             )
             yield RunningAgent(self, bound.card, reg, http_url, subject, brain, grpc_url)
 
+    @staticmethod
+    def run_module(package: str | None) -> None:
+        """`python -m <package>`: run the `agent` its `agent.py` defines, as `mesh run` does
+        (an agent's `__main__.py` is `Agent.run_module(__package__)`).
+
+        Settings are checked before the module is imported, because an agent module may read
+        them as it is defined (a prompt rendered from a rules file): a `MESH_*` variable that
+        does not parse is one line and exit code 3 there too, not an import-time traceback."""
+        import importlib
+
+        from mesh._internal.logs import configure_process
+
+        if not package:
+            raise SystemExit("error: Agent.run_module(__package__) belongs in a __main__.py")
+        configure_process()
+        importlib.import_module(f"{package}.agent").agent.main()
+
     def main(self) -> None:
-        """Run until SIGINT/SIGTERM (what `mesh run` and `python -m agents.X` call)."""
+        """Run until SIGINT/SIGTERM (what `mesh run` and `Agent.run_module` call)."""
         from mesh._internal.logs import configure_process
         from mesh.errors import exit_code
 
@@ -354,23 +371,6 @@ class Agent:
         async with self.serve():
             await stop.wait()
             log.info("agent %s: stopping (draining in-flight work)", self.name)
-
-
-def run_agent_module(package: str | None) -> None:
-    """`python -m <package>`: run the `agent` its `agent.py` defines, as `mesh run` does (an
-    agent's `__main__.py` is `run_agent_module(__package__)`).
-
-    Settings are checked before the module is imported, because an agent module may read them
-    as it is defined (a prompt rendered from a rules file): a `MESH_*` variable that does not
-    parse is one line and exit code 3 there too, not an import-time traceback."""
-    import importlib
-
-    from mesh._internal.logs import configure_process
-
-    if not package:
-        raise SystemExit("error: run_agent_module(__package__) belongs in a package's __main__.py")
-    configure_process()
-    importlib.import_module(f"{package}.agent").agent.main()
 
 
 def _run(main: Coroutine[Any, Any, None], *, uvloop: bool) -> None:

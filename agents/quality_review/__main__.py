@@ -1,5 +1,5 @@
 """`python -m agents.quality_review` — the same as `mesh run agents.quality_review`."""
 
-from mesh.agent import run_agent_module
+from mesh import Agent
 
-run_agent_module(__package__)
+Agent.run_module(__package__)

@@ -1,5 +1,5 @@
 """`python -m agents.security_review` — the same as `mesh run agents.security_review`."""
 
-from mesh.agent import run_agent_module
+from mesh import Agent
 
-run_agent_module(__package__)
+Agent.run_module(__package__)

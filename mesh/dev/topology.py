@@ -293,7 +293,7 @@ def _check_runnable(source: Path, key: str, module: str) -> None:
             f"{source}: {key}: {module} has no __main__.py, so `python -m {module}` cannot "
             "start it",
             hint=f"add {module.replace('.', '/')}/__main__.py that calls "
-            "run_agent_module(__package__) (docs/write-an-agent.md)",
+            "Agent.run_module(__package__) (docs/write-an-agent.md)",
         )
 
 

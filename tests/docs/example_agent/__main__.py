@@ -1,5 +1,5 @@
 """`python -m agents.four_eyes` — the same as `mesh run agents.four_eyes`."""
 
-from mesh.agent import run_agent_module
+from mesh import Agent
 
-run_agent_module(__package__)  # settings checked first: a bad one is one line, not a traceback
+Agent.run_module(__package__)  # settings checked first: a bad one is one line, not a traceback
