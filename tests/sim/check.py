@@ -16,7 +16,12 @@
 - `unreachable_counted`: a decision counted a voter nobody could ask (no responders) as
   silence although its vote could have changed the outcome (the event must wait for it);
 - `non_member`: a vote from a skill that is not in the policy, or a skill counted twice;
-- `ledger_disagrees`: the ledger's final state is not the published outcome.
+- `ledger_disagrees`: the ledger's final state is not the published outcome;
+- `audit_chain`: the audit stream, checked as `mesh audit verify` checks it
+  (`mesh.audit.verify_bundle`: every record chains to its predecessor, no fork, no gap), fails;
+- `not_audited`: a published decision or dead letter has no audit record (except when its
+  max-deliveries advisory was lost, as for `no_outcome`);
+- `audited_twice`: an event's decision, or a dead letter, has two audit records.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import msgspec
 
 from coordinator.decide import NOBODY_LISTENING, TAKEOVER_GRACE_MAX_S, count
 from coordinator.ledger import DecisionState, state_key
+from mesh import audit
 
 if TYPE_CHECKING:
     from tests.sim.world import Violation, World
@@ -38,7 +44,7 @@ EPS = 1e-6
 def check(world: World) -> list[Violation]:
     from tests.sim.world import POLICIES, Violation
 
-    out: list[Violation] = []
+    out: list[Violation] = _audit_trail(world)
     dead: dict[str, list[str]] = {}
     for msg_id, record in world.dlq.items():
         dead.setdefault(record.event_id or "?", []).append(msg_id)
@@ -177,4 +183,27 @@ def _fresh_deadlines(world: World, eid: str, key: str, pol: Any) -> list[Violati
                     f"re-claimed with a deadline {fresh - after.deadline_at:.3f}s too early",
                 )
             )
+    return out
+
+
+def _audit_trail(world: World) -> list[Violation]:
+    """The audit stream as `mesh audit verify` checks it, and one record per outcome."""
+    from tests.sim.world import WALL0, Violation
+
+    stored = [audit.Stored(m.seq, m.subject, m.data) for m in world.audit_stream.msgs]
+    bundle = audit.Bundle(exported_at=WALL0, stream=None, records=stored, checkpoints=[])
+    verdict = audit.verify_bundle(bundle, None, now=WALL0)
+    out = [Violation("audit_chain", "-", problem) for problem in verdict.problems]
+    records: dict[tuple[str, str], int] = {}
+    for m in stored:
+        record = msgspec.json.decode(m.data, type=audit.AuditRecord)
+        records[(record.kind, record.ref)] = records.get((record.kind, record.ref), 0) + 1
+    for (kind, ref), n in sorted(records.items()):
+        if n > 1 and kind in ("decision", "dead_letter"):
+            out.append(Violation("audited_twice", ref, f"{n} {kind} records"))
+    dead = {r.event_id or f"seq:{r.stream_seq}" for r in world.dlq.values()}
+    for kind, refs in (("decision", set(world.decisions)), ("dead_letter", dead)):
+        for ref in sorted(refs):
+            if (kind, ref) not in records and ref not in world.lost_advisories:
+                out.append(Violation("not_audited", ref, f"{kind} published, no audit record"))
     return out

@@ -28,12 +28,14 @@ import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
+from nats.js.api import PubAck
 
 from coordinator import policy as policy_mod
 from coordinator import settle
+from coordinator.service import Coordinator
 from coordinator.decide import LATE, NOBODY_LISTENING, Ask, Decider, Job, unanswered
 from coordinator.ledger import (
     DecisionState,
@@ -44,8 +46,10 @@ from coordinator.ledger import (
 )
 from coordinator.settle import SETTLE_WAIT_S
 from mesh import envelope, records, subjects
+from mesh.audit import AuditLog
 from mesh.records import DeadLetter, Decision, DlqReason, Vote
 from mesh.verdict import Choice, Verdict
+from tests.sim.streams import SimBus, SimIOError, SimStream
 
 WALL0 = 1_700_000_000.0
 # The advisory listener's message id for a record it stores itself (tests/sim/mutants.py puts
@@ -94,10 +98,6 @@ POLICIES = policy_mod.parse(
     source="tests/sim",
 )
 EVENT_TYPES = [*sorted(POLICIES.by_type), "rel.unknown"]  # the last has no policy
-
-
-class SimIOError(Exception):
-    """A failed call to the (simulated) server: the caller cannot tell whether it landed."""
 
 
 @dataclass
@@ -389,18 +389,12 @@ class SimOutlet:
         await self._reply("publish decision")
 
     async def audit_decision(self, decision: Decision, unverified: str) -> None:
-        await self._call("audit decision")
-        self.world.audited.add(("decision", decision.event_id))
-        await self._reply("audit decision")
+        # The service's own code: the record and its message id, appended by the real AuditLog.
+        await Coordinator._audit_decision(cast(Any, self.node), decision, unverified)
 
     async def publish_dead_letter(self, record: DeadLetter) -> None:
-        await self._call("publish dead letter")
-        msg_id = subjects.dlq_msg_id(subjects.EVENTS_STREAM, record.stream_seq)
-        self.world.publish_dead_letter(msg_id, record, self.node.name)
-        await self._reply("publish dead letter")
-        await self._call("audit dead letter")
-        self.world.audited.add(("dead_letter", record.event_id or ""))
-        await self._reply("audit dead letter")
+        # The service's own code: the DLQ record under its message id, then its audit record.
+        await Coordinator._publish_dead_letter(cast(Any, self.node), record)
 
 
 # -- agents -----------------------------------------------------------------------------------
@@ -525,6 +519,13 @@ class Node:
         self.ledger = Ledger(NodeStore(world, self), self.name, LEASE_S, clock=clock)
         self.decider = Decider(self.ledger, SimAsker(world, self), clock, name=self.name)
         self.settler = settle.Settler(self.ledger, SimOutlet(world, self))
+        # What `Coordinator._audit_decision` / `_publish_dead_letter` use (`self.bus`,
+        # `self.audit`): this incarnation's bus and its own AuditLog (tips kept in memory,
+        # lost with it), stamped by its skewed wall clock.
+        self.bus = SimBus(world, self)
+        self.audit = AuditLog(
+            cast(Any, self.bus), self.name, every_records=1 << 30, clock=clock.time
+        )
         self.tasks: set[asyncio.Task[Any]] = set()
         self.slots = asyncio.Semaphore(world.rng.choice([1, 2, 4]))
 
@@ -644,7 +645,7 @@ class World:
         self.decisions: dict[str, Decision] = {}  # event id → the one published decision
         self.decision_attempts: dict[str, list[tuple[str, bytes]]] = {}
         self.dlq: dict[str, DeadLetter] = {}  # msg id → record
-        self.audited: set[tuple[str, str]] = set()
+        self.audit_stream = SimStream(subjects.AUDIT_STREAM, self)
         self.truth: dict[tuple[str, str], Choice] = {}
         self.made: dict[str, MadeVote] = {}
         self.agent_tasks: dict[tuple[str, str, str], AgentTask] = {}
@@ -683,6 +684,28 @@ class World:
             return
         self.decisions[eid] = decision
         self.note(f"{by} DECISION {eid}: {decision.outcome} ({decision.reason})")
+
+    def stored(
+        self,
+        subject: str,
+        body: bytes,
+        msg_id: str | None,
+        headers: dict[str, str] | None,
+        *,
+        by: str,
+    ) -> PubAck:
+        """A publish that reached the server (tests/sim/streams.py SimBus): into its stream."""
+        if subject.startswith(subjects.AUDIT_ROOT + "."):
+            ack = self.audit_stream.store(subject, body, msg_id, headers)
+            what = "duplicate" if ack.duplicate else f"seq {ack.seq}"
+            self.note(f"{by} audit {subject.rsplit('.', 1)[1]} {msg_id or ''}: {what}")
+            return ack
+        if subject.startswith(subjects.DLQ_ROOT + "."):
+            assert msg_id is not None
+            record = msgspec.json.decode(body, type=DeadLetter)
+            self.publish_dead_letter(msg_id, record, by)
+            return PubAck(stream=subjects.DLQ_STREAM, seq=0)
+        raise AssertionError(f"no simulated stream takes {subject}")
 
     def publish_dead_letter(self, msg_id: str, record: DeadLetter, by: str) -> None:
         if msg_id in self.dlq:
