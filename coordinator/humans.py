@@ -73,18 +73,27 @@ class Still:
 
 @dataclass
 class Gone:
-    """Not waiting for people (decided, or nothing to believe): `state` says what it is."""
+    """Not waiting for people (decided, or nothing to believe): `state` says what it is. A
+    decided state's decision is published again by whoever sees it (`decided`): the call that
+    made it may have failed between the ledger and the publish (publishing is idempotent)."""
 
     state: DecisionState | None
+
+    @property
+    def decided(self) -> Decision | None:
+        return self.state.decision if self.state is not None else None
 
 
 @dataclass
 class Refused:
     """The answer is refused (`why`); `then`: what this call moved on all the same (an expiry
-    or escalation that was due came first), to publish like any other outcome."""
+    or escalation that was due came first), to publish like any other outcome; `decided`: the
+    decision the ledger already holds, when that is why (publish it again: the call that made
+    it may have failed between the ledger and the publish, and publishing is idempotent)."""
 
     why: str
     then: Settled | Still | None = None
+    decided: Decision | None = None
 
 
 DeskOutcome = Settled | Still | Gone | Refused
@@ -220,7 +229,7 @@ class Desk:
             then = self._outcome(seen, state, changed, decided) if changed else None
             return Refused(refused[0], then if isinstance(then, Settled | Still) else None)
         if state is not None and state.state != "awaiting_human" and not changed:
-            return Refused(f"{vote.request_id} is already {state.state}")
+            return Refused(f"{vote.request_id} is already {state.state}", decided=state.decision)
         return self._outcome(seen, state, changed, decided)
 
     def _refusal(

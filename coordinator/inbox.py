@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +36,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from coordinator.humans import Desk, DeskOutcome, Refused, Settled, Still
+from coordinator.humans import Desk, DeskOutcome, Gone, Refused, Settled, Still
 from coordinator.ledger import DecisionState
 from mesh import approvals, subjects, telemetry
 from mesh._internal.consume import PullLoop
@@ -217,10 +216,16 @@ class Inbox:
                 {"mesh.approval.request_id": request.id, "mesh.approval.act": what},
             ):
                 await self._publish(outcome, key)
+        if isinstance(outcome, Gone) and outcome.decided is not None:
+            # Decided (by the desk) while this timer waited: published again, idempotently, in
+            # case whoever decided failed before publishing (found by tests/sim).
+            await self.settler.record(outcome.decided, "")
         if isinstance(outcome, Still):
             current = next((r for r in outcome.requests if r.id == request.id), None)
             if current is not None and current.round == request.round and outcome.next_due:
-                delay = min(WAKE_MAX_S, max(_MIN_DELAY_S, outcome.next_due - time.time()))
+                # The desk's clock (the wall clock in the service; simulated in tests/sim).
+                now = self.desk.clock.time()
+                delay = min(WAKE_MAX_S, max(_MIN_DELAY_S, outcome.next_due - now))
                 await msg.nak(delay=delay)
                 return
         await msg.ack()  # closed, superseded by the next round's message, or decided
@@ -269,6 +274,10 @@ class Inbox:
             await self._refuse(tenant, key, request_id, vote, outcome.why)
             if outcome.then is not None:
                 await self._publish(outcome.then, key)
+            elif outcome.decided is not None:
+                # The answer that decided it may be this one, redelivered after a failure
+                # between the ledger and the publish: published again, idempotently.
+                await self.settler.record(outcome.decided, "")
         else:
             closed = outcome.closed if isinstance(outcome, Settled | Still) else []
             shown = next((r.evidence for r in closed if r.id == request_id), [])

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from coordinator import decide, settle
+from mesh import audit, subjects
 from coordinator.ledger import Busy, Claim, Done, Ledger, state_key
 from mesh import envelope
 from mesh.records import DlqReason
@@ -110,7 +111,21 @@ def _reclaim_with_old_deadline(
     )
 
 
+class _UnguardedSubjects:
+    """`mesh.subjects` as `mesh.audit` sees it with the bug put back: appends without
+    `Nats-Expected-Last-Subject-Sequence` (headers the server does not know are ignored), so
+    two writers chaining from the same tip both land: a fork."""
+
+    H_EXPECTED_LAST_SUBJECT_SEQ = "X-Sim-Unchecked"
+    H_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "X-Sim-Unchecked-Subject"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subjects, name)
+
+
 def _patches(name: str) -> list[tuple[Any, str, Any]]:
+    if name == "audit-append-unguarded":
+        return [(audit, "subjects", _UnguardedSubjects())]
     if name == "reclaim-keeps-old-deadline":
         # A released event claimed again under the deadline it had (long gone by then): the
         # voter it waited for gets no time, and its silence decides.
@@ -146,6 +161,7 @@ BUGS = (
     "advisory-alone",
     "reclaim-keeps-old-deadline",
     "unreachable-is-silence",
+    "audit-append-unguarded",
 )
 
 

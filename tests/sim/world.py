@@ -36,7 +36,17 @@ from nats.js.api import PubAck
 from coordinator import policy as policy_mod
 from coordinator import settle
 from coordinator.service import Coordinator
-from coordinator.decide import LATE, NOBODY_LISTENING, Ask, Decider, Job, unanswered
+from coordinator.decide import (
+    LATE,
+    NOBODY_LISTENING,
+    Ask,
+    AwaitingHuman,
+    Decider,
+    Job,
+    unanswered,
+)
+from coordinator.humans import Desk
+from coordinator.inbox import Inbox
 from coordinator.ledger import (
     DecisionState,
     Entry,
@@ -45,10 +55,11 @@ from coordinator.ledger import (
     state_key,
 )
 from coordinator.settle import SETTLE_WAIT_S
-from mesh import envelope, records, subjects
+from mesh import approvals, envelope, records, subjects
 from mesh.audit import AuditLog
 from mesh.records import DeadLetter, Decision, DlqReason, Vote
 from mesh.verdict import Choice, Verdict
+from tests.sim import people
 from tests.sim.streams import SimBus, SimIOError, SimStream
 
 WALL0 = 1_700_000_000.0
@@ -93,6 +104,33 @@ POLICIES = policy_mod.parse(
             "deadline_s": 3.0,
             "timeout_counts_as": "reject",
             "decide_early": True,
+        },
+        # People vote after the agents (coordinator.humans): asked only while the agents'
+        # votes leave it open; cso first, hos may answer too from the escalation; silence
+        # rejects.
+        "rel.human": {
+            "skills": SKILLS,
+            "rule": {"kind": "unanimous"},
+            "agent_timeout_s": 1.5,
+            "deadline_s": 4.0,
+            "timeout_counts_as": "reject",
+            "humans": [
+                {"role": "cso", "wait_s": 6.0, "escalate": [{"role": "hos", "after_s": 3.0}]}
+            ],
+        },
+        # Two people; a majority may be reached before both answered (the other is "not
+        # needed"); the dpo's silence is no quorum.
+        "rel.human2": {
+            "skills": SKILLS,
+            "rule": {"kind": "majority", "min_participation": 3},
+            "agent_timeout_s": 1.5,
+            "deadline_s": 4.0,
+            "timeout_counts_as": "no_quorum",
+            "ask_humans": "on_disagreement",
+            "humans": [
+                {"role": "cso", "wait_s": 5.0, "escalate": [{"role": "hos", "after_s": 2.0}]},
+                {"role": "dpo", "wait_s": 8.0, "silence": "no_quorum"},
+            ],
         },
     },
     source="tests/sim",
@@ -526,6 +564,13 @@ class Node:
         self.audit = AuditLog(
             cast(Any, self.bus), self.name, every_records=1 << 30, clock=clock.time
         )
+        # The approvals side, as coordinator.service wires it: the real desk (trusting the
+        # simulated people) and the real inbox over the simulated approvals stream.
+        self.desk = Desk(self.ledger, clock, name=self.name, trust=people.TRUST)
+        self.inbox = Inbox(
+            cast(Any, self.bus), self.desk, self.audit, self.settler, name=self.name
+        )
+        self.inbox_slots = asyncio.Semaphore(world.rng.choice([1, 4]))
         self.tasks: set[asyncio.Task[Any]] = set()
         self.slots = asyncio.Semaphore(world.rng.choice([1, 2, 4]))
 
@@ -549,6 +594,20 @@ class Node:
 
     def start(self) -> None:
         self.spawn(self.consume())
+        self.spawn(self.consume_approvals())
+
+    async def consume_approvals(self) -> None:
+        while True:
+            await self.inbox_slots.acquire()
+            msg = await self.world.approvals.next(self)
+            self.world.note(f"{self.name} approvals seq {msg.msg.seq} {msg.subject}")
+            self.spawn(self.approval(msg))
+
+    async def approval(self, msg: Any) -> None:
+        try:
+            await self.inbox._guarded(msg)  # the service's loop: a failure naks it (1 s)
+        finally:
+            self.inbox_slots.release()
 
     def crash(self) -> None:
         self.alive = False
@@ -603,6 +662,11 @@ class Node:
         )
         outcome = await self.decider.run(job, on_renew=delivery.in_progress)
         w.note(f"{self.name} outcome seq {delivery.stream_seq}: {type(outcome).__name__}")
+        if isinstance(outcome, AwaitingHuman):
+            # As the service does: the requests published (again on a redelivery), then acked.
+            await self.inbox.asked(outcome.state, outcome.key, fresh=outcome.fresh)
+            await delivery.ack()
+            return
         await self.settler.settle(delivery, event, outcome)
 
 
@@ -646,6 +710,9 @@ class World:
         self.decision_attempts: dict[str, list[tuple[str, bytes]]] = {}
         self.dlq: dict[str, DeadLetter] = {}  # msg id → record
         self.audit_stream = SimStream(subjects.AUDIT_STREAM, self)
+        self.approvals_stream = SimStream(subjects.APPROVALS_STREAM, self)
+        self.approvals = people.SimApprovals(self)
+        self.people = people.People(self)
         self.truth: dict[tuple[str, str], Choice] = {}
         self.made: dict[str, MadeVote] = {}
         self.agent_tasks: dict[tuple[str, str, str], AgentTask] = {}
@@ -705,6 +772,15 @@ class World:
             record = msgspec.json.decode(body, type=DeadLetter)
             self.publish_dead_letter(msg_id, record, by)
             return PubAck(stream=subjects.DLQ_STREAM, seq=0)
+        if subject.startswith(subjects.APPROVALS_ROOT + "."):
+            ack = self.approvals_stream.store(subject, body, msg_id, headers)
+            if not ack.duplicate:
+                self.approvals.store(subject, body)
+                _, kind, request_id = subjects.parse_approval_subject(subject)
+                self.note(f"{by} approval {kind} {request_id}")
+                if kind == "req":
+                    self.people.saw(approvals.request_decoder.decode(body))
+            return ack
         raise AssertionError(f"no simulated stream takes {subject}")
 
     def publish_dead_letter(self, msg_id: str, record: DeadLetter, by: str) -> None:
@@ -814,7 +890,12 @@ class World:
         for r in self.replicas.values():
             r.up = True
         end = self.now() + 600.0
-        while self.now() < end and not (self.consumer.settled() and not self.advisories):
+        while self.now() < end and not (
+            self.consumer.settled()
+            and not self.advisories
+            and self.approvals.settled()
+            and not self.people.tasks
+        ):
             await asyncio.sleep(1.0)
         self.note("end of run")
         for node in self.nodes:
