@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -42,6 +43,7 @@ from mesh.approvals import (
     person_of,
     vote_refusal,
 )
+from mesh.errors import MeshRuntimeError
 from mesh.identity import Signer, Trust, TrustedKey
 from mesh.records import Decision, Vote
 from mesh.verdict import Verdict
@@ -97,6 +99,23 @@ class Refused:
 
 
 DeskOutcome = Settled | Still | Gone | Refused
+
+# A request exists only once the ledger says `awaiting_human` (the decision core writes that
+# before the requests go out), and nothing takes an event back from there: a state before it
+# (`collecting`, `waiting`) is a stale read (a KV replica behind). Read again this often, this
+# far apart, then give up for now (StaleLedger: the inbox's message comes round again).
+STALE_REREADS = 5
+STALE_PAUSE_S = 0.05
+
+
+class StaleLedger(MeshRuntimeError):
+    """The ledger answered with a state older than the request being handled (found by
+    tests/sim: taken at face value, the request's timer was acked and the decision never made,
+    and a valid answer refused)."""
+
+
+def _behind(state: DecisionState | None) -> bool:
+    return state is not None and state.state in ("collecting", "waiting")
 
 
 def _may_approve(
@@ -187,8 +206,21 @@ class Desk:
                 return None
             return self._maybe_decide(after, now, decided)
 
-        state, changed = await self.ledger.change(key, step)
+        state, changed = await self._change(key, step)
         return self._outcome(seen, state, changed, decided)
+
+    async def _change(
+        self, key: str, step: Callable[[DecisionState], DecisionState | None]
+    ) -> tuple[DecisionState | None, bool]:
+        """`Ledger.change`, read again while the ledger answers with a state from before the
+        wait (stale): see STALE_REREADS."""
+        for attempt in range(STALE_REREADS + 1):
+            if attempt:
+                await self.clock.sleep(STALE_PAUSE_S * attempt)
+            state, changed = await self.ledger.change(key, step)
+            if not _behind(state):
+                return state, changed
+        raise StaleLedger(f"{key}: the ledger keeps answering with a state before the wait")
 
     # -- answers -----------------------------------------------------------------------------
     async def answer(self, key: str, vote: HumanVote) -> DeskOutcome:
@@ -224,7 +256,7 @@ class Desk:
             after = msgspec.structs.replace(state, humans=humans, votes=votes)
             return self._maybe_decide(after, now, decided)
 
-        state, changed = await self.ledger.change(key, step)
+        state, changed = await self._change(key, step)
         if refused:
             then = self._outcome(seen, state, changed, decided) if changed else None
             return Refused(refused[0], then if isinstance(then, Settled | Still) else None)

@@ -21,7 +21,12 @@
   (`mesh.audit.verify_bundle`: every record chains to its predecessor, no fork, no gap), fails;
 - `not_audited`: a published decision or dead letter has no audit record (except when its
   max-deliveries advisory was lost, as for `no_outcome`);
-- `audited_twice`: an event's decision, or a dead letter, has two audit records.
+- `audited_twice`: an event's decision, or a dead letter, has two audit records
+  (`audited_after_window`: the repeat came after the stream's duplicate window, 120 s);
+- `stuck_awaiting_human`: an event waits for people who were never asked (its requests never
+  went out), so nothing will ever decide it;
+- people's votes (`_human_votes`): `human_not_said`, `human_role_not_asked`,
+  `late_human_vote`, `silence_too_early`, `wrong_silence`, `decided_while_waiting`.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ def check(world: World) -> list[Violation]:
                 world.bump("lost_advisory")  # at most once, documented: see coordinator.dlq
             elif final is not None and final.state == "decided":
                 out.append(Violation("decided_not_published", eid, "decided in the ledger only"))
+            elif final is not None and final.state == "awaiting_human":
+                out.append(Violation("stuck_awaiting_human", eid, "waits for people, unasked"))
             else:
                 out.append(Violation("no_outcome", eid, "neither decided nor dead-lettered"))
         if decision is not None and dls:
@@ -197,13 +204,16 @@ def _audit_trail(world: World) -> list[Violation]:
     bundle = audit.Bundle(exported_at=WALL0, stream=None, records=stored, checkpoints=[])
     verdict = audit.verify_bundle(bundle, None, now=WALL0)
     out = [Violation("audit_chain", "-", problem) for problem in verdict.problems]
-    records: dict[tuple[str, str], int] = {}
-    for m in stored:
+    records: dict[tuple[str, str], list[float]] = {}
+    for m in world.audit_stream.msgs:
         record = msgspec.json.decode(m.data, type=audit.AuditRecord)
-        records[(record.kind, record.ref)] = records.get((record.kind, record.ref), 0) + 1
-    for (kind, ref), n in sorted(records.items()):
-        if n > 1 and kind in ("decision", "dead_letter"):
-            out.append(Violation("audited_twice", ref, f"{n} {kind} records"))
+        records.setdefault((record.kind, record.ref), []).append(m.at)
+    for (kind, ref), times in sorted(records.items()):
+        if len(times) > 1 and kind in ("decision", "dead_letter"):
+            # Past the stream's duplicate window the server cannot tell a repeat: apart.
+            apart = max(times) - min(times) >= world.audit_stream.window_s
+            what = "audited_after_window" if apart else "audited_twice"
+            out.append(Violation(what, ref, f"{len(times)} {kind} records at {times}"))
     dead = {r.event_id or f"seq:{r.stream_seq}" for r in world.dlq.values()}
     for kind, refs in (("decision", set(world.decisions)), ("dead_letter", dead)):
         for ref in sorted(refs):
@@ -263,12 +273,14 @@ def _human_votes(world: World, eid: str, key: str, pol: Any, decision: Any) -> l
                         f"asked so far: {sorted(roles)}",
                     )
                 )
-            if at >= wait.expires_at + skew + EPS:
+            # Judged by when it was given: the desk judges it later (by its clock), and its
+            # write may land later still (a stall), which is no fault of the answer.
+            if said.at >= wait.expires_at + skew + EPS:
                 out.append(
                     Violation(
                         "late_human_vote",
                         eid,
-                        f"{said.by}'s answer recorded {at - wait.expires_at:.3f}s after expiry",
+                        f"{said.by}'s answer given {said.at - wait.expires_at:.3f}s after expiry",
                     )
                 )
         elif v.outcome == "timeout" and v.error.startswith(HUMAN_SILENT):

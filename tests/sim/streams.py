@@ -50,6 +50,7 @@ class StoredMsg:
     subject: str
     data: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    at: float = 0.0  # world time it was stored
 
 
 @dataclass
@@ -83,7 +84,7 @@ class SimStream:
                     code=400, err_code=WRONG_LAST_SEQUENCE, description="wrong last sequence"
                 )
         seq = len(self.msgs) + 1
-        self.msgs.append(StoredMsg(seq, subject, data, hdrs))
+        self.msgs.append(StoredMsg(seq, subject, data, hdrs, now))
         if msg_id:
             self.ids[msg_id] = (seq, now)
         return PubAck(stream=self.name, seq=seq)
