@@ -257,11 +257,14 @@ class Desk:
             return self._maybe_decide(after, now, decided)
 
         state, changed = await self._change(key, step)
+        if state is not None and state.state != "awaiting_human" and not changed:
+            # Before `refused`: that may be left from an attempt whose write lost the race to
+            # the one that decided (found by tests/sim: the decision was then never published
+            # again by this answer's redelivery, though its first publish had failed).
+            return Refused(f"{vote.request_id} is already {state.state}", decided=state.decision)
         if refused:
             then = self._outcome(seen, state, changed, decided) if changed else None
             return Refused(refused[0], then if isinstance(then, Settled | Still) else None)
-        if state is not None and state.state != "awaiting_human" and not changed:
-            return Refused(f"{vote.request_id} is already {state.state}", decided=state.decision)
         return self._outcome(seen, state, changed, decided)
 
     def _refusal(
