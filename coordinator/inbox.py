@@ -228,6 +228,11 @@ class Inbox:
                 delay = min(WAKE_MAX_S, max(_MIN_DELAY_S, outcome.next_due - now))
                 await msg.nak(delay=delay)
                 return
+            if current is not None and current.round > request.round and not outcome.changed:
+                # Superseded: but the next round's message (this request's timer from now on)
+                # may never have gone out, its publish failed after the ledger moved (found by
+                # tests/sim: nothing woke the request again). Out again, idempotently.
+                await self._publish(Still(outcome.requests, outcome.next_due, True, []), key)
         await msg.ack()  # closed, superseded by the next round's message, or decided
 
     async def _answer(self, msg: Msg, tenant: str, key: str, request_id: str) -> None:

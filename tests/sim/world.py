@@ -433,6 +433,9 @@ class SimOutlet:
         # The service's own code: the record and its message id, appended by the real AuditLog.
         await Coordinator._audit_decision(cast(Any, self.node), decision, unverified)
 
+    async def ask_people(self, state: DecisionState, key: str) -> None:
+        await Coordinator.ask_people(cast(Any, self.node), state, key)
+
     async def publish_dead_letter(self, record: DeadLetter) -> None:
         # The service's own code: the DLQ record under its message id, then its audit record.
         await Coordinator._publish_dead_letter(cast(Any, self.node), record)
@@ -574,6 +577,7 @@ class Node:
             cast(Any, self.bus), self.desk, self.audit, self.settler, name=self.name
         )
         self.inbox_slots = asyncio.Semaphore(world.rng.choice([1, 4]))
+        self._inbox = self.inbox  # what `Coordinator.ask_people` uses
         self.tasks: set[asyncio.Task[Any]] = set()
         self.slots = asyncio.Semaphore(world.rng.choice([1, 2, 4]))
 
