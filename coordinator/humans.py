@@ -108,6 +108,20 @@ STALE_REREADS = 5
 STALE_PAUSE_S = 0.05
 
 
+# A decision the desk made is published again (see `Gone`, `Refused.decided`) only this soon
+# after it was made: within the streams' duplicate window (120 s) a repeat is dropped by the
+# server, past it the audit trail would hold the decision twice, and a timer or answer that
+# comes round that late is far more likely a repeat than a repair.
+REPUBLISH_WITHIN_S = 100.0
+
+
+def republish(decision: Decision | None, now: float) -> Decision | None:
+    """`decision` if it should be published again now (see REPUBLISH_WITHIN_S)."""
+    if decision is None or now - decision.decided_at >= REPUBLISH_WITHIN_S:
+        return None
+    return decision
+
+
 class StaleLedger(MeshRuntimeError):
     """The ledger answered with a state older than the request being handled (found by
     tests/sim: taken at face value, the request's timer was acked and the decision never made,

@@ -36,7 +36,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from coordinator.humans import Desk, DeskOutcome, Gone, Refused, Settled, Still
+from coordinator.humans import Desk, DeskOutcome, Gone, Refused, Settled, Still, republish
 from coordinator.ledger import DecisionState
 from mesh import approvals, subjects, telemetry
 from mesh._internal.consume import PullLoop
@@ -216,10 +216,12 @@ class Inbox:
                 {"mesh.approval.request_id": request.id, "mesh.approval.act": what},
             ):
                 await self._publish(outcome, key)
-        if isinstance(outcome, Gone) and outcome.decided is not None:
+        if isinstance(outcome, Gone) and (
+            again := republish(outcome.decided, self.desk.clock.time())
+        ):
             # Decided (by the desk) while this timer waited: published again, idempotently, in
             # case whoever decided failed before publishing (found by tests/sim).
-            await self.settler.record(outcome.decided, "")
+            await self.settler.record(again, "")
         if isinstance(outcome, Still):
             current = next((r for r in outcome.requests if r.id == request.id), None)
             if current is not None and current.round == request.round and outcome.next_due:
@@ -279,10 +281,10 @@ class Inbox:
             await self._refuse(tenant, key, request_id, vote, outcome.why)
             if outcome.then is not None:
                 await self._publish(outcome.then, key)
-            elif outcome.decided is not None:
+            elif (again := republish(outcome.decided, self.desk.clock.time())) is not None:
                 # The answer that decided it may be this one, redelivered after a failure
                 # between the ledger and the publish: published again, idempotently.
-                await self.settler.record(outcome.decided, "")
+                await self.settler.record(again, "")
         else:
             closed = outcome.closed if isinstance(outcome, Settled | Still) else []
             shown = next((r.evidence for r in closed if r.id == request_id), [])

@@ -20,15 +20,7 @@ from mesh import envelope
 from mesh.records import DlqReason
 from tests.sim import world
 
-KNOWN: tuple[str, ...] = (
-    # An event whose requests to people never went out (the ledger recorded the wait, the
-    # publish failed, and JetStream gave up on the event: `settle.gave_up` finds the state
-    # "done" and publishes nothing). Open: see docs/simulation.md.
-    "stuck_awaiting_human",
-    # A decision re-recorded more than the audit stream's duplicate window (120 s) after its
-    # first record: the server cannot tell the repeat. Open: see docs/simulation.md.
-    "audited_after_window",
-)
+KNOWN: tuple[str, ...] = ()
 
 
 async def _dead_letter_published_first(
