@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec

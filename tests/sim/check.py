@@ -23,8 +23,8 @@
   max-deliveries advisory was lost, as for `no_outcome`);
 - `audited_twice`: an event's decision, or a dead letter, has two audit records
   (`audited_after_window`: the repeat came after the stream's duplicate window, 120 s);
-- `stuck_awaiting_human`: an event waits for people who were never asked (its requests never
-  went out), so nothing will ever decide it;
+- `stuck_awaiting_human`: an event still waits for people at the end (no request timer or
+  answer will come to move it on: its requests never went out, or their timers were acked);
 - people's votes (`_human_votes`): `human_not_said`, `human_role_not_asked`,
   `late_human_vote`, `silence_too_early`, `wrong_silence`, `decided_while_waiting`.
 """
@@ -39,7 +39,6 @@ import msgspec
 from coordinator.decide import NOBODY_LISTENING, TAKEOVER_GRACE_MAX_S, count
 from coordinator.ledger import DecisionState, state_key
 from mesh import audit
-
 from tests.sim import people
 
 if TYPE_CHECKING:
@@ -67,7 +66,7 @@ def check(world: World) -> list[Violation]:
             elif final is not None and final.state == "decided":
                 out.append(Violation("decided_not_published", eid, "decided in the ledger only"))
             elif final is not None and final.state == "awaiting_human":
-                out.append(Violation("stuck_awaiting_human", eid, "waits for people, unasked"))
+                out.append(Violation("stuck_awaiting_human", eid, "still waits for people"))
             else:
                 out.append(Violation("no_outcome", eid, "neither decided nor dead-lettered"))
         if decision is not None and dls:

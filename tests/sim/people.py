@@ -154,7 +154,7 @@ class People:
         if request.status != "open" or (request.id, request.round) in self.seen:
             return
         self.seen.add((request.id, request.round))
-        w, rng = self.world, self.world.rng
+        rng = self.world.rng
         window = request.expires_at - request.asked_at
         for name, roles in PEOPLE.items():
             asked = set(roles) & set(request.roles)

@@ -35,7 +35,6 @@ from nats.js.api import PubAck
 
 from coordinator import policy as policy_mod
 from coordinator import settle
-from coordinator.service import Coordinator
 from coordinator.decide import (
     LATE,
     NOBODY_LISTENING,
@@ -54,6 +53,7 @@ from coordinator.ledger import (
     StateConflict,
     state_key,
 )
+from coordinator.service import Coordinator
 from coordinator.settle import SETTLE_WAIT_S
 from mesh import approvals, envelope, records, subjects
 from mesh.audit import AuditLog
@@ -573,9 +573,7 @@ class Node:
         # The approvals side, as coordinator.service wires it: the real desk (trusting the
         # simulated people) and the real inbox over the simulated approvals stream.
         self.desk = Desk(self.ledger, clock, name=self.name, trust=people.TRUST)
-        self.inbox = Inbox(
-            cast(Any, self.bus), self.desk, self.audit, self.settler, name=self.name
-        )
+        self.inbox = Inbox(cast(Any, self.bus), self.desk, self.audit, self.settler, name=self.name)
         self.inbox_slots = asyncio.Semaphore(world.rng.choice([1, 4]))
         self._inbox = self.inbox  # what `Coordinator.ask_people` uses
         self.tasks: set[asyncio.Task[Any]] = set()
