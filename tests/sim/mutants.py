@@ -298,6 +298,12 @@ def _patches(name: str) -> list[tuple[Any, str, Any]]:
         return [(humans, "_due", due), (humans.Desk, "_refusal", refusal)]
     if name == "desk-without-cas":
         return [(Ledger, "change", _change_without_cas)]
+    if name == "desk-decides-early":
+        # The desk's "could they still change it?" tallied as final: people still inside
+        # their window are marked "not needed" while their votes could change the outcome.
+        return [
+            (humans, "count", lambda policy, votes, final: decide.count(policy, votes, final=True))
+        ]
     if name == "human-role-early":
         # Any role of the chain may answer from the start (not only the roles asked so far).
         return [(humans, "_may_approve", _any_role_of_the_tenant)]
@@ -342,6 +348,7 @@ BUGS = (
     "human-window-late",
     "desk-without-cas",
     "human-role-early",
+    "desk-decides-early",
     "claim-reads-clock-first",
     "desk-takes-stale-read",
     "desk-never-republishes",

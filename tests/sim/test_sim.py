@@ -84,6 +84,7 @@ FIRST_CAUGHT = {
     "human-window-late": 162,
     "desk-without-cas": 19,
     "human-role-early": 80,
+    "desk-decides-early": 52,
     "claim-reads-clock-first": 5023,
     "desk-takes-stale-read": 1477,
     "desk-never-republishes": 19,
