@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,6 +43,7 @@ from mesh.approvals import (
     person_of,
     vote_refusal,
 )
+from mesh.errors import MeshRuntimeError
 from mesh.identity import Signer, Trust, TrustedKey
 from mesh.records import Decision, Vote
 from mesh.verdict import Verdict
@@ -73,21 +75,61 @@ class Still:
 
 @dataclass
 class Gone:
-    """Not waiting for people (decided, or nothing to believe): `state` says what it is."""
+    """Not waiting for people (decided, or nothing to believe): `state` says what it is. A
+    decided state's decision is published again by whoever sees it (`decided`): the call that
+    made it may have failed between the ledger and the publish (publishing is idempotent)."""
 
     state: DecisionState | None
+
+    @property
+    def decided(self) -> Decision | None:
+        return self.state.decision if self.state is not None else None
 
 
 @dataclass
 class Refused:
     """The answer is refused (`why`); `then`: what this call moved on all the same (an expiry
-    or escalation that was due came first), to publish like any other outcome."""
+    or escalation that was due came first), to publish like any other outcome; `decided`: the
+    decision the ledger already holds, when that is why (publish it again: the call that made
+    it may have failed between the ledger and the publish, and publishing is idempotent)."""
 
     why: str
     then: Settled | Still | None = None
+    decided: Decision | None = None
 
 
 DeskOutcome = Settled | Still | Gone | Refused
+
+# A request exists only once the ledger says `awaiting_human` (the decision core writes that
+# before the requests go out), and nothing takes an event back from there: a state before it
+# (`collecting`, `waiting`) is a stale read (a KV replica behind). Read again this often, this
+# far apart, then give up for now (StaleLedger: the inbox's message comes round again).
+STALE_REREADS = 5
+STALE_PAUSE_S = 0.05
+
+
+# A decision the desk made is published again (see `Gone`, `Refused.decided`) only this soon
+# after it was made: within the streams' duplicate window (120 s) a repeat is dropped by the
+# server, past it the audit trail would hold the decision twice, and a timer or answer that
+# comes round that late is far more likely a repeat than a repair.
+REPUBLISH_WITHIN_S = 100.0
+
+
+def republish(decision: Decision | None, now: float) -> Decision | None:
+    """`decision` if it should be published again now (see REPUBLISH_WITHIN_S)."""
+    if decision is None or now - decision.decided_at >= REPUBLISH_WITHIN_S:
+        return None
+    return decision
+
+
+class StaleLedger(MeshRuntimeError):
+    """The ledger answered with a state older than the request being handled (found by
+    tests/sim: taken at face value, the request's timer was acked and the decision never made,
+    and a valid answer refused)."""
+
+
+def _behind(state: DecisionState | None) -> bool:
+    return state is not None and state.state in ("collecting", "waiting")
 
 
 def _may_approve(
@@ -178,8 +220,21 @@ class Desk:
                 return None
             return self._maybe_decide(after, now, decided)
 
-        state, changed = await self.ledger.change(key, step)
+        state, changed = await self._change(key, step)
         return self._outcome(seen, state, changed, decided)
+
+    async def _change(
+        self, key: str, step: Callable[[DecisionState], DecisionState | None]
+    ) -> tuple[DecisionState | None, bool]:
+        """`Ledger.change`, read again while the ledger answers with a state from before the
+        wait (stale): see STALE_REREADS."""
+        for attempt in range(STALE_REREADS + 1):
+            if attempt:
+                await self.clock.sleep(STALE_PAUSE_S * attempt)
+            state, changed = await self.ledger.change(key, step)
+            if not _behind(state):
+                return state, changed
+        raise StaleLedger(f"{key}: the ledger keeps answering with a state before the wait")
 
     # -- answers -----------------------------------------------------------------------------
     async def answer(self, key: str, vote: HumanVote) -> DeskOutcome:
@@ -215,12 +270,15 @@ class Desk:
             after = msgspec.structs.replace(state, humans=humans, votes=votes)
             return self._maybe_decide(after, now, decided)
 
-        state, changed = await self.ledger.change(key, step)
+        state, changed = await self._change(key, step)
+        if state is not None and state.state != "awaiting_human" and not changed:
+            # Before `refused`: that may be left from an attempt whose write lost the race to
+            # the one that decided (found by tests/sim: the decision was then never published
+            # again by this answer's redelivery, though its first publish had failed).
+            return Refused(f"{vote.request_id} is already {state.state}", decided=state.decision)
         if refused:
             then = self._outcome(seen, state, changed, decided) if changed else None
             return Refused(refused[0], then if isinstance(then, Settled | Still) else None)
-        if state is not None and state.state != "awaiting_human" and not changed:
-            return Refused(f"{vote.request_id} is already {state.state}")
         return self._outcome(seen, state, changed, decided)
 
     def _refusal(

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +36,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from coordinator.humans import Desk, DeskOutcome, Refused, Settled, Still
+from coordinator.humans import Desk, DeskOutcome, Gone, Refused, Settled, Still, republish
 from coordinator.ledger import DecisionState
 from mesh import approvals, subjects, telemetry
 from mesh._internal.consume import PullLoop
@@ -237,12 +236,25 @@ class Inbox:
                 {"mesh.approval.request_id": request.id, "mesh.approval.act": what},
             ):
                 await self._publish(outcome, key)
+        if isinstance(outcome, Gone) and (
+            again := republish(outcome.decided, self.desk.clock.time())
+        ):
+            # Decided (by the desk) while this timer waited: published again, idempotently, in
+            # case whoever decided failed before publishing (found by tests/sim).
+            await self.settler.record(again, "")
         if isinstance(outcome, Still):
             current = next((r for r in outcome.requests if r.id == request.id), None)
             if current is not None and current.round == request.round and outcome.next_due:
-                delay = min(WAKE_MAX_S, max(_MIN_DELAY_S, outcome.next_due - time.time()))
+                # The desk's clock (the wall clock in the service; simulated in tests/sim).
+                now = self.desk.clock.time()
+                delay = min(WAKE_MAX_S, max(_MIN_DELAY_S, outcome.next_due - now))
                 await msg.nak(delay=delay)
                 return
+            if current is not None and current.round > request.round and not outcome.changed:
+                # Superseded: but the next round's message (this request's timer from now on)
+                # may never have gone out, its publish failed after the ledger moved (found by
+                # tests/sim: nothing woke the request again). Out again, idempotently.
+                await self._publish(Still(outcome.requests, outcome.next_due, True, []), key)
         await msg.ack()  # closed, superseded by the next round's message, or decided
 
     async def _answer(self, msg: Msg, tenant: str, key: str, request_id: str) -> None:
@@ -289,6 +301,10 @@ class Inbox:
             await self._refuse(tenant, key, request_id, vote, outcome.why)
             if outcome.then is not None:
                 await self._publish(outcome.then, key)
+            elif (again := republish(outcome.decided, self.desk.clock.time())) is not None:
+                # The answer that decided it may be this one, redelivered after a failure
+                # between the ledger and the publish: published again, idempotently.
+                await self.settler.record(again, "")
         else:
             closed = outcome.closed if isinstance(outcome, Settled | Still) else []
             shown = next((r.evidence for r in closed if r.id == request_id), [])

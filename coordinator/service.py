@@ -45,6 +45,7 @@ from coordinator.humans import Desk, cedar_authorize
 from coordinator.inbox import Inbox
 from coordinator.ledger import (
     Claim,
+    DecisionState,
     Ledger,
     state_key,
 )
@@ -576,6 +577,11 @@ class Coordinator:
 
     async def publish_dead_letter(self, record: DeadLetter) -> None:
         await self._publish_dead_letter(record)
+
+    async def ask_people(self, state: DecisionState, key: str) -> None:
+        """`settle.gave_up` of an event that waits for people: its requests out again."""
+        assert self._inbox is not None, "run() sets up the inbox"
+        await self._inbox.asked(state, key, fresh=False)
 
     async def _publish_dead_letter(self, record: DeadLetter) -> None:
         seq = record.stream_seq

@@ -252,6 +252,14 @@ async def gave_up(
         error=record.error,
         patience_s=patience_s,
     )
+    if isinstance(marked, Done) and marked.state.state == "awaiting_human":
+        # Waiting for people (coordinator.humans decides it): their requests may never have
+        # gone out (a failed publish used up the last delivery; found by tests/sim), so out
+        # again, idempotently, by an outlet that can (the coordinator's `ask_people`).
+        ask = getattr(outlet, "ask_people", None)
+        if ask is not None:
+            await _retried(ledger, ask, marked.state, key)
+        return None
     if isinstance(marked, Done):
         decision = marked.state.decision
         log.info("event %s was decided after all; no dead letter", record.event_id)

@@ -33,7 +33,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -220,9 +220,17 @@ class AuditLog:
     """
 
     def __init__(
-        self, bus: Bus, actor: str = "", *, every_records: int = CHECKPOINT_EVERY_RECORDS
+        self,
+        bus: Bus,
+        actor: str = "",
+        *,
+        every_records: int = CHECKPOINT_EVERY_RECORDS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
+        # The wall clock records and checkpoints are stamped with (the deterministic simulation,
+        # tests/sim, gives its own; the chain's logic never reads it).
+        self.clock = clock
         self.instance = actor
         self.trust = require_trust(bus.settings, what="the audit trail")
         self.signer: Signer | None = trusted_signer(
@@ -276,7 +284,7 @@ class AuditLog:
                     kind,
                     ref,
                     self.actor,
-                    time.time(),
+                    self.clock(),
                     data,
                     tip.head,
                     index=tip.index + 1,
@@ -407,7 +415,7 @@ class AuditLog:
             tip.head,
             tip.head_seq,
             created,
-            time.time(),
+            self.clock(),
             broken=broken,
             instance=self.instance,
         )

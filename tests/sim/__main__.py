@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="replay this seed (prints the trace)")
     parser.add_argument("--schedules", type=int, default=10_000)
     parser.add_argument("--start", type=int, default=0, help="first seed")
-    parser.add_argument("--bug", choices=sorted(mutants.BUGS), help="put a historical bug back")
+    parser.add_argument(
+        "--bug", choices=sorted(mutants.BUGS + mutants.RARE), help="put a historical bug back"
+    )
     parser.add_argument("--stop-at-first", action="store_true")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument(

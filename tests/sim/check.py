@@ -16,7 +16,17 @@
 - `unreachable_counted`: a decision counted a voter nobody could ask (no responders) as
   silence although its vote could have changed the outcome (the event must wait for it);
 - `non_member`: a vote from a skill that is not in the policy, or a skill counted twice;
-- `ledger_disagrees`: the ledger's final state is not the published outcome.
+- `ledger_disagrees`: the ledger's final state is not the published outcome;
+- `audit_chain`: the audit stream, checked as `mesh audit verify` checks it
+  (`mesh.audit.verify_bundle`: every record chains to its predecessor, no fork, no gap), fails;
+- `not_audited`: a published decision or dead letter has no audit record (except when its
+  max-deliveries advisory was lost, as for `no_outcome`);
+- `audited_twice`: an event's decision, or a dead letter, has two audit records
+  (`audited_after_window`: the repeat came after the stream's duplicate window, 120 s);
+- `stuck_awaiting_human`: an event still waits for people at the end (no request timer or
+  answer will come to move it on: its requests never went out, or their timers were acked);
+- people's votes (`_human_votes`): `human_not_said`, `human_role_not_asked`,
+  `late_human_vote`, `silence_too_early`, `wrong_silence`, `decided_while_waiting`.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import msgspec
 
 from coordinator.decide import NOBODY_LISTENING, TAKEOVER_GRACE_MAX_S, count
 from coordinator.ledger import DecisionState, state_key
+from mesh import audit
+from tests.sim import people
 
 if TYPE_CHECKING:
     from tests.sim.world import Violation, World
@@ -38,7 +50,7 @@ EPS = 1e-6
 def check(world: World) -> list[Violation]:
     from tests.sim.world import POLICIES, Violation
 
-    out: list[Violation] = []
+    out: list[Violation] = _audit_trail(world)
     dead: dict[str, list[str]] = {}
     for msg_id, record in world.dlq.items():
         dead.setdefault(record.event_id or "?", []).append(msg_id)
@@ -53,6 +65,8 @@ def check(world: World) -> list[Violation]:
                 world.bump("lost_advisory")  # at most once, documented: see coordinator.dlq
             elif final is not None and final.state == "decided":
                 out.append(Violation("decided_not_published", eid, "decided in the ledger only"))
+            elif final is not None and final.state == "awaiting_human":
+                out.append(Violation("stuck_awaiting_human", eid, "still waits for people"))
             else:
                 out.append(Violation("no_outcome", eid, "neither decided nor dead-lettered"))
         if decision is not None and dls:
@@ -77,8 +91,8 @@ def check(world: World) -> list[Violation]:
             out.append(Violation("contradicts_votes", eid, "decided without a policy"))
             continue
         skills = [v.skill for v in decision.votes]
-        if sorted(skills) != sorted(pol.skills):
-            out.append(Violation("non_member", eid, f"votes from {skills}, policy {pol.skills}"))
+        if sorted(skills) != sorted(pol.voters):
+            out.append(Violation("non_member", eid, f"votes from {skills}, policy {pol.voters}"))
             continue
         votes = {v.skill: v for v in decision.votes}
         again = count(pol, votes, final=True).outcome
@@ -99,9 +113,10 @@ def check(world: World) -> list[Violation]:
             )
         key = state_key(event.tenant, eid)
         grace = min(pol.agent_timeout_s, TAKEOVER_GRACE_MAX_S) if decision.takeovers else 0.0
+        out += _human_votes(world, eid, key, pol, decision)
         for v in decision.votes:
-            if v.outcome != "voted":
-                continue
+            if v.outcome != "voted" or pol.human(v.skill) is not None:
+                continue  # people's answers: `_human_votes`
             nonce = v.verdict.reasons[0] if v.verdict and v.verdict.reasons else ""
             made = world.made.get(nonce)
             if made is None or (made.event_id, made.skill, made.choice) != (
@@ -177,4 +192,118 @@ def _fresh_deadlines(world: World, eid: str, key: str, pol: Any) -> list[Violati
                     f"re-claimed with a deadline {fresh - after.deadline_at:.3f}s too early",
                 )
             )
+    return out
+
+
+def _audit_trail(world: World) -> list[Violation]:
+    """The audit stream as `mesh audit verify` checks it, and one record per outcome."""
+    from tests.sim.world import WALL0, Violation
+
+    stored = [audit.Stored(m.seq, m.subject, m.data) for m in world.audit_stream.msgs]
+    bundle = audit.Bundle(exported_at=WALL0, stream=None, records=stored, checkpoints=[])
+    verdict = audit.verify_bundle(bundle, None, now=WALL0)
+    out = [Violation("audit_chain", "-", problem) for problem in verdict.problems]
+    records: dict[tuple[str, str], list[float]] = {}
+    for m in world.audit_stream.msgs:
+        record = msgspec.json.decode(m.data, type=audit.AuditRecord)
+        records.setdefault((record.kind, record.ref), []).append(m.at)
+    for (kind, ref), times in sorted(records.items()):
+        if len(times) > 1 and kind in ("decision", "dead_letter"):
+            # Past the stream's duplicate window the server cannot tell a repeat: apart.
+            apart = max(times) - min(times) >= world.audit_stream.window_s
+            what = "audited_after_window" if apart else "audited_twice"
+            out.append(Violation(what, ref, f"{len(times)} {kind} records at {times}"))
+    dead = {r.event_id or f"seq:{r.stream_seq}" for r in world.dlq.values()}
+    for kind, refs in (("decision", set(world.decisions)), ("dead_letter", dead)):
+        for ref in sorted(refs):
+            if (kind, ref) not in records and ref not in world.lost_advisories:
+                out.append(Violation("not_audited", ref, f"{kind} published, no audit record"))
+    return out
+
+
+def _human_votes(world: World, eid: str, key: str, pol: Any, decision: Any) -> list[Violation]:
+    """People's votes in a decision, held to what coordinator.humans promises (times on the
+    ledger's wall clock; each coordinator's clock may be off by `skew_s`):
+
+    - `human_not_said`: a counted answer is not one a person gave (for that voter);
+    - `human_role_not_asked`: its person held no role the chain had reached when the answer
+      was recorded;
+    - `late_human_vote`: recorded at or after the voter's expiry;
+    - `silence_too_early` / `wrong_silence`: a voter's silence recorded before its expiry, or
+      not counted as its `silence` says;
+    - `decided_while_waiting`: a voter still inside its window marked "not needed" although
+      its vote could still have changed the outcome.
+    """
+    from coordinator.decide import HUMAN_SILENT
+    from tests.sim.world import WALL0, Violation
+
+    if not pol.humans or key not in world.kv.history:
+        return []
+    out: list[Violation] = []
+    states = _states(world, key)
+    asked = next((s for _, s in states if s.state == "awaiting_human"), None)
+    skew = world.knobs.skew_s
+    votes = {v.skill: v for v in decision.votes}
+    for human in pol.humans:
+        v = votes.get(human.voter)
+        if v is None or asked is None or human.voter not in asked.humans:
+            continue  # not asked (the agents' votes settled it): `non_member` covers the rest
+        wait = asked.humans[human.voter]
+        # When this vote was first in the ledger (world time → wall clock).
+        at = next(
+            (WALL0 + t for t, s in states if human.voter in s.votes and s.state != "collecting"),
+            None,
+        )
+        if at is None:
+            continue
+        if v.outcome == "voted":
+            said = world.people.answers.get((v.agent.removeprefix("human:"), v.signed_at))
+            if said is None or (said.voter, said.answer) != (human.voter, v.counted_as):
+                out.append(Violation("human_not_said", eid, f"{human.voter}: {v.counted_as}"))
+                continue
+            roles = set(wait.roles) | {s.role for s in wait.next if s.at <= at + skew}
+            held = set(people.PEOPLE[said.by])
+            if not held & roles:
+                out.append(
+                    Violation(
+                        "human_role_not_asked",
+                        eid,
+                        f"{said.by} ({sorted(held)}) counted for {human.voter}; "
+                        f"asked so far: {sorted(roles)}",
+                    )
+                )
+            # Judged by when it was given: the desk judges it later (by its clock), and its
+            # write may land later still (a stall), which is no fault of the answer.
+            if said.at >= wait.expires_at + skew + EPS:
+                out.append(
+                    Violation(
+                        "late_human_vote",
+                        eid,
+                        f"{said.by}'s answer given {said.at - wait.expires_at:.3f}s after expiry",
+                    )
+                )
+        elif v.outcome == "timeout" and v.error.startswith(HUMAN_SILENT):
+            if at < wait.expires_at - skew - EPS:
+                out.append(
+                    Violation(
+                        "silence_too_early",
+                        eid,
+                        f"{human.voter}'s silence {wait.expires_at - at:.3f}s before expiry",
+                    )
+                )
+            says = None if human.silence == "no_quorum" else human.silence
+            if v.counted_as != says:
+                out.append(
+                    Violation("wrong_silence", eid, f"{human.voter}: {v.counted_as} for {says}")
+                )
+        elif v.outcome == "cancelled" and v.error.startswith("not needed"):
+            rest = {s: x for s, x in votes.items() if s != human.voter}
+            if count(pol, rest, final=False).outcome == "pending":
+                out.append(
+                    Violation(
+                        "decided_while_waiting",
+                        eid,
+                        f"{human.voter} marked not needed; without it the tally is pending",
+                    )
+                )
     return out

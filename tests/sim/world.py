@@ -28,13 +28,24 @@ import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
+from nats.js.api import PubAck
 
 from coordinator import policy as policy_mod
 from coordinator import settle
-from coordinator.decide import LATE, NOBODY_LISTENING, Ask, Decider, Job, unanswered
+from coordinator.decide import (
+    LATE,
+    NOBODY_LISTENING,
+    Ask,
+    AwaitingHuman,
+    Decider,
+    Job,
+    unanswered,
+)
+from coordinator.humans import Desk
+from coordinator.inbox import Inbox
 from coordinator.ledger import (
     DecisionState,
     Entry,
@@ -42,10 +53,14 @@ from coordinator.ledger import (
     StateConflict,
     state_key,
 )
+from coordinator.service import Coordinator
 from coordinator.settle import SETTLE_WAIT_S
-from mesh import envelope, records, subjects
+from mesh import approvals, envelope, records, subjects
+from mesh.audit import AuditLog
 from mesh.records import DeadLetter, Decision, DlqReason, Vote
 from mesh.verdict import Choice, Verdict
+from tests.sim import people
+from tests.sim.streams import SimBus, SimIOError, SimStream
 
 WALL0 = 1_700_000_000.0
 # The advisory listener's message id for a record it stores itself (tests/sim/mutants.py puts
@@ -90,14 +105,40 @@ POLICIES = policy_mod.parse(
             "timeout_counts_as": "reject",
             "decide_early": True,
         },
+        # People vote after the agents (coordinator.humans): asked only while the agents'
+        # votes leave it open; cso first, hos may answer too from the escalation; silence
+        # rejects.
+        "rel.human": {
+            "skills": SKILLS,
+            "rule": {"kind": "unanimous"},
+            "agent_timeout_s": 1.5,
+            "deadline_s": 4.0,
+            "timeout_counts_as": "reject",
+            "humans": [
+                {"role": "cso", "wait_s": 6.0, "escalate": [{"role": "hos", "after_s": 3.0}]}
+            ],
+        },
+        # Two people; a majority may be reached before both answered (the other is "not
+        # needed"); the dpo's silence is no quorum.
+        "rel.human2": {
+            "skills": SKILLS,
+            "rule": {"kind": "majority", "min_participation": 3},
+            "agent_timeout_s": 1.5,
+            "deadline_s": 4.0,
+            "timeout_counts_as": "no_quorum",
+            "ask_humans": "on_disagreement",
+            "humans": [
+                {"role": "cso", "wait_s": 5.0, "escalate": [{"role": "hos", "after_s": 2.0}]},
+                {"role": "dpo", "wait_s": 8.0, "silence": "no_quorum"},
+            ],
+        },
     },
     source="tests/sim",
 )
 EVENT_TYPES = [*sorted(POLICIES.by_type), "rel.unknown"]  # the last has no policy
-
-
-class SimIOError(Exception):
-    """A failed call to the (simulated) server: the caller cannot tell whether it landed."""
+# Events for people are drawn less often: a run with one costs about twice as much (timers,
+# answers, refusals, their audit records), and the short run's budget is fixed.
+EVENT_WEIGHTS = [1 if t.startswith("rel.human") else 3 for t in EVENT_TYPES]
 
 
 @dataclass
@@ -389,18 +430,15 @@ class SimOutlet:
         await self._reply("publish decision")
 
     async def audit_decision(self, decision: Decision, unverified: str) -> None:
-        await self._call("audit decision")
-        self.world.audited.add(("decision", decision.event_id))
-        await self._reply("audit decision")
+        # The service's own code: the record and its message id, appended by the real AuditLog.
+        await Coordinator._audit_decision(cast(Any, self.node), decision, unverified)
+
+    async def ask_people(self, state: DecisionState, key: str) -> None:
+        await Coordinator.ask_people(cast(Any, self.node), state, key)
 
     async def publish_dead_letter(self, record: DeadLetter) -> None:
-        await self._call("publish dead letter")
-        msg_id = subjects.dlq_msg_id(subjects.EVENTS_STREAM, record.stream_seq)
-        self.world.publish_dead_letter(msg_id, record, self.node.name)
-        await self._reply("publish dead letter")
-        await self._call("audit dead letter")
-        self.world.audited.add(("dead_letter", record.event_id or ""))
-        await self._reply("audit dead letter")
+        # The service's own code: the DLQ record under its message id, then its audit record.
+        await Coordinator._publish_dead_letter(cast(Any, self.node), record)
 
 
 # -- agents -----------------------------------------------------------------------------------
@@ -525,6 +563,19 @@ class Node:
         self.ledger = Ledger(NodeStore(world, self), self.name, LEASE_S, clock=clock)
         self.decider = Decider(self.ledger, SimAsker(world, self), clock, name=self.name)
         self.settler = settle.Settler(self.ledger, SimOutlet(world, self))
+        # What `Coordinator._audit_decision` / `_publish_dead_letter` use (`self.bus`,
+        # `self.audit`): this incarnation's bus and its own AuditLog (tips kept in memory,
+        # lost with it), stamped by its skewed wall clock.
+        self.bus = SimBus(world, self)
+        self.audit = AuditLog(
+            cast(Any, self.bus), self.name, every_records=1 << 30, clock=clock.time
+        )
+        # The approvals side, as coordinator.service wires it: the real desk (trusting the
+        # simulated people) and the real inbox over the simulated approvals stream.
+        self.desk = Desk(self.ledger, clock, name=self.name, trust=people.TRUST)
+        self.inbox = Inbox(cast(Any, self.bus), self.desk, self.audit, self.settler, name=self.name)
+        self.inbox_slots = asyncio.Semaphore(world.rng.choice([1, 4]))
+        self._inbox = self.inbox  # what `Coordinator.ask_people` uses
         self.tasks: set[asyncio.Task[Any]] = set()
         self.slots = asyncio.Semaphore(world.rng.choice([1, 2, 4]))
 
@@ -548,6 +599,20 @@ class Node:
 
     def start(self) -> None:
         self.spawn(self.consume())
+        self.spawn(self.consume_approvals())
+
+    async def consume_approvals(self) -> None:
+        while True:
+            await self.inbox_slots.acquire()
+            msg = await self.world.approvals.next(self)
+            self.world.note(f"{self.name} approvals seq {msg.msg.seq} {msg.subject}")
+            self.spawn(self.approval(msg))
+
+    async def approval(self, msg: Any) -> None:
+        try:
+            await self.inbox._guarded(msg)  # the service's loop: a failure naks it (1 s)
+        finally:
+            self.inbox_slots.release()
 
     def crash(self) -> None:
         self.alive = False
@@ -602,6 +667,11 @@ class Node:
         )
         outcome = await self.decider.run(job, on_renew=delivery.in_progress)
         w.note(f"{self.name} outcome seq {delivery.stream_seq}: {type(outcome).__name__}")
+        if isinstance(outcome, AwaitingHuman):
+            # As the service does: the requests published (again on a redelivery), then acked.
+            await self.inbox.asked(outcome.state, outcome.key, fresh=outcome.fresh)
+            await delivery.ack()
+            return
         await self.settler.settle(delivery, event, outcome)
 
 
@@ -644,7 +714,10 @@ class World:
         self.decisions: dict[str, Decision] = {}  # event id → the one published decision
         self.decision_attempts: dict[str, list[tuple[str, bytes]]] = {}
         self.dlq: dict[str, DeadLetter] = {}  # msg id → record
-        self.audited: set[tuple[str, str]] = set()
+        self.audit_stream = SimStream(subjects.AUDIT_STREAM, self)
+        self.approvals_stream = SimStream(subjects.APPROVALS_STREAM, self)
+        self.approvals = people.SimApprovals(self)
+        self.people = people.People(self)
         self.truth: dict[tuple[str, str], Choice] = {}
         self.made: dict[str, MadeVote] = {}
         self.agent_tasks: dict[tuple[str, str, str], AgentTask] = {}
@@ -683,6 +756,37 @@ class World:
             return
         self.decisions[eid] = decision
         self.note(f"{by} DECISION {eid}: {decision.outcome} ({decision.reason})")
+
+    def stored(
+        self,
+        subject: str,
+        body: bytes,
+        msg_id: str | None,
+        headers: dict[str, str] | None,
+        *,
+        by: str,
+    ) -> PubAck:
+        """A publish that reached the server (tests/sim/streams.py SimBus): into its stream."""
+        if subject.startswith(subjects.AUDIT_ROOT + "."):
+            ack = self.audit_stream.store(subject, body, msg_id, headers)
+            what = "duplicate" if ack.duplicate else f"seq {ack.seq}"
+            self.note(f"{by} audit {subject.rsplit('.', 1)[1]} {msg_id or ''}: {what}")
+            return ack
+        if subject.startswith(subjects.DLQ_ROOT + "."):
+            assert msg_id is not None
+            record = msgspec.json.decode(body, type=DeadLetter)
+            self.publish_dead_letter(msg_id, record, by)
+            return PubAck(stream=subjects.DLQ_STREAM, seq=0)
+        if subject.startswith(subjects.APPROVALS_ROOT + "."):
+            ack = self.approvals_stream.store(subject, body, msg_id, headers)
+            if not ack.duplicate:
+                self.approvals.store(subject, body)
+                _, kind, request_id = subjects.parse_approval_subject(subject)
+                self.note(f"{by} approval {kind} {request_id}")
+                if kind == "req":
+                    self.people.saw(approvals.request_decoder.decode(body))
+            return ack
+        raise AssertionError(f"no simulated stream takes {subject}")
 
     def publish_dead_letter(self, msg_id: str, record: DeadLetter, by: str) -> None:
         if msg_id in self.dlq:
@@ -776,7 +880,7 @@ class World:
             node.start()
         for i in range(self.knobs.events):
             await asyncio.sleep(rng.uniform(0.0, 2.0))
-            event_type = rng.choice(EVENT_TYPES)
+            event_type = rng.choices(EVENT_TYPES, EVENT_WEIGHTS)[0]
             event = envelope.new_event(event_type, {"n": i}, tenant=TENANT, event_id=f"e{i}")
             for skill in SKILLS:
                 self.truth[(event.id, skill)] = rng.choice(["approve", "approve", "reject"])
@@ -791,7 +895,12 @@ class World:
         for r in self.replicas.values():
             r.up = True
         end = self.now() + 600.0
-        while self.now() < end and not (self.consumer.settled() and not self.advisories):
+        while self.now() < end and not (
+            self.consumer.settled()
+            and not self.advisories
+            and self.approvals.settled()
+            and not self.people.tasks
+        ):
             await asyncio.sleep(1.0)
         self.note("end of run")
         for node in self.nodes:
