@@ -345,8 +345,9 @@ async def decisions(
 
     from mesh import subjects
     from mesh.bus import Bus, tail
+    from mesh.console.data import check_decision
     from mesh.identity import load_trust, require_trust
-    from mesh.records import Decision, decision_decoder, decision_refusal
+    from mesh.records import Decision
     from mesh.settings import get_settings
 
     async with await Bus.connect(name="mesh-cli") as bus:  # no server: say that first
@@ -356,19 +357,12 @@ async def decisions(
             else require_trust(get_settings(), what="`mesh decisions`")
         )
         rows = await tail(bus, subjects.DECISIONS_STREAM, limit)
-    checked: list[tuple[int, str, Decision | None, str]] = []  # seq, subject, decision, refusal
-    for seq, subject, body in rows:
-        try:
-            d: Decision | None = decision_decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            d = None
-        if d is None:
-            refusal = "not a decision"
-        elif trust is None:
-            refusal = ""  # MESH_INSECURE=bus: nothing to check against (said below)
-        else:
-            refusal = decision_refusal(trust, d, subject=subject) or ""
-        checked.append((seq, subject, d, refusal))
+    # seq, subject, decision, refusal ("" with no trust file, MESH_INSECURE=bus: said below);
+    # checked as the console checks them.
+    checked: list[tuple[int, str, Decision | None, str]] = [
+        (r.seq, r.subject, r.decision, r.refusal)
+        for r in (check_decision(trust, subject, body, seq) for seq, subject, body in rows)
+    ]
     forged = [c for c in checked if c[3]]
     if json_out:
         print(

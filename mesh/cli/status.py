@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -17,30 +16,17 @@ async def status(
     json_out: JsonOption = False,
 ) -> None:
     """What each running coordinator is doing: events in flight, circuit breakers."""
-    import msgspec
-
-    from mesh import subjects
     from mesh.bus import Bus
+    from mesh.console.data import coordinator_status  # the console reads the same
 
-    answers: list[dict[str, Any]] = []
     async with await Bus.connect(name="mesh-cli") as bus:
-        inbox = bus.nc.new_inbox()
-        sub = await bus.nc.subscribe(inbox)
-        await bus.nc.publish(subjects.COORDINATOR_STATUS, b"", reply=inbox)
-        deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                msg = await sub.next_msg(timeout=left)
-            except Exception:  # nats' TimeoutError: no more answers
-                break
-            if msg.data:  # an empty one is the server's "no responders" notice
-                answers.append(msgspec.json.decode(msg.data))
+        answers = await coordinator_status(bus, wait)
     if not answers:
         raise NoAnswerError("no coordinator answered", hint="is one running? see `mesh up`")
     if json_out:
-        print_json(sorted(answers, key=lambda a: a["name"]))
+        print_json(answers)  # sorted by name
         return
-    for a in sorted(answers, key=lambda a: a["name"]):
+    for a in answers:
         breakers = a.get("breakers") or {}
         open_ = {k: v for k, v in breakers.items() if v != "closed"}
         out.print(
