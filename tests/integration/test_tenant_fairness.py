@@ -36,7 +36,7 @@ FLOODER, QUIET = "flooder", "quiet"
 FLOOD = 30
 SLOTS = 2
 EVENT_TYPE = "fair.vote"
-POLICIES = {
+POLICIES: dict[str, object] = {
     EVENT_TYPE: {
         "skills": ["fair"],
         "rule": {"kind": "majority"},
