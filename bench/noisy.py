@@ -14,7 +14,11 @@ decision received) is measured three ways, in this order:
 3. the same flood answered at once by the model (the flood's volume alone, no slow call);
 4. the slow flood with no quota for `flood` (the file rewritten; the agent re-reads it on its
    next call): what the quota buys;
-5. solo again (how much the machine's own load moved meanwhile).
+5. with no quota and calls of `over_delay_s`, so that the flood's calls at once
+   (`flood_rate` * `over_delay_s`, 80) outnumber the agent's call slots (64): the flood's
+   backlog waits in the coordinator's admission, where fairness between tenants (issue 16)
+   lets the steady tenant's events go ahead of it;
+6. solo again (how much the machine's own load moved meanwhile).
 
 Target (issue 16): the steady tenant's p99 in run 2 within 10 % of run 1. The others are
 shown, not judged. A flood call that would exceed the quota is refused at once
@@ -54,12 +58,21 @@ MODEL = "claude-sonnet-5-5"
 class Opts(Sized):
     SIZES: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {"seconds": 10.0, "steady_rate": 20.0, "flood_rate": 20.0},
-        "smoke": {"seconds": 2.0, "steady_rate": 5.0, "flood_rate": 5.0, "delay_s": 0.5},
+        "smoke": {
+            "seconds": 2.0,
+            "steady_rate": 5.0,
+            "flood_rate": 5.0,
+            "delay_s": 0.5,
+            "over_delay_s": 0.5,
+        },
     }
     seconds: float = 30.0
     steady_rate: float = 20.0  # events/s of the steady tenant
     flood_rate: float = 20.0  # events/s of the flooding tenant
     delay_s: float = 2.0  # the model's answer time for the flooding tenant
+    # Step 5's answer time: 20/s * 4 s = 80 calls at once, past the agent's 64 slots, and
+    # under half the policy's agent_timeout_s (10 s), so the calls do not count as overload.
+    over_delay_s: float = 4.0
     quota: int = 2  # the flooding tenant's concurrent model calls (in the mesh)
 
 
@@ -221,6 +234,15 @@ async def run(opts: Opts) -> dict[str, Any]:
                 delay["s"] = opts.delay_s
                 models_file(models, None)
                 runs.append(await mesh.run(f"with {FLOOD} (no quota)", opts, flood=True))
+                delay["s"] = opts.over_delay_s
+                runs.append(
+                    await mesh.run(
+                        f"with {FLOOD} over the call slots (no quota, {opts.over_delay_s:g}s)",
+                        opts,
+                        flood=True,
+                    )
+                )
+                delay["s"] = opts.delay_s
                 models_file(models, opts.quota)
                 runs.append(await mesh.run("solo again", opts, flood=False))
             finally:
@@ -229,7 +251,7 @@ async def run(opts: Opts) -> dict[str, Any]:
 
 
 def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
-    solo, quota, fast, free, again = runs
+    solo, quota, fast, free, over, again = runs
     rows = []
     for r in runs:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted((r.flood_outcomes or {}).items()))
@@ -263,7 +285,10 @@ def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
         f"tenant `{FLOOD}` {opts.flood_rate:g}/s whose model calls take {opts.delay_s:g} s "
         f"(quota: {opts.quota} model calls at once in the mesh). One agent decides both; "
         "latency is publish → decision received. The fast-model run floods with the same "
-        "events answered at once: what the flood's volume costs without any slow call.\n\n"
+        "events answered at once: what the flood's volume costs without any slow call. The "
+        f"over-the-slots run has no quota and {opts.over_delay_s:g} s calls: more flood calls "
+        "at once than the agent has slots, so the flood's backlog waits in the coordinator's "
+        "admission, which shares the slots fairly between tenants.\n\n"
         f"{table}\n\n"
         f"{STEADY} p99 with the flood (under its quota) / solo: **{ratio:.2f}x** "
         "(target ≤ 1.10x)."
@@ -273,6 +298,7 @@ def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
         "noisy_steady_p99_flood_ms": num(quota.p(99)),
         "noisy_steady_p99_flood_fast_model_ms": num(fast.p(99)),
         "noisy_steady_p99_flood_no_quota_ms": num(free.p(99)),
+        "noisy_steady_p99_flood_over_slots_ms": num(over.p(99)),
         "noisy_steady_p99_solo_again_ms": num(again.p(99)),
         "noisy_steady_p99_ratio": num(ratio, 3),
     }
