@@ -346,15 +346,11 @@ class Admission:
                     del queues[tenant]
             if not heads:
                 break
-            # Room went only to the chosen head since the heads were found: another head may
-            # no longer fit, so the chosen one is checked again.
+            # Every head fits now (found since the last grant): the turn decides which goes.
             best = min(heads, key=lambda w: (self._load(w), self._served.get(w.tenant, 0), w.seq))
             queues[best.tenant].popleft()
-            if self._fits(best.need, caps):
-                self._take(best.need, best.tenant)
-                granted.append(best)
-            else:
-                refused.add(best.kind)
+            self._take(best.need, best.tenant)
+            granted.append(best)
         for waiter in granted:
             self._waiters.remove(waiter)
             waiter.granted.set_result(None)
