@@ -30,6 +30,7 @@ shown, not judged. A flood call that would exceed the quota is refused at once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -42,6 +43,7 @@ from bench.common import Sized, banner, fmt, md_table, note, num, pct
 from bench.harness import BenchMesh
 from mesh import envelope, subjects
 from mesh.bus import Bus
+from mesh.records import decision_decoder
 from mesh.server import EmbeddedServer
 from mesh.testing.fake_anthropic import FakeAnthropic
 from tests.support import samples
@@ -85,6 +87,10 @@ class Run:
     flood_decided: int = 0
     flood_outcomes: dict[str, int] | None = None
     model_calls: int = 0
+    # Where a steady event's time went: in the coordinator (handler start → decision: the wait
+    # in admission included) and in its agent call.
+    coord_ms: list[float] | None = None
+    call_ms: list[float] | None = None
 
     def p(self, q: float) -> float:
         return pct(sorted(self.lat_ms), q)
@@ -102,6 +108,13 @@ class NoisyMesh(BenchMesh):
         super().__init__(work, voter_counts=[], settle_s=settle_s)
         self.fake = fake
         self.models = models
+        self.calls: dict[str, float] = {}  # event id → its longest vote's call, ms
+
+    def _on_decision_sync(self, data: bytes) -> None:
+        super()._on_decision_sync(data)
+        with contextlib.suppress(Exception):
+            d = decision_decoder.decode(data)
+            self.calls.setdefault(d.event_id, max((v.latency_ms for v in d.votes), default=0))
 
     async def start(self) -> None:
         self.server = EmbeddedServer(store_dir=self.work / "js").start()
@@ -196,6 +209,8 @@ class NoisyMesh(BenchMesh):
             flood_decided=sum(outcomes.values()),
             flood_outcomes=outcomes,
             model_calls=len(self.fake.requests) - calls0,
+            coord_ms=[self.recv[e][2] for e in steady if e in self.recv],
+            call_ms=[self.calls[e] for e in steady if e in self.calls],
         )
 
 
@@ -261,6 +276,8 @@ def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
                 f"{len(r.lat_ms)}/{r.sent}",
                 fmt(r.p(50), 1),
                 fmt(r.p(99), 1),
+                fmt(pct(sorted(r.coord_ms or []), 50), 1),
+                fmt(pct(sorted(r.call_ms or []), 50), 1),
                 f"{r.flood_decided}/{r.flood_sent}" if r.flood_sent else "-",
                 outcomes or "-",
                 r.model_calls,
@@ -273,6 +290,8 @@ def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
             f"{STEADY} decided",
             "p50 ms",
             "p99 ms",
+            "in coordinator p50 ms",
+            "agent call p50 ms",
             f"{FLOOD} decided",
             f"{FLOOD} outcomes",
             "model calls",
