@@ -18,8 +18,9 @@ Rules this module owns:
   of it, only behind the next slot given back. Shares are not reserved: room nobody else waits
   for goes to whoever waits (work-conserving), so a lone tenant uses every slot. Held waiters
   are not nak'ed (a nak would spend a delivery toward MAX_DELIVER and end in a dead letter);
-  they stay in progress with `keepalive`, as every waiter does. Why here and not a consumer per
-  tenant: see docs/budgets.md, "Noisy neighbour".
+  they stay in progress with `keepalive`, as every waiter does. Fairness covers the events the
+  consume loop holds (`MESH_MAX_INFLIGHT`); a backlog deeper than that waits in the stream, in
+  stream order. Why here and not a consumer per tenant: docs/budgets.md, "Noisy neighbour".
 - A slot is given back as soon as the call it was for ends (`release`, from inside the
   decision), and whatever an event still holds when its decision ends, however it ends
   (outcome, exception, cancel).
