@@ -14,7 +14,11 @@ decision received) is measured three ways, in this order:
 3. the same flood answered at once by the model (the flood's volume alone, no slow call);
 4. the slow flood with no quota for `flood` (the file rewritten; the agent re-reads it on its
    next call): what the quota buys;
-5. solo again (how much the machine's own load moved meanwhile).
+5. with no quota and calls of `over_delay_s`, so that the flood's calls at once
+   (`flood_rate` * `over_delay_s`, 80) outnumber the agent's call slots (64): the flood's
+   backlog waits in the coordinator's admission, where fairness between tenants (issue 16)
+   lets the steady tenant's events go ahead of it;
+6. solo again (how much the machine's own load moved meanwhile).
 
 Target (issue 16): the steady tenant's p99 in run 2 within 10 % of run 1. The others are
 shown, not judged. A flood call that would exceed the quota is refused at once
@@ -26,6 +30,7 @@ shown, not judged. A flood call that would exceed the quota is refused at once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -38,6 +43,7 @@ from bench.common import Sized, banner, fmt, md_table, note, num, pct
 from bench.harness import BenchMesh
 from mesh import envelope, subjects
 from mesh.bus import Bus
+from mesh.records import decision_decoder
 from mesh.server import EmbeddedServer
 from mesh.testing.fake_anthropic import FakeAnthropic
 from tests.support import samples
@@ -54,12 +60,21 @@ MODEL = "claude-sonnet-5-5"
 class Opts(Sized):
     SIZES: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {"seconds": 10.0, "steady_rate": 20.0, "flood_rate": 20.0},
-        "smoke": {"seconds": 2.0, "steady_rate": 5.0, "flood_rate": 5.0, "delay_s": 0.5},
+        "smoke": {
+            "seconds": 2.0,
+            "steady_rate": 5.0,
+            "flood_rate": 5.0,
+            "delay_s": 0.5,
+            "over_delay_s": 0.5,
+        },
     }
     seconds: float = 30.0
     steady_rate: float = 20.0  # events/s of the steady tenant
     flood_rate: float = 20.0  # events/s of the flooding tenant
     delay_s: float = 2.0  # the model's answer time for the flooding tenant
+    # Step 5's answer time: 20/s * 4 s = 80 calls at once, past the agent's 64 slots, and
+    # under half the policy's agent_timeout_s (10 s), so the calls do not count as overload.
+    over_delay_s: float = 4.0
     quota: int = 2  # the flooding tenant's concurrent model calls (in the mesh)
 
 
@@ -72,6 +87,10 @@ class Run:
     flood_decided: int = 0
     flood_outcomes: dict[str, int] | None = None
     model_calls: int = 0
+    # Where a steady event's time went: in the coordinator (handler start → decision: the wait
+    # in admission included) and in its agent call.
+    coord_ms: list[float] | None = None
+    call_ms: list[float] | None = None
 
     def p(self, q: float) -> float:
         return pct(sorted(self.lat_ms), q)
@@ -89,6 +108,13 @@ class NoisyMesh(BenchMesh):
         super().__init__(work, voter_counts=[], settle_s=settle_s)
         self.fake = fake
         self.models = models
+        self.calls: dict[str, float] = {}  # event id → its longest vote's call, ms
+
+    def _on_decision_sync(self, data: bytes) -> None:
+        super()._on_decision_sync(data)
+        with contextlib.suppress(Exception):
+            d = decision_decoder.decode(data)
+            self.calls.setdefault(d.event_id, max((v.latency_ms for v in d.votes), default=0))
 
     async def start(self) -> None:
         self.server = EmbeddedServer(store_dir=self.work / "js").start()
@@ -183,6 +209,8 @@ class NoisyMesh(BenchMesh):
             flood_decided=sum(outcomes.values()),
             flood_outcomes=outcomes,
             model_calls=len(self.fake.requests) - calls0,
+            coord_ms=[self.recv[e][2] for e in steady if e in self.recv],
+            call_ms=[self.calls[e] for e in steady if e in self.calls],
         )
 
 
@@ -221,6 +249,15 @@ async def run(opts: Opts) -> dict[str, Any]:
                 delay["s"] = opts.delay_s
                 models_file(models, None)
                 runs.append(await mesh.run(f"with {FLOOD} (no quota)", opts, flood=True))
+                delay["s"] = opts.over_delay_s
+                runs.append(
+                    await mesh.run(
+                        f"with {FLOOD} over the call slots (no quota, {opts.over_delay_s:g}s)",
+                        opts,
+                        flood=True,
+                    )
+                )
+                delay["s"] = opts.delay_s
                 models_file(models, opts.quota)
                 runs.append(await mesh.run("solo again", opts, flood=False))
             finally:
@@ -229,7 +266,7 @@ async def run(opts: Opts) -> dict[str, Any]:
 
 
 def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
-    solo, quota, fast, free, again = runs
+    solo, quota, fast, free, over, again = runs
     rows = []
     for r in runs:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted((r.flood_outcomes or {}).items()))
@@ -239,6 +276,8 @@ def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
                 f"{len(r.lat_ms)}/{r.sent}",
                 fmt(r.p(50), 1),
                 fmt(r.p(99), 1),
+                fmt(pct(sorted(r.coord_ms or []), 50), 1),
+                fmt(pct(sorted(r.call_ms or []), 50), 1),
                 f"{r.flood_decided}/{r.flood_sent}" if r.flood_sent else "-",
                 outcomes or "-",
                 r.model_calls,
@@ -251,6 +290,8 @@ def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
             f"{STEADY} decided",
             "p50 ms",
             "p99 ms",
+            "in coordinator p50 ms",
+            "agent call p50 ms",
             f"{FLOOD} decided",
             f"{FLOOD} outcomes",
             "model calls",
@@ -263,7 +304,10 @@ def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
         f"tenant `{FLOOD}` {opts.flood_rate:g}/s whose model calls take {opts.delay_s:g} s "
         f"(quota: {opts.quota} model calls at once in the mesh). One agent decides both; "
         "latency is publish → decision received. The fast-model run floods with the same "
-        "events answered at once: what the flood's volume costs without any slow call.\n\n"
+        "events answered at once: what the flood's volume costs without any slow call. The "
+        f"over-the-slots run has no quota and {opts.over_delay_s:g} s calls: more flood calls "
+        "at once than the agent has slots, so the flood's backlog waits in the coordinator's "
+        "admission, which shares the slots fairly between tenants.\n\n"
         f"{table}\n\n"
         f"{STEADY} p99 with the flood (under its quota) / solo: **{ratio:.2f}x** "
         "(target ≤ 1.10x)."
@@ -273,6 +317,7 @@ def _report(opts: Opts, runs: list[Run]) -> dict[str, Any]:
         "noisy_steady_p99_flood_ms": num(quota.p(99)),
         "noisy_steady_p99_flood_fast_model_ms": num(fast.p(99)),
         "noisy_steady_p99_flood_no_quota_ms": num(free.p(99)),
+        "noisy_steady_p99_flood_over_slots_ms": num(over.p(99)),
         "noisy_steady_p99_solo_again_ms": num(again.p(99)),
         "noisy_steady_p99_ratio": num(ratio, 3),
     }

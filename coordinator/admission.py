@@ -9,8 +9,18 @@ from how its calls went); the rest of the burst stays in the stream.
 
 Rules this module owns:
 - All or nothing: a waiter holds no slot until it gets every one it needs, so no event sits on
-  one agent's slot while it waits for another's and waiters cannot deadlock. Waiters are
-  granted in arrival order, skipping (not blocking on) those that do not fit yet.
+  one agent's slot while it waits for another's and waiters cannot deadlock. Waiters that do
+  not fit yet are skipped, not blocked on.
+- Fair between tenants (issue 16, noisy neighbour): when room comes back, it goes first to the
+  waiting tenant that holds the fewest slots of the agents it waits for (max-min fairness), and
+  within a tenant in arrival order. So a tenant over its share while another waits is held
+  back: one tenant's backlog of slow events cannot make another's next event wait behind all
+  of it, only behind the next slot given back. Shares are not reserved: room nobody else waits
+  for goes to whoever waits (work-conserving), so a lone tenant uses every slot. Held waiters
+  are not nak'ed (a nak would spend a delivery toward MAX_DELIVER and end in a dead letter);
+  they stay in progress with `keepalive`, as every waiter does. Fairness covers the events the
+  consume loop holds (`MESH_MAX_INFLIGHT`); a backlog deeper than that waits in the stream, in
+  stream order. Why here and not a consumer per tenant: docs/budgets.md, "Noisy neighbour".
 - A slot is given back as soon as the call it was for ends (`release`, from inside the
   decision), and whatever an event still holds when its decision ends, however it ends
   (outcome, exception, cancel).
@@ -48,6 +58,7 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 1.0  # JetStream's ack wait for the coordinator is 3 s
 DECREASE = 0.5  # multiplicative decrease of a call limit on overload
+_SERVED_KEPT = 1024  # tenants whose last grant is remembered before idle ones are forgotten
 
 
 @dataclass
@@ -100,23 +111,26 @@ class Grant:
     held: Counter[str] = field(default_factory=Counter)
     waited_s: float = 0.0
     forced: bool = False  # went ahead without waiting for room (see `stall_s`)
+    tenant: str = ""
 
     def release(self, agent: str) -> None:
         if self.held[agent] > 0:
             self.held[agent] -= 1
-            self.admission._give_back({agent: 1})
+            self.admission._give_back({agent: 1}, self.tenant)
 
     def release_all(self) -> None:
         held = {a: n for a, n in self.held.items() if n > 0}
         self.held.clear()
         if held:
-            self.admission._give_back(held)
+            self.admission._give_back(held, self.tenant)
 
 
 @dataclass(eq=False)
 class _Waiter:
     need: Counter[str]
     granted: asyncio.Future[None]
+    tenant: str = ""
+    seq: int = 0  # arrival order
     kind: frozenset[tuple[str, int]] = frozenset()  # waiters of one kind fit or not together
 
     def __post_init__(self) -> None:
@@ -177,7 +191,15 @@ class Admission:
         self.stall_s = stall_s
         self.keepalive_s = keepalive_s
         self.held: Counter[str] = Counter()  # agent → calls admitted and not given back
+        # tenant → agent → calls admitted and not given back: whose turn it is (fairness)
+        self.tenant_held: dict[str, Counter[str]] = {}
         self._waiters: deque[_Waiter] = deque()
+        self._arrivals = 0
+        # tenant → when it was last granted (a count of grants): among tenants holding as few
+        # slots, the one served least recently goes first. Else a tenant that just gave back
+        # its last slot would tie with one that waits, and its older backlog would win again.
+        self._served: dict[str, int] = {}
+        self._grants = 0
         self._given_back_at: dict[str, float] = {}
         self._passed_at = -math.inf
 
@@ -190,12 +212,14 @@ class Admission:
         self,
         agents: Iterable[str],
         *,
+        tenant: str = "",
         keepalive: Callable[[], Awaitable[object]] | None = None,
     ) -> AsyncIterator[Grant]:
         """Wait for a slot of every agent in `agents` (one per call: an agent named twice needs
-        two), hold them while the block runs, give back what is left when it ends."""
+        two), hold them while the block runs, give back what is left when it ends. `tenant`:
+        whose event it is (room is shared fairly between tenants)."""
         need = Counter(agents)
-        grant = await self._acquire(need, keepalive)
+        grant = await self._acquire(need, keepalive, tenant)
         token = _current.set(grant)
         try:
             yield grant
@@ -204,13 +228,17 @@ class Admission:
             grant.release_all()
 
     async def _acquire(
-        self, need: Counter[str], keepalive: Callable[[], Awaitable[object]] | None
+        self,
+        need: Counter[str],
+        keepalive: Callable[[], Awaitable[object]] | None,
+        tenant: str,
     ) -> Grant:
         started = self.clock.monotonic()
-        grant = Grant(self, held=Counter(need))
+        grant = Grant(self, held=Counter(need), tenant=tenant)
         if not need:
             return grant
-        waiter = _Waiter(need, asyncio.get_running_loop().create_future())
+        self._arrivals += 1
+        waiter = _Waiter(need, asyncio.get_running_loop().create_future(), tenant, self._arrivals)
         self._waiters.append(waiter)
         self._grant_pass()
         try:
@@ -236,7 +264,7 @@ class Admission:
                         self.stall_s,
                     )
                     self._waiters.remove(waiter)
-                    self._take(need)
+                    self._take(need, tenant)
                     waiter.granted.set_result(None)
                     grant.forced = True
                     break
@@ -248,7 +276,7 @@ class Admission:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
             elif waiter.granted.done() and not waiter.granted.cancelled():
-                self._give_back(need)  # granted just as we were cancelled
+                self._give_back(need, tenant)  # granted just as we were cancelled
             raise
         grant.waited_s = self.clock.monotonic() - started
         return grant
@@ -264,34 +292,66 @@ class Admission:
     def _fits(self, need: Counter[str], caps: dict[str, int]) -> bool:
         return all(self._room(a, n, caps) for a, n in need.items())
 
-    def _take(self, need: Counter[str]) -> None:
+    def _take(self, need: Counter[str], tenant: str) -> None:
         self.held.update(need)
+        self.tenant_held.setdefault(tenant, Counter()).update(need)
+        self._grants += 1
+        self._served[tenant] = self._grants
 
-    def _give_back(self, held: dict[str, int]) -> None:
+    def _give_back(self, held: dict[str, int], tenant: str) -> None:
         now = self.clock.monotonic()
+        mine = self.tenant_held.get(tenant)
         for agent, n in held.items():
             self.held[agent] = max(0, self.held[agent] - n)
             self._given_back_at[agent] = now
+            if mine is not None:
+                mine[agent] = max(0, mine[agent] - n)
+        if mine is not None and not +mine:
+            del self.tenant_held[tenant]  # tenants come and go: keep only those holding slots
         self._grant_pass()
 
+    def _load(self, waiter: _Waiter) -> int:
+        """How many slots of the agents `waiter` waits for its tenant holds now."""
+        mine = self.tenant_held.get(waiter.tenant)
+        return sum(mine[a] for a in waiter.need) if mine else 0
+
     def _grant_pass(self) -> None:
-        """Grant every waiter that fits now, in arrival order."""
+        """Grant every waiter that fits now: each time, the first fitting waiter (in arrival
+        order) of the tenant that holds the fewest slots of what it waits for (ties: the tenant
+        served least recently, then the earlier arrival)."""
         self._passed_at = self.clock.monotonic()
         if not self._waiters:
             return
         caps: dict[str, int] = {}
+        queues: dict[str, deque[_Waiter]] = {}
+        for waiter in self._waiters:
+            if not waiter.granted.done():  # (done: cancelled meanwhile, its task removes it)
+                queues.setdefault(waiter.tenant, deque()).append(waiter)
+        if len(self._served) > _SERVED_KEPT:  # tenants come and go: forget the idle ones
+            self._served = {
+                t: n for t, n in self._served.items() if t in queues or t in self.tenant_held
+            }
         # A burst is mostly events of one policy: once one of a kind does not fit, the others
         # of that kind further back do not either (granting only takes room away in a pass).
         refused: set[frozenset[tuple[str, int]]] = set()
         granted: list[_Waiter] = []
-        for waiter in self._waiters:
-            if waiter.kind in refused or waiter.granted.done():
-                continue  # (done: cancelled meanwhile, its task removes it)
-            if self._fits(waiter.need, caps):
-                self._take(waiter.need)
-                granted.append(waiter)
-            else:
-                refused.add(waiter.kind)
+        while queues:
+            heads: list[_Waiter] = []
+            for tenant in list(queues):
+                queue = queues[tenant]
+                while queue and (queue[0].kind in refused or not self._fits(queue[0].need, caps)):
+                    refused.add(queue.popleft().kind)
+                if queue:
+                    heads.append(queue[0])
+                else:
+                    del queues[tenant]
+            if not heads:
+                break
+            # Every head fits now (found since the last grant): the turn decides which goes.
+            best = min(heads, key=lambda w: (self._load(w), self._served.get(w.tenant, 0), w.seq))
+            queues[best.tenant].popleft()
+            self._take(best.need, best.tenant)
+            granted.append(best)
         for waiter in granted:
             self._waiters.remove(waiter)
             waiter.granted.set_result(None)

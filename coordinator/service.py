@@ -399,7 +399,8 @@ class Coordinator:
             voters = admission.voters_left(
                 await self.ledger.read(job.key), agents, stream_seq=job.stream_seq, now=time.time()
             )
-        async with self.admission.slots(voters, keepalive=delivery.in_progress):
+        # Room at the voters is shared fairly between tenants (coordinator.admission).
+        async with self.admission.slots(voters, tenant=tenant, keepalive=delivery.in_progress):
             outcome = await self._decider.run(job, on_renew=delivery.in_progress)
         if isinstance(outcome, AwaitingHuman):
             # People are asked: the ledger holds the wait, the inbox takes it from here.

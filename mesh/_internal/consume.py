@@ -4,7 +4,9 @@ in a `TaskPool` slot, and drain on stop.
 Used by the coordinator (its durable on MESH_EVENTS) and by every `@agent.on_event` handler.
 Asking for no more than the free slots matters: a fetched message's ack deadline is already
 running, and one left waiting in a local queue could be redelivered to another replica while
-this one still holds it.
+this one still holds it. A handler that has to wait for room after the fetch (the coordinator's
+admission) keeps its message in progress (+WPI) rather than nak'ing it: a nak spends one of the
+message's deliveries, and enough of them end it in the dead letters.
 """
 
 from __future__ import annotations

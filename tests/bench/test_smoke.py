@@ -43,9 +43,13 @@ def test_every_benchmark_runs_and_writes_its_results(tmp_path: Path) -> None:
         value = doc[key]
         assert isinstance(value, int | float) and math.isfinite(value), (key, value)
         assert doc["results"][key] == value, key
+    # The noisy-neighbour run's figures (issue 16), its ratio included: numbers, never judged.
+    for key in ("noisy_steady_p99_ratio", "noisy_steady_p99_flood_over_slots_ms"):
+        value = doc["results"][key]
+        assert isinstance(value, int | float) and math.isfinite(value), (key, value)
     md = (tmp_path / "smoke.md").read_text()
     assert "## Targets" in md and "## Transport floor" in md and "## Resources" in md
-    assert "## Noisy neighbour" in md
+    assert "## Noisy neighbour" in md and "over the call slots" in md
     # Its tables were printed too.
     assert "| transport |" in out and "## Decisions end to end" in out
     assert not (tmp_path / "latest.json").exists()  # a smoke run never passes for a full one
