@@ -86,8 +86,10 @@ class PullLoop(Generic[M]):
                 continue
             except Exception as e:  # reconnecting, leader change: try again shortly
                 log.warning("%s: fetch failed: %s", self.name, e)
+                # asyncio.timeout: 3.11's wait_for can swallow a cancel landing as `stop` is set.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.error_pause_s)
+                    async with asyncio.timeout(self.error_pause_s):
+                        await stop.wait()
                 continue
             for msg in msgs:  # started even when stopping: they were already delivered to us
                 await self.pool.spawn(self.handle(msg))
