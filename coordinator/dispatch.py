@@ -58,6 +58,7 @@ from mesh.errors import (
     AgentUnavailableError,
 )
 from mesh.records import CallOutcome, Vote
+from mesh.tools import denied_of
 from mesh.verdict import Verdict
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ def _vote(
         attempts=attempts,
         brain=str(meta.get("brain", "")) if counted else "",
         error=error,
+        tools_denied=denied_of(meta) if counted else (),
     )
 
 

@@ -87,7 +87,7 @@ from mesh.models import (
 )
 from mesh.registry import Registration, Registry, new_instance_id
 from mesh.settings import Settings, get_settings
-from mesh.tools import ModelTool
+from mesh.tools import DENIED_KEY, ModelTool, denied_report
 from mesh.verdict import Verdict
 from mesh.votes import SIGNATURE_KEY, VoteSigner
 
@@ -543,6 +543,8 @@ class _Executor(AgentExecutor):
                 "inputTokens": thought.usage.input_tokens,
                 "outputTokens": thought.usage.output_tokens,
                 "pid": os.getpid(),
+                # Each tool call Cedar denied: the decision's audit record names them.
+                **({DENIED_KEY: denied} if (denied := denied_report(thought.tool_uses)) else {}),
                 # Informational: the coordinator takes a vote's version from the signing
                 # instance's verified card, never from here.
                 versions.VERSION_KEY: self.version,

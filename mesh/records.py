@@ -56,6 +56,9 @@ class Vote(msgspec.Struct, omit_defaults=True):
     version: str = ""
     # Asked in shadow (coordinator.canary): recorded and compared, never counted.
     shadow: bool = False
+    # Tool calls the agent's model asked for and its authorization denied, `<tool>: <reason
+    # naming the policy>`, as the agent reported them with its answer (mesh.tools.denied_of).
+    tools_denied: tuple[str, ...] = ()
 
 
 class Decision(msgspec.Struct, omit_defaults=True):

@@ -21,6 +21,10 @@ runs the model's `tool_use` blocks (`ToolRunner`), turn after turn, until the mo
 - an allowed call counts one tool call against the event's budget (`BudgetLedger.tool_call`;
   past it: BudgetExceededError, the call is not made and the brain stops);
 - a tool that raises gives the model an error result (the exception's type and message).
+
+The agent reports each denied call with its answer (`DENIED_KEY` in the artifact's metadata,
+`denied_report`); the coordinator copies them into the vote (`Vote.tools_denied`), so the
+decision's signed audit record names every deny and the policy that decided it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +51,25 @@ __all__ = ["ModelTool", "ToolRunner", "ToolUse", "default_guard", "model_tool"]
 log = logging.getLogger(__name__)
 
 ToolFn = Callable[..., Awaitable[Any]]
+
+# The artifact metadata entry carrying the tool calls the guard denied, `<tool>: <reason>`.
+DENIED_KEY = "toolsDenied"
+# What a vote keeps of them: an agent's report is bounded like any input from the wire.
+_MAX_DENIES, _MAX_DENY_CHARS = 16, 400
+
+
+def denied_report(uses: Iterable[ToolUse]) -> list[str]:
+    """The denied calls among `uses`, as the agent reports them with its answer."""
+    return [f"{u.name}: {u.denied}" for u in uses if u.denied][:_MAX_DENIES]
+
+
+def denied_of(metadata: Mapping[str, Any]) -> tuple[str, ...]:
+    """The denied calls an answer's metadata reports (`denied_report`), bounded; () if none
+    or not a list of strings."""
+    report = metadata.get(DENIED_KEY)
+    if not isinstance(report, list):
+        return ()
+    return tuple(str(d)[:_MAX_DENY_CHARS] for d in report[:_MAX_DENIES] if isinstance(d, str))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ over HTTP on 127.0.0.1: Cedar's guard is asked before a tool runs, a denied one 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from mesh.tools import ModelTool, model_tool
 from mesh.verdict import Verdict
 
 ANSWER = {"vote": "approve", "reasons": ["checked"]}
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -215,3 +217,55 @@ def test_tools_are_declared_async_with_an_object_schema() -> None:
 
     with pytest.raises(ConfigError, match="object"):
         ModelTool("f", f, {"type": "string"})
+
+
+async def test_a_denied_tool_call_is_in_the_decisions_audit_record() -> None:
+    """End to end on a real nats-server: the reviewer's model calls a tool Cedar denies; the
+    tool never runs, the agent reports the deny with its answer, and the coordinator's signed
+    audit record of the decision names it and the policy that decided."""
+    from agents.security_review.agent import agent as security
+    from mesh import audit
+    from mesh.testing import MeshHarness
+
+    clinic = Clinic()
+    script = turns(
+        lambda req: tool_calls_message(
+            req, [("draft_prescription", {"dose_mg": 20, "url": "https://x.example"})]
+        ),
+        ANSWER,
+    )
+    policies = {
+        "release.proposed": {
+            "skills": ["release-security-review"],
+            "rule": {"kind": "unanimous"},
+            "agent_timeout_s": 10.0,
+            "deadline_s": 20.0,
+        }
+    }
+    release = json.loads((ROOT / "agents" / "samples" / "release_clean.json").read_text())
+    async with (
+        FakeAnthropic(script) as fake,
+        anthropic.AsyncAnthropic(api_key="test-key", base_url=fake.base_url, max_retries=0) as c,
+    ):
+        guard = authz.tool_guard(authz.Authorizer("regulated"), agent="security-review")
+        brain = ClaudeBrain(
+            system_prompt="You review releases.",
+            output_type=Verdict,
+            client=c,
+            tools=clinic.tools,
+            agent="security-review",
+            guard=guard,
+        )
+        with security.override(brain):
+            async with MeshHarness(security, policies=policies) as mesh:
+                event_id = await mesh.publish("release.proposed", release)
+                decision = await mesh.decision(event_id)
+                records = await audit.read(mesh.bus, decision.tenant)
+    assert clinic.ran == []  # denied: never ran
+    [vote] = decision.votes
+    assert vote.outcome == "voted" and vote.brain.startswith("claude:"), vote
+    [denied] = vote.tools_denied
+    assert denied.startswith("draft_prescription: ") and "tools-no-urls" in denied, denied
+    [record] = [r for _, r in records if r.ref == event_id and r.kind == "decision"]
+    [audited] = audit.votes_of(record)
+    assert audited["tools_denied"] == [denied]
