@@ -123,9 +123,14 @@ def test_other_commands_find_the_cluster_through_the_state_file(up: MeshUp) -> N
     assert listed.returncode == 0, str(listed)
     # 3 reviewers and the triage agent, 2 replicas each.
     assert "8 live agent instance(s)" in listed.stdout, str(listed)
-    status = up.mesh("status")
-    assert status.returncode == 0, str(status)
-    assert status.stdout.count("event(s) in flight") == 2, str(status)  # two coordinators
+    # Two coordinators: each answers when it is serving (one may still be starting its loop
+    # on a loaded machine when the agents are all up), so ask again, a bounded number of times.
+    for _ in range(10):
+        status = up.mesh("status", "--wait", "1")
+        assert status.returncode == 0, str(status)
+        if status.stdout.count("event(s) in flight") == 2:
+            break
+    assert status.stdout.count("event(s) in flight") == 2, str(status)
 
 
 def test_ctrl_c_stops_every_process(up: MeshUp) -> None:

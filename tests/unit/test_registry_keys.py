@@ -92,7 +92,7 @@ def _view(*instances: str) -> tuple[RegistryView, dict[str, Binding]]:
     bindings = {}
     for i in instances:
         reg = _reg(i)
-        view._entries[reg.key] = reg
+        view._keep(reg.key, reg)
         view._bindings[reg.key] = bindings[i] = _binding(i)
     return view, bindings
 
@@ -126,10 +126,10 @@ def test_an_entry_whose_heartbeats_stopped_is_forgotten_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     view, bindings = _view("a")
-    view._entries["rev.a"] = _reg("a", seen_at=time.time() - 6.0 - registry.DEPARTED_KEEP_S / 2)
+    view._keep("rev.a", _reg("a", seen_at=time.time() - 6.0 - registry.DEPARTED_KEEP_S / 2))
     assert view.instances("rev") == []  # not live
     assert view.binding("rev", "a") == bindings["a"]  # but its last answers still verify
-    view._entries["rev.a"] = _reg("a", seen_at=time.time() - 6.0 - registry.DEPARTED_KEEP_S - 1)
+    view._keep("rev.a", _reg("a", seen_at=time.time() - 6.0 - registry.DEPARTED_KEEP_S - 1))
     assert view.binding("rev", "a") is None
 
 
