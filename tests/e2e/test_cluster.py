@@ -127,9 +127,9 @@ def test_other_commands_find_the_cluster_through_the_state_file(up: MeshUp) -> N
     # on a loaded machine when the agents are all up), so ask again, a bounded number of times.
     for _ in range(10):
         status = up.mesh("status", "--wait", "1")
-        assert status.returncode == 0, str(status)
         if status.stdout.count("event(s) in flight") == 2:
             break
+    assert status.returncode == 0, str(status)
     assert status.stdout.count("event(s) in flight") == 2, str(status)
 
 
