@@ -335,10 +335,23 @@ class Inbox:
         signer = self.desk.signer
         signed = approvals.sign_request(signer, request) if signer is not None else request
         what = "closed" if request.status == "closed" else f"round{request.round}"
+        # Tagged with the coordinator's key, so nobody else can take the id first and have the
+        # server drop the request as a duplicate (`subjects.approval_msg_id`). Deterministic:
+        # a retry, or another coordinator re-publishing the same round, is still dropped, as
+        # the coordinators of a mesh share the coordinator identity (`mesh.dev.launcher`).
+        # Coordinators issued keys of their own (or across a key rotation) tag differently:
+        # their re-publish of a round lands as a second copy of the same signed state, which
+        # is harmless (a request's state is the last message on its subject, and each round's
+        # message is the same whoever publishes it).
+        tag = (
+            signer.tag(subjects.approval_msg_tag_payload(request.tenant, request.id, what))
+            if signer is not None
+            else ""
+        )
         await self.bus.publish(
             approvals.request_subject(signed),
             approvals.encode(signed),
-            msg_id=subjects.approval_msg_id(request.tenant, request.id, what),
+            msg_id=subjects.approval_msg_id(request.tenant, request.id, what, tag),
         )
         if request.status == "open":
             await self._notify(signed)
