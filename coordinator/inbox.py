@@ -367,6 +367,9 @@ class Inbox:
             at=vote.at if vote else 0.0,
             accepted=accepted,
             why=why,
+            # What the person's client matches on (`approvals.receipt`): by/at are the vote's
+            # claim, anyone's to copy; a forgery naming them has another digest.
+            vote_sha256=approvals.vote_digest(vote) if vote else "",
         )
         with contextlib.suppress(Exception):  # a receipt is a courtesy: the audit has it all
             await self.bus.publish(
@@ -383,7 +386,9 @@ class Inbox:
             if vote.via:
                 data["via"] = vote.via
         event_id = vote.event_id if vote is not None else request_id
-        what = f"refused:{vote.signer}:{vote.at}" if vote is not None else "refused"
+        # By the vote's digest: a forged vote naming the same signer and time is another
+        # record (a redelivery of the same vote is still dropped).
+        what = f"refused:{approvals.vote_digest(vote)}" if vote is not None else "refused"
         await self.audit.append(
             tenant,
             "approval",
