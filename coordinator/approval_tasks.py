@@ -96,13 +96,16 @@ RECEIPT_WAIT_S = 15.0  # how long a follow-up waits for the desk's receipt
 _CACHE_S = 0.5  # a tenant's requests are read once for the few store calls of one request
 _NAMESPACE = uuid.UUID("6f1d3a52-7f0e-4a39-9d0c-5e2b8c1a4d77")  # task ids of approval tasks
 _ANSWERED_KEPT = 10_000
+# A reason's limit (UTF-8 bytes): the vote the inbox signs for it must fit in one NATS message
+# (1 MiB by default), and a reason is a sentence or a paragraph, not a document.
+MAX_REASON_BYTES = 4096
 
 # The data part of an answer (documented in docs/humans.md; what `parse_answer` accepts).
 ANSWER_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "answer": {"enum": ["approve", "deny", "reject"]},
-        "reason": {"type": "string", "minLength": 1},
+        "reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON_BYTES},
         "signed": {"type": "object", "description": "a HumanVote the person signed"},
     },
     "oneOf": [{"required": ["answer", "reason"]}, {"required": ["signed"]}],
@@ -156,6 +159,12 @@ def request_task(request: ApprovalRequest, owner: str) -> Task:
         }
     )
     return task
+
+
+def _short(e: Exception) -> str:
+    """One line of an error, for a caller (its type when it says nothing)."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
 
 
 def _when(at: float) -> str:
@@ -272,6 +281,9 @@ def parse_answer(message: Message | None) -> Answer | str:
         got = msgspec.convert(data[0], Answer)
     except msgspec.ValidationError as e:
         return f"not an answer: {e}"
+    reason = got.signed.reason if got.signed is not None else got.reason
+    if len(reason.encode()) > MAX_REASON_BYTES:
+        return f'"reason" is too long: at most {MAX_REASON_BYTES} bytes (UTF-8)'
     if got.signed is not None:
         return got
     if got.answer not in ("approve", "deny", "reject"):
@@ -345,7 +357,11 @@ class ApprovalExecutor(AgentExecutor):  # type: ignore[misc]
         vote = self._vote(parsed, request, principal)
         if isinstance(vote, str):
             return TaskState.TASK_STATE_REJECTED, vote, None
-        await approvals.submit(self.bus, vote)
+        try:
+            await approvals.submit(self.bus, vote)
+        except Exception as e:  # the caller gets why (too big, no stream), not an internal error
+            log.warning("approval %s: the answer was not sent: %s", request.id, e)
+            return TaskState.TASK_STATE_FAILED, f"the answer was not sent: {_short(e)}", None
         self.requests.forget(principal.tenant)
         receipt = await approvals.receipt(self.bus, vote, wait_s=self.receipt_wait_s)
         if receipt is None:

@@ -31,6 +31,8 @@ def message(*parts: Part) -> Message:
         ({"answer": "approve"}, "needs a"),
         ({"answer": "approve", "reason": " "}, "needs a"),
         ({"answer": "approve", "reason": "x", "extra": 1}, "not an answer"),
+        # 2049 characters, 4098 bytes: the limit is in bytes (what the signed vote carries).
+        ({"answer": "approve", "reason": "\u00e9" * 2049}, "at most 4096 bytes"),
     ],
 )
 def test_a_malformed_answer_says_what_is_wrong(data: dict[str, Any], problem: str) -> None:
@@ -43,6 +45,8 @@ def test_answers_that_parse() -> None:
         got = parse_answer(message(new_data_part({"answer": answer, "reason": "seen"})))
         assert isinstance(got, Answer) and got.answer == answer
     assert "one data part" in str(parse_answer(message(Part(text="approve"))))
+    longest = parse_answer(message(new_data_part({"answer": "approve", "reason": "x" * 4096})))
+    assert isinstance(longest, Answer)
 
 
 async def test_a_request_is_each_persons_own_task() -> None:
