@@ -91,3 +91,34 @@ async def test_over_a2a_only_a_coordinator_signs_for_the_person() -> None:
     assert "no trusted person" in str(approvals.vote_refusal(trust, vote(coordinator, "a2a", "z")))
     settled = await desk(store, clock, trust=trust).answer(KEY, vote(coordinator, "a2a"))
     assert isinstance(settled, Settled) and settled.decision.votes[-1].brain == "human via a2a"
+
+
+async def test_a_saved_end_is_shown_only_for_the_round_it_answered() -> None:
+    """A person's refused answer ends their task for the request as it was; once the request
+    escalates (the round moves), the live INPUT_REQUIRED task is shown again. CANCELED (which
+    only the SDK would write) is never kept."""
+    from types import SimpleNamespace
+
+    from coordinator.approval_tasks import ApprovalTaskStore
+
+    store, clock = MemoryStore(), ManualClock()
+    await agents_vote(
+        store, clock, human_policy(), {"s1": (0.1, "approve"), "s2": (0.1, "approve")}
+    )
+    request = await request_now(store)
+    owner = "acme/human:hank"
+    context: Any = SimpleNamespace(user=SimpleNamespace(user_name=owner))
+    tasks = ApprovalTaskStore(requests=None)  # type: ignore[arg-type]
+
+    def ended(state: TaskState) -> Any:
+        task = request_task(request, owner)
+        task.status.state = state
+        return task
+
+    await tasks.save(ended(TaskState.TASK_STATE_CANCELED), context)
+    live = TaskState.TASK_STATE_INPUT_REQUIRED
+    assert tasks._current(request, context).status.state == live
+    await tasks.save(ended(TaskState.TASK_STATE_REJECTED), context)
+    assert tasks._current(request, context).status.state == TaskState.TASK_STATE_REJECTED
+    escalated = msgspec.structs.replace(request, round=1, roles=[*request.roles, "head-of-safety"])
+    assert tasks._current(escalated, context).status.state == live
