@@ -171,6 +171,12 @@ async def test_attack_other_tenants_human_squats_an_approval_requests_msg_id(
 
 
 # -- 2. an agent replays a person's bearer token to the approvals agent ------------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (docs/security.md): an A2A bearer token has one audience for the whole "
+    "mesh (mesh/identity.py mint_token/verify_token), so the approvals agent accepts a "
+    "person's token from any agent the person called with it",
+)
 async def test_attack_agent_replays_a_persons_token_to_approve(ward: dict[str, Any]) -> None:
     """A person calls some agent with their bearer token (as every A2A call carries one). That
     agent (any `agent` identity; agents may send `mesh.a2a.>`) sends the same token to
@@ -449,6 +455,12 @@ async def test_attack_cancel_ends_a_persons_approval_task(ward: dict[str, Any]) 
 
 
 # -- 8. a webhook host that rebinds to a private address between check and connect ----------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (docs/security.md), being fixed in mesh/a2a/push.py (helper A2): the "
+    "SSRF guard (PushUrlPolicy) resolves the webhook's host itself and httpx resolves it again "
+    "when it connects, so a DNS answer that changes in between (rebinding) reaches loopback",
+)
 async def test_attack_push_webhook_dns_rebinding_reaches_loopback(ward: dict[str, Any]) -> None:
     """A person's push config on their approval task names a host the attacker's DNS answers
     with a public address while the SSRF guard looks (mesh/a2a/push.py PushUrlPolicy resolves
