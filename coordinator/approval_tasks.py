@@ -484,7 +484,7 @@ class ApprovalsAgent:
         # (-32002), the task left as it was. a2a-sdk's handler would otherwise write CANCELED
         # itself (no execution running) or end the follow-up running FAILED, whatever the
         # executor's `cancel` says.
-        self.server.handler.on_cancel_task = self._refuse_cancel
+        self.server.handler.on_cancel_task = self._refuse_cancel  # type: ignore[method-assign]
 
     async def _refuse_cancel(self, params: CancelTaskRequest, context: ServerCallContext) -> Task:
         if await self.store.get(params.id, context) is None:
