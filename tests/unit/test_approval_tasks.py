@@ -122,3 +122,40 @@ async def test_a_saved_end_is_shown_only_for_the_round_it_answered() -> None:
     assert tasks._current(request, context).status.state == TaskState.TASK_STATE_REJECTED
     escalated = msgspec.structs.replace(request, round=1, roles=[*request.roles, "head-of-safety"])
     assert tasks._current(escalated, context).status.state == live
+
+
+async def test_an_answer_that_cannot_be_sent_ends_the_task_failed_saying_why() -> None:
+    """A publish that fails (too big for the server, no stream) is the caller's news, not an
+    internal error: FAILED, one line saying why."""
+    from types import SimpleNamespace
+
+    from coordinator.approval_tasks import ApprovalExecutor
+    from mesh.errors import MeshError
+    from mesh.identity import Principal
+
+    store, clock = MemoryStore(), ManualClock()
+    await agents_vote(
+        store, clock, human_policy(), {"s1": (0.1, "approve"), "s2": (0.1, "approve")}
+    )
+    request = await request_now(store)
+
+    class Refusing:
+        async def publish(self, *args: Any, **kwargs: Any) -> Any:
+            raise MeshError("maximum payload exceeded\nsecond line")
+
+    class Known:
+        async def of(self, tenant: str) -> dict[str, approvals.ApprovalRequest]:
+            return {request.id: request}
+
+        def forget(self, tenant: str) -> None:
+            raise AssertionError("nothing was sent")
+
+    alice = Principal(name="alice", role="human", tenant=request.tenant)
+    executor = ApprovalExecutor(Refusing(), Signer.generate(), Known())  # type: ignore[arg-type]
+    context: Any = SimpleNamespace(
+        message=message(new_data_part({"answer": "approve", "reason": "checked"})),
+        call_context=SimpleNamespace(user=SimpleNamespace(principal=alice)),
+    )
+    state, text, artifact = await executor._answer(request_task(request, alice.owner), context)
+    assert state == TaskState.TASK_STATE_FAILED and artifact is None
+    assert text == "the answer was not sent: maximum payload exceeded", text
