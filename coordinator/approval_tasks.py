@@ -60,6 +60,7 @@ from a2a.server.owner_resolver import resolve_user_scope
 from a2a.server.tasks import InMemoryTaskStore, TaskStore, TaskUpdater
 from a2a.types import (
     AgentCard,
+    CancelTaskRequest,
     ListTasksRequest,
     ListTasksResponse,
     Message,
@@ -69,14 +70,13 @@ from a2a.types import (
     TaskState,
     TaskStatus,
 )
-from a2a.utils.errors import TaskNotCancelableError
+from a2a.utils.errors import TaskNotCancelableError, TaskNotFoundError
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 
 from mesh import approvals, subjects
 from mesh.a2a.auth import Authenticator
 from mesh.a2a.server import A2AServer
-from mesh.a2a.taskstore import TERMINAL_STATES
 from mesh.approvals import ApprovalRequest, HumanVote
 from mesh.cards import parse_card, with_interfaces
 from mesh.identity import Principal, Signer, Trust, TrustFile, resolve_trust, trust_path
@@ -96,13 +96,19 @@ RECEIPT_WAIT_S = 15.0  # how long a follow-up waits for the desk's receipt
 _CACHE_S = 0.5  # a tenant's requests are read once for the few store calls of one request
 _NAMESPACE = uuid.UUID("6f1d3a52-7f0e-4a39-9d0c-5e2b8c1a4d77")  # task ids of approval tasks
 _ANSWERED_KEPT = 10_000
+_ANSWER_ENDS = frozenset(
+    {TaskState.TASK_STATE_COMPLETED, TaskState.TASK_STATE_REJECTED, TaskState.TASK_STATE_FAILED}
+)
+# A reason's limit (UTF-8 bytes): the vote the inbox signs for it must fit in one NATS message
+# (1 MiB by default), and a reason is a sentence or a paragraph, not a document.
+MAX_REASON_BYTES = 4096
 
 # The data part of an answer (documented in docs/humans.md; what `parse_answer` accepts).
 ANSWER_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "answer": {"enum": ["approve", "deny", "reject"]},
-        "reason": {"type": "string", "minLength": 1},
+        "reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON_BYTES},
         "signed": {"type": "object", "description": "a HumanVote the person signed"},
     },
     "oneOf": [{"required": ["answer", "reason"]}, {"required": ["signed"]}],
@@ -156,6 +162,12 @@ def request_task(request: ApprovalRequest, owner: str) -> Task:
         }
     )
     return task
+
+
+def _short(e: Exception) -> str:
+    """One line of an error, for a caller (its type when it says nothing)."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
 
 
 def _when(at: float) -> str:
@@ -222,7 +234,10 @@ class ApprovalTaskStore(TaskStore):  # type: ignore[misc]
         self._ended: OrderedDict[tuple[str, str], Task] = OrderedDict()
 
     async def save(self, task: Task, context: ServerCallContext) -> None:
-        if task.status.state in TERMINAL_STATES:
+        # Only the ends an answer makes (`ApprovalExecutor._answer`): never CANCELED (nor any
+        # other end the SDK might write for a task), which would lock the person out of a
+        # request still open (a2a-sdk refuses follow-ups on a terminal task).
+        if task.status.state in _ANSWER_ENDS:
             self._ended[(resolve_user_scope(context), task.id)] = task
             while len(self._ended) > _ANSWERED_KEPT:
                 self._ended.popitem(last=False)
@@ -237,13 +252,16 @@ class ApprovalTaskStore(TaskStore):  # type: ignore[misc]
         owner = resolve_user_scope(context)
         task = request_task(request, owner)
         ended = self._ended.get((owner, task.id))
-        # An answer refused (or unconfirmed) ends the person's task; a request closed since
-        # (decided) is the newer news.
-        if ended is not None and not (
-            request.status == "closed" and ended.status.state != TaskState.TASK_STATE_COMPLETED
-        ):
-            return ended
-        return task
+        if ended is None:
+            return task
+        # An answer refused (or unconfirmed) ends the person's task for the request as it was
+        # answered; news since is newer: an escalation (the round, and with it the roles asked,
+        # moved: a person refused as "not asked yet" may be asked now, and must be able to
+        # answer) or the request closing (decided: only the person's own accepted answer is
+        # shown still).
+        if request.status == "closed":
+            return ended if ended.status.state == TaskState.TASK_STATE_COMPLETED else task
+        return ended if _answered_round(ended) in (None, request.round) else task
 
     async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
         # The SDK's own in-memory store filters, sorts and pages them (same cursors).
@@ -255,6 +273,15 @@ class ApprovalTaskStore(TaskStore):  # type: ignore[misc]
 
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
         self._ended.pop((resolve_user_scope(context), task_id), None)
+
+
+def _answered_round(task: Task) -> int | None:
+    """The request's round a saved task was answered at (its `round` metadata, which the task
+    the SDK ran the follow-up on had from `request_task`); None if it has none."""
+    if "round" not in task.metadata:  # a protobuf Struct: no .get()
+        return None
+    value = task.metadata["round"]
+    return int(value) if isinstance(value, int | float) else None
 
 
 class Answer(msgspec.Struct, forbid_unknown_fields=True):
@@ -272,6 +299,9 @@ def parse_answer(message: Message | None) -> Answer | str:
         got = msgspec.convert(data[0], Answer)
     except msgspec.ValidationError as e:
         return f"not an answer: {e}"
+    reason = got.signed.reason if got.signed is not None else got.reason
+    if len(reason.encode()) > MAX_REASON_BYTES:
+        return f'"reason" is too long: at most {MAX_REASON_BYTES} bytes (UTF-8)'
     if got.signed is not None:
         return got
     if got.answer not in ("approve", "deny", "reject"):
@@ -345,7 +375,11 @@ class ApprovalExecutor(AgentExecutor):  # type: ignore[misc]
         vote = self._vote(parsed, request, principal)
         if isinstance(vote, str):
             return TaskState.TASK_STATE_REJECTED, vote, None
-        await approvals.submit(self.bus, vote)
+        try:
+            await approvals.submit(self.bus, vote)
+        except Exception as e:  # the caller gets why (too big, no stream), not an internal error
+            log.warning("approval %s: the answer was not sent: %s", request.id, e)
+            return TaskState.TASK_STATE_FAILED, f"the answer was not sent: {_short(e)}", None
         self.requests.forget(principal.tenant)
         receipt = await approvals.receipt(self.bus, vote, wait_s=self.receipt_wait_s)
         if receipt is None:
@@ -446,6 +480,16 @@ class ApprovalsAgent:
             settings=settings,
             max_concurrency=16,
         )
+        # An approval request is answered, not cancelled: CancelTask is refused up front
+        # (-32002), the task left as it was. a2a-sdk's handler would otherwise write CANCELED
+        # itself (no execution running) or end the follow-up running FAILED, whatever the
+        # executor's `cancel` says.
+        self.server.handler.on_cancel_task = self._refuse_cancel  # type: ignore[method-assign]
+
+    async def _refuse_cancel(self, params: CancelTaskRequest, context: ServerCallContext) -> Task:
+        if await self.store.get(params.id, context) is None:
+            raise TaskNotFoundError
+        raise TaskNotCancelableError(message="an approval request is answered, not cancelled")
 
     @classmethod
     def from_bus(

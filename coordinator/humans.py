@@ -146,6 +146,29 @@ def _may_approve(
     return None
 
 
+def _too_early(principal: TrustedKey, vote: HumanVote, wait: HumanWait) -> str | None:
+    """Why `vote` was given before the person was asked (None: it was not). A person who sees
+    a request before their role is asked (a chain's `next_roles`) and answers is refused then;
+    the signed answer stays in the stream, readable by the tenant's people, and must not count
+    when someone replays it after the escalation. So an answer counts only if it answers a
+    round at or after the one in which one of the signer's roles was first asked: `roles[i]`
+    was added at round i (the first role at round 0, one role per escalation step).
+
+    The round is what the person signed, and a client signs the round it was shown. Not the
+    answer's `at`: that is the person's clock, and a clock a little behind the coordinator's
+    would refuse an answer given right after the escalation. A person who hand-signs a round
+    not yet asked is refused then ("never asked") and counted if it is replayed once that
+    round is asked: it is their own signed answer to that round."""
+    held = set(principal.claims)
+    first = next((i for i, role in enumerate(wait.roles) if role in held), None)
+    if first is None or vote.round >= first:
+        return None
+    return (
+        f"{principal.name} answered round {vote.round} of {wait.request_id}, before their role "
+        f"was asked (round {first}): answer the request as it is now"
+    )
+
+
 class Authorize(Protocol):
     """A second opinion on an answer the role check allows (Cedar: `cedar_authorize`)."""
 
@@ -313,6 +336,8 @@ class Desk:
                     decision_type=pending.decision_type,
                     event_id=pending.event.id,
                 )
+            if why is None:
+                why = _too_early(who, vote, wait)
             if why is not None:
                 return why
         return None

@@ -335,10 +335,23 @@ class Inbox:
         signer = self.desk.signer
         signed = approvals.sign_request(signer, request) if signer is not None else request
         what = "closed" if request.status == "closed" else f"round{request.round}"
+        # Tagged with the coordinator's key, so nobody else can take the id first and have the
+        # server drop the request as a duplicate (`subjects.approval_msg_id`). Deterministic:
+        # a retry, or another coordinator re-publishing the same round, is still dropped, as
+        # the coordinators of a mesh share the coordinator identity (`mesh.dev.launcher`).
+        # Coordinators issued keys of their own (or across a key rotation) tag differently:
+        # their re-publish of a round lands as a second copy of the same signed state, which
+        # is harmless (a request's state is the last message on its subject, and each round's
+        # message is the same whoever publishes it).
+        tag = (
+            signer.tag(subjects.approval_msg_tag_payload(request.tenant, request.id, what))
+            if signer is not None
+            else ""
+        )
         await self.bus.publish(
             approvals.request_subject(signed),
             approvals.encode(signed),
-            msg_id=subjects.approval_msg_id(request.tenant, request.id, what),
+            msg_id=subjects.approval_msg_id(request.tenant, request.id, what, tag),
         )
         if request.status == "open":
             await self._notify(signed)
@@ -354,6 +367,9 @@ class Inbox:
             at=vote.at if vote else 0.0,
             accepted=accepted,
             why=why,
+            # What the person's client matches on (`approvals.receipt`): by/at are the vote's
+            # claim, anyone's to copy; a forgery naming them has another digest.
+            vote_sha256=approvals.vote_digest(vote) if vote else "",
         )
         with contextlib.suppress(Exception):  # a receipt is a courtesy: the audit has it all
             await self.bus.publish(
@@ -370,7 +386,9 @@ class Inbox:
             if vote.via:
                 data["via"] = vote.via
         event_id = vote.event_id if vote is not None else request_id
-        what = f"refused:{vote.signer}:{vote.at}" if vote is not None else "refused"
+        # By the vote's digest: a forged vote naming the same signer and time is another
+        # record (a redelivery of the same vote is still dropped).
+        what = f"refused:{approvals.vote_digest(vote)}" if vote is not None else "refused"
         await self.audit.append(
             tenant,
             "approval",

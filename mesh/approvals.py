@@ -125,10 +125,21 @@ class HumanVote(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 class ApprovalReceipt(msgspec.Struct, omit_defaults=True, kw_only=True):
     request_id: str
-    by: str
+    by: str  # as the answered vote claims (believed only if `accepted`)
     at: float  # the answered vote's `at`
     accepted: bool
     why: str = ""
+    # `vote_digest` of the vote answered: what a waiting client matches on. `by` and `at` are
+    # anyone's to claim; a forged vote naming them has another digest.
+    vote_sha256: str = ""
+
+
+def vote_digest(vote: HumanVote) -> str:
+    """SHA-256 of the signed vote (canonical JSON, signature included): one answer's name,
+    its message id on the stream and what its receipt names. Ed25519 signatures are
+    deterministic, so re-sending the same answer gives the same digest (a duplicate, dropped);
+    nobody can know it before the vote is signed, so no one can take its id first."""
+    return hashlib.sha256(canonical(msgspec.to_builtins(vote))).hexdigest()
 
 
 def evidence_digest(event_data: Any, evidence: list[Vote]) -> str:
@@ -287,13 +298,21 @@ async def inbox(bus: Bus, tenant: str, trust: Trust | None) -> dict[str, Approva
     return found
 
 
-async def submit(bus: Bus, vote: HumanVote) -> None:
-    """Publish a signed answer (a repeat of the same answer is dropped by its message id)."""
-    await bus.publish(
+def vote_msg_id(vote: HumanVote) -> str:
+    """A vote's `Nats-Msg-Id`: `approval:<tenant>.<request>:vote:<vote_digest>`."""
+    return subjects.approval_msg_id(vote.tenant, vote.request_id, f"vote:{vote_digest(vote)}")
+
+
+async def submit(bus: Bus, vote: HumanVote) -> bool:
+    """Publish a signed answer; False when this very vote was submitted already (its message
+    id is its digest, so a duplicate is the same signed answer, never another one that took
+    its id: its receipt, given or coming, is this one's)."""
+    ack = await bus.publish(
         subjects.approval(vote.tenant, "vote", vote.request_id),
         encode(vote),
-        msg_id=subjects.approval_msg_id(vote.tenant, vote.request_id, f"vote:{vote.by}:{vote.at}"),
+        msg_id=vote_msg_id(vote),
     )
+    return not ack.duplicate
 
 
 async def receipt(bus: Bus, vote: HumanVote, *, wait_s: float) -> ApprovalReceipt | None:
@@ -302,10 +321,14 @@ async def receipt(bus: Bus, vote: HumanVote, *, wait_s: float) -> ApprovalReceip
 
     until = time.monotonic() + wait_s
     filt = subjects.approval(vote.tenant, "receipt", vote.request_id)
+    digest = vote_digest(vote)
     while True:
         for m in await read_stream(bus, subjects.APPROVALS_STREAM, filter_subject=filt):
-            r = receipt_decoder.decode(m.data)
-            if r.by == vote.by and r.at == vote.at:
+            try:
+                r = receipt_decoder.decode(m.data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue  # people of the tenant may not publish receipts; nothing to trust
+            if r.vote_sha256 == digest:
                 return r
         if time.monotonic() >= until:
             return None

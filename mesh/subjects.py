@@ -382,6 +382,23 @@ def parse_approval_subject(subject: str) -> tuple[str, str, str]:
     return parts[2], parts[3], f"{parts[4]}.{parts[5]}"
 
 
-def approval_msg_id(tenant: str, request_id: str, what: str) -> str:
-    """`approval:<tenant>.<id>:<what>` (a request's round, `closed`, or a vote's time)."""
-    return f"approval:{tenant}.{request_id}:{what}"
+def approval_msg_id(tenant: str, request_id: str, what: str, tag: str = "") -> str:
+    """`approval:<tenant>.<id>:<what>` (a request's round or `closed`, a vote's digest).
+
+    `MESH_APPROVALS` de-duplicates ids per stream, not per subject, so a predictable id could
+    be taken first by anyone who may publish on the stream (a person of another tenant, on
+    their own vote subject) and the server would drop the real message as a duplicate. So a
+    request's id carries `tag`, the coordinator's keyed digest of it (`Signer.tag` over
+    `approval_msg_tag_payload`): `approval:<tenant>~<tag>.<id>:<what>`; a vote's `what` is the
+    digest of the signed vote itself (`mesh.approvals.vote_digest`), which nobody can know
+    before the vote exists."""
+    return (
+        f"approval:{tenant}~{tag}.{request_id}:{what}"
+        if tag
+        else f"approval:{tenant}.{request_id}:{what}"
+    )
+
+
+def approval_msg_tag_payload(tenant: str, request_id: str, what: str) -> bytes:
+    """What a coordinator's `Signer.tag` covers for an approval request's message id."""
+    return f"approval-msg-id\0{tenant}\0{request_id}\0{what}".encode()

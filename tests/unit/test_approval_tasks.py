@@ -31,6 +31,8 @@ def message(*parts: Part) -> Message:
         ({"answer": "approve"}, "needs a"),
         ({"answer": "approve", "reason": " "}, "needs a"),
         ({"answer": "approve", "reason": "x", "extra": 1}, "not an answer"),
+        # 2049 characters, 4098 bytes: the limit is in bytes (what the signed vote carries).
+        ({"answer": "approve", "reason": "\u00e9" * 2049}, "at most 4096 bytes"),
     ],
 )
 def test_a_malformed_answer_says_what_is_wrong(data: dict[str, Any], problem: str) -> None:
@@ -43,6 +45,8 @@ def test_answers_that_parse() -> None:
         got = parse_answer(message(new_data_part({"answer": answer, "reason": "seen"})))
         assert isinstance(got, Answer) and got.answer == answer
     assert "one data part" in str(parse_answer(message(Part(text="approve"))))
+    longest = parse_answer(message(new_data_part({"answer": "approve", "reason": "x" * 4096})))
+    assert isinstance(longest, Answer)
 
 
 async def test_a_request_is_each_persons_own_task() -> None:
@@ -87,3 +91,71 @@ async def test_over_a2a_only_a_coordinator_signs_for_the_person() -> None:
     assert "no trusted person" in str(approvals.vote_refusal(trust, vote(coordinator, "a2a", "z")))
     settled = await desk(store, clock, trust=trust).answer(KEY, vote(coordinator, "a2a"))
     assert isinstance(settled, Settled) and settled.decision.votes[-1].brain == "human via a2a"
+
+
+async def test_a_saved_end_is_shown_only_for_the_round_it_answered() -> None:
+    """A person's refused answer ends their task for the request as it was; once the request
+    escalates (the round moves), the live INPUT_REQUIRED task is shown again. CANCELED (which
+    only the SDK would write) is never kept."""
+    from types import SimpleNamespace
+
+    from coordinator.approval_tasks import ApprovalTaskStore
+
+    store, clock = MemoryStore(), ManualClock()
+    await agents_vote(
+        store, clock, human_policy(), {"s1": (0.1, "approve"), "s2": (0.1, "approve")}
+    )
+    request = await request_now(store)
+    owner = "acme/human:hank"
+    context: Any = SimpleNamespace(user=SimpleNamespace(user_name=owner))
+    tasks = ApprovalTaskStore(requests=None)  # type: ignore[arg-type]
+
+    def ended(state: TaskState) -> Any:
+        task = request_task(request, owner)
+        task.status.state = state
+        return task
+
+    await tasks.save(ended(TaskState.TASK_STATE_CANCELED), context)
+    live = TaskState.TASK_STATE_INPUT_REQUIRED
+    assert tasks._current(request, context).status.state == live
+    await tasks.save(ended(TaskState.TASK_STATE_REJECTED), context)
+    assert tasks._current(request, context).status.state == TaskState.TASK_STATE_REJECTED
+    escalated = msgspec.structs.replace(request, round=1, roles=[*request.roles, "head-of-safety"])
+    assert tasks._current(escalated, context).status.state == live
+
+
+async def test_an_answer_that_cannot_be_sent_ends_the_task_failed_saying_why() -> None:
+    """A publish that fails (too big for the server, no stream) is the caller's news, not an
+    internal error: FAILED, one line saying why."""
+    from types import SimpleNamespace
+
+    from coordinator.approval_tasks import ApprovalExecutor
+    from mesh.errors import MeshError
+    from mesh.identity import Principal
+
+    store, clock = MemoryStore(), ManualClock()
+    await agents_vote(
+        store, clock, human_policy(), {"s1": (0.1, "approve"), "s2": (0.1, "approve")}
+    )
+    request = await request_now(store)
+
+    class Refusing:
+        async def publish(self, *args: Any, **kwargs: Any) -> Any:
+            raise MeshError("maximum payload exceeded\nsecond line")
+
+    class Known:
+        async def of(self, tenant: str) -> dict[str, approvals.ApprovalRequest]:
+            return {request.id: request}
+
+        def forget(self, tenant: str) -> None:
+            raise AssertionError("nothing was sent")
+
+    alice = Principal(name="alice", role="human", tenant=request.tenant)
+    executor = ApprovalExecutor(Refusing(), Signer.generate(), Known())  # type: ignore[arg-type]
+    context: Any = SimpleNamespace(
+        message=message(new_data_part({"answer": "approve", "reason": "checked"})),
+        call_context=SimpleNamespace(user=SimpleNamespace(principal=alice)),
+    )
+    state, text, artifact = await executor._answer(request_task(request, alice.owner), context)
+    assert state == TaskState.TASK_STATE_FAILED and artifact is None
+    assert text == "the answer was not sent: maximum payload exceeded", text

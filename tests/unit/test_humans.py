@@ -266,14 +266,21 @@ async def test_a_person_without_the_role_cannot_approve() -> None:
     refused = await d.answer(KEY, people.answer("mallory", request, yes=True))
     assert isinstance(refused, Refused) and "holds no role" in refused.why
     # The escalation's role may answer only once the escalation is due.
-    early = await d.answer(KEY, people.answer("hank", request, yes=True))
+    early_vote = people.answer("hank", request, yes=True)
+    early = await d.answer(KEY, early_vote)
     assert isinstance(early, Refused) and "holds no role" in early.why
     wrong_tenant = await d.answer(KEY, people.answer("eve", request, yes=True))
     assert isinstance(wrong_tenant, Refused) and "tenant" in wrong_tenant.why
     state = await Ledger(store, "reader", LEASE_S).read(KEY)
     assert state is not None and state.state == "awaiting_human"  # nothing was recorded
     await clock.advance(30.0)
-    later = await d.answer(KEY, people.answer("hank", request, yes=False))
+    # Hank's refused early answer, replayed once his role is asked (anyone of the tenant can
+    # read it in the stream), does not count: it answered round 0, before he was asked.
+    replayed = await d.answer(KEY, early_vote)
+    assert isinstance(replayed, Refused) and "before their role was asked" in replayed.why
+    escalated = await request_now(store)
+    assert escalated.round == 1
+    later = await d.answer(KEY, people.answer("hank", escalated, yes=False))
     assert isinstance(later, Settled) and later.decision.outcome == "rejected"
 
 
