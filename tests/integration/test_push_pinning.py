@@ -215,4 +215,3 @@ async def test_https_through_the_pinned_address_verifies_the_hostname(
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await http.post(f"https://other.push.test:{hook.port}/hook", json={"n": 2})
     assert len(hook.heads) == 1
-
