@@ -40,7 +40,7 @@ from coordinator.humans import Desk, DeskOutcome, Gone, Refused, Settled, Still,
 from coordinator.ledger import DecisionState
 from mesh import approvals, subjects, telemetry
 from mesh._internal.consume import PullLoop
-from mesh.a2a.push import PUSH_TIMEOUT_S, PushUrlPolicy
+from mesh.a2a.push import PushUrlPolicy, webhook_client
 from mesh.approvals import ApprovalReceipt, ApprovalRequest, HumanVote
 from mesh.audit import AuditLog
 from mesh.bus import Bus
@@ -461,7 +461,8 @@ class Inbox:
             log.warning("approval %s: notify URL refused by the SSRF guard", request.id)
             return
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=PUSH_TIMEOUT_S, follow_redirects=False)
+            # Connects only to the address the guard checked (DNS rebinding), no redirects.
+            self._http = webhook_client(self.url_policy)
         try:
             await self._http.post(
                 url, content=approvals.encode(request), headers={"content-type": "application/json"}

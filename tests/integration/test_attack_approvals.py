@@ -455,12 +455,6 @@ async def test_attack_cancel_ends_a_persons_approval_task(ward: dict[str, Any]) 
 
 
 # -- 8. a webhook host that rebinds to a private address between check and connect ----------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/security.md), being fixed in mesh/a2a/push.py (helper A2): the "
-    "SSRF guard (PushUrlPolicy) resolves the webhook's host itself and httpx resolves it again "
-    "when it connects, so a DNS answer that changes in between (rebinding) reaches loopback",
-)
 async def test_attack_push_webhook_dns_rebinding_reaches_loopback(ward: dict[str, Any]) -> None:
     """A person's push config on their approval task names a host the attacker's DNS answers
     with a public address while the SSRF guard looks (mesh/a2a/push.py PushUrlPolicy resolves

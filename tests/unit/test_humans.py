@@ -470,6 +470,15 @@ async def test_a_request_is_posted_to_its_notify_url_through_the_ssrf_guard() ->
         await inbox._notify(request)
         assert len(posted) == expected  # a loopback address is refused unless allowed
     assert approvals.request_decoder.decode(posted[0]).id == request.id
+    # Its own client is the pinned webhook client (it connects to the address the guard
+    # checked: DNS rebinding), not a plain one (port 9 refuses: the POST fails, logged).
+    inbox._http = None
+    await inbox._notify(request)
+    from mesh.a2a.push import webhook_client
+
+    pinned = webhook_client(inbox.url_policy)
+    assert type(inbox._http._transport) is type(pinned._transport)  # type: ignore[union-attr]
+    await pinned.aclose()
 
 
 def test_the_clinic_policy_in_docs_humans_md_is_valid() -> None:
