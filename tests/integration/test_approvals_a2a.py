@@ -126,6 +126,30 @@ async def send(client: Any, request: SendMessageRequest) -> Task:
     return events[-1].task  # type: ignore[no-any-return]
 
 
+def ward_policies(skill: str, *, escalate_after_s: float) -> policy.Policies:
+    """A ward's policies: `med.change` waits on the clinical safety officer (escalated to the
+    head of safety after 300 s), `med.escalating` escalates after `escalate_after_s`."""
+
+    def one(decision_type: str, after_s: float) -> dict[str, Any]:
+        return {
+            "skills": [skill],
+            "rule": {"kind": "unanimous"},
+            "agent_timeout_s": 5.0,
+            "deadline_s": 10.0,
+            "decision_type": decision_type,
+            "humans": [
+                {"role": CSO, "wait_s": 600, "escalate": [{"role": HOS, "after_s": after_s}]}
+            ],
+        }
+
+    return policy.parse(
+        {
+            "med.change": one("med.change.decided", 300),
+            "med.escalating": one("med.escalating.decided", escalate_after_s),
+        }
+    )
+
+
 @pytest.fixture
 async def clinic(
     nats_server: EmbeddedServer, settings: Settings, identities: IdentityDir, tmp_path: Path
@@ -146,28 +170,7 @@ async def clinic(
         path = identities.issue("human", name, tenant=of, claims=[role])
         people[key] = Person(name, of, load_identity(path).token or "")
     pushable = settings.model_copy(update={"push_allow_private": True})
-    policies = policy.parse(
-        {
-            "med.change": {
-                "skills": ["a2a-dose-check"],
-                "rule": {"kind": "unanimous"},
-                "agent_timeout_s": 5.0,
-                "deadline_s": 10.0,
-                "decision_type": "med.change.decided",
-                "humans": [
-                    {"role": CSO, "wait_s": 600, "escalate": [{"role": HOS, "after_s": 300}]}
-                ],
-            },
-            "med.escalating": {
-                "skills": ["a2a-dose-check"],
-                "rule": {"kind": "unanimous"},
-                "agent_timeout_s": 5.0,
-                "deadline_s": 10.0,
-                "decision_type": "med.escalating.decided",
-                "humans": [{"role": CSO, "wait_s": 600, "escalate": [{"role": HOS, "after_s": 1}]}],
-            },
-        }
-    )
+    policies = ward_policies("a2a-dose-check", escalate_after_s=1)
     agent = voting_agent(tmp_path, "a2a-dose-voter", "a2a-dose-check")
     async with (
         await Bus.connect(nats_server.url, settings=pushable) as bus,

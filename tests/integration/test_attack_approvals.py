@@ -17,7 +17,6 @@ import msgspec
 import pytest
 from a2a.types import GetTaskRequest, ListTasksRequest, Task, TaskState
 
-from coordinator import policy
 from coordinator.approval_tasks import AGENT, approvals_card
 from coordinator.service import Coordinator
 from mesh import approvals, envelope, subjects
@@ -28,7 +27,7 @@ from mesh.identity import IdentityDir, load_identity
 from mesh.records import decision_decoder, event_token
 from mesh.server import EmbeddedServer
 from mesh.settings import Settings
-from tests.integration.test_approvals_a2a import decision_of, follow_up, send
+from tests.integration.test_approvals_a2a import decision_of, follow_up, send, ward_policies
 from tests.support.samples import voting_agent
 from tests.support.waits import eventually
 
@@ -59,28 +58,7 @@ async def ward(
         "nurse": identities.issue("human", f"nurse{suffix}", tenant=tenant, claims=["nurse"]),
     }
     nats_server.reload()
-    policies = policy.parse(
-        {
-            "med.change": {
-                "skills": ["atk-dose-check"],
-                "rule": {"kind": "unanimous"},
-                "agent_timeout_s": 5.0,
-                "deadline_s": 10.0,
-                "decision_type": "med.change.decided",
-                "humans": [
-                    {"role": CSO, "wait_s": 600, "escalate": [{"role": HOS, "after_s": 300}]}
-                ],
-            },
-            "med.escalating": {
-                "skills": ["atk-dose-check"],
-                "rule": {"kind": "unanimous"},
-                "agent_timeout_s": 5.0,
-                "deadline_s": 10.0,
-                "decision_type": "med.escalating.decided",
-                "humans": [{"role": CSO, "wait_s": 600, "escalate": [{"role": HOS, "after_s": 2}]}],
-            },
-        }
-    )
+    policies = ward_policies("atk-dose-check", escalate_after_s=2)
     agent = voting_agent(tmp_path, "atk-dose-voter", "atk-dose-check")
     async with (
         await Bus.connect(nats_server.url, settings=settings) as bus,
