@@ -152,14 +152,7 @@ class RulesBrain:
 
     async def think(self, payload: object) -> Thought[Any]:
         name = getattr(self._fn, "__name__", "rules")
-        with telemetry.tracer().start_as_current_span(
-            f"execute_tool {name}",
-            kind=SpanKind.INTERNAL,
-            attributes={
-                telemetry.GEN_AI_OPERATION: "execute_tool",
-                telemetry.GEN_AI_TOOL_NAME: name,
-            },
-        ):
+        with telemetry.tool_span(name):
             return await self._think(payload)
 
     async def _think(self, payload: object) -> Thought[Any]:

@@ -77,6 +77,16 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(_SCOPE)
 
 
+def tool_span(name: str) -> Any:
+    """The `execute_tool <name>` span (GenAI conventions) of a rules brain or a model's tool
+    call, made current for the block: `with telemetry.tool_span(name) as span: ...`."""
+    return tracer().start_as_current_span(
+        f"execute_tool {name}",
+        kind=trace.SpanKind.INTERNAL,
+        attributes={GEN_AI_OPERATION: "execute_tool", GEN_AI_TOOL_NAME: name},
+    )
+
+
 # The API's providers that record nothing: its no-op one and, while no provider is set, its proxy.
 _NOT_RECORDING = (trace.NoOpTracerProvider, trace.ProxyTracerProvider)
 

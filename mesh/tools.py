@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 
 from mesh import budget, telemetry
 from mesh.errors import ConfigError
@@ -168,14 +168,7 @@ class ToolRunner:
         """(the tool_result block for the model, what happened)."""
         scope = budget.current.get()
         args: dict[str, Any] = dict(arguments) if isinstance(arguments, Mapping) else {}
-        with telemetry.tracer().start_as_current_span(
-            f"execute_tool {name}",
-            kind=SpanKind.INTERNAL,
-            attributes={
-                telemetry.GEN_AI_OPERATION: "execute_tool",
-                telemetry.GEN_AI_TOOL_NAME: name,
-            },
-        ) as span:
+        with telemetry.tool_span(name) as span:
             tool = self.tools.get(name)
             if tool is None:
                 use = ToolUse(name=name, ran=False, error=f"there is no tool {name!r}")
