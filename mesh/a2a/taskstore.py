@@ -34,6 +34,7 @@ caller has at the agent (fine for thousands, not for millions).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -64,6 +65,8 @@ from a2a.utils.task import (
     encode_list_tasks_cursor,
 )
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -327,24 +330,53 @@ class JetStreamTaskStore(VersionedTaskStore):  # type: ignore[misc]
         return None if record is None else (record, entry.revision)
 
     async def _records(self, owner: str) -> _Records:
-        """The latest record of every task `owner` has at this agent (one ordered consumer,
-        filtered to the owner's keys)."""
-        watcher = await self.kv.watch(f"{self.agent}.{_owner_token(owner)}.*", ignore_deletes=True)
+        """The latest record of every task `owner` has at this agent: one ordered consumer,
+        filtered to the owner's keys, delivering the last value of each.
+
+        Not `KeyValue.watch`: its "no more values" marker comes from comparing the consumer's
+        pending count with the messages the client has parsed, and under load the server's
+        answer overtakes messages it already sent, so a listing could end before its first
+        task (seen in CI: a ListTasks of five tasks said none). The end here is the server's own
+        count: what the consumer had delivered plus what it had pending when asked; then the
+        message after which nothing is pending."""
+        js, stream = self.kv._js, self.kv._stream  # (nats-py keeps them private; watch uses them)
+        arrived: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def take(msg: Msg) -> None:
+            arrived.put_nowait(msg)
+
+        sub = await js.subscribe(
+            f"{self.kv._pre}{self.agent}.{_owner_token(owner)}.*",
+            stream=stream,
+            cb=take,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=60.0,  # cleans up after a reader that died mid-list
+        )
         out: _Records = []
         try:
+            info = await sub.consumer_info()
+            delivered = info.delivered.consumer_seq if info.delivered else 0
+            if not (delivered or 0) + (info.num_pending or 0):
+                return out
             while True:
-                entry = await watcher.updates(timeout=_LIST_WAIT_S)  # type: ignore[no-untyped-call]
-                if entry is None:  # the last value per key has arrived
-                    return out
-                if entry.value and entry.operation is None:
-                    record = _Record.decode(entry.value, key=entry.key)
+                async with asyncio.timeout(_LIST_WAIT_S):
+                    msg = await arrived.get()
+                if msg.data and not _kv_marker(msg):
+                    record = _Record.decode(msg.data, key=msg.subject)
                     if record is not None:
                         out.append(record)
-                if entry.delta == 0:
+                if not msg.metadata.num_pending:
                     return out
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await sub.unsubscribe()
+
+
+def _kv_marker(msg: Msg) -> bool:
+    """Whether `msg` is a KV delete or purge (or a server's expiry marker), not a value."""
+    headers = msg.headers or {}
+    return "KV-Operation" in headers or "Nats-Marker-Reason" in headers
 
 
 def _sort_key(task: Task) -> tuple[bool, int, str]:

@@ -34,6 +34,8 @@ from a2a.types import (
 from a2a.utils.errors import InvalidParamsError
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
+from nats.aio.client import Client as NatsClient
+from nats.js.client import JetStreamContext
 
 from mesh import subjects
 from mesh.a2a.client import user_message, verdict_of
@@ -462,3 +464,46 @@ async def test_memory_store_forgets_on_restart(
     async with _replica(agent, bus, settings) as second:
         got = await _nats(bus, second.subject, "GetTask", {"id": tid})
     assert got["error"]["code"] == -32001  # task not found
+
+
+async def test_list_waits_for_tasks_the_server_sent_before_its_count(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load the consumer's count can reach the client before the task values the server
+    had already sent (CI saw a ListTasks of five tasks say none). Here the client holds every
+    value back until the count has arrived: the listing still has all five."""
+    store = await _store(bus)
+    for i in range(5):
+        await store.save(_task(f"late{i}", ts=i + 1), prev_version=MISSING, context=ANON)
+
+    held: list[tuple[Any, tuple[Any, ...]]] = []
+    process_msg = NatsClient._process_msg
+    consumer_info = JetStreamContext.PushSubscription.consumer_info
+
+    async def holding(self: NatsClient, sid: int, subject: bytes, *rest: Any) -> None:
+        if subject.startswith(f"$KV.{subjects.TASKS_BUCKET}.".encode()):
+            held.append((self, (sid, subject, *rest)))
+            return
+        await process_msg(self, sid, subject, *rest)
+
+    async def release() -> None:
+        while held:
+            client, args = held.pop(0)
+            await process_msg(client, *args)
+
+    releasing: list[asyncio.Task[None]] = []
+
+    async def counted_then_released(self: JetStreamContext.PushSubscription) -> Any:
+        async def all_sent() -> Any:  # the server has sent every value: none left pending
+            info = await consumer_info(self)
+            return info if not info.num_pending else None
+
+        info = await eventually(all_sent, "the server sends the listed values")
+        releasing.append(asyncio.create_task(release()))  # only once the count is in hand
+        return info
+
+    monkeypatch.setattr(NatsClient, "_process_msg", holding)
+    monkeypatch.setattr(JetStreamContext.PushSubscription, "consumer_info", counted_then_released)
+    listed = await store.list(ListTasksRequest(), ANON)
+    assert [t.id for t in listed.tasks] == [f"late{i}" for i in reversed(range(5))]
+    await asyncio.gather(*releasing)
