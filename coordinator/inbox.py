@@ -39,7 +39,7 @@ from opentelemetry.trace import SpanKind
 from coordinator.humans import Desk, DeskOutcome, Gone, Refused, Settled, Still, republish
 from coordinator.ledger import DecisionState
 from mesh import approvals, subjects, telemetry
-from mesh._internal.consume import PullLoop
+from mesh._internal.consume import JetStreamFetch, PullLoop
 from mesh.a2a.push import PushUrlPolicy, webhook_client
 from mesh.approvals import ApprovalReceipt, ApprovalRequest, HumanVote
 from mesh.audit import AuditLog
@@ -151,7 +151,7 @@ class Inbox:
             durable=await self._durable(), stream=subjects.APPROVALS_STREAM
         )
         loop: PullLoop[Msg] = PullLoop(
-            lambda batch, timeout: psub.fetch(batch, timeout=timeout),
+            JetStreamFetch(psub),
             self._guarded,
             concurrency=concurrency,
             name=f"{self.name}-approvals",

@@ -53,7 +53,7 @@ from coordinator.policy import Policies
 from coordinator.routing import Router
 from coordinator.settle import Settler
 from mesh import authz, contracts, envelope, records, subjects, telemetry
-from mesh._internal.consume import PullLoop
+from mesh._internal.consume import JetStreamFetch, PullLoop
 from mesh.a2a.client import AgentClient
 from mesh.audit import CHECKPOINT_EVERY_S, SYSTEM_TENANT, AuditLog
 from mesh.bus import Bus
@@ -196,7 +196,7 @@ class Coordinator:
         )
         longest = max((p.deadline_s for p in self.policies.by_type.values()), default=10.0)
         self._loop = PullLoop(
-            lambda batch, timeout: psub.fetch(batch, timeout=timeout),
+            JetStreamFetch(psub),
             self._guarded,
             concurrency=max_inflight,
             name=self.name,

@@ -51,7 +51,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
 from mesh import contracts, envelope, subjects
-from mesh._internal.consume import PullLoop
+from mesh._internal.consume import JetStreamFetch, PullLoop
 from mesh._internal.retry import RetryPolicy
 from mesh.bus import Bus
 from mesh.errors import ConfigError, MeshRuntimeError
@@ -279,7 +279,7 @@ class EventConsumer:
         )
         self._psub = psub
         self._pull = PullLoop(
-            lambda batch, timeout: psub.fetch(batch, timeout=timeout),
+            JetStreamFetch(psub),
             self._deliver,
             concurrency=h.concurrency,
             name=self.name,

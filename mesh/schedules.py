@@ -59,7 +59,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from mesh import envelope, subjects
-from mesh._internal.consume import PullLoop
+from mesh._internal.consume import JetStreamFetch, PullLoop
 from mesh.errors import ConfigError, StreamConflictError
 
 if TYPE_CHECKING:
@@ -428,7 +428,7 @@ class Relay:
             ),
         )
         loop: PullLoop[Msg] = PullLoop(
-            lambda batch, timeout: psub.fetch(batch, timeout=timeout),
+            JetStreamFetch(psub),
             self.relay,
             concurrency=self.concurrency,
             name="schedule-relay",
