@@ -168,7 +168,7 @@ class BudgetLedger:
         self._kv: KeyValue | None = None
         self._memory: dict[str, bytes] = {}
         self._lock = asyncio.Lock()
-        self._active: dict[str, int] = {}  # concurrency without a bus (see _take_slot)
+        self._active: dict[str, int] = {}  # slots this process holds, per tenant (_take_slot)
         self._holder = f"{socket.gethostname()}:{os.getpid()}"
 
     async def _bucket(self) -> KeyValue | None:
@@ -282,7 +282,7 @@ class BudgetLedger:
                 ) from e
             yield reservation
         finally:
-            await self._give_back(scope.tenant, slot)
+            await self._give_back(slot)
             for key, held in reserved:
                 # Give back what was held beyond the real figure (all but the attempt itself
                 # when the call failed before saying what it cost).
@@ -297,7 +297,7 @@ class BudgetLedger:
                 except Exception:  # settling is best effort: the reservation errs high
                     log.warning("could not settle budget key %s", key, exc_info=True)
 
-    async def _take_slot(self, tenant: str, cap: int | None) -> tuple[str, int] | None:
+    async def _take_slot(self, tenant: str, cap: int | None) -> _Slot | None:
         """One of the tenant's `cap` model-call slots, or BudgetExceededError at once (never
         queued: a flood must not hold others' A2A slots while it waits).
 
@@ -305,15 +305,20 @@ class BudgetLedger:
         agent process: a slot is taken by creating its key (atomic), given back by deleting it
         at the revision written. A holder that dies without giving it back holds it for
         `lease_s` at most: an expired lease is taken over with a compare-and-set. Cost: one
-        create when a slot is free, up to 2·cap round trips to refuse. No bus: counted here."""
+        create when a slot is free, up to 2·cap round trips to refuse; none when this process
+        holds all `cap` itself (a flood's calls pile up where its slow calls run), so a
+        refusal costs the other tenants' calls in this process nothing but a check. No bus:
+        counted here only."""
         if cap is None:
             return None
+        if self._active.get(tenant, 0) >= cap:  # what this process holds: a lower bound
+            raise _over_concurrency(tenant, cap)
         kv = await self._bucket()
-        if kv is None:
-            if self._active.get(tenant, 0) >= cap:
-                raise _over_concurrency(tenant, cap)
-            self._active[tenant] = self._active.get(tenant, 0) + 1
-            return None
+        slot = _Slot(tenant) if kv is None else await self._take_bus_slot(kv, tenant, cap)
+        self._active[tenant] = self._active.get(tenant, 0) + 1
+        return slot
+
+    async def _take_bus_slot(self, kv: KeyValue, tenant: str, cap: int) -> _Slot:
         lease_s = max(LEASE_MIN_S, 2 * self.settings.model_timeout_s)
         try:
             for i in range(cap):
@@ -321,7 +326,7 @@ class BudgetLedger:
                 now = time.time()
                 lease = msgspec.json.encode(Lease(until=now + lease_s, holder=self._holder))
                 try:
-                    return key, await kv.create(key, lease)
+                    return _Slot(tenant, key, await kv.create(key, lease))
                 except Exception as e:
                     if not _taken(e):
                         raise
@@ -333,7 +338,7 @@ class BudgetLedger:
                 if held.until >= now or entry.revision is None:
                     continue
                 try:  # an expired lease (its holder died): taken over
-                    return key, await kv.update(key, lease, last=entry.revision)
+                    return _Slot(tenant, key, await kv.update(key, lease, last=entry.revision))
                 except Exception as e:
                     if not _taken(e):
                         raise
@@ -346,18 +351,28 @@ class BudgetLedger:
             ) from e
         raise _over_concurrency(tenant, cap)
 
-    async def _give_back(self, tenant: str, slot: tuple[str, int] | None) -> None:
+    async def _give_back(self, slot: _Slot | None) -> None:
         if slot is None:
-            if tenant in self._active:
-                self._active[tenant] -= 1
+            return
+        self._active[slot.tenant] -= 1
+        if slot.key is None:
             return
         kv = await self._bucket()
         assert kv is not None
-        key, revision = slot
         try:
-            await kv.delete(key, last=revision)
+            await kv.delete(slot.key, last=slot.revision)
         except Exception:  # taken over after its lease ran out, or the store is down
-            log.warning("could not give back model-call slot %s", key, exc_info=True)
+            log.warning("could not give back model-call slot %s", slot.key, exc_info=True)
+
+
+@dataclass
+class _Slot:
+    """A model-call slot a call holds: a key of the budgets bucket at the revision written, or
+    (no bus) only this process's count."""
+
+    tenant: str
+    key: str | None = None
+    revision: int = 0
 
 
 class Lease(msgspec.Struct, omit_defaults=True):

@@ -115,3 +115,46 @@ async def test_a_tenants_concurrency_quota_holds_across_agent_processes(
                 async with call(first):
                     held = msgspec.json.decode((await kv.get(key)).value or b"", type=budget.Lease)
                     assert held.until > time.time()
+
+
+async def test_a_process_holding_the_whole_quota_refuses_without_asking_the_bucket(
+    identities: IdentityDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood's calls pile up where its slow calls run: once this process holds all of its
+    tenant's slots, a further call is refused by a local check, with no round trip to the
+    budgets bucket (the noisy-neighbour bench's refusals cost the other tenant nothing else)."""
+    models = tmp_path / "models.toml"
+    models.write_text("[tenants.noisy]\nconcurrent_calls = 2\n")
+    scope = budget.CallScope(tenant="noisy", event_id="evt-local")
+    ident = identities.issue("agent", "conc-local")
+    with EmbeddedServer(auth=identities) as server:
+        async with await Bus.connect(server.url) as op:
+            await op.ensure()
+            settings = Settings(nats_url=server.url, identity=ident, models_file=models)
+            async with await Bus.connect(settings=settings) as b:
+                ledger = budget.BudgetLedger(b, settings=settings)
+                kv = await ledger._bucket()
+                assert kv is not None
+                asked: list[str] = []
+                for op_name in ("create", "get", "update"):
+                    real = getattr(kv, op_name)
+
+                    def counting(*a: Any, _real: Any = real, _n: str = op_name, **k: Any) -> Any:
+                        asked.append(_n)
+                        return _real(*a, **k)
+
+                    monkeypatch.setattr(kv, op_name, counting)
+
+                def call() -> Any:
+                    return ledger.model_call(scope, model="m", prompt_text="x", max_tokens=5)
+
+                async with call(), call():
+                    took = list(asked)
+                    assert "create" in took  # the slots were taken in the bucket
+                    with pytest.raises(BudgetExceededError) as refused:
+                        async with call():
+                            pytest.fail("three calls at once with a quota of two")
+                    assert refused.value.limit == "tenant_concurrent_calls"
+                    assert asked == took  # refused here: nothing asked of the bucket
+                async with call():  # both given back: the bucket is asked again
+                    assert len(asked) > len(took)
