@@ -280,6 +280,9 @@ class Figures:
     wrong_votes: Counter[str] = field(default_factory=Counter)  # what the uncounted votes said
     # clocks
     max_stall: float = 0.0
+    # The same, by the coordinators' own `decided_at` clocks: a stall here is the mesh's; one in
+    # `max_stall` alone is the reader's (a pass can wait out a failover, PASS_TIMEOUT_S).
+    max_decided_gap: float = 0.0
     max_latency: float = 0.0
     elapsed: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
@@ -306,7 +309,8 @@ class Figures:
         return (
             f"CHAOS {self.name}: events={self.events} faults={self.faults} "
             f"lost={len(self.tally.lost)} doubled={len(self.tally.doubled)} "
-            f"max_stall={self.max_stall:.1f}s max_latency={self.max_latency:.1f}s | "
+            f"max_stall={self.max_stall:.1f}s max_decided_gap={self.max_decided_gap:.1f}s "
+            f"max_latency={self.max_latency:.1f}s | "
             f"published={self.published} not_published={self.not_published} "
             f"decided={self.decided} dlq={len(self.tally.dead_only)} "
             f"dlq_reasons={dict(self.dlq_reasons)} decided+dlq={len(self.tally.both)} "
@@ -394,6 +398,8 @@ async def run_chaos(
     figures.max_latency = max(
         (arrivals[i] - publisher.first_try[i] for i in published if i in arrivals), default=0.0
     )
+    decided_at = sorted(d.decided_at for _, d in final.decisions if d.event_id in expected)
+    figures.max_decided_gap = max((b - a for a, b in itertools.pairwise(decided_at)), default=0.0)
     figures.publish_retried = publisher.retried
     figures.duplicates = publisher.duplicates
     figures.publish_errors = publisher.errors
