@@ -136,29 +136,50 @@ def up(
     _until_signal(_up(coordinators, replicas, cluster, topology, console_port))
 
 
+RECANCEL_S = 2.0  # a lost cancel is repeated this much later (see `_until_signal`)
+
+
 def _until_signal(coro: Coroutine[Any, Any, T]) -> T:
     """Run a long-running command's coroutine (`run`, with mesh errors as one message) until
     it ends or SIGINT/SIGTERM cancels it: its `async with` blocks then stop what it started,
     and the command says "stopping…" and exits 130, never with a traceback. Ctrl-C while it
     starts stops it too; a second signal only repeats the cancel (each cleanup step that is
-    a child process still runs)."""
+    a child process still runs).
+
+    A cancel can be lost: Python 3.11's `asyncio.wait_for`, which nats-py's requests use,
+    drops one that lands as its future completes (CI saw `mesh demo` say "stopping…", run
+    every case and exit 0). So the cancel is repeated once, `RECANCEL_S` later, if the command
+    is still running and has not taken the stop as its own end (`_until_stopped` uncancels:
+    `mesh up` stopped by a signal ends cleanly, 0), as a second Ctrl-C would; and a command
+    whose cancel was lost exits 130 all the same."""
+    signalled = False
 
     async def main() -> T:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
 
+        def again() -> None:
+            if not task.done() and task.cancelling():
+                task.cancel()
+
         def on_signal() -> None:
-            if not task.cancelling():
+            nonlocal signalled
+            if not signalled:
                 err.print("stopping…")
+                loop.call_later(RECANCEL_S, again)
+            signalled = True
             task.cancel()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         try:
-            return await coro
+            result = await coro
         except asyncio.CancelledError:
             raise typer.Exit(130) from None
+        if signalled and task.cancelling():  # the cancel was lost, not taken as the end
+            raise typer.Exit(130)
+        return result
 
     return run(main())
 
