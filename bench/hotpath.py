@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,7 +52,7 @@ def request_rows() -> tuple[str, float, float]:
         validates_input_modes = False
 
     class Immediate:
-        def immediate(self) -> bool:
+        def immediate(self, metadata: Mapping[str, Any]) -> bool:
             return True
 
     lean = LeanSend(cast("MeshRequestHandler", Handler()), cast("Answerer", Immediate()))

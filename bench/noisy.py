@@ -40,6 +40,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -59,6 +60,7 @@ SKILL = "noisy-vote"
 EVENT_TYPE = "noisy.vote"
 STEADY, FLOOD = "steady", "flood"
 MODEL = "claude-sonnet-5-5"
+FLOOD_SUBJECT = "bench.noisy.flood"  # the bench's orders to the flood publisher process
 
 
 @dataclass
@@ -176,32 +178,39 @@ class NoisyMesh(BenchMesh):
         ident = self.procs.identity("agent", AGENT)
         self.reviewers[AGENT] = self.procs.spawn(AGENT, "bench.noisy", env, identity=ident)
         await self._wait_registered([AGENT], [self.reviewers[AGENT]])
+        await self.start_flooder()
 
-    async def publish(self, tenant: str, eid: str) -> None:
+    async def start_flooder(self) -> None:
+        """The flooding tenant's publisher, as its own process (a tenant is another application):
+        its publishing does not share this process's event loop, which stamps the steady
+        tenant's decisions as they arrive."""
+        assert self.procs is not None and self.bus is not None
+        self.flooder = self.procs.spawn("flood-publisher", "bench.noisy", {"NOISY_FLOODER": "1"})
+        deadline = time.monotonic() + 60
+        while True:  # until it listens
+            try:
+                await self.bus.nc.request(FLOOD_SUBJECT, b"{}", timeout=1.0)
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.flooder.proc.poll() is not None:
+                    raise RuntimeError("the flood publisher did not start: see its log") from None
+                await asyncio.sleep(0.2)
+
+    async def flood_at(self, rate: float, seconds: float) -> dict[str, float]:
+        """The flood publisher's `rate`/s for `seconds`; its event ids → when it was asked."""
         assert self.bus is not None
-        data = {"id": eid, "vote": "approve"}
-        event = envelope.new_event(
-            EVENT_TYPE, data, event_id=eid, source="mesh://bench", tenant=tenant
+        self._seq += 1
+        prefix = f"b{self.run_id}-{FLOOD}-{self._seq}-"
+        order = {"prefix": prefix, "rate": rate, "seconds": seconds}
+        asked = time.perf_counter()
+        reply = await self.bus.nc.request(
+            FLOOD_SUBJECT, json.dumps(order).encode(), timeout=seconds + 60
         )
-        await self.bus.publish_event(event)
+        return dict.fromkeys(json.loads(reply.data)["sent"], asked)
 
     async def publish_at(self, tenant: str, rate: float, seconds: float) -> dict[str, float]:
-        """Publish `rate`/s for `seconds` on a fixed schedule; event id → when it was sent."""
-        sent: dict[str, float] = {}
-        pending: set[asyncio.Task[None]] = set()
-        t0 = time.perf_counter()
-        for i in range(max(1, int(rate * seconds))):
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            eid = self._next_id(tenant)
-            sent[eid] = time.perf_counter()
-            task = asyncio.create_task(self.publish(tenant, eid))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        if pending:
-            await asyncio.wait(pending, timeout=30)
-        return sent
+        assert self.bus is not None
+        return await publish_at(self.bus, tenant, lambda: self._next_id(tenant), rate, seconds)
 
     async def drain(self, sent: dict[str, float], bound_s: float) -> bool:
         until = time.monotonic() + bound_s
@@ -216,7 +225,7 @@ class NoisyMesh(BenchMesh):
         calls0 = len(self.fake.requests)
         work = [self.publish_at(STEADY, opts.steady_rate, opts.seconds)]
         if flood:
-            work.append(self.publish_at(FLOOD, opts.flood_rate, opts.seconds))
+            work.append(self.flood_at(opts.flood_rate, opts.seconds))
         sents = await asyncio.gather(*work)
         steady = sents[0]
         flood_sent = sents[1] if flood else {}
@@ -242,6 +251,62 @@ class NoisyMesh(BenchMesh):
             coord_ms=[self.recv[e][2] for e in steady if e in self.recv],
             call_ms=[self.calls[e] for e in steady if e in self.calls],
         )
+
+
+async def publish_at(
+    bus: Bus, tenant: str, next_id: Callable[[], str], rate: float, seconds: float
+) -> dict[str, float]:
+    """Publish `rate`/s for `seconds` on a fixed schedule (open loop); event id → when sent."""
+    sent: dict[str, float] = {}
+    pending: set[asyncio.Task[None]] = set()
+
+    async def publish(eid: str) -> None:
+        data = {"id": eid, "vote": "approve"}
+        event = envelope.new_event(
+            EVENT_TYPE, data, event_id=eid, source="mesh://bench", tenant=tenant
+        )
+        await bus.publish_event(event)
+
+    t0 = time.perf_counter()
+    for i in range(max(1, int(rate * seconds))):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        eid = next_id()
+        sent[eid] = time.perf_counter()
+        task = asyncio.create_task(publish(eid))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.wait(pending, timeout=30)
+    return sent
+
+
+async def flooder() -> None:
+    """The flood publisher process: each request on FLOOD_SUBJECT (`prefix`, `rate`,
+    `seconds`) publishes tenant `flood`'s events and answers with their ids; an empty one is
+    a ping. Ends with its parent (the bench stops it)."""
+    from mesh.settings import get_settings
+
+    async with await Bus.connect(settings=get_settings(), name="bench-noisy-flood") as bus:
+
+        async def on_order(msg: Any) -> None:
+            order = json.loads(msg.data or b"{}")
+            ids: list[str] = []
+            if order:
+                seq = iter(range(1, 1 << 62))
+                sent = await publish_at(
+                    bus,
+                    FLOOD,
+                    lambda: f"{order['prefix']}{next(seq)}",
+                    order["rate"],
+                    order["seconds"],
+                )
+                ids = list(sent)
+            await msg.respond(json.dumps({"sent": ids}).encode())
+
+        await bus.nc.subscribe(FLOOD_SUBJECT, cb=on_order)
+        await asyncio.Event().wait()
 
 
 def _responder(delay: dict[str, float]) -> Any:
@@ -377,7 +442,10 @@ def _report(opts: Opts, runs: list[Run], solos: list[Run], floods: list[Run]) ->
     return {"results": results, "markdown": md}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and os.environ.get("NOISY_FLOODER"):
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(flooder())
+elif __name__ == "__main__":
     from mesh import Agent, Verdict
     from tests.support.samples import Proposal
 

@@ -79,6 +79,8 @@ from mesh.events import (
 from mesh.identity import Signer
 from mesh.models import (
     Brain,
+    ChainBrain,
+    ClaudeBrain,
     RulesBrain,
     Thought,
     model_requests_allowed,
@@ -490,10 +492,24 @@ class _Executor(AgentExecutor):
         await updater.update_status(outcome.state, message=reason)
 
     # -- the lean path (mesh.a2a.lean.Answerer) -------------------------------------------------
-    def immediate(self) -> bool:
-        """Rules (and an events-only agent's rejection) answer at once; a model does not."""
+    def immediate(self, metadata: Mapping[str, Any]) -> bool:
+        """Rules (and an events-only agent's rejection) answer at once; a model does not,
+        unless its tenant's quota refuses the call at once: this process holds every model-call
+        slot of the tenant (`metadata`'s), so the answer is `budget_exceeded` with no round trip.
+        A flood's refused calls then cost the agent the lean path's work, not the SDK's (its
+        task, queue and three store writes: bench/README.md, "Noisy neighbour").
+
+        A slot given back between this check and the brain's own (a few awaits later) lets the
+        call go ahead on the lean path: it is made as usual, only without the `working` state
+        in the task store while it runs."""
         brain = self.agent._override or self.brain
-        return brain is None or isinstance(brain, RulesBrain)
+        if brain is None or isinstance(brain, RulesBrain):
+            return True
+        return (
+            self.ledger is not None
+            and _takes_tenant_slot_first(brain)
+            and self.ledger.refuses_at_once(str(metadata.get("tenant", "")))
+        )
 
     async def answer(self, message: LeanMessage, context: ServerCallContext) -> Outcome:
         with self._span(context, message.metadata, message.context_id):
@@ -579,6 +595,14 @@ class _Executor(AgentExecutor):
                 event_queue, context.current_task.id, context.current_task.context_id
             )
             await updater.cancel()
+
+
+def _takes_tenant_slot_first(brain: Brain) -> bool:
+    """Whether `brain` starts by asking a model (a tenant slot first), as a chain whose first
+    entry is a model does; an agent's test override or rules do not."""
+    while isinstance(brain, ChainBrain):
+        brain = brain.brains[0]
+    return isinstance(brain, ClaudeBrain)
 
 
 # What a vote refused for its budget says: the artifact's `brain`, the start of its first reason

@@ -34,7 +34,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from mesh import subjects
-from mesh.errors import BudgetExceededError, ModelCallError
+from mesh.errors import BudgetExceededError, MeshError, ModelCallError
 from mesh.providers import price_of, tenant_quota
 from mesh.records import event_token
 from mesh.settings import Settings, get_settings
@@ -296,6 +296,19 @@ class BudgetLedger:
                     await self._add(key, back)
                 except Exception:  # settling is best effort: the reservation errs high
                     log.warning("could not settle budget key %s", key, exc_info=True)
+
+    def refuses_at_once(self, tenant: str) -> bool:
+        """Whether this tenant's next model call here would be refused without a round trip:
+        this process holds every one of its `concurrent_calls` slots (`_take_slot`). The agent
+        answers such a call on the lean path (mesh.agent). A quota that cannot be read says
+        False: the call goes the usual way, which reports it."""
+        if not self._active.get(tenant):
+            return False
+        try:
+            cap = tenant_quota(tenant, self.settings).concurrent_calls
+        except MeshError:
+            return False
+        return cap is not None and self._active[tenant] >= cap
 
     async def _take_slot(self, tenant: str, cap: int | None) -> _Slot | None:
         """One of the tenant's `cap` model-call slots, or BudgetExceededError at once (never

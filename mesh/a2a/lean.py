@@ -18,9 +18,10 @@ Eligibility (`eligible`), everything else goes to the SDK's handler unchanged:
   `referenceTaskIds` or `extensions`, is from `ROLE_USER`, and has at least one part and no empty
   text part (what the SDK's `new_task_from_user_message` requires);
 * the handler does not validate input modes (the SDK's default);
-* the answerer says it answers at once (`Answerer.immediate`: the agent's rules brain, or an
-  events-only agent's rejection). A model brain takes seconds, so the SDK's `working` state and
-  its store writes are worth keeping there.
+* the answerer says it answers at once (`Answerer.immediate`, given the message's metadata:
+  the agent's rules brain, an events-only agent's rejection, or a model call the tenant's quota
+  refuses at once). A model brain takes seconds, so the SDK's `working` state and its store
+  writes are worth keeping there.
 
 A request whose JSON is in the one canonical form (camelCase members, the role by name, numbers
 a double holds: what every mesh client sends) is read straight from its JSON (`LeanSend.parse`,
@@ -142,8 +143,9 @@ class LeanMessage:
 class Answerer(Protocol):
     """The agent side of the lean path (mesh.agent implements it)."""
 
-    def immediate(self) -> bool:
-        """Whether the next message is answered at once (no intermediate task states)."""
+    def immediate(self, metadata: Mapping[str, Any]) -> bool:
+        """Whether a message with this metadata is answered at once (no intermediate task
+        states)."""
         ...
 
     def answer(self, message: LeanMessage, context: ServerCallContext) -> Awaitable[Outcome]:
@@ -220,7 +222,7 @@ class LeanSend:
         double holds); None: parse it into protobuf as every other request."""
         if type(params) is not dict or params.keys() != {"message"}:
             return None
-        if self.handler.validates_input_modes or not self.answerer.immediate():
+        if self.handler.validates_input_modes:
             return None
         message = params["message"]
         if type(message) is not dict or not message.keys() <= _MESSAGE_KEYS:
@@ -233,6 +235,8 @@ class LeanSend:
             return None
         metadata = message.get("metadata")
         if metadata is not None and type(metadata) is not dict:
+            return None
+        if not self.answerer.immediate(metadata or {}):
             return None
         try:
             rendered = [_part_json(part) for part in parts]
@@ -265,7 +269,7 @@ class LeanSend:
         for part in message.parts:
             if part.HasField("text") and not part.text:
                 return False
-        return self.answerer.immediate()
+        return self.answerer.immediate(dict(message.metadata))
 
     async def send(
         self, params: SendMessageRequest | LeanRequest, context: ServerCallContext

@@ -4,6 +4,7 @@ this process (the calls still cross NATS: metadata and headers are what the agen
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,16 @@ import pytest
 from coordinator import policy
 from coordinator.service import Coordinator
 from mesh import Agent, Verdict, budget, envelope, subjects
-from mesh.a2a.client import AgentClient, status_text, task_of, task_state, user_message
+from mesh.a2a.client import (
+    AgentClient,
+    artifact_metadata,
+    status_text,
+    task_of,
+    task_state,
+    user_message,
+    verdict_of,
+)
+from mesh.a2a.lean import LeanSend
 from mesh.bus import Bus, tail
 from mesh.delegate import delegate
 from mesh.models import ChainBrain, ClaudeBrain
@@ -179,3 +189,65 @@ async def test_a_delegation_chain_carries_trace_and_budget_and_stops_at_the_hop_
     # Each delegation was counted as a tool call against the event's budget.
     spent = await budget.BudgetLedger(bus).read(subjects.budget_event_key("acme", "evt-deleg-1"))
     assert spent.tool_calls == 1 + limit
+
+
+async def test_a_call_the_tenants_quota_refuses_is_answered_on_the_lean_path(
+    bus: Bus, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model agent whose process holds every model-call slot of a tenant answers that tenant's
+    next call `budget_exceeded` on the lean path (mesh.a2a.lean: no SDK task machinery, one
+    store write), with no model request; another tenant's call is still a model call on the
+    SDK path, and once the slot is given back the tenant's calls are model calls again."""
+    models = tmp_path / "models.toml"
+    models.write_text("[tenants.noisy]\nconcurrent_calls = 1\n")
+    configured = settings.model_copy(update={"models_file": models})
+    release = asyncio.Event()
+
+    async def respond(body: dict[str, Any]) -> dict[str, Any]:
+        if "hold-me" in json.dumps(body["messages"]):
+            await release.wait()
+        return {"vote": "approve", "reasons": ["the model answered"]}
+
+    lean_calls: list[str] = []
+    real_send = LeanSend.send
+
+    async def counting(self: LeanSend, params: Any, context: Any) -> dict[str, Any]:
+        out = await real_send(self, params, context)
+        lean_calls.append(out["task"]["artifacts"][0]["metadata"]["brain"])
+        return out
+
+    monkeypatch.setattr(LeanSend, "send", counting)
+    async with FakeAnthropic(respond) as fake:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        monkeypatch.setenv("MESH_MODEL", "anthropic:claude-sonnet-5-5,rules")
+        agent = Agent("lean-quota", card=write_card(tmp_path, "lean-quota", "s"), prompt="Vote.")
+
+        def review(p: Proposal) -> Verdict:
+            return Verdict.reject("the rules must not run: the quota ends the chain")
+
+        agent.rules(review)
+        async with agent.serve(bus, http=False, settings=configured):
+            client = AgentClient(bus)
+
+            def call(tenant: str, vote: str) -> Any:
+                message = user_message(data={"id": vote, "vote": vote}, metadata={"tenant": tenant})
+                return client.send("lean-quota", message, timeout=20)
+
+            held = asyncio.create_task(call("noisy", "hold-me"))
+            await eventually(lambda: len(fake.requests) == 1, "the first call reached the model")
+            refused = task_of(await call("noisy", "next"))
+            other = task_of(await call("quiet", "other"))
+            assert lean_calls == ["budget_exceeded"]  # only the refusal took the lean path
+            release.set()
+            first = task_of(await held)
+            again = task_of(await call("noisy", "again"))
+    for task in (refused, other, first, again):
+        assert task_state(task) == "TASK_STATE_COMPLETED", status_text(task)
+    assert verdict_of(refused).reasons[0].startswith("budget_exceeded: tenant noisy")
+    assert artifact_metadata(refused)["brain"] == "budget_exceeded"
+    assert [artifact_metadata(t)["brain"] for t in (first, other, again)] == [
+        "claude:claude-sonnet-5-5"
+    ] * 3
+    assert len(fake.requests) == 3  # the held call, the other tenant's, and the one after
+    assert lean_calls == ["budget_exceeded"]

@@ -5,6 +5,7 @@ process's event loop (uvloop unless MESH_UVLOOP=0)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any, cast
 
 import msgspec
@@ -32,7 +33,7 @@ class _Answerer:
     def __init__(self, immediate: bool = True) -> None:
         self._immediate = immediate
 
-    def immediate(self) -> bool:
+    def immediate(self, metadata: Mapping[str, Any]) -> bool:
         return self._immediate
 
     async def answer(self, message: LeanMessage, context: ServerCallContext) -> Outcome:
