@@ -49,7 +49,7 @@ from bench.common import Sized, banner, fmt, md_table, note, num, pct
 from bench.harness import BenchMesh
 from mesh import envelope, subjects
 from mesh.bus import Bus
-from mesh.records import decision_decoder
+from mesh.records import dead_letter_decoder, decision_decoder
 from mesh.server import EmbeddedServer
 from mesh.testing.fake_anthropic import FakeAnthropic
 from tests.support import samples
@@ -84,6 +84,7 @@ class Opts(Sized):
     # under half the policy's agent_timeout_s (10 s), so the calls do not count as overload.
     over_delay_s: float = 4.0
     quota: int = 2  # the flooding tenant's concurrent model calls (in the mesh)
+    events_at_once: int = 2  # the flooding tenant's events being decided at once (policies)
     rounds: int = 2  # pairs of (solo, flood) windows for the target: 2 is S F F S
 
 
@@ -136,10 +137,18 @@ def models_file(path: Path, quota: int | None) -> None:
 
 
 class NoisyMesh(BenchMesh):
-    def __init__(self, work: Path, fake: FakeAnthropic, models: Path, settle_s: float) -> None:
+    def __init__(
+        self,
+        work: Path,
+        fake: FakeAnthropic,
+        models: Path,
+        settle_s: float,
+        events_at_once: int | None = None,
+    ) -> None:
         super().__init__(work, voter_counts=[], settle_s=settle_s)
         self.fake = fake
         self.models = models
+        self.events_at_once = events_at_once  # the flooding tenant's, in the first coordinator
         self.calls: dict[str, float] = {}  # event id → its longest vote's call, ms
 
     def _on_decision_sync(self, data: bytes) -> None:
@@ -148,24 +157,23 @@ class NoisyMesh(BenchMesh):
             d = decision_decoder.decode(data)
             self.calls.setdefault(d.event_id, max((v.latency_ms for v in d.votes), default=0))
 
+    async def _on_dead_letter(self, msg: Any) -> None:
+        # The flood's events refused at the door (`over_quota`) end here, not in a decision.
+        with contextlib.suppress(Exception):
+            d = dead_letter_decoder.decode(msg.data)
+            if d.event_id:
+                self.recv.setdefault(d.event_id, (time.perf_counter(), f"dlq {d.reason}", 0.0))
+
     async def start(self) -> None:
         self.server = EmbeddedServer(store_dir=self.work / "js").start()
         self.bus = await Bus.connect(self.server.url, name="bench-noisy")
         await self.bus.ensure()
         await self.bus.nc.subscribe(f"{subjects.DECISIONS_ROOT}.>", cb=self._on_decision)
+        await self.bus.nc.subscribe(f"{subjects.DLQ_ROOT}.>", cb=self._on_dead_letter)
         self.procs = ProcessMesh(self.server.url, self.work, server=self.server)
-        policy = self.procs.policy(
-            {
-                EVENT_TYPE: samples.policy(
-                    [SKILL],
-                    rule={"kind": "majority"},
-                    agent_timeout_s=10.0,
-                    deadline_s=20.0,
-                    decision_type="noisy.decided",
-                )
-            }
+        self.coordinator = self.procs.coordinator(
+            self.policy(self.events_at_once), name="coordinator-noisy"
         )
-        self.coordinator = self.procs.coordinator(policy, name="coordinator-noisy")
         samples.write_card(self.procs.cards, AGENT, SKILL)
         env = {
             "MESH_CARDS_DIR": str(self.procs.cards),
@@ -179,6 +187,32 @@ class NoisyMesh(BenchMesh):
         self.reviewers[AGENT] = self.procs.spawn(AGENT, "bench.noisy", env, identity=ident)
         await self._wait_registered([AGENT], [self.reviewers[AGENT]])
         await self.start_flooder()
+
+    def policy(self, events_at_once: int | None) -> Path:
+        """The coordinator's policy file: `noisy.vote` decided by the one agent, and the
+        flooding tenant's `events_at_once` when given."""
+        assert self.procs is not None
+        policies: dict[str, Any] = {
+            EVENT_TYPE: samples.policy(
+                [SKILL],
+                rule={"kind": "majority"},
+                agent_timeout_s=10.0,
+                deadline_s=20.0,
+                decision_type="noisy.decided",
+            )
+        }
+        if events_at_once is not None:
+            policies["tenants"] = {FLOOD: {"events_at_once": events_at_once}}
+        return self.procs.policy(policies)
+
+    async def restart_coordinator(self, events_at_once: int | None) -> None:
+        """A new coordinator with another tenant limit (policies are read at start)."""
+        assert self.procs is not None and self.coordinator is not None
+        self.procs.stop_child(self.coordinator)
+        self.coordinator = self.procs.coordinator(
+            self.policy(events_at_once), name="coordinator-noisy-2"
+        )
+        await self.ready(EVENT_TYPE, {"id": "probe"})
 
     async def start_flooder(self) -> None:
         """The flooding tenant's publisher, as its own process (a tenant is another application):
@@ -330,7 +364,13 @@ async def run(opts: Opts) -> dict[str, Any]:
         models_file(models, opts.quota)
         delay = {"s": opts.delay_s}
         async with FakeAnthropic(_responder(delay)) as fake:
-            mesh = NoisyMesh(work, fake, models, settle_s=5.0 if opts.short else 30.0)
+            mesh = NoisyMesh(
+                work,
+                fake,
+                models,
+                settle_s=5.0 if opts.short else 30.0,
+                events_at_once=opts.events_at_once,
+            )
             try:
                 await mesh.start()
                 await mesh.ready(EVENT_TYPE, {"id": "probe"})
@@ -347,12 +387,18 @@ async def run(opts: Opts) -> dict[str, Any]:
                         floods.append(await mesh.run(f"flood {len(floods) + 1}", opts, flood=True))
                 runs = [
                     Run.pooled(f"solo ({len(solos)} windows)", solos),
-                    Run.pooled(f"with {FLOOD} (quota {opts.quota}, {len(floods)} windows)", floods),
+                    Run.pooled(f"with {FLOOD} (quotas, {len(floods)} windows)", floods),
                 ]
                 # The same events answered at once: what the flood's volume costs by itself.
                 delay["s"] = 0.0
-                runs.append(await mesh.run(f"with {FLOOD}, fast model (quota)", opts, flood=True))
+                runs.append(await mesh.run(f"with {FLOOD}, fast model (quotas)", opts, flood=True))
                 delay["s"] = opts.delay_s
+                # The model-call quota alone: every flood event reaches the agent, which
+                # refuses all but its quota's calls (what the quotas were before events_at_once).
+                await mesh.restart_coordinator(None)
+                runs.append(
+                    await mesh.run(f"with {FLOOD} (model-call quota only)", opts, flood=True)
+                )
                 models_file(models, None)
                 runs.append(await mesh.run(f"with {FLOOD} (no quota)", opts, flood=True))
                 delay["s"] = opts.over_delay_s
@@ -371,7 +417,7 @@ async def run(opts: Opts) -> dict[str, Any]:
 
 
 def _report(opts: Opts, runs: list[Run], solos: list[Run], floods: list[Run]) -> dict[str, Any]:
-    solo, quota, fast, free, over = runs
+    solo, quota, fast, calls_only, free, over = runs
     rows = []
     for r in runs:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted((r.flood_outcomes or {}).items()))
@@ -432,6 +478,7 @@ def _report(opts: Opts, runs: list[Run], solos: list[Run], floods: list[Run]) ->
         "noisy_steady_p99_solo_ms": num(solo.p(99)),
         "noisy_steady_p99_flood_ms": num(quota.p(99)),
         "noisy_steady_p99_flood_fast_model_ms": num(fast.p(99)),
+        "noisy_steady_p99_flood_model_call_quota_only_ms": num(calls_only.p(99)),
         "noisy_steady_p99_flood_no_quota_ms": num(free.p(99)),
         "noisy_steady_p99_flood_over_slots_ms": num(over.p(99)),
         "noisy_steady_p99_solo_windows_ms": [num(x) for x in solo_p99s],

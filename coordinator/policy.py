@@ -198,20 +198,44 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return needed
 
 
+class TenantLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a coordinator admits of one tenant (`[tenants.<name>]`, `[tenants."*"]` for the
+    rest): at most `events_at_once` of its events being decided by this coordinator at once;
+    the next is dead-lettered `over_quota` at once, before any agent is asked (docs/budgets.md,
+    "Per tenant")."""
+
+    events_at_once: int | None = None
+
+    def check(self) -> None:
+        if self.events_at_once is not None and self.events_at_once < 1:
+            raise ValueError("events_at_once must be at least 1")
+
+
 class Policies:
     def __init__(
-        self, by_type: dict[str, Policy], source: str, ignore: tuple[str, ...] = ()
+        self,
+        by_type: dict[str, Policy],
+        source: str,
+        ignore: tuple[str, ...] = (),
+        tenants: dict[str, TenantLimits] | None = None,
     ) -> None:
         self.by_type = by_type
         self.source = source
         self.ignore = ignore
+        self.tenants = tenants or {}
 
     def get(self, event_type: str) -> Policy | None:
         return self.by_type.get(event_type)
 
+    def limits(self, tenant: str) -> TenantLimits | None:
+        """The tenant's own table, else `[tenants."*"]`, else None (no limit)."""
+        return self.tenants.get(tenant) or self.tenants.get("*")
+
     def digest(self) -> str:
         """SHA-256 of the effective policies (not the file's bytes: comments do not count)."""
-        doc = {"policies": self.by_type, "ignore": self.ignore}
+        doc: dict[str, object] = {"policies": self.by_type, "ignore": self.ignore}
+        if self.tenants:  # absent, the digest is what it was before tenant limits existed
+            doc["tenants"] = self.tenants
         return hashlib.sha256(msgspec.json.encode(doc, order="sorted")).hexdigest()
 
     def ignored(self, event_type: str) -> bool:
@@ -249,6 +273,7 @@ def _matches(pattern: str, event_type: str) -> bool:
 def parse(raw: dict[str, object], *, source: str = "<policies>") -> Policies:
     raw = dict(raw)
     ignore = raw.pop("ignore", [])
+    tenants = _tenants(raw.pop("tenants", {}), source)
     if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
         raise PolicyError(
             f"{source}: 'ignore' must be a list of event types", hint='e.g. ignore = ["ticket.*"]'
@@ -270,4 +295,24 @@ def parse(raw: dict[str, object], *, source: str = "<policies>") -> Policies:
             f"{source}: {overlap} both have a policy and are ignored",
             hint="remove them from one of the two",
         )
-    return Policies(by_type, source, tuple(ignore))
+    return Policies(by_type, source, tuple(ignore), tenants)
+
+
+def _tenants(raw: object, source: str) -> dict[str, TenantLimits]:
+    """The `[tenants.<name>]` tables (`tenants` is a reserved key, as `ignore` is)."""
+    if not isinstance(raw, dict):
+        raise PolicyError(
+            f"{source}: 'tenants' must be a table of tenants",
+            hint='e.g. [tenants.acme] events_at_once = 8 (or [tenants."*"] for every other)',
+        )
+    limits: dict[str, TenantLimits] = {}
+    for tenant, body in raw.items():
+        try:
+            limits[tenant] = msgspec.convert(body, TenantLimits)
+            limits[tenant].check()
+        except (msgspec.ValidationError, ValueError) as e:
+            raise PolicyError(
+                f"{source}: [tenants.{tenant}]: {e}",
+                hint='see docs/policies.md, "Tenants"',
+            ) from None
+    return limits

@@ -25,6 +25,7 @@ with the same deadline and the votes already cast.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -49,7 +50,7 @@ from coordinator.ledger import (
     Ledger,
     state_key,
 )
-from coordinator.policy import Policies
+from coordinator.policy import Policies, Policy
 from coordinator.routing import Router
 from coordinator.settle import Settler
 from mesh import authz, contracts, envelope, records, subjects, telemetry
@@ -123,6 +124,8 @@ class Coordinator:
         self._inbox: Inbox | None = None  # decisions waiting for people (coordinator.inbox)
         self._loop: PullLoop[Msg] | None = None
         self._gate: canary.Gate | None = None  # the canary gate (coordinator.canary)
+        # Each tenant's events being decided here now, for its `events_at_once` (policies).
+        self._deciding: collections.Counter[str] = collections.Counter()
 
     @property
     def ledger(self) -> Ledger:
@@ -370,6 +373,48 @@ class Coordinator:
             )
         if not await self._may_publish(msg, event, principal):
             return
+        limits = self.policies.limits(tenant)
+        cap = limits.events_at_once if limits is not None else None
+        if cap is not None and self._deciding[tenant] >= cap and msg.metadata.num_delivered == 1:
+            # Refused at the door, before a claim or an agent call: a tenant's runaway costs
+            # the others a dead letter per event, not a decision (docs/budgets.md). Only a
+            # first delivery: a redelivery may be one this tenant's quota already let in.
+            await self.dead_letter(
+                msg,
+                "over_quota",
+                f"tenant {tenant} already has {cap} event(s) being decided by {self.name} "
+                f"(its events_at_once, {self.policies.source}); replay it once they are done",
+                event=event,
+            )
+            return
+        self._deciding[tenant] += 1
+        try:
+            await self._decide(
+                msg,
+                event,
+                policy,
+                tenant=tenant,
+                started=started,
+                principal=principal,
+                unverified=unverified,
+            )
+        finally:
+            self._deciding[tenant] -= 1
+            if not self._deciding[tenant]:
+                del self._deciding[tenant]
+
+    async def _decide(
+        self,
+        msg: Msg,
+        event: envelope.Event,
+        policy: Policy,
+        *,
+        tenant: str,
+        started: float,
+        principal: str,
+        unverified: str,
+    ) -> None:
+        """An admitted event, from its voters' room to its outcome."""
         agents: dict[str, str] = {}
         for skill in policy.skills:
             live = self.view.agents_with_skill(skill)
@@ -552,6 +597,7 @@ class Coordinator:
                     "sha256": digest,
                     "event_types": sorted(self.policies.by_type),
                     "ignore": list(self.policies.ignore),
+                    **({"tenants": sorted(self.policies.tenants)} if self.policies.tenants else {}),
                 },
             )
 

@@ -96,6 +96,8 @@ DlqReason = Literal[
     "no_handler",
     # an authorization policy does not let its publisher publish this type for this tenant
     "forbidden",
+    # its tenant already had its `events_at_once` being decided (the policies' [tenants])
+    "over_quota",
 ]
 
 

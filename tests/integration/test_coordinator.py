@@ -22,11 +22,11 @@ from coordinator.ledger import (
     state_key,
 )
 from coordinator.service import Coordinator
-from mesh import envelope, subjects
+from mesh import Agent, Verdict, envelope, subjects
 from mesh.bus import Bus, tail
 from mesh.records import DeadLetter, Decision, dead_letter_decoder, decision_decoder
 from mesh.settings import Settings
-from tests.support.samples import voting_agent
+from tests.support.samples import Proposal, voting_agent, write_card
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.integration
@@ -359,3 +359,54 @@ async def test_a_foreign_audit_message_does_not_stop_auditing_and_stop_checkpoin
     # two decisions (their votes inside), one policy change, one authorization policy set
     assert result.count == 2 + 2
     assert result.notes == []  # every tenant checkpointed (on stop)
+
+
+async def test_a_tenant_past_its_events_at_once_is_dead_lettered_before_any_agent_is_asked(
+    bus: Bus, settings: Settings, tmp_path: Path
+) -> None:
+    """`[tenants.noisy] events_at_once = 1`: while one of the tenant's events is being decided,
+    its next is dead-lettered `over_quota` at once (its agent never asked), another tenant's is
+    decided meanwhile, and once the first is done the tenant's events are decided again."""
+    asked: list[str] = []
+    release = asyncio.Event()
+    agent = Agent("quota-voter", card=write_card(tmp_path, "quota-voter", "sq"))
+
+    async def review(p: Proposal) -> Verdict:
+        asked.append(p.id)
+        if p.vote == "hold":
+            await release.wait()
+        return Verdict.approve("ok")
+
+    agent.rules(review)
+    policies = policy.parse(
+        {
+            "vote.quota": {
+                "skills": ["sq"],
+                "rule": {"kind": "majority"},
+                "agent_timeout_s": 20,
+                "deadline_s": 30,
+            },
+            "tenants": {"noisy": {"events_at_once": 1}},
+        }
+    )
+
+    async def publish_for(tenant: str, eid: str, vote: str = "approve") -> None:
+        data = {"id": eid, "vote": vote}
+        await bus.publish_event(envelope.new_event("vote.quota", data, event_id=eid, tenant=tenant))
+
+    async with agent.serve(bus, http=False, settings=settings), running_coordinator(bus, policies):
+        await publish_for("noisy", "q-held", "hold")
+        await eventually(lambda: asked == ["q-held"], "the first event reached its agent")
+        await publish_for("noisy", "q-refused")
+        refused = await dead_letter_for(bus, lambda d: d.event_id == "q-refused")
+        await publish_for("quiet", "q-other")
+        other = await decision_for(bus, "q-other")
+        release.set()
+        held = await decision_for(bus, "q-held")
+        await publish_for("noisy", "q-after")
+        after = await decision_for(bus, "q-after")
+    assert refused.reason == "over_quota" and refused.tenant == "noisy"
+    assert "tenant noisy already has 1 event(s) being decided" in refused.error
+    assert "events_at_once" in refused.error
+    assert [d.outcome for d in (held, other, after)] == ["approved"] * 3
+    assert asked == ["q-held", "q-other", "q-after"]  # the refused one was never asked

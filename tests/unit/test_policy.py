@@ -148,3 +148,32 @@ def test_an_accepted_policy_never_lets_a_silent_veto_holder_approve(
             votes: dict[str, Choice] = dict(zip(others, choices, strict=True))  # type: ignore[arg-type]
             result = tally(pol.rule, skills, votes, final=True, silent={holder: silence})
             assert result.outcome != "approved", (holder, votes, result.reason)
+
+
+def test_tenant_limits_fall_back_to_the_star_table_and_change_the_digest() -> None:
+    plain = policy.parse(_one())
+    limited = policy.parse(
+        {**_one(), "tenants": {"acme": {"events_at_once": 4}, "*": {"events_at_once": 16}}}
+    )
+    assert plain.limits("acme") is None
+    acme, other = limited.limits("acme"), limited.limits("other")
+    assert acme is not None and acme.events_at_once == 4
+    assert other is not None and other.events_at_once == 16
+    assert limited.digest() != plain.digest()
+    # A file without tenant limits keeps the digest it had before they existed (audited).
+    assert plain.digest() == policy.Policies(plain.by_type, "x").digest()
+
+
+@pytest.mark.parametrize(
+    ("tenants", "says"),
+    [
+        ({"acme": {"events_at_once": 0}}, "[tenants.acme]: events_at_once must be at least 1"),
+        ({"acme": {"events_at_ounce": 2}}, "[tenants.acme]: Object contains unknown field"),
+        ({"acme": {"events_at_once": "2"}}, "[tenants.acme]: Expected `int | null`"),
+        (["acme"], "'tenants' must be a table of tenants"),
+    ],
+)
+def test_bad_tenant_limits_name_the_table(tenants: object, says: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        policy.parse({**_one(), "tenants": tenants})
+    assert says in err.value.message
