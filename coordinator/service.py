@@ -634,26 +634,30 @@ class Coordinator:
         seq = record.stream_seq
         # A body too large for the record is kept by reference (dlq.encode_record).
         data = await dlq.encode_record(self.bus, record)
-        await self.bus.publish(
-            subjects.dlq(record.tenant, record.reason),
-            data,
-            msg_id=subjects.dlq_msg_id(subjects.EVENTS_STREAM, seq),
-        )
         body = record.body
-        await self.audit.append(
-            record.tenant,
-            "dead_letter",
-            record.event_id or f"seq:{seq}",
-            {
-                "reason": record.reason,
-                "error": record.error,
-                "subject": record.subject,
-                "stream_seq": seq,
-                # What was received, whether the record holds it or keeps it by reference.
-                "body_sha256": hashlib.sha256(body).hexdigest(),
-                "body_size": len(body),
-            },
-            msg_id=subjects.audit_msg_id("dlq", subjects.EVENTS_STREAM, seq),
+        # The record and its audit entry at once (both idempotent by message id, neither needs
+        # the other): one round trip's wait, and their writes share a flush.
+        await asyncio.gather(
+            self.bus.publish(
+                subjects.dlq(record.tenant, record.reason),
+                data,
+                msg_id=subjects.dlq_msg_id(subjects.EVENTS_STREAM, seq),
+            ),
+            self.audit.append(
+                record.tenant,
+                "dead_letter",
+                record.event_id or f"seq:{seq}",
+                {
+                    "reason": record.reason,
+                    "error": record.error,
+                    "subject": record.subject,
+                    "stream_seq": seq,
+                    # What was received, whether the record holds it or keeps it by reference.
+                    "body_sha256": hashlib.sha256(body).hexdigest(),
+                    "body_size": len(body),
+                },
+                msg_id=subjects.audit_msg_id("dlq", subjects.EVENTS_STREAM, seq),
+            ),
         )
 
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
 import msgspec
@@ -108,6 +109,7 @@ class Settler:
     def __init__(self, ledger: Ledger, outlet: Outlet) -> None:
         self.ledger = ledger
         self.outlet = outlet
+        self._said = LogBudget(DEAD_LETTER_LOG_EVERY_S)
 
     async def settle(
         self, delivery: Delivery, event: envelope.Event, outcome: Outcome, unverified: str = ""
@@ -212,13 +214,49 @@ class Settler:
         await self.outlet.publish_dead_letter(record)
         await delivery.ack()
         telemetry.meters().dead_letters.add(1, {"reason": reason, "tenant": record.tenant})
-        log.warning(
-            "event seq=%s on %s dead-lettered (%s): %s",
-            record.stream_seq,
-            delivery.subject,
-            reason,
-            error,
-        )
+        # Every dead letter is in the DLQ stream and the audit trail; the log names at most
+        # one per tenant and reason every DEAD_LETTER_LOG_EVERY_S, so a flood of them (a
+        # runaway tenant's over_quota, a hostile client's garbage) cannot flood the log too.
+        unsaid = self._said.take((record.tenant, reason))
+        if unsaid is not None:
+            log.warning(
+                "event seq=%s on %s dead-lettered (%s): %s%s",
+                record.stream_seq,
+                delivery.subject,
+                reason,
+                error,
+                f" ({unsaid} more of tenant {record.tenant} with this reason not logged since"
+                f" the last line: `mesh dlq ls --reason {reason}`)"
+                if unsaid
+                else "",
+            )
+
+
+DEAD_LETTER_LOG_EVERY_S = 10.0
+
+
+class LogBudget:
+    """At most one log line per key every `every_s`: `take(key)` says how many were held back
+    since the last line (0 for none), or None while the key must stay quiet."""
+
+    _KEPT = 4096  # keys remembered (tenant and reason pairs); the oldest are forgotten past it
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self._last: dict[Hashable, tuple[float, int]] = {}
+
+    def take(self, key: Hashable) -> int | None:
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.every_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        self._last.pop(key, None)
+        if len(self._last) >= self._KEPT:
+            del self._last[next(iter(self._last))]
+        self._last[key] = (now, 0)
+        return last[1] if last is not None else 0
 
 
 async def gave_up(

@@ -18,6 +18,7 @@ Nothing here prints a secret: `Identity.__repr__` names the identity, never its 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -146,12 +147,16 @@ class Signer:
 def verify_with(public: bytes, purpose: Purpose, payload: bytes, signature: str) -> bool:
     """Whether `signature` is `public`'s over `payload` for `purpose` (never raises)."""
     try:
-        Ed25519PublicKey.from_public_bytes(public).verify(
-            unb64(signature), _message(purpose, payload)
-        )
+        _public_key(public).verify(unb64(signature), _message(purpose, payload))
         return True
     except (InvalidSignature, ValueError, TypeError):
         return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key(public: bytes) -> Ed25519PublicKey:
+    """The key object of `public` (made once: the same few keys verify every message)."""
+    return Ed25519PublicKey.from_public_bytes(public)
 
 
 # -- identities ------------------------------------------------------------------------------------
