@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -85,7 +86,7 @@ class Opts(Sized):
     over_delay_s: float = 4.0
     quota: int = 2  # the flooding tenant's concurrent model calls (in the mesh)
     events_at_once: int = 2  # the flooding tenant's events being decided at once (policies)
-    rounds: int = 2  # pairs of (solo, flood) windows for the target: 2 is S F F S
+    rounds: int = 3  # pairs of (solo, flood) windows for the target: 3 is S F F S S F
 
 
 @dataclass
@@ -230,12 +231,14 @@ class NoisyMesh(BenchMesh):
                     raise RuntimeError("the flood publisher did not start: see its log") from None
                 await asyncio.sleep(0.2)
 
-    async def flood_at(self, rate: float, seconds: float) -> dict[str, float]:
+    async def flood_at(
+        self, rate: float, seconds: float, poisson: int | None = None
+    ) -> dict[str, float]:
         """The flood publisher's `rate`/s for `seconds`; its event ids → when it was asked."""
         assert self.bus is not None
         self._seq += 1
         prefix = f"b{self.run_id}-{FLOOD}-{self._seq}-"
-        order = {"prefix": prefix, "rate": rate, "seconds": seconds}
+        order = {"prefix": prefix, "rate": rate, "seconds": seconds, "poisson": poisson}
         asked = time.perf_counter()
         reply = await self.bus.nc.request(
             FLOOD_SUBJECT, json.dumps(order).encode(), timeout=seconds + 60
@@ -254,12 +257,12 @@ class NoisyMesh(BenchMesh):
             await asyncio.sleep(0.05)
         return False
 
-    async def run(self, label: str, opts: Opts, *, flood: bool) -> Run:
+    async def run(self, label: str, opts: Opts, *, flood: bool, poisson: int | None = None) -> Run:
         await self.settle()
         calls0 = len(self.fake.requests)
         work = [self.publish_at(STEADY, opts.steady_rate, opts.seconds)]
         if flood:
-            work.append(self.flood_at(opts.flood_rate, opts.seconds))
+            work.append(self.flood_at(opts.flood_rate, opts.seconds, poisson))
         sents = await asyncio.gather(*work)
         steady = sents[0]
         flood_sent = sents[1] if flood else {}
@@ -288,9 +291,17 @@ class NoisyMesh(BenchMesh):
 
 
 async def publish_at(
-    bus: Bus, tenant: str, next_id: Callable[[], str], rate: float, seconds: float
+    bus: Bus,
+    tenant: str,
+    next_id: Callable[[], str],
+    rate: float,
+    seconds: float,
+    *,
+    poisson: int | None = None,
 ) -> dict[str, float]:
-    """Publish `rate`/s for `seconds` on a fixed schedule (open loop); event id → when sent."""
+    """Publish `rate`/s for `seconds` (open loop); event id → when sent. On a fixed grid, or
+    with `poisson` (a seed) at random times, exponential gaps at the same mean rate."""
+    gaps = random.Random(poisson) if poisson is not None else None
     sent: dict[str, float] = {}
     pending: set[asyncio.Task[None]] = set()
 
@@ -302,8 +313,10 @@ async def publish_at(
         await bus.publish_event(event)
 
     t0 = time.perf_counter()
+    at = 0.0
     for i in range(max(1, int(rate * seconds))):
-        delay = t0 + i / rate - time.perf_counter()
+        at = at + gaps.expovariate(rate) if gaps is not None else i / rate
+        delay = t0 + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         eid = next_id()
@@ -335,6 +348,7 @@ async def flooder() -> None:
                     lambda: f"{order['prefix']}{next(seq)}",
                     order["rate"],
                     order["seconds"],
+                    poisson=order.get("poisson"),
                 )
                 ids = list(sent)
             await msg.respond(json.dumps({"sent": ids}).encode())
@@ -384,29 +398,43 @@ async def run(opts: Opts) -> dict[str, Any]:
                     if n % 4 in (0, 3):
                         solos.append(await mesh.run(f"solo {len(solos) + 1}", opts, flood=False))
                     else:
-                        floods.append(await mesh.run(f"flood {len(floods) + 1}", opts, flood=True))
+                        label = f"flood {len(floods) + 1}"
+                        floods.append(await mesh.run(label, opts, flood=True, poisson=n))
                 runs = [
                     Run.pooled(f"solo ({len(solos)} windows)", solos),
                     Run.pooled(f"with {FLOOD} (quotas, {len(floods)} windows)", floods),
                 ]
                 # The same events answered at once: what the flood's volume costs by itself.
                 delay["s"] = 0.0
-                runs.append(await mesh.run(f"with {FLOOD}, fast model (quotas)", opts, flood=True))
+                runs.append(
+                    await mesh.run(
+                        f"with {FLOOD}, fast model (quotas)", opts, flood=True, poisson=100
+                    )
+                )
                 delay["s"] = opts.delay_s
+                # The flood on the steady tenant's own 50 ms grid: each steady event arrives
+                # with a flood event, the worst alignment, which independent producers do not
+                # keep (shown, not judged).
+                runs.append(await mesh.run(f"with {FLOOD} in step (quotas)", opts, flood=True))
                 # The model-call quota alone: every flood event reaches the agent, which
                 # refuses all but its quota's calls (what the quotas were before events_at_once).
                 await mesh.restart_coordinator(None)
                 runs.append(
-                    await mesh.run(f"with {FLOOD} (model-call quota only)", opts, flood=True)
+                    await mesh.run(
+                        f"with {FLOOD} (model-call quota only)", opts, flood=True, poisson=101
+                    )
                 )
                 models_file(models, None)
-                runs.append(await mesh.run(f"with {FLOOD} (no quota)", opts, flood=True))
+                runs.append(
+                    await mesh.run(f"with {FLOOD} (no quota)", opts, flood=True, poisson=102)
+                )
                 delay["s"] = opts.over_delay_s
                 runs.append(
                     await mesh.run(
                         f"with {FLOOD} over the call slots (no quota, {opts.over_delay_s:g}s)",
                         opts,
                         flood=True,
+                        poisson=103,
                     )
                 )
                 delay["s"] = opts.delay_s
@@ -417,7 +445,7 @@ async def run(opts: Opts) -> dict[str, Any]:
 
 
 def _report(opts: Opts, runs: list[Run], solos: list[Run], floods: list[Run]) -> dict[str, Any]:
-    solo, quota, fast, calls_only, free, over = runs
+    solo, quota, fast, in_step, calls_only, free, over = runs
     rows = []
     for r in runs:
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted((r.flood_outcomes or {}).items()))
@@ -478,6 +506,7 @@ def _report(opts: Opts, runs: list[Run], solos: list[Run], floods: list[Run]) ->
         "noisy_steady_p99_solo_ms": num(solo.p(99)),
         "noisy_steady_p99_flood_ms": num(quota.p(99)),
         "noisy_steady_p99_flood_fast_model_ms": num(fast.p(99)),
+        "noisy_steady_p99_flood_in_step_ms": num(in_step.p(99)),
         "noisy_steady_p99_flood_model_call_quota_only_ms": num(calls_only.p(99)),
         "noisy_steady_p99_flood_no_quota_ms": num(free.p(99)),
         "noisy_steady_p99_flood_over_slots_ms": num(over.p(99)),
