@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from mesh import envelope, subjects
@@ -230,23 +231,34 @@ class Book:
     """The canaries bucket as a coordinator sees it: which candidates are stopped (refreshed in
     the background and on every write), and the counts it adds to after each decision."""
 
-    def __init__(self, kv: KeyValue, *, name: str, refresh_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        *,
+        name: str,
+        keys: Callable[[], Awaitable[list[str]]],
+        refresh_s: float = 1.0,
+    ) -> None:
         self.kv = kv
         self.name = name
+        self._keys = keys  # the bucket's keys (`Bus.kv_keys`)
         self.refresh_s = refresh_s
         self._stopped: frozenset[tuple[str, str]] = frozenset()
+        # The bucket's (first, last) stream sequence when it was last read in full.
+        self._read_at: tuple[int, int] | None = None
+
+    @classmethod
+    async def on_bus(cls, bus: Bus, *, name: str) -> Book:
+        kv = await bus.kv(subjects.CANARIES_BUCKET)
+        return cls(kv, name=name, keys=functools.partial(bus.kv_keys, subjects.CANARIES_BUCKET))
 
     @property
     def stopped(self) -> frozenset[tuple[str, str]]:
         return self._stopped
 
     async def states(self) -> list[CanaryState]:
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return []
         out = []
-        for key in keys:
+        for key in await self._keys():
             with contextlib.suppress(KeyNotFoundError):
                 entry = await self.kv.get(key)
                 if entry.value:
@@ -255,9 +267,16 @@ class Book:
         return out
 
     async def refresh(self) -> None:
+        """Read the bucket again if it changed since the last read (one stream-info request
+        says; reading it is a request per key)."""
+        state = (await self.kv.status()).stream_info.state
+        seen = (state.first_seq, state.last_seq)  # before the read: a write after it reads again
+        if seen == self._read_at:
+            return
         self._stopped = frozenset(
             (s.agent, s.version) for s in await self.states() if s.state == "stopped"
         )
+        self._read_at = seen
 
     async def follow(self) -> None:
         """Refresh every `refresh_s` until cancelled (a failed read is tried again)."""
@@ -367,8 +386,7 @@ class Gate:
 
     @classmethod
     async def on_bus(cls, bus: Bus, audit: Audit, *, name: str) -> Gate:
-        kv = await bus.kv(subjects.CANARIES_BUCKET)
-        book = Book(kv, name=name)
+        book = await Book.on_bus(bus, name=name)
         with contextlib.suppress(Exception):  # the first look; `follow` keeps trying
             await book.refresh()
         return cls(book, audit, bus.nc.publish)

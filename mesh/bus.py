@@ -50,7 +50,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.manager import JetStreamManager
 from opentelemetry import context as otel_context
@@ -67,6 +67,7 @@ _DAY = 24 * 3600.0
 STATE_FILE = "nats.json"  # written by `mesh up`/`mesh demo` so other commands find the server
 _READ_WAIT_S = 2.0  # the longest pause between two messages while reading a stream
 _READ_CONSUMER_IDLE_S = 5.0  # a read's consumers go away this long after their last use
+KV_KEYS_TIMEOUT_S = 5.0  # one page of a bucket's keys (`Bus.kv_keys`)
 
 
 @dataclass(frozen=True)
@@ -642,6 +643,31 @@ class Bus:
         await self.js.update_stream(cfg.evolve(allow_rollup_hdrs=False, allow_direct=direct))
         log.debug("bucket %s: rollups off, direct gets %s", bucket, "on" if direct else "off")
         return await self.js.key_value(bucket)
+
+    async def kv_keys(self, bucket: str) -> list[str]:
+        """The keys of `bucket` that hold a message, sorted; a deleted key's marker is a message,
+        so a get of one may still say `KeyNotFoundError`. One stream-info request per 100,000
+        keys. Not nats-py's `KeyValue.keys()`: that lists through a new ephemeral consumer,
+        which the server keeps, heartbeating to nobody, for minutes after the listing (called
+        every second, or per delegation, they piled up by the hundred)."""
+        prefix = f"$KV.{bucket}."
+        request: dict[str, Any] = {"subjects_filter": f"{prefix}>"}
+        keys: list[str] = []
+        while True:
+            reply = await self.nc.request(
+                f"{subjects.JS_API}.STREAM.INFO.{subjects.kv_stream(bucket)}",
+                json.dumps(request).encode(),
+                timeout=KV_KEYS_TIMEOUT_S,
+            )
+            info = json.loads(reply.data)
+            if "error" in info:
+                raise APIError.from_error(info["error"])
+            page = (info.get("state") or {}).get("subjects") or {}
+            keys += [s.removeprefix(prefix) for s in page]
+            # The server pages a long subject list (`total`, `offset`, `limit` in the answer).
+            if not page or len(keys) >= int(info.get("total") or 0):
+                return sorted(keys)
+            request["offset"] = len(keys)
 
     # -- publishing -----------------------------------------------------------------------------
     async def publish(

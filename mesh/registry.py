@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 from a2a.types import AgentCard
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from mesh import subjects
@@ -54,8 +54,6 @@ from mesh.signing import (
 )
 
 log = logging.getLogger(__name__)
-
-_KEYS_RETRY = RetryPolicy(attempts=4, base_s=0.1, max_s=0.4, jitter=False)
 
 
 class Registration(msgspec.Struct, frozen=True):
@@ -212,23 +210,6 @@ class Registry:
                 return CardCheck(mismatch)
         return checked
 
-    async def _keys(self, kv: KeyValue) -> list[str]:
-        """The bucket's keys. nats-py lists them through an ephemeral consumer, and on a
-        clustered bucket under load that consumer can report nothing pending although cards
-        are there (seen as "0 live agents" in the cluster tests). "No keys" is believed only
-        when the stream's leader also holds no message; otherwise the listing is tried again
-        (bounded: a bucket of only deleted cards still ends as no keys)."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                keys: list[str] = await kv.keys()
-                return keys
-            except NoKeysError:
-                info = await self.bus.js.stream_info(subjects.kv_stream(subjects.CARDS_BUCKET))
-                if not info.state.messages or not await _KEYS_RETRY.sleep(attempt):
-                    return []
-
     async def _kv(self) -> KeyValue:
         return await self.bus.kv(subjects.CARDS_BUCKET, ttl_s=self.ttl_s)
 
@@ -367,7 +348,7 @@ class Registry:
     async def live(self) -> list[Registration]:
         """Every live registration whose card is believed, sorted by agent then instance."""
         kv = await self._kv()
-        keys = await self._keys(kv)
+        keys = await self.bus.kv_keys(subjects.CARDS_BUCKET)  # the stream leader's own list
         now = time.time()
         out = []
         for key in keys:

@@ -18,7 +18,7 @@ async def budgets(
 ) -> None:
     """Model spend: each tenant's cost today (UTC) against its quota; --events: each event's."""
     import msgspec
-    from nats.js.errors import KeyNotFoundError, NoKeysError
+    from nats.js.errors import KeyNotFoundError
 
     from mesh import subjects
     from mesh.budget import Spent, today
@@ -29,11 +29,7 @@ async def budgets(
     rows: list[dict[str, object]] = []
     async with await Bus.connect(name="mesh-cli") as bus:
         kv = await bus.kv(subjects.BUDGETS_BUCKET)
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            keys = []
-        for key in sorted(keys):
+        for key in await bus.kv_keys(subjects.BUDGETS_BUCKET):
             kind, _, rest = key.partition(".")
             who, _, what = rest.partition(".")
             if kind not in ("day", "evt"):

@@ -23,12 +23,11 @@ VersionArg = Annotated[str, typer.Argument(help="Its composite version (`mesh ag
 async def canary_status(json_out: JsonOption = False) -> None:
     """Every candidate the gate has counted: compared votes, disagreement, state."""
     from coordinator.canary import Book
-    from mesh import subjects
     from mesh.bus import Bus
 
     async with await Bus.connect(name="mesh-cli") as bus:
         await bus.ensure()
-        states = await Book(await bus.kv(subjects.CANARIES_BUCKET), name="mesh-cli").states()
+        states = await (await Book.on_bus(bus, name="mesh-cli")).states()
     rows = [
         {
             "agent": s.agent,
@@ -79,13 +78,12 @@ async def canary_stop(
 ) -> None:
     """Stop a candidate now: no more traffic to it, audited and alerted like a gate stop."""
     from coordinator.canary import Book, Gate
-    from mesh import subjects
     from mesh.audit import AuditLog
     from mesh.bus import Bus
 
     async with await Bus.connect(name="mesh-cli") as bus:
         await bus.ensure()
-        book = Book(await bus.kv(subjects.CANARIES_BUCKET), name="mesh-cli")
+        book = await Book.on_bus(bus, name="mesh-cli")
         state = await book.stop(agent, version, reason, mode="canary")
         await Gate(book, AuditLog(bus, "mesh-cli"), bus.nc.publish).stopped(state)
         await bus.nc.flush()
@@ -100,12 +98,11 @@ async def canary_stop(
 async def canary_resume(agent: AgentArg, version: VersionArg, json_out: JsonOption = False) -> None:
     """Forget a candidate's counts and stop: it takes traffic again, counted from zero."""
     from coordinator.canary import Book
-    from mesh import subjects
     from mesh.bus import Bus
 
     async with await Bus.connect(name="mesh-cli") as bus:
         await bus.ensure()
-        book = Book(await bus.kv(subjects.CANARIES_BUCKET), name="mesh-cli")
+        book = await Book.on_bus(bus, name="mesh-cli")
         if not await book.resume(agent, version):
             raise NotFoundError(
                 f"no gate state for {agent} {version}",

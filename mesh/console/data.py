@@ -271,13 +271,9 @@ async def agents(bus: Bus) -> list[AgentRow]:
     """Every registry entry (live or not yet expired), with whether its signed card is believed."""
     registry = Registry(bus)
     kv = await bus.kv(subjects.CARDS_BUCKET)
-    try:
-        keys = await kv.keys()
-    except Exception:  # nats' NoKeysError: an empty registry
-        keys = []
     now = time.time()
     out = []
-    for key in keys:
+    for key in await bus.kv_keys(subjects.CARDS_BUCKET):
         with contextlib.suppress(Exception):
             entry = await kv.get(key)
             if not entry.value:

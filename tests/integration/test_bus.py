@@ -80,3 +80,18 @@ async def test_tail_reads_the_last_messages_of_a_filter(bus: Bus) -> None:
     assert [m.data for m in b] == [str(i).encode() for i in range(0, 30, 3)]
     later = await read_stream(bus, subjects.DECISIONS_STREAM, start_seq=b[-1].seq)
     assert [m.data for m in later] == [b"27", b"28", b"29"]
+
+
+async def test_kv_keys_lists_a_bucket_without_a_consumer(bus: Bus) -> None:
+    """`Bus.kv_keys` asks the stream itself: nats-py's `KeyValue.keys()` made an ephemeral
+    consumer per listing that the server kept for minutes."""
+    kv = await bus.kv(subjects.CANARIES_BUCKET)
+    stream = subjects.kv_stream(subjects.CANARIES_BUCKET)
+    assert await bus.kv_keys(subjects.CANARIES_BUCKET) == []
+    await kv.put("b.2", b"x")
+    await kv.put("a.1", b"y")
+    await kv.put("a.1", b"z")
+    await kv.delete("c")  # a marker only: still a subject of the stream
+    consumers = (await bus.js.stream_info(stream)).state.consumer_count
+    assert await bus.kv_keys(subjects.CANARIES_BUCKET) == ["a.1", "b.2", "c"]
+    assert (await bus.js.stream_info(stream)).state.consumer_count == consumers

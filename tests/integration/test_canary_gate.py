@@ -14,7 +14,7 @@ import pytest
 from nats.aio.msg import Msg
 from typer.testing import CliRunner
 
-from coordinator.canary import ALERT_KIND, SYSTEM_TENANT, CanaryState, key_of
+from coordinator.canary import ALERT_KIND, SYSTEM_TENANT, Book, CanaryState, key_of
 from mesh import envelope, subjects
 from mesh.audit import AuditRecord
 from mesh.bus import Bus
@@ -223,3 +223,27 @@ async def test_a_canary_that_disagrees_with_its_peers_is_stopped_and_stable_take
             d = outcomes.decision(event_id)
             assert d is not None and d.outcome == "approved", d
             assert [v.version for v in d.votes if v.agent == AGENT] == [versions["1.0"]]
+
+
+async def test_the_book_reads_the_bucket_again_only_when_it_changed(bus: Bus) -> None:
+    """A coordinator refreshes its view of the stopped candidates every second. Listing the
+    bucket's keys costs an ephemeral consumer that the server keeps for minutes after (they piled
+    up to ~300 per coordinator): a refresh of an unchanged bucket must not list it."""
+    book, other = await Book.on_bus(bus, name="c1"), await Book.on_bus(bus, name="c2")
+
+    async def consumers() -> int:
+        info = await bus.js.stream_info(subjects.kv_stream(subjects.CANARIES_BUCKET))
+        return int(info.state.consumer_count)
+
+    await book.refresh()
+    await other.stop(AGENT, "2.0+x", "by hand", mode="canary")
+    await book.refresh()
+    assert book.stopped == {(AGENT, "2.0+x")}
+    before = await consumers()
+    for _ in range(5):
+        await book.refresh()
+    assert await consumers() == before
+    assert book.stopped == {(AGENT, "2.0+x")}
+    assert await other.resume(AGENT, "2.0+x")
+    await book.refresh()
+    assert book.stopped == frozenset()

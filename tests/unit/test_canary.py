@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
 import pytest
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from coordinator.canary import Book, CanaryState, Rollout, comparisons, judge, picked, steer
 from coordinator.clock import ManualClock, settle
@@ -318,17 +319,20 @@ class _KV:
         return self.seq
 
     async def keys(self) -> list[str]:
-        if not self.data:
-            raise NoKeysError
         return list(self.data)
 
     async def delete(self, key: str) -> None:
+        self.seq += 1  # a delete marker is a message too
         self.data.pop(key, None)
+
+    async def status(self) -> Any:
+        state = SimpleNamespace(first_seq=1 if self.seq else 0, last_seq=self.seq)
+        return SimpleNamespace(stream_info=SimpleNamespace(state=state))
 
 
 async def test_two_books_count_into_one_state_and_exactly_one_reports_the_stop() -> None:
     kv = _KV()
-    c1, c2 = Book(kv, name="c1"), Book(kv, name="c2")  # type: ignore[arg-type]
+    c1, c2 = (Book(kv, name=n, keys=kv.keys) for n in ("c1", "c2"))  # type: ignore[arg-type]
     shadow = Rollout(
         agent="agent-s2", version=CANDIDATE, share=1.0, min_sample=4, max_disagreement=0.5
     )

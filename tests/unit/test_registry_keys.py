@@ -1,17 +1,13 @@
-"""`Registry._keys`: "no keys" from nats-py's listing is believed only when the bucket's stream
-holds no message; a stale listing on a clustered bucket is tried again (bounded). The view's
-keys of departed instances; the trust file read again."""
+"""The registry view's keys of departed instances; the trust file read again."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import msgspec
 import pytest
-from nats.js.errors import NoKeysError
 
 from mesh import registry
 from mesh.identity import Signer, Trust, b64, save_trust
@@ -20,48 +16,9 @@ from mesh.settings import Settings
 from mesh.signing import Binding, CardCheck
 
 
-class _Kv:
-    def __init__(self, answers: list[list[str] | None]) -> None:
-        self.answers = answers
-        self.calls = 0
-
-    async def keys(self) -> list[str]:
-        self.calls += 1
-        answer = self.answers.pop(0) if self.answers else None
-        if answer is None:
-            raise NoKeysError
-        return answer
-
-
-def _registry(messages: int) -> Registry:
-    async def stream_info(name: str) -> Any:
-        assert name == "KV_mesh_cards"
-        return SimpleNamespace(state=SimpleNamespace(messages=messages))
-
-    bus = SimpleNamespace(
-        settings=Settings(),
-        js=SimpleNamespace(stream_info=stream_info),
-        nc=SimpleNamespace(is_connected=True),
-    )
+def _registry() -> Registry:
+    bus = SimpleNamespace(settings=Settings(), nc=SimpleNamespace(is_connected=True))
     return Registry(bus)  # type: ignore[arg-type]
-
-
-async def test_a_stale_empty_listing_is_tried_again() -> None:
-    kv = _Kv([None, None, ["a.1", "b.2"]])
-    assert await _registry(messages=2)._keys(kv) == ["a.1", "b.2"]  # type: ignore[arg-type]
-    assert kv.calls == 3
-
-
-async def test_an_empty_bucket_is_believed_at_once() -> None:
-    kv = _Kv([None])
-    assert await _registry(messages=0)._keys(kv) == []  # type: ignore[arg-type]
-    assert kv.calls == 1
-
-
-async def test_only_deleted_cards_end_as_no_keys_after_a_bounded_retry() -> None:
-    kv = _Kv([])  # always "no keys", though tombstones keep the stream non-empty
-    assert await _registry(messages=5)._keys(kv) == []  # type: ignore[arg-type]
-    assert kv.calls == 4  # the retry policy's attempts
 
 
 # -- which key may sign an instance's votes (RegistryView.binding) --------------------------------
@@ -88,7 +45,7 @@ def _reg(instance: str, seen_at: float | None = None) -> Registration:
 
 
 def _view(*instances: str) -> tuple[RegistryView, dict[str, Binding]]:
-    view = RegistryView(_registry(messages=0))
+    view = RegistryView(_registry())
     bindings = {}
     for i in instances:
         reg = _reg(i)
@@ -148,7 +105,7 @@ def test_the_trust_file_is_read_again_and_a_change_forgets_cached_checks(
     path = tmp_path / "trust.json"
     trust = Trust()
     save_trust(trust, path)
-    reg = _registry(messages=0)
+    reg = _registry()
     reg.bus.settings = Settings(trust=path, insecure="")
     first = reg.verifier
     reg._checked[b"digest"] = CardCheck(None)
