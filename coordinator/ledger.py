@@ -525,6 +525,22 @@ class Ledger:
             return sealed, True
         raise AssertionError("unreachable")  # itertools.count never ends
 
+    async def mark_new_dead_lettered(
+        self, key: str, *, stream_seq: int, reason: str, error: str = ""
+    ) -> DeadLettered | Busy | Done:
+        """`mark_dead_lettered` (unclaimed) for an event that is most likely new (its first
+        delivery, say refused at the door): the mark is written without reading the key first
+        (one round trip; the store refuses it if the key exists), and only if it exists is it
+        read and judged as `mark_dead_lettered` does."""
+        marked = self._dead_letter_state(stream_seq, reason, error)
+        try:
+            await self.store.create(key, _enc.encode(marked))
+        except StateConflict:
+            return await self.mark_dead_lettered(
+                key, stream_seq=stream_seq, reason=reason, error=error
+            )
+        return DeadLettered(marked, fresh=True)
+
     async def mark_dead_lettered(
         self,
         key: str,

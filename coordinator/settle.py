@@ -191,13 +191,15 @@ class Settler:
         A body that is not an event has no ledger entry: it is only recorded."""
         record = delivery.dead_letter_record(reason, error, event=event)
         if event is not None:
-            marked = await self.ledger.mark_dead_lettered(
-                state_key(record.tenant, event.id),
-                stream_seq=record.stream_seq,
-                reason=reason,
-                error=error,
-                claim=claim,
-            )
+            key = state_key(record.tenant, event.id)
+            if claim is None and delivery.num_delivered == 1:  # most likely new: one round trip
+                marked = await self.ledger.mark_new_dead_lettered(
+                    key, stream_seq=record.stream_seq, reason=reason, error=error
+                )
+            else:
+                marked = await self.ledger.mark_dead_lettered(
+                    key, stream_seq=record.stream_seq, reason=reason, error=error, claim=claim
+                )
             if isinstance(marked, Busy):
                 # Its owner may still decide it.
                 await delivery.nak(marked.retry_in_s + BUSY_SLACK_S)

@@ -73,23 +73,23 @@ def test_a_seed_replays_exactly_in_another_process() -> None:
 # bug costs one schedule here, not a scan from seed 0 (thousands for some); a change of the
 # world that moves it falls back to the scan, which is what the test asserts anyway.
 FIRST_CAUGHT = {
-    "dlq-before-mark": 98,
+    "dlq-before-mark": 107,
     "takeover-resets-deadline": 11,
-    "late-vote-counted": 699,
-    "ack-before-publish": 30,
+    "late-vote-counted": 1235,
+    "ack-before-publish": 4,
     "advisory-alone": 11,
     "reclaim-keeps-old-deadline": 6,
     "unreachable-is-silence": 6,
     "audit-append-unguarded": 48,
     "human-window-late": 162,
     "desk-without-cas": 19,
-    "human-role-early": 80,
-    "desk-decides-early": 52,
-    "claim-reads-clock-first": 5023,
+    "human-role-early": 19,
+    "desk-decides-early": 19,
+    "claim-reads-clock-first": 4065,
     "desk-takes-stale-read": 1477,
     "desk-never-republishes": 19,
     "gave-up-ignores-people": 625,
-    "timer-acks-superseded": 2654,
+    "timer-acks-superseded": 2380,
 }
 
 
@@ -130,8 +130,9 @@ def test_give_up_advisories_settle_through_the_coordinator(seed: int, kind: str)
     [
         # Found as seed 644 (`Ledger.claim` read the clock before the state: a coordinator
         # stalled in that read claimed a released event with a "fresh" deadline 4 s in the
-        # past); put back as a mutant since, and re-found at this seed.
-        ("claim-reads-clock-first", 5023, "stale_deadline"),
+        # past); put back as a mutant since, and re-found at this seed (4065 since a new
+        # event's dead letter is marked without a read first, which shifts the schedules).
+        ("claim-reads-clock-first", 4065, "stale_deadline"),
         # Found when people came in (tests/sim/mutants.py says what each was; the seeds are the
         # first the short run catches each at).
         ("desk-never-republishes", 19, "decided_not_published"),

@@ -96,6 +96,30 @@ async def test_two_claimants_of_a_new_event_racing_by_writing_first_one_wins() -
     assert len(claims) == 1 and len(busy) == 1 and busy[0].owner == claims[0].state.owner
 
 
+async def test_dead_lettering_a_new_event_is_one_write_and_no_read() -> None:
+    store, clock = RecordingStore(), ManualClock()
+    got = await ledger(store, "a", clock).mark_new_dead_lettered(
+        KEY, stream_seq=1, reason="over_quota", error="e"
+    )
+    assert isinstance(got, DeadLettered) and got.fresh and got.state.state == "dead_lettered"
+    assert store.calls == ["create"]
+
+
+async def test_dead_lettering_a_known_event_as_new_is_judged_as_before() -> None:
+    store, clock = RecordingStore(), ManualClock()
+    a, b = ledger(store, "a", clock), ledger(store, "b", clock)
+    claim = await a.claim_new(KEY, stream_seq=1, deadline_s=10)
+    assert isinstance(claim, Claim)
+    busy = await b.mark_new_dead_lettered(KEY, stream_seq=2, reason="over_quota")
+    assert isinstance(busy, Busy) and busy.owner == "a"  # its owner may still decide it
+    await a.save(claim, msgspec.structs.replace(claim.state, state="decided"))
+    assert isinstance(await b.mark_new_dead_lettered(KEY, stream_seq=2, reason="over_quota"), Done)
+    other = "acme.e2"
+    first = await b.mark_new_dead_lettered(other, stream_seq=3, reason="over_quota")
+    again = await b.mark_new_dead_lettered(other, stream_seq=3, reason="over_quota")
+    assert isinstance(again, DeadLettered) and not again.fresh and again.state == first.state
+
+
 async def test_a_lease_renewal_keeps_a_vote_saved_while_it_waited() -> None:
     store, clock = MemoryStore(), ManualClock()
     a = ledger(store, "a", clock)
