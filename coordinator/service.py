@@ -248,9 +248,22 @@ class Coordinator:
             "name": self.name,
             "inflight": self._loop.inflight if self._loop else 0,
             "breakers": self.router.states(),
+            "tenants": self.tenant_use(),
         }
         with contextlib.suppress(Exception):
             await msg.respond(msgspec.json.encode(status))
+
+    def tenant_use(self) -> dict[str, dict[str, int | None]]:
+        """Each tenant's events being decided here now against its `events_at_once` (None: no
+        limit): the tenants the policies name (`*` for the rest) and any being decided."""
+        use: dict[str, dict[str, int | None]] = {}
+        for tenant in sorted({*self.policies.tenants, *self._deciding}):
+            limits = self.policies.limits(tenant) if tenant != "*" else self.policies.tenants["*"]
+            use[tenant] = {
+                "deciding": self._deciding.get(tenant, 0),
+                "eventsAtOnce": limits.events_at_once if limits is not None else None,
+            }
+        return use
 
     async def _guarded(self, msg: Msg) -> None:
         # A lost claim is left to its new owner; any other failure naks (redelivered later).

@@ -24,6 +24,7 @@ from coordinator.ledger import (
 from coordinator.service import Coordinator
 from mesh import Agent, Verdict, envelope, subjects
 from mesh.bus import Bus, tail
+from mesh.console.data import coordinator_status
 from mesh.records import DeadLetter, Decision, dead_letter_decoder, decision_decoder
 from mesh.settings import Settings
 from tests.support.samples import Proposal, voting_agent, write_card
@@ -399,6 +400,9 @@ async def test_a_tenant_past_its_events_at_once_is_dead_lettered_before_any_agen
         await eventually(lambda: asked == ["q-held"], "the first event reached its agent")
         await publish_for("noisy", "q-refused")
         refused = await dead_letter_for(bus, lambda d: d.event_id == "q-refused")
+        # What `mesh budgets` shows of it: the coordinator's own count against the limit.
+        (status,) = await coordinator_status(bus)
+        assert status["tenants"] == {"noisy": {"deciding": 1, "eventsAtOnce": 1}}
         await publish_for("quiet", "q-other")
         other = await decision_for(bus, "q-other")
         release.set()

@@ -81,3 +81,34 @@ def test_the_budget_travels_from_event_to_metadata_and_back() -> None:
     assert Budget.from_metadata(meta) == b
     assert Budget.from_metadata({}) == Budget() and Budget().metadata() == {}
     assert cost_micro_usd("claude-sonnet-5-5", 1_000_000, 0) == 3_000_000
+
+
+def test_mesh_budgets_rows_of_the_coordinators_tenant_use() -> None:
+    """`mesh budgets`' events_at_once rows from `mesh.status.coordinator` answers: one per
+    coordinator and tenant; with --tenant, that tenant's and the `*` ones (a limit it may have)."""
+    from mesh.cli.budgets import quota_rows
+
+    answers = [
+        {"name": "c1", "tenants": {"noisy": {"deciding": 2, "eventsAtOnce": 2}}},
+        {
+            "name": "c2",
+            "tenants": {
+                "*": {"deciding": 0, "eventsAtOnce": 5},
+                "noisy": {"deciding": 1, "eventsAtOnce": 2},
+                "quiet": {"deciding": 3, "eventsAtOnce": 5},
+            },
+        },
+        {"name": "old", "inflight": 0},  # a coordinator from before tenant limits
+    ]
+    every = quota_rows(answers, None)
+    assert [(r["scope"], r["tenant"], r["deciding"], r["eventsAtOnce"]) for r in every] == [
+        ("c1", "noisy", 2, 2),
+        ("c2", "*", 0, 5),
+        ("c2", "noisy", 1, 2),
+        ("c2", "quiet", 3, 5),
+    ]
+    assert {r["kind"] for r in every} == {"events-at-once"}
+    assert [(r["scope"], r["tenant"]) for r in quota_rows(answers, "quiet")] == [
+        ("c2", "*"),
+        ("c2", "quiet"),
+    ]
