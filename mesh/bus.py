@@ -106,6 +106,9 @@ TRACES = StreamSpec(subjects.TRACE_STREAM, [f"{subjects.TRACE_ROOT}.>"], _DAY)
 # Buckets whose keys are read one by one under per-key permissions: reads must name the key in
 # the API subject (direct get), or no permission could tell one agent's tasks from another's.
 _DIRECT_BUCKETS = frozenset({subjects.TASKS_BUCKET})
+# Buckets whose non-operator readers are pinned to their own keys (mesh.natsauth): bound
+# without a stream-info request. Direct gets: such reads name the key in the subject.
+_PINNED_BUCKETS = _DIRECT_BUCKETS
 
 
 # -- secrets never shown --------------------------------------------------------------------------
@@ -611,6 +614,19 @@ class Bus:
         """The bucket's handle; the operator creates a missing bucket (`ttl_s`, `history`)."""
         if bucket in self._kv:
             return self._kv[bucket]
+        if bucket in _PINNED_BUCKETS and not self.is_operator:
+            # Bound without nats-py's stream-info lookup: whoever reads only their own keys of
+            # it may not ask for the stream's info, whose subjects filter lists every key.
+            await self._check_exist([subjects.kv_stream(bucket)])
+            kv = KeyValue(
+                name=bucket,
+                stream=subjects.kv_stream(bucket),
+                pre=f"$KV.{bucket}.",
+                js=self.js,
+                direct=True,  # the operator turns direct gets on (`_harden`)
+            )
+            self._kv[bucket] = kv
+            return kv
         try:
             kv = await self.js.key_value(bucket)
         except (BucketNotFoundError, NotFoundError):

@@ -173,10 +173,11 @@ def _reads(stream: str) -> list[str]:
 
 def _kv_key_reads(bucket: str, keys: str) -> list[str]:
     """Reading the keys `keys` of a bucket, pinned: direct gets name the key in the subject
-    (the bucket must allow direct gets), and watches are consumers whose filter is the keys."""
+    (the bucket must allow direct gets), and watches are consumers whose filter is the keys.
+    Not STREAM.INFO: its `subjects_filter` lists every key of the bucket, whatever the
+    permissions pin (`Bus.kv` binds such a bucket without it)."""
     stream = subjects.kv_stream(bucket)
     return [
-        f"{JS}.STREAM.INFO.{stream}",
         f"{JS}.DIRECT.GET.{stream}.$KV.{bucket}.{keys}",
         f"{JS}.CONSUMER.CREATE.{stream}.*.$KV.{bucket}.{keys}",
         f"{JS}.CONSUMER.INFO.{stream}.*",
@@ -266,8 +267,8 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             # (the callee still checks the caller's token).
             f"{subjects.A2A_ROOT}.>",
             *_reads(_CARDS),
-            # Its event handlers' durables: filtered on events, never the coordinator's.
-            f"{JS}.STREAM.INFO.{events}",
+            # Its event handlers' durables: filtered on events, never the coordinator's. Not
+            # STREAM.INFO: with a subjects filter it lists every tenant's event subjects.
             f"{JS}.CONSUMER.CREATE.{events}.*.{subjects.EVENTS_ROOT}.>",
             f"{JS}.CONSUMER.INFO.{events}.*",
             f"{JS}.CONSUMER.MSG.NEXT.{events}.*",

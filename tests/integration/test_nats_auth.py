@@ -570,6 +570,23 @@ async def test_a_reader_sees_no_ones_events_or_tasks(
         await o.refused(lambda: o.nc.request(subject, b"{}", timeout=1), subject)
 
 
+async def test_an_agent_cannot_list_other_agents_tasks_or_the_tenants_event_subjects(
+    server: EmbeddedServer, seeded: dict[str, int], cast: dict[str, Path]
+) -> None:
+    """STREAM.INFO with a subjects filter lists a stream's subjects, whatever a role's other
+    permissions pin: the tasks bucket's keys name agent, caller and task (who calls whom, how
+    often), the events stream's subjects every tenant and event type. An agent may ask for
+    neither (it binds the tasks bucket without it, `Bus.kv`)."""
+    async with await Bus.connect(server.url) as op:
+        kv = await op.kv(subjects.TASKS_BUCKET)
+        await kv.put("quality-review.someone.t1", b"{}")
+    async with outsider(server.url, cast["security"]) as o:
+        query = json.dumps({"subjects_filter": ">"}).encode()
+        for stream in (subjects.kv_stream(subjects.TASKS_BUCKET), subjects.EVENTS_STREAM):
+            subject = f"$JS.API.STREAM.INFO.{stream}"
+            await o.refused(lambda s=subject: o.nc.request(s, query, timeout=1), subject)
+
+
 # -- TLS and secrets ------------------------------------------------------------------------------
 async def test_tls_url_refuses_a_plaintext_server(server: EmbeddedServer) -> None:
     plain = server.url.replace("nats://", "tls://")
@@ -677,12 +694,14 @@ async def test_only_the_operator_creates_streams_the_others_say_what_to_do(
         async with await Bus.connect(fresh.url) as op:
             await op.ensure()
             names = await op.stream_names()
+            info = await op.js.stream_info(f"KV_{subjects.TASKS_BUCKET}")
         assert {subjects.CHECKPOINTS_STREAM, f"KV_{subjects.TASKS_BUCKET}"} <= names
+        assert info.config.allow_direct  # reads pinned per key are direct gets
         async with await Bus.connect(settings=as_(cast["agent"], fresh.url)) as bus:
             await bus.ensure()  # now only checks, and finds everything
-            kv = await bus.kv(subjects.TASKS_BUCKET)  # direct gets: reads pinned per key
-            info = await bus.js.stream_info(f"KV_{subjects.TASKS_BUCKET}")
-            assert info.config.allow_direct and kv is not None
+            kv = await bus.kv(subjects.TASKS_BUCKET)  # bound without asking for its info
+            await kv.put("quality-review.me.t1", b"mine")
+            assert (await kv.get("quality-review.me.t1")).value == b"mine"
 
 
 async def test_log_lines_never_show_a_password(caplog: pytest.LogCaptureFixture) -> None:
